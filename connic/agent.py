@@ -1,0 +1,106 @@
+"""The agent API: what a plugin author writes against.
+
+An agent is a class deriving from :class:`Agent` with one async-generator method,
+:meth:`Agent.respond`, that yields text chunks and, optionally, a :class:`Usage`.
+It never sees JSON or sockets: the transport hands it a :class:`Turn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+__all__ = ["Agent", "File", "HistoryEntry", "Session", "Turn", "Usage"]
+
+
+@attrs.frozen
+class Usage:
+    """Token usage of one answer, reported as the frame's ``token_usage``."""
+
+    prompt_tokens: int = 0
+    candidates_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The wire form: ``{"prompt_tokens": N, "candidates_tokens": M}``."""
+        return {"prompt_tokens": self.prompt_tokens, "candidates_tokens": self.candidates_tokens}
+
+
+@attrs.frozen
+class File:
+    """A file sent with a message (``payload.files``), already base64-decoded."""
+
+    name: str
+    mime_type: str
+    data: bytes
+
+
+@attrs.frozen
+class HistoryEntry:
+    """One entry of a session's conversation memory.
+
+    ``role`` is ``"user"`` for a client message and ``"agent"`` for an agent's
+    complete answer; ``agent`` names the answering agent (``None`` for users).
+    """
+
+    role: Literal["user", "agent"]
+    text: str
+    agent: str | None = None
+
+
+@attrs.frozen
+class Session:
+    """What an agent sees of its session.
+
+    ``history`` is a snapshot of the earlier exchanges, oldest first; ``state``
+    is a dict private to this agent within this session, kept between turns.
+    """
+
+    id: str
+    history: Sequence[HistoryEntry]
+    state: dict[str, Any]
+
+
+@attrs.frozen
+class Turn:
+    """One message as one agent answers it.
+
+    ``id`` is the message id echoed on every reply frame; ``number`` is its
+    ``message_number`` within the session (from 1); ``agent`` is the name of the
+    answering agent on the wire.
+    """
+
+    id: str | int
+    number: int
+    message: str
+    context: Mapping[str, Any]
+    files: Sequence[File]
+    session: Session
+    agent: str
+
+
+class Agent:
+    """Base class of every agent plugin.
+
+    Subclasses implement :meth:`respond`. They may declare ``Options`` as an attrs
+    class: the keys configured for the agent are structured into it with cattrs
+    and the instance is available as ``self.options``. ``__init__`` may raise
+    :class:`connic.ConfigError` to refuse a configuration at start-up.
+    """
+
+    Options: ClassVar[type[Any] | None] = None
+
+    def __init__(self, name: str, options: Any = None) -> None:
+        self.name = name
+        self.options = options
+
+    async def start(self) -> None:
+        """Acquire resources (HTTP clients and the like) when the server starts."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` acquired when the server stops."""
+
+    def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
+        """Answer one turn: yield text chunks, and optionally a :class:`Usage`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement respond()")

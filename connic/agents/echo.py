@@ -1,0 +1,36 @@
+"""The built-in ``echo`` agent: the offline default."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import attrs
+
+from connic.agent import Agent, Turn, Usage
+from connic.config import non_negative
+
+_WORD = re.compile(r"\s*\S+\s*|\s+")
+
+
+class EchoAgent(Agent):
+    """Streams the message back word by word."""
+
+    @attrs.frozen
+    class Options:
+        """Options of the echo agent."""
+
+        delay: float = attrs.field(default=0.0, validator=non_negative)
+
+    options: Options
+
+    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
+        """Yield each word with the whitespace after it; usage counts the words."""
+        delay = self.options.delay
+        for chunk in _WORD.findall(turn.message):
+            if delay:
+                await asyncio.sleep(delay)
+            yield chunk
+        words = len(turn.message.split())
+        yield Usage(prompt_tokens=words, candidates_tokens=words)

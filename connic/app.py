@@ -1,0 +1,185 @@
+"""Building the aiohttp application: standalone (:func:`create_app`) or embedded (:func:`setup`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from connic.agent import Agent
+from connic.config import Config, default_config, load_config, parse_config, structure
+from connic.errors import ConfigError, PluginError
+from connic.middleware import MiddlewareFunc
+from connic.registry import Registry, load_registry
+from connic.transport import Transport
+
+__all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "resolve_config", "setup"]
+
+ConfigLike = Config | str | Path | Mapping[str, Any] | None
+"""A Config, a path to a TOML file, parsed TOML data, or None (``$CONNIC_CONFIG`` or the default)."""
+
+
+@attrs.define
+class Runtime:
+    """The live objects built from a configuration."""
+
+    config: Config
+    agents: dict[str, Agent]
+    transports: list[Transport]
+
+
+RUNTIME = web.AppKey("connic.runtime", Runtime)
+"""Where a connic application keeps its :class:`Runtime`."""
+
+
+def resolve_config(config: ConfigLike) -> Config:
+    """Turn any accepted form of configuration into a :class:`Config`."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str | Path):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        return parse_config(config)
+    env = os.environ.get("CONNIC_CONFIG")
+    return load_config(env) if env else default_config()
+
+
+def _options(plugin: Any, data: Mapping[str, Any], where: str, key: str) -> Any:
+    options_cls = getattr(plugin, "Options", None)
+    if options_cls is None:
+        if data:
+            keys = ", ".join(repr(k) for k in sorted(data))
+            raise ConfigError(f"{where}: {key}: unknown key {keys} (this plugin takes no options)")
+        return None
+    return structure(dict(data), options_cls, where=where, key=key)
+
+
+def _plugin(registry: Registry, kind: Any, name: str, where: str, key: str) -> Any:
+    try:
+        return registry.get(kind, name)
+    except PluginError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from exc
+
+
+def _middleware(registry: Registry, use: str, data: Mapping[str, Any], where: str, key: str) -> MiddlewareFunc:
+    plugin = _plugin(registry, "middleware", use, where, f"{key}.use")
+    if isinstance(plugin, type):
+        instance: MiddlewareFunc = plugin(_options(plugin, data, where, key))
+        return instance
+    _options(None, data, where, key)
+    fn: MiddlewareFunc = plugin
+    return fn
+
+
+def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
+    """Resolve the plugins a configuration names and build agents and transports."""
+    registry = registry if registry is not None else load_registry()
+    where = config.where
+    agents: dict[str, Agent] = {}
+    for name, agent_config in config.agents.items():
+        key = f"agents.{name}"
+        cls = _plugin(registry, "agents", agent_config.use, where, f"{key}.use")
+        options = _options(cls, agent_config.options, where, key)
+        try:
+            agents[name] = cls(name, options)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {key}: {exc.message}") from None
+    if not config.connectors:
+        raise ConfigError(f"{where}: connectors: no connector is configured")
+    transports: list[Transport] = []
+    paths: dict[str, str] = {}
+    for index, connector in enumerate(config.connectors):
+        key = f"connectors[{index}]"
+        if not connector.path.startswith("/"):
+            raise ConfigError(f"{where}: {key}.path: must start with '/', got {connector.path!r}")
+        if connector.path in paths:
+            raise ConfigError(f"{where}: {key}.path: {connector.path!r} is already used by {paths[connector.path]}")
+        paths[connector.path] = key
+        names = connector.agents or tuple(agents)
+        missing = [n for n in names if n not in agents]
+        if missing:
+            known = ", ".join(sorted(agents)) or "none"
+            raise ConfigError(f"{where}: {key}.agents: no agent named {missing[0]!r} (configured agents: {known})")
+        if not names:
+            raise ConfigError(f"{where}: {key}.agents: no agent is configured ([agents.NAME] tables)")
+        middleware = [
+            _middleware(registry, mw.use, mw.options, where, f"{key}.middleware[{i}]")
+            for i, mw in enumerate(connector.middleware)
+        ]
+        cls = _plugin(registry, "transports", connector.transport, where, f"{key}.transport")
+        transports.append(
+            cls(
+                connector=connector,
+                options=_options(cls, connector.options, where, key),
+                agents={n: agents[n] for n in names},
+                middleware=middleware,
+                where=where,
+                key=key,
+            )
+        )
+    return Runtime(config=config, agents=agents, transports=transports)
+
+
+async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    agents = list(app[RUNTIME].agents.values())
+    started: list[Agent] = []
+    try:
+        for agent in agents:
+            await agent.start()
+            started.append(agent)
+        yield
+    finally:
+        await asyncio.gather(*(agent.close() for agent in reversed(started)), return_exceptions=True)
+
+
+async def _drain(app: web.Application) -> None:
+    runtime = app[RUNTIME]
+    grace = runtime.config.server.shutdown_grace
+    await asyncio.gather(*(t.shutdown(grace) for t in runtime.transports))
+
+
+def _install(app: web.Application, runtime: Runtime) -> None:
+    app[RUNTIME] = runtime
+    for transport in runtime.transports:
+        transport.install(app)
+    app.cleanup_ctx.append(_agents_lifecycle)
+    app.on_shutdown.append(_drain)
+
+
+def create_app(config: ConfigLike = None, *, registry: Registry | None = None) -> web.Application:
+    """A standalone connic application: what ``python -m connic run`` and gunicorn serve."""
+    runtime = build_runtime(resolve_config(config), registry)
+    app = web.Application()
+    _install(app, runtime)
+    return app
+
+
+def setup(
+    app: web.Application,
+    config: ConfigLike = None,
+    *,
+    prefix: str | None = "/connic",
+    registry: Registry | None = None,
+) -> web.Application:
+    """Add connic to an existing aiohttp application.
+
+    By default connic lives in a sub-application under ``prefix``, so the host's
+    middleware never sees connic's routes and connic never touches the host's.
+    With ``prefix=None`` the routes are added to ``app`` itself. Returns the
+    application connic was installed into.
+    """
+    if prefix is not None and not prefix.strip("/"):
+        raise ValueError("prefix must name a path such as '/connic'; use prefix=None to install at the root")
+    runtime = build_runtime(resolve_config(config), registry)
+    if prefix is None:
+        _install(app, runtime)
+        return app
+    sub = web.Application()
+    _install(sub, runtime)
+    app.add_subapp(prefix.rstrip("/"), sub)
+    return sub

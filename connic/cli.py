@@ -1,0 +1,184 @@
+"""The command line: ``python -m connic run | plugins | check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from aiohttp import web
+
+from connic import __version__
+from connic.app import RUNTIME, build_runtime, create_app
+from connic.config import AgentConfig, Config, default_config, load_config
+from connic.errors import ConfigError, ConnicError
+from connic.registry import load_registry
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="connic", description="Serve chat agents over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"connic {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the server", description="Run the connic server.")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $CONNIC_CONFIG, or built in)")
+    run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
+    run.add_argument(
+        "--agent",
+        action="append",
+        metavar="PLUGIN",
+        help="serve this agent plugin under its own name (repeatable; replaces the configured agents)",
+    )
+    run.add_argument(
+        "--secret", action="append", metavar="S", help="accept this secret (repeatable; replaces configured secrets)"
+    )
+    run.add_argument("--no-auth", action="store_true", help="do not require a secret")
+    run.add_argument("--no-streaming", action="store_true", help="send whole responses instead of streams")
+    run.add_argument("--session-timeout", type=float, metavar="S", help="idle seconds before a session expires")
+    run.add_argument("--max-messages", type=int, metavar="N", help="messages allowed per session")
+    run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+    commands.add_parser("plugins", help="list installed plugins", description="List installed plugins.")
+
+    check = commands.add_parser("check", help="validate a configuration", description="Validate a configuration.")
+    check.add_argument("--config", metavar="FILE", required=True, help="TOML configuration file")
+    return parser
+
+
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    server = config.server
+    if args.host is not None:
+        server = attrs.evolve(server, host=args.host)
+    if args.port is not None:
+        server = attrs.evolve(server, port=args.port)
+    agents = dict(config.agents)
+    if args.agent:
+        agents = {name: AgentConfig(use=name) for name in args.agent}
+    overrides: dict[str, Any] = {}
+    if args.secret:
+        overrides["secrets"] = list(args.secret)
+    if args.no_auth:
+        overrides["require_auth"] = False
+    if args.no_streaming:
+        overrides["streaming"] = False
+    if args.session_timeout is not None:
+        overrides["session_timeout"] = args.session_timeout
+    if args.max_messages is not None:
+        overrides["max_messages"] = args.max_messages
+    connectors = tuple(
+        attrs.evolve(
+            c,
+            agents=tuple(agents) if args.agent else c.agents,
+            options={**c.options, **overrides},
+        )
+        for c in config.connectors
+    )
+    return attrs.evolve(config, server=server, agents=agents, connectors=connectors)
+
+
+def _generate_secrets(config: Config) -> tuple[Config, str | None]:
+    """Give every connector that needs a secret and has none a fresh random one."""
+    if os.environ.get("CONNIC_SECRET"):
+        return config, None
+    generated = secrets.token_urlsafe(18)
+    used = False
+    connectors = []
+    for c in config.connectors:
+        needs = c.transport == "websocket" and c.options.get("require_auth", True) and not c.options.get("secrets")
+        if needs:
+            used = True
+            c = attrs.evolve(c, options={**c.options, "secrets": [generated]})
+        connectors.append(c)
+    if not used:
+        return config, None
+    return attrs.evolve(config, connectors=tuple(connectors)), generated
+
+
+async def _serve(app: web.Application, host: str, port: int, generated: str | None) -> None:
+    runtime = app[RUNTIME]
+    grace = runtime.config.server.shutdown_grace
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        bound_host, bound_port = runner.addresses[0][:2]
+        shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+        base = f"ws://{shown}:{bound_port}"
+        print(f"connic {__version__} listening on http://{shown}:{bound_port}", flush=True)
+        for transport in runtime.transports:
+            agents = ", ".join(transport.agents)
+            print(f"  {transport.connector.transport}: {transport.describe(base)}  agents: {agents}", flush=True)
+        if generated:
+            print(f"  secret (generated, set CONNIC_SECRET or --secret to choose one): {generated}", flush=True)
+        print("Press Ctrl+C to stop.", flush=True)
+        await stop.wait()
+        print("connic: shutting down", flush=True)
+    finally:
+        await runner.cleanup()
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(args.config) if args.config else None
+    if config is None:
+        env = os.environ.get("CONNIC_CONFIG")
+        config = load_config(env) if env else default_config()
+    config, generated = _generate_secrets(_with_overrides(config, args))
+    app = create_app(config)
+    asyncio.run(_serve(app, config.server.host, config.server.port, generated))
+    return 0
+
+
+def _plugins() -> int:
+    rows = [("KIND", "NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION")]
+    for info in load_registry():
+        try:
+            description = info.description
+        except ConnicError as exc:
+            description = f"(failed to load: {exc.message})"
+        rows.append((info.kind, info.name, info.distribution, info.version, description))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4])
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    config, _ = _generate_secrets(config)
+    runtime = build_runtime(config)
+    paths = ", ".join(t.connector.path for t in runtime.transports)
+    print(f"{args.config}: ok ({len(runtime.agents)} agent(s); connectors at {paths})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``connic`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "plugins":
+            return _plugins()
+        return _check(args)
+    except (ConfigError, ConnicError) as exc:
+        print(f"connic: error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,332 @@
+"""The wire is data: client and server frames, and their JSON form.
+
+Server frames are frozen attrs classes turned into JSON by :func:`encode`;
+client frames are parsed by :func:`parse_client_frame`, which raises the
+:class:`connic.errors.ProtocolError` subclass whose code PROTOCOL.md names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from connic.agent import File
+from connic.errors import InvalidJSON, InvalidMessage, UnknownType
+
+__all__ = [
+    "PROTOCOL",
+    "Ack",
+    "AuthFrame",
+    "CancelFrame",
+    "ClientFrame",
+    "Connected",
+    "ErrorFrame",
+    "MessageFrame",
+    "PingFrame",
+    "Pong",
+    "Response",
+    "ServerFrame",
+    "StreamChunk",
+    "StreamEnd",
+    "StreamStart",
+    "encode",
+    "parse_client_frame",
+]
+
+PROTOCOL = "connic/1"
+MessageId = str | int
+MAX_ID_LENGTH = 256
+
+# --- server frames -------------------------------------------------------------
+
+
+@attrs.frozen
+class Connected:
+    """Sent once the session is authenticated."""
+
+    type: ClassVar[str] = "connected"
+    session_id: str
+    agents: tuple[str, ...]
+    streaming: bool
+    max_messages: int
+    session_timeout: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {
+            "type": "connected",
+            "session_id": self.session_id,
+            "connector_run_id": self.session_id,
+            "agents": list(self.agents),
+            "protocol": PROTOCOL,
+            "streaming": self.streaming,
+            "max_messages": self.max_messages,
+            "session_timeout": self.session_timeout,
+        }
+
+
+@attrs.frozen
+class Ack:
+    """A message was accepted; ``message_number`` counts from 1."""
+
+    type: ClassVar[str] = "ack"
+    id: MessageId
+    message_number: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "ack", "id": self.id, "message_number": self.message_number}
+
+
+@attrs.frozen
+class StreamStart:
+    """An agent starts a streamed answer."""
+
+    type: ClassVar[str] = "stream_start"
+    id: MessageId
+    agent: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "stream_start", "id": self.id, "agent": self.agent}
+
+
+@attrs.frozen
+class StreamChunk:
+    """A piece of a streamed answer."""
+
+    type: ClassVar[str] = "stream_chunk"
+    id: MessageId
+    agent: str
+    chunk: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "stream_chunk", "id": self.id, "agent": self.agent, "chunk": self.chunk}
+
+
+@attrs.frozen
+class StreamEnd:
+    """The end of a streamed answer, with the whole text and token usage."""
+
+    type: ClassVar[str] = "stream_end"
+    id: MessageId
+    agent: str
+    full_response: str
+    token_usage: Mapping[str, int]
+    finish_reason: str = "stop"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {
+            "type": "stream_end",
+            "id": self.id,
+            "agent": self.agent,
+            "full_response": self.full_response,
+            "token_usage": dict(self.token_usage),
+            "finish_reason": self.finish_reason,
+        }
+
+
+@attrs.frozen
+class Response:
+    """A whole answer (streaming off)."""
+
+    type: ClassVar[str] = "response"
+    id: MessageId
+    agent: str
+    response: str
+    token_usage: Mapping[str, int]
+    finish_reason: str = "stop"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {
+            "type": "response",
+            "id": self.id,
+            "agent": self.agent,
+            "response": self.response,
+            "token_usage": dict(self.token_usage),
+            "finish_reason": self.finish_reason,
+        }
+
+
+@attrs.frozen
+class ErrorFrame:
+    """An error; ``agent`` only when one agent failed, ``retry_after`` only for rate limits."""
+
+    type: ClassVar[str] = "error"
+    id: MessageId | None
+    code: str
+    message: str
+    agent: str | None = None
+    retry_after: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        data: dict[str, Any] = {"type": "error", "id": self.id, "code": self.code, "message": self.message}
+        if self.agent is not None:
+            data["agent"] = self.agent
+        if self.retry_after is not None:
+            data["retry_after"] = self.retry_after
+        return data
+
+
+@attrs.frozen
+class Pong:
+    """The answer to an application-level ping."""
+
+    type: ClassVar[str] = "pong"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "pong"}
+
+
+ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong
+
+_dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def encode(frame: ServerFrame) -> str:
+    """The JSON text of a server frame."""
+    return _dumps(frame.to_dict())
+
+
+# --- client frames -------------------------------------------------------------
+
+
+@attrs.frozen
+class AuthFrame:
+    """``{"secret": ...}`` or ``{"type": "auth", "secret": ...}``; ``secret`` None if absent or not a string."""
+
+    secret: str | None
+
+
+@attrs.frozen
+class MessageFrame:
+    """A message to the agents, in any of its accepted forms."""
+
+    id: MessageId | None
+    text: str
+    context: Mapping[str, Any]
+    files: tuple[File, ...] = ()
+    agent: str | None = None
+
+
+@attrs.frozen
+class CancelFrame:
+    """``{"type": "cancel", "id": ...}``."""
+
+    id: MessageId
+
+
+@attrs.frozen
+class PingFrame:
+    """``{"type": "ping"}``."""
+
+
+ClientFrame = AuthFrame | MessageFrame | CancelFrame | PingFrame
+
+
+def _message_id(value: Any, required: bool = False) -> MessageId | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidMessage("id must be a string or an integer")
+    if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
+        raise InvalidMessage(f"id must be at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _files(value: Any) -> tuple[File, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidMessage("files must be a list of {name, mime_type, data} objects")
+    files = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidMessage(f"files[{index}] must be an object")
+        name, mime_type, data = item.get("name"), item.get("mime_type"), item.get("data")
+        if not isinstance(name, str) or not isinstance(mime_type, str) or not isinstance(data, str):
+            raise InvalidMessage(f"files[{index}] needs string name, mime_type and data (base64)")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidMessage(f"files[{index}].data is not valid base64") from None
+        files.append(File(name=name, mime_type=mime_type, data=raw))
+    return tuple(files)
+
+
+def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
+    try:
+        return _message_fields(frame, body)
+    except InvalidMessage as exc:
+        # Echo the id on the error when the id itself was fine.
+        raw_id = frame.get("id")
+        if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and len(str(raw_id)) <= MAX_ID_LENGTH:
+            exc.message_id = raw_id
+        raise
+
+
+def _message_fields(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
+    text = body.get("message", body.get("content"))
+    if not isinstance(text, str):
+        raise InvalidMessage("the message text is missing or not a string")
+    context = body.get("context")
+    if context is None:
+        context = {}
+    elif not isinstance(context, dict):
+        raise InvalidMessage("context must be a JSON object")
+    agent = body.get("agent")
+    if agent is not None and not isinstance(agent, str):
+        raise InvalidMessage("agent must be a string")
+    return MessageFrame(
+        id=_message_id(frame.get("id")),
+        text=text,
+        context=context,
+        files=_files(body.get("files")),
+        agent=agent,
+    )
+
+
+def parse_client_frame(text: str) -> ClientFrame:
+    """Parse one client text frame; raise a ProtocolError carrying its code."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise InvalidJSON("the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise InvalidJSON("the frame must be a JSON object")
+    kind = frame.get("type")
+    if kind is None:
+        if "message" in frame or "content" in frame:
+            return _message(frame, frame)
+        if "secret" in frame:
+            secret = frame["secret"]
+            return AuthFrame(secret if isinstance(secret, str) else None)
+        raise InvalidMessage("the frame has no type and no message")
+    if kind == "message":
+        payload = frame.get("payload")
+        if payload is None and ("message" in frame or "content" in frame):
+            return _message(frame, frame)
+        if not isinstance(payload, dict):
+            raise InvalidMessage("payload must be a JSON object with a message")
+        return _message(frame, payload)
+    if kind == "cancel":
+        message_id = _message_id(frame.get("id"), required=True)
+        assert message_id is not None
+        return CancelFrame(message_id)
+    if kind == "ping":
+        return PingFrame()
+    if kind == "auth":
+        secret = frame.get("secret")
+        return AuthFrame(secret if isinstance(secret, str) else None)
+    shown = kind if isinstance(kind, str) else json.dumps(kind)
+    raise UnknownType(f"unknown frame type {shown[:64]!r}")

@@ -1,0 +1,87 @@
+"""The message middleware chain.
+
+Each turn (one message answered by one agent) runs through a push-style chain:
+a middleware is ``async def mw(turn, emit, call_next)``; it may change the turn,
+wrap ``emit`` to see or change what flows back, and must ``await
+call_next(turn, emit)`` to go on. Push-style (rather than wrapping an async
+generator) keeps ``asyncio.timeout`` and task groups safe: nothing yields
+inside a cancel scope (PEP 789).
+
+The chain a transport builds, outermost first::
+
+    error boundary -> auth guard -> limits (agent timeout) -> serialiser
+        -> user middleware ... -> agent
+
+Everything up to the serialiser emits server frames; the serialiser turns the
+items below it (``str`` chunks and :class:`connic.Usage`) into frames, so user
+middleware sees plain text. See docs/architecture.md for why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import aclosing
+from typing import Any, ClassVar
+
+from connic.agent import Agent, Turn, Usage
+from connic.errors import AgentError
+
+__all__ = ["CallNext", "Emit", "Middleware", "MiddlewareFunc", "agent_endpoint", "compose"]
+
+Emit = Callable[[Any], Awaitable[None]]
+"""Push one item downstream-to-client: a text chunk or Usage below the serialiser, a frame above it."""
+CallNext = Callable[[Turn, Emit], Coroutine[Any, Any, None]]
+"""The rest of the chain."""
+MiddlewareFunc = Callable[[Turn, Emit, CallNext], Coroutine[Any, Any, None]]
+"""The shape of every middleware."""
+
+
+class Middleware:
+    """Base class of user middleware plugins (entry point group ``connic.middleware``).
+
+    Override :meth:`__call__`. Like agents, a middleware may declare an attrs
+    ``Options`` class, structured from its config table into ``self.options``.
+    Raising a :class:`connic.ConnicError` subclass (say ``InvalidMessage``)
+    refuses the turn with that error code; the session goes on.
+    """
+
+    Options: ClassVar[type[Any] | None] = None
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
+
+    async def __call__(self, turn: Turn, emit: Emit, call_next: CallNext) -> None:
+        """Pass the turn on unchanged."""
+        await call_next(turn, emit)
+
+
+def compose(middleware: Sequence[MiddlewareFunc], endpoint: CallNext) -> CallNext:
+    """Fold ``middleware`` (outermost first) around ``endpoint`` into one callable."""
+    handler = endpoint
+    for mw in reversed(middleware):
+        handler = _link(mw, handler)
+    return handler
+
+
+def _link(mw: MiddlewareFunc, call_next: CallNext) -> CallNext:
+    async def step(turn: Turn, emit: Emit) -> None:
+        await mw(turn, emit, call_next)
+
+    return step
+
+
+def agent_endpoint(agent: Agent) -> CallNext:
+    """The innermost handler: run ``agent.respond`` and push what it yields."""
+
+    async def endpoint(turn: Turn, emit: Emit) -> None:
+        stream: AsyncIterator[Any] = agent.respond(turn)
+        if not hasattr(stream, "aclose"):
+            raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
+        async with aclosing(stream):  # type: ignore[type-var]
+            async for item in stream:
+                if isinstance(item, str | Usage):
+                    await emit(item)
+                else:
+                    raise AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")
+
+    return endpoint

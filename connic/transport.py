@@ -1,0 +1,53 @@
+"""The transport plugin API: how agents are exposed over the network."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+from connic.agent import Agent
+from connic.config import ConnectorConfig
+from connic.middleware import MiddlewareFunc
+
+__all__ = ["Transport"]
+
+
+class Transport:
+    """Base class of transport plugins (entry point group ``connic.transports``).
+
+    One instance serves one ``[[connectors]]`` entry. Its ``Options`` attrs class
+    receives the connector's transport-specific keys. :meth:`install` adds the
+    transport's routes to the connic application; :meth:`shutdown` drains it.
+    """
+
+    Options: ClassVar[type[Any] | None] = None
+
+    def __init__(
+        self,
+        *,
+        connector: ConnectorConfig,
+        options: Any,
+        agents: Mapping[str, Agent],
+        middleware: Sequence[MiddlewareFunc],
+        where: str,
+        key: str,
+    ) -> None:
+        self.connector = connector
+        self.options = options
+        self.agents = dict(agents)
+        self.middleware = list(middleware)
+        self.where = where
+        self.key = key
+
+    def install(self, app: web.Application) -> None:
+        """Add routes to ``app`` (the connic application or sub-application)."""
+        raise NotImplementedError
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop: let in-flight work finish for up to ``grace`` seconds, then close."""
+
+    def describe(self, base_url: str) -> str:
+        """One line for the start-up banner, e.g. the connector's URL."""
+        return f"{base_url}{self.connector.path}"

@@ -1,0 +1,177 @@
+"""The ``websocket`` transport: the Connic WebSocket connector (PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hmac
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+from aiohttp import WSCloseCode, web
+
+from connic.agent import Agent
+from connic.config import ConnectorConfig, in_range, non_negative, positive
+from connic.errors import ConfigError, MessageTooLarge
+from connic.frames import ErrorFrame, encode
+from connic.middleware import CallNext, MiddlewareFunc
+from connic.pipeline import build_turn_chain
+from connic.transport import Transport
+from connic.transports.ws_session import Connection
+
+__all__ = ["WebSocketTransport"]
+
+log = logging.getLogger("connic.websocket")
+
+SECRET_HEADER = "X-Connic-Secret"
+SECRET_QUERY = ("secret", "X-Connic-Secret")
+
+
+def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
+
+
+class WebSocketTransport(Transport):
+    """The Connic WebSocket connector: streaming chat with sessions."""
+
+    @attrs.frozen
+    class Options:
+        """A websocket connector's own keys (see docs/configuration.md)."""
+
+        streaming: bool = True
+        require_auth: bool = True
+        secrets: tuple[str, ...] = ()
+        session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
+        max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
+        auth_timeout: float = attrs.field(default=10.0, validator=positive)
+        allowed_origins: tuple[str, ...] = ()
+        heartbeat: float = attrs.field(default=30.0, validator=non_negative)
+        max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_at_least_one)
+        max_queued: int = attrs.field(default=10, validator=_at_least_one)
+        agent_timeout: float = attrs.field(default=300.0, validator=positive)
+        send_queue: int = attrs.field(default=256, validator=_at_least_one)
+        send_timeout: float = attrs.field(default=30.0, validator=positive)
+        compress: bool = False
+
+    options: Options
+
+    def __init__(
+        self,
+        *,
+        connector: ConnectorConfig,
+        options: Any,
+        agents: Mapping[str, Agent],
+        middleware: Sequence[MiddlewareFunc],
+        where: str,
+        key: str,
+    ) -> None:
+        super().__init__(
+            connector=connector, options=options, agents=agents, middleware=middleware, where=where, key=key
+        )
+        env_secret = os.environ.get("CONNIC_SECRET")
+        secrets = [*self.options.secrets, *([env_secret] if env_secret else [])]
+        if any(not s for s in secrets):
+            raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
+        if self.options.require_auth and not secrets:
+            raise ConfigError(
+                f"{where}: {key}.secrets: require_auth is on but no secret is configured "
+                "(set secrets, the CONNIC_SECRET environment variable, or require_auth = false)"
+            )
+        self._secrets = [s.encode() for s in secrets]
+        self.agent_names = tuple(agents)
+        self.chains: dict[str, CallNext] = {
+            name: build_turn_chain(
+                agent,
+                streaming_on=self.options.streaming,
+                agent_timeout=self.options.agent_timeout,
+                user_middleware=self.middleware,
+            )
+            for name, agent in agents.items()
+        }
+        self.connections: set[Connection] = set()
+        self.draining = False
+
+    def install(self, app: web.Application) -> None:
+        """Serve the connector's path."""
+        app.router.add_get(self.connector.path, self.handle)
+
+    def check_secret(self, secret: str | None) -> bool:
+        """Constant-time comparison against every configured secret."""
+        if secret is None:
+            return False
+        given = secret.encode()
+        ok = False
+        for candidate in self._secrets:
+            ok |= hmac.compare_digest(given, candidate)
+        return ok
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Whether a handshake with this ``Origin`` header may upgrade."""
+        patterns = self.options.allowed_origins
+        if not patterns or origin is None:
+            return True
+        origin = origin.lower()
+        return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
+
+    def handshake_secret(self, request: web.Request) -> str | None:
+        """The secret given at the handshake (header or query), if any."""
+        secret = request.headers.get(SECRET_HEADER)
+        if secret is None:
+            for name in SECRET_QUERY:
+                secret = request.query.get(name)
+                if secret is not None:
+                    break
+        return secret
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The aiohttp handler of the connector's path."""
+        if not self.origin_allowed(request.headers.get("Origin")):
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        if self.draining:
+            raise web.HTTPServiceUnavailable(text="server is shutting down\n")
+        opts = self.options
+        ws = _Socket(
+            heartbeat=opts.heartbeat or None,
+            max_msg_size=opts.max_frame_bytes,
+            compress=opts.compress,
+            timeout=2.0,
+        )
+        if not ws.can_prepare(request).ok:
+            raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")
+        await ws.prepare(request)
+        conn = Connection(self, ws, request)
+        self.connections.add(conn)
+        try:
+            await conn.run(self.handshake_secret(request))
+        finally:
+            self.connections.discard(conn)
+        return ws
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain every connection in parallel: finish in-flight replies, then close 1001."""
+        self.draining = True
+        conns = list(self.connections)
+        if conns:
+            log.info("closing %d connection(s) on %s (grace %g s)", len(conns), self.connector.path, grace)
+            await asyncio.gather(*(c.shutdown(grace) for c in conns), return_exceptions=True)
+
+
+class _Socket(web.WebSocketResponse):
+    """aiohttp's WebSocketResponse, telling the client why before closing with 1009.
+
+    aiohttp closes by itself when a frame is over ``max_msg_size``; the protocol
+    wants a ``message_too_large`` error frame first.
+    """
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message="the frame is larger than max_frame_bytes")
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send_str(encode(frame))
+            message = message or MessageTooLarge.code.encode()
+        return await super().close(code=code, message=message, drain=drain)

@@ -1,0 +1,452 @@
+"""One WebSocket connection: its session, reader loop, outgoing queue and agent work.
+
+The reader loop only parses and dispatches, so pings, pongs and cancels get
+through while agents run in tasks beside it. Messages are answered one after
+another by a processor task; each message's agents run concurrently in a task
+group. Every frame goes out through a bounded outbox drained by one writer
+task, so a client that stops reading cannot grow server memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from connic.agent import HistoryEntry, Session, Turn
+from connic.errors import (
+    AuthTimeout,
+    ConnicError,
+    MessageLimitReached,
+    NotFound,
+    ProtocolError,
+    QueueFull,
+    ServerShuttingDown,
+    SessionExpired,
+    SlowConsumer,
+    Unauthorized,
+    UnknownAgent,
+    UnsupportedFrame,
+)
+from connic.frames import (
+    Ack,
+    AuthFrame,
+    CancelFrame,
+    Connected,
+    ErrorFrame,
+    MessageFrame,
+    MessageId,
+    PingFrame,
+    Pong,
+    Response,
+    ServerFrame,
+    StreamEnd,
+    encode,
+    parse_client_frame,
+)
+
+if TYPE_CHECKING:
+    from connic.transports.websocket import WebSocketTransport
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("connic.websocket")
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class Outbox:
+    """A bounded FIFO of encoded frames.
+
+    Agent frames wait for room (backpressure on the agent); control frames from
+    the reader never wait, and may use a second ``limit`` of room, so acks and
+    pongs are not stuck behind a long stream.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: deque[str | _Close] = deque()
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def put_nowait(self, item: str | _Close, *, control: bool = False) -> bool:
+        """Queue ``item`` if there is room; False when the client is not reading."""
+        if len(self.items) >= (2 * self.limit if control else self.limit):
+            return False
+        self.items.append(item)
+        self._ready.set()
+        return True
+
+    async def put(self, item: str, wait: float) -> bool:
+        """Queue ``item``, waiting up to ``wait`` seconds for room."""
+        if self.put_nowait(item):
+            return True
+        deadline = time.monotonic() + wait
+        while len(self.items) >= self.limit:
+            self._room.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._room.wait()
+            except TimeoutError:
+                return False
+        return self.put_nowait(item)
+
+    async def take_all(self) -> list[str | _Close]:
+        """Wait for at least one item; return everything queued."""
+        while not self.items:
+            self._ready.clear()
+            await self._ready.wait()
+        items = list(self.items)
+        self.items.clear()
+        self._room.set()
+        return items
+
+
+class _Pending:
+    """An accepted message, queued or being answered."""
+
+    __slots__ = ("frame", "id", "number", "results", "tasks")
+
+    def __init__(self, frame: MessageFrame, message_id: MessageId, number: int) -> None:
+        self.frame = frame
+        self.id = message_id
+        self.number = number
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.results: dict[str, str] = {}
+
+
+class Connection:
+    """One client connection and its session."""
+
+    def __init__(self, transport: WebSocketTransport, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.transport = transport
+        self.options = transport.options
+        self.ws = ws
+        self.peer = request.remote
+        self.session_id = str(uuid.uuid4())
+        self.history: list[HistoryEntry] = []
+        self.states: dict[str, dict[str, Any]] = {}
+        self.count = 0
+        self.pending: deque[_Pending] = deque()
+        self.current: _Pending | None = None
+        self.outbox = Outbox(self.options.send_queue)
+        self.closing = False
+        self.limit_reached = False
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.last_activity = self._loop.time()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._abort_task: asyncio.Task[Any] | None = None
+        self._finished = asyncio.Event()
+
+    # --- life cycle -----------------------------------------------------------
+
+    async def run(self, handshake_secret: str | None) -> None:
+        """Authenticate, then read until the socket closes; always clean up."""
+        self._writer = asyncio.create_task(self._write_loop())
+        try:
+            if await self._authenticate(handshake_secret):
+                opts = self.options
+                self._send_control(
+                    Connected(
+                        session_id=self.session_id,
+                        agents=self.transport.agent_names,
+                        streaming=opts.streaming,
+                        max_messages=opts.max_messages,
+                        session_timeout=_number(opts.session_timeout),
+                    )
+                )
+                self._tasks = [
+                    asyncio.create_task(self._process()),
+                    asyncio.create_task(self._watchdog()),
+                ]
+                await self._read_loop()
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        writer = self._writer
+        if writer is not None and not writer.done():
+            if self.closing:
+                # A close was requested: let the writer flush the error frame and close.
+                await asyncio.wait({writer}, timeout=self.options.send_timeout)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+        if self._abort_task is not None:
+            await asyncio.gather(self._abort_task, return_exceptions=True)
+        if not self.ws.closed:
+            await self.ws.close()
+        self._finished.set()
+
+    def close(self, error: Exception | None, code: int | None = None) -> None:
+        """Send ``error`` (a ConnicError with a close code) and close the socket after what is queued."""
+        if self.closing:
+            return
+        close_code = code if code is not None else getattr(error, "close_code", None) or 1000
+        reason = getattr(error, "code", "")
+        if error is not None:
+            frame = ErrorFrame(id=None, code=reason, message=str(error))
+            self.outbox.put_nowait(encode(frame), control=True)
+        self.closing = True
+        if not self.outbox.put_nowait(_Close(close_code, reason), control=True):
+            self._abort(close_code, reason)
+
+    def _abort(self, code: int, reason: str) -> None:
+        """Close now, without waiting for queued frames (the client is not reading)."""
+        self.closing = True
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._abort_task is None:
+            self._abort_task = asyncio.create_task(self.ws.close(code=code, message=reason.encode(), drain=False))
+
+    async def shutdown(self, grace: float) -> None:
+        """Server shutdown: drop queued messages, finish the in-flight one, close 1001."""
+        self.draining = True
+        for pending in self.pending:
+            self._send_control(
+                ErrorFrame(id=pending.id, code=ServerShuttingDown.code, message="the server is shutting down")
+            )
+        self.pending.clear()
+        if self.current is None:
+            self.idle.set()
+        try:
+            async with asyncio.timeout(grace):
+                await self.idle.wait()
+        except TimeoutError:
+            current = self.current
+            if current is not None:
+                for task in current.tasks.values():
+                    task.cancel()
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self.idle.wait()
+                except TimeoutError:
+                    pass
+        self.close(ServerShuttingDown("the server is shutting down"))
+        try:
+            async with asyncio.timeout(self.options.send_timeout):
+                await self._finished.wait()
+        except TimeoutError:
+            self._abort(1001, ServerShuttingDown.code)
+
+    # --- sending --------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                for item in await self.outbox.take_all():
+                    if isinstance(item, _Close):
+                        await ws.close(code=item.code, message=item.reason.encode())
+                        return
+                    await ws.send_str(item)
+        except (ConnectionError, RuntimeError):
+            # The socket closed under us; the reader loop sees it and ends.
+            self.closing = True
+
+    async def send(self, frame: ServerFrame) -> None:
+        """Queue a frame of an agent's reply, waiting while the client catches up."""
+        if self.closing:
+            return
+        if not await self.outbox.put(encode(frame), self.options.send_timeout):
+            self._slow_consumer()
+
+    def _send_control(self, frame: ServerFrame) -> None:
+        if self.closing:
+            return
+        if not self.outbox.put_nowait(encode(frame), control=True):
+            self._slow_consumer()
+
+    def _slow_consumer(self) -> None:
+        if not self.closing:
+            log.warning("session %s: client %s stopped reading; closing 4010", self.session_id, self.peer)
+            self._abort(SlowConsumer.close_code or 4010, SlowConsumer.code)
+
+    # --- reading --------------------------------------------------------------
+
+    async def _authenticate(self, handshake_secret: str | None) -> bool:
+        opts = self.options
+        if not opts.require_auth:
+            return True
+        if handshake_secret is not None:
+            if self.transport.check_secret(handshake_secret):
+                return True
+            self.close(Unauthorized("wrong secret"))
+            return False
+        try:
+            msg = await self.ws.receive(timeout=opts.auth_timeout)
+        except TimeoutError:
+            self.close(AuthTimeout(f"no authentication within {opts.auth_timeout:g} s"))
+            return False
+        if msg.type is WSMsgType.TEXT:
+            try:
+                frame = parse_client_frame(msg.data)
+            except ProtocolError:
+                frame = None
+            if isinstance(frame, AuthFrame):
+                if self.transport.check_secret(frame.secret):
+                    return True
+                self.close(Unauthorized("wrong secret" if frame.secret else "missing secret"))
+                return False
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
+        return False
+
+    async def _read_loop(self) -> None:
+        async for msg in self.ws:
+            if msg.type is WSMsgType.TEXT:
+                self._on_text(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
+            elif msg.type is WSMsgType.ERROR:
+                break
+
+    def _reject(self, error: ConnicError, message_id: MessageId | None = None) -> None:
+        retry_after = getattr(error, "retry_after", None)
+        self._send_control(ErrorFrame(id=message_id, code=error.code, message=error.message, retry_after=retry_after))
+
+    def _on_text(self, text: str) -> None:
+        try:
+            frame = parse_client_frame(text)
+        except ProtocolError as exc:
+            self._reject(exc, getattr(exc, "message_id", None))
+            return
+        if isinstance(frame, MessageFrame):
+            self._admit(frame)
+        elif isinstance(frame, CancelFrame):
+            self._cancel(frame.id)
+        elif isinstance(frame, PingFrame):
+            self._send_control(Pong())
+        # An auth frame once authenticated (or with auth off) is ignored, as the seed expects.
+
+    def _admit(self, frame: MessageFrame) -> None:
+        opts = self.options
+        if self.draining:
+            self._reject(ServerShuttingDown("the server is shutting down"), frame.id)
+            return
+        if self.limit_reached or self.count >= opts.max_messages:
+            error = MessageLimitReached(f"this session reached its limit of {opts.max_messages} messages")
+            self._send_control(ErrorFrame(id=frame.id, code=error.code, message=error.message))
+            if not self.limit_reached:
+                self.limit_reached = True
+                self._wakeup.set()
+            return
+        if frame.agent is not None and frame.agent not in self.transport.chains:
+            names = ", ".join(self.transport.agent_names)
+            self._reject(UnknownAgent(f"no agent {frame.agent!r} on this connector (agents: {names})"), frame.id)
+            return
+        if len(self.pending) >= opts.max_queued:
+            self._reject(QueueFull(f"{len(self.pending)} messages are already waiting to be answered"), frame.id)
+            return
+        self.count += 1
+        message_id = frame.id if frame.id is not None else f"auto-{self.count}"
+        self._send_control(Ack(id=message_id, message_number=self.count))
+        self.last_activity = self._loop.time()
+        self.pending.append(_Pending(frame, message_id, self.count))
+        self.idle.clear()
+        self._wakeup.set()
+
+    def _cancel(self, message_id: MessageId) -> None:
+        current = self.current
+        if current is not None and current.id == message_id:
+            running = [t for t in current.tasks.values() if not t.done()]
+            if running:
+                for task in running:
+                    task.cancel()
+                return
+        queued = [p for p in self.pending if p.id == message_id]
+        if queued:
+            for pending in queued:
+                self.pending.remove(pending)
+            if not self.pending and self.current is None:
+                self.idle.set()
+            return
+        self._reject(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
+
+    # --- answering ------------------------------------------------------------
+
+    async def _process(self) -> None:
+        while True:
+            while not self.pending:
+                if self.current is None:
+                    self.idle.set()
+                if self.limit_reached:
+                    self.close(None, MessageLimitReached.close_code)
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            pending = self.pending.popleft()
+            self.current = pending
+            try:
+                await self._answer(pending)
+            finally:
+                self.current = None
+                self.last_activity = self._loop.time()
+
+    async def _answer(self, pending: _Pending) -> None:
+        frame = pending.frame
+        names = [frame.agent] if frame.agent is not None else list(self.transport.agent_names)
+        history = tuple(self.history)
+
+        async def emit(out: ServerFrame) -> None:
+            if isinstance(out, StreamEnd):
+                pending.results[out.agent] = out.full_response
+            elif isinstance(out, Response):
+                pending.results[out.agent] = out.response
+            await self.send(out)
+
+        async with asyncio.TaskGroup() as group:
+            for name in names:
+                turn = Turn(
+                    id=pending.id,
+                    number=pending.number,
+                    message=frame.text,
+                    context=frame.context,
+                    files=frame.files,
+                    session=Session(self.session_id, history, self.states.setdefault(name, {})),
+                    agent=name,
+                )
+                pending.tasks[name] = group.create_task(self.transport.chains[name](turn, emit))
+        self.history.append(HistoryEntry(role="user", text=frame.text))
+        for name in names:
+            text = pending.results.get(name)
+            if text:
+                self.history.append(HistoryEntry(role="agent", text=text, agent=name))
+
+    async def _watchdog(self) -> None:
+        timeout = self.options.session_timeout
+        while True:
+            remaining = self.last_activity + timeout - self._loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            elif not self.idle.is_set():
+                await self.idle.wait()
+            else:
+                self.close(SessionExpired(f"session expired after {timeout:g} s without a message"))
+                return
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value

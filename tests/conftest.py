@@ -1,0 +1,216 @@
+"""Shared fixtures: a real connic server (in-process or as a subprocess) and real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+import connic
+
+SECRET = "test-secret"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_config(connector: Mapping[str, Any] | None = None, agents: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Config data with one websocket connector at /ws and an echo agent named ``assistant``."""
+    return {
+        "agents": dict(agents) if agents is not None else {"assistant": {"use": "echo"}},
+        "connectors": [{"transport": "websocket", "path": "/ws", "secrets": [SECRET], **(connector or {})}],
+    }
+
+
+class Server:
+    """A running in-process connic server."""
+
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+
+    @property
+    def base(self) -> str:
+        return f"ws://127.0.0.1:{self.server.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def url(self, path: str = "/ws") -> str:
+        return self.base + path
+
+
+StartServer = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Start connic apps in-process: ``await start_server(config_or_app, registry=...)``."""
+    servers: list[TestServer] = []
+
+    async def start(config: Any = None, *, app: web.Application | None = None, **kwargs: Any) -> Server:
+        if app is None:
+            app = connic.create_app(config if config is not None else make_config(), **kwargs)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Server(server)
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> Server:
+    """The default server: echo agent ``assistant`` at /ws, secret ``test-secret``."""
+    return await start_server()
+
+
+class Client:
+    """A thin JSON wrapper over a real ``websockets`` client connection."""
+
+    def __init__(self, ws: websockets.ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame: dict[str, Any] = json.loads(data)
+        return frame
+
+    async def until(self, kind: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Receive frames up to and including the first of type ``kind``."""
+        frames = []
+        while True:
+            frame = await self.recv(timeout)
+            frames.append(frame)
+            if frame["type"] == kind:
+                return frames
+
+    async def reply(self, message: Any, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Send a message and collect frames until its stream_end, response or error."""
+        await self.send(message)
+        frames = []
+        while True:
+            frame = await self.recv(timeout)
+            frames.append(frame)
+            if frame["type"] in ("stream_end", "response", "error"):
+                return frames
+
+    async def closed(self, timeout: float = 5.0) -> tuple[int | None, list[dict[str, Any]]]:
+        """Read until the server closes; return the close code and the frames before it."""
+        frames = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frames.append(json.loads(await self.ws.recv()))
+        except websockets.ConnectionClosed:
+            pass
+        return self.ws.close_code, frames
+
+
+Connect = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Open clients: ``await connect(url, secret=SECRET)`` sends the seed's auth frame and checks ``connected``."""
+    opened: list[websockets.ClientConnection] = []
+
+    async def open_client(
+        url: str, secret: str | None = SECRET, *, expect_connected: bool = True, **kwargs: Any
+    ) -> Client:
+        ws = await websockets.connect(url, open_timeout=5, **kwargs)
+        opened.append(ws)
+        client = Client(ws)
+        if secret is not None:
+            await client.send({"secret": secret})
+        if expect_connected:
+            frame = await client.recv()
+            assert frame["type"] == "connected", frame
+            client.connected = frame  # type: ignore[attr-defined]
+        return client
+
+    yield open_client
+    for ws in opened:
+        await ws.close()
+
+
+class CliServer:
+    """``python -m connic run`` in a subprocess."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, secret: str | None, banner: list[str]) -> None:
+        self.proc = proc
+        self.port = port
+        self.secret = secret
+        self.banner = banner
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+def start_cli(*args: str, env: Mapping[str, str] | None = None) -> CliServer:
+    """Start ``python -m connic run --port 0 ARGS`` and wait for its banner."""
+    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc_env.pop("CONNIC_SECRET", None) if env is None or "CONNIC_SECRET" not in env else None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connic", "run", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=proc_env,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    banner: list[str] = []
+    port = None
+    secret = None
+    for line in proc.stdout:
+        banner.append(line.rstrip("\n"))
+        if m := re.search(r"listening on http://[^:]+:(\d+)", line):
+            port = int(m.group(1))
+        if m := re.search(r"secret \(generated.*\): (\S+)", line):
+            secret = m.group(1)
+        if line.startswith("Press Ctrl+C"):
+            break
+    if port is None:
+        proc.kill()
+        raise AssertionError("connic did not start:\n" + "\n".join(banner))
+    return CliServer(proc, port, secret, banner)
+
+
+@pytest.fixture
+def cli() -> Iterator[Callable[..., CliServer]]:
+    """Start CLI servers; they are stopped at the end of the test."""
+    started: list[CliServer] = []
+
+    def run(*args: str, env: Mapping[str, str] | None = None) -> CliServer:
+        server = start_cli(*args, env=env)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.communicate()
