@@ -9,12 +9,12 @@ inside a cancel scope (PEP 789).
 
 The chain a transport builds, outermost first::
 
-    error boundary -> auth guard -> limits (agent timeout) -> serialiser
-        -> user middleware ... -> agent
+    error boundary -> serialiser -> limits (agent timeout) -> user middleware ... -> agent
 
-Everything up to the serialiser emits server frames; the serialiser turns the
-items below it (``str`` chunks and :class:`connic.Usage`) into frames, so user
-middleware sees plain text. See docs/architecture.md for why.
+The error boundary emits server frames; the serialiser turns the items below it
+(``str`` chunks and :class:`connic.Usage`) into frames, so user middleware sees
+plain text. Authentication is a connection concern, done before any turn (the
+handshake or the first frame). See docs/architecture.md for why.
 """
 
 from __future__ import annotations

@@ -44,15 +44,14 @@ def limits(agent_timeout: float) -> MiddlewareFunc:
     """Cancel an agent that runs past ``agent_timeout`` seconds; it reports ``agent_timeout``."""
 
     async def limit(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-        async with asyncio.timeout(agent_timeout) as scope:
-            try:
+        scope = asyncio.timeout(agent_timeout)
+        try:
+            async with scope:
                 await call_next(turn, emit)
-            except TimeoutError:
-                if scope.expired():
-                    raise AgentTimeout(f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit") from None
-                raise
-        if scope.expired():  # pragma: no cover - asyncio.timeout raises when it expires
-            raise AgentTimeout(f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit")
+        except TimeoutError:
+            if scope.expired():
+                raise AgentTimeout(f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit") from None
+            raise
 
     return limit
 
@@ -130,5 +129,7 @@ def build_turn_chain(
 ) -> CallNext:
     """The whole chain for one agent on one connector."""
     serialiser = streaming if streaming_on else buffering
-    chain: list[MiddlewareFunc] = [error_boundary, limits(agent_timeout), serialiser, *user_middleware]
+    # The time limit sits inside the serialiser so that a timeout reaches it as an
+    # AgentTimeout error (sent in place of stream_end), not as a cancellation.
+    chain: list[MiddlewareFunc] = [error_boundary, serialiser, limits(agent_timeout), *user_middleware]
     return compose(chain, agent_endpoint(agent))
