@@ -14,7 +14,10 @@ from aiohttp import web
 from connic.agent import Agent
 from connic.config import Config, default_config, load_config, parse_config, structure
 from connic.errors import ConfigError, PluginError
+from connic.gate import ConnectionGate
+from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
+from connic.playground import install_playground
 from connic.registry import Registry, load_registry
 from connic.transport import Transport
 
@@ -31,6 +34,13 @@ class Runtime:
     config: Config
     agents: dict[str, Agent]
     transports: list[Transport]
+    metrics: Metrics = attrs.field(factory=Metrics)
+    gate: ConnectionGate = attrs.field(factory=lambda: ConnectionGate(0, 0))
+
+    def __attrs_post_init__(self) -> None:
+        for transport in self.transports:
+            transport.metrics = self.metrics
+            transport.gate = self.gate
 
 
 RUNTIME = web.AppKey("connic.runtime", Runtime)
@@ -122,7 +132,8 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
                 key=key,
             )
         )
-    return Runtime(config=config, agents=agents, transports=transports)
+    gate = ConnectionGate(config.server.max_connections, config.server.max_connections_per_ip)
+    return Runtime(config=config, agents=agents, transports=transports, gate=gate)
 
 
 async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -143,10 +154,42 @@ async def _drain(app: web.Application) -> None:
     await asyncio.gather(*(t.shutdown(grace) for t in runtime.transports))
 
 
-def _install(app: web.Application, runtime: Runtime) -> None:
+def _metrics_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app.router.add_get(runtime.config.server.metrics_path, _metrics_handler(runtime))
+    return app
+
+
+def _metrics_handler(runtime: Runtime) -> Any:
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=runtime.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    return metrics
+
+
+async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
+    # metrics_port set: /metrics gets a listener of its own, beside the main one.
+    runtime = app[RUNTIME]
+    runner = web.AppRunner(_metrics_app(runtime), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, runtime.config.server.host, runtime.config.server.metrics_port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "/") -> None:
     app[RUNTIME] = runtime
     for transport in runtime.transports:
         transport.install(app)
+    server = runtime.config.server
+    if server.metrics and server.metrics_port == 0:
+        app.router.add_get(server.metrics_path, _metrics_handler(runtime))
+    elif server.metrics:
+        app.cleanup_ctx.append(_metrics_site)
+    if server.playground:
+        install_playground(app, runtime, path=playground_path)
     app.cleanup_ctx.append(_agents_lifecycle)
     app.on_shutdown.append(_drain)
 
@@ -177,7 +220,8 @@ def setup(
         raise ValueError("prefix must name a path such as '/connic'; use prefix=None to install at the root")
     runtime = build_runtime(resolve_config(config), registry)
     if prefix is None:
-        _install(app, runtime)
+        # The host owns "/": the playground goes to /connic/ (docs/playground.md).
+        _install(app, runtime, playground_path="/connic/")
         return app
     sub = web.Application()
     _install(sub, runtime)

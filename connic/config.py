@@ -63,11 +63,22 @@ def non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> No
 
 @attrs.frozen
 class ServerConfig:
-    """The ``[server]`` table."""
+    """The ``[server]`` table.
+
+    ``max_connections`` and ``max_connections_per_ip`` cap open WebSocket
+    connections across all connectors (0: no cap); ``metrics_port`` 0 serves
+    ``metrics_path`` on the main port. ``playground`` serves the browser page at ``/`` (docs/playground.md).
+    """
 
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8080, validator=in_range(0, 65535))
     shutdown_grace: float = attrs.field(default=10.0, validator=non_negative)
+    max_connections: int = attrs.field(default=10_000, validator=non_negative)
+    max_connections_per_ip: int = attrs.field(default=0, validator=non_negative)
+    metrics: bool = True
+    metrics_path: str = "/metrics"
+    metrics_port: int = attrs.field(default=0, validator=in_range(0, 65535))
+    playground: bool = True
 
 
 @attrs.frozen

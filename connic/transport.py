@@ -9,6 +9,8 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig
+from connic.gate import ConnectionGate
+from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
 
 __all__ = ["Transport"]
@@ -20,6 +22,8 @@ class Transport:
     One instance serves one ``[[connectors]]`` entry. Its ``Options`` attrs class
     receives the connector's transport-specific keys. :meth:`install` adds the
     transport's routes to the connic application; :meth:`shutdown` drains it.
+    ``metrics`` and ``gate`` (the connection caps) are the application's, set
+    when the runtime is built.
     """
 
     Options: ClassVar[type[Any] | None] = None
@@ -40,6 +44,8 @@ class Transport:
         self.middleware = list(middleware)
         self.where = where
         self.key = key
+        self.metrics = Metrics()
+        self.gate = ConnectionGate(0, 0)
 
     def install(self, app: web.Application) -> None:
         """Add routes to ``app`` (the connic application or sub-application)."""

@@ -56,7 +56,7 @@ async def test_several_secrets(start_server: StartServer, connect: Connect) -> N
     await connect(server.url(), secret="old")
     await connect(server.url(), secret="new")
     client = await connect(server.url(), secret="other", expect_connected=False)
-    code, frames = await client.closed()
+    code, _ = await client.closed()
     assert code == 4001
 
 

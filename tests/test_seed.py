@@ -7,37 +7,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from conftest import CliServer
 
-SEED_PYTHON = '''\
-import asyncio
-import websockets
-import json
+DATA = Path(__file__).parent / "data"
+SEED_PAGE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "websocket-connector.txt"
+# The seed page's Python example, copied byte for byte (trailing spaces included).
+SEED_PYTHON = (DATA / "seed_python_example.txt").read_text()
 
-async def chat():
-    uri = "<websocket-url>"
-    
-    async with websockets.connect(uri) as ws:
-        # Authenticate
-        await ws.send(json.dumps({"secret": "<your-secret-key>"}))
-        response = await ws.recv()
-        print(f"Connected: {json.loads(response)}")
-        
-        # Send message
-        await ws.send(json.dumps({"message": "Hello!"}))
-        
-        # Receive streaming response
-        while True:
-            msg = await ws.recv()
-            data = json.loads(msg)
-            if data["type"] == "stream_chunk":
-                print(data["chunk"], end="", flush=True)
-            elif data["type"] == "stream_end":
-                print(f"\\nDone! Tokens: {data['token_usage']}")
-                break
 
-asyncio.run(chat())
-'''
+@pytest.mark.skipif(not SEED_PAGE.exists(), reason="the seed page is not beside this checkout")
+def test_copy_is_the_seed_example_verbatim() -> None:
+    assert SEED_PYTHON.rstrip("\n") in SEED_PAGE.read_text()
 
 
 def test_seed_python_example_against_cli(cli: Callable[..., CliServer], tmp_path: Path) -> None:

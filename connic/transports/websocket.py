@@ -23,7 +23,7 @@ from connic.pipeline import build_turn_chain
 from connic.transport import Transport
 from connic.transports.ws_session import Connection
 
-__all__ = ["WebSocketTransport"]
+__all__ = ["RateLimit", "WebSocketTransport"]
 
 log = logging.getLogger("connic.websocket")
 
@@ -34,6 +34,14 @@ SECRET_QUERY = ("secret", "X-Connic-Secret")
 def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < 1:
         raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
+
+
+@attrs.frozen
+class RateLimit:
+    """A token bucket: at most ``messages`` messages per ``per`` seconds, refilled smoothly."""
+
+    messages: int = attrs.field(validator=_at_least_one)
+    per: float = attrs.field(validator=positive)
 
 
 class WebSocketTransport(Transport):
@@ -57,6 +65,7 @@ class WebSocketTransport(Transport):
         send_queue: int = attrs.field(default=256, validator=_at_least_one)
         send_timeout: float = attrs.field(default=30.0, validator=positive)
         compress: bool = False
+        rate_limit: RateLimit | None = None
 
     options: Options
 
@@ -131,8 +140,11 @@ class WebSocketTransport(Transport):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of the connector's path."""
         if not self.origin_allowed(request.headers.get("Origin")):
+            self.metrics.refused.inc(self.connector.path, "403")
             raise web.HTTPForbidden(text="origin not allowed\n")
+        path = self.connector.path
         if self.draining:
+            self.metrics.refused.inc(path, "503")
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
         opts = self.options
         ws = _Socket(
@@ -143,13 +155,23 @@ class WebSocketTransport(Transport):
         )
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")
-        await ws.prepare(request)
-        conn = Connection(self, ws, request)
-        self.connections.add(conn)
+        peer = request.remote or "unknown"
+        refusal = self.gate.enter(peer)
+        if refusal is not None:
+            self.metrics.refused.inc(path, str(refusal))
+            if refusal == 503:
+                raise web.HTTPServiceUnavailable(text="too many connections\n", headers={"Retry-After": "5"})
+            raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
         try:
-            await conn.run(self.handshake_secret(request))
+            await ws.prepare(request)
+            conn = Connection(self, ws, request)
+            self.connections.add(conn)
+            try:
+                await conn.run(self.handshake_secret(request))
+            finally:
+                self.connections.discard(conn)
         finally:
-            self.connections.discard(conn)
+            self.gate.leave(peer)
         return ws
 
     async def shutdown(self, grace: float) -> None:

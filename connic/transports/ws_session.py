@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -26,6 +27,7 @@ from connic.errors import (
     NotFound,
     ProtocolError,
     QueueFull,
+    RateLimited,
     ServerShuttingDown,
     SessionExpired,
     SlowConsumer,
@@ -45,6 +47,7 @@ from connic.frames import (
     Pong,
     Response,
     ServerFrame,
+    StreamChunk,
     StreamEnd,
     encode,
     parse_client_frame,
@@ -117,6 +120,28 @@ class Outbox:
         return items
 
 
+class TokenBucket:
+    """The per-session message rate limit: ``capacity`` tokens refilled over ``per`` seconds."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, capacity: int, per: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / per
+        self.tokens = float(capacity)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """Take a token: 0.0 when allowed, else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class _Pending:
     """An accepted message, queued or being answered."""
 
@@ -157,14 +182,29 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._abort_task: asyncio.Task[Any] | None = None
         self._finished = asyncio.Event()
+        self.metrics = transport.metrics
+        self.path = transport.connector.path
+        self.started = time.monotonic()
+        self.authenticated = False
+        self.close_code: int | None = None
+        self.tokens_in = 0
+        self.tokens_out = 0
+        limit = self.options.rate_limit
+        self.bucket = TokenBucket(limit.messages, limit.per) if limit is not None else None
 
     # --- life cycle -----------------------------------------------------------
 
     async def run(self, handshake_secret: str | None) -> None:
         """Authenticate, then read until the socket closes; always clean up."""
         self._writer = asyncio.create_task(self._write_loop())
+        self.metrics.connections.inc(self.path)
+        self.metrics.connections_open.inc(self.path)
         try:
             if await self._authenticate(handshake_secret):
+                self.authenticated = True
+                self.metrics.sessions.inc(self.path)
+                self.metrics.sessions_open.inc(self.path)
+                log.info("open session=%s peer=%s connector=%s", self.session_id, self.peer, self.path)
                 opts = self.options
                 self._send_control(
                     Connected(
@@ -184,21 +224,53 @@ class Connection:
             await self._cleanup()
 
     async def _cleanup(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        writer = self._writer
-        if writer is not None and not writer.done():
-            if self.closing:
+        # The handler may itself be cancelled here (aiohttp's handler_cancellation),
+        # so everything that must happen is in the finally block and does not await.
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            writer = self._writer
+            if writer is not None and not writer.done() and self.closing:
                 # A close was requested: let the writer flush the error frame and close.
                 await asyncio.wait({writer}, timeout=self.options.send_timeout)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-        if self._abort_task is not None:
-            await asyncio.gather(self._abort_task, return_exceptions=True)
-        if not self.ws.closed:
-            await self.ws.close()
-        self._finished.set()
+            if writer is not None and not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            if self._abort_task is not None:
+                await asyncio.gather(self._abort_task, return_exceptions=True)
+            if not self.ws.closed:
+                await self.ws.close()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self._writer is not None:
+                self._writer.cancel()
+            if not self._finished.is_set():
+                self._finished.set()
+                self._account_close()
+
+    def _account_close(self) -> None:
+        code = self.ws.close_code if self.ws.close_code is not None else self.close_code
+        metrics = self.metrics
+        metrics.connections_open.dec(self.path)
+        metrics.closes.inc(self.path, str(code))
+        if self.authenticated:
+            metrics.sessions_open.dec(self.path)
+        # One line per connection; never secrets, never message text.
+        log.info(
+            "close session=%s peer=%s connector=%s code=%s authenticated=%s messages=%d "
+            "prompt_tokens=%d candidates_tokens=%d duration=%.3fs",
+            self.session_id,
+            self.peer,
+            self.path,
+            code,
+            self.authenticated,
+            self.count,
+            self.tokens_in,
+            self.tokens_out,
+            time.monotonic() - self.started,
+        )
 
     def close(self, error: Exception | None, code: int | None = None) -> None:
         """Send ``error`` (a ConnicError with a close code) and close the socket after what is queued."""
@@ -208,14 +280,17 @@ class Connection:
         reason = getattr(error, "code", "")
         if error is not None:
             frame = ErrorFrame(id=None, code=reason, message=str(error))
+            self.metrics.errors.inc(self.path, reason)
             self.outbox.put_nowait(encode(frame), control=True)
         self.closing = True
+        self.close_code = close_code
         if not self.outbox.put_nowait(_Close(close_code, reason), control=True):
             self._abort(close_code, reason)
 
     def _abort(self, code: int, reason: str) -> None:
         """Close now, without waiting for queued frames (the client is not reading)."""
         self.closing = True
+        self.close_code = code
         if self._writer is not None:
             self._writer.cancel()
         if self._abort_task is None:
@@ -270,17 +345,22 @@ class Connection:
         """Queue a frame of an agent's reply, waiting while the client catches up."""
         if self.closing:
             return
+        if type(frame) is ErrorFrame:
+            self.metrics.errors.inc(self.path, frame.code)
         if not await self.outbox.put(encode(frame), self.options.send_timeout):
             self._slow_consumer()
 
     def _send_control(self, frame: ServerFrame) -> None:
         if self.closing:
             return
+        if type(frame) is ErrorFrame:
+            self.metrics.errors.inc(self.path, frame.code)
         if not self.outbox.put_nowait(encode(frame), control=True):
             self._slow_consumer()
 
     def _slow_consumer(self) -> None:
         if not self.closing:
+            self.metrics.slow_consumers.inc(self.path)
             log.warning("session %s: client %s stopped reading; closing 4010", self.session_id, self.peer)
             self._abort(SlowConsumer.close_code or 4010, SlowConsumer.code)
 
@@ -353,6 +433,13 @@ class Connection:
                 self.limit_reached = True
                 self._wakeup.set()
             return
+        if self.bucket is not None:
+            wait = self.bucket.take()
+            if wait:
+                self.metrics.rate_limited.inc(self.path)
+                limited = RateLimited(f"over the rate limit; retry in {wait:.2f} s", retry_after=round(wait, 3))
+                self._reject(limited, frame.id)
+                return
         if frame.agent is not None and frame.agent not in self.transport.chains:
             names = ", ".join(self.transport.agent_names)
             self._reject(UnknownAgent(f"no agent {frame.agent!r} on this connector (agents: {names})"), frame.id)
@@ -361,6 +448,7 @@ class Connection:
             self._reject(QueueFull(f"{len(self.pending)} messages are already waiting to be answered"), frame.id)
             return
         self.count += 1
+        self.metrics.messages.inc(self.path)
         message_id = frame.id if frame.id is not None else f"auto-{self.count}"
         self._send_control(Ack(id=message_id, message_number=self.count))
         self.last_activity = self._loop.time()
@@ -409,12 +497,33 @@ class Connection:
         frame = pending.frame
         names = [frame.agent] if frame.agent is not None else list(self.transport.agent_names)
         history = tuple(self.history)
+        metrics = self.metrics
+        started = time.monotonic()
+        streaming: set[str] = set()
+
+        def finished(agent: str, reason: str, usage: Mapping[str, int] | None) -> None:
+            metrics.turn_duration.observe(time.monotonic() - started, agent)
+            metrics.turns.inc(agent, reason)
+            if usage:
+                prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
+                self.tokens_in += prompt
+                self.tokens_out += candidates
+                metrics.tokens.inc(agent, "prompt", amount=prompt)
+                metrics.tokens.inc(agent, "candidates", amount=candidates)
 
         async def emit(out: ServerFrame) -> None:
-            if isinstance(out, StreamEnd):
+            if isinstance(out, StreamChunk):
+                if out.agent not in streaming:
+                    streaming.add(out.agent)
+                    metrics.first_chunk.observe(time.monotonic() - started, out.agent)
+            elif isinstance(out, StreamEnd):
                 pending.results[out.agent] = out.full_response
+                finished(out.agent, out.finish_reason, out.token_usage)
             elif isinstance(out, Response):
                 pending.results[out.agent] = out.response
+                finished(out.agent, out.finish_reason, out.token_usage)
+            elif isinstance(out, ErrorFrame) and out.agent is not None:
+                finished(out.agent, "error", None)
             await self.send(out)
 
         async with asyncio.TaskGroup() as group:

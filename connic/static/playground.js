@@ -1,0 +1,663 @@
+// connic playground: plain JavaScript, no dependencies, no external requests.
+// Speaks the Connic WebSocket protocol (docs/protocol.md) to a connector of this server.
+"use strict";
+
+(() => {
+  const config = JSON.parse(document.getElementById("connic-config").textContent);
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    status: $("status"),
+    statusText: $("status-text"),
+    connectForm: $("connect-form"),
+    connector: $("connector"),
+    connectorUrl: $("connector-url"),
+    secret: $("secret"),
+    reveal: $("reveal"),
+    connect: $("connect"),
+    reconnect: $("reconnect"),
+    disconnect: $("disconnect"),
+    session: $("session"),
+    sessionId: $("session-id"),
+    agents: $("agents"),
+    limits: $("limits"),
+    log: $("log"),
+    empty: $("empty"),
+    composer: $("composer"),
+    message: $("message"),
+    send: $("send"),
+    stop: $("stop"),
+    context: $("context"),
+    contextError: $("context-error"),
+    agent: $("agent"),
+    announcer: $("announcer"),
+  };
+
+  // Close codes and error codes of PROTOCOL.md section 6 that end the connection.
+  const CLOSING_ERRORS = new Set([
+    "unauthorized", "auth_timeout", "session_expired", "message_limit_reached",
+    "message_too_large", "server_shutting_down", "slow_consumer",
+  ]);
+  const CLOSE_CODES = {
+    4001: "unauthorized", 4002: "auth_timeout", 4008: "session_expired", 4009: "message_limit_reached",
+    1009: "message_too_large", 1001: "server_shutting_down", 4010: "slow_consumer",
+  };
+
+  const state = {
+    ws: null,
+    url: "",
+    opened: false,       // the socket opened (the handshake succeeded)
+    connected: false,    // the server sent "connected"
+    userClosed: false,
+    secretGiven: false,
+    closeError: null,    // the error frame that announced the close, if any
+    info: null,          // the "connected" frame
+    counter: 0,
+    exchanges: new Map(), // message id -> exchange, for every exchange of this page
+    pending: [],          // exchanges still waiting for a reply, oldest first
+  };
+
+  // ---------------------------------------------------------------- helpers
+
+  function wsUrl(relative) {
+    // Relative to this page, so it follows any prefix the page is served under.
+    const url = new URL(relative, window.location.href);
+    const scheme = url.protocol === "https:" ? "wss:" : "ws:";
+    return `${scheme}//${url.host}${url.pathname}`;
+  }
+
+  function make(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function agentColor(name) {
+    const agents = state.info ? state.info.agents : [];
+    let index = agents.indexOf(name);
+    if (index < 0) {
+      index = 0;
+      for (const ch of name) index = (index * 31 + ch.charCodeAt(0)) >>> 0;
+    }
+    return `var(--agent-${index % 6})`;
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
+  }
+
+  function seconds(value) {
+    const n = Number(value);
+    if (!Number.isFinite(n)) return "";
+    return `${Number.isInteger(n) ? n : n.toFixed(1)} s`;
+  }
+
+  // The log follows new text while it is scrolled to the bottom; scrolling up pauses that.
+  let stick = true;
+
+  function nearBottom() {
+    const log = el.log;
+    return log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+  }
+
+  function follow() {
+    if (stick) el.log.scrollTop = el.log.scrollHeight;
+  }
+
+  function scrollDown() {
+    stick = true;
+    follow();
+  }
+
+  function append(node) {
+    el.empty.hidden = true;
+    el.log.append(node);
+    follow();
+    return node;
+  }
+
+  function notice(kind, text, code) {
+    const node = make("div", `notice ${kind}`);
+    node.append(make("span", "notice-text", text));
+    if (code !== undefined && code !== null) node.append(make("span", "code", code));
+    node.dataset.kind = kind;
+    return append(node);
+  }
+
+  // Screen readers hear each finished reply once, not every chunk.
+  function announce(text) {
+    el.announcer.textContent = text;
+  }
+
+  function setStatus(status, text) {
+    el.status.dataset.status = status;
+    el.statusText.textContent = text;
+  }
+
+  // ------------------------------------------------------- plain words
+
+  function describeClose(code, reason) {
+    const error = state.closeError;
+    const kind = (error && error.code) || CLOSE_CODES[code];
+    const info = state.info || {};
+    switch (kind) {
+      case "unauthorized":
+        return state.secretGiven
+          ? "Wrong secret: the server refused it. Check it and connect again."
+          : "This connector needs a secret: enter it and connect again.";
+      case "auth_timeout":
+        return "No secret arrived in time, so the server closed the connection.";
+      case "session_expired": {
+        const idle = info.session_timeout !== undefined ? seconds(info.session_timeout) : "";
+        return idle
+          ? `Session expired after ${idle} idle. Reconnect to start a new session.`
+          : "Session expired after being idle too long. Reconnect to start a new session.";
+      }
+      case "message_limit_reached": {
+        const max = info.max_messages;
+        return max
+          ? `Message limit reached: a session allows ${plural(max, "message")}. Reconnect to start a new session.`
+          : "Message limit reached. Reconnect to start a new session.";
+      }
+      case "message_too_large":
+        return "Message too large: the server closed the connection.";
+      case "server_shutting_down":
+        return "The server is shutting down.";
+      case "slow_consumer":
+        return "This page fell too far behind reading replies, so the server closed the connection.";
+      default:
+        break;
+    }
+    if (code === 1000) return state.userClosed ? "Disconnected." : "The server closed the connection.";
+    if (code === 1001) return "The server went away.";
+    if (code === 1011) return "The server hit an internal error and closed the connection.";
+    if (code === 1006 && !state.opened) {
+      return `Could not connect to ${state.url}. Is the server running? (It also refuses connections from ` +
+        "an origin it does not allow, and when it has too many.)";
+    }
+    if (code === 1006) return "The connection was lost.";
+    return reason ? `Connection closed: ${reason}` : "Connection closed.";
+  }
+
+  function describeError(frame) {
+    const message = frame.message || "";
+    switch (frame.code) {
+      case "agent_error":
+        return `The agent failed: ${message}`;
+      case "agent_timeout":
+        return `The agent took too long and was stopped. ${message}`;
+      case "unknown_agent":
+        return `No such agent. ${message}`;
+      case "rate_limited":
+        return frame.retry_after !== undefined
+          ? `Too many messages: try again in ${seconds(frame.retry_after)}.`
+          : "Too many messages: slow down.";
+      case "queue_full":
+        return "Too many messages are waiting: let the replies finish first.";
+      case "message_limit_reached":
+        return `Not answered: message limit reached (${state.info ? state.info.max_messages : "?"} per session).`;
+      case "server_shutting_down":
+        return "Not answered: the server is shutting down.";
+      case "invalid_message":
+        return `The server rejected the message: ${message}`;
+      case "invalid_json":
+      case "unknown_type":
+      case "unsupported_frame":
+        return `The server did not understand a frame: ${message}`;
+      case "not_found":
+        return "Nothing to stop: that reply had already finished.";
+      default:
+        return message || frame.code || "Unknown error.";
+    }
+  }
+
+  // ------------------------------------------------------- connecting
+
+  function selectedConnector() {
+    const option = el.connector.selectedOptions[0];
+    if (!option) return null;
+    return { url: wsUrl(option.value), path: option.dataset.path, auth: option.dataset.auth === "yes" };
+  }
+
+  function showConnectorUrl() {
+    const connector = selectedConnector();
+    el.connectorUrl.textContent = connector ? connector.url : "no websocket connector";
+    el.secret.placeholder = connector && !connector.auth ? "not needed: this connector has auth off" : "the connector's secret";
+  }
+
+  function setControls() {
+    const live = state.ws !== null;
+    const ready = state.connected && state.ws && state.ws.readyState === WebSocket.OPEN;
+    el.connect.disabled = live || !selectedConnector();
+    el.disconnect.disabled = !live;
+    el.reconnect.disabled = !state.url || (live && !state.connected);
+    el.connector.disabled = live;
+    el.message.disabled = !ready;
+    el.send.disabled = !ready;
+    el.stop.disabled = !ready || state.pending.length === 0;
+    el.message.placeholder = ready ? "Write a message…" : "Connect first, then write a message…";
+  }
+
+  function connect() {
+    const connector = selectedConnector();
+    if (!connector) return;
+    if (state.ws) drop("Reconnecting: a new connection is a new session.");
+    const secret = el.secret.value;
+    state.url = connector.url;
+    state.opened = false;
+    state.connected = false;
+    state.userClosed = false;
+    state.closeError = null;
+    state.secretGiven = secret !== "";
+    setStatus("connecting", "Connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(connector.url);
+    } catch (err) {
+      setStatus("closed", "Not connected");
+      notice("error", `Could not connect: ${err.message}`);
+      return;
+    }
+    state.ws = ws;
+    ws.onopen = () => {
+      if (state.ws !== ws) return;
+      state.opened = true;
+      // The seed's first frame: {"secret": "..."} (not needed when the connector has auth off).
+      if (connector.auth || secret) ws.send(JSON.stringify({ secret }));
+    };
+    ws.onmessage = (event) => {
+      if (state.ws !== ws) return;
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (err) {
+        notice("warn", "The server sent a frame that is not JSON.");
+        return;
+      }
+      onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (state.ws !== ws) return;
+      onClosed(event.code, event.reason);
+    };
+    setControls();
+  }
+
+  // Close the current socket on the user's behalf (Disconnect, Reconnect).
+  function drop(text) {
+    const ws = state.ws;
+    state.ws = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    try { ws.close(1000); } catch (err) { /* already closed */ }
+    interruptPending("interrupted");
+    state.connected = false;
+    notice("", text, "close 1000");
+  }
+
+  function disconnect() {
+    if (!state.ws) return;
+    drop("Disconnected.");
+    setStatus("idle", "Not connected");
+    setControls();
+    el.connect.focus();
+  }
+
+  function onClosed(code, reason) {
+    const text = describeClose(code, reason);
+    state.ws = null;
+    state.connected = false;
+    interruptPending("interrupted");
+    notice(code === 1000 ? "" : "error", text, `close ${code}`);
+    setStatus("closed", state.closeError && state.closeError.code === "unauthorized" ? "Refused" : "Disconnected");
+    setControls();
+  }
+
+  // ------------------------------------------------------- frames
+
+  function onFrame(frame) {
+    switch (frame.type) {
+      case "connected": return onConnected(frame);
+      case "ack": return onAck(frame);
+      case "stream_start": return bubbleFor(frame).start();
+      case "stream_chunk": return bubbleFor(frame).chunk(frame.chunk);
+      case "stream_end": return bubbleFor(frame).end(frame.full_response, frame.token_usage, frame.finish_reason);
+      case "response": return bubbleFor(frame).end(frame.response, frame.token_usage, frame.finish_reason);
+      case "error": return onError(frame);
+      default: return undefined; // pong and anything new: clients ignore unknown frames
+    }
+  }
+
+  function onConnected(frame) {
+    state.connected = true;
+    state.info = frame;
+    setStatus("connected", "Connected");
+    el.session.hidden = false;
+    el.sessionId.textContent = frame.session_id;
+    el.agents.replaceChildren();
+    const previous = el.agent.value;
+    el.agent.replaceChildren(make("option", "", "All agents"));
+    el.agent.firstChild.value = "";
+    for (const name of frame.agents || []) {
+      const chip = make("span", "chip", name);
+      chip.style.setProperty("--agent-color", agentColor(name));
+      el.agents.append(chip);
+      const option = make("option", "", name);
+      option.value = name;
+      el.agent.append(option);
+    }
+    if ((frame.agents || []).includes(previous)) el.agent.value = previous;
+    const limits = [];
+    if (frame.streaming !== undefined) limits.push(frame.streaming ? "streaming" : "whole responses");
+    if (frame.max_messages !== undefined) limits.push(`${plural(frame.max_messages, "message")} per session`);
+    if (frame.session_timeout !== undefined) limits.push(`expires after ${seconds(frame.session_timeout)} idle`);
+    el.limits.textContent = limits.join(" · ") || "—";
+    notice("ok", `Connected to ${state.url}: session ${frame.session_id}.`);
+    setControls();
+    el.message.focus();
+  }
+
+  function onAck(frame) {
+    const exchange = state.exchanges.get(frame.id);
+    if (!exchange) return;
+    exchange.acked = true;
+    exchange.userMeta.replaceChildren(make("span", "", `message #${frame.message_number}`));
+    for (const name of exchange.expected) exchange.bubble(name);
+  }
+
+  function onError(frame) {
+    const exchange = frame.id !== null && frame.id !== undefined ? state.exchanges.get(frame.id) : null;
+    if (CLOSING_ERRORS.has(frame.code) && !exchange) {
+      // The close follows: say it once, in onClosed.
+      state.closeError = frame;
+      return;
+    }
+    if (frame.code === "not_found" && exchange && exchange.cancelRequested) return;
+    if (exchange && frame.agent) {
+      exchange.bubble(frame.agent).fail(frame);
+      return;
+    }
+    if (exchange) {
+      exchange.fail(frame);
+      return;
+    }
+    notice("error", describeError(frame), frame.code);
+  }
+
+  function bubbleFor(frame) {
+    let exchange = state.exchanges.get(frame.id);
+    if (!exchange) exchange = newExchange(frame.id, null, []); // a reply we did not ask for
+    return exchange.bubble(frame.agent || "agent");
+  }
+
+  // ------------------------------------------------------- exchanges and bubbles
+
+  function newExchange(id, text, expected, context) {
+    const node = make("div", "exchange");
+    node.dataset.id = String(id);
+    const exchange = {
+      id,
+      node,
+      expected,
+      acked: false,
+      done: false,
+      cancelRequested: false,
+      bubbles: new Map(),
+      userMeta: null,
+      bubble: (name) => exchange.bubbles.get(name) || newBubble(exchange, name),
+      fail: (frame) => {
+        if (exchange.userMeta) exchange.userMeta.replaceChildren(make("span", "badge error", "not answered"));
+        const line = make("div", "notice error", describeError(frame));
+        line.append(make("span", "code", frame.code));
+        node.append(line);
+        follow();
+        for (const bubble of exchange.bubbles.values()) if (!bubble.finished) bubble.node.remove();
+        exchange.bubbles.clear();
+        finish(exchange);
+      },
+    };
+    if (text !== null) {
+      const turn = make("div", "turn user");
+      turn.append(make("div", "who", "you"));
+      turn.append(make("div", "bubble", text));
+      if (context) turn.append(make("div", "context-note", `context ${JSON.stringify(context)}`));
+      exchange.userMeta = make("div", "meta");
+      exchange.userMeta.append(make("span", "badge pending", "sending…"));
+      turn.append(exchange.userMeta);
+      node.append(turn);
+    }
+    state.exchanges.set(id, exchange);
+    state.pending.push(exchange);
+    append(node);
+    setControls();
+    return exchange;
+  }
+
+  function newBubble(exchange, name) {
+    const node = make("div", "turn agent");
+    node.dataset.agent = name;
+    node.dataset.state = "waiting";
+    node.style.setProperty("--agent-color", agentColor(name));
+    node.setAttribute("aria-label", `reply from ${name}`);
+    const who = make("div", "who", name);
+    const bubble = make("div", "bubble");
+    const typing = make("span", "typing");
+    typing.append(make("span"), make("span"), make("span"), make("span", "visually-hidden", `${name} is thinking`));
+    const text = make("span", "text");
+    const textNode = document.createTextNode("");
+    text.append(textNode);
+    bubble.append(typing, text);
+    const meta = make("div", "meta");
+    node.append(who, bubble, meta);
+
+    const b = {
+      node,
+      finished: false,
+      start() {
+        if (b.finished) return;
+        typing.remove();
+        node.dataset.state = "streaming";
+        node.setAttribute("aria-busy", "true");
+      },
+      chunk(piece) {
+        if (b.finished || typeof piece !== "string") return;
+        b.start();
+        textNode.appendData(piece);
+        follow();
+      },
+      end(full, usage, reason) {
+        typing.remove();
+        if (typeof full === "string") textNode.data = full;
+        b.finished = true;
+        node.removeAttribute("aria-busy");
+        const finish = reason || "stop";
+        node.dataset.state = finish === "stop" ? "done" : finish;
+        meta.replaceChildren(make("span", `badge ${finish}`, finish));
+        meta.firstChild.title = "finish_reason";
+        if (usage && typeof usage === "object") {
+          const prompt = usage.prompt_tokens ?? 0;
+          const out = usage.candidates_tokens ?? 0;
+          const tokens = make("span", "tokens", `tokens: ${prompt} prompt · ${out} candidates`);
+          tokens.title = "token_usage";
+          meta.append(tokens);
+        }
+        announce(`${name}: ${textNode.data.slice(0, 300)}${finish === "stop" ? "" : ` (${finish})`}`);
+        b.settle();
+      },
+      fail(frame) {
+        typing.remove();
+        b.finished = true;
+        node.removeAttribute("aria-busy");
+        node.dataset.state = "error";
+        bubble.insertBefore(make("span", "error-text", describeError(frame)), text);
+        meta.replaceChildren(make("span", "badge error", frame.code));
+        b.settle();
+      },
+      interrupt(reason) {
+        if (b.finished) return;
+        typing.remove();
+        b.finished = true;
+        node.removeAttribute("aria-busy");
+        node.dataset.state = reason;
+        meta.replaceChildren(make("span", `badge ${reason}`, reason));
+      },
+      settle() {
+        if (exchange.expected.length && [...exchange.expected].every((n) => exchange.bubbles.get(n)?.finished)) {
+          finish(exchange);
+        } else if (!exchange.expected.length && [...exchange.bubbles.values()].every((x) => x.finished)) {
+          finish(exchange);
+        }
+        follow();
+      },
+    };
+    if (!exchange.expected.includes(name)) exchange.expected = [...exchange.expected, name];
+    exchange.bubbles.set(name, b);
+    exchange.node.append(node);
+    follow();
+    return b;
+  }
+
+  function finish(exchange) {
+    if (exchange.done) return;
+    exchange.done = true;
+    state.pending = state.pending.filter((x) => x !== exchange);
+    setControls();
+  }
+
+  function interruptPending(reason) {
+    for (const exchange of state.pending) {
+      for (const bubble of exchange.bubbles.values()) bubble.interrupt(reason);
+      if (!exchange.acked && exchange.userMeta) {
+        exchange.userMeta.replaceChildren(make("span", "badge interrupted", "not sent"));
+      }
+      exchange.done = true;
+    }
+    state.pending = [];
+  }
+
+  // ------------------------------------------------------- sending and stopping
+
+  function readContext() {
+    const raw = el.context.value.trim();
+    el.contextError.textContent = "";
+    el.context.removeAttribute("aria-invalid");
+    if (!raw) return { ok: true, value: undefined };
+    let value;
+    try {
+      value = JSON.parse(raw);
+    } catch (err) {
+      return { ok: false, error: `Context is not valid JSON: ${err.message}` };
+    }
+    if (value === null || typeof value !== "object" || Array.isArray(value)) {
+      return { ok: false, error: "Context must be a JSON object, like {\"location\": \"New York\"}." };
+    }
+    return { ok: true, value };
+  }
+
+  function send() {
+    const ws = state.ws;
+    if (!ws || !state.connected || ws.readyState !== WebSocket.OPEN) return;
+    const text = el.message.value;
+    if (!text.trim()) return;
+    const context = readContext();
+    if (!context.ok) {
+      el.contextError.textContent = context.error;
+      el.context.setAttribute("aria-invalid", "true");
+      document.getElementById("extras").open = true;
+      el.context.focus();
+      return;
+    }
+    state.counter += 1;
+    const id = `msg-${String(state.counter).padStart(3, "0")}`;
+    const payload = { message: text };
+    if (context.value !== undefined) payload.context = context.value;
+    const agent = el.agent.value;
+    if (agent) payload.agent = agent;
+    const expected = agent ? [agent] : [...((state.info && state.info.agents) || [])];
+    ws.send(JSON.stringify({ type: "message", id, payload }));
+    newExchange(id, text, expected, context.value);
+    el.message.value = "";
+    autosize();
+    scrollDown();
+  }
+
+  function stop() {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    state.pending.forEach((exchange, index) => {
+      if (exchange.cancelRequested) return;
+      exchange.cancelRequested = true;
+      ws.send(JSON.stringify({ type: "cancel", id: exchange.id }));
+      const started = [...exchange.bubbles.values()].some((b) => b.node.dataset.state !== "waiting");
+      if (started) return; // its agents answer with finish_reason "cancelled"
+      // A queued message is dropped without a reply; the oldest may be just starting, so wait a moment.
+      const drop = () => {
+        if (exchange.done || [...exchange.bubbles.values()].some((b) => b.node.dataset.state !== "waiting")) return;
+        for (const bubble of exchange.bubbles.values()) bubble.interrupt("cancelled");
+        if (exchange.userMeta) exchange.userMeta.append(make("span", "badge cancelled", "cancelled before any reply"));
+        finish(exchange);
+      };
+      if (index === 0) setTimeout(drop, 1500);
+      else drop();
+    });
+  }
+
+  function autosize() {
+    el.message.style.height = "auto";
+    el.message.style.height = `${Math.min(el.message.scrollHeight + 2, 200)}px`;
+  }
+
+  // ------------------------------------------------------- wiring
+
+  el.connectForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    connect();
+  });
+  el.reconnect.addEventListener("click", connect);
+  el.disconnect.addEventListener("click", () => {
+    state.userClosed = true;
+    disconnect();
+  });
+  el.connector.addEventListener("change", () => {
+    showConnectorUrl();
+    setControls();
+  });
+  el.reveal.addEventListener("click", () => {
+    const show = el.secret.type === "password";
+    el.secret.type = show ? "text" : "password";
+    el.reveal.textContent = show ? "Hide" : "Show";
+    el.reveal.setAttribute("aria-pressed", String(show));
+  });
+  el.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  el.message.addEventListener("keydown", (event) => {
+    // Enter sends, Shift+Enter is a new line; never while an input method is composing.
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      send();
+    }
+  });
+  el.message.addEventListener("input", autosize);
+  el.context.addEventListener("input", () => {
+    el.contextError.textContent = "";
+    el.context.removeAttribute("aria-invalid");
+  });
+  el.stop.addEventListener("click", stop);
+  el.log.addEventListener("scroll", () => {
+    stick = nearBottom();
+  });
+  // The composer grows (autosize, the context panel): keep the newest text in view.
+  new ResizeObserver(follow).observe(el.log);
+
+  const params = new URLSearchParams(window.location.search);
+  if (params.has("secret")) el.secret.value = params.get("secret");
+  if (params.has("connector")) {
+    const wanted = params.get("connector");
+    for (const option of el.connector.options) if (option.dataset.path === wanted) option.selected = true;
+  }
+  showConnectorUrl();
+  setControls();
+  if (config.connectors.length === 0) setStatus("closed", "No connector");
+  (el.secret.value ? el.connect : el.secret).focus();
+})();
