@@ -175,10 +175,10 @@ class Connection:
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._processor: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self._abort_task: asyncio.Task[Any] | None = None
         self._finished = asyncio.Event()
@@ -215,10 +215,7 @@ class Connection:
                         session_timeout=_number(opts.session_timeout),
                     )
                 )
-                self._tasks = [
-                    asyncio.create_task(self._process()),
-                    asyncio.create_task(self._watchdog()),
-                ]
+                self._expiry = self._loop.call_at(self.last_activity + opts.session_timeout, self._check_expiry)
                 await self._read_loop()
         finally:
             await self._cleanup()
@@ -227,9 +224,11 @@ class Connection:
         # The handler may itself be cancelled here (aiohttp's handler_cancellation),
         # so everything that must happen is in the finally block and does not await.
         try:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._expiry is not None:
+                self._expiry.cancel()
+            if self._processor is not None:
+                self._processor.cancel()
+                await asyncio.gather(self._processor, return_exceptions=True)
             writer = self._writer
             if writer is not None and not writer.done() and self.closing:
                 # A close was requested: let the writer flush the error frame and close.
@@ -242,8 +241,10 @@ class Connection:
             if not self.ws.closed:
                 await self.ws.close()
         finally:
-            for task in self._tasks:
-                task.cancel()
+            if self._expiry is not None:
+                self._expiry.cancel()
+            if self._processor is not None:
+                self._processor.cancel()
             if self._writer is not None:
                 self._writer.cancel()
             if not self._finished.is_set():
@@ -431,7 +432,7 @@ class Connection:
             self._send_control(ErrorFrame(id=frame.id, code=error.code, message=error.message))
             if not self.limit_reached:
                 self.limit_reached = True
-                self._wakeup.set()
+                self._kick()
             return
         if self.bucket is not None:
             wait = self.bucket.take()
@@ -454,7 +455,7 @@ class Connection:
         self.last_activity = self._loop.time()
         self.pending.append(_Pending(frame, message_id, self.count))
         self.idle.clear()
-        self._wakeup.set()
+        self._kick()
 
     def _cancel(self, message_id: MessageId) -> None:
         current = self.current
@@ -475,23 +476,31 @@ class Connection:
 
     # --- answering ------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """Make sure queued messages are being answered; close once the message limit is done."""
+        if self._processor is not None and not self._processor.done():
+            return
+        if self.pending:
+            # One processor task while there is work, none while idle: idle sessions stay cheap.
+            self._processor = asyncio.create_task(self._process())
+        elif self.limit_reached:
+            self.close(None, MessageLimitReached.close_code)
+
     async def _process(self) -> None:
-        while True:
-            while not self.pending:
-                if self.current is None:
-                    self.idle.set()
-                if self.limit_reached:
-                    self.close(None, MessageLimitReached.close_code)
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            pending = self.pending.popleft()
-            self.current = pending
-            try:
-                await self._answer(pending)
-            finally:
-                self.current = None
-                self.last_activity = self._loop.time()
+        try:
+            while self.pending:
+                pending = self.pending.popleft()
+                self.current = pending
+                try:
+                    await self._answer(pending)
+                finally:
+                    self.current = None
+                    self.last_activity = self._loop.time()
+        finally:
+            if not self.pending and self.current is None:
+                self.idle.set()
+        if self.limit_reached:
+            self.close(None, MessageLimitReached.close_code)
 
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
@@ -544,17 +553,18 @@ class Connection:
             if text:
                 self.history.append(HistoryEntry(role="agent", text=text, agent=name))
 
-    async def _watchdog(self) -> None:
+    def _check_expiry(self) -> None:
         timeout = self.options.session_timeout
-        while True:
-            remaining = self.last_activity + timeout - self._loop.time()
-            if remaining > 0:
-                await asyncio.sleep(remaining)
-            elif not self.idle.is_set():
-                await self.idle.wait()
-            else:
-                self.close(SessionExpired(f"session expired after {timeout:g} s without a message"))
-                return
+        now = self._loop.time()
+        deadline = self.last_activity + timeout
+        if deadline > now:
+            self._expiry = self._loop.call_at(deadline, self._check_expiry)
+        elif not self.idle.is_set():
+            # A reply is in flight; its end counts as activity, so look again later.
+            self._expiry = self._loop.call_at(now + timeout, self._check_expiry)
+        else:
+            self._expiry = None
+            self.close(SessionExpired(f"session expired after {timeout:g} s without a message"))
 
 
 def _number(value: float) -> float | int:
