@@ -125,6 +125,8 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
             print(f"  {transport.connector.transport}: {transport.describe(base)}  agents: {agents}", flush=True)
         if generated:
             print(f"  secret (generated, set CONNIC_SECRET or --secret to choose one): {generated}", flush=True)
+        if runtime.config.server.playground:
+            print(f"  playground: http://{shown}:{bound_port}/", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
         await stop.wait()
         print("connic: shutting down", flush=True)
