@@ -10,6 +10,7 @@ task, so a client that stops reading cannot grow server memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -337,7 +338,12 @@ class Connection:
                     if isinstance(item, _Close):
                         await ws.close(code=item.code, message=item.reason.encode())
                         return
-                    await ws.send_str(item)
+                    try:
+                        await ws.send_str(item)
+                    except UnicodeEncodeError:
+                        # Lone surrogates (from "\ud800" in a client's JSON) cannot be UTF-8:
+                        # send them JSON-escaped instead.
+                        await ws.send_str(json.dumps(json.loads(item), separators=(",", ":")))
         except (ConnectionError, RuntimeError):
             # The socket closed under us; the reader loop sees it and ends.
             self.closing = True
