@@ -6,7 +6,7 @@ the application factories and the error hierarchy.
 """
 
 from connic.agent import Agent, File, HistoryEntry, Session, Turn, Usage
-from connic.app import RUNTIME, Runtime, build_runtime, create_app, setup
+from connic.app import RUNTIME, Runtime, build_runtime, create_app, drain, setup
 from connic.config import Config, load_config, parse_config
 from connic.errors import (
     AgentError,
@@ -48,6 +48,7 @@ __all__ = [
     "__version__",
     "build_runtime",
     "create_app",
+    "drain",
     "load_config",
     "load_registry",
     "parse_config",

@@ -21,7 +21,7 @@ from connic.playground import install_playground
 from connic.registry import Registry, load_registry
 from connic.transport import Transport
 
-__all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "resolve_config", "setup"]
+__all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "drain", "resolve_config", "setup"]
 
 ConfigLike = Config | str | Path | Mapping[str, Any] | None
 """A Config, a path to a TOML file, parsed TOML data, or None (``$CONNIC_CONFIG`` or the default)."""
@@ -148,7 +148,16 @@ async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*(agent.close() for agent in reversed(started)), return_exceptions=True)
 
 
-async def _drain(app: web.Application) -> None:
+async def drain(app: web.Application) -> None:
+    """Gracefully close connic's connections: finish in-flight replies, then close 1001.
+
+    ``app`` is what :func:`create_app` or :func:`setup` returned. connic also
+    drains from ``on_shutdown``, but aiohttp stops reading every connection
+    before that signal (``Server.pre_shutdown``), so a server that calls this
+    first, as ``python -m connic run`` does, keeps answering pings and cancels
+    and can refuse new messages politely while it drains. Calling it twice is
+    harmless.
+    """
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
     await asyncio.gather(*(t.shutdown(grace) for t in runtime.transports))
@@ -191,7 +200,7 @@ def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "
     if server.playground:
         install_playground(app, runtime, path=playground_path)
     app.cleanup_ctx.append(_agents_lifecycle)
-    app.on_shutdown.append(_drain)
+    app.on_shutdown.append(drain)
 
 
 def create_app(config: ConfigLike = None, *, registry: Registry | None = None) -> web.Application:
@@ -211,10 +220,13 @@ def setup(
 ) -> web.Application:
     """Add connic to an existing aiohttp application.
 
-    By default connic lives in a sub-application under ``prefix``, so the host's
-    middleware never sees connic's routes and connic never touches the host's.
-    With ``prefix=None`` the routes are added to ``app`` itself. Returns the
-    application connic was installed into.
+    By default connic lives in a sub-application under ``prefix``: connic's
+    auth, limits and handlers never touch the host's routes. (aiohttp still runs
+    the host's own middleware for a sub-application's requests; a host middleware
+    that must not see connic's can skip paths under ``prefix``.) With
+    ``prefix=None`` the routes are added to ``app`` itself, and the playground
+    moves to ``/connic/`` so the host keeps ``/``. Returns the application connic
+    was installed into.
     """
     if prefix is not None and not prefix.strip("/"):
         raise ValueError("prefix must name a path such as '/connic'; use prefix=None to install at the root")

@@ -16,7 +16,7 @@ import attrs
 from aiohttp import web
 
 from connic import __version__
-from connic.app import RUNTIME, build_runtime, create_app
+from connic.app import RUNTIME, build_runtime, create_app, drain
 from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError
 from connic.registry import load_registry
@@ -130,6 +130,8 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
         print("Press Ctrl+C to stop.", flush=True)
         await stop.wait()
         print("connic: shutting down", flush=True)
+        # Drain before aiohttp's cleanup, which stops reading every connection.
+        await drain(app)
     finally:
         await runner.cleanup()
 

@@ -146,7 +146,18 @@ def make_converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict(int, int))
     converter.register_structure_hook(float, _strict(float, int, float))
     converter.register_structure_hook(str, _strict(str, str))
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _strings)
     return converter
+
+
+def _strings(value: Any, _: type[Any]) -> tuple[str, ...]:
+    # cattrs would split a lone string into its characters: secrets = "abc" must not mean "a", "b", "c".
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"expected a list of strings, got {type(value).__name__}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"expected a list of strings, got an item of type {type(item).__name__}")
+    return tuple(value)
 
 
 _converter = make_converter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -241,6 +242,8 @@ def _message_id(value: Any, required: bool = False) -> MessageId | None:
         raise InvalidMessage("id must be a string or an integer")
     if isinstance(value, str) and len(value) > MAX_ID_LENGTH:
         raise InvalidMessage(f"id must be at most {MAX_ID_LENGTH} characters")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise InvalidMessage("an integer id must fit in 64 bits")
     return value
 
 
@@ -270,8 +273,8 @@ def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
     except InvalidMessage as exc:
         # Echo the id on the error when the id itself was fine.
         raw_id = frame.get("id")
-        if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and len(str(raw_id)) <= MAX_ID_LENGTH:
-            exc.message_id = raw_id
+        with contextlib.suppress(InvalidMessage):
+            exc.message_id = _message_id(raw_id)
         raise
 
 

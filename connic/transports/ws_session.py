@@ -347,6 +347,9 @@ class Connection:
         except (ConnectionError, RuntimeError):
             # The socket closed under us; the reader loop sees it and ends.
             self.closing = True
+        except Exception:
+            log.exception("session %s: sending failed; closing 1011", self.session_id)
+            self._abort(1011, "internal_error")
 
     async def send(self, frame: ServerFrame) -> None:
         """Queue a frame of an agent's reply, waiting while the client catches up."""
