@@ -11,6 +11,7 @@ import base64
 import binascii
 import contextlib
 import json
+import json.encoder
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -192,10 +193,24 @@ class Pong:
 ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong
 
 _dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def encode(frame: ServerFrame) -> str:
     """The JSON text of a server frame."""
+    if type(frame) is StreamChunk:
+        # The hot path (one frame per token or word): skip the dict and the encoder object.
+        message_id = frame.id
+        id_json = _string(message_id) if type(message_id) is str else _dumps(message_id)
+        return (
+            '{"type":"stream_chunk","id":'
+            + id_json
+            + ',"agent":'
+            + _string(frame.agent)
+            + ',"chunk":'
+            + _string(frame.chunk)
+            + "}"
+        )
     return _dumps(frame.to_dict())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 import uuid
 from collections import deque
@@ -184,6 +185,12 @@ class Connection:
         self._abort_task: asyncio.Task[Any] | None = None
         self._finished = asyncio.Event()
         self.metrics = transport.metrics
+        # Frames are written straight to the transport in batches (one system call for
+        # many frames); with compression on, aiohttp's writer must frame them instead.
+        io = request.transport
+        self.transport_io: asyncio.Transport | None = (
+            io if isinstance(io, asyncio.Transport) and not self.options.compress else None
+        )
         self.path = transport.connector.path
         self.started = time.monotonic()
         self.authenticated = False
@@ -332,18 +339,26 @@ class Connection:
 
     async def _write_loop(self) -> None:
         ws = self.ws
+        transport = self.transport_io
         try:
             while True:
-                for item in await self.outbox.take_all():
+                items = await self.outbox.take_all()
+                if transport is None:  # compression on: aiohttp frames each message itself
+                    for item in items:
+                        if isinstance(item, _Close):
+                            await ws.close(code=item.code, message=item.reason.encode())
+                            return
+                        await ws.send_str(_sendable(item))
+                    continue
+                batch: list[bytes] = []
+                for item in items:
                     if isinstance(item, _Close):
+                        if batch:
+                            await self._write(transport, batch)
                         await ws.close(code=item.code, message=item.reason.encode())
                         return
-                    try:
-                        await ws.send_str(item)
-                    except UnicodeEncodeError:
-                        # Lone surrogates (from "\ud800" in a client's JSON) cannot be UTF-8:
-                        # send them JSON-escaped instead.
-                        await ws.send_str(json.dumps(json.loads(item), separators=(",", ":")))
+                    batch.append(_text_frame(item))
+                await self._write(transport, batch)
         except (ConnectionError, RuntimeError):
             # The socket closed under us; the reader loop sees it and ends.
             self.closing = True
@@ -357,8 +372,22 @@ class Connection:
             return
         if type(frame) is ErrorFrame:
             self.metrics.errors.inc(self.path, frame.code)
-        if not await self.outbox.put(encode(frame), self.options.send_timeout):
+        data = encode(frame)
+        # The common case, room in the outbox, costs no coroutine.
+        if not self.outbox.put_nowait(data) and not await self.outbox.put(data, self.options.send_timeout):
             self._slow_consumer()
+
+    async def _write(self, transport: asyncio.Transport, frames: list[bytes]) -> None:
+        """Write several frames in one system call; wait while the client's buffer is full."""
+        if transport.is_closing():
+            raise ConnectionResetError("the connection is closing")
+        transport.write(b"".join(frames))
+        while transport.get_write_buffer_size() > _HIGH_WATER:
+            # The client is behind: wait for the kernel to take our buffer. The outbox
+            # fills meanwhile, and a client that never catches up becomes a slow consumer.
+            await asyncio.sleep(0.005)
+            if transport.is_closing():
+                raise ConnectionResetError("the connection is closing")
 
     def _send_control(self, frame: ServerFrame) -> None:
         if self.closing:
@@ -530,7 +559,7 @@ class Connection:
                 metrics.tokens.inc(agent, "candidates", amount=candidates)
 
         async def emit(out: ServerFrame) -> None:
-            if isinstance(out, StreamChunk):
+            if type(out) is StreamChunk:
                 if out.agent not in streaming:
                     streaming.add(out.agent)
                     metrics.first_chunk.observe(time.monotonic() - started, out.agent)
@@ -574,6 +603,36 @@ class Connection:
         else:
             self._expiry = None
             self.close(SessionExpired(f"session expired after {timeout:g} s without a message"))
+
+
+_HIGH_WATER = 64 * 1024
+
+
+def _sendable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (from "\ud800" in a client's JSON) cannot be UTF-8: send them JSON-escaped.
+        return json.dumps(json.loads(text), separators=(",", ":"))
+    return text
+
+
+def _text_frame(text: str) -> bytes:
+    """One unmasked, unfragmented RFC 6455 text frame (a server never masks)."""
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError:
+        payload = _sendable(text).encode("utf-8")
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return _HEADER16.pack(0x81, 126, size) + payload
+    return _HEADER64.pack(0x81, 127, size) + payload
+
+
+_HEADER16 = struct.Struct("!BBH")
+_HEADER64 = struct.Struct("!BBQ")
 
 
 def _number(value: float) -> float | int:
