@@ -15,8 +15,7 @@ import logging
 import struct
 import time
 import uuid
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -76,22 +75,24 @@ class Outbox:
 
     Agent frames wait for room (backpressure on the agent); control frames from
     the reader never wait, and may use a second ``limit`` of room, so acks and
-    pongs are not stuck behind a long stream.
+    pongs are not stuck behind a long stream. ``on_put`` is called after every
+    put, so the owner can start a writer only when there is something to write.
     """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("_on_put", "_room", "items", "limit")
+
+    def __init__(self, limit: int, on_put: Callable[[], None]) -> None:
         self.limit = limit
-        self.items: deque[str | _Close] = deque()
-        self._ready = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self.items: list[str | _Close] = []
+        self._room: asyncio.Event | None = None
+        self._on_put = on_put
 
     def put_nowait(self, item: str | _Close, *, control: bool = False) -> bool:
         """Queue ``item`` if there is room; False when the client is not reading."""
         if len(self.items) >= (2 * self.limit if control else self.limit):
             return False
         self.items.append(item)
-        self._ready.set()
+        self._on_put()
         return True
 
     async def put(self, item: str, wait: float) -> bool:
@@ -100,6 +101,8 @@ class Outbox:
             return True
         deadline = time.monotonic() + wait
         while len(self.items) >= self.limit:
+            if self._room is None:
+                self._room = asyncio.Event()
             self._room.clear()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -111,14 +114,11 @@ class Outbox:
                 return False
         return self.put_nowait(item)
 
-    async def take_all(self) -> list[str | _Close]:
-        """Wait for at least one item; return everything queued."""
-        while not self.items:
-            self._ready.clear()
-            await self._ready.wait()
-        items = list(self.items)
-        self.items.clear()
-        self._room.set()
+    def take_all(self) -> list[str | _Close]:
+        """Everything queued, oldest first; the outbox is empty afterwards."""
+        items, self.items = self.items, []
+        if self._room is not None:
+            self._room.set()
         return items
 
 
@@ -160,6 +160,40 @@ class _Pending:
 class Connection:
     """One client connection and its session."""
 
+    __slots__ = (
+        "_abort_task",
+        "_expiry",
+        "_finished",
+        "_loop",
+        "_processor",
+        "_writer",
+        "authenticated",
+        "bucket",
+        "close_code",
+        "closing",
+        "count",
+        "current",
+        "draining",
+        "history",
+        "idle",
+        "last_activity",
+        "limit_reached",
+        "metrics",
+        "options",
+        "outbox",
+        "path",
+        "peer",
+        "pending",
+        "session_id",
+        "started",
+        "states",
+        "tokens_in",
+        "tokens_out",
+        "transport",
+        "transport_io",
+        "ws",
+    )
+
     def __init__(self, transport: WebSocketTransport, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.transport = transport
         self.options = transport.options
@@ -169,9 +203,9 @@ class Connection:
         self.history: list[HistoryEntry] = []
         self.states: dict[str, dict[str, Any]] = {}
         self.count = 0
-        self.pending: deque[_Pending] = deque()
+        self.pending: list[_Pending] = []  # at most max_queued long
         self.current: _Pending | None = None
-        self.outbox = Outbox(self.options.send_queue)
+        self.outbox = Outbox(self.options.send_queue, self._start_writer)
         self.closing = False
         self.limit_reached = False
         self.draining = False
@@ -204,7 +238,6 @@ class Connection:
 
     async def run(self, handshake_secret: str | None) -> None:
         """Authenticate, then read until the socket closes; always clean up."""
-        self._writer = asyncio.create_task(self._write_loop())
         self.metrics.connections.inc(self.path)
         self.metrics.connections_open.inc(self.path)
         try:
@@ -337,12 +370,17 @@ class Connection:
 
     # --- sending --------------------------------------------------------------
 
+    def _start_writer(self) -> None:
+        # A writer task only while there is something to send: idle sessions stay cheap.
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop())
+
     async def _write_loop(self) -> None:
         ws = self.ws
         transport = self.transport_io
         try:
-            while True:
-                items = await self.outbox.take_all()
+            while self.outbox.items:
+                items = self.outbox.take_all()
                 if transport is None:  # compression on: aiohttp frames each message itself
                     for item in items:
                         if isinstance(item, _Close):
@@ -527,7 +565,7 @@ class Connection:
     async def _process(self) -> None:
         try:
             while self.pending:
-                pending = self.pending.popleft()
+                pending = self.pending.pop(0)
                 self.current = pending
                 try:
                     await self._answer(pending)
