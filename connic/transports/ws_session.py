@@ -10,6 +10,7 @@ task, so a client that stops reading cannot grow server memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import struct
@@ -122,6 +123,50 @@ class Outbox:
         return items
 
 
+class Flag:
+    """A set/clear flag to wait on, like asyncio.Event, that allocates nothing until awaited.
+
+    An Event carries a deque of waiters from birth; with two per connection that is
+    over a kilobyte for each of thousands of idle sessions.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self, value: bool = False) -> None:
+        self._set = value
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        """Whether the flag is set."""
+        return self._set
+
+    def set(self) -> None:
+        """Set the flag and wake every waiter."""
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Clear the flag."""
+        self._set = False
+
+    async def wait(self) -> None:
+        """Return once the flag is set."""
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class TokenBucket:
     """The per-session message rate limit: ``capacity`` tokens refilled over ``per`` seconds."""
 
@@ -147,7 +192,7 @@ class TokenBucket:
 class _Pending:
     """An accepted message, queued or being answered."""
 
-    __slots__ = ("frame", "id", "number", "results", "tasks")
+    __slots__ = ("cancelled", "frame", "id", "number", "results", "tasks")
 
     def __init__(self, frame: MessageFrame, message_id: MessageId, number: int) -> None:
         self.frame = frame
@@ -155,6 +200,7 @@ class _Pending:
         self.number = number
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.results: dict[str, str] = {}
+        self.cancelled = False
 
 
 class Connection:
@@ -164,6 +210,7 @@ class Connection:
         "_abort_task",
         "_expiry",
         "_finished",
+        "_flush_scheduled",
         "_loop",
         "_processor",
         "_writer",
@@ -209,15 +256,15 @@ class Connection:
         self.closing = False
         self.limit_reached = False
         self.draining = False
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.idle = Flag(True)
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._processor: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
         self._abort_task: asyncio.Task[Any] | None = None
-        self._finished = asyncio.Event()
+        self._finished = Flag()
         self.metrics = transport.metrics
         # Frames are written straight to the transport in batches (one system call for
         # many frames); with compression on, aiohttp's writer must frame them instead.
@@ -270,6 +317,8 @@ class Connection:
             if self._processor is not None:
                 self._processor.cancel()
                 await asyncio.gather(self._processor, return_exceptions=True)
+            if self.closing:
+                self._flush()  # write what is queued (the error frame, the close) before waiting
             writer = self._writer
             if writer is not None and not writer.done() and self.closing:
                 # A close was requested: let the writer flush the error frame and close.
@@ -354,6 +403,7 @@ class Connection:
         except TimeoutError:
             current = self.current
             if current is not None:
+                current.cancelled = True
                 for task in current.tasks.values():
                     task.cancel()
                 try:
@@ -371,32 +421,82 @@ class Connection:
     # --- sending --------------------------------------------------------------
 
     def _start_writer(self) -> None:
-        # A writer task only while there is something to send: idle sessions stay cheap.
-        if self._writer is None or self._writer.done():
+        """Called on every put: make sure what was queued gets written."""
+        writer = self._writer
+        if self._flush_scheduled or (writer is not None and not writer.done()):
+            return  # a flush or a writer task will take it
+        if self.transport_io is None:
             self._writer = asyncio.create_task(self._write_loop())
+        else:
+            # A plain callback, not a task: after the current step, everything queued
+            # meanwhile (a whole burst of chunks) goes out in one write.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        writer = self._writer
+        transport = self.transport_io
+        if transport is None or (writer is not None and not writer.done()) or not self.outbox.items:
+            return
+        try:
+            if transport.is_closing():
+                self.closing = True
+                self.outbox.take_all()
+                return
+            if transport.get_write_buffer_size() > _HIGH_WATER:
+                self._writer = asyncio.create_task(self._write_loop())  # waits for the client to catch up
+                return
+            close = self._write_now(transport)
+        except Exception:
+            log.exception("session %s: sending failed; closing 1011", self.session_id)
+            self._abort(1011, "internal_error")
+            return
+        if close is not None:
+            self._writer = asyncio.create_task(self._close_socket(close))
+
+    def _write_now(self, transport: asyncio.Transport) -> _Close | None:
+        """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
+        batch: list[bytes] = []
+        for item in self.outbox.take_all():
+            if isinstance(item, _Close):
+                if batch:
+                    transport.write(b"".join(batch))
+                return item
+            batch.append(_text_frame(item))
+        if batch:
+            transport.write(b"".join(batch))
+        return None
+
+    async def _close_socket(self, close: _Close) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=close.code, message=close.reason.encode())
 
     async def _write_loop(self) -> None:
+        """The slow path: compression on, or a client behind on reading."""
         ws = self.ws
         transport = self.transport_io
         try:
             while self.outbox.items:
-                items = self.outbox.take_all()
                 if transport is None:  # compression on: aiohttp frames each message itself
-                    for item in items:
+                    for item in self.outbox.take_all():
                         if isinstance(item, _Close):
                             await ws.close(code=item.code, message=item.reason.encode())
                             return
                         await ws.send_str(_sendable(item))
                     continue
-                batch: list[bytes] = []
-                for item in items:
-                    if isinstance(item, _Close):
-                        if batch:
-                            await self._write(transport, batch)
-                        await ws.close(code=item.code, message=item.reason.encode())
-                        return
-                    batch.append(_text_frame(item))
-                await self._write(transport, batch)
+                while transport.get_write_buffer_size() > _HIGH_WATER:
+                    # The client is behind: wait for the kernel to take our buffer. The outbox
+                    # fills meanwhile, and a client that never catches up becomes a slow consumer.
+                    if transport.is_closing():
+                        raise ConnectionResetError("the connection is closing")
+                    await asyncio.sleep(0.005)
+                if transport.is_closing():
+                    raise ConnectionResetError("the connection is closing")
+                close = self._write_now(transport)
+                if close is not None:
+                    await ws.close(code=close.code, message=close.reason.encode())
+                    return
         except (ConnectionError, RuntimeError):
             # The socket closed under us; the reader loop sees it and ends.
             self.closing = True
@@ -414,18 +514,6 @@ class Connection:
         # The common case, room in the outbox, costs no coroutine.
         if not self.outbox.put_nowait(data) and not await self.outbox.put(data, self.options.send_timeout):
             self._slow_consumer()
-
-    async def _write(self, transport: asyncio.Transport, frames: list[bytes]) -> None:
-        """Write several frames in one system call; wait while the client's buffer is full."""
-        if transport.is_closing():
-            raise ConnectionResetError("the connection is closing")
-        transport.write(b"".join(frames))
-        while transport.get_write_buffer_size() > _HIGH_WATER:
-            # The client is behind: wait for the kernel to take our buffer. The outbox
-            # fills meanwhile, and a client that never catches up becomes a slow consumer.
-            await asyncio.sleep(0.005)
-            if transport.is_closing():
-                raise ConnectionResetError("the connection is closing")
 
     def _send_control(self, frame: ServerFrame) -> None:
         if self.closing:
@@ -538,6 +626,7 @@ class Connection:
         if current is not None and current.id == message_id:
             running = [t for t in current.tasks.values() if not t.done()]
             if running:
+                current.cancelled = True
                 for task in running:
                     task.cancel()
                 return
@@ -611,18 +700,34 @@ class Connection:
                 finished(out.agent, "error", None)
             await self.send(out)
 
-        async with asyncio.TaskGroup() as group:
-            for name in names:
-                turn = Turn(
-                    id=pending.id,
-                    number=pending.number,
-                    message=frame.text,
-                    context=frame.context,
-                    files=frame.files,
-                    session=Session(self.session_id, history, self.states.setdefault(name, {})),
-                    agent=name,
-                )
-                pending.tasks[name] = group.create_task(self.transport.chains[name](turn, emit))
+        turns = [
+            Turn(
+                id=pending.id,
+                number=pending.number,
+                message=frame.text,
+                context=frame.context,
+                files=frame.files,
+                session=Session(self.session_id, history, self.states.setdefault(name, {})),
+                agent=name,
+            )
+            for name in names
+        ]
+        chains = self.transport.chains
+        if len(turns) == 1:
+            # One agent: run it in this task rather than a task of its own (cheaper per
+            # message); a cancel of this message cancels this task, and it carries on.
+            task = asyncio.current_task()
+            assert task is not None
+            pending.tasks[names[0]] = task
+            try:
+                await chains[names[0]](turns[0], emit)
+            except asyncio.CancelledError:
+                if not pending.cancelled or task.uncancel() > 0:
+                    raise
+        else:
+            async with asyncio.TaskGroup() as group:
+                for turn in turns:
+                    pending.tasks[turn.agent] = group.create_task(chains[turn.agent](turn, emit))
         self.history.append(HistoryEntry(role="user", text=frame.text))
         for name in names:
             text = pending.results.get(name)
