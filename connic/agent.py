@@ -7,12 +7,13 @@ It never sees JSON or sockets: the transport hands it a :class:`Turn`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+import itertools
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal, overload
 
 import attrs
 
-__all__ = ["Agent", "File", "HistoryEntry", "Session", "Turn", "Usage"]
+__all__ = ["Agent", "File", "HistoryEntry", "HistoryView", "Session", "Turn", "Usage"]
 
 
 @attrs.frozen
@@ -47,6 +48,45 @@ class HistoryEntry:
     role: Literal["user", "agent"]
     text: str
     agent: str | None = None
+
+
+class HistoryView(Sequence[HistoryEntry]):
+    """A read-only view of the first ``length`` entries of a session's history.
+
+    A session's history only grows, so a prefix of it never changes: agents get
+    this view instead of a copy, which would cost time proportional to the
+    conversation on every turn.
+    """
+
+    __slots__ = ("_entries", "_length")
+
+    def __init__(self, entries: list[HistoryEntry], length: int | None = None) -> None:
+        self._entries = entries
+        self._length = len(entries) if length is None else length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> HistoryEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[HistoryEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> HistoryEntry | Sequence[HistoryEntry]:
+        if isinstance(index, slice):
+            return tuple(self._entries[: self._length][index])
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError("history index out of range")
+        return self._entries[index]
+
+    def __iter__(self) -> Iterator[HistoryEntry]:
+        return itertools.islice(self._entries, self._length)
+
+    def __repr__(self) -> str:
+        return f"HistoryView({list(self)!r})"
 
 
 @attrs.frozen

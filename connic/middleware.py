@@ -64,8 +64,8 @@ def compose(middleware: Sequence[MiddlewareFunc], endpoint: CallNext) -> CallNex
 
 
 def _link(mw: MiddlewareFunc, call_next: CallNext) -> CallNext:
-    async def step(turn: Turn, emit: Emit) -> None:
-        await mw(turn, emit, call_next)
+    def step(turn: Turn, emit: Emit) -> Coroutine[Any, Any, None]:
+        return mw(turn, emit, call_next)  # the middleware's own coroutine: no extra frame per layer
 
     return step
 
@@ -79,7 +79,7 @@ def agent_endpoint(agent: Agent) -> CallNext:
             raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
         async with aclosing(stream):  # type: ignore[type-var]
             async for item in stream:
-                if isinstance(item, str | Usage):
+                if isinstance(item, (str, Usage)):  # the tuple form is faster than str | Usage
                     await emit(item)
                 else:
                     raise AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")

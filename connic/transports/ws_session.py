@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from connic.agent import HistoryEntry, Session, Turn
+from connic.agent import HistoryEntry, HistoryView, Session, Turn
 from connic.errors import (
     AuthTimeout,
     ConnicError,
@@ -670,7 +670,7 @@ class Connection:
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
         names = [frame.agent] if frame.agent is not None else list(self.transport.agent_names)
-        history = tuple(self.history)
+        history = HistoryView(self.history)
         metrics = self.metrics
         started = time.monotonic()
         streaming: set[str] = set()
