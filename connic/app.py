@@ -101,6 +101,9 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
             raise ConfigError(f"{where}: {key}: {exc.message}") from None
     if not config.connectors:
         raise ConfigError(f"{where}: connectors: no connector is configured")
+    server = config.server
+    if server.metrics and not server.metrics_path.startswith("/"):
+        raise ConfigError(f"{where}: server.metrics_path: must start with '/', got {server.metrics_path!r}")
     transports: list[Transport] = []
     paths: dict[str, str] = {}
     for index, connector in enumerate(config.connectors):
@@ -109,6 +112,8 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
             raise ConfigError(f"{where}: {key}.path: must start with '/', got {connector.path!r}")
         if connector.path in paths:
             raise ConfigError(f"{where}: {key}.path: {connector.path!r} is already used by {paths[connector.path]}")
+        if server.metrics and server.metrics_port == 0 and connector.path == server.metrics_path:
+            raise ConfigError(f"{where}: {key}.path: {connector.path!r} is server.metrics_path")
         paths[connector.path] = key
         names = connector.agents or tuple(agents)
         missing = [n for n in names if n not in agents]

@@ -60,7 +60,10 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     if args.host is not None:
         server = attrs.evolve(server, host=args.host)
     if args.port is not None:
-        server = attrs.evolve(server, port=args.port)
+        try:
+            server = attrs.evolve(server, port=args.port)
+        except ValueError as exc:
+            raise ConfigError(f"--port: {exc}") from None
     agents = dict(config.agents)
     if args.agent:
         agents = {name: AgentConfig(use=name) for name in args.agent}
@@ -137,7 +140,10 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config) if args.config else None
     if config is None:
         env = os.environ.get("CONNIC_CONFIG")
@@ -164,10 +170,15 @@ def _plugins() -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    config, _ = _generate_secrets(config)
+    config, generated = _generate_secrets(config)
     runtime = build_runtime(config)
     paths = ", ".join(t.connector.path for t in runtime.transports)
     print(f"{args.config}: ok ({len(runtime.agents)} agent(s); connectors at {paths})")
+    if generated:
+        print(
+            "note: a connector requires auth but has no secret: `connic run` will generate one; "
+            "create_app(), setup() and gunicorn will refuse it (set secrets or CONNIC_SECRET)"
+        )
     return 0
 
 

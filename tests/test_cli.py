@@ -203,6 +203,8 @@ async def test_run_config_from_environment(tmp_path: Path, cli: Cli, connect: Co
         (["--max-messages", "0"], "max_messages"),
         (["--session-timeout", "-1"], "session_timeout"),
         (["--agent", "nosuch"], "'nosuch'"),
+        (["--port", "70000"], "--port: port must be between 0 and 65535"),
+        (["--log-level", "bogus"], "--log-level: unknown level 'bogus'"),
     ],
 )
 def test_run_with_bad_flags_exits_1(flags: list[str], needle: str) -> None:
@@ -249,6 +251,7 @@ def test_check_ok_without_secret_as_run_would_generate_one(tmp_path: Path) -> No
     config = write(tmp_path / "nosecret.toml", '[agents.bot]\nuse = "echo"\n\n[[connectors]]\n')
     done = connic_cmd("check", "--config", str(config))
     assert done.returncode == 0, done.stderr
+    assert "note: a connector requires auth but has no secret" in done.stdout
 
 
 BASE = '[agents.bot]\nuse = "echo"\n\n'

@@ -125,3 +125,19 @@ async def test_metrics_on_their_own_port(start_server: StartServer, unused_tcp_p
         async with http.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as response:
             assert response.status == 200
             assert "connic_connections_open" in await response.text()
+
+
+@pytest.mark.parametrize(
+    ("server", "connector", "message"),
+    [
+        ({"metrics_path": "metrics"}, {}, r"server\.metrics_path: must start with '/'"),
+        ({}, {"path": "/metrics"}, r"connectors\[0\]\.path: '/metrics' is server\.metrics_path"),
+    ],
+)
+def test_metrics_path_conflicts_are_config_errors(server: dict, connector: dict, message: str) -> None:
+    import connic
+
+    config = make_config(connector)
+    config["server"] = server
+    with pytest.raises(connic.ConfigError, match=message):
+        connic.create_app(config)

@@ -26,6 +26,7 @@ async def test_message_limit_finishes_in_flight_then_closes_4009(start_server: S
     ends = [f for f in frames if f["type"] == "stream_end"]
     assert [e["full_response"] for e in ends] == ["a b c", "d e f"]
     assert code == 4009
+    assert client.ws.close_reason == "message_limit_reached"
 
 
 async def test_session_expires_after_idle_timeout(start_server: StartServer, connect: Connect) -> None:

@@ -51,6 +51,7 @@ from connic.frames import (
     ServerFrame,
     StreamChunk,
     StreamEnd,
+    StreamStart,
     encode,
     parse_client_frame,
 )
@@ -192,7 +193,7 @@ class TokenBucket:
 class _Pending:
     """An accepted message, queued or being answered."""
 
-    __slots__ = ("cancelled", "frame", "id", "number", "results", "tasks")
+    __slots__ = ("cancelled", "frame", "id", "number", "results", "started", "tasks")
 
     def __init__(self, frame: MessageFrame, message_id: MessageId, number: int) -> None:
         self.frame = frame
@@ -201,6 +202,7 @@ class _Pending:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.results: dict[str, str] = {}
         self.cancelled = False
+        self.started: set[str] = set()
 
 
 class Connection:
@@ -363,12 +365,12 @@ class Connection:
             time.monotonic() - self.started,
         )
 
-    def close(self, error: Exception | None, code: int | None = None) -> None:
+    def close(self, error: Exception | None, code: int | None = None, reason: str = "") -> None:
         """Send ``error`` (a ConnicError with a close code) and close the socket after what is queued."""
         if self.closing:
             return
         close_code = code if code is not None else getattr(error, "close_code", None) or 1000
-        reason = getattr(error, "code", "")
+        reason = getattr(error, "code", reason)
         if error is not None:
             frame = ErrorFrame(id=None, code=reason, message=str(error))
             self.metrics.errors.inc(self.path, reason)
@@ -624,10 +626,14 @@ class Connection:
     def _cancel(self, message_id: MessageId) -> None:
         current = self.current
         if current is not None and current.id == message_id:
-            running = [t for t in current.tasks.values() if not t.done()]
+            running = [(name, t) for name, t in current.tasks.items() if not t.done()]
             if running:
                 current.cancelled = True
-                for task in running:
+                for name, task in running:
+                    if name not in current.started:
+                        # Cancelled before its first step, the task would never run its
+                        # serialiser: end this agent's reply here instead.
+                        self._end_unstarted(current, name)
                     task.cancel()
                 return
         queued = [p for p in self.pending if p.id == message_id]
@@ -639,6 +645,14 @@ class Connection:
             return
         self._reject(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 
+    def _end_unstarted(self, pending: _Pending, agent: str) -> None:
+        usage = {"prompt_tokens": 0, "candidates_tokens": 0}
+        if self.options.streaming:
+            self._send_control(StreamStart(id=pending.id, agent=agent))
+            self._send_control(StreamEnd(pending.id, agent, "", usage, "cancelled"))
+        else:
+            self._send_control(Response(pending.id, agent, "", usage, "cancelled"))
+
     # --- answering ------------------------------------------------------------
 
     def _kick(self) -> None:
@@ -649,7 +663,7 @@ class Connection:
             # One processor task while there is work, none while idle: idle sessions stay cheap.
             self._processor = asyncio.create_task(self._process())
         elif self.limit_reached:
-            self.close(None, MessageLimitReached.close_code)
+            self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
 
     async def _process(self) -> None:
         try:
@@ -665,7 +679,7 @@ class Connection:
             if not self.pending and self.current is None:
                 self.idle.set()
         if self.limit_reached:
-            self.close(None, MessageLimitReached.close_code)
+            self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
 
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
@@ -719,15 +733,21 @@ class Connection:
             task = asyncio.current_task()
             assert task is not None
             pending.tasks[names[0]] = task
+            pending.started.add(names[0])
             try:
                 await chains[names[0]](turns[0], emit)
             except asyncio.CancelledError:
                 if not pending.cancelled or task.uncancel() > 0:
                     raise
         else:
+
+            async def run(turn: Turn) -> None:
+                pending.started.add(turn.agent)
+                await chains[turn.agent](turn, emit)
+
             async with asyncio.TaskGroup() as group:
                 for turn in turns:
-                    pending.tasks[turn.agent] = group.create_task(chains[turn.agent](turn, emit))
+                    pending.tasks[turn.agent] = group.create_task(run(turn))
         self.history.append(HistoryEntry(role="user", text=frame.text))
         for name in names:
             text = pending.results.get(name)
