@@ -617,11 +617,14 @@ class Connection:
         self.count += 1
         self.metrics.messages.inc(self.path)
         message_id = frame.id if frame.id is not None else f"auto-{self.count}"
-        self._send_control(Ack(id=message_id, message_number=self.count))
         self.last_activity = self._loop.time()
         self.pending.append(_Pending(frame, message_id, self.count))
         self.idle.clear()
+        # Start the processor before queueing the ack: the ack's flush then runs after the
+        # processor's first step, so a quick answer leaves in the same write as its ack.
+        # (The ack still goes first, and no later than the agent's first pause.)
         self._kick()
+        self._send_control(Ack(id=message_id, message_number=self.count))
 
     def _cancel(self, message_id: MessageId) -> None:
         current = self.current
