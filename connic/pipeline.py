@@ -44,14 +44,26 @@ def limits(agent_timeout: float) -> MiddlewareFunc:
     """Cancel an agent that runs past ``agent_timeout`` seconds; it reports ``agent_timeout``."""
 
     async def limit(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-        scope = asyncio.timeout(agent_timeout)
+        # A bare timer handle rather than asyncio.timeout: this runs once per agent per
+        # message, and the timer is all that is needed (the same cancel-and-uncancel dance).
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(agent_timeout, expire)
         try:
-            async with scope:
-                await call_next(turn, emit)
-        except TimeoutError:
-            if scope.expired():
+            await call_next(turn, emit)
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:
                 raise AgentTimeout(f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit") from None
             raise
+        finally:
+            timer.cancel()
 
     return limit
 
