@@ -149,7 +149,7 @@ class WebSocketTransport(Transport):
         opts = self.options
         ws = _Socket(
             heartbeat=opts.heartbeat or None,
-            max_msg_size=opts.max_frame_bytes,
+            max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
             compress=opts.compress,
             timeout=2.0,
         )
@@ -190,7 +190,12 @@ class _Socket(web.WebSocketResponse):
     wants a ``message_too_large`` error frame first.
     """
 
+    sent_code: int | None = None
+    """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
+
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if not self.closed and self.sent_code is None:
+            self.sent_code = code
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
             frame = ErrorFrame(id=None, code=MessageTooLarge.code, message="the frame is larger than max_frame_bytes")
             with contextlib.suppress(ConnectionError, RuntimeError):

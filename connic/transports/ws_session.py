@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import struct
 import time
 import uuid
@@ -115,6 +116,23 @@ class Outbox:
             except TimeoutError:
                 return False
         return self.put_nowait(item)
+
+    async def wait_for_room(self, wait: float) -> bool:
+        """Wait up to ``wait`` seconds until the outbox is below its limit."""
+        deadline = time.monotonic() + wait
+        while len(self.items) >= self.limit:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._room.wait()
+            except TimeoutError:
+                return False
+        return True
 
     def take_all(self) -> list[str | _Close]:
         """Everything queued, oldest first; the outbox is empty afterwards."""
@@ -233,6 +251,7 @@ class Connection:
         "path",
         "peer",
         "pending",
+        "raw_transport",
         "session_id",
         "started",
         "states",
@@ -271,6 +290,7 @@ class Connection:
         # Frames are written straight to the transport in batches (one system call for
         # many frames); with compression on, aiohttp's writer must frame them instead.
         io = request.transport
+        self.raw_transport: asyncio.Transport | None = io if isinstance(io, asyncio.Transport) else None
         self.transport_io: asyncio.Transport | None = (
             io if isinstance(io, asyncio.Transport) and not self.options.compress else None
         )
@@ -344,7 +364,12 @@ class Connection:
                 self._account_close()
 
     def _account_close(self) -> None:
-        code = self.ws.close_code if self.ws.close_code is not None else self.close_code
+        # What connic decided, else the first code the socket sent, else what the client sent.
+        code = self.close_code
+        if code is None:
+            code = getattr(self.ws, "sent_code", None)
+        if code is None:
+            code = self.ws.close_code
         metrics = self.metrics
         metrics.connections_open.dec(self.path)
         metrics.closes.inc(self.path, str(code))
@@ -387,7 +412,20 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
         if self._abort_task is None:
-            self._abort_task = asyncio.create_task(self.ws.close(code=code, message=reason.encode(), drain=False))
+            self._abort_task = asyncio.create_task(self._hard_close(code, reason))
+
+    async def _hard_close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_DEADLINE):
+                await self.ws.close(code=code, message=reason.encode(), drain=False)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            # A client that does not read would keep our unsent buffer, and the socket,
+            # forever: asyncio's close() waits to flush it. Drop the connection instead.
+            raw = self.raw_transport
+            if raw is not None and (not raw.is_closing() or raw.get_write_buffer_size()):
+                raw.abort()
 
     async def shutdown(self, grace: float) -> None:
         """Server shutdown: drop queued messages, finish the in-flight one, close 1001."""
@@ -543,7 +581,10 @@ class Connection:
             self.close(Unauthorized("wrong secret"))
             return False
         try:
-            msg = await self.ws.receive(timeout=opts.auth_timeout)
+            # One deadline for the whole wait: aiohttp answers pings inside receive(), and a
+            # per-receive timeout would restart with each of them.
+            async with asyncio.timeout(opts.auth_timeout):
+                msg = await self.ws.receive()
         except TimeoutError:
             self.close(AuthTimeout(f"no authentication within {opts.auth_timeout:g} s"))
             return False
@@ -562,6 +603,7 @@ class Connection:
         return False
 
     async def _read_loop(self) -> None:
+        outbox = self.outbox
         async for msg in self.ws:
             if msg.type is WSMsgType.TEXT:
                 self._on_text(msg.data)
@@ -569,6 +611,11 @@ class Connection:
                 self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
             elif msg.type is WSMsgType.ERROR:
                 break
+            # aiohttp hands over buffered frames without suspending; when the outbox is full,
+            # let the flush run (and wait, if the client is behind) before answering more.
+            full = len(outbox.items) >= outbox.limit and not self.closing
+            if full and not await outbox.wait_for_room(self.options.send_timeout):
+                self._slow_consumer()
 
     def _reject(self, error: ConnicError, message_id: MessageId | None = None) -> None:
         retry_after = getattr(error, "retry_after", None)
@@ -604,15 +651,18 @@ class Connection:
             wait = self.bucket.take()
             if wait:
                 self.metrics.rate_limited.inc(self.path)
-                limited = RateLimited(f"over the rate limit; retry in {wait:.2f} s", retry_after=round(wait, 3))
+                retry_after = math.ceil(wait * 1000) / 1000  # never 0: that would say "retry now"
+                limited = RateLimited(f"over the rate limit; retry in {retry_after:.3f} s", retry_after=retry_after)
                 self._reject(limited, frame.id)
                 return
         if frame.agent is not None and frame.agent not in self.transport.chains:
             names = ", ".join(self.transport.agent_names)
             self._reject(UnknownAgent(f"no agent {frame.agent!r} on this connector (agents: {names})"), frame.id)
             return
-        if len(self.pending) >= opts.max_queued:
-            self._reject(QueueFull(f"{len(self.pending)} messages are already waiting to be answered"), frame.id)
+        # A message the processor has not picked up yet is not waiting behind another one.
+        waiting = len(self.pending) - (1 if self.current is None and self.pending else 0)
+        if waiting >= opts.max_queued:
+            self._reject(QueueFull(f"{waiting} messages are already waiting to be answered"), frame.id)
             return
         self.count += 1
         self.metrics.messages.inc(self.path)
@@ -772,6 +822,7 @@ class Connection:
 
 
 _HIGH_WATER = 64 * 1024
+_CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
 
 
 def _sendable(text: str) -> str:

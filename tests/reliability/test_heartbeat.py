@@ -1,0 +1,118 @@
+"""Heartbeat: a client that stops answering pings is dropped; one behind the app-level ping stays.
+
+aiohttp sends a ping ``heartbeat`` seconds after the last frame it received and drops the
+connection when no pong comes within half of that, so a silent client goes after about
+1.5 intervals. It closes the TCP connection without a close frame (the client sees 1006).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import websockets
+
+from conftest import SECRET, StartServer, make_config
+
+from .conftest import connic_tasks, eventually, report, runtime, scrape
+from .rawws import PING, TEXT, Closed, RawWS, frame, open_raw
+
+HEARTBEAT = 1.0
+BOUND = 2 * HEARTBEAT  # the test's pass criterion: closed within two intervals
+
+
+async def _dropped_after(ws: RawWS) -> tuple[float, int]:
+    """Read (never pong) until the server drops us: (seconds since our last byte, pings seen)."""
+    started = time.monotonic()
+    pings = 0
+    while True:
+        try:
+            got = await ws.read_frame(timeout=BOUND + 3)
+        except Closed:
+            return time.monotonic() - started, pings
+        pings += got.opcode == PING
+        assert got.opcode in (PING, TEXT), got
+
+
+async def test_client_that_stops_answering_pings_is_closed(start_server: StartServer) -> None:
+    server = await start_server(make_config({"heartbeat": HEARTBEAT}))
+    port = int(server.server.port)
+    results = {}
+
+    async def authenticated() -> float:
+        ws = await open_raw(port)
+        await ws.send_json({"secret": SECRET})
+        elapsed, pings = await _dropped_after(ws)
+        assert pings >= 1
+        return elapsed
+
+    async def mid_frame() -> float:
+        # Stuck in the middle of a frame: the header promises 100 bytes, 10 come.
+        ws = await open_raw(port)
+        await ws.send_json({"secret": SECRET})
+        assert (await ws.recv())["type"] == "connected"
+        await ws.send_raw(frame(TEXT, b"x" * 100)[:16])
+        elapsed, _ = await _dropped_after(ws)
+        return elapsed
+
+    async def never_authenticated() -> float:
+        ws = await open_raw(port)
+        elapsed, _ = await _dropped_after(ws)
+        return elapsed
+
+    for name, case in [("after auth", authenticated), ("mid-frame", mid_frame), ("before auth", never_authenticated)]:
+        results[name] = case()
+    elapsed = dict(zip(results, await asyncio.gather(*results.values()), strict=True))
+    report(
+        "heartbeat: silent client dropped after",
+        ", ".join(f"{name} {seconds:.2f} s" for name, seconds in elapsed.items()) + f" (heartbeat {HEARTBEAT} s)",
+    )
+    for name, seconds in elapsed.items():
+        assert seconds < BOUND, (name, seconds)
+
+    transport = runtime(server.server.app).transports[0]
+    assert await eventually(lambda: not transport.connections and not connic_tasks())
+    metrics = await scrape(server.http)
+    assert metrics['connic_connections_open{connector="/ws"}'] == 0
+    assert metrics['connic_closes_total{connector="/ws",code="1006"}'] == 3
+
+
+async def test_app_level_ping_keeps_the_session(start_server: StartServer) -> None:
+    """Two clients that answer protocol pings (the websockets library does) stay past several intervals:
+    one sends only ``{"type": "ping"}`` (less often than the heartbeat), one sends nothing at all."""
+    server = await start_server(make_config({"heartbeat": HEARTBEAT}))
+    intervals = 4
+    metrics = runtime(server.server.app).metrics
+
+    async def client(app_pings: bool) -> tuple[int, str]:
+        async with websockets.connect(server.url(), ping_interval=None, open_timeout=5) as ws:
+            await ws.send(json.dumps({"secret": SECRET}))
+            connected = json.loads(await ws.recv())
+            pongs = 0
+            started = time.monotonic()
+            while time.monotonic() - started < intervals * HEARTBEAT:
+                if app_pings:
+                    await ws.send('{"type": "ping"}')
+                    assert json.loads(await asyncio.wait_for(ws.recv(), 5)) == {"type": "pong"}
+                    pongs += 1
+                await asyncio.sleep(1.5 * HEARTBEAT if app_pings else HEARTBEAT)
+            # Same session: its first message is number 1, and the connection never closed.
+            await ws.send(json.dumps({"id": "after", "message": "still here"}))
+            ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert ack == {"type": "ack", "id": "after", "message_number": 1}
+            assert ws.close_code is None
+            await checked.wait()
+            return pongs, connected["session_id"]
+
+    checked = asyncio.Event()
+    clients = asyncio.gather(client(True), client(False))
+    try:
+        assert await eventually(lambda: metrics.messages.get("/ws") == 2, timeout=intervals * HEARTBEAT * 2 + 5)
+        # Both sessions still open, nothing closed.
+        assert metrics.sessions_open.get("/ws") == 2
+        assert not metrics.closes.values
+    finally:
+        checked.set()
+    (pongs, _), (_, _) = await clients
+    assert pongs >= 2
