@@ -110,7 +110,15 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
 async def _serve(app: web.Application, host: str, port: int, generated: str | None) -> None:
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace + 5, access_log=None)
+    # keepalive_timeout also bounds how long a new TCP connection may take to send its
+    # request: without it a silent connection would hold a socket for aiohttp's hour.
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=grace + 5,
+        access_log=None,
+        keepalive_timeout=runtime.config.server.handshake_timeout,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -73,6 +73,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8080, validator=in_range(0, 65535))
     shutdown_grace: float = attrs.field(default=10.0, validator=non_negative)
+    handshake_timeout: float = attrs.field(default=15.0, validator=positive)
     max_connections: int = attrs.field(default=10_000, validator=non_negative)
     max_connections_per_ip: int = attrs.field(default=0, validator=non_negative)
     metrics: bool = True

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import SECRET, StartServer, make_config
+from conftest import SECRET, StartServer, make_config, start_cli
 
 from .conftest import eventually, report, runtime, scrape
 from .rawws import BINARY, PING, PONG, TEXT, HandshakeRefused, RawWS, frame, open_raw
@@ -172,3 +173,19 @@ async def test_cap_holds_under_a_handshake_storm(start_server: StartServer) -> N
         await ws.send_json({"secret": SECRET})
     for ws in opened:
         assert (await ws.recv())["type"] == "connected"
+
+
+async def test_a_silent_tcp_connection_is_closed_after_handshake_timeout(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nhandshake_timeout = 0.5\n[agents.e]\nuse = "echo"\n[[connectors]]\nsecrets = ["s"]\n')
+    server = start_cli("--config", str(config))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: x")  # an unfinished request
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - started < 3
+        writer.close()
+    finally:
+        code, _ = server.stop()
+    assert code == 0
