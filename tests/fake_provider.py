@@ -72,3 +72,83 @@ class FakeOpenAI:
             self.disconnected.set()
             raise
         return response
+
+
+class FakeGemini:
+    """Gemini's ``models/{model}:streamGenerateContent`` in both forms the SDKs use.
+
+    google-genai asks for ``?alt=sse`` and reads server-sent events; google-generativeai's
+    REST transport asks for ``$alt=json;enum-encoding=int`` and reads one streamed JSON array
+    (first byte ``[``, nothing after ``]``).
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.chunks: list[str] = ["Hello", " from", " Gemini."]
+        self.usage: dict[str, int] | None = {"promptTokenCount": 9, "candidatesTokenCount": 4, "totalTokenCount": 13}
+        self.error: tuple[int, str] | None = None
+        self.blocked = False
+        self.hold_last: asyncio.Event | None = None
+        self.disconnected = asyncio.Event()
+        self.server: TestServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("POST", "/{version}/models/{action}", self.stream)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+    def _chunk(self, index: int, text: str) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}]}
+        if index == len(self.chunks) - 1:
+            chunk["candidates"][0]["finishReason"] = "STOP"
+            if self.usage is not None:
+                chunk["usageMetadata"] = self.usage
+        return chunk
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        if not request.match_info["action"].endswith(":streamGenerateContent"):
+            raise web.HTTPNotFound()
+        self.requests.append(await request.json())
+        self.headers.append(dict(request.headers))
+        self.paths.append(request.path_qs)
+        sse = request.query.get("alt") == "sse"
+        if self.error is not None:
+            status, message = self.error
+            body = {"error": {"code": status, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+            return web.json_response(body, status=status)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream" if sse else "application/json"})
+        await response.prepare(request)
+        if self.blocked:
+            # A prompt blocked by safety filters: feedback, no candidates (SAFETY is 1 as an int enum).
+            data = json.dumps({"promptFeedback": {"blockReason": "SAFETY" if sse else 1}})
+            await response.write((f"data: {data}\r\n\r\n" if sse else f"[{data}]").encode())
+            await response.write_eof()
+            return response
+        try:
+            for index, text in enumerate(self.chunks):
+                if index == len(self.chunks) - 1 and self.hold_last is not None:
+                    await self.hold_last.wait()
+                data = json.dumps(self._chunk(index, text))
+                if sse:
+                    await response.write(f"data: {data}\r\n\r\n".encode())
+                else:
+                    await response.write((("[" if index == 0 else ",\r\n") + data).encode())
+            if not sse:
+                await response.write(b"]" if self.chunks else b"[]")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.disconnected.set()
+            raise
+        return response

@@ -167,7 +167,8 @@ def test_echo_only_start_imports_no_llm_sdk() -> None:
     code = (
         "import sys, connic\n"
         "connic.create_app({'agents': {'e': {'use': 'echo'}}, 'connectors': [{'secrets': ['s']}]})\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('google', 'openai'))))\n"
+        "sdks = ('google.genai', 'google.generativeai', 'google.ai', 'openai')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(sdks)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr
