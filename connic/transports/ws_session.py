@@ -102,20 +102,7 @@ class Outbox:
         """Queue ``item``, waiting up to ``wait`` seconds for room."""
         if self.put_nowait(item):
             return True
-        deadline = time.monotonic() + wait
-        while len(self.items) >= self.limit:
-            if self._room is None:
-                self._room = asyncio.Event()
-            self._room.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._room.wait()
-            except TimeoutError:
-                return False
-        return self.put_nowait(item)
+        return await self.wait_for_room(wait) and self.put_nowait(item)
 
     async def wait_for_room(self, wait: float) -> bool:
         """Wait up to ``wait`` seconds until the outbox is below its limit."""
