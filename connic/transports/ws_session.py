@@ -219,6 +219,7 @@ class Connection:
         "_finished",
         "_flush_scheduled",
         "_loop",
+        "_more",
         "_processor",
         "_writer",
         "authenticated",
@@ -268,6 +269,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
         self._processor: asyncio.Task[None] | None = None
+        self._more: Flag | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
@@ -698,28 +700,44 @@ class Connection:
     def _kick(self) -> None:
         """Make sure queued messages are being answered; close once the message limit is done."""
         if self._processor is not None and not self._processor.done():
+            if self._more is not None:
+                self._more.set()  # wake the lingering processor
             return
         if self.pending:
-            # One processor task while there is work, none while idle: idle sessions stay cheap.
+            # A processor task while there is work (and briefly after), none while idle:
+            # idle sessions stay cheap.
             self._processor = asyncio.create_task(self._process())
         elif self.limit_reached:
             self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
 
     async def _process(self) -> None:
-        try:
-            while self.pending:
-                pending = self.pending.pop(0)
-                self.current = pending
-                try:
-                    await self._answer(pending)
-                finally:
-                    self.current = None
-                    self.last_activity = self._loop.time()
-        finally:
-            if not self.pending and self.current is None:
-                self.idle.set()
-        if self.limit_reached:
-            self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
+        while True:
+            try:
+                while self.pending:
+                    pending = self.pending.pop(0)
+                    self.current = pending
+                    try:
+                        await self._answer(pending)
+                    finally:
+                        self.current = None
+                        self.last_activity = self._loop.time()
+            finally:
+                if not self.pending and self.current is None:
+                    self.idle.set()
+            if self.limit_reached:
+                self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
+                return
+            # Linger a moment: in a busy session the next message reuses this task
+            # instead of paying for a new one.
+            more = self._more = Flag()
+            timer = self._loop.call_later(_LINGER, more.set)
+            try:
+                await more.wait()
+            finally:
+                timer.cancel()
+                self._more = None
+            if not self.pending and not self.limit_reached:
+                return
 
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
@@ -809,6 +827,7 @@ class Connection:
 
 
 _HIGH_WATER = 64 * 1024
+_LINGER = 1.0  # seconds an idle processor waits for the next message before it ends
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
 
 
