@@ -214,3 +214,38 @@ def cli() -> Iterator[Callable[..., CliServer]]:
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.communicate()
+
+
+CHROMIUM = "/usr/bin/chromium"
+"""Debian's chromium: Playwright drives it and never downloads a browser of its own."""
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def require_chromium() -> None:
+    """Skip when Debian's chromium is missing; fail instead where it must be there (scripts/test as root)."""
+    if os.access(CHROMIUM, os.X_OK):
+        return
+    reason = f"{CHROMIUM} is missing (apt-get install chromium; scripts/test installs it when run as root)"
+    if os.environ.get("CONNIC_REQUIRE_CHROMIUM"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module."""
+    require_chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (test extra)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        yield launched
+        launched.close()

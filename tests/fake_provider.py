@@ -14,34 +14,51 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 
-class FakeOpenAI:
-    """Scripted ``POST /v1/chat/completions``; set the attributes before a request."""
+class _FakeServer:
+    """A local aiohttp server recording requests; subclasses add their routes."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
-        self.chunks: list[str] = ["Hello", " from", " the fake."]
-        self.usage: dict[str, int] | None = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-        self.delay = 0.0
-        self.error: tuple[int, dict[str, Any]] | None = None
         self.hold_last: asyncio.Event | None = None
         self.disconnected = asyncio.Event()
         self.server: TestServer | None = None
 
     @property
-    def base_url(self) -> str:
+    def root(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}/v1"
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.completions)
+        self.routes(app)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
 
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
+
+
+class FakeOpenAI(_FakeServer):
+    """Scripted ``POST /v1/chat/completions``; set the attributes before a request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[str] = ["Hello", " from", " the fake."]
+        self.usage: dict[str, int] | None = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+        self.delay = 0.0
+        self.error: tuple[int, dict[str, Any]] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.root + "/v1"
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.completions)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())
@@ -74,7 +91,7 @@ class FakeOpenAI:
         return response
 
 
-class FakeGemini:
+class FakeGemini(_FakeServer):
     """Gemini's ``models/{model}:streamGenerateContent`` in both forms the SDKs use.
 
     google-genai asks for ``?alt=sse`` and reads server-sent events; google-generativeai's
@@ -83,31 +100,19 @@ class FakeGemini:
     """
 
     def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
+        super().__init__()
         self.paths: list[str] = []
         self.chunks: list[str] = ["Hello", " from", " Gemini."]
         self.usage: dict[str, int] | None = {"promptTokenCount": 9, "candidatesTokenCount": 4, "totalTokenCount": 13}
         self.error: tuple[int, str] | None = None
         self.blocked = False
-        self.hold_last: asyncio.Event | None = None
-        self.disconnected = asyncio.Event()
-        self.server: TestServer | None = None
 
     @property
     def base_url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.port}"
+        return self.root
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_route("POST", "/{version}/models/{action}", self.stream)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            await self.server.close()
 
     def _chunk(self, index: int, text: str) -> dict[str, Any]:
         chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import threading
 import urllib.error
@@ -26,31 +25,10 @@ from conftest import ROOT, SECRET, StartServer, make_config
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (test extra)")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = ROOT / "test-artifacts"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 WORDS = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
 TIMEOUT_MS = 10_000
-
-
-def require_chromium() -> None:
-    """Skip when Debian's chromium is missing; fail instead where it must be there (scripts/test as root)."""
-    if os.access(CHROMIUM, os.X_OK):
-        return
-    reason = f"{CHROMIUM} is missing (apt-get install chromium; scripts/test installs it when run as root)"
-    if os.environ.get("CONNIC_REQUIRE_CHROMIUM"):
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 # --- the server, in a thread --------------------------------------------------------------------
@@ -148,16 +126,6 @@ def http_get(url: str) -> tuple[int, dict[str, str], str]:
 
 
 # --- the browser ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """One headless Chromium for the module; Playwright never downloads a browser of its own."""
-    require_chromium()
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
-        yield browser
-        browser.close()
 
 
 class Tab:

@@ -7,10 +7,9 @@ a generated secret), as a user following the seed page would run it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,6 @@ from conftest import ROOT, CliServer
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (test extra)")
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SEED_FILE = ROOT.parent / "shared" / "seed" / "websocket-connector.txt"
 
 # Copied exactly from the seed page, section "Connecting".
@@ -67,26 +55,6 @@ ws.send(JSON.stringify({
 """
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-
-
-def require_chromium() -> None:
-    """Skip when Debian's chromium is missing; fail instead where it must be there (scripts/test as root)."""
-    if os.access(CHROMIUM, os.X_OK):
-        return
-    reason = f"{CHROMIUM} is missing (apt-get install chromium; scripts/test installs it when run as root)"
-    if os.environ.get("CONNIC_REQUIRE_CHROMIUM"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """One headless Chromium (Debian's) for the module."""
-    require_chromium()
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
-        yield browser
-        browser.close()
 
 
 def wait_for(condition: Callable[[], bool], page: Any, timeout: float = 10.0) -> None:
