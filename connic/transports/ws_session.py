@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
-import struct
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -56,6 +54,7 @@ from connic.frames import (
     encode,
     parse_client_frame,
 )
+from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame
 
 if TYPE_CHECKING:
     from connic.transports.websocket import WebSocketTransport
@@ -63,136 +62,6 @@ if TYPE_CHECKING:
 __all__ = ["Connection"]
 
 log = logging.getLogger("connic.websocket")
-
-
-class _Close:
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-
-class Outbox:
-    """A bounded FIFO of encoded frames.
-
-    Agent frames wait for room (backpressure on the agent); control frames from
-    the reader never wait, and may use a second ``limit`` of room, so acks and
-    pongs are not stuck behind a long stream. ``on_put`` is called after every
-    put, so the owner can start a writer only when there is something to write.
-    """
-
-    __slots__ = ("_on_put", "_room", "items", "limit")
-
-    def __init__(self, limit: int, on_put: Callable[[], None]) -> None:
-        self.limit = limit
-        self.items: list[str | _Close] = []
-        self._room: asyncio.Event | None = None
-        self._on_put = on_put
-
-    def put_nowait(self, item: str | _Close, *, control: bool = False) -> bool:
-        """Queue ``item`` if there is room; False when the client is not reading."""
-        if len(self.items) >= (2 * self.limit if control else self.limit):
-            return False
-        self.items.append(item)
-        self._on_put()
-        return True
-
-    async def put(self, item: str, wait: float) -> bool:
-        """Queue ``item``, waiting up to ``wait`` seconds for room."""
-        if self.put_nowait(item):
-            return True
-        return await self.wait_for_room(wait) and self.put_nowait(item)
-
-    async def wait_for_room(self, wait: float) -> bool:
-        """Wait up to ``wait`` seconds until the outbox is below its limit."""
-        deadline = time.monotonic() + wait
-        while len(self.items) >= self.limit:
-            if self._room is None:
-                self._room = asyncio.Event()
-            self._room.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._room.wait()
-            except TimeoutError:
-                return False
-        return True
-
-    def take_all(self) -> list[str | _Close]:
-        """Everything queued, oldest first; the outbox is empty afterwards."""
-        items, self.items = self.items, []
-        if self._room is not None:
-            self._room.set()
-        return items
-
-
-class Flag:
-    """A set/clear flag to wait on, like asyncio.Event, that allocates nothing until awaited.
-
-    An Event carries a deque of waiters from birth; with two per connection that is
-    over a kilobyte for each of thousands of idle sessions.
-    """
-
-    __slots__ = ("_set", "_waiters")
-
-    def __init__(self, value: bool = False) -> None:
-        self._set = value
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        """Whether the flag is set."""
-        return self._set
-
-    def set(self) -> None:
-        """Set the flag and wake every waiter."""
-        self._set = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def clear(self) -> None:
-        """Clear the flag."""
-        self._set = False
-
-    async def wait(self) -> None:
-        """Return once the flag is set."""
-        if self._set:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-
-class TokenBucket:
-    """The per-session message rate limit: ``capacity`` tokens refilled over ``per`` seconds."""
-
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, capacity: int, per: float) -> None:
-        self.capacity = float(capacity)
-        self.rate = capacity / per
-        self.tokens = float(capacity)
-        self.stamp = time.monotonic()
-
-    def take(self) -> float:
-        """Take a token: 0.0 when allowed, else the seconds until one is available."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
 
 
 class _Pending:
@@ -391,7 +260,7 @@ class Connection:
             self.outbox.put_nowait(encode(frame), control=True)
         self.closing = True
         self.close_code = close_code
-        if not self.outbox.put_nowait(_Close(close_code, reason), control=True):
+        if not self.outbox.put_nowait(Close(close_code, reason), control=True):
             self._abort(close_code, reason)
 
     def _abort(self, code: int, reason: str) -> None:
@@ -484,20 +353,20 @@ class Connection:
         if close is not None:
             self._writer = asyncio.create_task(self._close_socket(close))
 
-    def _write_now(self, transport: asyncio.Transport) -> _Close | None:
+    def _write_now(self, transport: asyncio.Transport) -> Close | None:
         """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
         batch: list[bytes] = []
         for item in self.outbox.take_all():
-            if isinstance(item, _Close):
+            if isinstance(item, Close):
                 if batch:
                     transport.write(b"".join(batch))
                 return item
-            batch.append(_text_frame(item))
+            batch.append(text_frame(item))
         if batch:
             transport.write(b"".join(batch))
         return None
 
-    async def _close_socket(self, close: _Close) -> None:
+    async def _close_socket(self, close: Close) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.close(code=close.code, message=close.reason.encode())
 
@@ -509,10 +378,10 @@ class Connection:
             while self.outbox.items:
                 if transport is None:  # compression on: aiohttp frames each message itself
                     for item in self.outbox.take_all():
-                        if isinstance(item, _Close):
+                        if isinstance(item, Close):
                             await ws.close(code=item.code, message=item.reason.encode())
                             return
-                        await ws.send_str(_sendable(item))
+                        await ws.send_str(sendable(item))
                     continue
                 while transport.get_write_buffer_size() > _HIGH_WATER:
                     # The client is behind: wait for the kernel to take our buffer. The outbox
@@ -829,33 +698,6 @@ class Connection:
 _HIGH_WATER = 64 * 1024
 _LINGER = 1.0  # seconds an idle processor waits for the next message before it ends
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
-
-
-def _sendable(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # Lone surrogates (from "\ud800" in a client's JSON) cannot be UTF-8: send them JSON-escaped.
-        return json.dumps(json.loads(text), separators=(",", ":"))
-    return text
-
-
-def _text_frame(text: str) -> bytes:
-    """One unmasked, unfragmented RFC 6455 text frame (a server never masks)."""
-    try:
-        payload = text.encode("utf-8")
-    except UnicodeEncodeError:
-        payload = _sendable(text).encode("utf-8")
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return _HEADER16.pack(0x81, 126, size) + payload
-    return _HEADER64.pack(0x81, 127, size) + payload
-
-
-_HEADER16 = struct.Struct("!BBH")
-_HEADER64 = struct.Struct("!BBQ")
 
 
 def _number(value: float) -> float | int:
