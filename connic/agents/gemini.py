@@ -74,6 +74,8 @@ class GeminiAgent(Agent):
         self.model = options.model.removeprefix("gemini/")
         sdk = options.sdk
         if sdk == "auto":
+            if not _installed("google.genai") and not _installed("google.generativeai"):
+                raise ConfigError("no Gemini SDK is installed: pip install 'connic[gemini]' (google-genai)")
             sdk = "google-genai" if _installed("google.genai") else "google-generativeai"
         module = "google.genai" if sdk == "google-genai" else "google.generativeai"
         if not _installed(module):
