@@ -196,19 +196,65 @@ _dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(
 _string: Callable[[str], str] = json.encoder.encode_basestring
 
 
+_USAGE_KEYS = ("prompt_tokens", "candidates_tokens")
+
+
+def _id(message_id: MessageId) -> str:
+    return _string(message_id) if type(message_id) is str else _dumps(message_id)
+
+
+def _usage(usage: Mapping[str, int]) -> str:
+    if tuple(usage) == _USAGE_KEYS:
+        prompt, candidates = usage["prompt_tokens"], usage["candidates_tokens"]
+        if type(prompt) is int and type(candidates) is int:
+            return f'{{"prompt_tokens":{prompt},"candidates_tokens":{candidates}}}'
+    return _dumps(dict(usage))
+
+
 def encode(frame: ServerFrame) -> str:
-    """The JSON text of a server frame."""
+    """The JSON text of a server frame (exactly what ``json`` makes of ``frame.to_dict()``)."""
+    # The frames of every turn are written by hand: a dict and the generic encoder cost
+    # several times as much (docs/performance.md). tests/test_frames.py checks that both agree.
     if type(frame) is StreamChunk:
-        # The hot path (one frame per token or word): skip the dict and the encoder object.
-        message_id = frame.id
-        id_json = _string(message_id) if type(message_id) is str else _dumps(message_id)
         return (
             '{"type":"stream_chunk","id":'
-            + id_json
+            + _id(frame.id)
             + ',"agent":'
             + _string(frame.agent)
             + ',"chunk":'
             + _string(frame.chunk)
+            + "}"
+        )
+    if type(frame) is Ack:
+        return '{"type":"ack","id":' + _id(frame.id) + ',"message_number":' + str(frame.message_number) + "}"
+    if type(frame) is Response:
+        return (
+            '{"type":"response","id":'
+            + _id(frame.id)
+            + ',"agent":'
+            + _string(frame.agent)
+            + ',"response":'
+            + _string(frame.response)
+            + ',"token_usage":'
+            + _usage(frame.token_usage)
+            + ',"finish_reason":'
+            + _string(frame.finish_reason)
+            + "}"
+        )
+    if type(frame) is StreamStart:
+        return '{"type":"stream_start","id":' + _id(frame.id) + ',"agent":' + _string(frame.agent) + "}"
+    if type(frame) is StreamEnd:
+        return (
+            '{"type":"stream_end","id":'
+            + _id(frame.id)
+            + ',"agent":'
+            + _string(frame.agent)
+            + ',"full_response":'
+            + _string(frame.full_response)
+            + ',"token_usage":'
+            + _usage(frame.token_usage)
+            + ',"finish_reason":'
+            + _string(frame.finish_reason)
             + "}"
         )
     return _dumps(frame.to_dict())
