@@ -108,7 +108,10 @@ class Turn:
 
     ``id`` is the message id echoed on every reply frame; ``number`` is its
     ``message_number`` within the session (from 1); ``agent`` is the name of the
-    answering agent on the wire.
+    answering agent on the wire. ``streaming`` says whether the client gets the
+    answer chunk by chunk (the connector's ``streaming``): when it is false the
+    chunks are joined into one ``response``, so an agent may as well ask its
+    provider for a whole answer, or yield its text in one piece.
     """
 
     id: str | int
@@ -118,6 +121,7 @@ class Turn:
     files: Sequence[File]
     session: Session
     agent: str
+    streaming: bool = True
 
 
 class Agent:

@@ -28,6 +28,7 @@ class Inspect(connic.Agent):
             "history": [attrs.asdict(h) for h in turn.session.history],
             "state": dict(turn.session.state),
             "agent": turn.agent,
+            "streaming": turn.streaming,
         }
         yield json.dumps(seen)
 

@@ -71,6 +71,30 @@ async def test_context_files_and_id_reach_the_agent(start_server: StartServer, c
     assert seen["files"] == [{"name": "a.bin", "mime_type": "application/octet-stream", "data": "\x00\x01hello"}]
     assert seen["session_id"] == client.connected["session_id"]
     assert seen["agent"] == "inspect"
+    assert seen["streaming"] is True
+
+
+async def test_agent_sees_streaming_off(start_server: StartServer, connect: Connect) -> None:
+    server = await inspect_server(start_server, {"streaming": False})
+    client = await connect(server.url())
+    frames = await client.reply({"message": "look"})
+    assert json.loads(frames[-1]["response"])["streaming"] is False
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("text", ["", "one", "  two words  ", "a\nb\tc  d"])
+async def test_echo_text_is_the_message_streamed_or_not(
+    start_server: StartServer, connect: Connect, streaming: bool, text: str
+) -> None:
+    server = await start_server(make_config({"streaming": streaming}))
+    client = await connect(server.url())
+    frames = await client.reply({"message": text})
+    words = len(text.split())
+    end = frames[-1]
+    assert end["full_response" if streaming else "response"] == text
+    assert end["token_usage"] == {"prompt_tokens": words, "candidates_tokens": words}
+    if streaming:
+        assert "".join(f["chunk"] for f in frames if f["type"] == "stream_chunk") == text
 
 
 async def test_server_assigns_unique_ids(server, connect: Connect) -> None:

@@ -26,11 +26,19 @@ class EchoAgent(Agent):
     options: Options
 
     async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Yield each word with the whitespace after it; usage counts the words."""
+        """Yield each word with the whitespace after it; usage counts the words.
+
+        Unstreamed and without a delay, the words would only be joined again: the
+        message comes back in one piece.
+        """
         delay = self.options.delay
-        for chunk in _WORD.findall(turn.message):
-            if delay:
-                await asyncio.sleep(delay)
-            yield chunk
+        if not turn.streaming and not delay:
+            if turn.message:
+                yield turn.message
+        else:
+            for chunk in _WORD.findall(turn.message):
+                if delay:
+                    await asyncio.sleep(delay)
+                yield chunk
         words = len(turn.message.split())
         yield Usage(prompt_tokens=words, candidates_tokens=words)

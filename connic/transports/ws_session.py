@@ -641,6 +641,7 @@ class Connection:
                 finished(out.agent, "error", None)
             await self.send(out)
 
+        streaming_on = self.options.streaming
         turns = [
             Turn(
                 id=pending.id,
@@ -650,6 +651,7 @@ class Connection:
                 files=frame.files,
                 session=Session(self.session_id, history, self.states.setdefault(name, {})),
                 agent=name,
+                streaming=streaming_on,
             )
             for name in names
         ]
