@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
@@ -174,3 +175,35 @@ async def test_close_ends_session_and_cancels_agents(start_server: StartServer, 
     assert not transport.connections  # type: ignore[attr-defined]
     leftover = [t for t in asyncio.all_tasks() if "Slow.respond" in repr(t.get_coro())]
     assert leftover == []
+
+
+async def test_reading_goes_on_while_an_agent_waits_and_after(start_server: StartServer, connect: Connect) -> None:
+    """Quick answers are given as they are read; a waiting agent gets a reader beside it, then not."""
+    agents = {"e": {"use": "echo"}, "s": {"use": "slow", "seconds": 0.3}}
+    server = await start_server(make_config(agents=agents), registry=test_registry())
+    client = await connect(server.url())
+    for round_ in range(3):
+        # A waiting agent, then frames behind it: a ping is answered and a quick message
+        # acked while the agent still waits; the quick message is answered after it.
+        await client.send({"id": f"slow-{round_}", "message": "x", "agent": "s"})
+        await client.send({"type": "ping"})
+        await client.send({"id": f"quick-{round_}", "message": "a b", "agent": "e"})
+        await client.send({"id": f"gone-{round_}", "message": "never", "agent": "e"})
+        await client.send({"type": "cancel", "id": f"gone-{round_}"})
+        seen: list[tuple[str, Any]] = []
+        while ("stream_end", f"quick-{round_}") not in seen:
+            frame = await client.recv()
+            seen.append((frame["type"], frame.get("id")))
+        assert seen.index(("pong", None)) < seen.index(("stream_end", f"slow-{round_}"))
+        assert seen.index(("ack", f"quick-{round_}")) < seen.index(("stream_end", f"slow-{round_}"))
+        assert seen.index(("stream_end", f"slow-{round_}")) < seen.index(("stream_start", f"quick-{round_}"))
+        assert ("ack", f"gone-{round_}") in seen and ("stream_start", f"gone-{round_}") not in seen
+        # Back to quick answers, pipelined: all in order, none lost.
+        for i in range(20):
+            await client.send({"id": f"{round_}-{i}", "message": f"m{i}", "agent": "e"})
+        ends = []
+        while len(ends) < 20:
+            frame = await client.recv()
+            if frame["type"] == "stream_end":
+                ends.append(frame)
+        assert [e["full_response"] for e in ends] == [f"m{i}" for i in range(20)]

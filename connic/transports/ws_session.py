@@ -1,10 +1,15 @@
 """One WebSocket connection: its session, reader loop, outgoing queue and agent work.
 
-The reader loop only parses and dispatches, so pings, pongs and cancels get
-through while agents run in tasks beside it. Messages are answered one after
-another by a processor task; each message's agents run concurrently in a task
-group. Every frame goes out through a bounded outbox drained by one writer
-task, so a client that stops reading cannot grow server memory.
+The connection's own task reads and answers: a message is answered in that
+task as soon as it is read, so an agent that answers without waiting (the echo
+agent) costs no task switch at all. When an agent does wait (for a model, a
+timer or a slow client), a reader task takes over reading beside it, so pings,
+pongs, cancels and queued messages still get through; once nothing is left to
+answer, the connection's task takes reading back. Messages are answered one
+after another; each message's agents run concurrently in a task group. Every
+frame goes out through a bounded outbox, written in batches from a callback
+(or a writer task while the client is behind), so a client that stops reading
+cannot grow server memory.
 """
 
 from __future__ import annotations
@@ -84,12 +89,14 @@ class Connection:
 
     __slots__ = (
         "_abort_task",
+        "_busy",
         "_expiry",
         "_finished",
         "_flush_scheduled",
         "_loop",
-        "_more",
-        "_processor",
+        "_main",
+        "_reader",
+        "_socket_done",
         "_writer",
         "authenticated",
         "bucket",
@@ -137,8 +144,10 @@ class Connection:
         self.idle = Flag(True)
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
-        self._processor: asyncio.Task[None] | None = None
-        self._more: Flag | None = None
+        self._main: asyncio.Task[Any] | None = None  # the connection's task: reads while idle, answers
+        self._reader: asyncio.Task[None] | None = None  # reads while the connection's task waits in an answer
+        self._busy = False  # the connection's task is answering
+        self._socket_done = False  # the reader task saw the socket end
         self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
@@ -167,6 +176,7 @@ class Connection:
         """Authenticate, then read until the socket closes; always clean up."""
         self.metrics.connections.inc(self.path)
         self.metrics.connections_open.inc(self.path)
+        self._main = asyncio.current_task()
         try:
             if await self._authenticate(handshake_secret):
                 self.authenticated = True
@@ -184,7 +194,7 @@ class Connection:
                     )
                 )
                 self._expiry = self._loop.call_at(self.last_activity + opts.session_timeout, self._check_expiry)
-                await self._read_loop()
+                await self._serve()
         finally:
             await self._cleanup()
 
@@ -194,9 +204,9 @@ class Connection:
         try:
             if self._expiry is not None:
                 self._expiry.cancel()
-            if self._processor is not None:
-                self._processor.cancel()
-                await asyncio.gather(self._processor, return_exceptions=True)
+            if self._reader is not None:
+                self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
             if self.closing:
                 self._flush()  # write what is queued (the error frame, the close) before waiting
             writer = self._writer
@@ -213,8 +223,8 @@ class Connection:
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
-            if self._processor is not None:
-                self._processor.cancel()
+            if self._reader is not None:
+                self._reader.cancel()
             if self._writer is not None:
                 self._writer.cancel()
             if not self._finished.is_set():
@@ -333,6 +343,8 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._busy and self._reader is None:
+            self._start_reader()  # an answer is waiting: read beside it
         writer = self._writer
         transport = self.transport_io
         if transport is None or (writer is not None and not writer.done()) or not self.outbox.items:
@@ -460,20 +472,86 @@ class Connection:
             self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
         return False
 
-    async def _read_loop(self) -> None:
+    async def _serve(self) -> None:
+        """Read and answer until the socket closes (see the module docstring)."""
+        ws = self.ws
         outbox = self.outbox
-        async for msg in self.ws:
-            if msg.type is WSMsgType.TEXT:
-                self._on_text(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
-            elif msg.type is WSMsgType.ERROR:
-                break
-            # aiohttp hands over buffered frames without suspending; when the outbox is full,
-            # let the flush run (and wait, if the client is behind) before answering more.
-            full = len(outbox.items) >= outbox.limit and not self.closing
-            if full and not await outbox.wait_for_room(self.options.send_timeout):
-                self._slow_consumer()
+        try:
+            while True:
+                msg = await ws.receive()
+                if not self._dispatch(msg.type, msg.data):
+                    return
+                if self.pending:
+                    await self._answer_pending()
+                if self.limit_reached and not self.pending:
+                    self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
+                if self._reader is not None and not await self._take_back_reading():
+                    return
+                # aiohttp hands over buffered frames without suspending; when the outbox is
+                # full, let the flush run (and wait, if the client is behind) before reading on.
+                if len(outbox.items) >= outbox.limit and not self.closing:
+                    await self._catch_up()
+        except asyncio.CancelledError:
+            # The reader task cancels this one when the socket ends under an answer.
+            task = self._main
+            if self._socket_done and task is not None and task.uncancel() == 0:
+                return
+            raise
+
+    def _dispatch(self, kind: WSMsgType, data: Any) -> bool:
+        """Handle one received message; False once the socket is done."""
+        if kind is WSMsgType.TEXT:
+            self._on_text(data)
+        elif kind is WSMsgType.BINARY:
+            self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
+        elif kind in _ENDED:
+            return False
+        return True
+
+    def _start_reader(self) -> None:
+        if not self.ws.closed:
+            self._reader = asyncio.create_task(self._read_beside())
+
+    def _ensure_reader(self) -> None:
+        if self._busy and self._reader is None:
+            self._start_reader()
+
+    async def _read_beside(self) -> None:
+        """Read while the connection's task waits in an answer; cancelled when it takes reading back."""
+        ws = self.ws
+        outbox = self.outbox
+        try:
+            while True:
+                msg = await ws.receive()
+                if not self._dispatch(msg.type, msg.data):
+                    break
+                if len(outbox.items) >= outbox.limit and not self.closing:
+                    await self._catch_up()
+        except Exception:
+            log.exception("session %s: reading failed; closing", self.session_id)
+        self._socket_done = True
+        if self._busy and self._main is not None:
+            self._main.cancel()  # what was being answered goes to no one
+
+    async def _catch_up(self) -> None:
+        if not await self.outbox.wait_for_room(self.options.send_timeout):
+            self._slow_consumer()
+
+    async def _take_back_reading(self) -> bool:
+        """Stop the reader task now that nothing waits to be answered; False if the socket ended."""
+        reader = self._reader
+        assert reader is not None
+        if not reader.done():
+            if self.ws.closed:
+                # Closing: the reader is inside aiohttp's close handshake; let it finish.
+                await asyncio.wait({reader})
+            else:
+                # It waits in receive() (cancelling that loses nothing: the data stays
+                # queued) or for room in the outbox.
+                reader.cancel()
+                await asyncio.wait({reader})
+        self._reader = None
+        return not self._socket_done
 
     def _reject(self, error: ConnicError, message_id: MessageId | None = None) -> None:
         retry_after = getattr(error, "retry_after", None)
@@ -501,9 +579,7 @@ class Connection:
         if self.limit_reached or self.count >= opts.max_messages:
             error = MessageLimitReached(f"this session reached its limit of {opts.max_messages} messages")
             self._send_control(ErrorFrame(id=frame.id, code=error.code, message=error.message))
-            if not self.limit_reached:
-                self.limit_reached = True
-                self._kick()
+            self.limit_reached = True  # the connection's task closes once the queue is answered
             return
         if self.bucket is not None:
             wait = self.bucket.take()
@@ -528,10 +604,8 @@ class Connection:
         self.last_activity = self._loop.time()
         self.pending.append(_Pending(frame, message_id, self.count))
         self.idle.clear()
-        # Start the processor before queueing the ack: the ack's flush then runs after the
-        # processor's first step, so a quick answer leaves in the same write as its ack.
-        # (The ack still goes first, and no later than the agent's first pause.)
-        self._kick()
+        # The ack's flush runs once the connection's task pauses: a quick answer leaves in
+        # the same write as its ack, which still goes first.
         self._send_control(Ack(id=message_id, message_number=self.count))
 
     def _cancel(self, message_id: MessageId) -> None:
@@ -566,47 +640,25 @@ class Connection:
 
     # --- answering ------------------------------------------------------------
 
-    def _kick(self) -> None:
-        """Make sure queued messages are being answered; close once the message limit is done."""
-        if self._processor is not None and not self._processor.done():
-            if self._more is not None:
-                self._more.set()  # wake the lingering processor
-            return
-        if self.pending:
-            # A processor task while there is work (and briefly after), none while idle:
-            # idle sessions stay cheap.
-            self._processor = asyncio.create_task(self._process())
-        elif self.limit_reached:
-            self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
-
-    async def _process(self) -> None:
-        while True:
-            try:
-                while self.pending:
-                    pending = self.pending.pop(0)
-                    self.current = pending
-                    try:
-                        await self._answer(pending)
-                    finally:
-                        self.current = None
-                        self.last_activity = self._loop.time()
-            finally:
-                if not self.pending and self.current is None:
-                    self.idle.set()
-            if self.limit_reached:
-                self.close(None, MessageLimitReached.close_code, MessageLimitReached.code)
-                return
-            # Linger a moment: in a busy session the next message reuses this task
-            # instead of paying for a new one.
-            more = self._more = Flag()
-            timer = self._loop.call_later(_LINGER, more.set)
-            try:
-                await more.wait()
-            finally:
-                timer.cancel()
-                self._more = None
-            if not self.pending and not self.limit_reached:
-                return
+    async def _answer_pending(self) -> None:
+        """Answer queued messages, oldest first, until none is left."""
+        self._busy = True
+        if not self._flush_scheduled:
+            # The flush callback starts a reader if an answer waits; without one queued, ask directly.
+            self._loop.call_soon(self._ensure_reader)
+        try:
+            while self.pending and not self._socket_done:
+                pending = self.pending.pop(0)
+                self.current = pending
+                try:
+                    await self._answer(pending)
+                finally:
+                    self.current = None
+                    self.last_activity = self._loop.time()
+        finally:
+            self._busy = False
+            if not self.pending:
+                self.idle.set()
 
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
@@ -698,7 +750,7 @@ class Connection:
 
 
 _HIGH_WATER = 64 * 1024
-_LINGER = 1.0  # seconds an idle processor waits for the next message before it ends
+_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
 
 
