@@ -1,16 +1,23 @@
-"""connic's built-in message middleware: how a transport runs one agent's turn.
+"""How a transport runs one agent's turn: connic's built-in layers around the user middleware.
 
-``error_boundary`` turns failures into ``error`` frames, ``limits`` enforces the
-agent's time limit, and a serialiser turns text chunks into frames: streaming
-forwards each chunk, buffering sends one ``response``. :func:`build_turn_chain`
-folds them with the user middleware around an agent.
+The chain for one agent is, outermost first::
+
+    error boundary -> serialiser -> time limit (agent_timeout) -> user middleware ... -> agent
+
+The error boundary turns failures into ``error`` frames; the serialiser turns
+the text chunks and :class:`connic.Usage` below it into frames (streaming
+forwards each chunk, buffering sends one ``response``); the time limit cancels
+an agent that runs past ``agent_timeout``. The three built-in layers run as one
+coroutine, :func:`build_turn_chain`'s, which also iterates the agent itself
+when there is no user middleware: one coroutine per turn instead of four, and
+one timer for all turns instead of one each (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from connic.agent import Agent, Turn, Usage
@@ -18,118 +25,68 @@ from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
 from connic.middleware import CallNext, Emit, MiddlewareFunc, agent_endpoint, compose
 
-__all__ = ["buffering", "build_turn_chain", "error_boundary", "limits", "streaming"]
+__all__ = ["build_turn_chain"]
 
 log = logging.getLogger("connic.agent")
 
 
-async def error_boundary(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-    """Turn an exception from anything below into an ``error`` frame for this agent.
+class _Deadline:
+    """One running turn's time limit."""
 
-    Cancellation is not an error: it passes through (the serialiser reports it).
+    __slots__ = ("at", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
+        self.task = task
+        self.at = at
+        self.expired = False
+
+
+class _TimeLimit:
+    """Cancels turns that run past ``seconds``, with one timer for all of them.
+
+    A timer per turn (``call_later`` and ``cancel``) costs more than the rest of a
+    quick turn's bookkeeping. Every deadline here is ``seconds`` after its start, so
+    the dict (insertion-ordered) is also deadline-ordered: one timer waits for the
+    oldest, and when it fires, expires what is due and waits for the next.
     """
-    try:
-        await call_next(turn, emit)
-    except ConnicError as exc:
-        if not isinstance(exc, AgentError):
-            log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
-        await emit(ErrorFrame(id=turn.id, code=exc.code, message=exc.message, agent=turn.agent))
-    except Exception as exc:
-        log.exception("agent %s failed on message %r of session %s", turn.agent, turn.id, turn.session.id)
-        text = f"agent {turn.agent!r} failed: {type(exc).__name__}: {exc}"
-        await emit(ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent))
 
+    __slots__ = ("_handle", "_loop", "_running", "seconds")
 
-def limits(agent_timeout: float) -> MiddlewareFunc:
-    """Cancel an agent that runs past ``agent_timeout`` seconds; it reports ``agent_timeout``."""
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._running: dict[_Deadline, None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
 
-    async def limit(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-        # A bare timer handle rather than asyncio.timeout: this runs once per agent per
-        # message, and the timer is all that is needed (the same cancel-and-uncancel dance).
-        task = asyncio.current_task()
-        assert task is not None
-        expired = False
+    def start(self, task: asyncio.Task[Any]) -> _Deadline:
+        """Start timing ``task``'s turn."""
+        loop = task.get_loop()
+        if loop is not self._loop:  # a chain outlives a test's event loop
+            self._loop, self._running, self._handle = loop, {}, None
+        deadline = _Deadline(task, loop.time() + self.seconds)
+        self._running[deadline] = None
+        if self._handle is None:
+            self._handle = loop.call_at(deadline.at, self._expire)
+        return deadline
 
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
+    def stop(self, deadline: _Deadline) -> None:
+        """The turn ended (its timer, if it was the oldest, fires and finds it gone)."""
+        self._running.pop(deadline, None)
 
-        timer = asyncio.get_running_loop().call_later(agent_timeout, expire)
-        try:
-            await call_next(turn, emit)
-        except asyncio.CancelledError:
-            if expired and task.uncancel() == 0:
-                raise AgentTimeout(f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit") from None
-            raise
-        finally:
-            timer.cancel()
-
-    return limit
-
-
-class _Collector:
-    """What an agent has produced so far."""
-
-    __slots__ = ("parts", "usage")
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.usage = Usage()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-async def streaming(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-    """Streaming serialiser: ``stream_start``, a ``stream_chunk`` per non-empty chunk, ``stream_end``."""
-    got = _Collector()
-    started = False
-
-    async def start() -> None:
-        # stream_start goes out with the first output, so a middleware or agent
-        # that refuses a turn before producing anything sends only its error.
-        nonlocal started
-        if not started:
-            started = True
-            await emit(StreamStart(id=turn.id, agent=turn.agent))
-
-    async def item(value: Any) -> None:
-        if isinstance(value, str):
-            if value:
-                await start()
-                got.parts.append(value)
-                await emit(StreamChunk(id=turn.id, agent=turn.agent, chunk=value))
-        else:
-            got.usage = value
-
-    try:
-        await call_next(turn, item)
-    except asyncio.CancelledError:
-        await start()
-        await emit(StreamEnd(turn.id, turn.agent, got.text, got.usage.as_dict(), "cancelled"))
-        raise
-    await start()
-    await emit(StreamEnd(turn.id, turn.agent, got.text, got.usage.as_dict(), "stop"))
-
-
-async def buffering(turn: Turn, emit: Emit, call_next: CallNext) -> None:
-    """Non-streaming serialiser: one ``response`` with the whole answer."""
-    got = _Collector()
-
-    async def item(value: Any) -> None:
-        if isinstance(value, str):
-            got.parts.append(value)
-        else:
-            got.usage = value
-
-    try:
-        await call_next(turn, item)
-    except asyncio.CancelledError:
-        await emit(Response(turn.id, turn.agent, got.text, got.usage.as_dict(), "cancelled"))
-        raise
-    await emit(Response(turn.id, turn.agent, got.text, got.usage.as_dict(), "stop"))
+    def _expire(self) -> None:
+        self._handle = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        running = self._running
+        while running:
+            deadline = next(iter(running))
+            if deadline.at > now:
+                self._handle = loop.call_at(deadline.at, self._expire)
+                return
+            del running[deadline]
+            deadline.expired = True
+            deadline.task.cancel()
 
 
 def build_turn_chain(
@@ -139,9 +96,97 @@ def build_turn_chain(
     agent_timeout: float,
     user_middleware: Sequence[MiddlewareFunc] = (),
 ) -> CallNext:
-    """The whole chain for one agent on one connector."""
-    serialiser = streaming if streaming_on else buffering
-    # The time limit sits inside the serialiser so that a timeout reaches it as an
-    # AgentTimeout error (sent in place of stream_end), not as a cancellation.
-    chain: list[MiddlewareFunc] = [error_boundary, serialiser, limits(agent_timeout), *user_middleware]
-    return compose(chain, agent_endpoint(agent))
+    """The whole chain for one agent on one connector: ``await chain(turn, emit)`` answers a turn.
+
+    ``emit`` receives the server frames of this agent's reply (``stream_start``,
+    ``stream_chunk``, ``stream_end``, ``response`` or ``error``). A cancelled
+    turn still emits its end (``finish_reason: "cancelled"``), then re-raises.
+    """
+    inner = compose(user_middleware, agent_endpoint(agent)) if user_middleware else None
+    limit = _TimeLimit(agent_timeout)
+    agent_type = type(agent).__name__
+
+    async def chain(turn: Turn, emit: Emit) -> None:
+        parts: list[str] = []
+        usage: Usage | None = None
+        started = False  # stream_start sent: it goes out with the first chunk
+
+        async def start() -> None:
+            # A middleware or agent that refuses a turn before producing anything sends only its error.
+            nonlocal started
+            if not started:
+                started = True
+                await emit(StreamStart(id=turn.id, agent=turn.agent))
+
+        async def item(value: Any) -> None:
+            nonlocal usage
+            if isinstance(value, str):
+                if streaming_on:
+                    if value:
+                        await start()
+                        parts.append(value)
+                        await emit(StreamChunk(id=turn.id, agent=turn.agent, chunk=value))
+                else:
+                    parts.append(value)
+            else:
+                usage = value
+
+        async def end(reason: str) -> None:
+            token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
+            if streaming_on:
+                await start()
+                await emit(StreamEnd(turn.id, turn.agent, "".join(parts), token_usage, reason))
+            else:
+                await emit(Response(turn.id, turn.agent, "".join(parts), token_usage, reason))
+
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            try:
+                deadline = limit.start(task)
+                try:
+                    if inner is not None:
+                        await inner(turn, item)
+                    else:
+                        stream: AsyncIterator[Any] = agent.respond(turn)
+                        if not hasattr(stream, "aclose"):
+                            raise AgentError(f"{agent_type}.respond must be an async generator")
+                        finished = False
+                        try:
+                            async for value in stream:
+                                if type(value) is str and not streaming_on:
+                                    parts.append(value)  # the common case, without a call
+                                elif isinstance(value, (str, Usage)):
+                                    await item(value)
+                                else:
+                                    raise AgentError(
+                                        f"agent yielded {type(value).__name__}; expected str or connic.Usage"
+                                    )
+                            finished = True
+                        finally:
+                            if not finished:
+                                await stream.aclose()
+                except asyncio.CancelledError:
+                    # Our own cancellation (and no one else's) is a timeout, reported as an error.
+                    if deadline.expired and task.uncancel() == 0:
+                        raise AgentTimeout(
+                            f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit"
+                        ) from None
+                    raise
+                finally:
+                    limit.stop(deadline)
+            except asyncio.CancelledError:
+                # Cancellation is not an error: the reply ends, marked cancelled.
+                await end("cancelled")
+                raise
+            await end("stop")
+        except ConnicError as exc:
+            if not isinstance(exc, AgentError):
+                log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
+            await emit(ErrorFrame(id=turn.id, code=exc.code, message=exc.message, agent=turn.agent))
+        except Exception as exc:
+            log.exception("agent %s failed on message %r of session %s", turn.agent, turn.id, turn.session.id)
+            text = f"agent {turn.agent!r} failed: {type(exc).__name__}: {exc}"
+            await emit(ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent))
+
+    return chain

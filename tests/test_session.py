@@ -207,3 +207,22 @@ async def test_reading_goes_on_while_an_agent_waits_and_after(start_server: Star
             if frame["type"] == "stream_end":
                 ends.append(frame)
         assert [e["full_response"] for e in ends] == [f"m{i}" for i in range(20)]
+
+
+async def test_agent_timeouts_of_staggered_turns(start_server: StartServer, connect: Connect) -> None:
+    """All turns share one timer: each still times out agent_timeout after its own start, no sooner."""
+    agents = {"s": {"use": "slow", "seconds": 30}, "e": {"use": "echo"}}
+    server = await start_server(make_config({"agent_timeout": 0.4}, agents), registry=test_registry())
+    clients = [await connect(server.url()) for _ in range(3)]
+
+    async def timed(index: int) -> float:
+        await asyncio.sleep(0.15 * index)
+        client = clients[index]
+        await client.reply({"message": "quick", "agent": "e"})  # turns that end in time leave no trace
+        sent = time.monotonic()
+        frames = await client.reply({"id": index, "message": "x", "agent": "s"})
+        assert frames[-1]["type"] == "error" and frames[-1]["code"] == "agent_timeout", frames
+        return time.monotonic() - sent
+
+    elapsed = await asyncio.gather(*(timed(i) for i in range(3)))
+    assert all(0.38 <= e < 2.0 for e in elapsed), elapsed
