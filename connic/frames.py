@@ -37,6 +37,7 @@ __all__ = [
     "StreamEnd",
     "StreamStart",
     "encode",
+    "encode_ack",
     "parse_client_frame",
 ]
 
@@ -211,6 +212,11 @@ def _usage(usage: Mapping[str, int]) -> str:
     return _dumps(dict(usage))
 
 
+def encode_ack(message_id: MessageId, message_number: int) -> str:
+    """The JSON text of ``Ack(message_id, message_number)``, without making the frame (one per message)."""
+    return '{"type":"ack","id":' + _id(message_id) + ',"message_number":' + str(message_number) + "}"
+
+
 def encode(frame: ServerFrame) -> str:
     """The JSON text of a server frame (exactly what ``json`` makes of ``frame.to_dict()``)."""
     # The frames of every turn are written by hand: a dict and the generic encoder cost
@@ -226,7 +232,7 @@ def encode(frame: ServerFrame) -> str:
             + "}"
         )
     if type(frame) is Ack:
-        return '{"type":"ack","id":' + _id(frame.id) + ',"message_number":' + str(frame.message_number) + "}"
+        return encode_ack(frame.id, frame.message_number)
     if type(frame) is Response:
         return (
             '{"type":"response","id":'

@@ -8,7 +8,17 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connic.frames import Ack, ErrorFrame, Response, ServerFrame, StreamChunk, StreamEnd, StreamStart, encode
+from connic.frames import (
+    Ack,
+    ErrorFrame,
+    Response,
+    ServerFrame,
+    StreamChunk,
+    StreamEnd,
+    StreamStart,
+    encode,
+    encode_ack,
+)
 
 # Any text, lone surrogates and control characters included: the fast path must escape like json.
 texts = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
@@ -34,6 +44,11 @@ def reference(frame: ServerFrame) -> str:
 @given(frame=frames)
 def test_encode_matches_json(frame: ServerFrame) -> None:
     assert encode(frame) == reference(frame)
+
+
+@given(message_id=ids, number=st.integers(1, 10_000))
+def test_encode_ack_is_encode_of_the_frame(message_id: str | int, number: int) -> None:
+    assert encode_ack(message_id, number) == encode(Ack(message_id, number)) == reference(Ack(message_id, number))
 
 
 def test_encode_round_trips() -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -42,7 +42,6 @@ from connic.errors import (
     UnsupportedFrame,
 )
 from connic.frames import (
-    Ack,
     AuthFrame,
     CancelFrame,
     Connected,
@@ -57,6 +56,7 @@ from connic.frames import (
     StreamEnd,
     StreamStart,
     encode,
+    encode_ack,
     parse_client_frame,
 )
 from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame
@@ -81,7 +81,7 @@ class _Pending:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.results: dict[str, str] = {}
         self.cancelled = False
-        self.started: set[str] = set()
+        self.started: set[str] | None = None  # agents whose task has begun; None: one agent, in the connection's task
 
 
 class Connection:
@@ -606,7 +606,8 @@ class Connection:
         self.idle.clear()
         # The ack's flush runs once the connection's task pauses: a quick answer leaves in
         # the same write as its ack, which still goes first.
-        self._send_control(Ack(id=message_id, message_number=self.count))
+        if not self.closing and not self.outbox.put_nowait(encode_ack(message_id, self.count), control=True):
+            self._slow_consumer()
 
     def _cancel(self, message_id: MessageId) -> None:
         current = self.current
@@ -615,7 +616,7 @@ class Connection:
             if running:
                 current.cancelled = True
                 for name, task in running:
-                    if name not in current.started:
+                    if current.started is not None and name not in current.started:
                         # Cancelled before its first step, the task would never run its
                         # serialiser: end this agent's reply here instead.
                         self._end_unstarted(current, name)
@@ -662,11 +663,10 @@ class Connection:
 
     async def _answer(self, pending: _Pending) -> None:
         frame = pending.frame
-        names = [frame.agent] if frame.agent is not None else list(self.transport.agent_names)
-        history = HistoryView(self.history)
         metrics = self.metrics
         started = time.monotonic()
-        streaming: set[str] = set()
+        first_chunks: set[str] = set()
+        results = pending.results
 
         def finished(agent: str, reason: str, usage: Mapping[str, int] | None) -> None:
             metrics.turn_duration.observe(time.monotonic() - started, agent)
@@ -680,60 +680,67 @@ class Connection:
 
         async def emit(out: ServerFrame) -> None:
             if type(out) is StreamChunk:
-                if out.agent not in streaming:
-                    streaming.add(out.agent)
+                if out.agent not in first_chunks:
+                    first_chunks.add(out.agent)
                     metrics.first_chunk.observe(time.monotonic() - started, out.agent)
-            elif isinstance(out, StreamEnd):
-                pending.results[out.agent] = out.full_response
+            elif type(out) is Response:
+                results[out.agent] = out.response
                 finished(out.agent, out.finish_reason, out.token_usage)
-            elif isinstance(out, Response):
-                pending.results[out.agent] = out.response
+            elif type(out) is StreamEnd:
+                results[out.agent] = out.full_response
                 finished(out.agent, out.finish_reason, out.token_usage)
-            elif isinstance(out, ErrorFrame) and out.agent is not None:
+            elif type(out) is ErrorFrame and out.agent is not None:
                 finished(out.agent, "error", None)
             await self.send(out)
 
-        streaming_on = self.options.streaming
-        turns = [
-            Turn(
-                id=pending.id,
-                number=pending.number,
-                message=frame.text,
-                context=frame.context,
-                files=frame.files,
-                session=Session(self.session_id, history, self.states.setdefault(name, {})),
-                agent=name,
-                streaming=streaming_on,
-            )
-            for name in names
-        ]
+        history = HistoryView(self.history)
         chains = self.transport.chains
-        if len(turns) == 1:
+        if frame.agent is not None or len(chains) == 1:
             # One agent: run it in this task rather than a task of its own (cheaper per
             # message); a cancel of this message cancels this task, and it carries on.
-            task = asyncio.current_task()
+            name = frame.agent if frame.agent is not None else self.transport.agent_names[0]
+            names: Sequence[str] = (name,)
+            task = self._main
             assert task is not None
-            pending.tasks[names[0]] = task
-            pending.started.add(names[0])
+            pending.tasks[name] = task
+            turn = self._turn(pending, name, history)
             try:
-                await chains[names[0]](turns[0], emit)
+                await chains[name](turn, emit)
             except asyncio.CancelledError:
                 if not pending.cancelled or task.uncancel() > 0:
                     raise
         else:
+            names = self.transport.agent_names
+            pending.started = set()
 
             async def run(turn: Turn) -> None:
-                pending.started.add(turn.agent)
+                pending.started.add(turn.agent)  # type: ignore[union-attr]
                 await chains[turn.agent](turn, emit)
 
             async with asyncio.TaskGroup() as group:
-                for turn in turns:
-                    pending.tasks[turn.agent] = group.create_task(run(turn))
+                for name in names:
+                    pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
         self.history.append(HistoryEntry(role="user", text=frame.text))
         for name in names:
-            text = pending.results.get(name)
+            text = results.get(name)
             if text:
                 self.history.append(HistoryEntry(role="agent", text=text, agent=name))
+
+    def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
+        frame = pending.frame
+        state = self.states.get(agent)
+        if state is None:
+            state = self.states[agent] = {}
+        return Turn(
+            id=pending.id,
+            number=pending.number,
+            message=frame.text,
+            context=frame.context,
+            files=frame.files,
+            session=Session(self.session_id, history, state),
+            agent=agent,
+            streaming=self.options.streaming,
+        )
 
     def _check_expiry(self) -> None:
         timeout = self.options.session_timeout
