@@ -14,6 +14,7 @@ import binascii
 import contextlib
 import json
 import json.encoder
+import json.scanner
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -338,7 +339,26 @@ def _files(value: Any) -> tuple[File, ...]:
 
 def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
     try:
-        return _message_fields(frame, body)
+        text = body["message"] if "message" in body else body.get("content")
+        if not isinstance(text, str):
+            raise InvalidMessage("the message text is missing or not a string")
+        context = body.get("context")
+        if context is None:
+            context = {}
+        elif not isinstance(context, dict):
+            raise InvalidMessage("context must be a JSON object")
+        agent = body.get("agent")
+        if agent is not None and not isinstance(agent, str):
+            raise InvalidMessage("agent must be a string")
+        message_id = frame.get("id")
+        files = body.get("files")
+        return MessageFrame(
+            id=message_id if message_id is None else _message_id(message_id),
+            text=text,
+            context=context,
+            files=() if files is None else _files(files),
+            agent=agent,
+        )
     except InvalidMessage as exc:
         # Echo the id on the error when the id itself was fine.
         raw_id = frame.get("id")
@@ -347,31 +367,29 @@ def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
         raise
 
 
-def _message_fields(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
-    text = body.get("message", body.get("content"))
-    if not isinstance(text, str):
-        raise InvalidMessage("the message text is missing or not a string")
-    context = body.get("context")
-    if context is None:
-        context = {}
-    elif not isinstance(context, dict):
-        raise InvalidMessage("context must be a JSON object")
-    agent = body.get("agent")
-    if agent is not None and not isinstance(agent, str):
-        raise InvalidMessage("agent must be a string")
-    return MessageFrame(
-        id=_message_id(frame.get("id")),
-        text=text,
-        context=context,
-        files=_files(body.get("files")),
-        agent=agent,
-    )
+_scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, a microsecond sooner for a frame with no whitespace around it.
+
+    ``json.loads`` spends more time in its Python layers (two whitespace regex matches)
+    than the C scanner spends parsing a short frame; anything but the plain case goes
+    to ``json.loads``, so results and errors are its own.
+    """
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:  # no JSON value at 0: leading whitespace, or not JSON
+        return json.loads(text)
+    if end != len(text):  # trailing whitespace, or extra data
+        return json.loads(text)
+    return value
 
 
 def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client text frame; raise a ProtocolError carrying its code."""
     try:
-        frame = json.loads(text)
+        frame = _loads(text)
     except ValueError:
         raise InvalidJSON("the frame is not valid JSON") from None
     if not isinstance(frame, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,8 +17,15 @@ from connic.frames import (
     StreamChunk,
     StreamEnd,
     StreamStart,
+    _loads,
     encode,
     encode_ack,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
 )
 
 # Any text, lone surrogates and control characters included: the fast path must escape like json.
@@ -49,6 +57,21 @@ def test_encode_matches_json(frame: ServerFrame) -> None:
 @given(message_id=ids, number=st.integers(1, 10_000))
 def test_encode_ack_is_encode_of_the_frame(message_id: str | int, number: int) -> None:
     assert encode_ack(message_id, number) == encode(Ack(message_id, number)) == reference(Ack(message_id, number))
+
+
+padded = st.builds(lambda v, pad: pad + json.dumps(v) + pad, json_values, st.sampled_from([" ", "\n", "\t "]))
+
+
+@given(text=st.one_of(st.text(max_size=30), st.builds(json.dumps, json_values), padded))
+def test_loads_is_json_loads(text: str) -> None:
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as raised:
+            _loads(text)
+        assert type(raised.value) is type(exc) and str(raised.value) == str(exc)
+    else:
+        assert json.dumps(_loads(text)) == json.dumps(expected)  # NaN compares unequal to itself
 
 
 def test_encode_round_trips() -> None:
