@@ -353,11 +353,11 @@ def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
         message_id = frame.get("id")
         files = body.get("files")
         return MessageFrame(
-            id=message_id if message_id is None else _message_id(message_id),
-            text=text,
-            context=context,
-            files=() if files is None else _files(files),
-            agent=agent,
+            message_id if message_id is None else _message_id(message_id),
+            text,
+            context,
+            () if files is None else _files(files),
+            agent,
         )
     except InvalidMessage as exc:
         # Echo the id on the error when the id itself was fine.

@@ -150,6 +150,19 @@ class Metrics:
         )
         self.turn_duration = Histogram("connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"])
 
+    def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
+        """Count one finished turn: its reason, its duration and its tokens (once per turn, in one call)."""
+        turns = self.turns.values
+        key = (agent, reason)
+        turns[key] = turns.get(key, 0) + 1
+        self.turn_duration.observe(seconds, agent)
+        if prompt or candidates:
+            tokens = self.tokens.values
+            key = (agent, "prompt")
+            tokens[key] = tokens.get(key, 0) + prompt
+            key = (agent, "candidates")
+            tokens[key] = tokens.get(key, 0) + candidates
+
     def all(self) -> list[_Metric]:
         """Every metric, in exposition order."""
         return [m for m in vars(self).values() if isinstance(m, _Metric)]

@@ -116,7 +116,7 @@ def build_turn_chain(
             nonlocal started
             if not started:
                 started = True
-                await emit(StreamStart(id=turn.id, agent=turn.agent))
+                await emit(StreamStart(turn.id, turn.agent))
 
         async def item(value: Any) -> None:
             nonlocal usage
@@ -125,7 +125,7 @@ def build_turn_chain(
                     if value:
                         await start()
                         parts.append(value)
-                        await emit(StreamChunk(id=turn.id, agent=turn.agent, chunk=value))
+                        await emit(StreamChunk(turn.id, turn.agent, value))
                 else:
                     parts.append(value)
             else:

@@ -41,4 +41,4 @@ class EchoAgent(Agent):
                     await asyncio.sleep(delay)
                 yield chunk
         words = len(turn.message.split())
-        yield Usage(prompt_tokens=words, candidates_tokens=words)
+        yield Usage(words, words)

@@ -414,17 +414,6 @@ class Connection:
             log.exception("session %s: sending failed; closing 1011", self.session_id)
             self._abort(1011, "internal_error")
 
-    async def send(self, frame: ServerFrame) -> None:
-        """Queue a frame of an agent's reply, waiting while the client catches up."""
-        if self.closing:
-            return
-        if type(frame) is ErrorFrame:
-            self.metrics.errors.inc(self.path, frame.code)
-        data = encode(frame)
-        # The common case, room in the outbox, costs no coroutine.
-        if not self.outbox.put_nowait(data) and not await self.outbox.put(data, self.options.send_timeout):
-            self._slow_consumer()
-
     def _send_control(self, frame: ServerFrame) -> None:
         if self.closing:
             return
@@ -669,14 +658,12 @@ class Connection:
         results = pending.results
 
         def finished(agent: str, reason: str, usage: Mapping[str, int] | None) -> None:
-            metrics.turn_duration.observe(time.monotonic() - started, agent)
-            metrics.turns.inc(agent, reason)
+            prompt = candidates = 0
             if usage:
                 prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
                 self.tokens_in += prompt
                 self.tokens_out += candidates
-                metrics.tokens.inc(agent, "prompt", amount=prompt)
-                metrics.tokens.inc(agent, "candidates", amount=candidates)
+            metrics.turn_ended(agent, reason, time.monotonic() - started, prompt, candidates)
 
         async def emit(out: ServerFrame) -> None:
             if type(out) is StreamChunk:
@@ -691,7 +678,14 @@ class Connection:
                 finished(out.agent, out.finish_reason, out.token_usage)
             elif type(out) is ErrorFrame and out.agent is not None:
                 finished(out.agent, "error", None)
-            await self.send(out)
+            # Queue the frame; the common case, room in the outbox, costs no coroutine.
+            if self.closing:
+                return
+            if type(out) is ErrorFrame:
+                metrics.errors.inc(self.path, out.code)
+            data = encode(out)
+            if not self.outbox.put_nowait(data) and not await self.outbox.put(data, self.options.send_timeout):
+                self._slow_consumer()
 
         history = HistoryView(self.history)
         chains = self.transport.chains
@@ -720,26 +714,21 @@ class Connection:
             async with asyncio.TaskGroup() as group:
                 for name in names:
                     pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
-        self.history.append(HistoryEntry(role="user", text=frame.text))
+        self.history.append(HistoryEntry("user", frame.text))
         for name in names:
             text = results.get(name)
             if text:
-                self.history.append(HistoryEntry(role="agent", text=text, agent=name))
+                self.history.append(HistoryEntry("agent", text, name))
 
     def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
         frame = pending.frame
         state = self.states.get(agent)
         if state is None:
             state = self.states[agent] = {}
+        # Positional: attrs' keyword parsing is a third of the cost of building a Turn.
+        session = Session(self.session_id, history, state)
         return Turn(
-            id=pending.id,
-            number=pending.number,
-            message=frame.text,
-            context=frame.context,
-            files=frame.files,
-            session=Session(self.session_id, history, state),
-            agent=agent,
-            streaming=self.options.streaming,
+            pending.id, pending.number, frame.text, frame.context, frame.files, session, agent, self.options.streaming
         )
 
     def _check_expiry(self) -> None:
