@@ -148,7 +148,7 @@ class WebSocketTransport(Transport):
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
         opts = self.options
         ws = _Socket(
-            heartbeat=opts.heartbeat or None,
+            autoping=False,  # the connection answers pings and keeps its own heartbeat (ws_session)
             max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
             compress=opts.compress,
             timeout=2.0,

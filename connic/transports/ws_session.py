@@ -89,12 +89,14 @@ class Connection:
 
     __slots__ = (
         "_abort_task",
+        "_beat",
         "_busy",
         "_expiry",
         "_finished",
         "_flush_scheduled",
         "_loop",
         "_main",
+        "_pinged",
         "_reader",
         "_socket_done",
         "_writer",
@@ -108,6 +110,7 @@ class Connection:
         "history",
         "idle",
         "last_activity",
+        "last_seen",
         "limit_reached",
         "metrics",
         "options",
@@ -144,6 +147,9 @@ class Connection:
         self.idle = Flag(True)
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()
+        self.last_seen = time.monotonic()  # when a frame last came in (any frame: the heartbeat's clock)
+        self._beat: asyncio.TimerHandle | None = None
+        self._pinged: float | None = None  # when the unanswered heartbeat ping went out
         self._main: asyncio.Task[Any] | None = None  # the connection's task: reads while idle, answers
         self._reader: asyncio.Task[None] | None = None  # reads while the connection's task waits in an answer
         self._busy = False  # the connection's task is answering
@@ -177,6 +183,8 @@ class Connection:
         self.metrics.connections.inc(self.path)
         self.metrics.connections_open.inc(self.path)
         self._main = asyncio.current_task()
+        if self.options.heartbeat:
+            self._beat = self._loop.call_later(self.options.heartbeat, self._heartbeat)
         try:
             if await self._authenticate(handshake_secret):
                 self.authenticated = True
@@ -223,6 +231,8 @@ class Connection:
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
+            if self._beat is not None:
+                self._beat.cancel()
             if self._reader is not None:
                 self._reader.cancel()
             if self._writer is not None:
@@ -440,10 +450,13 @@ class Connection:
             self.close(Unauthorized("wrong secret"))
             return False
         try:
-            # One deadline for the whole wait: aiohttp answers pings inside receive(), and a
+            # One deadline for the whole wait: pings and pongs come through receive(), and a
             # per-receive timeout would restart with each of them.
             async with asyncio.timeout(opts.auth_timeout):
                 msg = await self.ws.receive()
+                while msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                    self._dispatch(msg.type, msg.data)
+                    msg = await self.ws.receive()
         except TimeoutError:
             self.close(AuthTimeout(f"no authentication within {opts.auth_timeout:g} s"))
             return False
@@ -489,13 +502,56 @@ class Connection:
 
     def _dispatch(self, kind: WSMsgType, data: Any) -> bool:
         """Handle one received message; False once the socket is done."""
+        self.last_seen = time.monotonic()
         if kind is WSMsgType.TEXT:
             self._on_text(data)
         elif kind is WSMsgType.BINARY:
             self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
+        elif kind is WSMsgType.PING:
+            self._write_control(0x8A, data)  # pong, with the ping's payload
         elif kind in _ENDED:
             return False
         return True
+
+    # --- keepalive ------------------------------------------------------------
+    # connic's own rather than aiohttp's heartbeat: aiohttp's schedules a callback for
+    # every chunk received, a twentieth of a quick turn's cost; this one keeps a
+    # timestamp and one timer that fires only when the connection has gone quiet.
+
+    def _heartbeat(self) -> None:
+        self._beat = None
+        if self.closing:
+            return
+        interval = self.options.heartbeat
+        now = time.monotonic()
+        if self._pinged is not None:
+            if self.last_seen < self._pinged:
+                self._drop_silent(interval)
+                return
+            self._pinged = None  # the pong (or anything else) came back
+        quiet = now - self.last_seen
+        if quiet < interval:
+            self._beat = self._loop.call_later(interval - quiet, self._heartbeat)
+            return
+        self._pinged = now
+        self._write_control(0x89, b"")
+        self._beat = self._loop.call_later(interval / 2, self._heartbeat)
+
+    def _write_control(self, opcode: int, payload: bytes) -> None:
+        """Write a ping or pong now: control frames may go between any two messages."""
+        raw = self.raw_transport
+        # A client that sends pings but does not read gets no pongs (nor unbounded buffers).
+        if raw is not None and not raw.is_closing() and raw.get_write_buffer_size() <= _HIGH_WATER:
+            raw.write(bytes((opcode, len(payload))) + payload)
+
+    def _drop_silent(self, interval: float) -> None:
+        """No pong within half the heartbeat: drop the connection without a close frame (1006)."""
+        log.info("session %s: no pong within %g s of a ping; dropping", self.session_id, interval / 2)
+        self.closing = True
+        self.close_code = 1006
+        raw = self.raw_transport
+        if raw is not None:
+            raw.abort()
 
     def _start_reader(self) -> None:
         if not self.ws.closed:
@@ -582,7 +638,7 @@ class Connection:
             names = ", ".join(self.transport.agent_names)
             self._reject(UnknownAgent(f"no agent {frame.agent!r} on this connector (agents: {names})"), frame.id)
             return
-        # A message the processor has not picked up yet is not waiting behind another one.
+        # With none being answered, the first pending message is about to be: it waits behind nothing.
         waiting = len(self.pending) - (1 if self.current is None and self.pending else 0)
         if waiting >= opts.max_queued:
             self._reject(QueueFull(f"{waiting} messages are already waiting to be answered"), frame.id)

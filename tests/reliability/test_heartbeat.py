@@ -1,8 +1,9 @@
 """Heartbeat: a client that stops answering pings is dropped; one behind the app-level ping stays.
 
-aiohttp sends a ping ``heartbeat`` seconds after the last frame it received and drops the
-connection when no pong comes within half of that, so a silent client goes after about
+The server sends a ping ``heartbeat`` seconds after the last frame it received and drops the
+connection when nothing comes back within half of that, so a silent client goes after about
 1.5 intervals. It closes the TCP connection without a close frame (the client sees 1006).
+Pings the client sends get their pongs, before authentication too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import websockets
 from conftest import SECRET, StartServer, make_config
 
 from .conftest import connic_tasks, eventually, report, runtime, scrape
-from .rawws import PING, TEXT, Closed, RawWS, frame, open_raw
+from .rawws import PING, PONG, TEXT, Closed, RawWS, frame, open_raw
 
 HEARTBEAT = 1.0
 BOUND = 2 * HEARTBEAT  # the test's pass criterion: closed within two intervals
@@ -116,3 +117,28 @@ async def test_app_level_ping_keeps_the_session(start_server: StartServer) -> No
         checked.set()
     (pongs, _), (_, _) = await clients
     assert pongs >= 2
+
+
+async def test_pings_get_pongs_with_their_payload(start_server: StartServer) -> None:
+    """Before and after authentication, while an agent streams and while idle: every ping gets its pong."""
+    agents = {"e": {"use": "echo", "delay": 0.05}}
+    server = await start_server(make_config({"heartbeat": 30}, agents))
+    ws = await open_raw(int(server.server.port))
+    await ws.send_raw(frame(PING, b"before auth"))
+    got = await ws.read_frame()
+    assert (got.opcode, got.payload) == (PONG, b"before auth")
+    await ws.send_json({"secret": SECRET})
+    assert (await ws.recv())["type"] == "connected"
+    await ws.send_json({"id": "m", "message": "one two three four"})
+    await ws.send_raw(frame(PING, b"mid-reply"))
+    await ws.send_raw(frame(PING, b""))
+    seen: list[bytes | str] = []
+    while "stream_end" not in seen:
+        got = await ws.read_frame()
+        seen.append(got.payload if got.opcode == PONG else got.json()["type"])
+    assert [s for s in seen if isinstance(s, bytes)] == [b"mid-reply", b""]
+    assert seen.index(b"") < seen.index("stream_end")  # the pongs did not wait for the reply to end
+    await ws.send_raw(frame(PING, b"x" * 125))  # the largest control payload
+    got = await ws.read_frame()
+    assert (got.opcode, got.payload) == (PONG, b"x" * 125)
+    await ws.aclose()
