@@ -1,0 +1,127 @@
+"""Instructions per turn in the server, counted by valgrind: a measure that machine noise cannot move.
+
+    python benchmarks/instructions.py                 # S2-like (streaming off), all three servers
+    python benchmarks/instructions.py --stream connic # S1-like, connic only
+
+Each server runs under ``valgrind --tool=callgrind`` twice, answering 20 and then 120 turns
+on each of 20 connections (a raw-socket client in this process sends a message, waits for its
+end frame, and sends the next); the difference between the two runs' totals, divided by the
+2000 extra turns, is the cost of one turn with start-up and shut-down cancelled out. The same
+code gives the same count to within a few hundred instructions, so a change of 1% shows.
+Instructions are not time (Python bytecode runs at fewer instructions per cycle than C), and
+the kernel's share of sockets is not counted: use ``run.py`` for throughput. Needs valgrind
+(Debian: ``apt-get install valgrind``); a run takes about a minute per server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run
+
+CONNECTIONS = 20
+FEW, MANY = 20, 120
+MESSAGE = json.dumps({"message": " ".join(f"word{i}" for i in range(20))}).encode()
+END_MARK = b'"token_usage"'  # once in each response and stream_end, in no other frame
+
+
+def client_frame(payload: bytes) -> bytes:
+    """A masked text frame, as a client must send it."""
+    mask = os.urandom(4)
+    size = len(payload)
+    head = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0x80 | 126]) + struct.pack("!H", size)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def one_connection(port: int, turns: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(client_frame(json.dumps({"secret": run.SECRET}).encode()))
+    seen = b""
+    while b"connected" not in seen:
+        seen += await reader.read(65536)
+    message = client_frame(MESSAGE)
+    tail = b""
+    for _ in range(turns):
+        writer.write(message)
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise RuntimeError("the server closed the connection")
+            data = tail + chunk
+            if END_MARK in data:
+                tail = b""
+                break
+            tail = data[-(len(END_MARK) - 1) :]  # a mark split between two reads
+    writer.close()
+
+
+def total_instructions(server: str, streaming: bool, turns: int) -> int:
+    port = run.free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        cmd = run.command(server, port, streaming, Path(tmp))
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *cmd[1:]]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            run.wait_for_port(port, timeout=300)
+            time.sleep(1.0)  # let the server finish starting up before the counted work
+
+            async def clients() -> None:
+                await asyncio.gather(*(one_connection(port, turns) for _ in range(CONNECTIONS)))
+
+            asyncio.run(clients())
+            time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        match = re.search(rb"^(?:summary|totals): (\d+)", out.read_bytes(), re.MULTILINE)
+        if match is None:
+            raise RuntimeError(f"no instruction total in {server}'s callgrind output")
+        return int(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stream", action="store_true", help="streaming on (S1-like); default off (S2-like)")
+    parser.add_argument("servers", nargs="*", metavar="server", help=f"any of {', '.join(run.SERVERS)} (default: all)")
+    args = parser.parse_args()
+    unknown = set(args.servers) - set(run.SERVERS)
+    if unknown:
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}; choose from {', '.join(run.SERVERS)}")
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
+    print(f"machine: {run.machine()}; streaming {'on' if args.stream else 'off'}")
+    counts = {}
+    for server in args.servers or run.SERVERS:
+        few = total_instructions(server, args.stream, FEW)
+        many = total_instructions(server, args.stream, MANY)
+        counts[server] = (many - few) / ((MANY - FEW) * CONNECTIONS)
+        print(f"{server:10s} {counts[server] / 1000:7.1f}k instructions per turn", flush=True)
+    if "aiohttp" in counts and len(counts) > 1:
+        for server, count in counts.items():
+            if server != "aiohttp":
+                print(f"{server} / aiohttp: {count / counts['aiohttp']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
