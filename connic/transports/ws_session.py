@@ -1,4 +1,4 @@
-"""One WebSocket connection: its session, reader loop, outgoing queue and agent work.
+"""One WebSocket connection: its session, reading and answering, outgoing queue and keepalive.
 
 The connection's own task reads and answers: a message is answered in that
 task as soon as it is read, so an agent that answers without waiting (the echo
@@ -418,7 +418,7 @@ class Connection:
                     await ws.close(code=close.code, message=close.reason.encode())
                     return
         except (ConnectionError, RuntimeError):
-            # The socket closed under us; the reader loop sees it and ends.
+            # The socket closed under us; whoever is reading sees it and ends.
             self.closing = True
         except Exception:
             log.exception("session %s: sending failed; closing 1011", self.session_id)
