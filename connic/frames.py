@@ -215,6 +215,23 @@ def _usage(usage: Mapping[str, int]) -> str:
     return _dumps(dict(usage))
 
 
+def _reply_end(head: str, frame: Response | StreamEnd, text_key: str, text: str) -> str:
+    """A ``response`` or ``stream_end``: the same fields but for the whole text's key."""
+    return (
+        head
+        + _id(frame.id)
+        + ',"agent":'
+        + _string(frame.agent)
+        + text_key
+        + _string(text)
+        + ',"token_usage":'
+        + _usage(frame.token_usage)
+        + ',"finish_reason":'
+        + _string(frame.finish_reason)
+        + "}"
+    )
+
+
 def encode_ack(message_id: MessageId, message_number: int) -> str:
     """The JSON text of ``Ack(message_id, message_number)``, without making the frame (one per message)."""
     return '{"type":"ack","id":' + _id(message_id) + ',"message_number":' + str(message_number) + "}"
@@ -237,35 +254,11 @@ def encode(frame: ServerFrame) -> str:
     if type(frame) is Ack:
         return encode_ack(frame.id, frame.message_number)
     if type(frame) is Response:
-        return (
-            '{"type":"response","id":'
-            + _id(frame.id)
-            + ',"agent":'
-            + _string(frame.agent)
-            + ',"response":'
-            + _string(frame.response)
-            + ',"token_usage":'
-            + _usage(frame.token_usage)
-            + ',"finish_reason":'
-            + _string(frame.finish_reason)
-            + "}"
-        )
+        return _reply_end('{"type":"response","id":', frame, ',"response":', frame.response)
     if type(frame) is StreamStart:
         return '{"type":"stream_start","id":' + _id(frame.id) + ',"agent":' + _string(frame.agent) + "}"
     if type(frame) is StreamEnd:
-        return (
-            '{"type":"stream_end","id":'
-            + _id(frame.id)
-            + ',"agent":'
-            + _string(frame.agent)
-            + ',"full_response":'
-            + _string(frame.full_response)
-            + ',"token_usage":'
-            + _usage(frame.token_usage)
-            + ',"finish_reason":'
-            + _string(frame.finish_reason)
-            + "}"
-        )
+        return _reply_end('{"type":"stream_end","id":', frame, ',"full_response":', frame.full_response)
     return _dumps(frame.to_dict())
 
 

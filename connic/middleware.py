@@ -19,7 +19,7 @@ handshake or the first frame). See docs/architecture.md for why.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from typing import Any, ClassVar
 
@@ -74,14 +74,25 @@ def agent_endpoint(agent: Agent) -> CallNext:
     """The innermost handler: run ``agent.respond`` and push what it yields."""
 
     async def endpoint(turn: Turn, emit: Emit) -> None:
-        stream: AsyncIterator[Any] = agent.respond(turn)
-        if not hasattr(stream, "aclose"):
-            raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
-        async with aclosing(stream):  # type: ignore[type-var]
+        stream = agent_stream(agent, turn)
+        async with aclosing(stream):
             async for item in stream:
                 if isinstance(item, (str, Usage)):  # the tuple form is faster than str | Usage
                     await emit(item)
                 else:
-                    raise AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")
+                    raise not_an_item(item)
 
     return endpoint
+
+
+def agent_stream(agent: Agent, turn: Turn) -> AsyncGenerator[Any, None]:
+    """``agent.respond(turn)``, refused with an AgentError unless it is an async generator."""
+    stream: AsyncIterator[Any] = agent.respond(turn)
+    if not hasattr(stream, "aclose"):
+        raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
+    return stream  # type: ignore[return-value]
+
+
+def not_an_item(item: Any) -> AgentError:
+    """The error for an agent that yielded something other than ``str`` or ``Usage``."""
+    return AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import CallNext, Emit, MiddlewareFunc, agent_endpoint, compose
+from connic.middleware import CallNext, Emit, MiddlewareFunc, agent_endpoint, agent_stream, compose, not_an_item
 
 __all__ = ["build_turn_chain"]
 
@@ -104,7 +104,6 @@ def build_turn_chain(
     """
     inner = compose(user_middleware, agent_endpoint(agent)) if user_middleware else None
     limit = _TimeLimit(agent_timeout)
-    agent_type = type(agent).__name__
 
     async def chain(turn: Turn, emit: Emit) -> None:
         parts: list[str] = []
@@ -148,9 +147,7 @@ def build_turn_chain(
                     if inner is not None:
                         await inner(turn, item)
                     else:
-                        stream: AsyncIterator[Any] = agent.respond(turn)
-                        if not hasattr(stream, "aclose"):
-                            raise AgentError(f"{agent_type}.respond must be an async generator")
+                        stream = agent_stream(agent, turn)
                         finished = False
                         try:
                             async for value in stream:
@@ -159,9 +156,7 @@ def build_turn_chain(
                                 elif isinstance(value, (str, Usage)):
                                     await item(value)
                                 else:
-                                    raise AgentError(
-                                        f"agent yielded {type(value).__name__}; expected str or connic.Usage"
-                                    )
+                                    raise not_an_item(value)
                             finished = True
                         finally:
                             if not finished:

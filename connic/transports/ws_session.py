@@ -353,8 +353,7 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._busy and self._reader is None:
-            self._start_reader()  # an answer is waiting: read beside it
+        self._ensure_reader()  # if an answer is waiting, read beside it
         writer = self._writer
         transport = self.transport_io
         if transport is None or (writer is not None and not writer.done()) or not self.outbox.items:
@@ -587,14 +586,12 @@ class Connection:
         reader = self._reader
         assert reader is not None
         if not reader.done():
-            if self.ws.closed:
-                # Closing: the reader is inside aiohttp's close handshake; let it finish.
-                await asyncio.wait({reader})
-            else:
-                # It waits in receive() (cancelling that loses nothing: the data stays
-                # queued) or for room in the outbox.
+            # It waits in receive() (cancelling that loses nothing: the data stays queued)
+            # or for room in the outbox; when closing, it is inside aiohttp's close
+            # handshake, which it is left to finish.
+            if not self.ws.closed:
                 reader.cancel()
-                await asyncio.wait({reader})
+            await asyncio.wait({reader})
         self._reader = None
         return not self._socket_done
 
