@@ -97,6 +97,22 @@ async def test_echo_text_is_the_message_streamed_or_not(
         assert "".join(f["chunk"] for f in frames if f["type"] == "stream_chunk") == text
 
 
+async def test_frame_larger_than_one_read_is_answered_whole(start_server: StartServer, connect: Connect) -> None:
+    # The server reads at most 64 KiB of the socket at a time (docs/performance.md):
+    # a 300 KB frame takes several reads and still arrives whole, then the next one too.
+    server = await start_server(make_config({"streaming": False}))
+    from connic import RUNTIME
+
+    client = await connect(server.url())
+    text = "".join(f"w{i} " for i in range(60_000))  # about 400 KB
+    frames = await client.reply({"message": text})
+    assert frames[-1]["response"] == text
+    frames = await client.reply({"message": "after"})
+    assert frames[-1]["response"] == "after"
+    (conn,) = server.server.app[RUNTIME].transports[0].connections  # type: ignore[attr-defined]
+    assert conn.raw_transport.max_size == 64 * 1024
+
+
 async def test_server_assigns_unique_ids(server, connect: Connect) -> None:
     client = await connect(server.url())
     ids = set()

@@ -164,6 +164,8 @@ class Connection:
         # many frames); with compression on, aiohttp's writer must frame them instead.
         io = request.transport
         self.raw_transport: asyncio.Transport | None = io if isinstance(io, asyncio.Transport) else None
+        if getattr(io, "max_size", 0) > _READ_SIZE:
+            io.max_size = _READ_SIZE  # type: ignore[union-attr]
         self.transport_io: asyncio.Transport | None = (
             io if isinstance(io, asyncio.Transport) and not self.options.compress else None
         )
@@ -799,6 +801,12 @@ class Connection:
 
 
 _HIGH_WATER = 64 * 1024
+# The most one read of the socket takes. asyncio's selector transport reads up to
+# 256 KiB at a time into a new bytes object: above glibc's mmap threshold, so a
+# process can settle into mapping, shrinking and unmapping that buffer (page faults
+# included) for every small frame it reads, a fifth of a quick turn's server time
+# (CPython issue 85451; docs/performance.md). 64 KiB is served from the heap.
+_READ_SIZE = 64 * 1024
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
 
