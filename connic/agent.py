@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, overload
 
 import attrs
 
-__all__ = ["Agent", "File", "HistoryEntry", "HistoryView", "Session", "Turn", "Usage"]
+__all__ = ["Agent", "File", "HistoryEntry", "HistoryRecord", "HistoryView", "Session", "Turn", "Usage"]
 
 
 @attrs.frozen
@@ -50,17 +50,24 @@ class HistoryEntry:
     agent: str | None = None
 
 
+HistoryRecord = tuple[Literal["user", "agent"], str, "str | None"]
+"""How a session stores one history entry: ``(role, text, agent)``."""
+
+
 class HistoryView(Sequence[HistoryEntry]):
     """A read-only view of the first ``length`` entries of a session's history.
 
     A session's history only grows, so a prefix of it never changes: agents get
     this view instead of a copy, which would cost time proportional to the
-    conversation on every turn.
+    conversation on every turn. The session stores plain ``(role, text, agent)``
+    tuples, which are cheaper to make than a :class:`HistoryEntry` and which the
+    garbage collector stops tracking (a long history costs its collections
+    nothing); the view makes the entries as they are read.
     """
 
     __slots__ = ("_entries", "_length")
 
-    def __init__(self, entries: list[HistoryEntry], length: int | None = None) -> None:
+    def __init__(self, entries: list[HistoryRecord], length: int | None = None) -> None:
         self._entries = entries
         self._length = len(entries) if length is None else length
 
@@ -75,15 +82,15 @@ class HistoryView(Sequence[HistoryEntry]):
 
     def __getitem__(self, index: int | slice) -> HistoryEntry | Sequence[HistoryEntry]:
         if isinstance(index, slice):
-            return tuple(self._entries[: self._length][index])
+            return tuple(itertools.starmap(HistoryEntry, self._entries[: self._length][index]))
         if index < 0:
             index += self._length
         if not 0 <= index < self._length:
             raise IndexError("history index out of range")
-        return self._entries[index]
+        return HistoryEntry(*self._entries[index])
 
     def __iter__(self) -> Iterator[HistoryEntry]:
-        return itertools.islice(self._entries, self._length)
+        return itertools.starmap(HistoryEntry, itertools.islice(self._entries, self._length))
 
     def __repr__(self) -> str:
         return f"HistoryView({list(self)!r})"

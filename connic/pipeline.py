@@ -31,14 +31,12 @@ log = logging.getLogger("connic.agent")
 
 
 class _Deadline:
-    """One running turn's time limit."""
+    """One running turn's time limit: the task to cancel and when."""
 
     __slots__ = ("at", "expired", "task")
-
-    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
-        self.task = task
-        self.at = at
-        self.expired = False
+    task: asyncio.Task[Any]
+    at: float
+    expired: bool
 
 
 class _TimeLimit:
@@ -58,16 +56,15 @@ class _TimeLimit:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
-    def start(self, task: asyncio.Task[Any]) -> _Deadline:
-        """Start timing ``task``'s turn."""
-        loop = task.get_loop()
+    def start(self, deadline: _Deadline) -> None:
+        """Start timing the turn of ``deadline.task``."""
+        loop = deadline.task.get_loop()
         if loop is not self._loop:  # a chain outlives a test's event loop
             self._loop, self._running, self._handle = loop, {}, None
-        deadline = _Deadline(task, loop.time() + self.seconds)
+        deadline.at = loop.time() + self.seconds
         self._running[deadline] = None
         if self._handle is None:
             self._handle = loop.call_at(deadline.at, self._expire)
-        return deadline
 
     def stop(self, deadline: _Deadline) -> None:
         """The turn ended (its timer, if it was the oldest, fires and finds it gone)."""
@@ -106,55 +103,27 @@ def build_turn_chain(
     limit = _TimeLimit(agent_timeout)
 
     async def chain(turn: Turn, emit: Emit) -> None:
-        parts: list[str] = []
-        usage: Usage | None = None
-        started = False  # stream_start sent: it goes out with the first chunk
-
-        async def start() -> None:
-            # A middleware or agent that refuses a turn before producing anything sends only its error.
-            nonlocal started
-            if not started:
-                started = True
-                await emit(StreamStart(turn.id, turn.agent))
-
-        async def item(value: Any) -> None:
-            nonlocal usage
-            if isinstance(value, str):
-                if streaming_on:
-                    if value:
-                        await start()
-                        parts.append(value)
-                        await emit(StreamChunk(turn.id, turn.agent, value))
-                else:
-                    parts.append(value)
-            else:
-                usage = value
-
-        async def end(reason: str) -> None:
-            token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
-            if streaming_on:
-                await start()
-                await emit(StreamEnd(turn.id, turn.agent, "".join(parts), token_usage, reason))
-            else:
-                await emit(Response(turn.id, turn.agent, "".join(parts), token_usage, reason))
-
         task = asyncio.current_task()
         assert task is not None
+        reply = _Reply(task, turn, emit, streaming_on)
         try:
             try:
-                deadline = limit.start(task)
+                limit.start(reply)
                 try:
                     if inner is not None:
-                        await inner(turn, item)
+                        await inner(turn, reply.item)
                     else:
+                        # The agent iterated here rather than through the middleware
+                        # endpoint: an unstreamed chunk costs no call at all.
                         stream = agent_stream(agent, turn)
+                        parts = reply.parts
                         finished = False
                         try:
                             async for value in stream:
                                 if type(value) is str and not streaming_on:
-                                    parts.append(value)  # the common case, without a call
+                                    parts.append(value)
                                 elif isinstance(value, (str, Usage)):
-                                    await item(value)
+                                    await reply.item(value)
                                 else:
                                     raise not_an_item(value)
                             finished = True
@@ -163,18 +132,18 @@ def build_turn_chain(
                                 await stream.aclose()
                 except asyncio.CancelledError:
                     # Our own cancellation (and no one else's) is a timeout, reported as an error.
-                    if deadline.expired and task.uncancel() == 0:
+                    if reply.expired and task.uncancel() == 0:
                         raise AgentTimeout(
                             f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit"
                         ) from None
                     raise
                 finally:
-                    limit.stop(deadline)
+                    limit.stop(reply)
             except asyncio.CancelledError:
                 # Cancellation is not an error: the reply ends, marked cancelled.
-                await end("cancelled")
+                await reply.end("cancelled")
                 raise
-            await end("stop")
+            await reply.end("stop")
         except ConnicError as exc:
             if not isinstance(exc, AgentError):
                 log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
@@ -185,3 +154,53 @@ def build_turn_chain(
             await emit(ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent))
 
     return chain
+
+
+class _Reply(_Deadline):
+    """One turn in the chain: its deadline, and the serialiser's text so far, usage and stream state."""
+
+    __slots__ = ("emit", "parts", "started", "streaming", "turn", "usage")
+
+    def __init__(self, task: asyncio.Task[Any], turn: Turn, emit: Emit, streaming: bool) -> None:
+        self.task = task
+        self.at = 0.0
+        self.expired = False
+        self.turn = turn
+        self.emit = emit
+        self.streaming = streaming
+        self.parts: list[str] = []
+        self.usage: Usage | None = None
+        self.started = False  # stream_start sent: it goes out with the first chunk
+
+    async def item(self, value: Any) -> None:
+        """One item from the agent (or the user middleware): a text chunk or the usage."""
+        if isinstance(value, str):
+            if self.streaming:
+                if value:
+                    turn = self.turn
+                    if not self.started:
+                        self.started = True
+                        await self.emit(StreamStart(turn.id, turn.agent))
+                    self.parts.append(value)
+                    await self.emit(StreamChunk(turn.id, turn.agent, value))
+            else:
+                self.parts.append(value)
+        else:
+            self.usage = value
+
+    async def end(self, reason: str) -> None:
+        """The reply's last frame: ``stream_end`` (after ``stream_start`` if none went yet) or ``response``."""
+        turn = self.turn
+        usage = self.usage
+        token_usage = (
+            {"prompt_tokens": usage.prompt_tokens, "candidates_tokens": usage.candidates_tokens}
+            if usage is not None
+            else {"prompt_tokens": 0, "candidates_tokens": 0}
+        )
+        if self.streaming:
+            if not self.started:
+                self.started = True
+                await self.emit(StreamStart(turn.id, turn.agent))
+            await self.emit(StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason))
+        else:
+            await self.emit(Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason))

@@ -21,6 +21,7 @@ from connic.frames import ErrorFrame, encode
 from connic.middleware import CallNext, MiddlewareFunc
 from connic.pipeline import build_turn_chain
 from connic.transport import Transport
+from connic.transports.ws_io import Flusher
 from connic.transports.ws_session import Connection
 
 __all__ = ["RateLimit", "WebSocketTransport"]
@@ -103,6 +104,7 @@ class WebSocketTransport(Transport):
             for name, agent in agents.items()
         }
         self.connections: set[Connection] = set()
+        self.flusher = Flusher()  # one write callback per round of the event loop for all connections
         self.draining = False
 
     def install(self, app: web.Application) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 import time
 from collections.abc import Callable
 
-__all__ = ["Close", "Flag", "Outbox", "TokenBucket", "sendable", "text_frame"]
+__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "sendable", "text_frame"]
 
 
 class Close:
@@ -75,6 +76,40 @@ class Outbox:
         if self._room is not None:
             self._room.set()
         return items
+
+
+class Flusher:
+    """Runs, in one event-loop callback, the flushes that connections asked for meanwhile.
+
+    A connection that queues frames wants them written once its current step is
+    over, so that everything it queues in that step leaves in one write. Many
+    connections are served in one turn of the loop (every socket that became
+    readable), so one shared callback instead of one per connection saves a
+    callback (a handle, its scheduling and its run) on most messages.
+    """
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self) -> None:
+        self._waiting: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
+        """Call ``flush`` soon, in the next round of the loop's callbacks."""
+        if loop is not self._loop:  # a transport outlives a test's event loop
+            self._loop, self._waiting = loop, []
+        waiting = self._waiting
+        if not waiting:
+            loop.call_soon(self._run)
+        waiting.append(flush)
+
+    def _run(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for flush in waiting:
+            try:
+                flush()
+            except Exception:  # one connection's failure must not keep the others' frames
+                _log.exception("flushing a connection failed")
 
 
 class Flag:
@@ -166,5 +201,6 @@ def text_frame(text: str) -> bytes:
     return _HEADER64.pack(0x81, 127, size) + payload
 
 
+_log = logging.getLogger("connic.websocket")
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")

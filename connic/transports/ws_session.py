@@ -20,12 +20,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from connic.agent import HistoryEntry, HistoryView, Session, Turn
+from connic.agent import HistoryRecord, HistoryView, Session, Turn
 from connic.errors import (
     AuthTimeout,
     ConnicError,
@@ -94,6 +94,7 @@ class Connection:
         "_expiry",
         "_finished",
         "_flush_scheduled",
+        "_flusher",
         "_loop",
         "_main",
         "_pinged",
@@ -135,7 +136,7 @@ class Connection:
         self.ws = ws
         self.peer = request.remote
         self.session_id = str(uuid.uuid4())
-        self.history: list[HistoryEntry] = []
+        self.history: list[HistoryRecord] = []
         self.states: dict[str, dict[str, Any]] = {}
         self.count = 0
         self.pending: list[_Pending] = []  # at most max_queued long
@@ -157,6 +158,7 @@ class Connection:
         self._expiry: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._flusher = transport.flusher
         self._abort_task: asyncio.Task[Any] | None = None
         self._finished = Flag()
         self.metrics = transport.metrics
@@ -348,10 +350,11 @@ class Connection:
         if self.transport_io is None:
             self._writer = asyncio.create_task(self._write_loop())
         else:
-            # A plain callback, not a task: after the current step, everything queued
-            # meanwhile (a whole burst of chunks) goes out in one write.
+            # A plain callback, not a task, shared with the other connections served in
+            # this round of the loop: after the current step, everything queued meanwhile
+            # (a whole burst of chunks) goes out in one write.
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flusher.add(self._loop, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -712,27 +715,23 @@ class Connection:
         first_chunks: set[str] = set()
         results = pending.results
 
-        def finished(agent: str, reason: str, usage: Mapping[str, int] | None) -> None:
-            prompt = candidates = 0
-            if usage:
-                prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
-                self.tokens_in += prompt
-                self.tokens_out += candidates
-            metrics.turn_ended(agent, reason, time.monotonic() - started, prompt, candidates)
-
         async def emit(out: ServerFrame) -> None:
             if type(out) is StreamChunk:
                 if out.agent not in first_chunks:
                     first_chunks.add(out.agent)
                     metrics.first_chunk.observe(time.monotonic() - started, out.agent)
-            elif type(out) is Response:
-                results[out.agent] = out.response
-                finished(out.agent, out.finish_reason, out.token_usage)
-            elif type(out) is StreamEnd:
-                results[out.agent] = out.full_response
-                finished(out.agent, out.finish_reason, out.token_usage)
+            elif type(out) is Response or type(out) is StreamEnd:
+                # The reply's end: its text goes into the history; the turn's metrics.
+                results[out.agent] = out.response if isinstance(out, Response) else out.full_response
+                prompt = candidates = 0
+                usage = out.token_usage
+                if usage:
+                    prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
+                    self.tokens_in += prompt
+                    self.tokens_out += candidates
+                metrics.turn_ended(out.agent, out.finish_reason, time.monotonic() - started, prompt, candidates)
             elif type(out) is ErrorFrame and out.agent is not None:
-                finished(out.agent, "error", None)
+                metrics.turn_ended(out.agent, "error", time.monotonic() - started, 0, 0)
             # Queue the frame; the common case, room in the outbox, costs no coroutine.
             if self.closing:
                 return
@@ -769,11 +768,11 @@ class Connection:
             async with asyncio.TaskGroup() as group:
                 for name in names:
                     pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
-        self.history.append(HistoryEntry("user", frame.text))
+        self.history.append(("user", frame.text, None))
         for name in names:
             text = results.get(name)
             if text:
-                self.history.append(HistoryEntry("agent", text, name))
+                self.history.append(("agent", text, name))
 
     def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
         frame = pending.frame
