@@ -192,11 +192,7 @@ class _Reply(_Deadline):
         """The reply's last frame: ``stream_end`` (after ``stream_start`` if none went yet) or ``response``."""
         turn = self.turn
         usage = self.usage
-        token_usage = (
-            {"prompt_tokens": usage.prompt_tokens, "candidates_tokens": usage.candidates_tokens}
-            if usage is not None
-            else {"prompt_tokens": 0, "candidates_tokens": 0}
-        )
+        token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
         if self.streaming:
             if not self.started:
                 self.started = True

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-import logging
 import struct
 import time
 from collections.abc import Callable
@@ -85,31 +85,44 @@ class Flusher:
     over, so that everything it queues in that step leaves in one write. Many
     connections are served in one turn of the loop (every socket that became
     readable), so one shared callback instead of one per connection saves a
-    callback (a handle, its scheduling and its run) on most messages.
+    callback (a handle, its scheduling and its run) on most messages. Each flush
+    still runs in the context (``contextvars``) it was asked for in, as its own
+    callback would have.
     """
 
     __slots__ = ("_loop", "_waiting")
 
     def __init__(self) -> None:
-        self._waiting: list[Callable[[], None]] = []
+        self._waiting: list[tuple[Callable[[], None], contextvars.Context]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
         """Call ``flush`` soon, in the next round of the loop's callbacks."""
-        if loop is not self._loop:  # a transport outlives a test's event loop
-            self._loop, self._waiting = loop, []
         waiting = self._waiting
-        if not waiting:
-            loop.call_soon(self._run)
-        waiting.append(flush)
+        if loop is not self._loop or not waiting:
+            # Each callback owns its list: one on another (or a stopped) loop keeps its own.
+            self._loop, self._waiting = loop, waiting = loop, []
+            loop.call_soon(self._run, waiting, context=_EMPTY)
+        waiting.append((flush, contextvars.copy_context()))
 
-    def _run(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for flush in waiting:
+    def _run(self, waiting: list[tuple[Callable[[], None], contextvars.Context]]) -> None:
+        if waiting is self._waiting:
+            self._waiting = []
+        for index, (flush, context) in enumerate(waiting):
             try:
-                flush()
-            except Exception:  # one connection's failure must not keep the others' frames
-                _log.exception("flushing a connection failed")
+                context.run(flush)
+            except (SystemExit, KeyboardInterrupt):
+                rest = waiting[index + 1 :]
+                if rest:  # as their own callbacks would, the others run if the loop goes on
+                    asyncio.get_running_loop().call_soon(self._run, rest, context=_EMPTY)
+                raise
+            except BaseException as exc:  # one connection's failure must not keep the others' frames
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "flushing a connection failed", "exception": exc}
+                )
+
+
+_EMPTY = contextvars.Context()
 
 
 class Flag:
@@ -201,6 +214,5 @@ def text_frame(text: str) -> bytes:
     return _HEADER64.pack(0x81, 127, size) + payload
 
 
-_log = logging.getLogger("connic.websocket")
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
