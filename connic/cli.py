@@ -110,6 +110,13 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
 async def _serve(app: web.Application, host: str, port: int, generated: str | None) -> None:
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
+    # Signals are ours before anything starts: until then asyncio.run's own SIGINT handler
+    # would cancel this task, and a Ctrl+C that lands while the site starts could be lost.
+    # A signal during start-up now lets the start finish, then shuts down at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     # keepalive_timeout also bounds how long a new TCP connection may take to send its
     # request: without it a silent connection would hold a socket for aiohttp's hour.
     runner = web.AppRunner(
@@ -123,10 +130,6 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         bound_host, bound_port = runner.addresses[0][:2]
         shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
         base = f"ws://{shown}:{bound_port}"

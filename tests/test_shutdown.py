@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +20,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from conftest import CliServer, Connect
+from conftest import ROOT, CliServer, Connect
 
 Cli = Callable[..., CliServer]
 SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT")]
@@ -217,3 +220,36 @@ async def test_shutdown_with_no_connections(cli: Cli, sig: int) -> None:
     server.proc.send_signal(sig)
     assert_exited_cleanly(server)
     assert time.monotonic() - started < 10
+
+
+def test_ctrl_c_the_moment_the_port_opens_still_shuts_down() -> None:
+    # The port accepts connections as soon as the site listens, a moment before start-up
+    # ends; a signal then must not be lost (it once was, and the server ran on).
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "connic", "run", "--port", str(port), "--secret", "s"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, "connic did not start"
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, out
+        assert "connic: shutting down" in out
+        assert "Traceback" not in out, out
