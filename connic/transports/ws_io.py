@@ -85,15 +85,15 @@ class Flusher:
     over, so that everything it queues in that step leaves in one write. Many
     connections are served in one turn of the loop (every socket that became
     readable), so one shared callback instead of one per connection saves a
-    callback (a handle, its scheduling and its run) on most messages. Each flush
-    still runs in the context (``contextvars``) it was asked for in, as its own
-    callback would have.
+    callback (a handle, its scheduling and its run) on most messages. The flushes
+    run in an empty ``contextvars`` context, not the first asker's: a connection
+    starts its own tasks in its own context.
     """
 
     __slots__ = ("_loop", "_waiting")
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[Callable[[], None], contextvars.Context]] = []
+        self._waiting: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
@@ -102,27 +102,24 @@ class Flusher:
         if loop is not self._loop or not waiting:
             # Each callback owns its list: one on another (or a stopped) loop keeps its own.
             self._loop, self._waiting = loop, waiting = loop, []
-            loop.call_soon(self._run, waiting, context=_EMPTY)
-        waiting.append((flush, contextvars.copy_context()))
+            loop.call_soon(self._run, waiting, context=contextvars.Context())
+        waiting.append(flush)
 
-    def _run(self, waiting: list[tuple[Callable[[], None], contextvars.Context]]) -> None:
+    def _run(self, waiting: list[Callable[[], None]]) -> None:
         if waiting is self._waiting:
             self._waiting = []
-        for index, (flush, context) in enumerate(waiting):
+        for index, flush in enumerate(waiting):
             try:
-                context.run(flush)
+                flush()
             except (SystemExit, KeyboardInterrupt):
                 rest = waiting[index + 1 :]
                 if rest:  # as their own callbacks would, the others run if the loop goes on
-                    asyncio.get_running_loop().call_soon(self._run, rest, context=_EMPTY)
+                    asyncio.get_running_loop().call_soon(self._run, rest, context=contextvars.Context())
                 raise
             except BaseException as exc:  # one connection's failure must not keep the others' frames
                 asyncio.get_running_loop().call_exception_handler(
                     {"message": "flushing a connection failed", "exception": exc}
                 )
-
-
-_EMPTY = contextvars.Context()
 
 
 class Flag:

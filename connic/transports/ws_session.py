@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -91,6 +92,7 @@ class Connection:
         "_abort_task",
         "_beat",
         "_busy",
+        "_context",
         "_expiry",
         "_finished",
         "_flush_scheduled",
@@ -159,6 +161,9 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._flusher = transport.flusher
+        # The connection's own tasks (reader, writer, closer) run in the context of the
+        # handler that accepted it, wherever they are started from (a shared flush callback).
+        self._context = contextvars.copy_context()
         self._abort_task: asyncio.Task[Any] | None = None
         self._finished = Flag()
         self.metrics = transport.metrics
@@ -294,7 +299,7 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
         if self._abort_task is None:
-            self._abort_task = asyncio.create_task(self._hard_close(code, reason))
+            self._abort_task = asyncio.create_task(self._hard_close(code, reason), context=self._context)
 
     async def _hard_close(self, code: int, reason: str) -> None:
         try:
@@ -348,7 +353,7 @@ class Connection:
         if self._flush_scheduled or (writer is not None and not writer.done()):
             return  # a flush or a writer task will take it
         if self.transport_io is None:
-            self._writer = asyncio.create_task(self._write_loop())
+            self._writer = asyncio.create_task(self._write_loop(), context=self._context)
         else:
             # A plain callback, not a task, shared with the other connections served in
             # this round of the loop: after the current step, everything queued meanwhile
@@ -369,7 +374,8 @@ class Connection:
                 self.outbox.take_all()
                 return
             if transport.get_write_buffer_size() > _HIGH_WATER:
-                self._writer = asyncio.create_task(self._write_loop())  # waits for the client to catch up
+                # The writer task waits for the client to catch up.
+                self._writer = asyncio.create_task(self._write_loop(), context=self._context)
                 return
             close = self._write_now(transport)
         except Exception:
@@ -377,7 +383,7 @@ class Connection:
             self._abort(1011, "internal_error")
             return
         if close is not None:
-            self._writer = asyncio.create_task(self._close_socket(close))
+            self._writer = asyncio.create_task(self._close_socket(close), context=self._context)
 
     def _write_now(self, transport: asyncio.Transport) -> Close | None:
         """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
@@ -559,7 +565,7 @@ class Connection:
 
     def _start_reader(self) -> None:
         if not self.ws.closed:
-            self._reader = asyncio.create_task(self._read_beside())
+            self._reader = asyncio.create_task(self._read_beside(), context=self._context)
 
     def _ensure_reader(self) -> None:
         if self._busy and self._reader is None:
