@@ -234,6 +234,13 @@ def table(results: dict[str, Any]) -> str:
         f"S3 offered rate: {meta['S3 offered rate'][0]:.0f} messages/s; medians of {meta['rounds'][0]} "
         f"interleaved rounds of {meta['duration'][0]:g} s."
     )
+    # The rounds themselves: on a shared machine the spread says how far to trust a median.
+    lines.append("")
+    lines.append("Each round, in order:")
+    for key in keys:
+        if key.startswith(("S1", "S2", "S5")):
+            rounds = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v in results[s].get(key, [])) for s in SERVERS)
+            lines.append(f"- {key}: {rounds}")
     return "\n".join(lines)
 
 
