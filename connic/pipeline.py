@@ -177,16 +177,20 @@ class _Reply(_Deadline):
         if isinstance(value, str):
             if self.streaming:
                 if value:
-                    turn = self.turn
                     if not self.started:
-                        self.started = True
-                        await self.emit(StreamStart(turn.id, turn.agent))
+                        await self._start()
                     self.parts.append(value)
-                    await self.emit(StreamChunk(turn.id, turn.agent, value))
+                    await self.emit(StreamChunk(self.turn.id, self.turn.agent, value))
             else:
                 self.parts.append(value)
         else:
             self.usage = value
+
+    async def _start(self) -> None:
+        # stream_start goes with the first chunk (or the end), never ahead: a middleware or
+        # agent that refuses a turn before producing anything sends only its error.
+        self.started = True
+        await self.emit(StreamStart(self.turn.id, self.turn.agent))
 
     async def end(self, reason: str) -> None:
         """The reply's last frame: ``stream_end`` (after ``stream_start`` if none went yet) or ``response``."""
@@ -195,8 +199,7 @@ class _Reply(_Deadline):
         token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
         if self.streaming:
             if not self.started:
-                self.started = True
-                await self.emit(StreamStart(turn.id, turn.agent))
+                await self._start()
             await self.emit(StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason))
         else:
             await self.emit(Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason))

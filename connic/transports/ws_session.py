@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
@@ -299,7 +299,7 @@ class Connection:
         if self._writer is not None:
             self._writer.cancel()
         if self._abort_task is None:
-            self._abort_task = asyncio.create_task(self._hard_close(code, reason), context=self._context)
+            self._abort_task = self._spawn(self._hard_close(code, reason))
 
     async def _hard_close(self, code: int, reason: str) -> None:
         try:
@@ -353,7 +353,7 @@ class Connection:
         if self._flush_scheduled or (writer is not None and not writer.done()):
             return  # a flush or a writer task will take it
         if self.transport_io is None:
-            self._writer = asyncio.create_task(self._write_loop(), context=self._context)
+            self._writer = self._spawn(self._write_loop())
         else:
             # A plain callback, not a task, shared with the other connections served in
             # this round of the loop: after the current step, everything queued meanwhile
@@ -375,7 +375,7 @@ class Connection:
                 return
             if transport.get_write_buffer_size() > _HIGH_WATER:
                 # The writer task waits for the client to catch up.
-                self._writer = asyncio.create_task(self._write_loop(), context=self._context)
+                self._writer = self._spawn(self._write_loop())
                 return
             close = self._write_now(transport)
         except Exception:
@@ -383,7 +383,7 @@ class Connection:
             self._abort(1011, "internal_error")
             return
         if close is not None:
-            self._writer = asyncio.create_task(self._close_socket(close), context=self._context)
+            self._writer = self._spawn(self._close_socket(close))
 
     def _write_now(self, transport: asyncio.Transport) -> Close | None:
         """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
@@ -563,9 +563,13 @@ class Connection:
         if raw is not None:
             raw.abort()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start one of the connection's own tasks, in the context of the handler that accepted it."""
+        return asyncio.create_task(coro, context=self._context)
+
     def _start_reader(self) -> None:
         if not self.ws.closed:
-            self._reader = asyncio.create_task(self._read_beside(), context=self._context)
+            self._reader = self._spawn(self._read_beside())
 
     def _ensure_reader(self) -> None:
         if self._busy and self._reader is None:
