@@ -215,50 +215,39 @@ def _usage(usage: Mapping[str, int]) -> str:
     return _dumps(dict(usage))
 
 
-def _reply_end(head: str, frame: Response | StreamEnd, text_key: str, text: str) -> str:
-    """A ``response`` or ``stream_end``: the same fields but for the whole text's key."""
-    return (
-        head
-        + _id(frame.id)
-        + ',"agent":'
-        + _string(frame.agent)
-        + text_key
-        + _string(text)
-        + ',"token_usage":'
-        + _usage(frame.token_usage)
-        + ',"finish_reason":'
-        + _string(frame.finish_reason)
-        + "}"
-    )
+# The frames of every turn are written by hand, each in one f-string (one allocation, where
+# a chain of + makes a string per step): a dict and the generic encoder cost several times
+# as much (docs/performance.md). tests/test_frames.py checks that both agree.
 
 
 def encode_ack(message_id: MessageId, message_number: int) -> str:
     """The JSON text of ``Ack(message_id, message_number)``, without making the frame (one per message)."""
-    return '{"type":"ack","id":' + _id(message_id) + ',"message_number":' + str(message_number) + "}"
+    return f'{{"type":"ack","id":{_id(message_id)},"message_number":{message_number}}}'
 
 
 def encode(frame: ServerFrame) -> str:
     """The JSON text of a server frame (exactly what ``json`` makes of ``frame.to_dict()``)."""
-    # The frames of every turn are written by hand: a dict and the generic encoder cost
-    # several times as much (docs/performance.md). tests/test_frames.py checks that both agree.
     if type(frame) is StreamChunk:
         return (
-            '{"type":"stream_chunk","id":'
-            + _id(frame.id)
-            + ',"agent":'
-            + _string(frame.agent)
-            + ',"chunk":'
-            + _string(frame.chunk)
-            + "}"
+            f'{{"type":"stream_chunk","id":{_id(frame.id)},"agent":{_string(frame.agent)},'
+            f'"chunk":{_string(frame.chunk)}}}'
         )
+    if type(frame) is Response:
+        return (
+            f'{{"type":"response","id":{_id(frame.id)},"agent":{_string(frame.agent)},'
+            f'"response":{_string(frame.response)},"token_usage":{_usage(frame.token_usage)},'
+            f'"finish_reason":{_string(frame.finish_reason)}}}'
+        )
+    if type(frame) is StreamEnd:
+        return (
+            f'{{"type":"stream_end","id":{_id(frame.id)},"agent":{_string(frame.agent)},'
+            f'"full_response":{_string(frame.full_response)},"token_usage":{_usage(frame.token_usage)},'
+            f'"finish_reason":{_string(frame.finish_reason)}}}'
+        )
+    if type(frame) is StreamStart:
+        return f'{{"type":"stream_start","id":{_id(frame.id)},"agent":{_string(frame.agent)}}}'
     if type(frame) is Ack:
         return encode_ack(frame.id, frame.message_number)
-    if type(frame) is Response:
-        return _reply_end('{"type":"response","id":', frame, ',"response":', frame.response)
-    if type(frame) is StreamStart:
-        return '{"type":"stream_start","id":' + _id(frame.id) + ',"agent":' + _string(frame.agent) + "}"
-    if type(frame) is StreamEnd:
-        return _reply_end('{"type":"stream_end","id":', frame, ',"full_response":', frame.full_response)
     return _dumps(frame.to_dict())
 
 

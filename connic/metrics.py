@@ -149,18 +149,30 @@ class Metrics:
             "connic_time_to_first_chunk_seconds", "Time from a turn's start to its first chunk.", ["agent"]
         )
         self.turn_duration = Histogram("connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"])
+        self._turn_keys: dict[str, tuple[LabelValues, LabelValues, LabelValues, dict[str, LabelValues]]] = {}
 
     def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
         """Count one finished turn: its reason, its duration and its tokens (once per turn, in one call)."""
+        # The label tuples are made once per agent and reason, not once per turn.
+        keys = self._turn_keys.get(agent)
+        if keys is None:
+            keys = self._turn_keys[agent] = ((agent,), (agent, "prompt"), (agent, "candidates"), {})
+        key = keys[3].get(reason)
+        if key is None:
+            key = keys[3][reason] = (agent, reason)
         turns = self.turns.values
-        key = (agent, reason)
         turns[key] = turns.get(key, 0) + 1
-        self.turn_duration.observe(seconds, agent)
+        duration = self.turn_duration
+        series = duration.series.get(keys[0])
+        if series is None:
+            series = duration.series[keys[0]] = [0.0] * (len(duration.bounds) + 2)
+        series[bisect.bisect_left(duration.bounds, seconds)] += 1
+        series[-1] += seconds
         if prompt or candidates:
             tokens = self.tokens.values
-            key = (agent, "prompt")
+            key = keys[1]
             tokens[key] = tokens.get(key, 0) + prompt
-            key = (agent, "candidates")
+            key = keys[2]
             tokens[key] = tokens.get(key, 0) + candidates
 
     def all(self) -> list[_Metric]:

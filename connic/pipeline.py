@@ -17,17 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+import time
+import types
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol
 
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import CallNext, Emit, MiddlewareFunc, agent_endpoint, agent_stream, compose, not_an_item
+from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, agent_stream, compose, not_an_item
 
-__all__ = ["build_turn_chain"]
+__all__ = ["TurnChain", "build_turn_chain"]
 
 log = logging.getLogger("connic.agent")
+
+_ASYNC_GENERATOR = types.AsyncGeneratorType
+
+
+class TurnChain(Protocol):
+    """What :func:`build_turn_chain` returns: ``await chain(turn, emit)`` answers one turn.
+
+    ``task`` is the task the chain runs in, if the caller has it at hand (it saves
+    looking it up); the time limit cancels that task.
+    """
+
+    def __call__(self, turn: Turn, emit: Emit, task: asyncio.Task[Any] | None = None, /) -> Coroutine[Any, Any, None]:
+        """Answer ``turn``, pushing its frames to ``emit``."""
+        ...
 
 
 class _Deadline:
@@ -61,10 +77,11 @@ class _TimeLimit:
         loop = deadline.task.get_loop()
         if loop is not self._loop:  # a chain outlives a test's event loop
             self._loop, self._running, self._handle = loop, {}, None
-        deadline.at = loop.time() + self.seconds
+        # On time.monotonic()'s clock, a C call where the loop's time() is a Python method.
+        deadline.at = time.monotonic() + self.seconds
         self._running[deadline] = None
         if self._handle is None:
-            self._handle = loop.call_at(deadline.at, self._expire)
+            self._handle = loop.call_later(self.seconds, self._expire)
 
     def stop(self, deadline: _Deadline) -> None:
         """The turn ended (its timer, if it was the oldest, fires and finds it gone)."""
@@ -74,12 +91,12 @@ class _TimeLimit:
         self._handle = None
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = time.monotonic()
         running = self._running
         while running:
             deadline = next(iter(running))
             if deadline.at > now:
-                self._handle = loop.call_at(deadline.at, self._expire)
+                self._handle = loop.call_later(deadline.at - now, self._expire)
                 return
             del running[deadline]
             deadline.expired = True
@@ -92,7 +109,7 @@ def build_turn_chain(
     streaming_on: bool,
     agent_timeout: float,
     user_middleware: Sequence[MiddlewareFunc] = (),
-) -> CallNext:
+) -> TurnChain:
     """The whole chain for one agent on one connector: ``await chain(turn, emit)`` answers a turn.
 
     ``emit`` receives the server frames of this agent's reply (``stream_start``,
@@ -102,9 +119,10 @@ def build_turn_chain(
     inner = compose(user_middleware, agent_endpoint(agent)) if user_middleware else None
     limit = _TimeLimit(agent_timeout)
 
-    async def chain(turn: Turn, emit: Emit) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def chain(turn: Turn, emit: Emit, task: asyncio.Task[Any] | None = None) -> None:
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None
         reply = _Reply(task, turn, emit, streaming_on)
         try:
             try:
@@ -114,14 +132,18 @@ def build_turn_chain(
                         await inner(turn, reply.item)
                     else:
                         # The agent iterated here rather than through the middleware
-                        # endpoint: an unstreamed chunk costs no call at all.
-                        stream = agent_stream(agent, turn)
+                        # endpoint: an unstreamed chunk or the usage costs no call at all.
+                        stream = agent.respond(turn)
+                        if type(stream) is not _ASYNC_GENERATOR:
+                            stream = agent_stream(agent, turn, stream)
                         parts = reply.parts
                         finished = False
                         try:
                             async for value in stream:
                                 if type(value) is str and not streaming_on:
                                     parts.append(value)
+                                elif type(value) is Usage:
+                                    reply.usage = value
                                 elif isinstance(value, (str, Usage)):
                                     await reply.item(value)
                                 else:
@@ -143,7 +165,9 @@ def build_turn_chain(
                 # Cancellation is not an error: the reply ends, marked cancelled.
                 await reply.end("cancelled")
                 raise
-            await reply.end("stop")
+            if streaming_on and not reply.started:
+                await reply._start()
+            await emit(reply.last("stop"))
         except ConnicError as exc:
             if not isinstance(exc, AgentError):
                 log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
@@ -193,13 +217,16 @@ class _Reply(_Deadline):
         await self.emit(StreamStart(self.turn.id, self.turn.agent))
 
     async def end(self, reason: str) -> None:
-        """The reply's last frame: ``stream_end`` (after ``stream_start`` if none went yet) or ``response``."""
+        """Send the reply's last frame (after ``stream_start``, if none went yet)."""
+        if self.streaming and not self.started:
+            await self._start()
+        await self.emit(self.last(reason))
+
+    def last(self, reason: str) -> Response | StreamEnd:
+        """The reply's last frame: ``stream_end`` or ``response``."""
         turn = self.turn
         usage = self.usage
         token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
         if self.streaming:
-            if not self.started:
-                await self._start()
-            await self.emit(StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason))
-        else:
-            await self.emit(Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason))
+            return StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason)
+        return Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason)

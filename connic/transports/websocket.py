@@ -18,8 +18,8 @@ from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
 from connic.errors import ConfigError, MessageTooLarge
 from connic.frames import ErrorFrame, encode
-from connic.middleware import CallNext, MiddlewareFunc
-from connic.pipeline import build_turn_chain
+from connic.middleware import MiddlewareFunc
+from connic.pipeline import TurnChain, build_turn_chain
 from connic.transport import Transport
 from connic.transports.ws_io import Flusher
 from connic.transports.ws_session import Connection
@@ -94,7 +94,7 @@ class WebSocketTransport(Transport):
             )
         self._secrets = [s.encode() for s in secrets]
         self.agent_names = tuple(agents)
-        self.chains: dict[str, CallNext] = {
+        self.chains: dict[str, TurnChain] = {
             name: build_turn_chain(
                 agent,
                 streaming_on=self.options.streaming,

@@ -9,7 +9,7 @@ import struct
 import time
 from collections.abc import Callable
 
-__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "sendable", "text_frame"]
+__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "sendable", "text_frame", "text_header"]
 
 
 class Close:
@@ -203,12 +203,16 @@ def text_frame(text: str) -> bytes:
         payload = text.encode("utf-8")
     except UnicodeEncodeError:
         payload = sendable(text).encode("utf-8")
-    size = len(payload)
+    return text_header(len(payload)) + payload
+
+
+def text_header(size: int) -> bytes:
+    """The header of an unmasked, unfragmented text frame of ``size`` payload bytes."""
     if size < 126:
-        return bytes((0x81, size)) + payload
+        return bytes((0x81, size))
     if size < 65536:
-        return _HEADER16.pack(0x81, 126, size) + payload
-    return _HEADER64.pack(0x81, 127, size) + payload
+        return _HEADER16.pack(0x81, 126, size)
+    return _HEADER64.pack(0x81, 127, size)
 
 
 _HEADER16 = struct.Struct("!BBH")

@@ -19,14 +19,15 @@ import contextlib
 import contextvars
 import logging
 import math
+import struct
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from connic.agent import HistoryRecord, HistoryView, Session, Turn
+from connic.agent import HistoryRecord, HistoryView, Turn, new_session, new_turn
 from connic.errors import (
     AuthTimeout,
     ConnicError,
@@ -45,6 +46,7 @@ from connic.errors import (
 from connic.frames import (
     AuthFrame,
     CancelFrame,
+    ClientFrame,
     Connected,
     ErrorFrame,
     MessageFrame,
@@ -60,7 +62,7 @@ from connic.frames import (
     encode_ack,
     parse_client_frame,
 )
-from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame
+from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame, text_header
 
 if TYPE_CHECKING:
     from connic.transports.websocket import WebSocketTransport
@@ -71,18 +73,53 @@ log = logging.getLogger("connic.websocket")
 
 
 class _Pending:
-    """An accepted message, queued or being answered."""
+    """An accepted message, queued or being answered, and where its agents' frames go."""
 
-    __slots__ = ("cancelled", "frame", "id", "number", "results", "started", "tasks")
+    __slots__ = ("at", "cancelled", "conn", "first_chunks", "frame", "id", "number", "results", "started", "tasks")
 
-    def __init__(self, frame: MessageFrame, message_id: MessageId, number: int) -> None:
+    def __init__(self, conn: Connection, frame: MessageFrame, message_id: MessageId, number: int) -> None:
+        self.conn = conn
         self.frame = frame
         self.id = message_id
         self.number = number
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.results: dict[str, str] = {}
+        self.results: dict[str, str] = {}  # each agent's whole answer, for the history
         self.cancelled = False
         self.started: set[str] | None = None  # agents whose task has begun; None: one agent, in the connection's task
+        self.at = 0.0  # when answering began (time.monotonic())
+        self.first_chunks: set[str] | None = None  # agents that sent a chunk (streaming)
+
+    async def emit(self, out: ServerFrame) -> None:
+        """Queue one of the reply's frames; count the reply's end in the metrics."""
+        conn = self.conn
+        if type(out) is StreamChunk:
+            first = self.first_chunks
+            if first is None:
+                first = self.first_chunks = set()
+            if out.agent not in first:
+                first.add(out.agent)
+                conn.metrics.first_chunk.observe(time.monotonic() - self.at, out.agent)
+        elif type(out) is Response or type(out) is StreamEnd:
+            # The reply's end: its text goes into the history; the turn's metrics.
+            self.results[out.agent] = out.response if isinstance(out, Response) else out.full_response
+            prompt = candidates = 0
+            usage = out.token_usage
+            if usage:
+                prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
+                conn.tokens_in += prompt
+                conn.tokens_out += candidates
+            conn.metrics.turn_ended(out.agent, out.finish_reason, time.monotonic() - self.at, prompt, candidates)
+        elif type(out) is ErrorFrame and out.agent is not None:
+            conn.metrics.turn_ended(out.agent, "error", time.monotonic() - self.at, 0, 0)
+        # Queue the frame; the common case, room in the outbox, costs no coroutine.
+        if conn.closing:
+            return
+        if type(out) is ErrorFrame:
+            conn.metrics.errors.inc(conn.path, out.code)
+        data = encode(out)
+        outbox = conn.outbox
+        if not outbox.put_nowait(data) and not await outbox.put(data, conn.options.send_timeout):
+            conn._slow_consumer()
 
 
 class Connection:
@@ -99,6 +136,7 @@ class Connection:
         "_flusher",
         "_loop",
         "_main",
+        "_path_key",
         "_pinged",
         "_reader",
         "_socket_done",
@@ -149,8 +187,9 @@ class Connection:
         self.draining = False
         self.idle = Flag(True)
         self._loop = asyncio.get_running_loop()
-        self.last_activity = self._loop.time()
-        self.last_seen = time.monotonic()  # when a frame last came in (any frame: the heartbeat's clock)
+        # time.monotonic(), not the loop's clock: _admit takes it from last_seen, at no cost.
+        self.last_activity = time.monotonic()  # when the last message came in or was answered
+        self.last_seen = self.last_activity  # when a frame last came in (any frame: the heartbeat's clock)
         self._beat: asyncio.TimerHandle | None = None
         self._pinged: float | None = None  # when the unanswered heartbeat ping went out
         self._main: asyncio.Task[Any] | None = None  # the connection's task: reads while idle, answers
@@ -177,6 +216,7 @@ class Connection:
             io if isinstance(io, asyncio.Transport) and not self.options.compress else None
         )
         self.path = transport.connector.path
+        self._path_key = (self.path,)
         self.started = time.monotonic()
         self.authenticated = False
         self.close_code: int | None = None
@@ -210,7 +250,9 @@ class Connection:
                         session_timeout=_number(opts.session_timeout),
                     )
                 )
-                self._expiry = self._loop.call_at(self.last_activity + opts.session_timeout, self._check_expiry)
+                self._expiry = self._loop.call_later(
+                    self.last_activity + opts.session_timeout - time.monotonic(), self._check_expiry
+                )
                 await self._serve()
         finally:
             await self._cleanup()
@@ -363,7 +405,8 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._ensure_reader()  # if an answer is waiting, read beside it
+        if self._busy and self._reader is None:
+            self._start_reader()  # an answer is waiting: read beside it
         writer = self._writer
         transport = self.transport_io
         if transport is None or (writer is not None and not writer.done()) or not self.outbox.items:
@@ -389,11 +432,26 @@ class Connection:
         """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
         batch: list[bytes] = []
         for item in self.outbox.take_all():
-            if isinstance(item, Close):
+            if type(item) is str:
+                # text_frame(item), inlined: the common frame's header is a ready-made object.
+                try:
+                    payload = item.encode()
+                except UnicodeEncodeError:
+                    batch.append(text_frame(item))
+                    continue
+                size = len(payload)
+                if size < 126:
+                    batch.append(_SMALL_HEADERS[size])
+                elif size < 65536:
+                    batch.append(_HEADER16(0x81, 126, size))
+                else:
+                    batch.append(text_header(size))
+                batch.append(payload)
+            else:
+                assert isinstance(item, Close)
                 if batch:
                     transport.write(b"".join(batch))
                 return item
-            batch.append(text_frame(item))
         if batch:
             transport.write(b"".join(batch))
         return None
@@ -514,7 +572,15 @@ class Connection:
         """Handle one received message; False once the socket is done."""
         self.last_seen = time.monotonic()
         if kind is WSMsgType.TEXT:
-            self._on_text(data)
+            try:
+                frame = parse_client_frame(data)
+            except ProtocolError as exc:
+                self._reject(exc, getattr(exc, "message_id", None))
+                return True
+            if type(frame) is MessageFrame:
+                self._admit(frame)
+            else:
+                self._on_other(frame)
         elif kind is WSMsgType.BINARY:
             self._reject(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
         elif kind is WSMsgType.PING:
@@ -614,15 +680,9 @@ class Connection:
         retry_after = getattr(error, "retry_after", None)
         self._send_control(ErrorFrame(id=message_id, code=error.code, message=error.message, retry_after=retry_after))
 
-    def _on_text(self, text: str) -> None:
-        try:
-            frame = parse_client_frame(text)
-        except ProtocolError as exc:
-            self._reject(exc, getattr(exc, "message_id", None))
-            return
-        if isinstance(frame, MessageFrame):
-            self._admit(frame)
-        elif isinstance(frame, CancelFrame):
+    def _on_other(self, frame: ClientFrame) -> None:
+        """A client frame other than a message."""
+        if isinstance(frame, CancelFrame):
             self._cancel(frame.id)
         elif isinstance(frame, PingFrame):
             self._send_control(Pong())
@@ -656,10 +716,11 @@ class Connection:
             self._reject(QueueFull(f"{waiting} messages are already waiting to be answered"), frame.id)
             return
         self.count += 1
-        self.metrics.messages.inc(self.path)
+        messages = self.metrics.messages.values  # Counter.inc(self.path), without its call
+        messages[self._path_key] = messages.get(self._path_key, 0) + 1
         message_id = frame.id if frame.id is not None else f"auto-{self.count}"
-        self.last_activity = self._loop.time()
-        self.pending.append(_Pending(frame, message_id, self.count))
+        self.last_activity = self.last_seen  # set by _dispatch, just now
+        self.pending.append(_Pending(self, frame, message_id, self.count))
         self.idle.clear()
         # The ack's flush runs once the connection's task pauses: a quick answer leaves in
         # the same write as its ack, which still goes first.
@@ -704,83 +765,59 @@ class Connection:
         if not self._flush_scheduled:
             # The flush callback starts a reader if an answer waits; without one queued, ask directly.
             self._loop.call_soon(self._ensure_reader)
+        chains = self.transport.chains
         try:
             while self.pending and not self._socket_done:
                 pending = self.pending.pop(0)
                 self.current = pending
                 try:
-                    await self._answer(pending)
+                    frame = pending.frame
+                    pending.at = time.monotonic()
+                    history = HistoryView(self.history)
+                    if frame.agent is not None or len(chains) == 1:
+                        # One agent: run it in this task rather than a task of its own (cheaper per
+                        # message); a cancel of this message cancels this task, and it carries on.
+                        # (Answered here, not in a coroutine of its own: one fewer per message.)
+                        name = frame.agent if frame.agent is not None else self.transport.agent_names[0]
+                        task = self._main
+                        assert task is not None
+                        pending.tasks[name] = task
+                        try:
+                            await chains[name](self._turn(pending, name, history), pending.emit, task)
+                        except asyncio.CancelledError:
+                            if not pending.cancelled or task.uncancel() > 0:
+                                raise
+                        self.history.append(("user", frame.text, None))
+                        text = pending.results.get(name)
+                        if text:
+                            self.history.append(("agent", text, name))
+                    else:
+                        await self._answer_all(pending, history)
                 finally:
                     self.current = None
-                    self.last_activity = self._loop.time()
+                    self.last_activity = time.monotonic()
         finally:
             self._busy = False
             if not self.pending:
                 self.idle.set()
 
-    async def _answer(self, pending: _Pending) -> None:
-        frame = pending.frame
-        metrics = self.metrics
-        started = time.monotonic()
-        first_chunks: set[str] = set()
-        results = pending.results
-
-        async def emit(out: ServerFrame) -> None:
-            if type(out) is StreamChunk:
-                if out.agent not in first_chunks:
-                    first_chunks.add(out.agent)
-                    metrics.first_chunk.observe(time.monotonic() - started, out.agent)
-            elif type(out) is Response or type(out) is StreamEnd:
-                # The reply's end: its text goes into the history; the turn's metrics.
-                results[out.agent] = out.response if isinstance(out, Response) else out.full_response
-                prompt = candidates = 0
-                usage = out.token_usage
-                if usage:
-                    prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
-                    self.tokens_in += prompt
-                    self.tokens_out += candidates
-                metrics.turn_ended(out.agent, out.finish_reason, time.monotonic() - started, prompt, candidates)
-            elif type(out) is ErrorFrame and out.agent is not None:
-                metrics.turn_ended(out.agent, "error", time.monotonic() - started, 0, 0)
-            # Queue the frame; the common case, room in the outbox, costs no coroutine.
-            if self.closing:
-                return
-            if type(out) is ErrorFrame:
-                metrics.errors.inc(self.path, out.code)
-            data = encode(out)
-            if not self.outbox.put_nowait(data) and not await self.outbox.put(data, self.options.send_timeout):
-                self._slow_consumer()
-
-        history = HistoryView(self.history)
+    async def _answer_all(self, pending: _Pending, history: HistoryView) -> None:
+        """Every agent answers ``pending``, each in a task of its own, concurrently."""
         chains = self.transport.chains
-        if frame.agent is not None or len(chains) == 1:
-            # One agent: run it in this task rather than a task of its own (cheaper per
-            # message); a cancel of this message cancels this task, and it carries on.
-            name = frame.agent if frame.agent is not None else self.transport.agent_names[0]
-            names: Sequence[str] = (name,)
-            task = self._main
-            assert task is not None
-            pending.tasks[name] = task
-            turn = self._turn(pending, name, history)
-            try:
-                await chains[name](turn, emit)
-            except asyncio.CancelledError:
-                if not pending.cancelled or task.uncancel() > 0:
-                    raise
-        else:
-            names = self.transport.agent_names
-            pending.started = set()
+        names = self.transport.agent_names
+        started: set[str] = set()
+        pending.started = started
 
-            async def run(turn: Turn) -> None:
-                pending.started.add(turn.agent)  # type: ignore[union-attr]
-                await chains[turn.agent](turn, emit)
+        async def run(turn: Turn) -> None:
+            started.add(turn.agent)
+            await chains[turn.agent](turn, pending.emit)
 
-            async with asyncio.TaskGroup() as group:
-                for name in names:
-                    pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
-        self.history.append(("user", frame.text, None))
+        async with asyncio.TaskGroup() as group:
+            for name in names:
+                pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
+        self.history.append(("user", pending.frame.text, None))
         for name in names:
-            text = results.get(name)
+            text = pending.results.get(name)
             if text:
                 self.history.append(("agent", text, name))
 
@@ -789,27 +826,33 @@ class Connection:
         state = self.states.get(agent)
         if state is None:
             state = self.states[agent] = {}
-        # Positional: attrs' keyword parsing is a third of the cost of building a Turn.
-        session = Session(self.session_id, history, state)
-        return Turn(
-            pending.id, pending.number, frame.text, frame.context, frame.files, session, agent, self.options.streaming
+        return new_turn(
+            pending.id,
+            pending.number,
+            frame.text,
+            frame.context,
+            frame.files,
+            new_session(self.session_id, history, state),
+            agent,
+            self.options.streaming,
         )
 
     def _check_expiry(self) -> None:
         timeout = self.options.session_timeout
-        now = self._loop.time()
-        deadline = self.last_activity + timeout
-        if deadline > now:
-            self._expiry = self._loop.call_at(deadline, self._check_expiry)
+        left = self.last_activity + timeout - time.monotonic()
+        if left > 0:
+            self._expiry = self._loop.call_later(left, self._check_expiry)
         elif not self.idle.is_set():
             # A reply is in flight; its end counts as activity, so look again later.
-            self._expiry = self._loop.call_at(now + timeout, self._check_expiry)
+            self._expiry = self._loop.call_later(timeout, self._check_expiry)
         else:
             self._expiry = None
             self.close(SessionExpired(f"session expired after {timeout:g} s without a message"))
 
 
 _HIGH_WATER = 64 * 1024
+_SMALL_HEADERS = tuple(text_header(size) for size in range(126))
+_HEADER16 = struct.Struct("!BBH").pack
 # The most one read of the socket takes. asyncio's selector transport reads up to
 # 256 KiB at a time into a new bytes object: above glibc's mmap threshold, so a
 # process can settle into mapping, shrinking and unmapping that buffer (page faults
