@@ -105,6 +105,7 @@ class WebSocketTransport(Transport):
         }
         self.connections: set[Connection] = set()
         self.flusher = Flusher()  # one write callback per round of the event loop for all connections
+        self.path_key = (connector.path,)  # the metrics' label values of this connector, shared by its connections
         self.draining = False
 
     def install(self, app: web.Application) -> None:

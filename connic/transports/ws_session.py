@@ -216,7 +216,7 @@ class Connection:
             io if isinstance(io, asyncio.Transport) and not self.options.compress else None
         )
         self.path = transport.connector.path
-        self._path_key = (self.path,)
+        self._path_key = transport.path_key
         self.started = time.monotonic()
         self.authenticated = False
         self.close_code: int | None = None
