@@ -85,13 +85,13 @@ def agent_endpoint(agent: Agent) -> CallNext:
     return endpoint
 
 
-def agent_stream(agent: Agent, turn: Turn, stream: AsyncIterator[Any] | None = None) -> AsyncGenerator[Any, None]:
-    """``agent.respond(turn)``, refused with an AgentError unless it is an async generator.
+def agent_stream(agent: Agent, turn: Turn) -> AsyncGenerator[Any, None]:
+    """``agent.respond(turn)``, refused with an AgentError unless it is an async generator."""
+    return checked_stream(agent, agent.respond(turn))
 
-    ``stream``, when given, is what ``agent.respond(turn)`` already returned.
-    """
-    if stream is None:
-        stream = agent.respond(turn)
+
+def checked_stream(agent: Agent, stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    """``stream``, what ``agent.respond`` returned, refused with an AgentError unless it is an async generator."""
     if not hasattr(stream, "aclose"):
         raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
     return stream  # type: ignore[return-value]

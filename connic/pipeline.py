@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, agent_stream, compose, not_an_item
+from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, checked_stream, compose, not_an_item
 
 __all__ = ["TurnChain", "build_turn_chain"]
 
@@ -37,8 +37,8 @@ _ASYNC_GENERATOR = types.AsyncGeneratorType
 class TurnChain(Protocol):
     """What :func:`build_turn_chain` returns: ``await chain(turn, emit)`` answers one turn.
 
-    ``task`` is the task the chain runs in, if the caller has it at hand (it saves
-    looking it up); the time limit cancels that task.
+    ``task``, if given, must be the task the chain runs in (the current task): the caller
+    may have it at hand, which saves looking it up. The time limit cancels that task.
     """
 
     def __call__(self, turn: Turn, emit: Emit, task: asyncio.Task[Any] | None = None, /) -> Coroutine[Any, Any, None]:
@@ -135,7 +135,7 @@ def build_turn_chain(
                         # endpoint: an unstreamed chunk or the usage costs no call at all.
                         stream = agent.respond(turn)
                         if type(stream) is not _ASYNC_GENERATOR:
-                            stream = agent_stream(agent, turn, stream)
+                            stream = checked_stream(agent, stream)
                         parts = reply.parts
                         finished = False
                         try:

@@ -71,10 +71,28 @@ class BadYield(connic.Agent):
         yield 42
 
 
+class NotAGenerator(connic.Agent):
+    """A plain ``respond`` that returns nothing, counting its calls."""
+
+    calls = 0
+
+    def respond(self, turn: connic.Turn) -> Any:
+        NotAGenerator.calls += 1
+        return None
+
+
 def test_registry() -> Registry:
     """The installed plugins plus the agents above."""
     registry = load_registry()
-    for name, cls in {"inspect": Inspect, "fail": Fail, "slow": Slow, "nousage": NoUsage, "badyield": BadYield}.items():
+    agents = {
+        "inspect": Inspect,
+        "fail": Fail,
+        "slow": Slow,
+        "nousage": NoUsage,
+        "badyield": BadYield,
+        "notagenerator": NotAGenerator,
+    }
+    for name, cls in agents.items():
         registry.register("agents", name, cls)
     return registry
 

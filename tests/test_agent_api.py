@@ -8,6 +8,14 @@ import pytest
 from connic.agent import File, HistoryView, Session, Turn, new_session, new_turn
 
 
+def test_the_classes_have_nothing_the_fast_builders_would_skip() -> None:
+    # new_turn and new_session set the slots directly: a validator, converter or
+    # __attrs_post_init__ added to Turn or Session would not run for them.
+    for cls in (Turn, Session):
+        assert not hasattr(cls, "__attrs_post_init__")
+        assert all(f.validator is None and f.converter is None for f in attrs.fields(cls))
+
+
 def test_new_session_equals_the_class_built_one() -> None:
     history = HistoryView([("user", "hi", None), ("agent", "hello", "echo")])
     state = {"n": 1}

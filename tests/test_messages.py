@@ -9,7 +9,7 @@ import json
 import pytest
 
 from conftest import Connect, StartServer, make_config
-from helpers import test_registry
+from helpers import NotAGenerator, test_registry
 
 
 async def inspect_server(start_server: StartServer, connector: dict | None = None):  # type: ignore[no-untyped-def]
@@ -208,6 +208,23 @@ async def test_agent_yielding_garbage_is_an_agent_error(start_server: StartServe
     frames = await client.reply({"message": "x"})
     assert frames[-1]["code"] == "agent_error"
     assert "expected str or connic.Usage" in frames[-1]["message"]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_respond_not_an_async_generator_is_an_agent_error_called_once(
+    start_server: StartServer, connect: Connect, streaming: bool
+) -> None:
+    NotAGenerator.calls = 0
+    config = make_config({"streaming": streaming}, agents={"plain": {"use": "notagenerator"}})
+    server = await start_server(config, registry=test_registry())
+    client = await connect(server.url())
+    frames = await client.reply({"message": "x"})
+    assert frames[-1]["code"] == "agent_error"
+    assert "NotAGenerator.respond must be an async generator" in frames[-1]["message"]
+    assert NotAGenerator.calls == 1  # respond ran once: its side effects are not repeated
+    frames = await client.reply({"message": "again"})
+    assert frames[-1]["code"] == "agent_error"
+    assert NotAGenerator.calls == 2
 
 
 async def test_messages_answered_in_order_with_history(start_server: StartServer, connect: Connect) -> None:

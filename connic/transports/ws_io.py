@@ -9,7 +9,7 @@ import struct
 import time
 from collections.abc import Callable
 
-__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "sendable", "text_frame", "text_header"]
+__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "HEADER16", "sendable", "text_frame", "text_header"]
 
 
 class Close:
@@ -211,9 +211,10 @@ def text_header(size: int) -> bytes:
     if size < 126:
         return bytes((0x81, size))
     if size < 65536:
-        return _HEADER16.pack(0x81, 126, size)
+        return HEADER16.pack(0x81, 126, size)
     return _HEADER64.pack(0x81, 127, size)
 
 
-_HEADER16 = struct.Struct("!BBH")
+HEADER16 = struct.Struct("!BBH")
+"""Byte 0, byte 1 and the 16-bit length of a frame header with a payload of 126 to 65535 bytes."""
 _HEADER64 = struct.Struct("!BBQ")

@@ -19,7 +19,6 @@ import contextlib
 import contextvars
 import logging
 import math
-import struct
 import time
 import uuid
 from collections.abc import Coroutine
@@ -62,7 +61,7 @@ from connic.frames import (
     encode_ack,
     parse_client_frame,
 )
-from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame, text_header
+from connic.transports.ws_io import HEADER16, Close, Flag, Outbox, TokenBucket, sendable, text_frame, text_header
 
 if TYPE_CHECKING:
     from connic.transports.websocket import WebSocketTransport
@@ -852,7 +851,7 @@ class Connection:
 
 _HIGH_WATER = 64 * 1024
 _SMALL_HEADERS = tuple(text_header(size) for size in range(126))
-_HEADER16 = struct.Struct("!BBH").pack
+_HEADER16 = HEADER16.pack
 # The most one read of the socket takes. asyncio's selector transport reads up to
 # 256 KiB at a time into a new bytes object: above glibc's mmap threshold, so a
 # process can settle into mapping, shrinking and unmapping that buffer (page faults
