@@ -62,6 +62,10 @@ class Counter(_Metric):
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         """Add ``amount`` to the series named by ``labels``."""
+        self.add(labels, amount)
+
+    def add(self, labels: LabelValues, amount: float = 1) -> None:
+        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
         self.values[labels] = self.values.get(labels, 0) + amount
 
     def get(self, *labels: str) -> float:
@@ -100,6 +104,10 @@ class Histogram(_Metric):
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one observation in the series named by ``labels``."""
+        self.add(labels, value)
+
+    def add(self, labels: LabelValues, value: float) -> None:
+        """``observe(value, *labels)`` with the label values already in a tuple (the hot path's)."""
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
@@ -162,12 +170,7 @@ class Metrics:
             key = keys[3][reason] = (agent, reason)
         turns = self.turns.values
         turns[key] = turns.get(key, 0) + 1
-        duration = self.turn_duration
-        series = duration.series.get(keys[0])
-        if series is None:
-            series = duration.series[keys[0]] = [0.0] * (len(duration.bounds) + 2)
-        series[bisect.bisect_left(duration.bounds, seconds)] += 1
-        series[-1] += seconds
+        self.turn_duration.add(keys[0], seconds)
         if prompt or candidates:
             tokens = self.tokens.values
             key = keys[1]

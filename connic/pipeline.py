@@ -165,9 +165,7 @@ def build_turn_chain(
                 # Cancellation is not an error: the reply ends, marked cancelled.
                 await reply.end("cancelled")
                 raise
-            if streaming_on and not reply.started:
-                await reply._start()
-            await emit(reply.last("stop"))
+            await reply.end("stop")
         except ConnicError as exc:
             if not isinstance(exc, AgentError):
                 log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
@@ -217,16 +215,13 @@ class _Reply(_Deadline):
         await self.emit(StreamStart(self.turn.id, self.turn.agent))
 
     async def end(self, reason: str) -> None:
-        """Send the reply's last frame (after ``stream_start``, if none went yet)."""
-        if self.streaming and not self.started:
-            await self._start()
-        await self.emit(self.last(reason))
-
-    def last(self, reason: str) -> Response | StreamEnd:
-        """The reply's last frame: ``stream_end`` or ``response``."""
+        """The reply's last frame: ``stream_end`` (after ``stream_start`` if none went yet) or ``response``."""
         turn = self.turn
         usage = self.usage
         token_usage = usage.as_dict() if usage is not None else {"prompt_tokens": 0, "candidates_tokens": 0}
         if self.streaming:
-            return StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason)
-        return Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason)
+            if not self.started:
+                await self._start()
+            await self.emit(StreamEnd(turn.id, turn.agent, "".join(self.parts), token_usage, reason))
+        else:
+            await self.emit(Response(turn.id, turn.agent, "".join(self.parts), token_usage, reason))

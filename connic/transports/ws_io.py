@@ -9,7 +9,7 @@ import struct
 import time
 from collections.abc import Callable
 
-__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "HEADER16", "sendable", "text_frame", "text_header"]
+__all__ = ["Close", "Flag", "Flusher", "Outbox", "TokenBucket", "sendable", "text_frame", "text_header"]
 
 
 class Close:
@@ -209,12 +209,12 @@ def text_frame(text: str) -> bytes:
 def text_header(size: int) -> bytes:
     """The header of an unmasked, unfragmented text frame of ``size`` payload bytes."""
     if size < 126:
-        return bytes((0x81, size))
+        return _SMALL_HEADERS[size]  # made once: most frames are small
     if size < 65536:
-        return HEADER16.pack(0x81, 126, size)
+        return _HEADER16.pack(0x81, 126, size)
     return _HEADER64.pack(0x81, 127, size)
 
 
-HEADER16 = struct.Struct("!BBH")
-"""Byte 0, byte 1 and the 16-bit length of a frame header with a payload of 126 to 65535 bytes."""
+_HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
+_SMALL_HEADERS = tuple(bytes((0x81, size)) for size in range(126))

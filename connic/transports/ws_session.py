@@ -61,7 +61,7 @@ from connic.frames import (
     encode_ack,
     parse_client_frame,
 )
-from connic.transports.ws_io import HEADER16, Close, Flag, Outbox, TokenBucket, sendable, text_frame, text_header
+from connic.transports.ws_io import Close, Flag, Outbox, TokenBucket, sendable, text_frame, text_header
 
 if TYPE_CHECKING:
     from connic.transports.websocket import WebSocketTransport
@@ -404,8 +404,7 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._busy and self._reader is None:
-            self._start_reader()  # an answer is waiting: read beside it
+        self._ensure_reader()  # if an answer is waiting, read beside it
         writer = self._writer
         transport = self.transport_io
         if transport is None or (writer is not None and not writer.done()) or not self.outbox.items:
@@ -432,19 +431,13 @@ class Connection:
         batch: list[bytes] = []
         for item in self.outbox.take_all():
             if type(item) is str:
-                # text_frame(item), inlined: the common frame's header is a ready-made object.
+                # text_frame(item), with header and payload joined once, in the batch.
                 try:
                     payload = item.encode()
                 except UnicodeEncodeError:
                     batch.append(text_frame(item))
                     continue
-                size = len(payload)
-                if size < 126:
-                    batch.append(_SMALL_HEADERS[size])
-                elif size < 65536:
-                    batch.append(_HEADER16(0x81, 126, size))
-                else:
-                    batch.append(text_header(size))
+                batch.append(text_header(len(payload)))
                 batch.append(payload)
             else:
                 assert isinstance(item, Close)
@@ -715,8 +708,7 @@ class Connection:
             self._reject(QueueFull(f"{waiting} messages are already waiting to be answered"), frame.id)
             return
         self.count += 1
-        messages = self.metrics.messages.values  # Counter.inc(self.path), without its call
-        messages[self._path_key] = messages.get(self._path_key, 0) + 1
+        self.metrics.messages.add(self._path_key)
         message_id = frame.id if frame.id is not None else f"auto-{self.count}"
         self.last_activity = self.last_seen  # set by _dispatch, just now
         self.pending.append(_Pending(self, frame, message_id, self.count))
@@ -781,17 +773,20 @@ class Connection:
                         task = self._main
                         assert task is not None
                         pending.tasks[name] = task
+                        names: tuple[str, ...] = (name,)
                         try:
                             await chains[name](self._turn(pending, name, history), pending.emit, task)
                         except asyncio.CancelledError:
                             if not pending.cancelled or task.uncancel() > 0:
                                 raise
-                        self.history.append(("user", frame.text, None))
+                    else:
+                        names = self.transport.agent_names
+                        await self._answer_all(pending, history)
+                    self.history.append(("user", frame.text, None))
+                    for name in names:
                         text = pending.results.get(name)
                         if text:
                             self.history.append(("agent", text, name))
-                    else:
-                        await self._answer_all(pending, history)
                 finally:
                     self.current = None
                     self.last_activity = time.monotonic()
@@ -803,7 +798,6 @@ class Connection:
     async def _answer_all(self, pending: _Pending, history: HistoryView) -> None:
         """Every agent answers ``pending``, each in a task of its own, concurrently."""
         chains = self.transport.chains
-        names = self.transport.agent_names
         started: set[str] = set()
         pending.started = started
 
@@ -812,13 +806,8 @@ class Connection:
             await chains[turn.agent](turn, pending.emit)
 
         async with asyncio.TaskGroup() as group:
-            for name in names:
+            for name in self.transport.agent_names:
                 pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
-        self.history.append(("user", pending.frame.text, None))
-        for name in names:
-            text = pending.results.get(name)
-            if text:
-                self.history.append(("agent", text, name))
 
     def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
         frame = pending.frame
@@ -850,8 +839,6 @@ class Connection:
 
 
 _HIGH_WATER = 64 * 1024
-_SMALL_HEADERS = tuple(text_header(size) for size in range(126))
-_HEADER16 = HEADER16.pack
 # The most one read of the socket takes. asyncio's selector transport reads up to
 # 256 KiB at a time into a new bytes object: above glibc's mmap threshold, so a
 # process can settle into mapping, shrinking and unmapping that buffer (page faults
