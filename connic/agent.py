@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, overload
 
 import attrs
 
-__all__ = ["Agent", "File", "HistoryEntry", "HistoryRecord", "HistoryView", "Session", "Turn", "Usage"]
+__all__ = ["Agent", "File", "HistoryEntry", "HistoryView", "Session", "Turn", "Usage"]
 
 
 @attrs.frozen
@@ -43,31 +43,37 @@ class HistoryEntry:
 
     ``role`` is ``"user"`` for a client message and ``"agent"`` for an agent's
     complete answer; ``agent`` names the answering agent (``None`` for users).
+    ``id`` and ``message_number`` are those of the message the entry belongs to.
     """
 
     role: Literal["user", "agent"]
     text: str
     agent: str | None = None
+    id: str | int | None = None
+    message_number: int | None = None
 
-
-HistoryRecord = tuple[Literal["user", "agent"], str, "str | None"]
-"""How a session stores one history entry: ``(role, text, agent)``."""
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form used by the ``history`` frame (PROTOCOL.md §8)."""
+        return {
+            "role": self.role,
+            "text": self.text,
+            "id": self.id,
+            "message_number": self.message_number,
+            "agent": self.agent,
+        }
 
 
 class HistoryView(Sequence[HistoryEntry]):
     """A read-only view of the first ``length`` entries of a session's history.
 
-    A session's history only grows, so a prefix of it never changes: agents get
-    this view instead of a copy, which would cost time proportional to the
-    conversation on every turn. The session stores plain ``(role, text, agent)``
-    tuples, which are cheaper to make than a :class:`HistoryEntry` and which the
-    garbage collector stops tracking (a long history costs its collections
-    nothing); the view makes the entries as they are read.
+    A session's history list only grows (trimming replaces the list rather than
+    changing it), so a prefix of it never changes: agents get this view instead
+    of a copy, which would cost time proportional to the conversation on every turn.
     """
 
     __slots__ = ("_entries", "_length")
 
-    def __init__(self, entries: list[HistoryRecord], length: int | None = None) -> None:
+    def __init__(self, entries: list[HistoryEntry], length: int | None = None) -> None:
         self._entries = entries
         self._length = len(entries) if length is None else length
 
@@ -82,15 +88,15 @@ class HistoryView(Sequence[HistoryEntry]):
 
     def __getitem__(self, index: int | slice) -> HistoryEntry | Sequence[HistoryEntry]:
         if isinstance(index, slice):
-            return tuple(itertools.starmap(HistoryEntry, self._entries[: self._length][index]))
+            return tuple(self._entries[: self._length][index])
         if index < 0:
             index += self._length
         if not 0 <= index < self._length:
             raise IndexError("history index out of range")
-        return HistoryEntry(*self._entries[index])
+        return self._entries[index]
 
     def __iter__(self) -> Iterator[HistoryEntry]:
-        return itertools.starmap(HistoryEntry, itertools.islice(self._entries, self._length))
+        return itertools.islice(self._entries, self._length)
 
     def __repr__(self) -> str:
         return f"HistoryView({list(self)!r})"
@@ -155,46 +161,3 @@ class Agent:
     def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
         """Answer one turn: yield text chunks, and optionally a :class:`Usage`."""
         raise NotImplementedError(f"{type(self).__name__} does not implement respond()")
-
-
-# Built once per turn by the transport: through the slots' own descriptors, a frozen attrs
-# class builds in two thirds of the time its __init__ takes (a bound object.__setattr__
-# called per field). Nothing else differs: attrs adds no validators or converters here, and
-# tests/test_agent_api.py checks that both give equal objects with every field set.
-_new = object.__new__
-_SESSION_SLOTS = tuple(Session.__dict__[field.name].__set__ for field in attrs.fields(Session))
-_TURN_SLOTS = tuple(Turn.__dict__[field.name].__set__ for field in attrs.fields(Turn))
-
-
-def new_session(session_id: str, history: Sequence[HistoryEntry], state: dict[str, Any]) -> Session:
-    """``Session(session_id, history, state)``, built faster."""
-    session = _new(Session)
-    set_id, set_history, set_state = _SESSION_SLOTS
-    set_id(session, session_id)
-    set_history(session, history)
-    set_state(session, state)
-    return session
-
-
-def new_turn(
-    message_id: str | int,
-    number: int,
-    message: str,
-    context: Mapping[str, Any],
-    files: Sequence[File],
-    session: Session,
-    agent: str,
-    streaming: bool,
-) -> Turn:
-    """``Turn(message_id, number, ...)`` with every field given, built faster."""
-    turn = _new(Turn)
-    set_id, set_number, set_message, set_context, set_files, set_session, set_agent, set_streaming = _TURN_SLOTS
-    set_id(turn, message_id)
-    set_number(turn, number)
-    set_message(turn, message)
-    set_context(turn, context)
-    set_files(turn, files)
-    set_session(turn, session)
-    set_agent(turn, agent)
-    set_streaming(turn, streaming)
-    return turn

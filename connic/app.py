@@ -19,6 +19,8 @@ from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
 from connic.registry import Registry, load_registry
+from connic.stores import SessionStore
+from connic.stores.memory import MemoryStore
 from connic.transport import Transport
 
 __all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "drain", "resolve_config", "setup"]
@@ -36,11 +38,13 @@ class Runtime:
     transports: list[Transport]
     metrics: Metrics = attrs.field(factory=Metrics)
     gate: ConnectionGate = attrs.field(factory=lambda: ConnectionGate(0, 0))
+    store: SessionStore = attrs.field(factory=MemoryStore)
 
     def __attrs_post_init__(self) -> None:
         for transport in self.transports:
             transport.metrics = self.metrics
             transport.gate = self.gate
+            transport.store = self.store
 
 
 RUNTIME = web.AppKey("connic.runtime", Runtime)
@@ -138,12 +142,16 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
             )
         )
     gate = ConnectionGate(config.server.max_connections, config.server.max_connections_per_ip)
-    return Runtime(config=config, agents=agents, transports=transports, gate=gate)
+    store_cls = _plugin(registry, "stores", config.store.use, where, "store.use")
+    store = store_cls(_options(store_cls, config.store.options, where, "store"))
+    return Runtime(config=config, agents=agents, transports=transports, gate=gate, store=store)
 
 
 async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    agents = list(app[RUNTIME].agents.values())
+    runtime = app[RUNTIME]
+    agents = list(runtime.agents.values())
     started: list[Agent] = []
+    await runtime.store.start()
     try:
         for agent in agents:
             await agent.start()
@@ -151,6 +159,7 @@ async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await asyncio.gather(*(agent.close() for agent in reversed(started)), return_exceptions=True)
+        await runtime.store.close()
 
 
 async def drain(app: web.Application) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "ConnectorConfig",
     "MiddlewareConfig",
     "ServerConfig",
+    "StoreConfig",
     "default_config",
     "in_range",
     "load_config",
@@ -91,6 +92,14 @@ class AgentConfig:
 
 
 @attrs.frozen
+class StoreConfig:
+    """The ``[store]`` table: the session store plugin to ``use`` and its options."""
+
+    use: str = "memory"
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class MiddlewareConfig:
     """One entry of a connector's ``middleware`` list."""
 
@@ -120,6 +129,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     agents: Mapping[str, AgentConfig] = attrs.field(factory=dict)
     connectors: tuple[ConnectorConfig, ...] = ()
+    store: StoreConfig = StoreConfig()
     source: str | None = None
 
     @property
@@ -223,10 +233,10 @@ _CONNECTOR_KEYS = frozenset({"transport", "path", "agents", "middleware"})
 def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
     """Build a :class:`Config` from already-parsed TOML data."""
     where = source or "configuration"
-    unknown = set(data) - {"server", "agents", "connectors"}
+    unknown = set(data) - {"server", "agents", "connectors", "store"}
     if unknown:
         keys = ", ".join(repr(k) for k in sorted(unknown))
-        raise ConfigError(f"{where}: unknown top-level key {keys} (expected server, agents, connectors)")
+        raise ConfigError(f"{where}: unknown top-level key {keys} (expected server, agents, connectors, store)")
     server = structure(_table(data.get("server", {}), where, "server"), ServerConfig, where=where, key="server")
     agents: dict[str, AgentConfig] = {}
     for name, table in _table(data.get("agents", {}), where, "agents").items():
@@ -252,7 +262,11 @@ def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
             middleware.append(MiddlewareConfig(use=use, options=mw_options))
         connector = structure(own, ConnectorConfig, where=where, key=key)
         connectors.append(attrs.evolve(connector, middleware=tuple(middleware), options=options))
-    return Config(server=server, agents=agents, connectors=tuple(connectors), source=source)
+    store = StoreConfig()
+    if "store" in data:
+        use, store_options = _split_use(_table(data["store"], where, "store"), where, "store")
+        store = StoreConfig(use=use, options=store_options)
+    return Config(server=server, agents=agents, connectors=tuple(connectors), store=store, source=source)
 
 
 def load_config(path: str | Path) -> Config:

@@ -17,17 +17,21 @@ __all__ = [
     "ConfigError",
     "ConnicError",
     "InvalidJSON",
+    "InvalidResume",
     "InvalidMessage",
     "MessageLimitReached",
     "MessageTooLarge",
     "NotFound",
     "PluginError",
+    "ProducerLost",
     "ProtocolError",
     "QueueFull",
     "RateLimited",
     "ServerShuttingDown",
     "SessionExpired",
+    "SessionTakenOver",
     "SlowConsumer",
+    "StoreUnavailable",
     "Unauthorized",
     "UnknownAgent",
     "UnknownType",
@@ -128,6 +132,12 @@ class NotFound(ProtocolError):
     code = "not_found"
 
 
+class InvalidResume(ProtocolError):
+    """A ``resume`` frame after ``connected``, or one with bad fields."""
+
+    code = "invalid_resume"
+
+
 class AgentError(ConnicError):
     """An agent failed while answering."""
 
@@ -187,3 +197,23 @@ class SlowConsumer(ConnicError):
 
     code = "slow_consumer"
     close_code = 4010
+
+
+class SessionTakenOver(ConnicError):
+    """Another connection resumed this session."""
+
+    code = "session_taken_over"
+    close_code = 4011
+
+
+class ProducerLost(ConnicError):
+    """The process producing a reply died; that agent's reply ends here."""
+
+    code = "producer_lost"
+
+
+class StoreUnavailable(ConnicError):
+    """The shared session store cannot be reached."""
+
+    code = "store_unavailable"
+    close_code = 1011

@@ -31,10 +31,13 @@ __all__ = [
     "ClientFrame",
     "Connected",
     "ErrorFrame",
+    "History",
+    "HistoryRequest",
     "MessageFrame",
     "PingFrame",
     "Pong",
     "Response",
+    "ResumeFrame",
     "ServerFrame",
     "StreamChunk",
     "StreamEnd",
@@ -42,6 +45,7 @@ __all__ = [
     "encode",
     "encode_ack",
     "parse_client_frame",
+    "sequenced",
 ]
 
 PROTOCOL = "connic/1"
@@ -53,7 +57,12 @@ MAX_ID_LENGTH = 256
 
 @attrs.define
 class Connected:
-    """Sent once the session is authenticated."""
+    """Sent once the session is authenticated (or resumed, PROTOCOL.md §7).
+
+    ``resume_token`` is absent when resuming is off; ``resumed`` is set only in
+    answer to a ``resume`` frame, and ``recovered`` and ``last_seq`` only when it
+    succeeded.
+    """
 
     type: ClassVar[str] = "connected"
     session_id: str
@@ -61,10 +70,14 @@ class Connected:
     streaming: bool
     max_messages: int
     session_timeout: float
+    resume_token: str | None = None
+    resumed: bool | None = None
+    recovered: bool | None = None
+    last_seq: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {
+        data: dict[str, Any] = {
             "type": "connected",
             "session_id": self.session_id,
             "connector_run_id": self.session_id,
@@ -74,6 +87,15 @@ class Connected:
             "max_messages": self.max_messages,
             "session_timeout": self.session_timeout,
         }
+        if self.resume_token is not None:
+            data["resume_token"] = self.resume_token
+        if self.resumed is not None:
+            data["resumed"] = self.resumed
+        if self.recovered is not None:
+            data["recovered"] = self.recovered
+        if self.last_seq is not None:
+            data["last_seq"] = self.last_seq
+        return data
 
 
 @attrs.define
@@ -194,7 +216,20 @@ class Pong:
         return {"type": "pong"}
 
 
-ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong
+@attrs.define
+class History:
+    """The session's conversation so far (PROTOCOL.md §8); ``entries`` are wire-ready objects."""
+
+    type: ClassVar[str] = "history"
+    entries: list[dict[str, Any]]
+    last_seq: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "history", "entries": self.entries, "last_seq": self.last_seq}
+
+
+ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong | History
 
 _dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring
@@ -223,6 +258,11 @@ def _usage(usage: Mapping[str, int]) -> str:
 def encode_ack(message_id: MessageId, message_number: int) -> str:
     """The JSON text of ``Ack(message_id, message_number)``, without making the frame (one per message)."""
     return f'{{"type":"ack","id":{_id(message_id)},"message_number":{message_number}}}'
+
+
+def sequenced(data: str, seq: int) -> str:
+    """An encoded frame with ``"seq": seq`` added as its last member (every frame is a JSON object)."""
+    return f'{data[:-1]},"seq":{seq}}}'
 
 
 def encode(frame: ServerFrame) -> str:
@@ -284,7 +324,49 @@ class PingFrame:
     """``{"type": "ping"}``."""
 
 
-ClientFrame = AuthFrame | MessageFrame | CancelFrame | PingFrame
+@attrs.define
+class HistoryRequest:
+    """``{"type": "history"}``: the client asks for the session's conversation (PROTOCOL.md §8)."""
+
+
+@attrs.define
+class ResumeFrame:
+    """``{"type": "resume", "session_id", "resume_token", "last_seq", "secret"}`` (PROTOCOL.md §7).
+
+    A field that is missing or of the wrong type is ``None``: the frame still
+    authenticates with its secret, and :attr:`problem` says what was wrong.
+    """
+
+    secret: str | None
+    session_id: str | None
+    resume_token: str | None
+    last_seq: int | None
+
+    @property
+    def problem(self) -> str | None:
+        """What makes this resume frame invalid, or None."""
+        if self.session_id is None or self.resume_token is None:
+            return "resume needs string session_id and resume_token"
+        if self.last_seq is None:
+            return "resume needs last_seq, a non-negative integer"
+        return None
+
+
+ClientFrame = AuthFrame | MessageFrame | CancelFrame | PingFrame | HistoryRequest | ResumeFrame
+
+
+def _resume(frame: Mapping[str, Any]) -> ResumeFrame:
+    def string(name: str) -> str | None:
+        value = frame.get(name)
+        return value if isinstance(value, str) and len(value) <= MAX_ID_LENGTH else None
+
+    last_seq = frame.get("last_seq")
+    if isinstance(last_seq, bool) or not isinstance(last_seq, int) or not 0 <= last_seq < 2**63:
+        last_seq = None
+    secret = frame.get("secret")
+    return ResumeFrame(
+        secret if isinstance(secret, str) else None, string("session_id"), string("resume_token"), last_seq
+    )
 
 
 def _message_id(value: Any, required: bool = False) -> MessageId | None:
@@ -397,6 +479,10 @@ def parse_client_frame(text: str) -> ClientFrame:
         return CancelFrame(message_id)
     if kind == "ping":
         return PingFrame()
+    if kind == "history":
+        return HistoryRequest()
+    if kind == "resume":
+        return _resume(frame)
     if kind == "auth":
         secret = frame.get("secret")
         return AuthFrame(secret if isinstance(secret, str) else None)

@@ -151,6 +151,14 @@ class Metrics:
             "connic_slow_consumer_closes_total", "Connections closed because the client stopped reading.", ["connector"]
         )
         self.rate_limited = Counter("connic_rate_limited_total", "Messages refused by the rate limit.", ["connector"])
+        self.resumes = Counter(
+            "connic_resumes_total",
+            "Resume attempts, by result (resumed, not_recovered: resumed without replay, failed: a fresh session).",
+            ["connector", "result"],
+        )
+        self.replayed_frames = Counter(
+            "connic_replayed_frames_total", "Frames sent again from replay logs to resuming clients.", ["connector"]
+        )
         self.tokens = Counter("connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"])
         self.turns = Counter("connic_turns_total", "Agent turns finished, by finish reason.", ["agent", "reason"])
         self.first_chunk = Histogram(

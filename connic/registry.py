@@ -17,13 +17,19 @@ from connic.errors import PluginError
 
 __all__ = ["GROUPS", "Kind", "PluginInfo", "Registry", "load_registry"]
 
-Kind = Literal["agents", "transports", "middleware"]
+Kind = Literal["agents", "transports", "middleware", "stores"]
 GROUPS: dict[Kind, str] = {
     "agents": "connic.agents",
     "transports": "connic.transports",
     "middleware": "connic.middleware",
+    "stores": "connic.stores",
 }
-_SINGULAR: dict[Kind, str] = {"agents": "agent", "transports": "transport", "middleware": "middleware"}
+_SINGULAR: dict[Kind, str] = {
+    "agents": "agent",
+    "transports": "transport",
+    "middleware": "middleware",
+    "stores": "store",
+}
 
 
 def _summary(obj: Any) -> str:

@@ -12,6 +12,8 @@ from connic.config import ConnectorConfig
 from connic.gate import ConnectionGate
 from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
+from connic.stores import SessionStore
+from connic.stores.memory import MemoryStore
 
 __all__ = ["Transport"]
 
@@ -22,8 +24,8 @@ class Transport:
     One instance serves one ``[[connectors]]`` entry. Its ``Options`` attrs class
     receives the connector's transport-specific keys. :meth:`install` adds the
     transport's routes to the connic application; :meth:`shutdown` drains it.
-    ``metrics`` and ``gate`` (the connection caps) are the application's, set
-    when the runtime is built.
+    ``metrics``, ``gate`` (the connection caps) and ``store`` (the session
+    store) are the application's, set when the runtime is built.
     """
 
     Options: ClassVar[type[Any] | None] = None
@@ -46,6 +48,7 @@ class Transport:
         self.key = key
         self.metrics = Metrics()
         self.gate = ConnectionGate(0, 0)
+        self.store: SessionStore = MemoryStore()
 
     def install(self, app: web.Application) -> None:
         """Add routes to ``app`` (the connic application or sub-application)."""

@@ -77,18 +77,40 @@ async def server(start_server: StartServer) -> Server:
     return await start_server()
 
 
-class Client:
-    """A thin JSON wrapper over a real ``websockets`` client connection."""
+SEQUENCED = frozenset({"ack", "stream_start", "stream_chunk", "stream_end", "response", "tool_call", "tool_result"})
+"""Frame types that always carry ``seq`` (PROTOCOL.md §7), besides errors that name a message."""
 
-    def __init__(self, ws: websockets.ClientConnection) -> None:
+
+class Client:
+    """A thin JSON wrapper over a real ``websockets`` client connection.
+
+    Every frame received is checked against PROTOCOL.md §7: the frames of a
+    message carry ``seq``, one more than the last, and no other frame does.
+    ``seq`` is then removed from the frame unless ``keep_seq`` is set, so tests
+    of other rules compare frames as the seed shows them.
+    """
+
+    def __init__(self, ws: websockets.ClientConnection, keep_seq: bool = False) -> None:
         self.ws = ws
+        self.keep_seq = keep_seq
+        self.last_seq: int | None = None
 
     async def send(self, frame: Any) -> None:
         await self.ws.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
 
     async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         data = await asyncio.wait_for(self.ws.recv(), timeout)
-        frame: dict[str, Any] = json.loads(data)
+        return self._checked(json.loads(data))
+
+    def _checked(self, frame: dict[str, Any]) -> dict[str, Any]:
+        seq = frame.get("seq") if self.keep_seq else frame.pop("seq", None)
+        kind = frame.get("type")
+        if kind in SEQUENCED or kind == "progress" or (kind == "error" and frame.get("id") is not None):
+            assert isinstance(seq, int), f"no seq on {frame}"
+            assert self.last_seq is None or seq == self.last_seq + 1, f"seq {seq} after {self.last_seq}: {frame}"
+            self.last_seq = seq
+        else:
+            assert seq is None, f"seq on a connection-level frame: {frame}"
         return frame
 
     async def until(self, kind: str, timeout: float = 5.0) -> list[dict[str, Any]]:
@@ -116,7 +138,7 @@ class Client:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    frames.append(json.loads(await self.ws.recv()))
+                    frames.append(self._checked(json.loads(await self.ws.recv())))
         except websockets.ConnectionClosed:
             pass
         return self.ws.close_code, frames
@@ -131,11 +153,11 @@ async def connect() -> AsyncIterator[Connect]:
     opened: list[websockets.ClientConnection] = []
 
     async def open_client(
-        url: str, secret: str | None = SECRET, *, expect_connected: bool = True, **kwargs: Any
+        url: str, secret: str | None = SECRET, *, expect_connected: bool = True, keep_seq: bool = False, **kwargs: Any
     ) -> Client:
         ws = await websockets.connect(url, open_timeout=5, **kwargs)
         opened.append(ws)
-        client = Client(ws)
+        client = Client(ws, keep_seq)
         if secret is not None:
             await client.send({"secret": secret})
         if expect_connected:

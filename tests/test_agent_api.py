@@ -1,51 +1,35 @@
-"""The agent-facing types: the transport's fast builders give the same objects as the classes."""
+"""The agent-facing types: the history view agents read, and history entries' wire form."""
 
 from __future__ import annotations
 
 import attrs
 import pytest
 
-from connic.agent import File, HistoryView, Session, Turn, new_session, new_turn
+from connic.agent import HistoryEntry, HistoryView, Session, Turn
 
 
-def test_the_classes_have_nothing_the_fast_builders_would_skip() -> None:
-    # new_turn and new_session set the slots directly: a validator, converter or
-    # __attrs_post_init__ added to Turn or Session would not run for them.
-    for cls in (Turn, Session):
-        assert not hasattr(cls, "__attrs_post_init__")
-        assert all(f.validator is None and f.converter is None for f in attrs.fields(cls))
+def test_history_view_is_a_prefix_that_later_entries_do_not_change() -> None:
+    entries = [HistoryEntry("user", "hi", None, "m1", 1), HistoryEntry("agent", "hello", "echo", "m1", 1)]
+    view = HistoryView(entries)
+    entries.append(HistoryEntry("user", "later", None, "m2", 2))
+    assert len(view) == 2
+    assert list(view) == entries[:2]
+    assert view[-1] is entries[1]
+    assert view[:1] == (entries[0],)
+    with pytest.raises(IndexError):
+        view[2]
 
 
-def test_new_session_equals_the_class_built_one() -> None:
-    history = HistoryView([("user", "hi", None), ("agent", "hello", "echo")])
-    state = {"n": 1}
-    fast = new_session("s-1", history, state)
-    slow = Session("s-1", history, state)
-    assert type(fast) is Session
-    assert fast == slow
-    assert [getattr(fast, f.name) for f in attrs.fields(Session)] == ["s-1", history, state]
+def test_history_entry_wire_form() -> None:
+    entry = HistoryEntry("agent", "hello", "echo", "m1", 3)
+    assert entry.to_dict() == {"role": "agent", "text": "hello", "id": "m1", "message_number": 3, "agent": "echo"}
+    assert HistoryEntry("user", "hi").to_dict()["agent"] is None
 
 
-def test_new_turn_equals_the_class_built_one_with_every_field_set() -> None:
-    session = new_session("s-1", HistoryView([]), {})
-    files = (File("a.txt", "text/plain", b"x"),)
-    values = ("m1", 3, "hello", {"k": "v"}, files, session, "echo", False)
-    fast = new_turn(*values)
-    slow = Turn(*values)
-    assert type(fast) is Turn
-    assert fast == slow
-    # Every field the class has is set, in the class's order: a field added to Turn
-    # without a place in new_turn fails here.
-    assert tuple(getattr(fast, f.name) for f in attrs.fields(Turn)) == values
-
-
-def test_fast_built_objects_stay_frozen_and_evolve() -> None:
-    turn = new_turn("m1", 1, "hello", {}, (), new_session("s", HistoryView([]), {}), "echo", True)
+def test_turns_are_frozen_and_evolve() -> None:
+    turn = Turn("m1", 1, "hello", {}, (), Session("s", HistoryView([]), {}), "echo", True)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         turn.message = "changed"  # type: ignore[misc]
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        turn.session.id = "other"  # type: ignore[misc]
     changed = attrs.evolve(turn, message="changed")
     assert changed.message == "changed"
     assert changed.session is turn.session
-    assert turn.message == "hello"

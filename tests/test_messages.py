@@ -110,7 +110,7 @@ async def test_frame_larger_than_one_read_is_answered_whole(start_server: StartS
     frames = await client.reply({"message": "after"})
     assert frames[-1]["response"] == "after"
     (conn,) = server.server.app[RUNTIME].transports[0].connections  # type: ignore[attr-defined]
-    assert conn.raw_transport.max_size == 64 * 1024
+    assert conn.writer.transport.max_size == 64 * 1024
 
 
 async def test_server_assigns_unique_ids(server, connect: Connect) -> None:

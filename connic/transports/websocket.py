@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import hmac
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
-from connic.errors import ConfigError, MessageTooLarge
-from connic.frames import ErrorFrame, encode
+from connic.errors import ConfigError
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
+from connic.session import Sessions
 from connic.transport import Transport
-from connic.transports.ws_io import Flusher
-from connic.transports.ws_session import Connection
+from connic.transports._aiohttp_raw import Socket
+from connic.transports.ws_connection import Connection
 
 __all__ = ["RateLimit", "WebSocketTransport"]
 
@@ -67,6 +66,11 @@ class WebSocketTransport(Transport):
         send_timeout: float = attrs.field(default=30.0, validator=positive)
         compress: bool = False
         rate_limit: RateLimit | None = None
+        resume_window: float = attrs.field(default=120.0, validator=[non_negative, in_range(0, 86400)])
+        replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
+        on_disconnect: Literal["continue", "cancel"] = "continue"
+        producer_timeout: float = attrs.field(default=10.0, validator=positive)
+        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
 
     options: Options
 
@@ -104,9 +108,21 @@ class WebSocketTransport(Transport):
             for name, agent in agents.items()
         }
         self.connections: set[Connection] = set()
-        self.flusher = Flusher()  # one write callback per round of the event loop for all connections
-        self.path_key = (connector.path,)  # the metrics' label values of this connector, shared by its connections
         self.draining = False
+        self._sessions: Sessions | None = None
+
+    @property
+    def sessions(self) -> Sessions:
+        """This connector's sessions (made once the runtime has given the transport its store and metrics)."""
+        if self._sessions is None:
+            self._sessions = Sessions(
+                label=self.connector.path,
+                chains=self.chains,
+                options=self.options,
+                metrics=self.metrics,
+                store=self.store,
+            )
+        return self._sessions
 
     def install(self, app: web.Application) -> None:
         """Serve the connector's path."""
@@ -150,8 +166,8 @@ class WebSocketTransport(Transport):
             self.metrics.refused.inc(path, "503")
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
         opts = self.options
-        ws = _Socket(
-            autoping=False,  # the connection answers pings and keeps its own heartbeat (ws_session)
+        ws = Socket(
+            autoping=False,  # the connection answers pings and keeps its own heartbeat (ws_connection)
             max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
             compress=opts.compress,
             timeout=2.0,
@@ -178,30 +194,10 @@ class WebSocketTransport(Transport):
         return ws
 
     async def shutdown(self, grace: float) -> None:
-        """Drain every connection in parallel: finish in-flight replies, then close 1001."""
+        """Drain every connection and detached session in parallel: finish in-flight replies, then close 1001."""
         self.draining = True
+        sessions = self.sessions
         conns = list(self.connections)
         if conns:
             log.info("closing %d connection(s) on %s (grace %g s)", len(conns), self.connector.path, grace)
-            await asyncio.gather(*(c.shutdown(grace) for c in conns), return_exceptions=True)
-
-
-class _Socket(web.WebSocketResponse):
-    """aiohttp's WebSocketResponse, telling the client why before closing with 1009.
-
-    aiohttp closes by itself when a frame is over ``max_msg_size``; the protocol
-    wants a ``message_too_large`` error frame first.
-    """
-
-    sent_code: int | None = None
-    """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if not self.closed and self.sent_code is None:
-            self.sent_code = code
-        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
-            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message="the frame is larger than max_frame_bytes")
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send_str(encode(frame))
-            message = message or MessageTooLarge.code.encode()
-        return await super().close(code=code, message=message, drain=drain)
+        await asyncio.gather(sessions.shutdown(grace), *(c.shutdown(grace) for c in conns), return_exceptions=True)

@@ -1,0 +1,419 @@
+"""One WebSocket connection: it authenticates, attaches to a session and reads.
+
+The connection only orchestrates. The handler's task is its one reader for its
+whole life: it authenticates the client (or resumes its session, PROTOCOL.md
+§7), then reads frames and hands them to the session core
+(:mod:`connic.session`), whose own task answers messages, so pings, pongs and
+cancels get through while an agent works. The session sends its frames back
+through the connection's :class:`~connic.transports.ws_writer.Writer`. When
+the socket ends, the session ends with it only if the client closed with 1000;
+any other end detaches it, to be resumed by a later connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from connic.errors import (
+    AuthTimeout,
+    ConnicError,
+    InvalidResume,
+    ProtocolError,
+    ServerShuttingDown,
+    Unauthorized,
+    UnsupportedFrame,
+)
+from connic.flow import Flag
+from connic.frames import (
+    AuthFrame,
+    CancelFrame,
+    ClientFrame,
+    Connected,
+    ErrorFrame,
+    HistoryRequest,
+    MessageFrame,
+    PingFrame,
+    Pong,
+    ResumeFrame,
+    encode,
+    parse_client_frame,
+)
+from connic.session import ChatSession
+from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
+from connic.transports.ws_writer import Writer
+
+if TYPE_CHECKING:
+    from connic.transports.websocket import WebSocketTransport
+
+__all__ = ["Connection", "Phase"]
+
+log = logging.getLogger("connic.websocket")
+
+
+class Phase(enum.Enum):
+    """Where a connection is in its life."""
+
+    AUTHENTICATING = "authenticating"  # no session yet
+    OPEN = "open"  # attached to a session
+    CLOSED = "closed"  # the socket ended
+
+
+class Connection:
+    """One client connection, attached to one session at a time."""
+
+    __slots__ = (
+        "_beat",
+        "_loop",
+        "_pinged",
+        "client_close",
+        "closed",
+        "fresh",
+        "last_seen",
+        "peer",
+        "phase",
+        "session",
+        "started",
+        "transport",
+        "writer",
+        "ws",
+    )
+
+    def __init__(self, transport: WebSocketTransport, ws: web.WebSocketResponse, request: web.Request) -> None:
+        self.transport = transport
+        self.ws = ws
+        self.peer = request.remote
+        self.phase = Phase.AUTHENTICATING
+        self.session: ChatSession | None = None
+        self.fresh = False  # the session was made for this connection and no message was sent yet
+        self.client_close: int | None = None  # the code of a close the client started
+        self.closed = Flag()  # set once the connection has cleaned up
+        self._loop = asyncio.get_running_loop()
+        self.started = self.last_seen = self._loop.time()  # last_seen: any frame in, the heartbeat's clock
+        self._beat: asyncio.TimerHandle | None = None
+        self._pinged: float | None = None  # when the unanswered heartbeat ping went out
+        opts = transport.options
+        limit_read_size(request)
+        self.writer = Writer(
+            ws,
+            request,
+            raw_transport(request, opts.compress),
+            limit=opts.send_queue,
+            send_timeout=opts.send_timeout,
+            metrics=transport.metrics,
+            label=transport.connector.path,
+        )
+
+    # --- the Sink the session sends through --------------------------------------
+
+    def send_nowait(self, data: str) -> None:
+        """Queue a control frame."""
+        self.writer.send_nowait(data)
+
+    async def send(self, data: str) -> None:
+        """Queue a reply frame, waiting for room."""
+        await self.writer.send(data)
+
+    def end(self, error: ConnicError, notify: bool) -> None:
+        """The session ended (expired, over its limit, taken over): close with its code."""
+        self.close(error, notify)
+
+    # --- life cycle -----------------------------------------------------------
+
+    async def run(self, handshake_secret: str | None) -> None:
+        """Authenticate, then read until the socket closes; always clean up."""
+        metrics = self.transport.metrics
+        path = self.transport.connector.path
+        metrics.connections.inc(path)
+        metrics.connections_open.inc(path)
+        if self.transport.options.heartbeat:
+            self._beat = self._loop.call_later(self.transport.options.heartbeat, self._heartbeat)
+        try:
+            if await self._authenticate(handshake_secret):
+                await self._read()
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        # The handler may itself be cancelled here (aiohttp's handler_cancellation),
+        # so what must happen does not wait on anything first.
+        self.phase = Phase.CLOSED
+        if self._beat is not None:
+            self._beat.cancel()
+        session = self.session
+        if session is not None:
+            if self.client_close == 1000:
+                session.end()
+            else:
+                session.detach(self)
+        try:
+            await self.writer.finish()
+            if not self.ws.closed:
+                await self.ws.close()
+        finally:
+            self._account_close()
+            self.closed.set()
+
+    def _account_close(self) -> None:
+        # What connic decided, else the first code the socket sent, else what the client sent.
+        code = self.writer.close_code
+        if code is None:
+            code = getattr(self.ws, "sent_code", None)
+        if code is None:
+            code = self.ws.close_code
+        metrics = self.transport.metrics
+        path = self.transport.connector.path
+        metrics.connections_open.dec(path)
+        metrics.closes.inc(path, str(code))
+        session = self.session
+        # One line per connection; never secrets, never message text.
+        log.info(
+            "close session=%s peer=%s connector=%s code=%s authenticated=%s duration=%.3fs",
+            session.id if session is not None else "-",
+            self.peer,
+            path,
+            code,
+            session is not None,
+            self._loop.time() - self.started,
+        )
+
+    def close(self, error: ConnicError, notify: bool = True) -> None:
+        """Close with ``error``'s close code, after an error frame (``id: null``) if ``notify``."""
+        writer = self.writer
+        if writer.closing:
+            return
+        if notify:
+            self.transport.metrics.errors.inc(self.transport.connector.path, error.code)
+            writer.send_nowait(encode(ErrorFrame(id=None, code=error.code, message=error.message)))
+        writer.close(error.close_code or 1000, error.code)
+
+    async def shutdown(self, grace: float) -> None:
+        """Server shutdown: the session drains, then the socket closes 1001."""
+        session = self.session
+        if session is not None:
+            await session.drain(grace)
+        self.close(ServerShuttingDown("the server is shutting down"))
+        try:
+            async with asyncio.timeout(self.transport.options.send_timeout):
+                await self.closed.wait()
+        except TimeoutError:
+            self.writer.abort(1001, ServerShuttingDown.code)
+
+    # --- authenticating -------------------------------------------------------
+
+    async def _authenticate(self, handshake_secret: str | None) -> bool:
+        """Authenticate and attach to a session (new or resumed); False if the connection must end."""
+        transport = self.transport
+        opts = transport.options
+        if not opts.require_auth or handshake_secret is not None:
+            if opts.require_auth and not transport.check_secret(handshake_secret):
+                self.close(Unauthorized("wrong secret"))
+                return False
+            # Authenticated already: a fresh session now; a resume may still come as the first frame.
+            await self._open_fresh(None)
+            return True
+        frame = await self._first_frame()
+        if frame is None:
+            return False
+        if isinstance(frame, AuthFrame | ResumeFrame) and transport.check_secret(frame.secret):
+            if isinstance(frame, ResumeFrame):
+                await self._resume(frame)
+            else:
+                await self._open_fresh(None)
+            return True
+        secret = frame.secret if isinstance(frame, AuthFrame | ResumeFrame) else None
+        if isinstance(frame, AuthFrame | ResumeFrame):
+            self.close(Unauthorized("wrong secret" if secret else "missing secret"))
+        else:
+            self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
+        return False
+
+    async def _first_frame(self) -> ClientFrame | None:
+        """The client's first frame, within ``auth_timeout``; None when the connection must end."""
+        timeout = self.transport.options.auth_timeout
+        try:
+            # One deadline for the whole wait: pings and pongs come through receive(), and a
+            # per-receive timeout would restart with each of them.
+            async with asyncio.timeout(timeout):
+                msg = await self.ws.receive()
+                while msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                    self._control(msg.type, msg.data)
+                    msg = await self.ws.receive()
+        except TimeoutError:
+            self.close(AuthTimeout(f"no authentication within {timeout:g} s"))
+            return None
+        if msg.type is WSMsgType.TEXT:
+            try:
+                return parse_client_frame(msg.data)
+            except ProtocolError:
+                pass
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
+        return None
+
+    async def _open_fresh(self, resumed: bool | None) -> None:
+        """Attach to a new session and say so (``resumed: false`` after a failed resume)."""
+        session = await self.transport.sessions.open()
+        self.session = session
+        self.fresh = True
+        self.writer.name = session.id
+        self._connected(session, resumed=resumed)
+        session.attach(self)
+        self.phase = Phase.OPEN
+        log.info("open session=%s peer=%s connector=%s", session.id, self.peer, self.transport.connector.path)
+
+    async def _resume(self, frame: ResumeFrame) -> None:
+        """Resume the session ``frame`` names, or start a fresh one (PROTOCOL.md §7)."""
+        if frame.problem is not None:
+            self._error(InvalidResume(frame.problem))
+            await self._open_fresh(False)
+            return
+        assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
+        sessions = self.transport.sessions
+        session = await sessions.find(frame.session_id, frame.resume_token, frame.last_seq)
+        replay = await session.replay(self, frame.last_seq) if session is not None else None
+        if session is None or replay is None:
+            sessions.metrics.resumes.inc(sessions.label, "failed")
+            await self._open_fresh(False)
+            return
+        recovered, frames = replay
+        sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
+        sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
+        self.session = session
+        self.fresh = False
+        self.writer.name = session.id
+        self._connected(session, resumed=True, recovered=recovered)
+        self.writer.extend(frames)
+        session.resume(self, frame.last_seq + len(frames))
+        self.phase = Phase.OPEN
+        log.info(
+            "resume session=%s peer=%s connector=%s last_seq=%d replayed=%d recovered=%s",
+            session.id,
+            self.peer,
+            self.transport.connector.path,
+            frame.last_seq,
+            len(frames),
+            recovered,
+        )
+
+    def _connected(self, session: ChatSession, *, resumed: bool | None, recovered: bool | None = None) -> None:
+        opts = self.transport.options
+        frame = Connected(
+            session_id=session.id,
+            agents=self.transport.agent_names,
+            streaming=opts.streaming,
+            max_messages=opts.max_messages,
+            session_timeout=_number(opts.session_timeout),
+            resume_token=session.token,
+            resumed=resumed,
+            recovered=recovered,
+            last_seq=session.seq if resumed else None,
+        )
+        self.writer.send_nowait(encode(frame))
+
+    # --- reading --------------------------------------------------------------
+
+    async def _read(self) -> None:
+        """Read until the socket ends; hand each frame to the session."""
+        ws = self.ws
+        writer = self.writer
+        while True:
+            msg = await ws.receive()
+            self.last_seen = self._loop.time()
+            kind = msg.type
+            if kind is WSMsgType.TEXT:
+                await self._on_text(msg.data)
+            elif kind is WSMsgType.BINARY:
+                self._error(UnsupportedFrame("binary frames are not supported; send JSON text frames"))
+            elif kind is WSMsgType.CLOSE:
+                if not writer.closing:
+                    self.client_close = msg.data  # the client started the close
+                return
+            elif kind is WSMsgType.PING or kind is WSMsgType.PONG:
+                self._control(kind, msg.data)
+            else:  # CLOSING, CLOSED, ERROR: the socket is done
+                return
+            # aiohttp hands over buffered frames without suspending; a client that sends
+            # without reading must wait for its replies to go out before it is read again.
+            if writer.full and not writer.closing and not await writer.wait_for_room(writer.send_timeout):
+                writer.slow_consumer()
+
+    async def _on_text(self, data: str) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            frame = parse_client_frame(data)
+        except ProtocolError as exc:
+            if exc.message_id is not None:
+                session.refuse(exc, exc.message_id)
+            else:
+                self._error(exc)
+            return
+        if type(frame) is MessageFrame:
+            self.fresh = False
+            session.admit(frame)
+            if session.queue_full:
+                # A client that pipelines messages: let the answering task take what it
+                # can without waiting (a quick agent answers them all) before reading on.
+                await asyncio.sleep(0)
+        elif isinstance(frame, CancelFrame):
+            session.cancel(frame.id)
+        elif isinstance(frame, PingFrame):
+            self.writer.send_nowait(encode(Pong()))
+        elif isinstance(frame, HistoryRequest):
+            self.writer.send_nowait(session.history_frame())
+        elif isinstance(frame, ResumeFrame):
+            await self._resume_instead(frame)
+        # An auth frame once authenticated (or with auth off) is ignored, as the seed expects.
+
+    async def _resume_instead(self, frame: ResumeFrame) -> None:
+        """A resume as the client's first frame after a handshake-authenticated ``connected``."""
+        session = self.session
+        assert session is not None
+        if not self.fresh or session.seq:
+            self._error(InvalidResume("resume must be the first frame of a connection"))
+            return
+        self.session = None
+        session.end()  # the fresh session nobody used
+        await self._resume(frame)
+
+    def _error(self, error: ConnicError) -> None:
+        """A connection-level error frame (``id: null``, not sequenced)."""
+        self.transport.metrics.errors.inc(self.transport.connector.path, error.code)
+        self.writer.send_nowait(encode(ErrorFrame(id=None, code=error.code, message=error.message)))
+
+    # --- keepalive ------------------------------------------------------------
+    # connic's own rather than aiohttp's heartbeat: a timestamp per frame and one
+    # timer that fires only when the connection has gone quiet.
+
+    def _control(self, kind: WSMsgType, payload: bytes) -> None:
+        if kind is WSMsgType.PING:
+            write_control(self.writer.transport, WSMsgType.PONG, payload)
+
+    def _heartbeat(self) -> None:
+        self._beat = None
+        if self.writer.closing or self.phase is Phase.CLOSED:
+            return
+        interval = self.transport.options.heartbeat
+        now = self._loop.time()
+        if self._pinged is not None:
+            if self.last_seen < self._pinged:
+                log.info("session %s: no pong within %g s of a ping; dropping", self.writer.name, interval / 2)
+                self.writer.drop()
+                return
+            self._pinged = None  # the pong (or anything else) came back
+        quiet = now - self.last_seen
+        if quiet < interval:
+            self._beat = self._loop.call_later(interval - quiet, self._heartbeat)
+            return
+        self._pinged = now
+        write_control(self.writer.transport, WSMsgType.PING, b"")
+        self._beat = self._loop.call_later(interval / 2, self._heartbeat)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value

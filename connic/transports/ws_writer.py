@@ -1,0 +1,289 @@
+"""The outgoing side of one WebSocket connection: a bounded outbox written in batches.
+
+Frames queue in the outbox; a callback scheduled once per burst writes
+everything queued in one system call. While the client is behind (the
+transport's buffer above its high-water mark) or compression is on, a writer
+task takes over and waits on flow control. Reply frames wait for room in the
+outbox for up to ``send_timeout``; control frames (acks, pongs, errors) never
+wait and may use a second outbox's worth of room. A client that stays behind
+is a slow consumer: its connection is dropped (4010).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from connic.errors import SlowConsumer
+from connic.metrics import Metrics
+from connic.transports._aiohttp_raw import HIGH_WATER, sendable, wait_writable, write_texts
+
+__all__ = ["Close", "Writer"]
+
+log = logging.getLogger("connic.websocket")
+
+_CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
+
+
+class Close:
+    """A request, queued after the frames before it, to close the socket."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class Writer:
+    """One connection's outbox and the writing of it."""
+
+    __slots__ = (
+        "_abort_task",
+        "_loop",
+        "_room",
+        "_scheduled",
+        "_task",
+        "close_code",
+        "items",
+        "label",
+        "limit",
+        "metrics",
+        "name",
+        "request",
+        "send_timeout",
+        "transport",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        transport: asyncio.Transport | None,
+        *,
+        limit: int,
+        send_timeout: float,
+        metrics: Metrics,
+        label: str,
+    ) -> None:
+        self.ws = ws
+        self.request = request
+        self.transport = transport  # None: aiohttp frames each message (compression on)
+        self.limit = limit
+        self.send_timeout = send_timeout
+        self.metrics = metrics
+        self.label = label
+        self.name = "-"  # the session id, for the logs, once there is one
+        self.items: list[str | Close] = []
+        self.close_code: int | None = None  # set once a close is queued or the socket is dropped
+        self._loop = asyncio.get_running_loop()
+        self._room: asyncio.Event | None = None
+        self._scheduled = False
+        self._task: asyncio.Task[None] | None = None
+        self._abort_task: asyncio.Task[None] | None = None
+
+    @property
+    def closing(self) -> bool:
+        """Whether nothing more will be written (a close is queued, or the socket was dropped)."""
+        return self.close_code is not None
+
+    @property
+    def full(self) -> bool:
+        """Whether reply frames would have to wait."""
+        return len(self.items) >= self.limit
+
+    # --- queueing -------------------------------------------------------------
+
+    def _put(self, item: str | Close, room: int) -> bool:
+        if len(self.items) >= room:
+            return False
+        self.items.append(item)
+        if not self._scheduled and (self._task is None or self._task.done()):
+            if self.transport is None:
+                self._task = asyncio.create_task(self._write_loop())
+            else:
+                # After the current step, everything queued meanwhile goes out in one write.
+                self._scheduled = True
+                self._loop.call_soon(self._flush)
+        return True
+
+    def send_nowait(self, data: str) -> None:
+        """Queue a control frame; a client that let two outboxes' worth pile up is dropped."""
+        if self.close_code is None and not self._put(data, 2 * self.limit):
+            self.slow_consumer()
+
+    def extend(self, frames: list[str]) -> None:
+        """Queue frames beyond the limit (a replay: its size was bounded by the log)."""
+        if self.close_code is None and frames:
+            self.items.extend(frames[:-1])
+            self._put(frames[-1], len(self.items) + 1)
+
+    async def send(self, data: str) -> None:
+        """Queue a reply frame, waiting up to ``send_timeout`` for room."""
+        if self.close_code is not None or self._put(data, self.limit):
+            return
+        if not await self.wait_for_room(self.send_timeout):
+            self.slow_consumer()
+        elif self.close_code is None:
+            self._put(data, self.limit)
+
+    async def wait_for_room(self, wait: float) -> bool:
+        """Wait up to ``wait`` seconds for the outbox to go below its limit; False if it did not (or closed)."""
+        try:
+            async with asyncio.timeout(wait):
+                while self.full and self.close_code is None:
+                    if self._room is None:
+                        self._room = asyncio.Event()
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:
+            return False
+        return self.close_code is None
+
+    def _taken(self) -> list[str | Close]:
+        items, self.items = self.items, []
+        if self._room is not None:
+            self._room.set()
+        return items
+
+    # --- closing --------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the socket after what is queued."""
+        if self.close_code is not None:
+            return
+        if not self._put(Close(code, reason), 2 * self.limit + 1):
+            self.abort(code, reason)
+            return
+        self.close_code = code
+        if self._room is not None:
+            self._room.set()  # reply frames waiting for room go nowhere now
+
+    def abort(self, code: int, reason: str) -> None:
+        """Close now, without waiting for queued frames (the client is not reading)."""
+        self.close_code = code
+        if self._room is not None:
+            self._room.set()
+        if self._task is not None:
+            self._task.cancel()
+        if self._abort_task is None:
+            self._abort_task = asyncio.create_task(self._hard_close(code, reason))
+
+    def drop(self) -> None:
+        """Drop the connection without a close frame (1006): the client stopped answering pings."""
+        self.close_code = 1006
+        if self._room is not None:
+            self._room.set()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def slow_consumer(self) -> None:
+        """The client stopped reading: drop it with 4010."""
+        if self.close_code is None:
+            self.metrics.slow_consumers.inc(self.label)
+            log.warning("session %s: client stopped reading; closing 4010", self.name)
+            self.abort(SlowConsumer.close_code or 4010, SlowConsumer.code)
+
+    async def finish(self) -> None:
+        """The connection is over: write what a close left queued, then stop every task."""
+        if self.close_code is not None and self.items:
+            self._flush()
+        task = self._task
+        if task is not None and not task.done() and self.close_code is not None:
+            await asyncio.wait({task}, timeout=self.send_timeout)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._abort_task is not None:
+            await asyncio.gather(self._abort_task, return_exceptions=True)
+        self.items = []
+
+    # --- writing --------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        transport = self.transport
+        if transport is None or (self._task is not None and not self._task.done()) or not self.items:
+            return
+        try:
+            if transport.is_closing():
+                self._taken()
+                if self.close_code is None:
+                    self.close_code = 1006
+                return
+            if transport.get_write_buffer_size() > HIGH_WATER:
+                self._task = asyncio.create_task(self._write_loop())  # waits for the client to catch up
+                return
+            close = self._write_now(transport)
+        except Exception:
+            log.exception("session %s: sending failed; closing 1011", self.name)
+            self.abort(1011, "internal_error")
+            return
+        if close is not None:
+            self._task = asyncio.create_task(self._close_socket(close))
+
+    def _write_now(self, transport: asyncio.Transport) -> Close | None:
+        """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
+        texts: list[str] = []
+        for item in self._taken():
+            if isinstance(item, Close):
+                if texts:
+                    write_texts(transport, texts)
+                return item
+            texts.append(item)
+        if texts:
+            write_texts(transport, texts)
+        return None
+
+    async def _close_socket(self, close: Close) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=close.code, message=close.reason.encode())
+
+    async def _write_loop(self) -> None:
+        """The slow path: compression on, or a client behind on reading."""
+        ws = self.ws
+        transport = self.transport
+        try:
+            while self.items:
+                if transport is None:  # compression on: aiohttp frames each message itself
+                    for item in self._taken():
+                        if isinstance(item, Close):
+                            await ws.close(code=item.code, message=item.reason.encode())
+                            return
+                        await ws.send_str(sendable(item))
+                    continue
+                if transport.is_closing():
+                    raise ConnectionResetError("the connection is closing")
+                if transport.get_write_buffer_size() > HIGH_WATER:
+                    # The client is behind: the outbox fills meanwhile, and a client that
+                    # never catches up becomes a slow consumer.
+                    await wait_writable(self.request)
+                    continue
+                close = self._write_now(transport)
+                if close is not None:
+                    await ws.close(code=close.code, message=close.reason.encode())
+                    return
+        except (ConnectionError, RuntimeError):
+            # The socket closed under us; the reader sees it and ends the connection.
+            if self.close_code is None:
+                self.close_code = 1006
+        except Exception:
+            log.exception("session %s: sending failed; closing 1011", self.name)
+            self.abort(1011, "internal_error")
+
+    async def _hard_close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_DEADLINE):
+                await self.ws.close(code=code, message=reason.encode(), drain=False)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            # A client that does not read would keep our unsent buffer, and the socket,
+            # forever: asyncio's close() waits to flush it. Drop the connection instead.
+            raw = self.transport
+            if raw is not None and (not raw.is_closing() or raw.get_write_buffer_size()):
+                raw.abort()
