@@ -16,6 +16,7 @@ __all__ = [
     "AuthTimeout",
     "ConfigError",
     "ConnicError",
+    "InternalError",
     "InvalidJSON",
     "InvalidResume",
     "InvalidMessage",
@@ -197,6 +198,13 @@ class SlowConsumer(ConnicError):
 
     code = "slow_consumer"
     close_code = 4010
+
+
+class InternalError(ConnicError):
+    """connic failed; the connection closes."""
+
+    code = "internal_error"
+    close_code = 1011
 
 
 class SessionTakenOver(ConnicError):

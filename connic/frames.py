@@ -221,12 +221,12 @@ class History:
     """The session's conversation so far (PROTOCOL.md §8); ``entries`` are wire-ready objects."""
 
     type: ClassVar[str] = "history"
-    entries: list[dict[str, Any]]
+    entries: tuple[Mapping[str, Any], ...]
     last_seq: int
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {"type": "history", "entries": self.entries, "last_seq": self.last_seq}
+        return {"type": "history", "entries": list(self.entries), "last_seq": self.last_seq}
 
 
 ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong | History

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from connic.agent import HistoryEntry, HistoryView, Session, Turn
 from connic.errors import (
     ConnicError,
+    InternalError,
     MessageLimitReached,
     NotFound,
     QueueFull,
@@ -394,6 +395,8 @@ class ChatSession:
         running = [task for task in current.tasks.values() if not task.done()]
         if not running:
             return False
+        if current.cancelled:
+            return True  # cancelled already: a second cancel would look like the session's end
         current.cancelled = True
         for task in running:
             if task is self._answering:
@@ -407,12 +410,21 @@ class ChatSession:
 
     def history_frame(self) -> str:
         """The encoded ``history`` frame (PROTOCOL.md §8): not sequenced, not activity."""
-        return encode(History([entry.to_dict() for entry in self.history], self.seq))
+        return encode(History(tuple(entry.to_dict() for entry in self.history), self.seq))
 
     # --- answering ------------------------------------------------------------
 
     async def _answer_loop(self) -> None:
         """Answer queued messages one after another, for the life of the session."""
+        try:
+            await self._answer_queued()
+        except Exception:
+            # The chain contains every agent failure: this is connic's own bug. The session
+            # cannot go on without its answering task; the server and other sessions can.
+            log.exception("session %s: answering failed; ending the session", self.id)
+            self.end(InternalError("the session failed; start a new one"))
+
+    async def _answer_queued(self) -> None:
         loop = self._loop
         while True:
             while not self.queue:
@@ -612,3 +624,6 @@ class _Message:
         elif not isinstance(frame, StreamStart):
             raise TypeError(f"a reply cannot contain a {type(frame).__name__} frame")
         await session.send(encode(frame))
+        if self.cancelled:
+            # Let a pending cancellation land even in an agent that never waits.
+            await asyncio.sleep(0)

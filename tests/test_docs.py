@@ -30,6 +30,7 @@ from connic.app import build_runtime
 from connic.cli import _parser
 from connic.config import ConnectorConfig, ServerConfig, parse_config
 from connic.registry import Registry
+from connic.stores.memory import MemoryStore
 from connic.transports.websocket import WebSocketTransport
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -201,11 +202,16 @@ def sample(tp: Any) -> Any:
     raise TypeError(f"no sample for {tp!r}")
 
 
+SEQUENCED = {"ack", "stream_start", "stream_chunk", "stream_end", "response", "error"}
+"""Frame types whose JSON form gains ``seq`` when they belong to a message (PROTOCOL.md §7)."""
+
+
 def frame_keys(cls: type) -> set[str]:
-    """Every key the frame's JSON form can have."""
+    """Every key the frame's JSON form can have, ``seq`` included."""
     resolved = attrs.resolve_types(cls)
     frame = cls(**{f.name: sample(f.type) for f in attrs.fields(resolved)})
-    return set(frame.to_dict())
+    keys = set(frame.to_dict())
+    return keys | {"seq"} if getattr(cls, "type", None) in SEQUENCED else keys
 
 
 def json_examples(text: str) -> Iterator[dict[str, Any]]:
@@ -325,6 +331,7 @@ def builtin_registry() -> Registry:
     registry = Registry()
     registry.register("agents", "echo", EchoAgent)
     registry.register("transports", "websocket", WebSocketTransport)
+    registry.register("stores", "memory", MemoryStore)
     return registry
 
 
@@ -333,7 +340,7 @@ def test_toml_examples_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("CONNIC_SECRET", raising=False)
     for block in code_blocks(path.read_text(encoding="utf-8"), "toml"):
         data = tomllib.loads(block)
-        if not set(data) <= {"server", "agents", "connectors"}:
+        if not set(data) <= {"server", "agents", "connectors", "store"}:
             continue  # packaging metadata, not a connic configuration
         config = parse_config(data, source=f"{path.name} example")
         uses = {a.use for a in config.agents.values()} | {m.use for c in config.connectors for m in c.middleware}

@@ -95,7 +95,8 @@ def test_seed_javascript_example_logs_session_and_agents(
         wait_for(lambda: received[-1]["type"] == "stream_end", page)
         kinds = [frame["type"] for frame in received]
         assert kinds[:3] == ["connected", "ack", "stream_start"]
-        assert received[1] == {"type": "ack", "id": "msg-001", "message_number": 1}
+        # The seed's client ignores the fields it does not know, such as seq (PROTOCOL.md §7).
+        assert received[1] == {"type": "ack", "id": "msg-001", "message_number": 1, "seq": 1}
         end = received[-1]
         assert end["id"] == "msg-001" and end["agent"] == "echo"
         assert end["full_response"] == "What is the weather like today?"

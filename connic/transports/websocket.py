@@ -194,10 +194,11 @@ class WebSocketTransport(Transport):
         return ws
 
     async def shutdown(self, grace: float) -> None:
-        """Drain every connection and detached session in parallel: finish in-flight replies, then close 1001."""
+        """Drain every session in parallel (finish in-flight replies for up to ``grace``), then close 1001."""
         self.draining = True
         sessions = self.sessions
         conns = list(self.connections)
         if conns:
             log.info("closing %d connection(s) on %s (grace %g s)", len(conns), self.connector.path, grace)
-        await asyncio.gather(sessions.shutdown(grace), *(c.shutdown(grace) for c in conns), return_exceptions=True)
+        await sessions.shutdown(grace)
+        await asyncio.gather(*(c.shutdown() for c in conns), return_exceptions=True)

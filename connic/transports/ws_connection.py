@@ -113,10 +113,20 @@ class Connection:
     def send_nowait(self, data: str) -> None:
         """Queue a control frame."""
         self.writer.send_nowait(data)
+        if self.writer.closing:
+            self._detach()
 
     async def send(self, data: str) -> None:
         """Queue a reply frame, waiting for room."""
         await self.writer.send(data)
+        if self.writer.closing:
+            self._detach()
+
+    def _detach(self) -> None:
+        # Nothing more reaches this client: the session goes on without it at once
+        # (on_disconnect applies now, not once the socket is seen closed).
+        if self.session is not None and self.client_close is None:
+            self.session.detach(self)
 
     def end(self, error: ConnicError, notify: bool) -> None:
         """The session ended (expired, over its limit, taken over): close with its code."""
@@ -149,7 +159,7 @@ class Connection:
             if self.client_close == 1000:
                 session.end()
             else:
-                session.detach(self)
+                self._detach()
         try:
             await self.writer.finish()
             if not self.ws.closed:
@@ -191,11 +201,8 @@ class Connection:
             writer.send_nowait(encode(ErrorFrame(id=None, code=error.code, message=error.message)))
         writer.close(error.close_code or 1000, error.code)
 
-    async def shutdown(self, grace: float) -> None:
-        """Server shutdown: the session drains, then the socket closes 1001."""
-        session = self.session
-        if session is not None:
-            await session.drain(grace)
+    async def shutdown(self) -> None:
+        """Server shutdown, once the sessions have drained: close 1001."""
         self.close(ServerShuttingDown("the server is shutting down"))
         try:
             async with asyncio.timeout(self.transport.options.send_timeout):
@@ -240,9 +247,11 @@ class Connection:
             # per-receive timeout would restart with each of them.
             async with asyncio.timeout(timeout):
                 msg = await self.ws.receive()
+                self.last_seen = self._loop.time()
                 while msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     self._control(msg.type, msg.data)
                     msg = await self.ws.receive()
+                    self.last_seen = self._loop.time()
         except TimeoutError:
             self.close(AuthTimeout(f"no authentication within {timeout:g} s"))
             return None

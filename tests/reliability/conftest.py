@@ -210,7 +210,7 @@ def connic_tasks() -> list[asyncio.Task[Any]]:
 
 def live_connections() -> int:
     """Connection objects still reachable (after a full collection)."""
-    from connic.transports.ws_session import Connection
+    from connic.transports.ws_connection import Connection
 
     gc.collect()
     return sum(1 for obj in gc.get_objects() if type(obj) is Connection)

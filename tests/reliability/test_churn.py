@@ -1,7 +1,9 @@
 """Churn: thousands of connect / auth / message / disconnect cycles, many of them abrupt.
 
 Afterwards nothing of them may remain: no connection, no session, no agent task, no
-open socket, and the server's memory back near where it started.
+open socket, and the server's memory back near where it started. Sessions whose
+connection dropped stay resumable for ``resume_window``, kept short here, and must
+be gone once it has passed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .rawws import RawWS, close_frame, connect_tcp, open_raw
 CONCURRENCY = 25
 SLOW = {"type": "message", "payload": {"message": "a b c d e f g h i j k l", "agent": "slow"}}
 AGENTS = {"assistant": {"use": "echo"}, "slow": {"use": "echo", "delay": 0.02}}
+RESUME_WINDOW = 0.5
 
 
 async def _auth(ws: RawWS) -> None:
@@ -120,7 +123,7 @@ IN_PROCESS_CYCLES = 4000
 
 
 async def test_churn_leaves_nothing_behind(start_server: StartServer) -> None:
-    server = await start_server(make_config(agents=AGENTS))
+    server = await start_server(make_config({"resume_window": RESUME_WINDOW}, agents=AGENTS))
     port = int(server.server.port)
     app = server.server.app
     started = time.monotonic()
@@ -131,12 +134,13 @@ async def test_churn_leaves_nothing_behind(start_server: StartServer) -> None:
 
     rt = runtime(app)
     transport = rt.transports[0]
-    await eventually(lambda: not (transport.connections or connic_tasks() or rt.gate.total))
+    await eventually(lambda: not (transport.connections or connic_tasks() or rt.gate.total or len(rt.store)))
     settled = time.monotonic() - started - elapsed
     report("churn (in-process): time for the server to settle after the last cycle", f"{settled:.2f} s")
     assert transport.connections == set()
     assert connic_tasks() == []
     assert rt.gate.total == 0 and not rt.gate.per_ip
+    assert len(rt.store) == 0
     assert live_connections() == 0
     aiohttp_server = server.server.runner.server  # type: ignore[union-attr]
     assert aiohttp_server is not None and aiohttp_server.connections == []
@@ -168,6 +172,7 @@ delay = 0.02
 
 [[connectors]]
 secrets = ["test-secret"]
+resume_window = 0.5
 """
 
 
@@ -176,7 +181,11 @@ async def settle(server: Proc, sockets_idle: int) -> dict[str, float]:
     deadline = time.monotonic() + 10
     while True:
         metrics = await scrape(server.http)
-        busy = metrics['connic_connections_open{connector="/ws"}'] or server.sockets() > sockets_idle + 1
+        busy = (
+            metrics['connic_connections_open{connector="/ws"}']
+            or metrics['connic_sessions_open{connector="/ws"}']
+            or server.sockets() > sockets_idle + 1
+        )
         if not busy or time.monotonic() > deadline:
             return metrics
         await asyncio.sleep(0.05)

@@ -195,7 +195,7 @@ async def test_unmasked_client_frame(port: int, caplog: pytest.LogCaptureFixture
         assert got.close_code == PROTOCOL_ERROR
         outcome = "closed 1002"
     else:
-        assert got.json() == {"type": "ack", "id": "u", "message_number": 1}
+        assert got.json() == {"type": "ack", "id": "u", "message_number": 1, "seq": 1}
         frames = await ws.until("stream_end")
         assert frames[-1]["full_response"] == "unmasked"
         outcome = "processed like a masked frame (aiohttp does not enforce client masking)"

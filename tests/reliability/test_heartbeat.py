@@ -101,7 +101,7 @@ async def test_app_level_ping_keeps_the_session(start_server: StartServer) -> No
             # Same session: its first message is number 1, and the connection never closed.
             await ws.send(json.dumps({"id": "after", "message": "still here"}))
             ack = json.loads(await asyncio.wait_for(ws.recv(), 5))
-            assert ack == {"type": "ack", "id": "after", "message_number": 1}
+            assert ack == {"type": "ack", "id": "after", "message_number": 1, "seq": 1}
             assert ws.close_code is None
             await checked.wait()
             return pongs, connected["session_id"]

@@ -3,7 +3,9 @@
 The server (``python -m connic run``, watched through /proc) must not buffer the
 reply: backpressure reaches the agents, the client is closed as a slow consumer
 (4010) after ``send_timeout``, the server's RSS stays within a bound, and another
-client on the same connector keeps getting its replies meanwhile.
+client on the same connector keeps getting its replies meanwhile. The connector
+cancels replies when a connection drops (``on_disconnect = "cancel"``), so the
+agents stop once the slow consumer is gone.
 
 One scenario runs once per module (it takes a few seconds); the tests check what it recorded.
 """
@@ -54,6 +56,7 @@ send_queue = 16
 max_messages = 10000
 send_timeout = {SEND_TIMEOUT}
 max_frame_bytes = {2 * len(WORD) * WORDS}
+on_disconnect = "cancel"
 """
 )
 
@@ -249,6 +252,7 @@ async def test_outgoing_buffers_stay_bounded(start_server: StartServer) -> None:
                 "send_queue": 16,
                 "send_timeout": SEND_TIMEOUT,
                 "max_frame_bytes": 2 * len(WORD) * WORDS,
+                "on_disconnect": "cancel",
             }
         ],
     }
@@ -265,8 +269,8 @@ async def test_outgoing_buffers_stay_bounded(start_server: StartServer) -> None:
     for _ in range(int((SEND_TIMEOUT + 10) / 0.005)):
         if conn not in transport.connections:
             break
-        most_frames = max(most_frames, len(conn.outbox.items))
-        io = conn.transport_io
+        most_frames = max(most_frames, len(conn.writer.items))
+        io = conn.writer.transport
         if io is not None and not io.is_closing():
             most_bytes = max(most_bytes, io.get_write_buffer_size())
         samples += 1
