@@ -386,7 +386,7 @@ async def test_second_signal_during_the_drain_stops_at_once(
     await client.until("stream_chunk")
 
     server.proc.send_signal(sig)
-    await asyncio.to_thread(read_until, server, "connic: shutting down")  # draining now
+    await asyncio.wait_for(asyncio.to_thread(read_until, server, "connic: shutting down"), 20)  # draining now
     server.proc.send_signal(sig)
     try:
         out, _ = server.proc.communicate(timeout=15)
@@ -450,6 +450,8 @@ async def test_debug_logs_an_agent_that_blocks_the_loop(
         assert not slow, out
         return
     assert slow, out
-    # The line names the callback (the task and the coroutine it ran), its duration, and what it means.
-    assert re.search(r"Executing <Task .*coro=<\S+\(\) .*> took \d+\.\d+ seconds: the event loop was blocked", slow[0])
-    assert "'Blocking calls' in docs/writing-agents.md" in slow[0], slow[0]
+    # A line names the callback (the task and the coroutine it ran), its duration, and what it means.
+    # (On a loaded machine another callback may be slow too: look for the task's line among them.)
+    named = r"Executing <Task .*coro=<\S+\(\) .*> took \d+\.\d+ seconds: the event loop was blocked"
+    assert any(re.search(named, line) for line in slow), slow
+    assert all("'Blocking calls' in docs/writing-agents.md" in line for line in slow), slow
