@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +149,9 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     return Runtime(config=config, agents=agents, transports=transports, gate=gate, store=store)
 
 
-async def _agents_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    runtime = app[RUNTIME]
+async def _agents_lifecycle(runtime: Runtime, app: web.Application) -> AsyncIterator[None]:
+    # The runtime is bound when installed, not read back from app[RUNTIME]: an app's
+    # callbacks must each serve the runtime they were installed with.
     agents = list(runtime.agents.values())
     started: list[Agent] = []
     await runtime.store.start()
@@ -172,7 +175,10 @@ async def drain(app: web.Application) -> None:
     and can refuse new messages politely while it drains. Calling it twice is
     harmless.
     """
-    runtime = app[RUNTIME]
+    await _drain(app[RUNTIME])
+
+
+async def _drain(runtime: Runtime, app: web.Application | None = None) -> None:
     grace = runtime.config.server.shutdown_grace
     await asyncio.gather(*(t.shutdown(grace) for t in runtime.transports))
 
@@ -190,13 +196,19 @@ def _metrics_handler(runtime: Runtime) -> Any:
     return metrics
 
 
-async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
+async def _metrics_site(runtime: Runtime, app: web.Application) -> AsyncIterator[None]:
     # metrics_port set: /metrics gets a listener of its own, beside the main one.
-    runtime = app[RUNTIME]
+    server = runtime.config.server
     runner = web.AppRunner(_metrics_app(runtime), access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, runtime.config.server.host, runtime.config.server.metrics_port).start()
+        try:
+            await web.TCPSite(runner, server.host, server.metrics_port).start()
+        except (socket.gaierror, ValueError) as exc:
+            # Bare, asyncio says only "Name or service not known" (or, for a malformed
+            # name, raises UnicodeError from the idna codec).
+            why = exc.strerror if isinstance(exc, socket.gaierror) else exc
+            raise ConfigError(f"{runtime.config.where}: server.host: cannot resolve {server.host!r}: {why}") from None
         yield
     finally:
         await runner.cleanup()
@@ -210,11 +222,11 @@ def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "
     if server.metrics and server.metrics_port == 0:
         app.router.add_get(server.metrics_path, _metrics_handler(runtime))
     elif server.metrics:
-        app.cleanup_ctx.append(_metrics_site)
+        app.cleanup_ctx.append(partial(_metrics_site, runtime))
     if server.playground:
         install_playground(app, runtime, path=playground_path)
-    app.cleanup_ctx.append(_agents_lifecycle)
-    app.on_shutdown.append(drain)
+    app.cleanup_ctx.append(partial(_agents_lifecycle, runtime))
+    app.on_shutdown.append(partial(_drain, runtime))
 
 
 def create_app(config: ConfigLike = None, *, registry: Registry | None = None) -> web.Application:
@@ -244,6 +256,13 @@ def setup(
     """
     if prefix is not None and not prefix.strip("/"):
         raise ValueError("prefix must name a path such as '/connic'; use prefix=None to install at the root")
+    if prefix is None and RUNTIME in app:
+        # Two runtimes at one root would claim the same paths (/ws, /metrics, the
+        # playground), and app[RUNTIME], which drain(app) uses, can hold only one.
+        raise ConfigError(
+            "setup(prefix=None): connic is already installed in this application; give the second "
+            "instance a prefix of its own (prefix='/other'), or configure both sets of agents in one config"
+        )
     runtime = build_runtime(resolve_config(config), registry)
     if prefix is None:
         # The host owns "/": the playground goes to /connic/ (docs/playground.md).

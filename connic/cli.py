@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,10 @@ from connic.errors import ConfigError, ConnicError
 from connic.registry import load_registry
 
 __all__ = ["main"]
+
+_SLOW_CALLBACK = 0.1
+"""With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--session-timeout", type=float, metavar="S", help="idle seconds before a session expires")
     run.add_argument("--max-messages", type=int, metavar="N", help="messages allowed per session")
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    run.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"asyncio debug mode: log every callback that blocks the event loop over {_SLOW_CALLBACK:g} s",
+    )
 
     commands.add_parser("plugins", help="list installed plugins", description="List installed plugins.")
 
@@ -107,7 +117,37 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
     return attrs.evolve(config, connectors=tuple(connectors)), generated
 
 
-async def _serve(app: web.Application, host: str, port: int, generated: str | None) -> None:
+async def _resolve(host: str, port: int, key: str) -> None:
+    """Fail with one line naming ``key`` if ``host`` does not resolve, before anything starts.
+
+    Without this, an unknown name surfaces as asyncio's bare ``Name or service not
+    known`` (a gaierror), and a malformed one (an empty label, a label over 63
+    characters) as a traceback from the idna codec.
+    """
+    if not host:
+        return  # asyncio binds every interface for "", without a lookup
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{key}: cannot resolve {host!r}: {exc.strerror}") from None
+    except ValueError as exc:  # UnicodeError from the idna codec; ValueError for a NUL
+        raise ConfigError(f"{key}: {host!r} is not a valid host name ({exc})") from None
+
+
+def _stop_at_once(signum: int) -> None:
+    """A second SIGINT/SIGTERM: give up the drain and exit now, with 128 + the signal number.
+
+    uvicorn's convention. Nothing is awaited any more, on purpose: whatever made the
+    drain slow (a long reply, an agent's close()) would make a polite exit slow too.
+    os._exit skips asyncio.run's cancel-and-wait of every task for the same reason.
+    """
+    print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+async def _serve(app: web.Application, host: str, port: int, generated: str | None, host_key: str) -> None:
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
     # Signals are ours before anything starts: until then asyncio.run's own SIGINT handler
@@ -115,8 +155,12 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
     # A signal during start-up now lets the start finish, then shuts down at once.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    if loop.get_debug():
+        loop.slow_callback_duration = _SLOW_CALLBACK
+        logging.getLogger("asyncio").addFilter(_SlowCallbackHint())
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    await _resolve(host, port, host_key)
     # keepalive_timeout also bounds how long a new TCP connection may take to send its
     # request: without it a silent connection would hold a socket for aiohttp's hour.
     runner = web.AppRunner(
@@ -143,11 +187,26 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
             print(f"  playground: http://{shown}:{bound_port}/", flush=True)
         print("Press Ctrl+C to stop.", flush=True)
         await stop.wait()
+        # From here on (the drain, then the agents' close()) a second signal stops at once.
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, _stop_at_once, sig)
         print("connic: shutting down", flush=True)
         # Drain before aiohttp's cleanup, which stops reading every connection.
         await drain(app)
     finally:
         await runner.cleanup()
+
+
+class _SlowCallbackHint(logging.Filter):
+    """With ``--debug``: asyncio's "Executing <Task ...> took 2.003 seconds" says what, not why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Executing ") and " took " in record.msg:
+            record.msg += (
+                ": the event loop was blocked, every connection waited"
+                " (a blocking call in an agent? see 'Blocking calls' in docs/writing-agents.md)"
+            )
+        return True
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,9 +218,11 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         env = os.environ.get("CONNIC_CONFIG")
         config = load_config(env) if env else default_config()
+    host_key = "--host" if args.host is not None else f"{config.where}: server.host"
     config, generated = _generate_secrets(_with_overrides(config, args))
     app = create_app(config)
-    asyncio.run(_serve(app, config.server.host, config.server.port, generated))
+    serve = _serve(app, config.server.host, config.server.port, generated, host_key)
+    asyncio.run(serve, debug=args.debug or None)
     return 0
 
 

@@ -10,6 +10,7 @@ Every error names the file and the key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,10 +41,18 @@ __all__ = [
 T = TypeVar("T")
 
 
+def _finite(attribute: attrs.Attribute[Any], value: float) -> None:
+    # inf and nan are valid TOML floats and compare in surprising ways: inf passes "> 0"
+    # (then rate_limit.per = inf divides by zero on a session's second message).
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{attribute.name} must be a finite number, got {value!r}")
+
+
 def in_range(low: float, high: float) -> Any:
-    """An attrs validator: ``low <= value <= high``, naming the field when not."""
+    """An attrs validator: ``low <= value <= high`` (finite), naming the field when not."""
 
     def check(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        _finite(attribute, value)
         if not low <= value <= high:
             raise ValueError(f"{attribute.name} must be between {low:g} and {high:g}, got {value!r}")
 
@@ -51,13 +60,15 @@ def in_range(low: float, high: float) -> Any:
 
 
 def positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    """An attrs validator: the value is greater than zero."""
+    """An attrs validator: the value is a finite number greater than zero."""
+    _finite(attribute, value)
     if not value > 0:
         raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
 
 
 def non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    """An attrs validator: the value is zero or more."""
+    """An attrs validator: the value is a finite number, zero or more."""
+    _finite(attribute, value)
     if not value >= 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
 
@@ -269,11 +280,39 @@ def parse_config(data: Mapping[str, Any], source: str | None = None) -> Config:
     return Config(server=server, agents=agents, connectors=tuple(connectors), store=store, source=source)
 
 
+def _too_deep(text: str, exc: RecursionError) -> str:
+    """Say where tomllib, a recursive parser, ran out of stack: the key and its line.
+
+    tomllib gives no position for this, so the key is read from the outermost
+    ``parse_key_value_pair`` frame (``key_value_rule`` holds the table header and the
+    key's offset). If a later Python renames those, the message just names no key.
+    """
+    header: tuple[str, ...] = ()
+    offset: int | None = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__") == "tomllib._parser":
+            local = frame.f_locals
+            if frame.f_code.co_name == "key_value_rule" and offset is None:
+                header, offset = tuple(local.get("header", ())), local.get("pos")
+            elif frame.f_code.co_name == "parse_key_value_pair" and isinstance(local.get("key"), tuple):
+                key = ".".join((*header, *local["key"]))
+                line = text.count("\n", 0, offset) + 1 if isinstance(offset, int) else None
+                where = f" (line {line})" if line is not None else ""
+                return f"{key}: not valid TOML: arrays or inline tables nested too deeply{where}"
+        tb = tb.tb_next
+    return "not valid TOML: arrays or inline tables nested too deeply"
+
+
 def load_config(path: str | Path) -> Config:
     """Read and check a TOML configuration file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: {_too_deep(text, exc)}") from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -352,3 +355,103 @@ def test_no_command_is_a_usage_error() -> None:
     done = connic_cmd()
     assert done.returncode == 2
     assert "usage:" in done.stderr
+
+
+# --- a second signal while draining --------------------------------------------------
+
+
+def read_until(server: CliServer, needle: str) -> list[str]:
+    """Read the server's output up to the line containing ``needle`` (bounded by the process ending)."""
+    assert server.proc.stdout is not None
+    lines = []
+    for line in server.proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if needle in line:
+            return lines
+    raise AssertionError(f"the server ended before printing {needle!r}:\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="SIGINT")])
+async def test_second_signal_during_the_drain_stops_at_once(
+    tmp_path: Path, cli: Cli, connect: Connect, sig: signal.Signals
+) -> None:
+    # A reply of 60 words at 0.5 s each: the drain would wait 30 s for it (grace is 60 s).
+    text = (
+        '[server]\nshutdown_grace = 60\n\n[agents.echo]\nuse = "echo"\ndelay = 0.5\n\n[[connectors]]\nsecrets = ["s"]\n'
+    )
+    config = write(tmp_path / "slow.toml", text)
+    server = cli("--config", str(config))
+    client = await connect(server.url, secret="s")
+    await client.send({"id": "m1", "message": " ".join(["w"] * 60)})
+    await client.until("stream_chunk")
+
+    server.proc.send_signal(sig)
+    await asyncio.wait_for(asyncio.to_thread(read_until, server, "connic: shutting down"), 20)  # draining now
+    server.proc.send_signal(sig)
+    try:
+        out, _ = server.proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the second signal did not stop the server: it kept draining")
+    assert server.proc.returncode == 128 + sig, out
+    assert f"connic: {sig.name} again, stopping at once" in out, out
+    assert "Traceback" not in out, out
+    # The in-flight reply was cut off, not finished.
+    _, frames = await client.closed(timeout=10)
+    assert not [f for f in frames if f["type"] == "stream_end"], frames
+
+
+# --- --debug: asyncio's slow-callback warning ----------------------------------------
+
+BLOCKING_AGENT = '''
+import time
+
+import connic
+
+
+class Blocking(connic.Agent):
+    """Calls time.sleep in respond(), as a careless agent would: every client waits."""
+
+    async def respond(self, turn):
+        time.sleep(0.3)
+        yield "woke up"
+'''
+
+
+def blocking_agent_site(tmp_path: Path) -> dict[str, str]:
+    """A directory holding the agent module and the entry point that names it, for PYTHONPATH."""
+    site = tmp_path / "site"
+    (site / "blocking_agent-0.1.dist-info").mkdir(parents=True)
+    write(site / "blocking_agent.py", BLOCKING_AGENT)
+    write(
+        site / "blocking_agent-0.1.dist-info" / "METADATA",
+        "Metadata-Version: 2.1\nName: blocking-agent\nVersion: 0.1\n",
+    )
+    write(
+        site / "blocking_agent-0.1.dist-info" / "entry_points.txt",
+        "[connic.agents]\nblocking = blocking_agent:Blocking\n",
+    )
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": str(site) + (os.pathsep + path if path else "")}
+
+
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "plain"])
+async def test_debug_logs_an_agent_that_blocks_the_loop(
+    tmp_path: Path, cli: Cli, connect: Connect, debug: bool
+) -> None:
+    flags = ["--debug"] if debug else []
+    server = cli(*flags, "--agent", "blocking", "--no-auth", env=blocking_agent_site(tmp_path))
+    client = await connect(server.url, secret=None)
+    frames = await client.reply({"id": "b1", "message": "hello"})
+    assert frames[-1]["type"] == "stream_end" and frames[-1]["full_response"] == "woke up", frames
+    code, out = server.stop()
+    assert code == 0, out
+    slow = [line for line in out.splitlines() if "WARNING asyncio: Executing <" in line]
+    if not debug:
+        assert not slow, out
+        return
+    assert slow, out
+    # A line names the callback (the task and the coroutine it ran), its duration, and what it means.
+    # (On a loaded machine another callback may be slow too: look for the task's line among them.)
+    named = r"Executing <Task .*coro=<\S+\(\) .*> took \d+\.\d+ seconds: the event loop was blocked"
+    assert any(re.search(named, line) for line in slow), slow
+    assert all("'Blocking calls' in docs/writing-agents.md" in line for line in slow), slow

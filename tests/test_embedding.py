@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -164,6 +164,91 @@ async def test_host_shutdown_closes_connic_sockets_1001_promptly(start_server: S
         assert closing in done, "the host application took longer than 5 s to shut down"
     finally:
         await asyncio.wait_for(closing, 40)
+
+
+# --- two instances in one host: each runtime's own lifecycle -------------------------
+
+
+def recording_registry(events: list[tuple[str, str]]) -> connic.Registry:
+    """The installed plugins plus ``recorder``: an agent that records its start() and close() and answers its name."""
+
+    class Recorder(connic.Agent):
+        async def start(self) -> None:
+            events.append(("start", self.name))
+
+        async def close(self) -> None:
+            events.append(("close", self.name))
+
+        async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
+            yield f"I am {self.name}"
+
+    registry = connic.load_registry()
+    registry.register("agents", "recorder", Recorder)
+    return registry
+
+
+async def answer(client) -> str:  # type: ignore[no-untyped-def]
+    frames = await client.reply({"message": "who?"})
+    assert frames[-1]["type"] == "stream_end", frames
+    return str(frames[-1]["full_response"])
+
+
+def root_config(name: str, *, own_paths: bool) -> dict[str, object]:
+    """A recorder agent ``name``; with ``own_paths``, nothing that would collide with a second instance."""
+    if not own_paths:
+        return make_config(agents={name: {"use": "recorder"}})
+    config = make_config(connector={"path": f"/{name}"}, agents={name: {"use": "recorder"}})
+    return {**config, "server": {"playground": False, "metrics": False}}
+
+
+@pytest.mark.parametrize("own_paths", [True, False], ids=["own_paths", "same_paths"])
+async def test_second_setup_at_the_root_is_refused(
+    start_server: StartServer, connect: Connect, own_paths: bool
+) -> None:
+    # With paths that do not collide, a second root setup used to be accepted, and then both
+    # apps' lifecycle callbacks found the second runtime: "second" started twice, "first" never.
+    events: list[tuple[str, str]] = []
+    registry = recording_registry(events)
+    app, _ = host_app()
+    connic.setup(app, root_config("first", own_paths=own_paths), prefix=None, registry=registry)
+    with pytest.raises(connic.ConfigError, match=r"already installed in this application; .*prefix"):
+        connic.setup(app, root_config("second", own_paths=own_paths), prefix=None, registry=registry)
+    # The refused call changed nothing: the first instance starts, serves and closes, once.
+    server = await start_server(app=app)
+    assert events == [("start", "first")]
+    client = await connect(server.url("/first" if own_paths else "/ws"))
+    assert client.connected["agents"] == ["first"]  # type: ignore[attr-defined]
+    assert await answer(client) == "I am first"
+    await server.server.close()
+    assert events == [("start", "first"), ("close", "first")]
+
+
+async def test_each_instance_starts_drains_and_closes_its_own_agents(
+    start_server: StartServer, connect: Connect
+) -> None:
+    events: list[tuple[str, str]] = []
+    registry = recording_registry(events)
+    app, _ = host_app()
+    connic.setup(app, make_config(agents={"root": {"use": "recorder"}}), prefix=None, registry=registry)
+    connic.setup(app, make_config(agents={"one": {"use": "recorder"}}), prefix="/one", registry=registry)
+    connic.setup(app, make_config(agents={"two": {"use": "recorder"}}), prefix="/two", registry=registry)
+    server = await start_server(app=app)
+    assert sorted(events) == [("start", "one"), ("start", "root"), ("start", "two")]
+    clients = {
+        name: await connect(server.url(path))
+        for name, path in [("root", "/ws"), ("one", "/one/ws"), ("two", "/two/ws")]
+    }
+    for name, client in clients.items():
+        assert await answer(client) == f"I am {name}"
+
+    closing = asyncio.create_task(server.server.close())
+    for client in clients.values():
+        code, frames = await client.closed(timeout=10)
+        assert [f["code"] for f in frames] == ["server_shutting_down"] and code == 1001, (code, frames)
+    await asyncio.wait_for(closing, 40)
+    assert sorted(events) == [("close", n) for n in ("one", "root", "two")] + [
+        ("start", n) for n in ("one", "root", "two")
+    ]
 
 
 # --- create_app's configuration forms ------------------------------------------------
