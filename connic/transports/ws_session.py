@@ -527,12 +527,19 @@ class Connection:
                 frame = None
             if isinstance(frame, AuthFrame):
                 if self.transport.check_secret(frame.secret):
+                    self._lift_auth_bound()
                     return True
                 self.close(Unauthorized("wrong secret" if frame.secret else "missing secret"))
                 return False
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
         return False
+
+    def _lift_auth_bound(self) -> None:
+        # Frames up to max_frame_bytes from now on (until now: max_auth_frame_bytes).
+        lift = getattr(self.ws, "authenticated", None)
+        if lift is not None:
+            lift()
 
     async def _serve(self) -> None:
         """Read and answer until the socket closes (see the module docstring)."""
