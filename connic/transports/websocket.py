@@ -260,4 +260,14 @@ class _Socket(web.WebSocketResponse):
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send_str(encode(frame))
             message = message or MessageTooLarge.code.encode()
-        return await super().close(code=code, message=message, drain=drain)
+        try:
+            return await super().close(code=code, message=message, drain=drain)
+        finally:
+            exc = self._exception
+            if exc is not None:
+                # aiohttp keeps why the close failed (usually: the client had gone) for
+                # exception(), which connic does not use. Its traceback holds the frames
+                # of the callers, the connection's included, while this socket holds it:
+                # a reference cycle that would keep the connection, and its history,
+                # until the cyclic garbage collector ran.
+                exc.__traceback__ = exc.__context__ = exc.__cause__ = None

@@ -20,6 +20,7 @@ import contextvars
 import logging
 import math
 import time
+import traceback
 import uuid
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -230,7 +231,9 @@ class Connection:
         """Authenticate, then read until the socket closes; always clean up."""
         self.metrics.connections.inc(self.path)
         self.metrics.connections_open.inc(self.path)
-        self._main = asyncio.current_task()
+        self._main = task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(_release_cancellation)
         if self.options.heartbeat:
             self._beat = self._loop.call_later(self.options.heartbeat, self._heartbeat)
         try:
@@ -290,6 +293,10 @@ class Connection:
             if not self._finished.is_set():
                 self._finished.set()
                 self._account_close()
+            # Nothing the connection refers to may refer back to it once it has ended, so that
+            # reference counting alone frees it, and its history, as soon as it closes.
+            self.outbox.detach()
+            self._main = self._reader = self._writer = self._abort_task = None
 
     def _account_close(self) -> None:
         # What connic decided, else the first code the socket sent, else what the client sent.
@@ -812,9 +819,16 @@ class Connection:
             started.add(turn.agent)
             await chains[turn.agent](turn, pending.emit)
 
-        async with asyncio.TaskGroup() as group:
-            for name in self.transport.agent_names:
-                pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name in self.transport.agent_names:
+                    task = pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
+                    task.add_done_callback(_release_cancellation)
+        except BaseException as exc:
+            # The TaskGroup's __aexit__ frame, in the error's traceback, keeps the error in a
+            # local: a reference cycle through this connection's frames (CPython 3.11).
+            traceback.clear_frames(exc.__traceback__)
+            raise
 
     def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
         frame = pending.frame
@@ -854,6 +868,21 @@ _HIGH_WATER = 64 * 1024
 _READ_SIZE = 64 * 1024
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
+
+
+def _release_cancellation(task: asyncio.Task[Any]) -> None:
+    """Take the CancelledError of a cancelled task nobody awaits.
+
+    A cancelled task keeps its CancelledError until someone asks for it, and the
+    error's traceback holds the frames of everything it went through, the
+    connection's included, while something in those frames refers back to the task
+    (aiohttp's request to the handler's task, when aiohttp cancels it under
+    ``handler_cancellation``; a message's ``tasks`` to its agents' tasks): the
+    connection would live until the cyclic garbage collector ran.
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.exception()
 
 
 def _number(value: float) -> float | int:
