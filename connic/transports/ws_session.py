@@ -149,6 +149,7 @@ class Connection:
         "current",
         "draining",
         "history",
+        "history_bytes",
         "idle",
         "last_activity",
         "last_seen",
@@ -176,7 +177,8 @@ class Connection:
         self.ws = ws
         self.peer = request.remote
         self.session_id = str(uuid.uuid4())
-        self.history: list[HistoryRecord] = []
+        self.history: list[HistoryRecord] = []  # at most max_history_bytes of text, but for the newest exchange
+        self.history_bytes = 0  # the UTF-8 size of the history's texts
         self.states: dict[str, dict[str, Any]] = {}
         self.count = 0
         self.pending: list[_Pending] = []  # at most max_queued long
@@ -796,11 +798,18 @@ class Connection:
                     else:
                         names = self.transport.agent_names
                         await self._answer_all(pending, history)
-                    self.history.append(("user", frame.text, None))
+                    entries = self.history
+                    newest = len(entries)
+                    entries.append(("user", frame.text, None))
+                    added = _utf8_size(frame.text)
                     for name in names:
                         text = pending.results.get(name)
                         if text:
-                            self.history.append(("agent", text, name))
+                            entries.append(("agent", text, name))
+                            added += _utf8_size(text)
+                    self.history_bytes += added
+                    if self.history_bytes > self.options.max_history_bytes:
+                        self._trim_history(newest)
                 finally:
                     self.current = None
                     self.last_activity = time.monotonic()
@@ -808,6 +817,24 @@ class Connection:
             self._busy = False
             if not self.pending:
                 self.idle.set()
+
+    def _trim_history(self, newest: int) -> None:
+        """Drop the oldest entries until the history fits ``max_history_bytes``.
+
+        The exchange that starts at index ``newest`` (the one just answered) is kept
+        whole, even when it alone is over the bound. The kept entries go into a new
+        list: a HistoryView handed out earlier is a prefix view of the old one, which
+        must not change under it.
+        """
+        entries = self.history
+        size = self.history_bytes
+        bound = self.options.max_history_bytes
+        start = 0
+        while start < newest and size > bound:
+            size -= _utf8_size(entries[start][1])
+            start += 1
+        self.history = entries[start:]
+        self.history_bytes = size
 
     async def _answer_all(self, pending: _Pending, history: HistoryView) -> None:
         """Every agent answers ``pending``, each in a task of its own, concurrently."""
@@ -868,6 +895,11 @@ _HIGH_WATER = 64 * 1024
 _READ_SIZE = 64 * 1024
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
+
+
+def _utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 (lone surrogates, which JSON lets a client send, count 3 bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _release_cancellation(task: asyncio.Task[Any]) -> None:
