@@ -219,8 +219,9 @@ class _Socket(web.WebSocketResponse):
     sent_code: int | None = None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
-    def __init__(self, *, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._frame_bytes = max_msg_size
         self._auth_frame_bytes = auth_frame_bytes
         self._auth_bound: AuthBound | None = None
         self._transport: asyncio.Transport | None = None
@@ -231,18 +232,16 @@ class _Socket(web.WebSocketResponse):
         if bound is None:
             super()._post_start(request, protocol, writer)
             return
-        # Bytes the client sent right after its handshake are the bounded reader's too.
-        handler: Any = request.protocol
-        tail, handler._message_tail = handler._message_tail, b""
-        super()._post_start(request, protocol, writer)
-        self._auth_bound = AuthBound(self, request, bound + 1, tail)  # aiohttp refuses sizes >= its bound
+        post_start = super()._post_start
+        # aiohttp refuses sizes >= its bound.
+        self._auth_bound = AuthBound.start(self, request, bound + 1, lambda: post_start(request, protocol, writer))
 
     def authenticated(self) -> None:
         """The connection authenticated: read frames up to ``max_msg_size`` from now on."""
         bound = self._auth_bound
         if bound is not None:
             self._auth_bound = None
-            bound.lift(self._max_msg_size)
+            bound.lift(self._frame_bytes)
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         bound = self._auth_bound
@@ -263,7 +262,7 @@ class _Socket(web.WebSocketResponse):
         try:
             return await super().close(code=code, message=message, drain=drain)
         finally:
-            exc = self._exception
+            exc = self.exception()
             if exc is not None:
                 # aiohttp keeps why the close failed (usually: the client had gone) for
                 # exception(), which connic does not use. Its traceback holds the frames

@@ -16,13 +16,15 @@ last byte of a ``max_frame_bytes`` frame. So, until the connection authenticates
   to the next, so the parser cannot be swapped: the socket gets aiohttp's
   pure-Python parser instead, whose bound :meth:`AuthBound.lift` raises.
 
-Every access to aiohttp's private attributes is in this module; the tests in
-tests/reliability/test_preauth.py pin them (aiohttp 3.14.5).
+Every access to aiohttp's private attributes is in this module (and the socket's
+``_post_start`` override that calls :meth:`AuthBound.start`, in websocket.py); the tests
+in tests/reliability/test_preauth.py pin them (aiohttp 3.14.5).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -39,12 +41,25 @@ class AuthBound:
     calls ``feed_data`` for every read and ``feed_eof`` at the end).
     """
 
-    __slots__ = ("_big", "_ended", "_head", "_held", "_inner", "_limit", "_protocol", "_skip")
+    __slots__ = ("_big", "_ended", "_head", "_held", "_inner", "_protocol", "_skip")
+
+    @classmethod
+    def start(
+        cls, ws: web.WebSocketResponse, request: web.BaseRequest, limit: int, post_start: Callable[[], None]
+    ) -> AuthBound:
+        """Run aiohttp's ``post_start`` (which makes the socket's parser), then read under ``limit``.
+
+        Bytes the client sent right behind its handshake, which aiohttp keeps until
+        the parser exists, go to the bounded reader too.
+        """
+        handler: Any = request.protocol
+        tail, handler._message_tail = handler._message_tail, b""
+        post_start()
+        return cls(ws, request, limit, tail)
 
     def __init__(self, ws: web.WebSocketResponse, request: web.BaseRequest, limit: int, tail: bytes) -> None:
         protocol: Any = request.protocol
         self._protocol = protocol
-        self._limit = limit
         self._big: Any = ws._parser  # aiohttp's own parser, with the large bound; it has read nothing yet
         self._head = bytearray()  # the bytes read so far of the header of the next frame
         self._skip = 0  # payload bytes of the current frame not read yet
