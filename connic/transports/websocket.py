@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 from aiohttp import WSCloseCode, web
+from aiohttp.http_websocket import WebSocketWriter
+from aiohttp.web_request import BaseRequest
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
@@ -22,6 +24,7 @@ from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
 from connic.transport import Transport
 from connic.transports.ws_io import Flusher
+from connic.transports.ws_reader import AuthBound
 from connic.transports.ws_session import Connection
 
 __all__ = ["RateLimit", "WebSocketTransport"]
@@ -67,6 +70,8 @@ class WebSocketTransport(Transport):
         send_timeout: float = attrs.field(default=30.0, validator=positive)
         compress: bool = False
         rate_limit: RateLimit | None = None
+        max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=_at_least_one)
+        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
 
     options: Options
 
@@ -113,14 +118,28 @@ class WebSocketTransport(Transport):
         app.router.add_get(self.connector.path, self.handle)
 
     def check_secret(self, secret: str | None) -> bool:
-        """Constant-time comparison against every configured secret."""
+        """Constant-time comparison against every configured secret.
+
+        Any string is compared, even one that is not valid Unicode text (a lone
+        surrogate from JSON's ``"\\ud800"``, or header bytes that are not UTF-8,
+        which aiohttp decodes with ``surrogateescape``): such a secret is simply wrong.
+        """
         if secret is None:
             return False
-        given = secret.encode()
+        given = secret.encode("utf-8", "surrogatepass")
         ok = False
         for candidate in self._secrets:
             ok |= hmac.compare_digest(given, candidate)
         return ok
+
+    def auth_frame_bytes(self, request: web.Request) -> int | None:
+        """The frame size bound before authentication; None when the handshake already authenticated."""
+        opts = self.options
+        if not opts.require_auth or opts.max_auth_frame_bytes >= opts.max_frame_bytes:
+            return None
+        if self.check_secret(self.handshake_secret(request)):
+            return None
+        return opts.max_auth_frame_bytes
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header may upgrade."""
@@ -155,6 +174,7 @@ class WebSocketTransport(Transport):
             max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
             compress=opts.compress,
             timeout=2.0,
+            auth_frame_bytes=self.auth_frame_bytes(request),
         )
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")
@@ -190,18 +210,63 @@ class _Socket(web.WebSocketResponse):
     """aiohttp's WebSocketResponse, telling the client why before closing with 1009.
 
     aiohttp closes by itself when a frame is over ``max_msg_size``; the protocol
-    wants a ``message_too_large`` error frame first.
+    wants a ``message_too_large`` error frame first. Until :meth:`authenticated`,
+    frames are read under ``auth_frame_bytes`` rather than ``max_msg_size``
+    (connic.transports.ws_reader), so that unauthenticated sockets cannot make
+    the server buffer large frames.
     """
 
     sent_code: int | None = None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
+    def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._frame_bytes = max_msg_size
+        self._auth_frame_bytes = auth_frame_bytes
+        self._auth_bound: AuthBound | None = None
+        self._transport: asyncio.Transport | None = None
+
+    def _post_start(self, request: BaseRequest, protocol: str | None, writer: WebSocketWriter) -> None:
+        self._transport = writer.transport
+        bound = self._auth_frame_bytes
+        if bound is None:
+            super()._post_start(request, protocol, writer)
+            return
+        post_start = super()._post_start
+        # aiohttp refuses sizes >= its bound.
+        self._auth_bound = AuthBound.start(self, request, bound + 1, lambda: post_start(request, protocol, writer))
+
+    def authenticated(self) -> None:
+        """The connection authenticated: read frames up to ``max_msg_size`` from now on."""
+        bound = self._auth_bound
+        if bound is not None:
+            self._auth_bound = None
+            bound.lift(self._frame_bytes)
+
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if not self.closed and self.sent_code is None:
+        bound = self._auth_bound
+        if bound is not None:
+            bound.release()  # refused before authenticating: the close handshake reads on, bounded
+        transport = self._transport
+        if not self.closed and self.sent_code is None and transport is not None and not transport.is_closing():
+            # Sent, or at least written. When the client has already gone (a reset, or a TCP
+            # close without a close frame), aiohttp's close finds the transport closing, sends
+            # nothing and sets close_code to 1006, which is what the connection reports.
             self.sent_code = code
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
-            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message="the frame is larger than max_frame_bytes")
+            limit = "max_auth_frame_bytes before authentication" if bound is not None else "max_frame_bytes"
+            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}")
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send_str(encode(frame))
             message = message or MessageTooLarge.code.encode()
-        return await super().close(code=code, message=message, drain=drain)
+        try:
+            return await super().close(code=code, message=message, drain=drain)
+        finally:
+            exc = self.exception()
+            if exc is not None:
+                # aiohttp keeps why the close failed (usually: the client had gone) for
+                # exception(), which connic does not use. Its traceback holds the frames
+                # of the callers, the connection's included, while this socket holds it:
+                # a reference cycle that would keep the connection, and its history,
+                # until the cyclic garbage collector ran.
+                exc.__traceback__ = exc.__context__ = exc.__cause__ = None

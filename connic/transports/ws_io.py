@@ -70,12 +70,25 @@ class Outbox:
                 return False
         return True
 
+    def detach(self) -> None:
+        """Forget the owner's callback: the connection has ended, and the outbox must not keep it alive.
+
+        ``on_put`` is usually a bound method of the owner, which holds the outbox: a
+        reference cycle that only the cyclic garbage collector would free, with the
+        session's whole history in it.
+        """
+        self._on_put = _nothing
+
     def take_all(self) -> list[str | Close]:
         """Everything queued, oldest first; the outbox is empty afterwards."""
         items, self.items = self.items, []
         if self._room is not None:
             self._room.set()
         return items
+
+
+def _nothing() -> None:
+    pass
 
 
 class Flusher:

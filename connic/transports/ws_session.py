@@ -20,6 +20,7 @@ import contextvars
 import logging
 import math
 import time
+import traceback
 import uuid
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,7 @@ class Connection:
         "current",
         "draining",
         "history",
+        "history_bytes",
         "idle",
         "last_activity",
         "last_seen",
@@ -175,7 +177,8 @@ class Connection:
         self.ws = ws
         self.peer = request.remote
         self.session_id = str(uuid.uuid4())
-        self.history: list[HistoryRecord] = []
+        self.history: list[HistoryRecord] = []  # at most max_history_bytes of text, but for the newest exchange
+        self.history_bytes = 0  # the UTF-8 size of the history's texts
         self.states: dict[str, dict[str, Any]] = {}
         self.count = 0
         self.pending: list[_Pending] = []  # at most max_queued long
@@ -230,7 +233,9 @@ class Connection:
         """Authenticate, then read until the socket closes; always clean up."""
         self.metrics.connections.inc(self.path)
         self.metrics.connections_open.inc(self.path)
-        self._main = asyncio.current_task()
+        self._main = task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(_release_cancellation)
         if self.options.heartbeat:
             self._beat = self._loop.call_later(self.options.heartbeat, self._heartbeat)
         try:
@@ -290,6 +295,10 @@ class Connection:
             if not self._finished.is_set():
                 self._finished.set()
                 self._account_close()
+            # Nothing the connection refers to may refer back to it once it has ended, so that
+            # reference counting alone frees it, and its history, as soon as it closes.
+            self.outbox.detach()
+            self._main = self._reader = self._writer = self._abort_task = None
 
     def _account_close(self) -> None:
         # What connic decided, else the first code the socket sent, else what the client sent.
@@ -527,12 +536,19 @@ class Connection:
                 frame = None
             if isinstance(frame, AuthFrame):
                 if self.transport.check_secret(frame.secret):
+                    self._lift_auth_bound()
                     return True
                 self.close(Unauthorized("wrong secret" if frame.secret else "missing secret"))
                 return False
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
         return False
+
+    def _lift_auth_bound(self) -> None:
+        # Frames up to max_frame_bytes from now on (until now: max_auth_frame_bytes).
+        lift = getattr(self.ws, "authenticated", None)
+        if lift is not None:
+            lift()
 
     async def _serve(self) -> None:
         """Read and answer until the socket closes (see the module docstring)."""
@@ -782,11 +798,18 @@ class Connection:
                     else:
                         names = self.transport.agent_names
                         await self._answer_all(pending, history)
-                    self.history.append(("user", frame.text, None))
+                    entries = self.history
+                    newest = len(entries)
+                    entries.append(("user", frame.text, None))
+                    added = _utf8_size(frame.text)
                     for name in names:
                         text = pending.results.get(name)
                         if text:
-                            self.history.append(("agent", text, name))
+                            entries.append(("agent", text, name))
+                            added += _utf8_size(text)
+                    self.history_bytes += added
+                    if self.history_bytes > self.options.max_history_bytes:
+                        self._trim_history(newest)
                 finally:
                     self.current = None
                     self.last_activity = time.monotonic()
@@ -794,6 +817,24 @@ class Connection:
             self._busy = False
             if not self.pending:
                 self.idle.set()
+
+    def _trim_history(self, newest: int) -> None:
+        """Drop the oldest entries until the history fits ``max_history_bytes``.
+
+        The exchange that starts at index ``newest`` (the one just answered) is kept
+        whole, even when it alone is over the bound. The kept entries go into a new
+        list: a HistoryView handed out earlier is a prefix view of the old one, which
+        must not change under it.
+        """
+        entries = self.history
+        size = self.history_bytes
+        bound = self.options.max_history_bytes
+        start = 0
+        while start < newest and size > bound:
+            size -= _utf8_size(entries[start][1])
+            start += 1
+        self.history = entries[start:]
+        self.history_bytes = size
 
     async def _answer_all(self, pending: _Pending, history: HistoryView) -> None:
         """Every agent answers ``pending``, each in a task of its own, concurrently."""
@@ -805,9 +846,16 @@ class Connection:
             started.add(turn.agent)
             await chains[turn.agent](turn, pending.emit)
 
-        async with asyncio.TaskGroup() as group:
-            for name in self.transport.agent_names:
-                pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name in self.transport.agent_names:
+                    task = pending.tasks[name] = group.create_task(run(self._turn(pending, name, history)))
+                    task.add_done_callback(_release_cancellation)
+        except BaseException as exc:
+            # The TaskGroup's __aexit__ frame, in the error's traceback, keeps the error in a
+            # local: a reference cycle through this connection's frames (CPython 3.11).
+            traceback.clear_frames(exc.__traceback__)
+            raise
 
     def _turn(self, pending: _Pending, agent: str, history: HistoryView) -> Turn:
         frame = pending.frame
@@ -847,6 +895,26 @@ _HIGH_WATER = 64 * 1024
 _READ_SIZE = 64 * 1024
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 _CLOSE_DEADLINE = 3.0  # seconds a slow consumer gets to take the close frame before the socket is dropped
+
+
+def _utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 (lone surrogates, which JSON lets a client send, count 3 bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _release_cancellation(task: asyncio.Task[Any]) -> None:
+    """Take the CancelledError of a cancelled task nobody awaits.
+
+    A cancelled task keeps its CancelledError until someone asks for it, and the
+    error's traceback holds the frames of everything it went through, the
+    connection's included, while something in those frames refers back to the task
+    (aiohttp's request to the handler's task, when aiohttp cancels it under
+    ``handler_cancellation``; a message's ``tasks`` to its agents' tasks): the
+    connection would live until the cyclic garbage collector ran.
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.exception()
 
 
 def _number(value: float) -> float | int:
