@@ -15,11 +15,13 @@ options, metrics, the store) and makes, resumes and drains them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import logging
 import math
 import secrets
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -57,7 +59,7 @@ from connic.metrics import Metrics
 from connic.pipeline import TurnChain
 from connic.stores import ReplayLog, SessionStore
 
-__all__ = ["ChatSession", "SessionOptions", "SessionState", "Sessions", "Sink"]
+__all__ = ["ChatSession", "SessionOptions", "SessionState", "Sessions", "Sink", "release_cancellation"]
 
 log = logging.getLogger("connic.session")
 
@@ -293,8 +295,9 @@ class ChatSession:
         sink, self.sink = self.sink, None
         if sink is not None and error is not None:
             sink.end(error, notify)
-        if self._answering is not None:
-            self._answering.cancel()
+        answering, self._answering = self._answering, None
+        if answering is not None:
+            answering.cancel()
         self.queue.clear()
         sessions = self.sessions
         sessions.store.discard(self.id)
@@ -362,6 +365,7 @@ class ChatSession:
         self._send_nowait(encode_ack(message_id, self.count))
         if self._answering is None:
             self._answering = asyncio.create_task(self._answer_loop())
+            self._answering.add_done_callback(release_cancellation)
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
@@ -451,13 +455,14 @@ class ChatSession:
         chains = sessions.chains
         message.at = self._loop.time()
         history = HistoryView(self.history)
+        newest = len(self.history)  # where this exchange starts: kept whole when trimming
         self._remember(HistoryEntry("user", message.frame.text, None, message.id, message.number))
         agent = message.frame.agent
         if agent is not None or len(chains) == 1:
             # One agent answers in this task: a cancel of the message cancels this task.
             name = agent if agent is not None else sessions.agent_names[0]
             names: Sequence[str] = (name,)
-            task = self._answering
+            task = asyncio.current_task()
             assert task is not None
             message.tasks[name] = task
             try:
@@ -467,14 +472,23 @@ class ChatSession:
                     raise
         else:
             names = sessions.agent_names
-            async with asyncio.TaskGroup() as group:
-                for name in names:
-                    turn = self._turn(message, name, history)
-                    message.tasks[name] = group.create_task(chains[name](turn, message.emit))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for name in names:
+                        turn = self._turn(message, name, history)
+                        task = message.tasks[name] = group.create_task(chains[name](turn, message.emit))
+                        task.add_done_callback(release_cancellation)
+            except BaseException as exc:
+                # The TaskGroup's __aexit__ frame, in the error's traceback, keeps the error in
+                # a local: a reference cycle through this session's frames (CPython 3.11).
+                traceback.clear_frames(exc.__traceback__)
+                raise
         for name in names:
             text = message.results.get(name)
             if text:
                 self._remember(HistoryEntry("agent", text, name, message.id, message.number))
+        if self.history_bytes > sessions.options.max_history_bytes:
+            self._trim_history(newest)
 
     def _turn(self, message: _Message, agent: str, history: HistoryView) -> Turn:
         frame = message.frame
@@ -487,20 +501,26 @@ class ChatSession:
         )
 
     def _remember(self, entry: HistoryEntry) -> None:
-        """Add to the history, trimming the oldest entries past ``max_history_bytes``."""
         self.history.append(entry)
-        self.history_bytes += len(entry.text)
+        self.history_bytes += _utf8_size(entry.text)
+
+    def _trim_history(self, newest: int) -> None:
+        """Drop the oldest entries until the history fits ``max_history_bytes``.
+
+        The exchange that starts at index ``newest`` (the one just answered) is kept
+        whole, even when it alone is over the bound. The kept entries go into a new
+        list: a HistoryView handed out earlier is a prefix view of the old one, which
+        must not change under it.
+        """
+        entries = self.history
+        size = self.history_bytes
         bound = self.sessions.options.max_history_bytes
-        if self.history_bytes > bound and len(self.history) > 1:
-            # A new list, not an edit: the views agents hold are of a prefix of the old one.
-            entries = self.history
-            drop = 0
-            size = self.history_bytes
-            while size > bound and drop < len(entries) - 1:
-                size -= len(entries[drop].text)
-                drop += 1
-            self.history = entries[drop:]
-            self.history_bytes = size
+        start = 0
+        while start < newest and size > bound:
+            size -= _utf8_size(entries[start].text)
+            start += 1
+        self.history = entries[start:]
+        self.history_bytes = size
 
     # --- sending --------------------------------------------------------------
 
@@ -579,6 +599,24 @@ class ChatSession:
                     await self.idle.wait()
             except TimeoutError:
                 pass
+
+
+def _utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8 (lone surrogates, which JSON lets a client send, count 3 bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def release_cancellation(task: asyncio.Task[Any]) -> None:
+    """Take the CancelledError of a cancelled task nobody awaits.
+
+    A cancelled task keeps its CancelledError until someone asks for it, and the
+    error's traceback holds the frames it went through while something in those
+    frames refers back to the task (a message's ``tasks``, aiohttp's request to its
+    handler's task): the session would live until the cyclic garbage collector ran.
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.exception()
 
 
 class _Message:

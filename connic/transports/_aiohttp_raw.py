@@ -17,14 +17,16 @@ import struct
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_websocket import WebSocketWriter
+from aiohttp.web_request import BaseRequest
 
 from connic.errors import MessageTooLarge
 from connic.frames import ErrorFrame, encode
+from connic.transports._aiohttp_auth import AuthBound
 
 __all__ = [
     "HIGH_WATER",
     "Socket",
-    "check",
     "limit_read_size",
     "raw_transport",
     "sendable",
@@ -44,18 +46,6 @@ _READ_SIZE = 64 * 1024
 # buffer for every small frame (CPython issue 85451; docs/performance.md).
 
 _FIN = 0x80
-
-
-def check() -> None:
-    """Fail at start-up, not per connection, if this aiohttp lacks what this module uses."""
-    if not hasattr(web.BaseRequest, "protocol") or not hasattr(_protocol_class(), "_drain_helper"):
-        raise RuntimeError("this aiohttp version is not supported by connic's WebSocket writer")
-
-
-def _protocol_class() -> type:
-    from aiohttp.base_protocol import BaseProtocol
-
-    return BaseProtocol
 
 
 def raw_transport(request: web.Request, compress: bool) -> asyncio.Transport | None:
@@ -129,19 +119,64 @@ class Socket(web.WebSocketResponse):
     """aiohttp's WebSocketResponse, telling the client why before closing with 1009.
 
     aiohttp closes by itself when a frame is over ``max_msg_size``; the protocol
-    wants a ``message_too_large`` error frame first.
+    wants a ``message_too_large`` error frame first. Until :meth:`authenticated`,
+    frames are read under ``auth_frame_bytes`` rather than ``max_msg_size``
+    (``_aiohttp_auth``), so that unauthenticated sockets cannot make the server
+    buffer large frames.
     """
 
     sent_code: int | None = None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
+    def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._frame_bytes = max_msg_size
+        self._auth_frame_bytes = auth_frame_bytes
+        self._auth_bound: AuthBound | None = None
+        self._transport: asyncio.Transport | None = None
+
+    def _post_start(self, request: BaseRequest, protocol: str | None, writer: WebSocketWriter) -> None:
+        self._transport = writer.transport
+        bound = self._auth_frame_bytes
+        if bound is None:
+            super()._post_start(request, protocol, writer)
+            return
+        post_start = super()._post_start
+        # aiohttp refuses sizes >= its bound.
+        self._auth_bound = AuthBound.start(self, request, bound + 1, lambda: post_start(request, protocol, writer))
+
+    def authenticated(self) -> None:
+        """The connection authenticated: read frames up to ``max_msg_size`` from now on."""
+        bound = self._auth_bound
+        if bound is not None:
+            self._auth_bound = None
+            bound.lift(self._frame_bytes)
+
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         """Close, first sending ``message_too_large`` when the close is aiohttp's 1009."""
-        if not self.closed and self.sent_code is None:
+        bound = self._auth_bound
+        if bound is not None:
+            bound.release()  # refused before authenticating: the close handshake reads on, bounded
+        transport = self._transport
+        if not self.closed and self.sent_code is None and transport is not None and not transport.is_closing():
+            # Sent, or at least written. When the client has already gone (a reset, or a TCP
+            # close without a close frame), aiohttp's close finds the transport closing, sends
+            # nothing and sets close_code to 1006, which is what the connection reports.
             self.sent_code = code
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
-            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message="the frame is larger than max_frame_bytes")
+            limit = "max_auth_frame_bytes before authentication" if bound is not None else "max_frame_bytes"
+            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}")
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.send_str(encode(frame))
             message = message or MessageTooLarge.code.encode()
-        return await super().close(code=code, message=message, drain=drain)
+        try:
+            return await super().close(code=code, message=message, drain=drain)
+        finally:
+            exc = self.exception()
+            if exc is not None:
+                # aiohttp keeps why the close failed (usually: the client had gone) for
+                # exception(), which connic does not use. Its traceback holds the frames
+                # of the callers, the connection's included, while this socket holds it:
+                # a reference cycle that would keep the connection until the cyclic
+                # garbage collector ran.
+                exc.__traceback__ = exc.__context__ = exc.__cause__ = None

@@ -70,6 +70,7 @@ class WebSocketTransport(Transport):
         replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
         on_disconnect: Literal["continue", "cancel"] = "continue"
         producer_timeout: float = attrs.field(default=10.0, validator=positive)
+        max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=_at_least_one)
         max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
 
     options: Options
@@ -129,14 +130,28 @@ class WebSocketTransport(Transport):
         app.router.add_get(self.connector.path, self.handle)
 
     def check_secret(self, secret: str | None) -> bool:
-        """Constant-time comparison against every configured secret."""
+        """Constant-time comparison against every configured secret.
+
+        Any string is compared, even one that is not valid Unicode text (a lone
+        surrogate from JSON's ``"\\ud800"``, or header bytes that are not UTF-8,
+        which aiohttp decodes with ``surrogateescape``): such a secret is simply wrong.
+        """
         if secret is None:
             return False
-        given = secret.encode()
+        given = secret.encode("utf-8", "surrogatepass")
         ok = False
         for candidate in self._secrets:
             ok |= hmac.compare_digest(given, candidate)
         return ok
+
+    def auth_frame_bytes(self, request: web.Request) -> int | None:
+        """The frame size bound before authentication; None when the handshake already authenticated."""
+        opts = self.options
+        if not opts.require_auth or opts.max_auth_frame_bytes >= opts.max_frame_bytes:
+            return None
+        if self.check_secret(self.handshake_secret(request)):
+            return None
+        return opts.max_auth_frame_bytes
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header may upgrade."""
@@ -171,6 +186,7 @@ class WebSocketTransport(Transport):
             max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
             compress=opts.compress,
             timeout=2.0,
+            auth_frame_bytes=self.auth_frame_bytes(request),
         )
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")

@@ -43,8 +43,8 @@ from connic.frames import (
     encode,
     parse_client_frame,
 )
-from connic.session import ChatSession
-from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
+from connic.session import ChatSession, release_cancellation
+from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
 from connic.transports.ws_writer import Writer
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ class Connection:
         path = self.transport.connector.path
         metrics.connections.inc(path)
         metrics.connections_open.inc(path)
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(release_cancellation)
         if self.transport.options.heartbeat:
             self._beat = self._loop.call_later(self.transport.options.heartbeat, self._heartbeat)
         try:
@@ -227,6 +230,7 @@ class Connection:
         if frame is None:
             return False
         if isinstance(frame, AuthFrame | ResumeFrame) and transport.check_secret(frame.secret):
+            self._lift_auth_bound()
             if isinstance(frame, ResumeFrame):
                 await self._resume(frame)
             else:
@@ -238,6 +242,11 @@ class Connection:
         else:
             self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
         return False
+
+    def _lift_auth_bound(self) -> None:
+        # Frames up to max_frame_bytes from now on (until now: max_auth_frame_bytes).
+        if isinstance(self.ws, Socket):
+            self.ws.authenticated()
 
     async def _first_frame(self) -> ClientFrame | None:
         """The client's first frame, within ``auth_timeout``; None when the connection must end."""

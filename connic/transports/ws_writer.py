@@ -201,6 +201,7 @@ class Writer:
         if self._abort_task is not None:
             await asyncio.gather(self._abort_task, return_exceptions=True)
         self.items = []
+        self._task = self._abort_task = None
 
     # --- writing --------------------------------------------------------------
 

@@ -7,7 +7,6 @@ work (counts and timeouts) and stops by itself.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import re
@@ -206,14 +205,6 @@ def connic_tasks() -> list[asyncio.Task[Any]]:
         if filename.startswith(package) or "respond" in name or "Connection" in name:
             found.append(task)
     return found
-
-
-def live_connections() -> int:
-    """Connection objects still reachable (after a full collection)."""
-    from connic.transports.ws_connection import Connection
-
-    gc.collect()
-    return sum(1 for obj in gc.get_objects() if type(obj) is Connection)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0, every: float = 0.05) -> bool:

@@ -9,13 +9,19 @@ be gone once it has passed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import tracemalloc
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import pytest
+from aiohttp import web
+
+import connic
 from conftest import SECRET, StartServer, make_config
 
-from .conftest import Proc, connic_tasks, eventually, kib, live_connections, report, runtime, scrape
+from .conftest import Proc, connic_tasks, eventually, kib, report, runtime, scrape
 from .rawws import RawWS, close_frame, connect_tcp, open_raw
 
 CONCURRENCY = 25
@@ -141,7 +147,7 @@ async def test_churn_leaves_nothing_behind(start_server: StartServer) -> None:
     assert connic_tasks() == []
     assert rt.gate.total == 0 and not rt.gate.per_ip
     assert len(rt.store) == 0
-    assert live_connections() == 0
+    assert _alive() == (0, 0, 0)  # freed as they ended (test_closed_sessions_are_freed_by_refcounting_alone)
     aiohttp_server = server.server.runner.server  # type: ignore[union-attr]
     assert aiohttp_server is not None and aiohttp_server.connections == []
 
@@ -216,3 +222,139 @@ async def test_churn_memory_returns_near_its_start(run_cli: Callable[..., Proc])
     assert server.sockets() <= sockets_idle + 1
     assert after - before < RSS_GROWTH_BOUND_KIB, (before, after)
     assert "Traceback" not in server.output, server.output[-3000:]
+
+
+# --- freed by reference counting alone ------------------------------------------------------
+
+
+def _alive() -> tuple[int, int, int]:
+    """Connection, ChatSession and _Message objects in memory, counted without running the cyclic collector."""
+    from connic.session import ChatSession, _Message
+    from connic.transports.ws_connection import Connection
+
+    objects = gc.get_objects()
+    return tuple(sum(1 for o in objects if type(o) is kind) for kind in (Connection, ChatSession, _Message))  # type: ignore[return-value]
+
+
+BIG = "h" * 200_000  # five turns of it: a session history of 2 MB (user messages and echoes)
+FREED_AGENTS = {"assistant": {"use": "echo"}, "other": {"use": "echo"}, "slow": {"use": "echo", "delay": 0.02}}
+
+
+async def _five_big_turns(ws: RawWS) -> None:
+    for i in range(5):
+        await ws.send_json({"id": i, "message": BIG, "agent": "assistant"})
+        await ws.until("stream_end")
+
+
+async def _close_normally(ws: RawWS) -> None:
+    await ws.send_raw(close_frame(1000))
+    await ws.closed()
+
+
+async def _both_agents_then_close(ws: RawWS) -> None:
+    await ws.send_json({"message": "to both agents"})
+    ends = 0
+    while ends < 3:
+        ends += (await ws.recv())["type"] == "stream_end"
+    await _close_normally(ws)
+
+
+async def _cancel_then_close(ws: RawWS) -> None:
+    await ws.send_json({**SLOW, "id": "c"})
+    await ws.until("stream_chunk")
+    await ws.send_json({"type": "cancel", "id": "c"})
+    await ws.until("stream_end")
+    await _close_normally(ws)
+
+
+async def _fin_mid_stream(ws: RawWS) -> None:
+    await ws.send_json(SLOW)
+    await ws.until("stream_chunk")
+    await ws.aclose()
+
+
+async def _over_the_message_limit(ws: RawWS) -> None:
+    for _ in range(2):
+        await ws.send_json({"message": "one more", "agent": "assistant"})
+    assert (await ws.closed())[0] == 4009
+
+
+async def _reset_while_all_agents_answer(ws: RawWS) -> None:
+    await ws.send_json({"message": "a b c d e f g h i j k l"})  # every agent: a task each
+    await ws.until("stream_chunk")
+    ws.reset()
+
+
+ENDINGS: dict[str, Callable[[RawWS], Awaitable[None]]] = {
+    "close frame": _close_normally,
+    "reset mid-stream": reset_mid_stream,
+    "reset while all agents answer": _reset_while_all_agents_answer,
+    "reset before the ack": reset_before_ack,
+    "FIN mid-stream": _fin_mid_stream,
+    "all agents, then close": _both_agents_then_close,
+    "cancel, then close": _cancel_then_close,
+    "message limit (4009)": _over_the_message_limit,
+}
+
+
+@pytest.fixture(params=[False, True], ids=["connic run", "handler_cancellation"])
+async def freed_server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[web.Application, int]]:
+    """A server as ``connic run`` makes it, or with aiohttp's handler_cancellation on (as aiohttp's TestServer)."""
+    # Sessions whose connection dropped stay resumable for resume_window, then end.
+    app = connic.create_app(make_config({"max_messages": 6, "resume_window": 0.2}, agents=FREED_AGENTS))
+    runner = web.AppRunner(app, handler_cancellation=request.param, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield app, runner.addresses[0][1]
+    await runner.cleanup()
+
+
+async def test_closed_sessions_are_freed_by_refcounting_alone(freed_server: tuple[web.Application, int]) -> None:
+    """With the cyclic collector off, a session (and its history) is freed as soon as it ends.
+
+    No reference cycle may hold a Connection or a session: not a callback, a task,
+    a closure, an exception's traceback or a message. A cycle would keep the
+    session's whole history until a full collection.
+    """
+    app, port = freed_server
+    transport = runtime(app).transports[0]
+    store = runtime(app).store
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        assert _alive() == (0, 0, 0)
+        start = tracemalloc.get_traced_memory()[0]
+        for name, ending in ENDINGS.items():
+            ws = await open_raw(port)
+            await _auth(ws)
+            await _five_big_turns(ws)
+            await ending(ws)
+            await ws.aclose()
+            assert await eventually(lambda: not transport.connections and not connic_tasks() and not len(store))
+            await asyncio.sleep(0.05)  # the handler's own task ends after the connection's cleanup
+            assert _alive() == (0, 0, 0), name
+        # A failed authentication, and a client that goes before authenticating.
+        ws = await open_raw(port)
+        await ws.send_json({"secret": "wrong"})
+        assert (await ws.closed())[0] == 4001
+        await ws.aclose()
+        ws = await open_raw(port)
+        ws.reset()
+        assert await eventually(lambda: not transport.connections)
+        await asyncio.sleep(0.05)
+        assert _alive() == (0, 0, 0)
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    sessions = len(ENDINGS)
+    report(
+        "churn: memory kept after closing sessions, cyclic collector off",
+        f"{grown / 1024:+.0f} KiB after {sessions} sessions of {2 * 5 * len(BIG) / 1e6:.0f} MB history each",
+    )
+    assert grown < 2 * 5 * len(BIG) / 2  # less than half of one session's history
+    ws = await open_raw(port)
+    await _auth(ws)
+    await ws.send_json({"message": "still here", "agent": "assistant"})
+    assert (await ws.until("stream_end"))[-1]["full_response"] == "still here"
