@@ -31,7 +31,7 @@ async def _seen(client: Client) -> list[dict[str, Any]]:
     """The history the inspect agent sees now (its own exchange is not in the history yet)."""
     frames = await client.reply({"message": "?", "agent": "inspect"})
     history: list[dict[str, Any]] = json.loads(frames[-1]["response"])["history"]
-    return history
+    return [{key: entry[key] for key in ("role", "text", "agent")} for entry in history]
 
 
 def _size(entries: list[dict[str, Any]]) -> int:
