@@ -137,7 +137,7 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
                 key=key,
             )
         )
-    gate = ConnectionGate(config.server.max_connections, config.server.max_connections_per_ip)
+    gate = ConnectionGate(server.max_connections, server.max_connections_per_ip, server.max_unauthenticated)
     return Runtime(config=config, agents=agents, transports=transports, gate=gate)
 
 

@@ -160,6 +160,11 @@ def _run(args: argparse.Namespace) -> int:
         env = os.environ.get("CONNIC_CONFIG")
         config = load_config(env) if env else default_config()
     config, generated = _generate_secrets(_with_overrides(config, args))
+    if args.no_auth:
+        print(
+            "connic: warning: --no-auth: no secret is required, anyone who can reach this port can use the agents",
+            file=sys.stderr,
+        )
     app = create_app(config)
     asyncio.run(_serve(app, config.server.host, config.server.port, generated))
     return 0

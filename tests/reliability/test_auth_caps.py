@@ -132,7 +132,8 @@ async def _try(port: int, source: str) -> RawWS | int:
 
 async def test_connection_caps_are_503_and_429(start_server: StartServer) -> None:
     config = make_config()
-    config["server"] = {"max_connections": 10, "max_connections_per_ip": 4}
+    # Every socket here stays unauthenticated: let all of them count against the total cap.
+    config["server"] = {"max_connections": 10, "max_connections_per_ip": 4, "max_unauthenticated": 10}
     server = await start_server(config)
     port = int(server.server.port)
     app = server.server.app
@@ -160,7 +161,7 @@ async def test_connection_caps_are_503_and_429(start_server: StartServer) -> Non
 
 async def test_cap_holds_under_a_handshake_storm(start_server: StartServer) -> None:
     config = make_config()
-    config["server"] = {"max_connections": 20}
+    config["server"] = {"max_connections": 20, "max_unauthenticated": 20}
     server = await start_server(config)
     port = int(server.server.port)
     results = await asyncio.gather(*(_try(port, "127.0.0.1") for _ in range(80)))
@@ -189,3 +190,50 @@ async def test_a_silent_tcp_connection_is_closed_after_handshake_timeout(tmp_pat
     finally:
         code, _ = server.stop()
     assert code == 0
+
+
+async def test_unauthenticated_sockets_cannot_starve_authenticated_clients(start_server: StartServer) -> None:
+    # The issue: 300 sockets that never authenticate filled max_connections = 300, and a client
+    # with the right secret got 503 for as long as they kept coming back. By default at most
+    # 100 of them (a tenth of the cap, at least 100, at most half) are let in now.
+    config = make_config({"auth_timeout": 30})
+    config["server"] = {"max_connections": 300}
+    server = await start_server(config)
+    port = int(server.server.port)
+    gate = runtime(server.server.app).gate
+    squatters = []
+    for _ in range(6):  # 50 at a time: a storm, within the listen backlog
+        squatters += await asyncio.gather(*(_try(port, "127.0.0.1") for _ in range(50)))
+    held = [ws for ws in squatters if isinstance(ws, RawWS)]
+    assert len(held) == 100
+    assert {r for r in squatters if isinstance(r, int)} == {503}
+    assert gate.unauthenticated == 100
+    # The right secret, at the handshake or in the first frame once a slot is free: connected at once.
+    clients = [await open_raw(port, headers={"X-Connic-Secret": SECRET}) for _ in range(3)]
+    for ws in clients:
+        assert (await ws.recv())["type"] == "connected"
+    assert gate.unauthenticated == 100 and gate.total == 103
+    # A socket that authenticates by its first frame frees its unauthenticated slot at once.
+    await held[0].send_json({"secret": SECRET})
+    assert (await held[0].recv())["type"] == "connected"
+    assert gate.unauthenticated == 99
+    newcomer = await open_raw(port)
+    await newcomer.send_json({"secret": SECRET})
+    assert (await newcomer.recv())["type"] == "connected"
+    # The squatters leaving free their slots.
+    for ws in held[1:]:
+        ws.reset()
+    assert await eventually(lambda: gate.unauthenticated == 0 and gate.total == 5)
+    metrics = await scrape(server.http)
+    assert metrics['connic_handshakes_refused_total{connector="/ws",status="503"}'] == 200
+
+
+async def test_max_unauthenticated_is_a_setting(start_server: StartServer) -> None:
+    config = make_config({"auth_timeout": 30})
+    config["server"] = {"max_connections": 20, "max_unauthenticated": 5}
+    server = await start_server(config)
+    port = int(server.server.port)
+    squatters = await asyncio.gather(*(_try(port, "127.0.0.1") for _ in range(8)))
+    assert sorted(r if isinstance(r, int) else 0 for r in squatters) == [0] * 5 + [503] * 3
+    ws = await open_raw(port, path=f"/ws?secret={SECRET}")
+    assert (await ws.recv())["type"] == "connected"
