@@ -18,6 +18,7 @@ from connic.gate import ConnectionGate
 from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
+from connic.redact import hide_bad_request_echo, install_log_redaction
 from connic.registry import Registry, load_registry
 from connic.transport import Transport
 
@@ -195,6 +196,7 @@ async def _metrics_site(app: web.Application) -> AsyncIterator[None]:
 
 def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "/") -> None:
     app[RUNTIME] = runtime
+    install_log_redaction()  # aiohttp logs request lines, which may carry a secret
     for transport in runtime.transports:
         transport.install(app)
     server = runtime.config.server
@@ -213,6 +215,7 @@ def create_app(config: ConfigLike = None, *, registry: Registry | None = None) -
     runtime = build_runtime(resolve_config(config), registry)
     app = web.Application()
     _install(app, runtime)
+    hide_bad_request_echo(app)  # a malformed request's 400 body would quote it, secret and all
     return app
 
 
