@@ -106,9 +106,11 @@ class RedactingFilter(logging.Filter):
             record.args = (said, _reason(exc))
             record.exc_info = None
             record.exc_text = None
-            record.levelno = logging.WARNING
-            record.levelname = logging.getLevelName(logging.WARNING)
-            return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+            # At most a warning (aiohttp logs some, such as non-HTTP bytes, at DEBUG: those stay).
+            level = min(record.levelno, logging.WARNING)
+            record.levelno = level
+            record.levelname = logging.getLevelName(level)
+            return logging.getLogger(record.name).isEnabledFor(level)
         message = record.getMessage()
         redacted = redact(message)
         for name, value in list(vars(record).items()):

@@ -100,3 +100,15 @@ async def test_malformed_requests_against_connic_run(cli: CliServer) -> None:
     assert SECRET not in "\n".join(line for line in output.splitlines() if "--secret" not in line)
     assert "Traceback" not in output
     assert " ERROR " not in output
+
+
+async def test_non_http_bytes_stay_at_debug(start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    # aiohttp logs a first request that is not HTTP at all (TLS to a plain port) at DEBUG, to
+    # keep scanners out of the log; the filter drops the traceback and keeps that level.
+    caplog.set_level(logging.DEBUG)
+    server = await start_server()
+    response = await _send(int(server.server.port), "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 secret=x\r\n\r\n")
+    assert " 400 " in response.split("\r\n", 1)[0]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [(r.levelno, bool(r.exc_info)) for r in records] == [(logging.DEBUG, False)]
+    assert "malformed HTTP request (BadHttpMethod" in records[0].getMessage()
