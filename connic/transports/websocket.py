@@ -194,13 +194,14 @@ class WebSocketTransport(Transport):
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of the connector's path."""
         path = self.connector.path
+        opts = self.options
         if not self.origin_allowed(request.headers.get("Origin"), request.headers.get("Host")):
             self.metrics.refused.inc(path, "403")
-            raise web.HTTPForbidden(text="origin not allowed\n")
+            hint = "" if opts.require_auth or opts.allowed_origins else " (auth is off: list it in allowed_origins)"
+            raise web.HTTPForbidden(text=f"origin not allowed{hint}\n")
         if self.draining:
             self.metrics.refused.inc(path, "503")
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
-        opts = self.options
         ws = _Socket(
             autoping=False,  # the connection answers pings and keeps its own heartbeat (ws_session)
             max_msg_size=opts.max_frame_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
@@ -227,7 +228,10 @@ class WebSocketTransport(Transport):
         if refusal is not None:
             self.metrics.refused.inc(path, str(refusal))
             if refusal == 503:
-                raise web.HTTPServiceUnavailable(text="too many connections\n", headers={"Retry-After": "5"})
+                gate = self.gate
+                full = not authenticated and 0 < gate.max_unauthenticated <= gate.unauthenticated
+                text = "too many connections still authenticating\n" if full else "too many connections\n"
+                raise web.HTTPServiceUnavailable(text=text, headers={"Retry-After": "5"})
             raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
         conn: Connection | None = None
         try:
