@@ -22,6 +22,7 @@ from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
 from connic.errors import ConfigError, MessageTooLarge, Unauthorized
 from connic.frames import ErrorFrame, encode
+from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
 from connic.throttle import AuthThrottle
@@ -127,7 +128,7 @@ class WebSocketTransport(Transport):
             for name, agent in agents.items()
         }
         self.connections: set[Connection] = set()
-        self.unauthenticated: set[Connection] = set()  # counted as such in the gate
+        self.unauthenticated: dict[Connection, Slot] = {}  # their slots in the gate, counted as unauthenticated
         self.throttle = AuthThrottle(
             self.options.max_auth_failures if self.options.require_auth else 0,
             self.options.auth_failure_window,
@@ -224,31 +225,25 @@ class WebSocketTransport(Transport):
         secret = self.handshake_secret(request)
         # A handshake that brings a valid secret (or needs none) is never unauthenticated.
         authenticated = not opts.require_auth or (secret is not None and self.check_secret(secret))
-        refusal = self.gate.enter(peer, authenticated=authenticated)
-        if refusal is not None:
-            self.metrics.refused.inc(path, str(refusal))
-            if refusal == 503:
-                gate = self.gate
-                full = not authenticated and 0 < gate.max_unauthenticated <= gate.unauthenticated
-                text = "too many connections still authenticating\n" if full else "too many connections\n"
-                raise web.HTTPServiceUnavailable(text=text, headers={"Retry-After": "5"})
+        slot = self.gate.enter(peer, authenticated=authenticated, evict=lambda: _drop(request))
+        if isinstance(slot, int):
+            self.metrics.refused.inc(path, str(slot))
+            if slot == 503:
+                raise web.HTTPServiceUnavailable(text="too many connections\n", headers={"Retry-After": "5"})
             raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
         conn: Connection | None = None
         try:
             await ws.prepare(request)
             conn = Connection(self, ws, request)
             self.connections.add(conn)
-            if not authenticated:
-                self.unauthenticated.add(conn)
+            if slot.unauthenticated:
+                self.unauthenticated[conn] = slot
             await conn.run(secret)
         finally:
             if conn is not None:
                 self.connections.discard(conn)
-                if conn in self.unauthenticated:
-                    self.unauthenticated.discard(conn)
-                else:
-                    authenticated = True  # authenticated() took it out of the gate's unauthenticated count
-            self.gate.leave(peer, authenticated=authenticated)
+                self.unauthenticated.pop(conn, None)
+            self.gate.leave(slot)
             # A 4001 without a wrong secret compared (none given, a message first) fails too.
             if conn is not None and conn.close_code == Unauthorized.close_code and not handshake.counted:
                 handshake.counted = True
@@ -257,9 +252,9 @@ class WebSocketTransport(Transport):
 
     def authenticated(self, conn: Connection) -> None:
         """``conn`` has authenticated: it no longer counts against ``max_unauthenticated`` (ws_session calls this)."""
-        if conn in self.unauthenticated:
-            self.unauthenticated.discard(conn)
-            self.gate.authenticated()
+        slot = self.unauthenticated.pop(conn, None)
+        if slot is not None:
+            self.gate.authenticated(slot)
 
     async def shutdown(self, grace: float) -> None:
         """Drain every connection in parallel: finish in-flight replies, then close 1001."""
@@ -268,6 +263,17 @@ class WebSocketTransport(Transport):
         if conns:
             log.info("closing %d connection(s) on %s (grace %g s)", len(conns), self.connector.path, grace)
             await asyncio.gather(*(c.shutdown(grace) for c in conns), return_exceptions=True)
+
+
+def _drop(request: web.Request) -> None:
+    """Push out an unauthenticated connection to make room (ConnectionGate): at once, without a close frame.
+
+    Its handler then ends within a round of the loop, so its place in ``max_connections`` frees
+    as fast as squatters can take it.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 _LOOPBACK_NAMES = ("localhost", "localhost.")
