@@ -241,6 +241,7 @@ class Connection:
         try:
             if await self._authenticate(handshake_secret):
                 self.authenticated = True
+                self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 self.metrics.sessions.inc(self.path)
                 self.metrics.sessions_open.inc(self.path)
                 log.info("open session=%s peer=%s connector=%s", self.session_id, self.peer, self.path)
