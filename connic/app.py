@@ -20,6 +20,7 @@ from connic.gate import ConnectionGate
 from connic.metrics import Metrics
 from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
+from connic.redact import hide_bad_request_echo, install_log_redaction
 from connic.registry import Registry, load_registry
 from connic.stores import SessionStore
 from connic.stores.memory import MemoryStore
@@ -143,7 +144,7 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
                 key=key,
             )
         )
-    gate = ConnectionGate(config.server.max_connections, config.server.max_connections_per_ip)
+    gate = ConnectionGate(server.max_connections, server.max_connections_per_ip, server.max_unauthenticated)
     store_cls = _plugin(registry, "stores", config.store.use, where, "store.use")
     store = store_cls(_options(store_cls, config.store.options, where, "store"))
     return Runtime(config=config, agents=agents, transports=transports, gate=gate, store=store)
@@ -216,6 +217,7 @@ async def _metrics_site(runtime: Runtime, app: web.Application) -> AsyncIterator
 
 def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "/") -> None:
     app[RUNTIME] = runtime
+    install_log_redaction()  # aiohttp logs request lines, which may carry a secret
     for transport in runtime.transports:
         transport.install(app)
     server = runtime.config.server
@@ -234,6 +236,7 @@ def create_app(config: ConfigLike = None, *, registry: Registry | None = None) -
     runtime = build_runtime(resolve_config(config), registry)
     app = web.Application()
     _install(app, runtime)
+    hide_bad_request_echo(app)  # a malformed request's 400 body would quote it, secret and all
     return app
 
 

@@ -220,6 +220,11 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(env) if env else default_config()
     host_key = "--host" if args.host is not None else f"{config.where}: server.host"
     config, generated = _generate_secrets(_with_overrides(config, args))
+    if args.no_auth:
+        print(
+            "connic: warning: --no-auth: no secret is required, anyone who can reach this port can use the agents",
+            file=sys.stderr,
+        )
     app = create_app(config)
     serve = _serve(app, config.server.host, config.server.port, generated, host_key)
     asyncio.run(serve, debug=args.debug or None)

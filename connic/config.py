@@ -88,6 +88,7 @@ class ServerConfig:
     handshake_timeout: float = attrs.field(default=15.0, validator=positive)
     max_connections: int = attrs.field(default=10_000, validator=non_negative)
     max_connections_per_ip: int = attrs.field(default=0, validator=non_negative)
+    max_unauthenticated: int | None = attrs.field(default=None, validator=attrs.validators.optional(non_negative))
     metrics: bool = True
     metrics_path: str = "/metrics"
     metrics_port: int = attrs.field(default=0, validator=in_range(0, 65535))

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fnmatch
 import hmac
+import ipaddress
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import attrs
 from aiohttp import web
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
-from connic.errors import ConfigError
+from connic.errors import ConfigError, Unauthorized
+from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
 from connic.session import Sessions
+from connic.throttle import AuthThrottle
 from connic.transport import Transport
 from connic.transports._aiohttp_raw import Socket
 from connic.transports.ws_connection import Connection
@@ -29,6 +35,22 @@ log = logging.getLogger("connic.websocket")
 
 SECRET_HEADER = "X-Connic-Secret"
 SECRET_QUERY = ("secret", "X-Connic-Secret")
+
+
+class _Handshake:
+    """The handshake being handled: whose it is, and whether a failed authentication was counted."""
+
+    __slots__ = ("counted", "peer")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.counted = False
+
+
+# The connection authenticates in the task of the handler that accepted it, so
+# check_secret learns whose secret it compares from here, without ws_session
+# passing the address along.
+_HANDSHAKE: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar("connic_handshake", default=None)
 
 
 def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -72,6 +94,8 @@ class WebSocketTransport(Transport):
         producer_timeout: float = attrs.field(default=10.0, validator=positive)
         max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=_at_least_one)
         max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
+        max_auth_failures: int = attrs.field(default=10, validator=non_negative)
+        auth_failure_window: float = attrs.field(default=60.0, validator=positive)
 
     options: Options
 
@@ -109,6 +133,12 @@ class WebSocketTransport(Transport):
             for name, agent in agents.items()
         }
         self.connections: set[Connection] = set()
+        self.unauthenticated: dict[Connection, Slot] = {}  # their slots in the gate, counted as unauthenticated
+        self.throttle = AuthThrottle(
+            self.options.max_auth_failures if self.options.require_auth else 0,
+            self.options.auth_failure_window,
+            name=connector.path,
+        )
         self.draining = False
         self._sessions: Sessions | None = None
 
@@ -135,13 +165,24 @@ class WebSocketTransport(Transport):
         Any string is compared, even one that is not valid Unicode text (a lone
         surrogate from JSON's ``"\\ud800"``, or header bytes that are not UTF-8,
         which aiohttp decodes with ``surrogateescape``): such a secret is simply wrong.
+
+        Inside a handshake's handler, a wrong secret counts against the client's
+        address in the throttle at once, and once that address is braked nothing
+        is compared any more: guesses already on their way on other sockets opened
+        earlier fail too.
         """
+        handshake = _HANDSHAKE.get()
+        if handshake is not None and self.throttle.retry_after(handshake.peer) is not None:
+            return False
         if secret is None:
             return False
         given = secret.encode("utf-8", "surrogatepass")
         ok = False
         for candidate in self._secrets:
             ok |= hmac.compare_digest(given, candidate)
+        if not ok and handshake is not None and not handshake.counted:
+            handshake.counted = True
+            self.throttle.failed(handshake.peer)
         return ok
 
     def auth_frame_bytes(self, request: web.Request) -> int | None:
@@ -153,13 +194,23 @@ class WebSocketTransport(Transport):
             return None
         return opts.max_auth_frame_bytes
 
-    def origin_allowed(self, origin: str | None) -> bool:
-        """Whether a handshake with this ``Origin`` header may upgrade."""
-        patterns = self.options.allowed_origins
-        if not patterns or origin is None:
+    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
+        """Whether a handshake with this ``Origin`` header (and ``Host`` header) may upgrade.
+
+        With ``allowed_origins`` set, only those. Without it, any origin when auth is
+        on (the secret is the credential); when auth is off, a browser page from
+        anywhere could drive the connector (cross-site WebSocket hijacking), so only
+        pages of this server's own origin (``host``, when it is an IP address) and
+        loopback origins (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port) may.
+        A handshake without ``Origin`` is not from a browser and is always allowed.
+        """
+        if origin is None:
             return True
-        origin = origin.lower()
-        return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
+        patterns = self.options.allowed_origins
+        if patterns:
+            origin = origin.lower()
+            return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
+        return self.options.require_auth or _local_origin(origin, host)
 
     def handshake_secret(self, request: web.Request) -> str | None:
         """The secret given at the handshake (header or query), if any."""
@@ -173,10 +224,12 @@ class WebSocketTransport(Transport):
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler of the connector's path."""
-        if not self.origin_allowed(request.headers.get("Origin")):
-            self.metrics.refused.inc(self.connector.path, "403")
-            raise web.HTTPForbidden(text="origin not allowed\n")
         path = self.connector.path
+        opts = self.options
+        if not self.origin_allowed(request.headers.get("Origin"), request.headers.get("Host")):
+            self.metrics.refused.inc(path, "403")
+            hint = "" if opts.require_auth or opts.allowed_origins else " (auth is off: list it in allowed_origins)"
+            raise web.HTTPForbidden(text=f"origin not allowed{hint}\n")
         if self.draining:
             self.metrics.refused.inc(path, "503")
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
@@ -191,23 +244,49 @@ class WebSocketTransport(Transport):
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")
         peer = request.remote or "unknown"
-        refusal = self.gate.enter(peer)
-        if refusal is not None:
-            self.metrics.refused.inc(path, str(refusal))
-            if refusal == 503:
+        # Before any secret is looked at: a braked address learns nothing, even with the right one.
+        wait = self.throttle.retry_after(peer)
+        if wait is not None:
+            self.metrics.refused.inc(path, "429")
+            raise web.HTTPTooManyRequests(
+                text="too many failed authentications from your address\n",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        handshake = _Handshake(peer)
+        _HANDSHAKE.set(handshake)  # this handler's own context: aiohttp runs each in a task of its own
+        secret = self.handshake_secret(request)
+        # A handshake that brings a valid secret (or needs none) is never unauthenticated.
+        authenticated = not opts.require_auth or (secret is not None and self.check_secret(secret))
+        slot = self.gate.enter(peer, authenticated=authenticated, evict=lambda: _drop(request))
+        if isinstance(slot, int):
+            self.metrics.refused.inc(path, str(slot))
+            if slot == 503:
                 raise web.HTTPServiceUnavailable(text="too many connections\n", headers={"Retry-After": "5"})
             raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
+        conn: Connection | None = None
         try:
             await ws.prepare(request)
             conn = Connection(self, ws, request)
             self.connections.add(conn)
-            try:
-                await conn.run(self.handshake_secret(request))
-            finally:
-                self.connections.discard(conn)
+            if slot.unauthenticated:
+                self.unauthenticated[conn] = slot
+            await conn.run(secret)
         finally:
-            self.gate.leave(peer)
+            if conn is not None:
+                self.connections.discard(conn)
+                self.unauthenticated.pop(conn, None)
+            self.gate.leave(slot)
+            # A 4001 without a wrong secret compared (none given, a message first) fails too.
+            if conn is not None and conn.writer.close_code == Unauthorized.close_code and not handshake.counted:
+                handshake.counted = True
+                self.throttle.failed(peer)
         return ws
+
+    def authenticated(self, conn: Connection) -> None:
+        """``conn`` has authenticated: it no longer counts against ``max_unauthenticated``."""
+        slot = self.unauthenticated.pop(conn, None)
+        if slot is not None:
+            self.gate.authenticated(slot)
 
     async def shutdown(self, grace: float) -> None:
         """Drain every session in parallel (finish in-flight replies for up to ``grace``), then close 1001."""
@@ -218,3 +297,42 @@ class WebSocketTransport(Transport):
             log.info("closing %d connection(s) on %s (grace %g s)", len(conns), self.connector.path, grace)
         await sessions.shutdown(grace)
         await asyncio.gather(*(c.shutdown() for c in conns), return_exceptions=True)
+
+
+def _drop(request: web.Request) -> None:
+    """Push out an unauthenticated connection to make room (ConnectionGate): at once, without a close frame.
+
+    Its handler then ends within a round of the loop, so its place in ``max_connections`` frees
+    as fast as squatters can take it.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def _local_origin(origin: str, host: str | None) -> bool:
+    """A loopback origin, or this server's own origin when the client reached it by IP address.
+
+    A name other than localhost is never trusted from ``Host``: under DNS rebinding a
+    foreign page's name resolves to this server, and its Origin then equals Host.
+    """
+    try:
+        parts = urlsplit(origin.strip().lower())
+        hostname = parts.hostname
+        netloc = parts.netloc
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not hostname:
+        return False
+    if hostname in _LOOPBACK_NAMES or hostname.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        return False  # a DNS name: see above
+    if address.is_loopback:
+        return True
+    return host is not None and netloc == host.strip().lower()

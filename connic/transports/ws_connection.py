@@ -147,6 +147,7 @@ class Connection:
             self._beat = self._loop.call_later(self.transport.options.heartbeat, self._heartbeat)
         try:
             if await self._authenticate(handshake_secret):
+                self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 await self._read()
         finally:
             await self._cleanup()
@@ -296,6 +297,9 @@ class Connection:
         replay = await session.replay(self, frame.last_seq) if session is not None else None
         if session is None or replay is None:
             sessions.metrics.resumes.inc(sessions.label, "failed")
+            # A wrong token counts as a failed authentication, so tokens cannot be guessed
+            # faster than secrets (the session itself is never locked by it).
+            self.transport.throttle.failed(self.peer or "unknown")
             await self._open_fresh(False)
             return
         recovered, frames = replay

@@ -12,7 +12,7 @@ import pytest
 from conftest import SECRET, StartServer, make_config, start_cli
 
 from .conftest import eventually, report, runtime, scrape
-from .rawws import BINARY, PING, PONG, TEXT, HandshakeRefused, RawWS, frame, open_raw
+from .rawws import BINARY, PING, PONG, TEXT, Closed, HandshakeRefused, RawWS, frame, open_raw
 
 AUTH_TIMEOUT = 0.5
 Frame = dict[str, Any]  # a JSON frame from the server
@@ -132,7 +132,8 @@ async def _try(port: int, source: str) -> RawWS | int:
 
 async def test_connection_caps_are_503_and_429(start_server: StartServer) -> None:
     config = make_config()
-    config["server"] = {"max_connections": 10, "max_connections_per_ip": 4}
+    # Every socket here stays unauthenticated: let all of them count against the total cap.
+    config["server"] = {"max_connections": 10, "max_connections_per_ip": 4, "max_unauthenticated": 10}
     server = await start_server(config)
     port = int(server.server.port)
     app = server.server.app
@@ -160,7 +161,7 @@ async def test_connection_caps_are_503_and_429(start_server: StartServer) -> Non
 
 async def test_cap_holds_under_a_handshake_storm(start_server: StartServer) -> None:
     config = make_config()
-    config["server"] = {"max_connections": 20}
+    config["server"] = {"max_connections": 20, "max_unauthenticated": 20}
     server = await start_server(config)
     port = int(server.server.port)
     results = await asyncio.gather(*(_try(port, "127.0.0.1") for _ in range(80)))
@@ -189,3 +190,62 @@ async def test_a_silent_tcp_connection_is_closed_after_handshake_timeout(tmp_pat
     finally:
         code, _ = server.stop()
     assert code == 0
+
+
+async def _gone(ws: RawWS) -> bool:
+    """Whether the server dropped this socket (EOF or reset, no close frame)."""
+    try:
+        got = await ws.read_frame(timeout=2.0)
+    except Closed:
+        return True
+    raise AssertionError(f"expected the socket dropped, got {got!r}")
+
+
+async def test_unauthenticated_sockets_cannot_starve_authenticated_clients(start_server: StartServer) -> None:
+    # The issue: 300 sockets that never authenticate filled max_connections = 300, and a client
+    # with the right secret got 503 for as long as they kept coming back. Now at most 100 of
+    # them (by default a tenth of the cap, at least 100, at most half) are held at a time: each
+    # newcomer over that pushes out the oldest one.
+    config = make_config({"auth_timeout": 30})
+    config["server"] = {"max_connections": 300}
+    server = await start_server(config)
+    port = int(server.server.port)
+    gate = runtime(server.server.app).gate
+    squatters: list[RawWS] = []
+    for _ in range(6):  # 50 at a time: a storm, within the listen backlog
+        squatters += await asyncio.gather(*(open_raw(port) for _ in range(50)))
+    # The right secret, at the handshake or in the first frame: connected at once.
+    clients = [await open_raw(port, headers={"X-Connic-Secret": SECRET}) for _ in range(3)]
+    assert gate.unauthenticated == 100 and gate.evicted == 200
+    assert await eventually(lambda: gate.total == 103)  # the pushed-out ones are gone
+    for _ in range(3):
+        clients.append(await open_raw(port))
+        await clients[-1].send_json({"secret": SECRET})
+    for ws in clients:
+        assert (await ws.recv())["type"] == "connected"
+    # The first of them pushed out one squatter; having authenticated, it left a slot free.
+    assert gate.unauthenticated == 99 and gate.evicted == 201
+    # The newest squatter authenticates: its slot is free at once, and the next newcomers need not push anyone out.
+    await squatters[-1].send_json({"secret": SECRET})
+    assert (await squatters[-1].recv())["type"] == "connected"
+    assert gate.unauthenticated == 98
+    late = [await open_raw(port) for _ in range(2)]
+    assert gate.unauthenticated == 100 and gate.evicted == 201
+    assert len(late) == 2
+    metrics = await scrape(server.http)
+    assert metrics.get('connic_handshakes_refused_total{connector="/ws",status="503"}', 0) == 0
+
+
+async def test_max_unauthenticated_pushes_out_the_oldest(start_server: StartServer) -> None:
+    config = make_config({"auth_timeout": 30})
+    config["server"] = {"max_connections": 20, "max_unauthenticated": 5}
+    server = await start_server(config)
+    port = int(server.server.port)
+    gate = runtime(server.server.app).gate
+    squatters = [await open_raw(port) for _ in range(8)]
+    assert gate.unauthenticated == 5 and gate.evicted == 3
+    assert [await _gone(ws) for ws in squatters[:3]] == [True] * 3
+    for ws in squatters[3:]:  # the five newest are still open and may still authenticate
+        await ws.send_json({"secret": SECRET})
+        assert (await ws.recv())["type"] == "connected"
+    assert await eventually(lambda: gate.unauthenticated == 0 and gate.total == 5)
