@@ -241,7 +241,8 @@ class ResumeSession:
         self.conn = conn
         return conn
 
-    def resume_frame(self, last_seq: int | None = None, *, secret: str | None = None, **override: Any) -> Frame:
+    def resume_frame(self, last_seq: int | None = None, *, secret: str | None = None) -> Frame:
+        """The ``resume`` frame for this session (a test may change its fields before sending it)."""
         frame: Frame = {
             "type": "resume",
             "session_id": self.session_id,
@@ -250,7 +251,6 @@ class ResumeSession:
         }
         if secret is not None:
             frame["secret"] = secret
-        frame.update(override)
         return frame
 
     async def resume(
