@@ -550,6 +550,23 @@ async def test_client_close_code_ends_or_detaches(
     assert ack["seq"] == (5 if resumable else 1)
 
 
+async def test_server_started_close_detaches(start_server: StartServer, clients: Clients) -> None:
+    server = await serve(start_server, {"max_frame_bytes": 1000})
+    session, conn = await started(clients, server)
+    await conn.send({"id": "m1", "message": "hi"})
+    await conn.until_ended({"m1": ["assistant"]})
+    await conn.send({"id": "big", "message": "x" * 2000})
+    code, frames = await conn.closed()  # the client answers the server's close: not a close it started
+    assert code == 1009
+    assert [(f["type"], f["code"], f["id"]) for f in frames] == [("error", "message_too_large", None)]
+    again = await session.resume()
+    assert again.connected["resumed"] is True and again.connected["session_id"] == session.session_id
+    await again.send({"id": "m2", "message": "after"})
+    await again.until_ended({"m2": ["assistant"]})
+    again.assert_seqs_follow(4)
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
 # --- replies while detached ------------------------------------------------------------
 
 
