@@ -28,6 +28,7 @@ from conftest import SECRET, make_config
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (test extra)")
 
 WORDS = " ".join(f"word{n}" for n in range(1, 31))  # 30 words, 0.1 s each: a 3 s reply
+LONG = " ".join(f"word{n}" for n in range(1, 61))  # still streaming after a break of a second or two
 WAIT_MS = 20_000
 
 
@@ -190,7 +191,7 @@ def test_evicted_frames_rebuild_from_history(tab: Tab, proxied: Callable[..., Pr
     tab.connect()
     tab.say("before the break")
     page.wait_for_selector('.exchange[data-id="msg-001"] .turn.agent[data-state="done"]')
-    tab.say(WORDS)
+    tab.say(LONG)
     words_shown(tab, 3)
     target.refuse(True)
     assert target.cut() >= 1
@@ -202,7 +203,7 @@ def test_evicted_frames_rebuild_from_history(tab: Tab, proxied: Callable[..., Pr
     resumed = next(frames for frames in sockets.received[1:] if frames and frames[0].get("resumed"))
     assert resumed[0]["recovered"] is False
     assert {"type": "history"} in tab.sent
-    assert tab.reply("msg-002").locator(".text").text_content() == WORDS
+    assert tab.reply("msg-002").locator(".text").text_content() == LONG
     assert tab.reply("msg-001").locator(".text").text_content() == "before the break"
     assert page.locator(".turn.agent").count() == 2
     assert [page.locator(".exchange").nth(i).get_attribute("data-id") for i in range(2)] == ["msg-001", "msg-002"]
