@@ -390,7 +390,10 @@
         state.exchanges.set(id, previous);
         state.pending.push(previous);
         running.delete(previous);
-        for (const entry of group.agents) previous.bubble(entry.agent || "agent").end(entry.text, null, "stop");
+        for (const entry of group.agents) {
+          const bubble = previous.bubble(entry.agent || "agent");
+          if (!bubble.finished) bubble.end(entry.text, null, "stop"); // ended during the break
+        }
         continue;
       }
       const exchange = newExchange(id, group.user, [], undefined);
