@@ -35,12 +35,19 @@
   // Close codes and error codes of PROTOCOL.md section 6 that end the connection.
   const CLOSING_ERRORS = new Set([
     "unauthorized", "auth_timeout", "session_expired", "message_limit_reached",
-    "message_too_large", "server_shutting_down", "slow_consumer",
+    "message_too_large", "server_shutting_down", "slow_consumer", "session_taken_over",
   ]);
   const CLOSE_CODES = {
     4001: "unauthorized", 4002: "auth_timeout", 4008: "session_expired", 4009: "message_limit_reached",
-    1009: "message_too_large", 1001: "server_shutting_down", 4010: "slow_consumer",
+    1009: "message_too_large", 1001: "server_shutting_down", 4010: "slow_consumer", 4011: "session_taken_over",
   };
+  // Closes after which resuming is pointless (PROTOCOL.md section 7): the session has ended
+  // (4001, 4008, 4009), it never started (4002), or another connection now holds it (4011).
+  const FINAL_CLOSES = new Set([4001, 4002, 4008, 4009, 4011]);
+  // Reconnect backoff: 0.25 s doubling to 5 s, each wait jittered by +-25 % so many pages
+  // dropped at once by the same restart do not come back in lockstep.
+  const BACKOFF_FIRST_MS = 250;
+  const BACKOFF_MAX_MS = 5000;
 
   const state = {
     ws: null,
@@ -51,6 +58,12 @@
     secretGiven: false,
     closeError: null,    // the error frame that announced the close, if any
     info: null,          // the "connected" frame
+    secret: "",           // the secret the session was opened with, sent again when resuming
+    resume: null,         // {session_id, resume_token} while the session can be resumed, else null
+    lastSeq: 0,           // the highest "seq" seen in this session (PROTOCOL.md section 7)
+    retry: null,          // the pending reconnect timer
+    attempt: 0,           // reconnects tried since the connection dropped
+    resuming: false,      // the current socket was opened to resume the session
     counter: 0,
     exchanges: new Map(), // message id -> exchange, for every exchange of this page
     pending: [],          // exchanges still waiting for a reply, oldest first
@@ -165,6 +178,8 @@
         return "The server is shutting down.";
       case "slow_consumer":
         return "This page fell too far behind reading replies, so the server closed the connection.";
+      case "session_taken_over":
+        return "Another connection resumed this session (another tab?), so this one was closed.";
       default:
         break;
     }
@@ -175,6 +190,7 @@
       return `Could not connect to ${state.url}. Is the server running? (It also refuses connections from ` +
         "an origin it does not allow, and when it has too many.)";
     }
+    if (code === 1006 && state.resuming) return "Could not reach the server to resume the session.";
     if (code === 1006) return "The connection was lost.";
     return reason ? `Connection closed: ${reason}` : "Connection closed.";
   }
@@ -226,7 +242,7 @@
   }
 
   function setControls() {
-    const live = state.ws !== null;
+    const live = state.ws !== null || state.retry !== null;
     const ready = state.connected && state.ws && state.ws.readyState === WebSocket.OPEN;
     el.connect.disabled = live || !selectedConnector();
     el.disconnect.disabled = !live;
@@ -242,26 +258,46 @@
     const connector = selectedConnector();
     if (!connector) return;
     if (state.ws) drop("Reconnecting: a new connection is a new session.");
-    const secret = el.secret.value;
+    else if (state.retry !== null) stopRetrying("Reconnecting: a new connection is a new session.");
+    state.secret = el.secret.value;
+    state.resume = null;
+    state.lastSeq = 0;
+    state.userClosed = false;
+    open(connector, false);
+  }
+
+  // Open a socket to the connector: for a new session, or to resume state.resume.
+  function open(connector, resuming) {
+    const secret = state.secret;
     state.url = connector.url;
     state.opened = false;
     state.connected = false;
-    state.userClosed = false;
+    state.resuming = resuming;
     state.closeError = null;
     state.secretGiven = secret !== "";
-    setStatus("connecting", "Connecting…");
+    if (!resuming) setStatus("connecting", "Connecting…");
     let ws;
     try {
       ws = new WebSocket(connector.url);
     } catch (err) {
+      state.resume = null;
+      interruptPending("interrupted");
       setStatus("closed", "Not connected");
       notice("error", `Could not connect: ${err.message}`);
+      setControls();
       return;
     }
     state.ws = ws;
     ws.onopen = () => {
       if (state.ws !== ws) return;
       state.opened = true;
+      if (resuming) {
+        // PROTOCOL.md section 7: resume instead of authenticating; the secret rides along.
+        const frame = { type: "resume", ...state.resume, last_seq: state.lastSeq };
+        if (connector.auth || secret) frame.secret = secret;
+        ws.send(JSON.stringify(frame));
+        return;
+      }
       // The seed's first frame: {"secret": "..."} (not needed when the connector has auth off).
       if (connector.auth || secret) ws.send(JSON.stringify({ secret }));
     };
@@ -280,6 +316,100 @@
       if (state.ws !== ws) return;
       onClosed(event.code, event.reason);
     };
+    // A failed socket always gets a close event after its error event: onclose decides.
+    ws.onerror = () => {};
+    setControls();
+  }
+
+  // ------------------------------------------------------- resuming (PROTOCOL.md section 7)
+
+  function canResume(code) {
+    if (!state.resume || state.userClosed || FINAL_CLOSES.has(code)) return false;
+    const error = state.closeError && state.closeError.code;
+    return !["unauthorized", "session_expired", "message_limit_reached", "session_taken_over"].includes(error);
+  }
+
+  function scheduleReconnect(delay) {
+    clearTimeout(state.retry);
+    const wait = delay ?? Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** state.attempt) * (0.75 + Math.random() * 0.5);
+    state.attempt += 1;
+    setStatus("reconnecting", state.attempt > 1 ? `Reconnecting… (try ${state.attempt})` : "Reconnecting…");
+    state.retry = setTimeout(() => {
+      state.retry = null;
+      const connector = selectedConnector();
+      if (!connector || !state.resume) return;
+      open(connector, true);
+    }, wait);
+    setControls();
+  }
+
+  function stopRetrying(text) {
+    clearTimeout(state.retry);
+    state.retry = null;
+    state.resume = null;
+    state.attempt = 0;
+    interruptPending("interrupted");
+    notice("", text);
+  }
+
+  function onResumed(frame) {
+    state.attempt = 0;
+    if (frame.resume_token) state.resume = { session_id: frame.session_id, resume_token: frame.resume_token };
+    if (frame.recovered === false) {
+      // Frames we missed were already evicted: rebuild from the session's history.
+      notice("warn", "Reconnected, but part of the conversation did not survive the break: reloading it.");
+      state.ws.send(JSON.stringify({ type: "history" }));
+    } else {
+      notice("ok", "Reconnected: the session goes on.");
+    }
+  }
+
+  function onHistory(frame) {
+    const entries = Array.isArray(frame.entries) ? frame.entries : [];
+    const old = state.exchanges;
+    const running = new Set(state.pending);
+    state.exchanges = new Map();
+    state.pending = [];
+    for (const node of [...el.log.children]) if (node !== el.empty) node.remove();
+    el.empty.hidden = false;
+    // One exchange per message id, in the order of the history; agent entries follow their user entry.
+    const groups = new Map();
+    for (const entry of entries) {
+      if (!entry || typeof entry !== "object") continue;
+      let group = groups.get(entry.id);
+      if (!group) groups.set(entry.id, (group = { user: null, number: entry.message_number, agents: [] }));
+      if (entry.role === "user") group.user = entry.text;
+      else group.agents.push(entry);
+    }
+    for (const [id, group] of groups) {
+      const previous = old.get(id);
+      if (previous && running.has(previous)) {
+        // Still being answered: keep its bubbles, which later frames keep filling in
+        // (stream_end carries the whole reply, so a bubble that missed chunks ends right).
+        append(previous.node);
+        state.exchanges.set(id, previous);
+        state.pending.push(previous);
+        running.delete(previous);
+        for (const entry of group.agents) {
+          const bubble = previous.bubble(entry.agent || "agent");
+          if (!bubble.finished) bubble.end(entry.text, null, "stop"); // ended during the break
+        }
+        continue;
+      }
+      const exchange = newExchange(id, group.user, [], undefined);
+      exchange.acked = true;
+      if (exchange.userMeta) exchange.userMeta.replaceChildren(make("span", "", `message #${group.number}`));
+      for (const entry of group.agents) exchange.bubble(entry.agent || "agent").end(entry.text, null, "stop");
+      finish(exchange);
+    }
+    // Sent before the break but unknown to the server: it never arrived.
+    for (const exchange of running) {
+      append(exchange.node);
+      state.pending.push(exchange);
+      state.exchanges.set(exchange.id, exchange);
+    }
+    interruptPending("interrupted", (exchange) => !groups.has(exchange.id));
+    notice("ok", "Conversation reloaded from the server.");
     setControls();
   }
 
@@ -287,6 +417,7 @@
   function drop(text) {
     const ws = state.ws;
     state.ws = null;
+    state.resume = null; // a close with 1000 ends the session for good
     ws.onopen = ws.onmessage = ws.onclose = null;
     try { ws.close(1000); } catch (err) { /* already closed */ }
     interruptPending("interrupted");
@@ -295,6 +426,12 @@
   }
 
   function disconnect() {
+    if (!state.ws && state.retry !== null) {
+      stopRetrying("Stopped reconnecting.");
+      setStatus("idle", "Not connected");
+      setControls();
+      return;
+    }
     if (!state.ws) return;
     drop("Disconnected.");
     setStatus("idle", "Not connected");
@@ -303,9 +440,18 @@
   }
 
   function onClosed(code, reason) {
-    const text = describeClose(code, reason);
     state.ws = null;
     state.connected = false;
+    if (canResume(code)) {
+      // Replies keep going on the server: leave the bubbles as they are and resume.
+      const first = state.attempt === 0;
+      if (first) notice("warn", `${describeClose(code, reason)} Reconnecting…`, `close ${code}`);
+      scheduleReconnect();
+      return;
+    }
+    state.resume = null;
+    state.attempt = 0;
+    const text = describeClose(code, reason);
     interruptPending("interrupted");
     notice(code === 1000 ? "" : "error", text, `close ${code}`);
     setStatus("closed", state.closeError && state.closeError.code === "unauthorized" ? "Refused" : "Disconnected");
@@ -315,8 +461,14 @@
   // ------------------------------------------------------- frames
 
   function onFrame(frame) {
+    if (Number.isInteger(frame.seq)) {
+      // Frames of a message are numbered per session; after a resume, one already seen is skipped.
+      if (frame.seq <= state.lastSeq) return undefined;
+      state.lastSeq = frame.seq;
+    }
     switch (frame.type) {
       case "connected": return onConnected(frame);
+      case "history": return onHistory(frame);
       case "ack": return onAck(frame);
       case "stream_start": return bubbleFor(frame).start();
       case "stream_chunk": return bubbleFor(frame).chunk(frame.chunk);
@@ -331,6 +483,21 @@
     state.connected = true;
     state.info = frame;
     setStatus("connected", "Connected");
+    clearTimeout(state.retry);
+    state.retry = null;
+    if (state.resuming && frame.resumed === true) {
+      onResumed(frame);
+      setControls();
+      return;
+    }
+    if (state.resuming) {
+      // The server could not resume (expired, ended, restarted without its store): a new session.
+      interruptPending("interrupted");
+      notice("warn", `The session could not be resumed: a new session ${frame.session_id} started.`);
+    }
+    state.attempt = 0;
+    state.lastSeq = 0;
+    state.resume = frame.resume_token ? { session_id: frame.session_id, resume_token: frame.resume_token } : null;
     el.session.hidden = false;
     el.sessionId.textContent = frame.session_id;
     el.agents.replaceChildren();
@@ -351,7 +518,7 @@
     if (frame.max_messages !== undefined) limits.push(`${plural(frame.max_messages, "message")} per session`);
     if (frame.session_timeout !== undefined) limits.push(`expires after ${seconds(frame.session_timeout)} idle`);
     el.limits.textContent = limits.join(" · ") || "—";
-    notice("ok", `Connected to ${state.url}: session ${frame.session_id}.`);
+    if (!state.resuming) notice("ok", `Connected to ${state.url}: session ${frame.session_id}.`);
     setControls();
     el.message.focus();
   }
@@ -523,15 +690,16 @@
     setControls();
   }
 
-  function interruptPending(reason) {
-    for (const exchange of state.pending) {
+  function interruptPending(reason, which = () => true) {
+    const keep = state.pending.filter((exchange) => !which(exchange));
+    for (const exchange of state.pending.filter(which)) {
       for (const bubble of exchange.bubbles.values()) bubble.interrupt(reason);
       if (!exchange.acked && exchange.userMeta) {
         exchange.userMeta.replaceChildren(make("span", "badge interrupted", "not sent"));
       }
       exchange.done = true;
     }
-    state.pending = [];
+    state.pending = keep;
   }
 
   // ------------------------------------------------------- sending and stopping
@@ -620,6 +788,10 @@
   el.connector.addEventListener("change", () => {
     showConnectorUrl();
     setControls();
+  });
+  // Back online: try at once instead of waiting out the backoff.
+  window.addEventListener("online", () => {
+    if (state.retry !== null) scheduleReconnect(0);
   });
   el.reveal.addEventListener("click", () => {
     const show = el.secret.type === "password";
