@@ -275,7 +275,10 @@ class ResumeSession:
         frame = self.resume_frame(last_seq, secret=secret)
         conn = await self.clients.open(url or self.url, Transcript(), strict=self.strict, **kwargs)
         await conn.send(frame)
-        await self.read_connected(conn)
+        if "resumed" not in await self.read_connected(conn):
+            # The handshake authenticated (or auth is off): a fresh session was announced as
+            # the socket opened, and the answer to the resume frame follows it.
+            await self.read_connected(conn)
         return conn
 
     async def read_connected(self, conn: Conn, timeout: float = 10.0) -> Frame:
