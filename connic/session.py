@@ -163,9 +163,14 @@ class Sessions:
         return session
 
     async def shutdown(self, grace: float) -> None:
-        """Drain every session: refuse what is queued, let in-flight replies finish for ``grace`` seconds."""
+        """Drain every session (queued messages refused, in-flight replies given ``grace`` seconds), then end them.
+
+        Sessions end with this process: the memory store does not outlive it.
+        """
         self.draining = True
         await asyncio.gather(*(s.drain(grace) for s in list(self.live)), return_exceptions=True)
+        for session in list(self.live):
+            session.end()
 
 
 class ChatSession:
