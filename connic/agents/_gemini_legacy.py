@@ -42,7 +42,13 @@ _lock = threading.Lock()  # guards every request's connections and each connecti
 
 
 class LegacyRequest:
-    """One request of one thread: the connections it took, and whether it was cancelled."""
+    """One request of one thread: the connections it took, and whether it was cancelled.
+
+    A connection belongs to the request that last took it from a pool, until it is handed
+    back (``_connic_owner``). Shutting a socket down (another thread) and closing it (the
+    owning thread) both happen under ``_lock``, so a shutdown never reaches a closed socket's
+    file descriptor reused by someone else.
+    """
 
     def __init__(self) -> None:
         self.cancelled = False
@@ -56,13 +62,23 @@ class LegacyRequest:
             if not (self.cancelled or self.finished):
                 self.connections.append(conn)
                 return
-        _shutdown(conn)
+            _shutdown(conn)
         raise ConnectionAbortedError("the request was cancelled")
 
-    def finish(self) -> None:
-        """The thread is done with the request: its connections may serve other requests now."""
+    def end(self) -> None:
+        """In the request's thread, once the SDK is done: close what it did not hand back.
+
+        The SDK stops reading at the ``]`` of its JSON array and leaves the rest of the
+        response (and so the connection) to the garbage collector; a cancelled request
+        leaves its shut-down connection behind.
+        """
         with _lock:
             self.finished = True
+            for conn in self.connections:
+                if getattr(conn, "_connic_owner", None) is self:
+                    conn._connic_owner = None
+                    with contextlib.suppress(Exception):
+                        conn.close()
             self.connections.clear()
 
     def cancel(self) -> None:
@@ -71,11 +87,9 @@ class LegacyRequest:
             if self.cancelled or self.finished:
                 return
             self.cancelled = True
-            # A connection handed back to the pool and taken by another request is no longer ours.
-            mine = [conn for conn in self.connections if getattr(conn, "_connic_owner", None) is self]
-            self.connections.clear()
-        for conn in mine:
-            _shutdown(conn)
+            for conn in self.connections:
+                if getattr(conn, "_connic_owner", None) is self:
+                    _shutdown(conn)
 
 
 def _shutdown(conn: Any) -> None:
@@ -108,6 +122,12 @@ class _HTTPSConnection(urllib3.connection.HTTPSConnection):
         _attach(self)
 
 
+def _detach(conn: Any) -> None:
+    if conn is not None:
+        with _lock:
+            conn._connic_owner = None
+
+
 class _HTTPPool(urllib3.HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
@@ -115,6 +135,10 @@ class _HTTPPool(urllib3.HTTPConnectionPool):
         conn = super()._get_conn(timeout)
         _attach(conn)  # a kept-alive connection is not connected again
         return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        _detach(conn)
+        super()._put_conn(conn)
 
 
 class _HTTPSPool(urllib3.HTTPSConnectionPool):
@@ -124,6 +148,10 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
         conn = super()._get_conn(timeout)
         _attach(conn)
         return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        _detach(conn)
+        super()._put_conn(conn)
 
 
 _POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
@@ -144,7 +172,7 @@ class _Adapter(requests.adapters.HTTPAdapter):
         return manager
 
 
-def make_cancellable(client: Any, connections: int) -> None:
+def make_cancellable(client: Any, connections: int) -> requests.adapters.HTTPAdapter:
     """Mount the recording adapter on the SDK client's ``requests`` session.
 
     ``connections`` is the calling agent's ``legacy_threads``. The pools keep as many
@@ -152,7 +180,7 @@ def make_cancellable(client: Any, connections: int) -> None:
     agent uses the one process-wide client), else urllib3 warns "Connection pool is full"
     and drops them. The session is a private attribute of the REST transport;
     google-generativeai is frozen upstream, so it will not move. Raises ``TypeError`` when
-    it is not there.
+    it is not there. Returns the adapter mounted.
     """
     global _connections
     session = getattr(getattr(client, "transport", None), "_session", None)
@@ -160,8 +188,12 @@ def make_cancellable(client: Any, connections: int) -> None:
         raise TypeError("google-generativeai's REST transport has no requests session to cancel requests through")
     _connections += connections
     adapter = _Adapter(pool_maxsize=_connections)
+    replaced = {id(a): a for a in (session.get_adapter("https://x"), session.get_adapter("http://x"))}
     session.mount("https://", adapter)
     session.mount("http://", adapter)
+    for old in replaced.values():
+        old.close()  # its idle connections; one in use is closed when handed back
+    return adapter
 
 
 class LegacyStreams:
@@ -171,7 +203,7 @@ class LegacyStreams:
     """
 
     def __init__(self, agent: str, threads: int, client: Any) -> None:
-        make_cancellable(client, threads)
+        self.adapter = make_cancellable(client, threads)
         self.agent = agent
         self.threads = threads
         self.slots = asyncio.Semaphore(threads)
@@ -203,22 +235,21 @@ class LegacyStreams:
 
         def work() -> None:
             _local.request = request
+            outcome: tuple[str, Any] = ("done", None)
             try:
                 for chunk in call():
                     if request.cancelled:
-                        return
+                        break
                     put("chunk", chunk)
-                request.finish()
-                put("done", None)
             except StopIteration:
-                request.finish()
-                put("done", None)
+                pass
             except BaseException as exc:
-                request.finish()
-                if not request.cancelled:
-                    put("error", exc)
+                outcome = ("error", exc)
             finally:
                 _local.request = None
+                request.end()
+                if not request.cancelled:  # else nobody is waiting for it
+                    put(*outcome)
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(release)
 
@@ -250,3 +281,5 @@ class LegacyStreams:
             request.cancel()
         self.running.clear()
         _connections -= self.threads
+        if _connections == 0:  # the last legacy agent: nobody reuses the kept-alive connections
+            self.adapter.close()

@@ -123,7 +123,14 @@ class GeminiAgent(Agent):
             self.client = legacy
 
     async def close(self) -> None:
-        """Stop the legacy SDK's requests still running (their threads then end by themselves)."""
+        """Close google-genai's HTTP sessions, or stop the legacy SDK's requests still running.
+
+        (The legacy threads then end by themselves.)
+        """
+        if self.sdk == "google-genai" and self.client is not None:
+            client, self.client = self.client, None
+            await client.aio.aclose()
+            client.close()
         if self.streams is not None:
             self.streams.close()
             self.streams = None
