@@ -266,6 +266,21 @@ async def test_legacy_threads_bounds_the_streams_and_says_so(
         assert (await client.until("stream_end"))[-1]["full_response"] == "Hello from Gemini."
 
 
+async def test_cancel_while_waiting_for_a_thread(start_server: StartServer, connect: Connect, fake: FakeGemini) -> None:
+    fake.hold_last = asyncio.Event()
+    server = await start(start_server, fake, "google-generativeai", legacy_threads=1)
+    busy, waiting = [await connect(server.url(), secret="s") for _ in range(2)]
+    await busy.send({"message": "hi"})
+    await first_chunks([busy])
+    await waiting.send({"id": "c", "message": "hi"})
+    await waiting.until("ack")
+    await cancelled_end(waiting)
+    fake.hold_last.set()
+    assert (await busy.until("stream_end"))[-1]["full_response"] == "Hello from Gemini."
+    await asyncio.sleep(0.3)
+    assert len(fake.requests) == 1  # the cancelled answer never reached the provider
+
+
 @pytest.mark.parametrize("value", [0, -1])
 def test_legacy_threads_must_be_positive(value: int) -> None:
     import connic
