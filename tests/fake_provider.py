@@ -1,7 +1,8 @@
 """A local fake of an OpenAI-compatible Chat Completions API, for testing LLM agents offline.
 
-It records each request, streams scripted chunks over SSE, can hold back its last chunk
-until released, can answer with an error, and notices when the client goes away.
+It records each request, streams scripted chunks over SSE, can hold back its first byte or
+its last chunk until released (a provider that never answers), can answer with an error, and
+notices when the client goes away.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class _FakeServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.hold_last: asyncio.Event | None = None
+        self.hold_first: asyncio.Event | None = None  # answer nothing, not even headers, until set
+        self.active = 0  # requests being answered right now
         self.disconnected = asyncio.Event()
         self.server: TestServer | None = None
 
@@ -29,11 +32,29 @@ class _FakeServer:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.port}"
 
+    async def before_answer(self) -> None:
+        """Wait for ``hold_first``; a client that goes away meanwhile sets ``disconnected``."""
+        if self.hold_first is not None:
+            try:
+                await self.hold_first.wait()
+            except asyncio.CancelledError:  # aiohttp cancels the handler when the client disconnects
+                self.disconnected.set()
+                raise
+
+    @web.middleware
+    async def count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.active += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            self.active -= 1
+
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self.count])
         self.routes(app)
         self.server = TestServer(app, host="127.0.0.1")
         await self.server.start_server()
@@ -51,7 +72,8 @@ class FakeOpenAI(_FakeServer):
         self.chunks: list[str] = ["Hello", " from", " the fake."]
         self.usage: dict[str, int] | None = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
         self.delay = 0.0
-        self.error: tuple[int, dict[str, Any]] | None = None
+        self.error: tuple[int, dict[str, Any] | str] | None = None  # a str is sent as a plain-text body
+        self.stream_error: dict[str, Any] | None = None  # an error event sent after the first chunk
 
     @property
     def base_url(self) -> str:
@@ -63,8 +85,11 @@ class FakeOpenAI(_FakeServer):
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
+        await self.before_answer()
         if self.error is not None:
             status, body = self.error
+            if isinstance(body, str):
+                return web.Response(text=body, status=status)
             return web.json_response(body, status=status)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -80,6 +105,10 @@ class FakeOpenAI(_FakeServer):
                     "choices": [{"index": 0, "delta": {"content": text}}],
                 }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                if self.stream_error is not None:
+                    await response.write(f"data: {json.dumps(self.stream_error)}\n\n".encode())
+                    await response.write_eof()
+                    return response
             if self.usage is not None:
                 event = {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": self.usage}
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -89,6 +118,9 @@ class FakeOpenAI(_FakeServer):
             self.disconnected.set()
             raise
         return response
+
+
+_STATUS = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
 class FakeGemini(_FakeServer):
@@ -105,6 +137,7 @@ class FakeGemini(_FakeServer):
         self.chunks: list[str] = ["Hello", " from", " Gemini."]
         self.usage: dict[str, int] | None = {"promptTokenCount": 9, "candidatesTokenCount": 4, "totalTokenCount": 13}
         self.error: tuple[int, str] | None = None
+        self.error_times: int | None = None  # answer `error` this many times, then normally (None: always)
         self.blocked = False
 
     @property
@@ -129,9 +162,12 @@ class FakeGemini(_FakeServer):
         self.headers.append(dict(request.headers))
         self.paths.append(request.path_qs)
         sse = request.query.get("alt") == "sse"
-        if self.error is not None:
+        await self.before_answer()
+        if self.error is not None and self.error_times != 0:
+            if self.error_times is not None:
+                self.error_times -= 1
             status, message = self.error
-            body = {"error": {"code": status, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+            body = {"error": {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}}
             return web.json_response(body, status=status)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream" if sse else "application/json"})
         await response.prepare(request)

@@ -28,8 +28,9 @@ async def fake() -> AsyncIterator[FakeGemini]:
     provider = FakeGemini()
     await provider.start()
     yield provider
-    if provider.hold_last is not None:
-        provider.hold_last.set()
+    for held in (provider.hold_first, provider.hold_last):
+        if held is not None:
+            held.set()
     await provider.close()
 
 
@@ -178,3 +179,54 @@ def test_bad_sdk_option() -> None:
         connic.create_app(
             {"agents": {"gem": {"use": "gemini", "sdk": "vertex", "api_key": "k"}}, "connectors": [{"secrets": ["s"]}]}
         )
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_api_key_is_masked_in_errors(
+    start_server: StartServer, connect: Connect, fake: FakeGemini, sdk: str
+) -> None:
+    server = await start(start_server, fake, sdk)
+    client = await connect(server.url(), secret="s")
+    fake.error = (400, f"API key not valid: {KEY} was rejected")
+    frames = await client.reply({"message": "hi"})
+    error = frames[-1]
+    assert error["type"] == "error" and error["code"] == "agent_error"
+    assert KEY not in error["message"]
+    assert "400" in error["message"] and "API key not valid: *** was rejected" in error["message"]
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_silent_provider_times_out(
+    start_server: StartServer, connect: Connect, fake: FakeGemini, sdk: str
+) -> None:
+    # The fake accepts the connection and the request, and never answers.
+    fake.hold_first = asyncio.Event()
+    server = await start(start_server, fake, sdk, timeout=1)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "anyone?"}, timeout=10)
+    error = frames[-1]
+    assert error["type"] == "error" and error["code"] == "agent_error"
+    assert "timed out after 1 s" in error["message"], error["message"]
+    assert "could not reach" not in error["message"]
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_stalled_stream_times_out(
+    start_server: StartServer, connect: Connect, fake: FakeGemini, sdk: str
+) -> None:
+    fake.hold_last = asyncio.Event()  # the first chunk, then silence
+    server = await start(start_server, fake, sdk, timeout=1)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "go on"}, timeout=10)
+    assert [f["chunk"] for f in frames if f["type"] == "stream_chunk"] == ["Hello", " from"]
+    assert frames[-1]["code"] == "agent_error" and "timed out after 1 s" in frames[-1]["message"]
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+async def test_refused_connection_is_could_not_reach(start_server: StartServer, connect: Connect, sdk: str) -> None:
+    agent = {"use": "gemini", "sdk": sdk, "base_url": "http://127.0.0.1:9", "api_key": KEY, "timeout": 5}
+    server = await start_server({"agents": {"gem": agent}, "connectors": [{"secrets": ["s"]}]})
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "anyone?"}, timeout=10)
+    assert frames[-1]["code"] == "agent_error" and "could not reach the Gemini API" in frames[-1]["message"]
+    assert KEY not in frames[-1]["message"]

@@ -173,3 +173,35 @@ def test_echo_only_start_imports_no_llm_sdk() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("where", ["json_body", "text_body", "stream_event"])
+async def test_api_key_is_masked_in_every_error(
+    start_server: StartServer, connect: Connect, fake: FakeOpenAI, where: str
+) -> None:
+    quoted = f"API key not valid: {KEY} was rejected"
+    if where == "json_body":
+        fake.error = (400, {"error": {"message": quoted}})
+    elif where == "text_body":
+        fake.error = (400, quoted)
+    else:
+        fake.stream_error = {"error": {"message": quoted}}
+    server = await start(start_server, fake)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "hi"})
+    error = frames[-1]
+    assert error["type"] == "error" and error["code"] == "agent_error"
+    assert KEY not in error["message"]
+    assert "API key not valid: *** was rejected" in error["message"]
+
+
+async def test_warns_at_start_up_when_openai_would_get_no_key(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    agents = {"cloud": {"use": "openai"}, "local": {"use": "openai", "base_url": "http://127.0.0.1:11434/v1"}}
+    with caplog.at_level("WARNING", logger="connic.agents.openai"):
+        await start_server({"agents": agents, "connectors": [{"secrets": ["s"]}]})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "connic.agents.openai"]
+    assert len(warnings) == 1, warnings  # the local server needs no key: no warning for it
+    assert "agent cloud" in warnings[0] and "no API key" in warnings[0] and "OPENAI_API_KEY" in warnings[0]

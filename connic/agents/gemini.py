@@ -3,8 +3,8 @@
 ``google-genai`` (``pip install 'connic[gemini]'``) is the maintained SDK and is used natively
 with asyncio. ``google-generativeai`` (``pip install 'connic[gemini-legacy]'``) is the SDK the
 design card names; it is deprecated upstream and its asyncio path does not work over REST, so
-its blocking stream runs in a worker thread that feeds an asyncio queue. Both are imported
-only when a gemini agent is configured.
+its blocking stream runs in a thread of its own that feeds an asyncio queue
+(connic/agents/_gemini_legacy.py). Both are imported only when a gemini agent is configured.
 """
 
 from __future__ import annotations
@@ -13,23 +13,33 @@ import asyncio
 import contextlib
 import importlib
 import importlib.util
+import logging
 import os
-import socket
-import threading
+import re
+import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import attrs
 import jinja2
 
 from connic.agent import Agent, Turn, Usage
-from connic.config import positive
+from connic.agents._common import backoff, is_timeout, mask, unexpected
+from connic.config import non_negative, positive
 from connic.errors import AgentError, ConfigError
 
 __all__ = ["GeminiAgent"]
 
 SDKS = ("auto", "google-genai", "google-generativeai")
 _prompts = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+log = logging.getLogger("connic.agents.gemini")
+_REQUEST_LINE = re.compile(r"^[A-Z]+ \S+: ")
+
+
+class _Overloaded(AgentError):
+    """A 503 from Gemini ("the model is overloaded"): worth another attempt."""
 
 
 def _sdk(_: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -61,6 +71,8 @@ class GeminiAgent(Agent):
         max_output_tokens: int | None = None
         safety_settings: Mapping[str, str] | None = None
         timeout: float = attrs.field(default=120.0, validator=positive)
+        retries: int = attrs.field(default=2, validator=non_negative)
+        legacy_threads: int = attrs.field(default=64, validator=positive)
 
     options: Options
 
@@ -87,6 +99,7 @@ class GeminiAgent(Agent):
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"system_prompt: {exc.message} (line {exc.lineno})") from None
         self.client: Any = None
+        self.streams: Any = None  # google-generativeai's threads (connic.agents._gemini_legacy)
 
     async def start(self) -> None:
         """Create the SDK client (the SDK is imported here, not before)."""
@@ -97,10 +110,31 @@ class GeminiAgent(Agent):
             self.client = genai.Client(api_key=self.api_key, http_options=http)
         else:
             legacy = importlib.import_module("google.generativeai")
+            legacy_client = importlib.import_module("google.generativeai.client")
+            threads = importlib.import_module("connic.agents._gemini_legacy")
             # This SDK's configuration is process-wide: legacy gemini agents share one key and endpoint.
             client_options = {"api_endpoint": self.options.base_url} if self.options.base_url else None
             legacy.configure(api_key=self.api_key, transport="rest", client_options=client_options)
+            client = legacy_client.get_default_generative_client()
+            try:
+                self.streams = threads.LegacyStreams(self.name, self.options.legacy_threads, client)
+            except TypeError as exc:
+                raise ConfigError(f'{exc}: use sdk = "google-genai"') from None
             self.client = legacy
+
+    async def close(self) -> None:
+        """Close google-genai's HTTP sessions, or stop the legacy SDK's requests still running.
+
+        (The legacy threads then end by themselves.)
+        """
+        if self.sdk == "google-genai" and self.client is not None:
+            client, self.client = self.client, None
+            await client.aio.aclose()
+            client.close()
+        if self.streams is not None:
+            self.streams.close()
+            self.streams = None
+            self.client = None
 
     def system(self, turn: Turn) -> str | None:
         """The rendered system prompt, if any."""
@@ -144,38 +178,76 @@ class GeminiAgent(Agent):
         return [{"category": c, "threshold": t} for c, t in settings.items()] if settings else None
 
     def _clean(self, text: str) -> str:
-        return text.replace(self.api_key, "***")
+        return mask(text, self.api_key)
+
+    def _timed_out(self) -> AgentError:
+        return AgentError(f"the Gemini request timed out after {self.options.timeout:g} s")
 
     async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Stream the model's answer chunk by chunk, then its token usage."""
+        """Stream the model's answer chunk by chunk, then its token usage.
+
+        A 503 (the model is overloaded) before the first chunk is tried again, up to
+        ``retries`` times, as long as the attempt would start within ``timeout``.
+        """
         if self.client is None:
             raise AgentError("the gemini agent was not started")
-        system = self.system(turn)
-        chunks = self._genai(turn, system) if self.sdk == "google-genai" else self._legacy(turn, system)
-        usage: Usage | None = None
-        produced = False
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                metadata = getattr(chunk, "usage_metadata", None)
-                if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
-                    usage = Usage(
-                        prompt_tokens=int(metadata.prompt_token_count or 0),
-                        candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
-                    )
-                text = _text(chunk)
-                if text:
-                    produced = True
-                    yield text
-        if not produced:
-            raise AgentError("Gemini returned no candidates (an empty answer)")
-        if usage is not None:
-            yield usage
+        try:
+            system = self.system(turn)
+            deadline = time.monotonic() + self.options.timeout
+            delays = backoff()
+            attempts = 0
+            usage: Usage | None = None
+            produced = False
+            while True:
+                attempts += 1
+                if self.sdk == "google-genai":
+                    chunks = self._genai(turn, system, deadline)
+                else:
+                    chunks = self._legacy(turn, system, deadline)
+                try:
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            metadata = getattr(chunk, "usage_metadata", None)
+                            if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
+                                usage = Usage(
+                                    prompt_tokens=int(metadata.prompt_token_count or 0),
+                                    candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
+                                )
+                            text = _text(chunk)
+                            if text:
+                                produced = True
+                                yield text
+                    break
+                except _Overloaded as exc:
+                    delay = next(delays)
+                    # Never after a chunk (the client would get the start of the answer twice),
+                    # and never past the timeout.
+                    if produced or attempts > self.options.retries or time.monotonic() + delay >= deadline:
+                        tried = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+                        raise AgentError(exc.message + tried) from None
+                    log.info("agent %s: %s; trying again in %g s", turn.agent, self._clean(exc.message), delay)
+                    await asyncio.sleep(delay)
+            if not produced:
+                raise AgentError("Gemini returned no candidates (an empty answer)")
+            if usage is not None:
+                yield usage
+        except AgentError as exc:
+            raise AgentError(self._clean(exc.message)) from None
+        except Exception as exc:
+            raise unexpected(exc, self.api_key, log, turn.agent) from None
 
-    async def _genai(self, turn: Turn, system: str | None) -> AsyncGenerator[Any, None]:
+    async def _genai(self, turn: Turn, system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
         errors = importlib.import_module("google.genai.errors")
         types = importlib.import_module("google.genai.types")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._timed_out()
+        # This attempt gets what is left of the timeout; the SDK's own retries are off
+        # (connic's are bounded by the timeout and cancel at once).
+        once = types.HttpRetryOptions(attempts=1)
+        http = types.HttpOptions(timeout=max(1, int(remaining * 1000)), retry_options=once)
         config = types.GenerateContentConfig(
-            system_instruction=system, safety_settings=self.safety(), **self.generation_config()
+            system_instruction=system, safety_settings=self.safety(), http_options=http, **self.generation_config()
         )
         try:
             stream = await self.client.aio.models.generate_content_stream(
@@ -185,54 +257,49 @@ class GeminiAgent(Agent):
                 async for chunk in stream:
                     yield chunk
         except errors.APIError as exc:
-            raise AgentError(self._clean(f"Gemini API error {exc.code}: {exc.message or exc.status}")) from None
-        except (TimeoutError, OSError) as exc:
-            raise AgentError(self._clean(f"could not reach the Gemini API: {type(exc).__name__}")) from None
+            text = f"Gemini API error {exc.code}: {exc.message or exc.status}"
+            raise (_Overloaded if exc.code == 503 else AgentError)(text) from None
+        except Exception as exc:
+            raise self._failure(exc) from None
 
-    async def _legacy(self, turn: Turn, system: str | None) -> AsyncGenerator[Any, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-        holder: dict[str, Any] = {}
+    async def _legacy(self, turn: Turn, system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
+        assert self.streams is not None
         model = self.client.GenerativeModel(self.model, system_instruction=system, safety_settings=self.safety())
         contents = self.contents(turn)
         config = self.generation_config() or None
 
-        def put(kind: str, value: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+        def call() -> Any:
+            # In the worker thread, which may have waited for a free slot.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            # retry=None: google-api-core would otherwise retry a 503 for up to 600 s in this
+            # thread, deaf to the timeout and to cancel; connic retries instead (respond()).
+            options = {"timeout": remaining, "retry": None}
+            return model.generate_content(contents, stream=True, generation_config=config, request_options=options)
 
-        def work() -> None:
-            try:
-                result = model.generate_content(
-                    contents, stream=True, generation_config=config, request_options={"timeout": self.options.timeout}
-                )
-                holder["result"] = result
-                for chunk in result:
-                    if stop.is_set():
-                        return
-                    put("chunk", chunk)
-                put("done", None)
-            except StopIteration:  # the SDK's way of saying the stream had no chunk at all
-                put("done", None)
-            except Exception as exc:
-                if not stop.is_set():
-                    put("error", exc)
-
-        worker = loop.run_in_executor(None, work)
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "done":
-                    break
-                if kind == "error":
-                    raise AgentError(self._clean(_legacy_error(value))) from None
-                yield value
-        finally:
-            stop.set()
-            _close_legacy_stream(holder.get("result"))
-            # The thread ends once its read fails on the closed response.
-            with contextlib.suppress(TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(worker), 5)
+            async with contextlib.aclosing(self.streams.stream(call)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except AgentError:
+            raise
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            if isinstance(code, int) and not is_timeout(exc):
+                # google-api-core puts "POST <url>: " before Google's message; the other SDK does not.
+                message = _REQUEST_LINE.sub("", str(getattr(exc, "message", None) or exc))
+                text = f"Gemini API error {code}: {message}"
+                raise (_Overloaded if code == 503 else AgentError)(text) from None
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failure other than an API error answer becomes."""
+        if is_timeout(exc):
+            return self._timed_out()
+        if isinstance(exc, OSError | aiohttp.ClientError) or _transport_error(exc):
+            return AgentError(f"could not reach the Gemini API: {type(exc).__name__}")
+        return AgentError(f"Gemini request failed: {type(exc).__name__}: {exc}")
 
 
 def _text(chunk: Any) -> str:
@@ -252,32 +319,7 @@ def _text(chunk: Any) -> str:
     return "".join(texts)
 
 
-def _legacy_error(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    message = getattr(exc, "message", None) or str(exc)
-    if code is not None:
-        return f"Gemini API error {int(code) if isinstance(code, int) else code}: {message}"
-    return f"Gemini request failed: {type(exc).__name__}: {message}"
-
-
-def _close_legacy_stream(result: Any) -> None:
-    """Close the HTTP response under a google-generativeai stream, so its thread stops reading.
-
-    Closing a socket does not wake a thread blocked reading it; shutting it down does. The
-    response is the REST transport's ``requests`` response, reached through the SDK's
-    iterator (private attributes, hence the care).
-    """
-    iterator = getattr(result, "_iterator", None)
-    response = getattr(iterator, "_response", None)
-    if response is None:
-        return
-    raw = getattr(response, "raw", None)
-    sock = getattr(getattr(raw, "_connection", None), "sock", None)
-    if sock is None:
-        fp = getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None)
-        sock = getattr(fp, "_sock", None)
-    if isinstance(sock, socket.socket):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(Exception):
-        response.close()
+def _transport_error(exc: BaseException) -> bool:
+    """An httpx connection failure (google-genai without aiohttp); httpx is loaded only if in use."""
+    httpx = sys.modules.get("httpx")
+    return httpx is not None and isinstance(exc, httpx.TransportError)

@@ -7,22 +7,27 @@ aiohttp's client (already a connic dependency), so it needs no SDK.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
 import jinja2
 
 from connic.agent import Agent, Turn, Usage
+from connic.agents._common import mask, unexpected
 from connic.config import positive
 from connic.errors import AgentError, ConfigError
 
 __all__ = ["OpenAIAgent"]
 
 _prompts = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+log = logging.getLogger("connic.agents.openai")
 
 
 def _optional_positive(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -58,7 +63,15 @@ class OpenAIAgent(Agent):
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP client session."""
+        """Open the HTTP client session; warn when OpenAI itself would be called with no key."""
+        if not self.api_key and urlsplit(self.options.base_url).hostname == "api.openai.com":
+            # Every answer would be a 401: say so once now, not only in each client's agent_error.
+            log.warning(
+                "agent %s calls %s with no API key: set OPENAI_API_KEY (or the api_key option), "
+                "or base_url to a local server",
+                self.name,
+                self.options.base_url,
+            )
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
 
     async def close(self) -> None:
@@ -113,12 +126,27 @@ class OpenAIAgent(Agent):
         return body
 
     async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Stream the model's answer chunk by chunk, then its token usage."""
+        """Stream the model's answer chunk by chunk, then its token usage.
+
+        Every error message passes through one place that masks the API key: providers
+        quote it in some of their error bodies.
+        """
         if self.session is None:
             raise AgentError("the openai agent was not started")
+        try:
+            # Closed here, not left to the garbage collector: a cancel closes the HTTP response now.
+            async with contextlib.aclosing(self._stream(self.session, turn)) as stream:
+                async for item in stream:
+                    yield item
+        except AgentError as exc:
+            raise AgentError(mask(exc.message, self.api_key)) from None
+        except Exception as exc:
+            raise unexpected(exc, self.api_key, log, turn.agent) from None
+
+    async def _stream(self, session: aiohttp.ClientSession, turn: Turn) -> AsyncGenerator[str | Usage, None]:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            async with self.session.post(self.url, json=self.request(turn), headers=headers) as response:
+            async with session.post(self.url, json=self.request(turn), headers=headers) as response:
                 if response.status != 200:
                     raise AgentError(await _provider_error(response))
                 async for data in _sse_data(response):
