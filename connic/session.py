@@ -3,31 +3,25 @@
 A :class:`ChatSession` holds what outlives a connection (PROTOCOL.md §7): the
 history, each agent's state, the counters and limits, the queue of accepted
 messages, the task that answers them, and the sequenced replay log. It has no
-sockets: a transport *attaches* a :class:`Sink` (its connection) to receive the
-session's frames, and *detaches* it when the connection ends. While detached,
-replies keep going into the replay log; a connection that resumes reads the log
-from the client's ``last_seq`` and then goes on live.
-
-:class:`Sessions` holds what the sessions of one connector share (agents,
-options, metrics, the store) and makes, resumes and drains them.
+sockets: a transport *attaches* a :class:`~connic.sessions.Sink` (its
+connection) to receive the session's frames, and *detaches* it when the
+connection ends. While detached, replies keep going into the replay log; a
+connection that resumes reads the log from the client's ``last_seq`` and then
+goes on live. :mod:`connic.sessions` makes sessions; :mod:`connic.message` runs
+a message's agents.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import hmac
 import logging
 import math
 import secrets
-import traceback
-import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from connic.agent import HistoryEntry, HistoryView, Session, Turn
+from connic.agent import HistoryEntry
 from connic.errors import (
     ConnicError,
     InternalError,
@@ -41,25 +35,16 @@ from connic.errors import (
     UnknownAgent,
 )
 from connic.flow import Flag, TokenBucket
-from connic.frames import (
-    ErrorFrame,
-    History,
-    MessageFrame,
-    MessageId,
-    Response,
-    ServerFrame,
-    StreamChunk,
-    StreamEnd,
-    StreamStart,
-    encode,
-    encode_ack,
-    sequenced,
-)
-from connic.metrics import Metrics
-from connic.pipeline import TurnChain
-from connic.stores import ReplayLog, SessionStore
+from connic.frames import ErrorFrame, MessageFrame, MessageId, encode, encode_ack, sequenced
+from connic.frames import History as HistoryFrame
+from connic.history import History
+from connic.message import Message, answer, release_cancellation
+from connic.stores import ReplayLog
 
-__all__ = ["ChatSession", "SessionOptions", "SessionState", "Sessions", "Sink", "release_cancellation"]
+if TYPE_CHECKING:
+    from connic.sessions import Sessions, Sink
+
+__all__ = ["ChatSession", "SessionState"]
 
 log = logging.getLogger("connic.session")
 
@@ -70,107 +55,6 @@ class SessionState(enum.Enum):
     ATTACHED = "attached"  # a connection receives its frames
     DETACHED = "detached"  # its connection ended; resumable until the window runs out
     ENDED = "ended"  # for good: never resumed again
-
-
-class Sink(Protocol):
-    """What a transport attaches to a session: where its frames go."""
-
-    def send_nowait(self, data: str) -> None:
-        """Queue an encoded frame without waiting (acks and refusals)."""
-
-    async def send(self, data: str) -> None:
-        """Queue an encoded frame of a reply, waiting for room while the client is behind."""
-
-    def end(self, error: ConnicError, notify: bool) -> None:
-        """The session ended for good: close with ``error``'s close code (after an error frame if ``notify``)."""
-
-
-class RateLimitOptions(Protocol):
-    """The shape of a connector's ``rate_limit``."""
-
-    @property
-    def messages(self) -> int: ...
-    @property
-    def per(self) -> float: ...
-
-
-class SessionOptions(Protocol):
-    """The connector options the session core reads (docs/configuration.md)."""
-
-    @property
-    def streaming(self) -> bool: ...
-    @property
-    def max_messages(self) -> int: ...
-    @property
-    def max_queued(self) -> int: ...
-    @property
-    def session_timeout(self) -> float: ...
-    @property
-    def rate_limit(self) -> RateLimitOptions | None: ...
-    @property
-    def resume_window(self) -> float: ...
-    @property
-    def replay_buffer(self) -> int: ...
-    @property
-    def on_disconnect(self) -> str: ...
-    @property
-    def max_history_bytes(self) -> int: ...
-
-
-class Sessions:
-    """The sessions of one connector: what they share, and making, resuming and draining them."""
-
-    def __init__(
-        self,
-        *,
-        label: str,
-        chains: Mapping[str, TurnChain],
-        options: SessionOptions,
-        metrics: Metrics,
-        store: SessionStore,
-    ) -> None:
-        self.label = label  # the connector's path, the metrics' label and the logs' name for it
-        self.key = (label,)  # the metrics' label values, shared by every session
-        self.chains = dict(chains)
-        self.agent_names = tuple(chains)
-        self.options = options
-        self.metrics = metrics
-        self.store = store
-        self.draining = False
-        self.live: set[ChatSession] = set()  # this process's sessions, attached or detached
-
-    async def open(self) -> ChatSession:
-        """A new session, kept in the store."""
-        session = ChatSession(self, str(uuid.uuid4()))
-        await self.store.add(session)
-        self.live.add(session)
-        self.metrics.sessions.inc(self.label)
-        self.metrics.sessions_open.inc(self.label)
-        return session
-
-    async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
-        """The session a resume names, if it can be resumed with this token from ``last_seq``."""
-        session = await self.store.get(session_id)
-        if (
-            session is None
-            or session.sessions is not self
-            or session.state is SessionState.ENDED
-            or session.token is None
-            or not hmac.compare_digest(session.token.encode(), token.encode("utf-8", "surrogatepass"))
-            or last_seq > session.seq
-        ):
-            return None
-        return session
-
-    async def shutdown(self, grace: float) -> None:
-        """Drain every session (queued messages refused, in-flight replies given ``grace`` seconds), then end them.
-
-        Sessions end with this process: the memory store does not outlive it.
-        """
-        self.draining = True
-        await asyncio.gather(*(s.drain(grace) for s in list(self.live)), return_exceptions=True)
-        for session in list(self.live):
-            session.end()
 
 
 class ChatSession:
@@ -187,7 +71,6 @@ class ChatSession:
         "count",
         "current",
         "history",
-        "history_bytes",
         "id",
         "idle",
         "last_activity",
@@ -214,14 +97,13 @@ class ChatSession:
         self.state = SessionState.DETACHED  # until a connection attaches
         self.sink: Sink | None = None
         self.seq = 0  # the number of the last sequenced frame
-        self.history: list[HistoryEntry] = []
-        self.history_bytes = 0
+        self.history = History()
         self.states: dict[str, dict[str, Any]] = {}  # each agent's own state
         self.count = 0  # messages accepted
         self.tokens_in = 0
         self.tokens_out = 0
-        self.queue: deque[_Message] = deque()
-        self.current: _Message | None = None
+        self.queue: deque[Message] = deque()
+        self.current: Message | None = None
         self.limit_reached = False
         self.idle = Flag(True)  # nothing queued or being answered
         limit = opts.rate_limit
@@ -365,7 +247,7 @@ class ChatSession:
         sessions.metrics.messages.add(sessions.key)
         message_id = frame.id if frame.id is not None else f"auto-{self.count}"
         self.last_activity = self._loop.time()
-        self.queue.append(_Message(self, frame, message_id, self.count))
+        self.queue.append(Message(self, frame, message_id, self.count))
         self.idle.clear()
         self._send_nowait(encode_ack(message_id, self.count))
         if self._answering is None:
@@ -419,7 +301,7 @@ class ChatSession:
 
     def history_frame(self) -> str:
         """The encoded ``history`` frame (PROTOCOL.md §8): not sequenced, not activity."""
-        return encode(History(tuple(entry.to_dict() for entry in self.history), self.seq))
+        return encode(HistoryFrame(tuple(entry.to_dict() for entry in self.history.entries), self.seq))
 
     # --- answering ------------------------------------------------------------
 
@@ -455,77 +337,19 @@ class ChatSession:
                 self.current = None
                 self.last_activity = loop.time()
 
-    async def _answer(self, message: _Message) -> None:
-        sessions = self.sessions
-        chains = sessions.chains
+    async def _answer(self, message: Message) -> None:
         message.at = self._loop.time()
-        history = HistoryView(self.history)
-        newest = len(self.history)  # where this exchange starts: kept whole when trimming
-        self._remember(HistoryEntry("user", message.frame.text, None, message.id, message.number))
-        agent = message.frame.agent
-        if agent is not None or len(chains) == 1:
-            # One agent answers in this task: a cancel of the message cancels this task.
-            name = agent if agent is not None else sessions.agent_names[0]
-            names: Sequence[str] = (name,)
-            task = asyncio.current_task()
-            assert task is not None
-            message.tasks[name] = task
-            try:
-                await chains[name](self._turn(message, name, history), message.emit, task)
-            except asyncio.CancelledError:
-                if not message.cancelled or task.uncancel() > 0:
-                    raise
-        else:
-            names = sessions.agent_names
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for name in names:
-                        turn = self._turn(message, name, history)
-                        task = message.tasks[name] = group.create_task(chains[name](turn, message.emit))
-                        task.add_done_callback(release_cancellation)
-            except BaseException as exc:
-                # The TaskGroup's __aexit__ frame, in the error's traceback, keeps the error in
-                # a local: a reference cycle through this session's frames (CPython 3.11).
-                traceback.clear_frames(exc.__traceback__)
-                raise
-        for name in names:
+        history = self.history
+        seen = history.view()  # what came before this message
+        newest = len(history)  # where this exchange starts: kept whole when trimming
+        history.add(HistoryEntry("user", message.frame.text, None, message.id, message.number))
+        for name in await answer(self, message, seen):
             text = message.results.get(name)
             if text:
-                self._remember(HistoryEntry("agent", text, name, message.id, message.number))
-        if self.history_bytes > sessions.options.max_history_bytes:
-            self._trim_history(newest)
-
-    def _turn(self, message: _Message, agent: str, history: HistoryView) -> Turn:
-        frame = message.frame
-        state = self.states.get(agent)
-        if state is None:
-            state = self.states[agent] = {}
-        session = Session(self.id, history, state)
-        return Turn(
-            message.id, message.number, frame.text, frame.context, frame.files, session, agent, message.streaming
-        )
-
-    def _remember(self, entry: HistoryEntry) -> None:
-        self.history.append(entry)
-        self.history_bytes += _utf8_size(entry.text)
-
-    def _trim_history(self, newest: int) -> None:
-        """Drop the oldest entries until the history fits ``max_history_bytes``.
-
-        The exchange that starts at index ``newest`` (the one just answered) is kept
-        whole, even when it alone is over the bound. The kept entries go into a new
-        list: a HistoryView handed out earlier is a prefix view of the old one, which
-        must not change under it.
-        """
-        entries = self.history
-        size = self.history_bytes
+                history.add(HistoryEntry("agent", text, name, message.id, message.number))
         bound = self.sessions.options.max_history_bytes
-        start = 0
-        while start < newest and size > bound:
-            size -= _utf8_size(entries[start].text)
-            start += 1
-        self.history = entries[start:]
-        self.history_bytes = size
+        if history.size > bound:
+            history.trim(bound, newest)
 
     # --- sending --------------------------------------------------------------
 
@@ -551,6 +375,10 @@ class ChatSession:
             await self.sink.send(data)
 
     # --- time -----------------------------------------------------------------
+
+    def clock(self) -> float:
+        """The event loop's clock, which every deadline and duration of the session uses."""
+        return self._loop.time()
 
     def _on_idle(self) -> None:
         """The last queued message was answered."""
@@ -604,69 +432,3 @@ class ChatSession:
                     await self.idle.wait()
             except TimeoutError:
                 pass
-
-
-def _utf8_size(text: str) -> int:
-    """The size of ``text`` in UTF-8 (lone surrogates, which JSON lets a client send, count 3 bytes)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def release_cancellation(task: asyncio.Task[Any]) -> None:
-    """Take the CancelledError of a cancelled task nobody awaits.
-
-    A cancelled task keeps its CancelledError until someone asks for it, and the
-    error's traceback holds the frames it went through while something in those
-    frames refers back to the task (a message's ``tasks``, aiohttp's request to its
-    handler's task): the session would live until the cyclic garbage collector ran.
-    """
-    if task.cancelled():
-        with contextlib.suppress(asyncio.CancelledError):
-            task.exception()
-
-
-class _Message:
-    """An accepted message, queued or being answered."""
-
-    __slots__ = ("at", "cancelled", "first_chunks", "frame", "id", "number", "results", "session", "streaming", "tasks")
-
-    def __init__(self, session: ChatSession, frame: MessageFrame, message_id: MessageId, number: int) -> None:
-        self.session = session
-        self.frame = frame
-        self.id = message_id
-        self.number = number
-        self.streaming = session.sessions.options.streaming
-        self.tasks: dict[str, asyncio.Task[Any]] = {}
-        self.results: dict[str, str] = {}  # each agent's whole answer, for the history
-        self.cancelled = False
-        self.at = 0.0  # when answering began (the loop's clock)
-        self.first_chunks: set[str] | None = None  # agents that sent a chunk
-
-    async def emit(self, frame: ServerFrame) -> None:
-        """One frame of an agent's reply: count it in the metrics, keep its text, send it."""
-        session = self.session
-        sessions = session.sessions
-        metrics = sessions.metrics
-        if isinstance(frame, StreamChunk):
-            first = self.first_chunks
-            if first is None:
-                first = self.first_chunks = set()
-            if frame.agent not in first:
-                first.add(frame.agent)
-                metrics.first_chunk.observe(session._loop.time() - self.at, frame.agent)
-        elif isinstance(frame, Response | StreamEnd):
-            self.results[frame.agent] = frame.response if isinstance(frame, Response) else frame.full_response
-            usage = frame.token_usage
-            prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
-            session.tokens_in += prompt
-            session.tokens_out += candidates
-            metrics.turn_ended(frame.agent, frame.finish_reason, session._loop.time() - self.at, prompt, candidates)
-        elif isinstance(frame, ErrorFrame):
-            metrics.errors.inc(sessions.label, frame.code)
-            if frame.agent is not None:
-                metrics.turn_ended(frame.agent, "error", session._loop.time() - self.at, 0, 0)
-        elif not isinstance(frame, StreamStart):
-            raise TypeError(f"a reply cannot contain a {type(frame).__name__} frame")
-        await session.send(encode(frame))
-        if self.cancelled:
-            # Let a pending cancellation land even in an agent that never waits.
-            await asyncio.sleep(0)

@@ -23,7 +23,7 @@ from connic.errors import ConfigError, Unauthorized
 from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
-from connic.session import Sessions
+from connic.sessions import Sessions
 from connic.throttle import AuthThrottle
 from connic.transport import Transport
 from connic.transports._aiohttp_raw import Socket

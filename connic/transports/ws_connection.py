@@ -43,7 +43,8 @@ from connic.frames import (
     encode,
     parse_client_frame,
 )
-from connic.session import ChatSession, release_cancellation
+from connic.message import release_cancellation
+from connic.session import ChatSession
 from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
 from connic.transports.ws_writer import Writer
 

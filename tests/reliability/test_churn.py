@@ -229,7 +229,8 @@ async def test_churn_memory_returns_near_its_start(run_cli: Callable[..., Proc])
 
 def _alive() -> tuple[int, int, int]:
     """Connection, ChatSession and _Message objects in memory, counted without running the cyclic collector."""
-    from connic.session import ChatSession, _Message
+    from connic.message import Message as _Message
+    from connic.session import ChatSession
     from connic.transports.ws_connection import Connection
 
     counts = Counter(type(o) for o in gc.get_objects())

@@ -1,0 +1,125 @@
+"""What the sessions of one connector share, and the contract between a session and its transport.
+
+:class:`Sessions` holds a connector's agents (their chains), options, metrics
+and the store, and makes, finds and drains its sessions (:mod:`connic.session`).
+A transport attaches a :class:`Sink` to a session to receive its frames; the
+session reads its limits from the connector's options through
+:class:`SessionOptions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from collections.abc import Mapping
+from typing import Protocol
+
+from connic.errors import ConnicError
+from connic.metrics import Metrics
+from connic.pipeline import TurnChain
+from connic.session import ChatSession, SessionState
+from connic.stores import SessionStore
+
+__all__ = ["RateLimitOptions", "SessionOptions", "Sessions", "Sink"]
+
+
+class Sink(Protocol):
+    """What a transport attaches to a session: where its frames go."""
+
+    def send_nowait(self, data: str) -> None:
+        """Queue an encoded frame without waiting (acks and refusals)."""
+
+    async def send(self, data: str) -> None:
+        """Queue an encoded frame of a reply, waiting for room while the client is behind."""
+
+    def end(self, error: ConnicError, notify: bool) -> None:
+        """The session ended for good: close with ``error``'s close code (after an error frame if ``notify``)."""
+
+
+class RateLimitOptions(Protocol):
+    """The shape of a connector's ``rate_limit``."""
+
+    @property
+    def messages(self) -> int: ...
+    @property
+    def per(self) -> float: ...
+
+
+class SessionOptions(Protocol):
+    """The connector options the session core reads (docs/configuration.md)."""
+
+    @property
+    def streaming(self) -> bool: ...
+    @property
+    def max_messages(self) -> int: ...
+    @property
+    def max_queued(self) -> int: ...
+    @property
+    def session_timeout(self) -> float: ...
+    @property
+    def rate_limit(self) -> RateLimitOptions | None: ...
+    @property
+    def resume_window(self) -> float: ...
+    @property
+    def replay_buffer(self) -> int: ...
+    @property
+    def on_disconnect(self) -> str: ...
+    @property
+    def max_history_bytes(self) -> int: ...
+
+
+class Sessions:
+    """The sessions of one connector: what they share, and making, resuming and draining them."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        chains: Mapping[str, TurnChain],
+        options: SessionOptions,
+        metrics: Metrics,
+        store: SessionStore,
+    ) -> None:
+        self.label = label  # the connector's path, the metrics' label and the logs' name for it
+        self.key = (label,)  # the metrics' label values, shared by every session
+        self.chains = dict(chains)
+        self.agent_names = tuple(chains)
+        self.options = options
+        self.metrics = metrics
+        self.store = store
+        self.draining = False
+        self.live: set[ChatSession] = set()  # this process's sessions, attached or detached
+
+    async def open(self) -> ChatSession:
+        """A new session, kept in the store."""
+        session = ChatSession(self, str(uuid.uuid4()))
+        await self.store.add(session)
+        self.live.add(session)
+        self.metrics.sessions.inc(self.label)
+        self.metrics.sessions_open.inc(self.label)
+        return session
+
+    async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
+        """The session a resume names, if it can be resumed with this token from ``last_seq``."""
+        session = await self.store.get(session_id)
+        if (
+            session is None
+            or session.sessions is not self
+            or session.state is SessionState.ENDED
+            or session.token is None
+            or not hmac.compare_digest(session.token.encode(), token.encode("utf-8", "surrogatepass"))
+            or last_seq > session.seq
+        ):
+            return None
+        return session
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain every session (queued messages refused, in-flight replies given ``grace`` seconds), then end them.
+
+        Sessions end with this process: the memory store does not outlive it.
+        """
+        self.draining = True
+        await asyncio.gather(*(s.drain(grace) for s in list(self.live)), return_exceptions=True)
+        for session in list(self.live):
+            session.end()
