@@ -161,8 +161,8 @@ class Connection:
             self._beat.cancel()
         session = self.session
         if session is not None:
-            if self.client_close == 1000:
-                session.end()
+            if self.client_close == 1000 and session.sink is self:
+                session.end()  # the client said goodbye: the session is over (PROTOCOL.md §7)
             else:
                 self._detach()
         try:
