@@ -15,7 +15,9 @@ import contextlib
 import json
 import json.encoder
 import json.scanner
+import re
 from collections.abc import Callable, Mapping
+from itertools import accumulate
 from typing import Any, ClassVar
 
 import attrs
@@ -24,6 +26,7 @@ from connic.agent import File
 from connic.errors import InvalidJSON, InvalidMessage, UnknownType
 
 __all__ = [
+    "MAX_DEPTH",
     "PROTOCOL",
     "Ack",
     "AuthFrame",
@@ -368,11 +371,44 @@ def _loads(text: str) -> Any:
     return value
 
 
+MAX_DEPTH = 100
+"""The deepest nesting of arrays and objects a client frame may have (docs/protocol.md)."""
+
+# JSON strings (the leftmost match at each quote is the string a parser reads there),
+# and what is neither a bracket nor a quote.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKETS = str.maketrans("[{]}", "(())")
+_STEP = {"(": 1, ")": -1}
+_TOO_DEEP_RUN = "(" * (MAX_DEPTH + 1)
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the arrays and objects of ``text`` nest deeper than :data:`MAX_DEPTH`.
+
+    json's parser recurses once per level: a frame like ``[[[...]]]`` a hundred
+    thousand deep raises RecursionError (or, with a high recursion limit, overflows
+    the C stack), and a deep value that does parse breaks whatever walks it later.
+    A frame with no more opening brackets than the limit (nearly every frame) is
+    let through after two C-speed counts; any other is measured outside its strings.
+    """
+    if len(text) <= MAX_DEPTH or text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    bare = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_BRACKETS)
+    if _TOO_DEEP_RUN in bare:
+        return True
+    # The depth at each bracket, at C speed. Invalid JSON may count wrong past its first
+    # error, but json's parser stops there too: what it reaches is measured exactly.
+    return max(accumulate(map(_STEP.__getitem__, bare)), default=0) > MAX_DEPTH
+
+
 def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client text frame; raise a ProtocolError carrying its code."""
+    if _too_deep(text):
+        raise InvalidJSON(f"the frame nests arrays and objects deeper than {MAX_DEPTH} levels")
     try:
         frame = _loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a deep frame on an already deep stack
         raise InvalidJSON("the frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise InvalidJSON("the frame must be a JSON object")
