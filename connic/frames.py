@@ -374,13 +374,14 @@ def _loads(text: str) -> Any:
 MAX_DEPTH = 100
 """The deepest nesting of arrays and objects a client frame may have (docs/protocol.md)."""
 
-# JSON strings (the leftmost match at each quote is the string a parser reads there),
-# and what is neither a bracket nor a quote.
+# JSON strings: the leftmost match at each quote is the string a parser reads there.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_BRACKETS = str.maketrans("[{]}", "(())")
-_STEP = {"(": 1, ")": -1}
-_TOO_DEEP_RUN = "(" * (MAX_DEPTH + 1)
+# bytes.translate arguments that keep only the brackets, as b"[" and b"]".
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")], _STEP[ord("]")] = 1, -1
+_TOO_DEEP_RUN = b"[" * (MAX_DEPTH + 1)
 
 
 def _too_deep(text: str) -> bool:
@@ -390,16 +391,17 @@ def _too_deep(text: str) -> bool:
     thousand deep raises RecursionError (or, with a high recursion limit, overflows
     the C stack), and a deep value that does parse breaks whatever walks it later.
     A frame with no more opening brackets than the limit (nearly every frame) is
-    let through after two C-speed counts; any other is measured outside its strings.
+    let through after two counts; any other is measured outside its strings.
     """
     if len(text) <= MAX_DEPTH or text.count("[") + text.count("{") <= MAX_DEPTH:
         return False
-    bare = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_BRACKETS)
-    if _TOO_DEEP_RUN in bare:
+    # The brackets outside strings, at C speed (UTF-8 never puts a bracket byte inside a character).
+    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(_AS_SQUARE, _NOT_BRACKETS)
+    if _TOO_DEEP_RUN in brackets:
         return True
-    # The depth at each bracket, at C speed. Invalid JSON may count wrong past its first
-    # error, but json's parser stops there too: what it reaches is measured exactly.
-    return max(accumulate(map(_STEP.__getitem__, bare)), default=0) > MAX_DEPTH
+    # The depth after each bracket. Invalid JSON may count wrong past its first error,
+    # but json's parser stops there too: what it reaches is measured exactly.
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
 
 
 def parse_client_frame(text: str) -> ClientFrame:
