@@ -16,12 +16,30 @@ import attrs
 __all__ = ["Agent", "File", "HistoryEntry", "HistoryRecord", "HistoryView", "Session", "Turn", "Usage"]
 
 
+MAX_TOKENS = 2**53 - 1
+"""The most tokens a :class:`Usage` field may count: the largest integer every JSON reader keeps exact."""
+
+
+def _tokens(instance: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    # One turn's numbers go into the frame, the session's totals and /metrics' counters:
+    # a negative count would make a counter go down, a huge one break the exposition.
+    if type(value) is not int:  # bool is an int subclass, and no count
+        raise TypeError(f"Usage.{attribute.name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_TOKENS:
+        shown = str(value) if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
+        raise ValueError(f"Usage.{attribute.name} must be from 0 to 2**53 - 1, got {shown}")
+
+
 @attrs.frozen
 class Usage:
-    """Token usage of one answer, reported as the frame's ``token_usage``."""
+    """Token usage of one answer, reported as the frame's ``token_usage``.
 
-    prompt_tokens: int = 0
-    candidates_tokens: int = 0
+    Each count is an ``int`` from 0 to :data:`MAX_TOKENS`; anything else raises
+    ``TypeError`` or ``ValueError`` here, in the agent, which makes the turn an ``agent_error``.
+    """
+
+    prompt_tokens: int = attrs.field(default=0, validator=_tokens)
+    candidates_tokens: int = attrs.field(default=0, validator=_tokens)
 
     def as_dict(self) -> dict[str, int]:
         """The wire form: ``{"prompt_tokens": N, "candidates_tokens": M}``."""
