@@ -16,16 +16,47 @@ import attrs
 __all__ = ["Agent", "File", "HistoryEntry", "HistoryView", "Session", "Turn", "Usage"]
 
 
+MAX_TOKENS = 2**53 - 1
+"""The most tokens a :class:`Usage` field may count: the largest integer every JSON reader keeps exact."""
+
+
 @attrs.frozen
 class Usage:
-    """Token usage of one answer, reported as the frame's ``token_usage``."""
+    """Token usage of one answer, reported as the frame's ``token_usage``.
+
+    Each count is an ``int`` from 0 to :data:`MAX_TOKENS`; anything else raises
+    ``TypeError`` or ``ValueError`` here, in the agent, which makes the turn an ``agent_error``.
+    """
 
     prompt_tokens: int = 0
     candidates_tokens: int = 0
 
+    def __attrs_post_init__(self) -> None:
+        # One turn's numbers go into the frame, the session's totals and /metrics' counters:
+        # a negative count would make a counter go down, a huge one break the exposition.
+        # One check for both fields (two attrs validators cost twice the calls, once per turn).
+        prompt, candidates = self.prompt_tokens, self.candidates_tokens
+        if not (
+            type(prompt) is int
+            and type(candidates) is int
+            and 0 <= prompt <= MAX_TOKENS
+            and 0 <= candidates <= MAX_TOKENS
+        ):
+            _refuse(prompt, "prompt_tokens")
+            _refuse(candidates, "candidates_tokens")
+
     def as_dict(self) -> dict[str, int]:
         """The wire form: ``{"prompt_tokens": N, "candidates_tokens": M}``."""
         return {"prompt_tokens": self.prompt_tokens, "candidates_tokens": self.candidates_tokens}
+
+
+def _refuse(value: Any, name: str) -> None:
+    """Raise the error for a bad count in a Usage field (nothing if ``value`` is a good one)."""
+    if type(value) is not int:  # bool is an int subclass, and no count
+        raise TypeError(f"Usage.{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_TOKENS:
+        shown = str(value) if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
+        raise ValueError(f"Usage.{name} must be from 0 to 2**53 - 1, got {shown}")
 
 
 @attrs.frozen

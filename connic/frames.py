@@ -15,7 +15,9 @@ import contextlib
 import json
 import json.encoder
 import json.scanner
+import re
 from collections.abc import Callable, Mapping
+from itertools import accumulate
 from typing import Any, ClassVar
 
 import attrs
@@ -24,6 +26,7 @@ from connic.agent import File
 from connic.errors import InvalidJSON, InvalidMessage, UnknownType
 
 __all__ = [
+    "MAX_DEPTH",
     "PROTOCOL",
     "Ack",
     "AuthFrame",
@@ -450,11 +453,50 @@ def _loads(text: str) -> Any:
     return value
 
 
+MAX_DEPTH = 100
+"""The deepest nesting of arrays and objects a client frame may have (docs/protocol.md)."""
+
+# JSON strings: the leftmost match at each quote is the string a parser reads there.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# bytes.translate arguments that keep only the brackets, as b"[" and b"]".
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_STEP = [0] * 256
+_STEP[ord("[")], _STEP[ord("]")] = 1, -1
+_TOO_DEEP_RUN = b"[" * (MAX_DEPTH + 1)
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the arrays and objects of ``text`` nest deeper than :data:`MAX_DEPTH`.
+
+    json's parser recurses once per level: a frame like ``[[[...]]]`` a hundred
+    thousand deep raises RecursionError (or, with a high recursion limit, overflows
+    the C stack), and a deep value that does parse breaks whatever walks it later.
+    Measured outside strings, before parsing, and only for a frame with more opening
+    brackets than the limit (the caller counts them): about as long as json takes to
+    parse the same frame.
+    """
+    # The brackets outside strings, at C speed (UTF-8 never puts a bracket byte inside a character).
+    brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(_AS_SQUARE, _NOT_BRACKETS)
+    if _TOO_DEEP_RUN in brackets:
+        return True
+    # The depth after each bracket. Invalid JSON may count wrong past its first error,
+    # but json's parser stops there too: what it reaches is measured exactly.
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
+
+
 def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client text frame; raise a ProtocolError carrying its code."""
+    # Only a frame with more opening brackets than the limit can nest deeper. Two C
+    # counts, inline (a call per message would cost as much again), were the cheapest
+    # test measured for typical frames: about 3.5k instructions for a 150-byte one, 5 per
+    # character of a long one. Walking the parsed frame in Python instead cost about as
+    # much for a bare message and twice as much for one with a payload and a context.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(text):
+        raise InvalidJSON(f"the frame nests arrays and objects deeper than {MAX_DEPTH} levels")
     try:
         frame = _loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a deep frame on an already deep stack
         raise InvalidJSON("the frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise InvalidJSON("the frame must be a JSON object")

@@ -31,6 +31,8 @@ def _labels(names: Sequence[str], values: Iterable[str], extra: str = "") -> str
 
 
 def _number(value: float) -> str:
+    if type(value) is int:  # exact, and never an OverflowError from float()
+        return str(value)
     if value == math.inf:
         return "+Inf"
     return repr(float(value)) if not float(value).is_integer() else str(int(value))

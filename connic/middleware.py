@@ -19,14 +19,17 @@ handshake or the first frame). See docs/architecture.md for why.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import aclosing
 from typing import Any, ClassVar
 
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError
 
-__all__ = ["CallNext", "Emit", "Middleware", "MiddlewareFunc", "agent_endpoint", "compose"]
+__all__ = ["CallNext", "Emit", "Middleware", "MiddlewareFunc", "agent_endpoint", "close_stream", "compose"]
+
+log = logging.getLogger("connic.agent")
 
 Emit = Callable[[Any], Awaitable[None]]
 """Push one item downstream-to-client: a text chunk or Usage below the serialiser, a frame above it."""
@@ -75,14 +78,34 @@ def agent_endpoint(agent: Agent) -> CallNext:
 
     async def endpoint(turn: Turn, emit: Emit) -> None:
         stream = agent_stream(agent, turn)
-        async with aclosing(stream):
+        try:
             async for item in stream:
                 if isinstance(item, (str, Usage)):  # the tuple form is faster than str | Usage
                     await emit(item)
                 else:
                     raise not_an_item(item)
+        except BaseException:
+            await close_stream(stream, turn)
+            raise
 
     return endpoint
+
+
+async def close_stream(stream: AsyncGenerator[Any, None], turn: Turn) -> None:
+    """Close an agent's stream that stopped early, while the exception that stopped it propagates.
+
+    That first exception is the turn's: an exception from the agent's own clean-up
+    (its ``finally`` blocks run here) is logged on ``connic.agent`` and dropped, be it
+    ``SystemExit`` or any other, except a cancellation of the task, which goes on.
+    """
+    try:
+        await stream.aclose()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        log.exception(
+            "agent %s failed closing its stream on message %r of session %s", turn.agent, turn.id, turn.session.id
+        )
 
 
 def agent_stream(agent: Agent, turn: Turn) -> AsyncGenerator[Any, None]:

@@ -4,7 +4,9 @@ The chain for one agent is, outermost first::
 
     error boundary -> serialiser -> time limit (agent_timeout) -> user middleware ... -> agent
 
-The error boundary turns failures into ``error`` frames; the serialiser turns
+The error boundary turns failures into ``error`` frames (any exception from agent or
+middleware code, ``SystemExit`` and ``KeyboardInterrupt`` included: only the task's own
+cancellation goes through) and logs them on ``connic.agent``; the serialiser turns
 the text chunks and :class:`connic.Usage` below it into frames (streaming
 forwards each chunk, buffering sends one ``response``); the time limit cancels
 an agent that runs past ``agent_timeout``. The three built-in layers run as one
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, checked_stream, compose, not_an_item
+from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, checked_stream, close_stream, compose, not_an_item
 
 __all__ = ["TurnChain", "build_turn_chain"]
 
@@ -151,13 +153,17 @@ def build_turn_chain(
                             finished = True
                         finally:
                             if not finished:
-                                await stream.aclose()
-                except asyncio.CancelledError:
+                                await close_stream(stream, turn)
+                except asyncio.CancelledError as exc:
                     # Our own cancellation (and no one else's) is a timeout, reported as an error.
                     if reply.expired and task.uncancel() == 0:
                         raise AgentTimeout(
                             f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit"
                         ) from None
+                    if not reply.expired and not task.cancelling():
+                        # No one cancelled this task: agent code raised it (a future of its own
+                        # was cancelled, say). That is this turn's failure, not a cancellation.
+                        raise _StrayCancel(exc) from exc
                     raise
                 finally:
                     limit.stop(reply)
@@ -166,16 +172,61 @@ def build_turn_chain(
                 await reply.end("cancelled")
                 raise
             await reply.end("stop")
-        except ConnicError as exc:
-            if not isinstance(exc, AgentError):
-                log.info("turn %r refused for agent %s: %s", turn.id, turn.agent, exc.message)
-            await emit(ErrorFrame(id=turn.id, code=exc.code, message=exc.message, agent=turn.agent))
-        except Exception as exc:
-            log.exception("agent %s failed on message %r of session %s", turn.agent, turn.id, turn.session.id)
-            text = f"agent {turn.agent!r} failed: {type(exc).__name__}: {exc}"
-            await emit(ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent))
+        except asyncio.CancelledError:
+            raise  # the task's own cancellation (see above): never this turn's error
+        except BaseException as exc:
+            # The error boundary. Whatever agent or middleware code raised ends this turn
+            # with an error frame: SystemExit and KeyboardInterrupt too (a library calling
+            # sys.exit() must not end the server), and GeneratorExit or any other.
+            await emit(_failed(turn, exc))
 
     return chain
+
+
+class _StrayCancel(Exception):
+    """A CancelledError that agent code raised without the task being cancelled."""
+
+    def __init__(self, cancelled: asyncio.CancelledError) -> None:
+        super().__init__(str(cancelled))
+
+
+def _failed(turn: Turn, exc: BaseException) -> ErrorFrame:
+    """The error frame for a turn that raised ``exc``; logs it on ``connic.agent``.
+
+    Every agent failure is logged with the agent, the session and the message id,
+    never the message text: expected ones (``AgentError``, ``agent_timeout``) in one
+    line, anything else with its traceback.
+    """
+    if isinstance(exc, ConnicError):
+        if isinstance(exc, AgentError):
+            what, level = "timed out" if isinstance(exc, AgentTimeout) else "failed", logging.WARNING
+        else:  # a middleware (or agent) refusing the turn with a code of its own
+            what, level = f"was refused ({exc.code})", logging.INFO
+        cause = exc.__cause__
+        log.log(
+            level,
+            "agent %s %s on message %r of session %s: %s%s",
+            turn.agent,
+            what,
+            turn.id,
+            turn.session.id,
+            exc.message,
+            "" if cause is None else f" (from {type(cause).__name__})",
+        )
+        return ErrorFrame(id=turn.id, code=exc.code, message=exc.message, agent=turn.agent)
+    kind = "CancelledError" if type(exc) is _StrayCancel else type(exc).__name__
+    detail = str(exc)
+    what = f"{kind}: {detail}" if detail else kind
+    log.error(
+        "agent %s failed on message %r of session %s: %s",
+        turn.agent,
+        turn.id,
+        turn.session.id,
+        what,
+        exc_info=exc.__cause__ if type(exc) is _StrayCancel else exc,
+    )
+    text = f"agent {turn.agent!r} failed: {what}"
+    return ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent)
 
 
 class _Reply(_Deadline):
