@@ -140,7 +140,10 @@ class Message:
                 metrics.turn_ended(frame.agent, "error", session.clock() - self.at, 0, 0)
         elif not isinstance(frame, StreamStart):
             raise TypeError(f"a reply cannot contain a {type(frame).__name__} frame")
-        await session.send(encode(frame))
+        data = session.number(encode(frame))
+        sink = session.sink
+        if sink is not None and not sink.offer(data):
+            await sink.send(data)  # the client is behind: wait for room (backpressure)
         if self.cancelled:
             # Let a pending cancellation land even in an agent that never waits.
             await asyncio.sleep(0)

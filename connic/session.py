@@ -249,12 +249,14 @@ class ChatSession:
         self.last_activity = self._loop.time()
         self.queue.append(Message(self, frame, message_id, self.count))
         self.idle.clear()
-        self._send_nowait(encode_ack(message_id, self.count))
+        # Wake the answering task before queueing the ack: it then runs before the ack's
+        # flush, so a quick answer leaves in the same write as its ack (which still goes first).
         if self._answering is None:
             self._answering = asyncio.create_task(self._answer_loop())
             self._answering.add_done_callback(release_cancellation)
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+        self._send_nowait(encode_ack(message_id, self.count))
 
     def refuse(self, error: ConnicError, message_id: MessageId | None) -> None:
         """Refuse one message with an error frame, sequenced when it names the message."""
@@ -331,30 +333,28 @@ class ChatSession:
                     self._wakeup = None
             message = self.queue.popleft()
             self.current = message
+            message.at = loop.time()
+            history = self.history
+            seen = history.view()  # what came before this message
+            newest = len(history)  # where this exchange starts: kept whole when trimming
+            history.add(HistoryEntry("user", message.frame.text, None, message.id, message.number))
             try:
-                await self._answer(message)
+                names = await answer(self, message, seen)
             finally:
                 self.current = None
                 self.last_activity = loop.time()
-
-    async def _answer(self, message: Message) -> None:
-        message.at = self._loop.time()
-        history = self.history
-        seen = history.view()  # what came before this message
-        newest = len(history)  # where this exchange starts: kept whole when trimming
-        history.add(HistoryEntry("user", message.frame.text, None, message.id, message.number))
-        for name in await answer(self, message, seen):
-            text = message.results.get(name)
-            if text:
-                history.add(HistoryEntry("agent", text, name, message.id, message.number))
-        bound = self.sessions.options.max_history_bytes
-        if history.size > bound:
-            history.trim(bound, newest)
+            for name in names:
+                text = message.results.get(name)
+                if text:
+                    history.add(HistoryEntry("agent", text, name, message.id, message.number))
+            bound = self.sessions.options.max_history_bytes
+            if history.size > bound:
+                history.trim(bound, newest)
 
     # --- sending --------------------------------------------------------------
 
-    def _number(self, data: str) -> str:
-        """Give an encoded frame the next ``seq`` and log it."""
+    def number(self, data: str) -> str:
+        """Give an encoded frame the next ``seq`` and log it; what to send."""
         self.seq = seq = self.seq + 1
         data = sequenced(data, seq)
         if self.log is not None:
@@ -364,15 +364,9 @@ class ChatSession:
         return data
 
     def _send_nowait(self, data: str) -> None:
-        data = self._number(data)
+        data = self.number(data)
         if self.sink is not None:
             self.sink.send_nowait(data)
-
-    async def send(self, data: str) -> None:
-        """Number, log and send one encoded frame of a reply."""
-        data = self._number(data)
-        if self.sink is not None:
-            await self.sink.send(data)
 
     # --- time -----------------------------------------------------------------
 

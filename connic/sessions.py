@@ -30,6 +30,9 @@ class Sink(Protocol):
     def send_nowait(self, data: str) -> None:
         """Queue an encoded frame without waiting (acks and refusals)."""
 
+    def offer(self, data: str) -> bool:
+        """Queue an encoded frame of a reply if there is room now; False when :meth:`send` must wait."""
+
     async def send(self, data: str) -> None:
         """Queue an encoded frame of a reply, waiting for room while the client is behind."""
 

@@ -117,6 +117,14 @@ class Connection:
         if self.writer.closing:
             self._detach()
 
+    def offer(self, data: str) -> bool:
+        """Queue a reply frame if there is room now."""
+        if not self.writer.offer(data):
+            return False
+        if self.writer.closing:
+            self._detach()
+        return True
+
     async def send(self, data: str) -> None:
         """Queue a reply frame, waiting for room."""
         await self.writer.send(data)

@@ -122,6 +122,10 @@ class Writer:
             self.items.extend(frames[:-1])
             self._put(frames[-1], len(self.items) + 1)
 
+    def offer(self, data: str) -> bool:
+        """Queue a reply frame if the outbox has room (or nothing more is written); False if it is full."""
+        return self.close_code is not None or self._put(data, self.limit)
+
     async def send(self, data: str) -> None:
         """Queue a reply frame, waiting up to ``send_timeout`` for room."""
         if self.close_code is not None or self._put(data, self.limit):
