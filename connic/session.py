@@ -18,7 +18,6 @@ import enum
 import logging
 import math
 import secrets
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from connic.agent import HistoryEntry
@@ -102,7 +101,7 @@ class ChatSession:
         self.count = 0  # messages accepted
         self.tokens_in = 0
         self.tokens_out = 0
-        self.queue: deque[Message] = deque()
+        self.queue: list[Message] = []  # at most max_queued: a list costs an idle session less than a deque
         self.current: Message | None = None
         self.limit_reached = False
         self.idle = Flag(True)  # nothing queued or being answered
@@ -331,7 +330,7 @@ class ChatSession:
                     await self._wakeup
                 finally:
                     self._wakeup = None
-            message = self.queue.popleft()
+            message = self.queue.pop(0)
             self.current = message
             message.at = loop.time()
             history = self.history

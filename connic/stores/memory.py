@@ -15,17 +15,24 @@ __all__ = ["MemoryReplayLog", "MemoryStore"]
 
 
 class MemoryReplayLog(ReplayLog):
-    """A bounded deque of encoded frames; the first one's number tells what was evicted."""
+    """A bounded deque of encoded frames; the first one's number tells what was evicted.
 
-    __slots__ = ("_first", "_frames")
+    The deque is made with the first frame: a session that never gets a message
+    (most idle ones) does not pay for its first block.
+    """
+
+    __slots__ = ("_capacity", "_first", "_frames")
 
     def __init__(self, capacity: int) -> None:
-        self._frames: deque[str] = deque(maxlen=capacity)
+        self._capacity = capacity
+        self._frames: deque[str] | None = None
         self._first = 1  # the number of self._frames[0]
 
     def append(self, seq: int, data: str) -> None:
         """Log frame ``seq``; the oldest goes when the log is full."""
         frames = self._frames
+        if frames is None:
+            frames = self._frames = deque(maxlen=self._capacity)
         if len(frames) == frames.maxlen:
             self._first += 1
         elif not frames:
@@ -34,15 +41,15 @@ class MemoryReplayLog(ReplayLog):
 
     async def since(self, seq: int) -> list[str] | None:
         """The frames numbered above ``seq``; None when the one after ``seq`` was evicted."""
-        frames = self._frames
         start = seq + 1 - self._first
         if start < 0:
             return None
-        return list(itertools.islice(frames, start, None))
+        return list(itertools.islice(self._frames or (), start, None))
 
     def stats(self) -> tuple[int, int]:
         """Frames held and their size in bytes (UTF-8)."""
-        return len(self._frames), sum(len(f.encode("utf-8", "surrogatepass")) for f in self._frames)
+        frames = self._frames or ()
+        return len(frames), sum(len(f.encode("utf-8", "surrogatepass")) for f in frames)
 
 
 class MemoryStore(SessionStore):
