@@ -38,6 +38,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """The environment variable that turns multiprocess mode on (prometheus-client reads it)."""
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # A ``*_created`` series per counter and histogram doubles the exposition with
 # per-process start times that mean nothing summed over workers (multiprocess
@@ -250,6 +251,13 @@ class Metrics:
         )
         self.turn_duration = Histogram(
             "connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"], registry
+        )
+        self.store_seconds = Histogram(
+            "connic_store_seconds",
+            "Time the session store took, by operation (add, get).",
+            ["operation"],
+            registry,
+            buckets=STORE_BUCKETS,
         )
         # Per agent: its duration series and its turn series by reason; its two token series
         # apart, made at its first turn with tokens (a series appears once it has counted some).

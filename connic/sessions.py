@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Protocol
@@ -94,7 +95,9 @@ class Sessions:
     async def open(self) -> ChatSession:
         """A new session, kept in the store."""
         session = ChatSession(self, str(uuid.uuid4()))
+        started = time.perf_counter()
         await self.store.add(session)
+        self.metrics.store_seconds.observe(time.perf_counter() - started, "add")
         self.live.add(session)
         self.metrics.sessions.inc(self.label)
         self.metrics.sessions_open.inc(self.label)
@@ -102,7 +105,9 @@ class Sessions:
 
     async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
         """The session a resume names, if it can be resumed with this token from ``last_seq``."""
+        started = time.perf_counter()
         session = await self.store.get(session_id)
+        self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
         if (
             session is None
             or session.sessions is not self

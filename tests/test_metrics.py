@@ -1,5 +1,5 @@
-"""/metrics on prometheus-client: the exposed names, one registry per app, and multiprocess mode
-(two ``python -m connic run`` processes sharing PROMETHEUS_MULTIPROC_DIR,
+"""/metrics on prometheus-client: the exposed names, one registry per app, the store's latency,
+and multiprocess mode (two ``python -m connic run`` processes sharing PROMETHEUS_MULTIPROC_DIR,
 as ``--workers N`` runs them): one scrape shows the sum over the processes.
 """
 
@@ -20,7 +20,7 @@ from conftest import SECRET, CliServer, Connect, StartServer, make_config
 from connic.agent import MAX_TOKENS
 from connic.metrics import MULTIPROC_ENV, Counter, Metrics
 
-# Every family /metrics has served so far: the names must not change.
+# Every family /metrics has served so far, and the store latency histogram: the names must not change.
 FAMILIES = {
     "connic_connections_open": "gauge",
     "connic_connections_total": "counter",
@@ -38,6 +38,7 @@ FAMILIES = {
     "connic_turns_total": "counter",
     "connic_time_to_first_chunk_seconds": "histogram",
     "connic_turn_duration_seconds": "histogram",
+    "connic_store_seconds": "histogram",
 }
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)$")
@@ -136,6 +137,33 @@ def test_a_multiprocess_dir_that_is_not_a_directory_fails_at_start(
         Metrics()
 
 
+# --- the store's latency --------------------------------------------------------------------
+
+
+async def test_store_calls_are_timed_by_operation(start_server: StartServer, connect: Connect) -> None:
+    server = await start_server(make_config())
+    first = await connect(server.url())
+    await connect(server.url())
+    # A resume naming no session: one store lookup, then a fresh session (a third add).
+    resumed = await connect(server.url(), secret=None, expect_connected=False)
+    await resumed.send(
+        {
+            "type": "resume",
+            "session_id": first.connected["session_id"],  # type: ignore[attr-defined]
+            "resume_token": "not-the-token",
+            "last_seq": 0,
+            "secret": SECRET,
+        }
+    )
+    frames = await resumed.until("connected")
+    assert frames[-1]["resumed"] is False, frames
+    got = samples((await scrape(server.http))[1])
+    assert got['connic_store_seconds_count{operation="add"}'] == 3
+    assert got['connic_store_seconds_bucket{le="+Inf",operation="add"}'] == 3
+    assert got['connic_store_seconds_count{operation="get"}'] == 1
+    assert got['connic_resumes_total{connector="/ws",result="failed"}'] == 1
+
+
 # --- multiprocess mode ----------------------------------------------------------------------
 
 
@@ -174,6 +202,7 @@ async def test_one_scrape_shows_the_sum_over_worker_processes(
         assert got['connic_connections_open{connector="/ws"}'] == 2
         assert got['connic_turns_total{agent="echo",reason="stop"}'] == 5
         assert got['connic_turn_duration_seconds_count{agent="echo"}'] == 5
+        assert got['connic_store_seconds_count{operation="add"}'] == 2
         assert not [name for name in got if "pid=" in name]
 
     # The second worker dies with its client connected: its gauges count until the
