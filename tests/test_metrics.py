@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from prometheus_client.multiprocess import mark_process_dead
 
-from conftest import SECRET, CliServer, Connect, StartServer, make_config
+from conftest import ROOT, SECRET, CliServer, Connect, StartServer, make_config
 from connic.agent import MAX_TOKENS
 from connic.metrics import MULTIPROC_ENV, Counter, Metrics
 
@@ -188,7 +188,7 @@ async def test_one_scrape_shows_the_sum_over_worker_processes(
     # What `connic run --workers N` does: one directory for all its workers, set before they start.
     shared = tmp_path / "prometheus"
     shared.mkdir()
-    env = {MULTIPROC_ENV: str(shared), "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    env = {MULTIPROC_ENV: str(shared), "PYTHONPATH": os.environ.get("PYTHONPATH") or str(ROOT)}
     config = _config(tmp_path)
     first = cli("--config", str(config), env=env)
     second = cli("--config", str(config), env=env)
