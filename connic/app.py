@@ -17,7 +17,7 @@ from connic.agent import Agent
 from connic.config import Config, default_config, load_config, parse_config, structure
 from connic.errors import ConfigError, PluginError
 from connic.gate import ConnectionGate
-from connic.metrics import Metrics
+from connic.metrics import CONTENT_TYPE, Metrics
 from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
 from connic.redact import hide_bad_request_echo, install_log_redaction
@@ -192,7 +192,8 @@ def _metrics_app(runtime: Runtime) -> web.Application:
 
 def _metrics_handler(runtime: Runtime) -> Any:
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=runtime.metrics.render(), content_type="text/plain", charset="utf-8")
+        # prometheus-client's exposition (this app's registry, or every worker's in multiprocess mode).
+        return web.Response(body=runtime.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     return metrics
 

@@ -1,108 +1,175 @@
-"""Operational metrics in the Prometheus text exposition format.
+"""Operational metrics, exposed in the Prometheus text format by ``prometheus-client``.
 
-Hand-written rather than prometheus-client: connic needs a dozen counters,
-gauges and histograms, updated on the hot path (per chunk) with plain integer
-arithmetic, and one registry per application instead of a process-global one,
-so that tests and several embedded apps keep separate numbers.
+The classes here are thin wrappers over prometheus-client's metric objects.
+They keep the small API the rest of connic calls (label values as arguments,
+or as one tuple on the hot path) and cache one labelled child per label tuple:
+``.labels(...)`` costs several times the increment itself.
+
+Each :class:`Metrics` has a registry of its own, never the process-global
+default one, so that tests and several embedded apps keep separate numbers.
+
+Multiprocess mode (prometheus-client's convention): when the environment
+variable ``PROMETHEUS_MULTIPROC_DIR`` names a directory before the process
+starts, every process keeps its values in files there, and :meth:`Metrics.exposition`
+reads them all, so one scrape of any worker shows the sum over the workers. The
+open-connection and open-session gauges are summed over the live processes only
+(``livesum``): the supervisor calls ``prometheus_client.multiprocess.mark_process_dead(pid)``
+when a worker exits. One application per process in that mode: values are kept
+per process, metric name and labels, not per :class:`Metrics`.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Sequence
 
-__all__ = ["Counter", "Gauge", "Histogram", "Metrics"]
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Counter", "Gauge", "Histogram", "Metrics"]
 
 LabelValues = tuple[str, ...]
 
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+"""The ``Content-Type`` of :meth:`Metrics.exposition`."""
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable that turns multiprocess mode on (prometheus-client reads it)."""
+
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# A ``*_created`` series per counter and histogram doubles the exposition with
+# per-process start times that mean nothing summed over workers (multiprocess
+# mode never shows them): one exposition, the same with one worker or several.
+# This setting is process-global; it is what prometheus-client offers.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def _sample(
+    metric: prometheus_client.Counter | prometheus_client.Gauge | prometheus_client.Histogram,
+    sample: str,
+    label_names: Sequence[str],
+    labels: Sequence[str],
+) -> float:
+    """One sample's value in this process (0 when the series does not exist)."""
+    wanted = dict(zip(label_names, labels, strict=True))
+    for family in metric.collect():
+        for s in family.samples:
+            if s.name == sample and s.labels == wanted:
+                return s.value
+    return 0.0
 
 
-def _labels(names: Sequence[str], values: Iterable[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+class Counter:
+    """A monotonically increasing count per label set (its name ends in ``_total``)."""
 
-
-def _number(value: float) -> str:
-    if type(value) is int:  # exact, and never an OverflowError from float()
-        return str(value)
-    if value == math.inf:
-        return "+Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        if not name.endswith("_total"):
+            # prometheus-client appends _total to every counter's samples: without it in
+            # the name, the exposed name would not be the one given here.
+            raise ValueError(f"a counter's name ends in _total: {name!r}")
         self.name = name
-        self.help = help_text
         self.label_names = tuple(labels)
+        self.metric = prometheus_client.Counter(name, help_text, self.label_names, registry=registry)
+        self._children: dict[LabelValues, prometheus_client.Counter] = {}
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def child(self, labels: LabelValues) -> prometheus_client.Counter:
+        """The prometheus-client series of ``labels``, made once per label tuple."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.metric.labels(*labels)
+        return child
 
-    def render(self) -> list[str]:
-        raise NotImplementedError
+    def inc(self, *labels: str, amount: float = 1) -> None:
+        """Add ``amount`` (not negative) to the series named by ``labels``."""
+        self.add(labels, amount)
+
+    def add(self, labels: LabelValues, amount: float = 1) -> None:
+        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self.child(labels)
+        child.inc(amount)
+
+    def get(self, *labels: str) -> float:
+        """The current value of one series in this process (0 when never incremented)."""
+        return _sample(self.metric, self.name, self.label_names, labels)
+
+    @property
+    def values(self) -> dict[LabelValues, float]:
+        """Every series this process has, by label values."""
+        return {labels: self.get(*labels) for labels in self._children}
 
 
-class Counter(_Metric):
-    """A monotonically increasing count per label set."""
+class Gauge:
+    """A value that goes up and down; in multiprocess mode, the sum over the live processes."""
 
-    kind = "counter"
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.label_names = tuple(labels)
+        self.metric = prometheus_client.Gauge(
+            name, help_text, self.label_names, registry=registry, multiprocess_mode="livesum"
+        )
+        self._children: dict[LabelValues, prometheus_client.Gauge] = {}
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labels)
-        self.values: dict[LabelValues, float] = {}
+    def child(self, labels: LabelValues) -> prometheus_client.Gauge:
+        """The prometheus-client series of ``labels``, made once per label tuple."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.metric.labels(*labels)
+        return child
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         """Add ``amount`` to the series named by ``labels``."""
         self.add(labels, amount)
 
-    def add(self, labels: LabelValues, amount: float = 1) -> None:
-        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
-        self.values[labels] = self.values.get(labels, 0) + amount
-
-    def get(self, *labels: str) -> float:
-        """The current value of one series (0 when never incremented)."""
-        return self.values.get(labels, 0)
-
-    def render(self) -> list[str]:
-        """Exposition lines, header included."""
-        lines = self.header()
-        for labels, value in sorted(self.values.items()):
-            lines.append(f"{self.name}{_labels(self.label_names, labels)} {_number(value)}")
-        return lines
-
-
-class Gauge(Counter):
-    """A value that goes up and down."""
-
-    kind = "gauge"
-
     def dec(self, *labels: str, amount: float = 1) -> None:
         """Subtract ``amount`` from the series named by ``labels``."""
-        self.values[labels] = self.values.get(labels, 0) - amount
+        self.add(labels, -amount)
+
+    def add(self, labels: LabelValues, amount: float = 1) -> None:
+        """``inc(*labels, amount=amount)`` with the label values already in a tuple."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self.child(labels)
+        child.inc(amount)
+
+    def get(self, *labels: str) -> float:
+        """The current value of one series in this process (0 when never set)."""
+        return _sample(self.metric, self.name, self.label_names, labels)
+
+    @property
+    def values(self) -> dict[LabelValues, float]:
+        """Every series this process has, by label values."""
+        return {labels: self.get(*labels) for labels in self._children}
 
 
-class Histogram(_Metric):
+class Histogram:
     """Observations counted into cumulative buckets, with their sum and count."""
 
-    kind = "histogram"
-
     def __init__(
-        self, name: str, help_text: str, labels: Sequence[str] = (), buckets: Sequence[float] = DEFAULT_BUCKETS
+        self,
+        name: str,
+        help_text: str,
+        labels: Sequence[str],
+        registry: CollectorRegistry,
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> None:
-        super().__init__(name, help_text, labels)
-        self.bounds = tuple(sorted(buckets))
-        self.series: dict[LabelValues, list[float]] = {}  # per-bucket counts, then +Inf, then sum
+        self.name = name
+        self.label_names = tuple(labels)
+        self.metric = prometheus_client.Histogram(
+            name, help_text, self.label_names, registry=registry, buckets=tuple(buckets)
+        )
+        self._children: dict[LabelValues, prometheus_client.Histogram] = {}
+
+    def child(self, labels: LabelValues) -> prometheus_client.Histogram:
+        """The prometheus-client series of ``labels``, made once per label tuple."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self.metric.labels(*labels)
+        return child
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one observation in the series named by ``labels``."""
@@ -110,91 +177,118 @@ class Histogram(_Metric):
 
     def add(self, labels: LabelValues, value: float) -> None:
         """``observe(value, *labels)`` with the label values already in a tuple (the hot path's)."""
-        series = self.series.get(labels)
-        if series is None:
-            series = self.series[labels] = [0.0] * (len(self.bounds) + 2)
-        series[bisect.bisect_left(self.bounds, value)] += 1
-        series[-1] += value
+        child = self._children.get(labels)
+        if child is None:
+            child = self.child(labels)
+        child.observe(value)
 
     def count(self, *labels: str) -> int:
-        """How many observations one series has."""
-        series = self.series.get(labels)
-        return int(sum(series[:-1])) if series else 0
-
-    def render(self) -> list[str]:
-        """Exposition lines, header included."""
-        lines = self.header()
-        for labels, series in sorted(self.series.items()):
-            running = 0.0
-            for bound, count in zip((*self.bounds, math.inf), series[:-1], strict=True):
-                running += count
-                le = f'le="{_number(bound)}"'
-                lines.append(f"{self.name}_bucket{_labels(self.label_names, labels, le)} {_number(running)}")
-            lines.append(f"{self.name}_sum{_labels(self.label_names, labels)} {_number(series[-1])}")
-            lines.append(f"{self.name}_count{_labels(self.label_names, labels)} {_number(running)}")
-        return lines
+        """How many observations one series has in this process."""
+        return int(_sample(self.metric, self.name + "_count", self.label_names, labels))
 
 
 class Metrics:
-    """Every metric one connic application keeps."""
+    """Every metric one connic application keeps, in a registry of its own."""
 
     def __init__(self) -> None:
-        self.connections_open = Gauge("connic_connections_open", "Open WebSocket connections.", ["connector"])
-        self.connections = Counter("connic_connections_total", "WebSocket connections accepted.", ["connector"])
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.exposed = self.registry  # what /metrics renders: this registry, or every process's files
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory is not None:
+            if not os.path.isdir(directory):
+                # prometheus-client would fail at the first increment, on the hot path: fail here.
+                raise ValueError(f"{MULTIPROC_ENV}={directory!r} is not a directory")
+            self.exposed = CollectorRegistry(auto_describe=True)
+            MultiProcessCollector(self.exposed, path=directory)  # type: ignore[no-untyped-call]  # untyped upstream
+        registry = self.registry
+        self.connections_open = Gauge("connic_connections_open", "Open WebSocket connections.", ["connector"], registry)
+        self.connections = Counter(
+            "connic_connections_total", "WebSocket connections accepted.", ["connector"], registry
+        )
         self.refused = Counter(
-            "connic_handshakes_refused_total", "Handshakes refused before the upgrade.", ["connector", "status"]
+            "connic_handshakes_refused_total",
+            "Handshakes refused before the upgrade.",
+            ["connector", "status"],
+            registry,
         )
-        self.sessions_open = Gauge("connic_sessions_open", "Authenticated sessions.", ["connector"])
-        self.sessions = Counter("connic_sessions_total", "Sessions started (authenticated).", ["connector"])
-        self.messages = Counter("connic_messages_total", "Messages accepted (acked).", ["connector"])
-        self.errors = Counter("connic_errors_total", "Error frames sent, by code.", ["connector", "code"])
-        self.closes = Counter("connic_closes_total", "Closed connections, by close code.", ["connector", "code"])
+        self.sessions_open = Gauge("connic_sessions_open", "Authenticated sessions.", ["connector"], registry)
+        self.sessions = Counter("connic_sessions_total", "Sessions started (authenticated).", ["connector"], registry)
+        self.messages = Counter("connic_messages_total", "Messages accepted (acked).", ["connector"], registry)
+        self.errors = Counter("connic_errors_total", "Error frames sent, by code.", ["connector", "code"], registry)
+        self.closes = Counter(
+            "connic_closes_total", "Closed connections, by close code.", ["connector", "code"], registry
+        )
         self.slow_consumers = Counter(
-            "connic_slow_consumer_closes_total", "Connections closed because the client stopped reading.", ["connector"]
+            "connic_slow_consumer_closes_total",
+            "Connections closed because the client stopped reading.",
+            ["connector"],
+            registry,
         )
-        self.rate_limited = Counter("connic_rate_limited_total", "Messages refused by the rate limit.", ["connector"])
+        self.rate_limited = Counter(
+            "connic_rate_limited_total", "Messages refused by the rate limit.", ["connector"], registry
+        )
         self.resumes = Counter(
             "connic_resumes_total",
             "Resume attempts, by result (resumed, not_recovered: resumed without replay, failed: a fresh session).",
             ["connector", "result"],
+            registry,
         )
         self.replayed_frames = Counter(
-            "connic_replayed_frames_total", "Frames sent again from replay logs to resuming clients.", ["connector"]
+            "connic_replayed_frames_total",
+            "Frames sent again from replay logs to resuming clients.",
+            ["connector"],
+            registry,
         )
-        self.tokens = Counter("connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"])
-        self.turns = Counter("connic_turns_total", "Agent turns finished, by finish reason.", ["agent", "reason"])
+        self.tokens = Counter("connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"], registry)
+        self.turns = Counter(
+            "connic_turns_total", "Agent turns finished, by finish reason.", ["agent", "reason"], registry
+        )
         self.first_chunk = Histogram(
-            "connic_time_to_first_chunk_seconds", "Time from a turn's start to its first chunk.", ["agent"]
+            "connic_time_to_first_chunk_seconds",
+            "Time from a turn's start to its first chunk.",
+            ["agent"],
+            registry,
         )
-        self.turn_duration = Histogram("connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"])
-        self._turn_keys: dict[str, tuple[LabelValues, LabelValues, LabelValues, dict[str, LabelValues]]] = {}
+        self.turn_duration = Histogram(
+            "connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"], registry
+        )
+        self.store_seconds = Histogram(
+            "connic_store_seconds",
+            "Time the session store took, by operation (add, get).",
+            ["operation"],
+            registry,
+            buckets=STORE_BUCKETS,
+        )
+        # Per agent: its duration series and its turn series by reason; its two token series
+        # apart, made at its first turn with tokens (a series appears once it has counted some).
+        self._turn_series: dict[str, tuple[prometheus_client.Histogram, dict[str, prometheus_client.Counter]]] = {}
+        self._token_series: dict[str, tuple[prometheus_client.Counter, prometheus_client.Counter]] = {}
 
     def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
         """Count one finished turn: its reason, its duration and its tokens (once per turn, in one call)."""
-        # The label tuples are made once per agent and reason, not once per turn.
-        keys = self._turn_keys.get(agent)
-        if keys is None:
-            keys = self._turn_keys[agent] = ((agent,), (agent, "prompt"), (agent, "candidates"), {})
-        key = keys[3].get(reason)
-        if key is None:
-            key = keys[3][reason] = (agent, reason)
-        turns = self.turns.values
-        turns[key] = turns.get(key, 0) + 1
-        self.turn_duration.add(keys[0], seconds)
+        # The series are looked up once per agent and reason, not once per turn.
+        series = self._turn_series.get(agent)
+        if series is None:
+            series = self._turn_series[agent] = (self.turn_duration.child((agent,)), {})
+        turns = series[1].get(reason)
+        if turns is None:
+            turns = series[1][reason] = self.turns.child((agent, reason))
+        turns.inc()
+        series[0].observe(seconds)
         if prompt or candidates:
-            tokens = self.tokens.values
-            key = keys[1]
-            tokens[key] = tokens.get(key, 0) + prompt
-            key = keys[2]
-            tokens[key] = tokens.get(key, 0) + candidates
+            tokens = self._token_series.get(agent)
+            if tokens is None:
+                tokens = self._token_series[agent] = (
+                    self.tokens.child((agent, "prompt")),
+                    self.tokens.child((agent, "candidates")),
+                )
+            tokens[0].inc(prompt)
+            tokens[1].inc(candidates)
 
-    def all(self) -> list[_Metric]:
-        """Every metric, in exposition order."""
-        return [m for m in vars(self).values() if isinstance(m, _Metric)]
+    def exposition(self) -> bytes:
+        """The whole exposition (:data:`CONTENT_TYPE`): this app's, or in multiprocess mode every process's summed."""
+        return generate_latest(self.exposed)
 
     def render(self) -> str:
-        """The whole exposition text."""
-        lines: list[str] = []
-        for metric in self.all():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        """:meth:`exposition` as text."""
+        return self.exposition().decode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Protocol
@@ -97,7 +98,9 @@ class Sessions:
     async def open(self) -> ChatSession:
         """A new session, kept in the store."""
         session = ChatSession(self, str(uuid.uuid4()))
+        started = time.perf_counter()
         await self.store.add(session)
+        self.metrics.store_seconds.observe(time.perf_counter() - started, "add")
         self.live.add(session)
         self.metrics.sessions.inc(self.label)
         self.metrics.sessions_open.inc(self.label)
@@ -105,7 +108,9 @@ class Sessions:
 
     async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
         """The session a resume names, if it can be resumed with this token from ``last_seq``."""
+        started = time.perf_counter()
         session = await self.store.get(session_id)
+        self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
         if (
             session is None
             or session.sessions is not self

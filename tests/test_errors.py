@@ -129,4 +129,4 @@ async def test_slow_consumer_closes_4010_and_others_carry_on(start_server: Start
     async with aiohttp.ClientSession() as http, http.get(server.http + "/metrics") as response:
         text = await response.text()
     assert 'connic_slow_consumer_closes_total{connector="/ws"} 1' in text
-    assert 'connic_closes_total{connector="/ws",code="4010"} 1' in text
+    assert 'connic_closes_total{code="4010",connector="/ws"} 1' in text

@@ -89,15 +89,15 @@ async def test_metrics_match_what_the_client_saw(start_server: StartServer, conn
                 assert response.status == 200
                 assert response.content_type == "text/plain"
                 text = await response.text()
-            if metric(text, 'connic_closes_total{connector="/ws",code="4001"}'):
+            if metric(text, 'connic_closes_total{code="4001",connector="/ws"}'):
                 break
             await asyncio.sleep(0.05)
     assert metric(text, 'connic_messages_total{connector="/ws"}') == 2
     assert metric(text, 'connic_tokens_total{agent="assistant",kind="prompt"}') == usage[0] == 5
     assert metric(text, 'connic_tokens_total{agent="assistant",kind="candidates"}') == usage[1]
-    assert metric(text, 'connic_errors_total{connector="/ws",code="invalid_json"}') == 1
-    assert metric(text, 'connic_errors_total{connector="/ws",code="unauthorized"}') == 1
-    assert metric(text, 'connic_closes_total{connector="/ws",code="4001"}') == 1
+    assert metric(text, 'connic_errors_total{code="invalid_json",connector="/ws"}') == 1
+    assert metric(text, 'connic_errors_total{code="unauthorized",connector="/ws"}') == 1
+    assert metric(text, 'connic_closes_total{code="4001",connector="/ws"}') == 1
     assert metric(text, 'connic_connections_total{connector="/ws"}') == 2
     assert metric(text, 'connic_connections_open{connector="/ws"}') == 1
     assert metric(text, 'connic_sessions_open{connector="/ws"}') == 1

@@ -192,7 +192,7 @@ async def test_flood_is_refused_politely_and_others_are_unaffected(run_cli: Call
     assert counts["ack"] + counts["rate_limited"] + counts["queue_full"] == FLOOD_MESSAGES
     assert flooder.ended == flooder.accepted()  # every accepted message was answered in full
     assert metrics['connic_rate_limited_total{connector="/ws"}'] == counts["rate_limited"]
-    assert metrics['connic_errors_total{connector="/ws",code="queue_full"}'] == counts["queue_full"]
+    assert metrics['connic_errors_total{code="queue_full",connector="/ws"}'] == counts["queue_full"]
     assert metrics.get('connic_slow_consumer_closes_total{connector="/ws"}', 0) == 0
     assert len(loud) >= 5
     for ack, end in loud:

@@ -76,7 +76,7 @@ async def test_client_that_stops_answering_pings_is_closed(start_server: StartSe
     assert await eventually(lambda: not transport.connections and not connic_tasks())
     metrics = await scrape(server.http)
     assert metrics['connic_connections_open{connector="/ws"}'] == 0
-    assert metrics['connic_closes_total{connector="/ws",code="1006"}'] == 3
+    assert metrics['connic_closes_total{code="1006",connector="/ws"}'] == 3
 
 
 async def test_app_level_ping_keeps_the_session(start_server: StartServer) -> None:

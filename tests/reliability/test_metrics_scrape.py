@@ -205,7 +205,7 @@ async def test_protocol_error_closes_are_counted_by_the_code_sent(
     for _ in range(100):
         if await counted():
             break
-    assert metrics.get(f'connic_closes_total{{connector="/ws",code="{code}"}}') == 1, {
+    assert metrics.get(f'connic_closes_total{{code="{code}",connector="/ws"}}') == 1, {
         k: v for k, v in metrics.items() if "closes" in k
     }
 

@@ -219,7 +219,7 @@ def test_other_client_keeps_getting_replies(scenario: dict[str, Any]) -> None:
 
 
 def test_slow_consumer_close_is_accounted_as_4010(scenario: dict[str, Any]) -> None:
-    assert scenario["metrics"].get('connic_closes_total{connector="/ws",code="4010"}') == 1
+    assert scenario["metrics"].get('connic_closes_total{code="4010",connector="/ws"}') == 1
     close_lines = [line for line in scenario["output"].splitlines() if " close session=" in line]
     assert any("code=4010" in line for line in close_lines), close_lines
 

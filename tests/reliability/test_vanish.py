@@ -48,5 +48,5 @@ async def test_a_client_that_vanishes_is_logged_as_1006(
     assert await eventually(lambda: len(_closes(caplog)) == 1)
     assert _closes(caplog) == ["1006"]
     metrics = await scrape(server.http)
-    assert metrics.get('connic_closes_total{connector="/ws",code="1006"}') == 1, metrics
+    assert metrics.get('connic_closes_total{code="1006",connector="/ws"}') == 1, metrics
     assert_no_traceback(caplog)
