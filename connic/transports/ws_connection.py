@@ -46,6 +46,7 @@ from connic.frames import (
 from connic.message import release_cancellation
 from connic.session import ChatSession
 from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
+from connic.transports.ws_keepalive import Heartbeat
 from connic.transports.ws_writer import Writer
 
 if TYPE_CHECKING:
@@ -68,13 +69,11 @@ class Connection:
     """One client connection, attached to one session at a time."""
 
     __slots__ = (
-        "_beat",
         "_loop",
-        "_pinged",
         "client_close",
         "closed",
         "fresh",
-        "last_seen",
+        "heartbeat",
         "peer",
         "phase",
         "session",
@@ -94,9 +93,7 @@ class Connection:
         self.client_close: int | None = None  # the code of a close the client started
         self.closed = Flag()  # set once the connection has cleaned up
         self._loop = asyncio.get_running_loop()
-        self.started = self.last_seen = self._loop.time()  # last_seen: any frame in, the heartbeat's clock
-        self._beat: asyncio.TimerHandle | None = None
-        self._pinged: float | None = None  # when the unanswered heartbeat ping went out
+        self.started = self._loop.time()
         opts = transport.options
         limit_read_size(request)
         self.writer = Writer(
@@ -108,6 +105,7 @@ class Connection:
             metrics=transport.metrics,
             label=transport.connector.path,
         )
+        self.heartbeat = Heartbeat(self.writer, opts.heartbeat)
 
     # --- the Sink the session sends through --------------------------------------
 
@@ -152,8 +150,7 @@ class Connection:
         task = asyncio.current_task()
         if task is not None:
             task.add_done_callback(release_cancellation)
-        if self.transport.options.heartbeat:
-            self._beat = self._loop.call_later(self.transport.options.heartbeat, self._heartbeat)
+        self.heartbeat.start()
         try:
             if await self._authenticate(handshake_secret):
                 self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
@@ -165,8 +162,7 @@ class Connection:
         # The handler may itself be cancelled here (aiohttp's handler_cancellation),
         # so what must happen does not wait on anything first.
         self.phase = Phase.CLOSED
-        if self._beat is not None:
-            self._beat.cancel()
+        self.heartbeat.stop()
         session = self.session
         if session is not None:
             if self.client_close == 1000 and session.sink is self:
@@ -266,11 +262,11 @@ class Connection:
             # per-receive timeout would restart with each of them.
             async with asyncio.timeout(timeout):
                 msg = await self.ws.receive()
-                self.last_seen = self._loop.time()
+                self.heartbeat.last_seen = self._loop.time()
                 while msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     self._control(msg.type, msg.data)
                     msg = await self.ws.receive()
-                    self.last_seen = self._loop.time()
+                    self.heartbeat.last_seen = self._loop.time()
         except TimeoutError:
             self.close(AuthTimeout(f"no authentication within {timeout:g} s"))
             return None
@@ -354,7 +350,7 @@ class Connection:
         writer = self.writer
         while True:
             msg = await ws.receive()
-            self.last_seen = self._loop.time()
+            self.heartbeat.last_seen = self._loop.time()
             kind = msg.type
             if kind is WSMsgType.TEXT:
                 await self._on_text(msg.data)
@@ -417,33 +413,9 @@ class Connection:
         self.transport.metrics.errors.inc(self.transport.connector.path, error.code)
         self.writer.send_nowait(encode(ErrorFrame(id=None, code=error.code, message=error.message)))
 
-    # --- keepalive ------------------------------------------------------------
-    # connic's own rather than aiohttp's heartbeat: a timestamp per frame and one
-    # timer that fires only when the connection has gone quiet.
-
     def _control(self, kind: WSMsgType, payload: bytes) -> None:
         if kind is WSMsgType.PING:
             write_control(self.writer.transport, WSMsgType.PONG, payload)
-
-    def _heartbeat(self) -> None:
-        self._beat = None
-        if self.writer.closing or self.phase is Phase.CLOSED:
-            return
-        interval = self.transport.options.heartbeat
-        now = self._loop.time()
-        if self._pinged is not None:
-            if self.last_seen < self._pinged:
-                log.info("session %s: no pong within %g s of a ping; dropping", self.writer.name, interval / 2)
-                self.writer.drop()
-                return
-            self._pinged = None  # the pong (or anything else) came back
-        quiet = now - self.last_seen
-        if quiet < interval:
-            self._beat = self._loop.call_later(interval - quiet, self._heartbeat)
-            return
-        self._pinged = now
-        write_control(self.writer.transport, WSMsgType.PING, b"")
-        self._beat = self._loop.call_later(interval / 2, self._heartbeat)
 
 
 def _number(value: float) -> float | int:
