@@ -35,7 +35,7 @@ from connic.errors import (
     UnknownAgent,
 )
 from connic.flow import Flag, TokenBucket
-from connic.frames import ErrorFrame, MessageFrame, MessageId, encode, encode_ack, sequenced
+from connic.frames import Ack, ErrorFrame, MessageFrame, MessageId, encode, sequenced
 from connic.frames import History as HistoryFrame
 from connic.history import History
 from connic.message import Message, answer, release_cancellation
@@ -249,7 +249,7 @@ class ChatSession:
         self.last_activity = self._loop.time()
         self.queue.append(Message(self, frame, message_id, self.count))
         self.idle.clear()
-        self._send_nowait(encode_ack(message_id, self.count))
+        self._send_nowait(encode(Ack(message_id, self.count)))
         if self._answering is None:
             self._answering = asyncio.create_task(self._answer_loop())
             self._answering.add_done_callback(release_cancellation)
