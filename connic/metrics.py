@@ -167,26 +167,14 @@ class Metrics:
             "connic_time_to_first_chunk_seconds", "Time from a turn's start to its first chunk.", ["agent"]
         )
         self.turn_duration = Histogram("connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"])
-        self._turn_keys: dict[str, tuple[LabelValues, LabelValues, LabelValues, dict[str, LabelValues]]] = {}
 
     def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
-        """Count one finished turn: its reason, its duration and its tokens (once per turn, in one call)."""
-        # The label tuples are made once per agent and reason, not once per turn.
-        keys = self._turn_keys.get(agent)
-        if keys is None:
-            keys = self._turn_keys[agent] = ((agent,), (agent, "prompt"), (agent, "candidates"), {})
-        key = keys[3].get(reason)
-        if key is None:
-            key = keys[3][reason] = (agent, reason)
-        turns = self.turns.values
-        turns[key] = turns.get(key, 0) + 1
-        self.turn_duration.add(keys[0], seconds)
+        """Count one finished turn: its reason, its duration and its tokens."""
+        self.turns.add((agent, reason))
+        self.turn_duration.add((agent,), seconds)
         if prompt or candidates:
-            tokens = self.tokens.values
-            key = keys[1]
-            tokens[key] = tokens.get(key, 0) + prompt
-            key = keys[2]
-            tokens[key] = tokens.get(key, 0) + candidates
+            self.tokens.add((agent, "prompt"), prompt)
+            self.tokens.add((agent, "candidates"), candidates)
 
     def all(self) -> list[_Metric]:
         """Every metric, in exposition order."""
