@@ -2,9 +2,9 @@
 
 Server frames are slotted attrs classes, and each one's wire form is written
 once: in its ``to_dict()``, which :func:`encode` turns into JSON, or, for the
-frames of every turn (``ack``, ``stream_chunk``, ``response``, ``stream_end``),
-in :func:`encode` itself, which their ``to_dict()`` reads back. Client frames are
-parsed by :func:`parse_client_frame`, which raises the
+frames of every turn (``ack``, ``stream_start``, ``stream_chunk``, ``stream_end``
+and ``response``), in :func:`encode` itself, which their ``to_dict()`` reads
+back. Client frames are parsed by :func:`parse_client_frame`, which raises the
 :class:`connic.errors.ProtocolError` subclass whose code PROTOCOL.md names.
 Frames are not frozen (one is made per chunk or message, see docs/performance.md);
 treat them as values all the same.
@@ -125,7 +125,7 @@ class StreamStart:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {"type": "stream_start", "id": self.id, "agent": self.agent}
+        return _read_back(self)
 
 
 @attrs.define
@@ -270,6 +270,8 @@ def encode(frame: ServerFrame) -> str:
         )
     if type(frame) is Ack:
         return f'{{"type":"ack","id":{_id(frame.id)},"message_number":{frame.message_number}}}'
+    if type(frame) is StreamStart:
+        return f'{{"type":"stream_start","id":{_id(frame.id)},"agent":{_string(frame.agent)}}}'
     return _dumps(frame.to_dict())
 
 
