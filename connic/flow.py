@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 __all__ = ["Flag", "TokenBucket"]
 
@@ -53,19 +52,24 @@ class Flag:
 
 
 class TokenBucket:
-    """A message rate limit: ``capacity`` tokens, refilled smoothly over ``per`` seconds."""
+    """A message rate limit: ``capacity`` tokens, refilled smoothly over ``per`` seconds.
 
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
+    Made and used in a running event loop, on that loop's clock (as every timer
+    of a session is).
+    """
+
+    __slots__ = ("_clock", "capacity", "rate", "stamp", "tokens")
 
     def __init__(self, capacity: int, per: float) -> None:
+        self._clock = asyncio.get_running_loop().time
         self.capacity = float(capacity)
         self.rate = capacity / per
         self.tokens = float(capacity)
-        self.stamp = time.monotonic()
+        self.stamp = self._clock()
 
     def take(self) -> float:
         """Take a token: 0.0 when allowed, else the seconds until one is available."""
-        now = time.monotonic()
+        now = self._clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:

@@ -1,10 +1,13 @@
 """The wire is data: client and server frames, and their JSON form.
 
-Server frames are slotted attrs classes turned into JSON by :func:`encode`;
-client frames are parsed by :func:`parse_client_frame`, which raises the
+Server frames are slotted attrs classes, and each one's wire form is written
+once: in its ``to_dict()``, which :func:`encode` turns into JSON, or, for the
+frames of every turn (``ack``, ``stream_start``, ``stream_chunk``, ``stream_end``
+and ``response``), in :func:`encode` itself, which their ``to_dict()`` reads
+back. Client frames are parsed by :func:`parse_client_frame`, which raises the
 :class:`connic.errors.ProtocolError` subclass whose code PROTOCOL.md names.
-Frames are not frozen: one is made per chunk, and a frozen attrs class takes
-twice as long to build. Treat them as values all the same.
+Frames are not frozen (one is made per chunk or message, see docs/performance.md);
+treat them as values all the same.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import binascii
 import contextlib
 import json
 import json.encoder
-import json.scanner
 import re
 from collections.abc import Callable, Mapping
 from itertools import accumulate
@@ -46,7 +48,6 @@ __all__ = [
     "StreamEnd",
     "StreamStart",
     "encode",
-    "encode_ack",
     "parse_client_frame",
     "sequenced",
 ]
@@ -111,7 +112,7 @@ class Ack:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {"type": "ack", "id": self.id, "message_number": self.message_number}
+        return _read_back(self)
 
 
 @attrs.define
@@ -124,7 +125,7 @@ class StreamStart:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {"type": "stream_start", "id": self.id, "agent": self.agent}
+        return _read_back(self)
 
 
 @attrs.define
@@ -138,7 +139,7 @@ class StreamChunk:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {"type": "stream_chunk", "id": self.id, "agent": self.agent, "chunk": self.chunk}
+        return _read_back(self)
 
 
 @attrs.define
@@ -154,14 +155,7 @@ class StreamEnd:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {
-            "type": "stream_end",
-            "id": self.id,
-            "agent": self.agent,
-            "full_response": self.full_response,
-            "token_usage": dict(self.token_usage),
-            "finish_reason": self.finish_reason,
-        }
+        return _read_back(self)
 
 
 @attrs.define
@@ -177,14 +171,7 @@ class Response:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
-        return {
-            "type": "response",
-            "id": self.id,
-            "agent": self.agent,
-            "response": self.response,
-            "token_usage": dict(self.token_usage),
-            "finish_reason": self.finish_reason,
-        }
+        return _read_back(self)
 
 
 @attrs.define
@@ -253,23 +240,17 @@ def _usage(usage: Mapping[str, int]) -> str:
     return _dumps(dict(usage))
 
 
-# The frames of every turn are written by hand, each in one f-string (one allocation, where
-# a chain of + makes a string per step): a dict and the generic encoder cost several times
-# as much (docs/performance.md). tests/test_frames.py checks that both agree.
-
-
-def encode_ack(message_id: MessageId, message_number: int) -> str:
-    """The JSON text of ``Ack(message_id, message_number)``, without making the frame (one per message)."""
-    return f'{{"type":"ack","id":{_id(message_id)},"message_number":{message_number}}}'
-
-
 def sequenced(data: str, seq: int) -> str:
     """An encoded frame with ``"seq": seq`` added as its last member (every frame is a JSON object)."""
     return f'{data[:-1]},"seq":{seq}}}'
 
 
 def encode(frame: ServerFrame) -> str:
-    """The JSON text of a server frame (exactly what ``json`` makes of ``frame.to_dict()``)."""
+    """The JSON text of a server frame: what ``json`` makes of ``frame.to_dict()``.
+
+    The frames of every turn are written here by hand (hot path, see docs/performance.md),
+    each in its fields' order after ``type``; tests/test_frames.py checks them against json.
+    """
     if type(frame) is StreamChunk:
         return (
             f'{{"type":"stream_chunk","id":{_id(frame.id)},"agent":{_string(frame.agent)},'
@@ -287,11 +268,17 @@ def encode(frame: ServerFrame) -> str:
             f'"full_response":{_string(frame.full_response)},"token_usage":{_usage(frame.token_usage)},'
             f'"finish_reason":{_string(frame.finish_reason)}}}'
         )
+    if type(frame) is Ack:
+        return f'{{"type":"ack","id":{_id(frame.id)},"message_number":{frame.message_number}}}'
     if type(frame) is StreamStart:
         return f'{{"type":"stream_start","id":{_id(frame.id)},"agent":{_string(frame.agent)}}}'
-    if type(frame) is Ack:
-        return encode_ack(frame.id, frame.message_number)
     return _dumps(frame.to_dict())
+
+
+def _read_back(frame: ServerFrame) -> dict[str, Any]:
+    """The JSON object of a frame that :func:`encode` writes by hand."""
+    data: dict[str, Any] = json.loads(encode(frame))
+    return data
 
 
 # --- client frames -------------------------------------------------------------
@@ -434,25 +421,6 @@ def _message(frame: Mapping[str, Any], body: Mapping[str, Any]) -> MessageFrame:
         raise
 
 
-_scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-
-
-def _loads(text: str) -> Any:
-    """``json.loads(text)``, a microsecond sooner for a frame with no whitespace around it.
-
-    ``json.loads`` spends more time in its Python layers (two whitespace regex matches)
-    than the C scanner spends parsing a short frame; anything but the plain case goes
-    to ``json.loads``, so results and errors are its own.
-    """
-    try:
-        value, end = _scan(text, 0)
-    except StopIteration:  # no JSON value at 0: leading whitespace, or not JSON
-        return json.loads(text)
-    if end != len(text):  # trailing whitespace, or extra data
-        return json.loads(text)
-    return value
-
-
 MAX_DEPTH = 100
 """The deepest nesting of arrays and objects a client frame may have (docs/protocol.md)."""
 
@@ -487,15 +455,12 @@ def _too_deep(text: str) -> bool:
 
 def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client text frame; raise a ProtocolError carrying its code."""
-    # Only a frame with more opening brackets than the limit can nest deeper. Two C
-    # counts, inline (a call per message would cost as much again), were the cheapest
-    # test measured for typical frames: about 3.5k instructions for a 150-byte one, 5 per
-    # character of a long one. Walking the parsed frame in Python instead cost about as
-    # much for a bare message and twice as much for one with a payload and a context.
+    # Only a frame with more opening brackets than the limit can nest deeper (hot path,
+    # see docs/performance.md).
     if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(text):
         raise InvalidJSON(f"the frame nests arrays and objects deeper than {MAX_DEPTH} levels")
     try:
-        frame = _loads(text)
+        frame = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: a deep frame on an already deep stack
         raise InvalidJSON("the frame is not valid JSON") from None
     if not isinstance(frame, dict):

@@ -49,7 +49,7 @@ async def answer(session: ChatSession, message: Message, history: HistoryView) -
         assert task is not None
         message.tasks[name] = task
         try:
-            await chains[name](_turn(session, message, name, history), message.emit, task)
+            await chains[name](_turn(session, message, name, history), message.emit)
         except asyncio.CancelledError:
             if not message.cancelled or task.uncancel() > 0:
                 raise

@@ -259,31 +259,14 @@ class Metrics:
             registry,
             buckets=STORE_BUCKETS,
         )
-        # Per agent: its duration series and its turn series by reason; its two token series
-        # apart, made at its first turn with tokens (a series appears once it has counted some).
-        self._turn_series: dict[str, tuple[prometheus_client.Histogram, dict[str, prometheus_client.Counter]]] = {}
-        self._token_series: dict[str, tuple[prometheus_client.Counter, prometheus_client.Counter]] = {}
 
     def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
-        """Count one finished turn: its reason, its duration and its tokens (once per turn, in one call)."""
-        # The series are looked up once per agent and reason, not once per turn.
-        series = self._turn_series.get(agent)
-        if series is None:
-            series = self._turn_series[agent] = (self.turn_duration.child((agent,)), {})
-        turns = series[1].get(reason)
-        if turns is None:
-            turns = series[1][reason] = self.turns.child((agent, reason))
-        turns.inc()
-        series[0].observe(seconds)
-        if prompt or candidates:
-            tokens = self._token_series.get(agent)
-            if tokens is None:
-                tokens = self._token_series[agent] = (
-                    self.tokens.child((agent, "prompt")),
-                    self.tokens.child((agent, "candidates")),
-                )
-            tokens[0].inc(prompt)
-            tokens[1].inc(candidates)
+        """Count one finished turn: its reason, its duration and its tokens."""
+        self.turns.add((agent, reason))
+        self.turn_duration.add((agent,), seconds)
+        if prompt or candidates:  # a token series appears once it has counted some
+            self.tokens.add((agent, "prompt"), prompt)
+            self.tokens.add((agent, "candidates"), candidates)
 
     def exposition(self) -> bytes:
         """The whole exposition (:data:`CONTENT_TYPE`): this app's, or in multiprocess mode every process's summed."""

@@ -9,7 +9,7 @@ inside a cancel scope (PEP 789).
 
 The chain a transport builds, outermost first::
 
-    error boundary -> serialiser -> limits (agent timeout) -> user middleware ... -> agent
+    error boundary -> serialiser -> time limit (agent_timeout) -> user middleware ... -> agent
 
 The error boundary emits server frames; the serialiser turns the items below it
 (``str`` chunks and :class:`connic.Usage`) into frames, so user middleware sees
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ClassVar, cast
 
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError
@@ -74,18 +74,24 @@ def _link(mw: MiddlewareFunc, call_next: CallNext) -> CallNext:
 
 
 def agent_endpoint(agent: Agent) -> CallNext:
-    """The innermost handler: run ``agent.respond`` and push what it yields."""
+    """The innermost handler: run ``agent.respond`` and push what it yields.
+
+    This is where an agent's output is checked: ``respond`` must be an async
+    generator (it is called once either way), and yield only ``str`` chunks and
+    :class:`connic.Usage`; anything else is an :class:`connic.AgentError`.
+    """
 
     async def endpoint(turn: Turn, emit: Emit) -> None:
-        stream = agent_stream(agent, turn)
+        stream = agent.respond(turn)
+        if not hasattr(stream, "aclose"):
+            raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
         try:
             async for item in stream:
-                if isinstance(item, (str, Usage)):  # the tuple form is faster than str | Usage
-                    await emit(item)
-                else:
-                    raise not_an_item(item)
+                if not isinstance(item, (str, Usage)):
+                    raise AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")
+                await emit(item)
         except BaseException:
-            await close_stream(stream, turn)
+            await close_stream(cast("AsyncGenerator[Any, None]", stream), turn)  # it has aclose, checked above
             raise
 
     return endpoint
@@ -106,20 +112,3 @@ async def close_stream(stream: AsyncGenerator[Any, None], turn: Turn) -> None:
         log.exception(
             "agent %s failed closing its stream on message %r of session %s", turn.agent, turn.id, turn.session.id
         )
-
-
-def agent_stream(agent: Agent, turn: Turn) -> AsyncGenerator[Any, None]:
-    """``agent.respond(turn)``, refused with an AgentError unless it is an async generator."""
-    return checked_stream(agent, agent.respond(turn))
-
-
-def checked_stream(agent: Agent, stream: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
-    """``stream``, what ``agent.respond`` returned, refused with an AgentError unless it is an async generator."""
-    if not hasattr(stream, "aclose"):
-        raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
-    return stream  # type: ignore[return-value]
-
-
-def not_an_item(item: Any) -> AgentError:
-    """The error for an agent that yielded something other than ``str`` or ``Usage``."""
-    return AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")

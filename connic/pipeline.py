@@ -9,17 +9,15 @@ middleware code, ``SystemExit`` and ``KeyboardInterrupt`` included: only the tas
 cancellation goes through) and logs them on ``connic.agent``; the serialiser turns
 the text chunks and :class:`connic.Usage` below it into frames (streaming
 forwards each chunk, buffering sends one ``response``); the time limit cancels
-an agent that runs past ``agent_timeout``. The three built-in layers run as one
-coroutine, :func:`build_turn_chain`'s, which also iterates the agent itself
-when there is no user middleware: one coroutine per turn instead of four, and
-one timer for all turns instead of one each (docs/performance.md).
+an agent that runs past ``agent_timeout``. The user middleware and the agent are
+one fold, :func:`connic.middleware.compose`; the three built-in layers are the
+body of the chain's own coroutine (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import types
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
@@ -27,43 +25,31 @@ from typing import Any, Protocol
 from connic.agent import Agent, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, checked_stream, close_stream, compose, not_an_item
+from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, compose
 
 __all__ = ["TurnChain", "build_turn_chain"]
 
 log = logging.getLogger("connic.agent")
 
-_ASYNC_GENERATOR = types.AsyncGeneratorType
-
 
 class TurnChain(Protocol):
     """What :func:`build_turn_chain` returns: ``await chain(turn, emit)`` answers one turn.
 
-    ``task``, if given, must be the task the chain runs in (the current task): the caller
-    may have it at hand, which saves looking it up. The time limit cancels that task.
+    The chain runs in the caller's task (the time limit cancels that task).
     """
 
-    def __call__(self, turn: Turn, emit: Emit, task: asyncio.Task[Any] | None = None, /) -> Coroutine[Any, Any, None]:
+    def __call__(self, turn: Turn, emit: Emit, /) -> Coroutine[Any, Any, None]:
         """Answer ``turn``, pushing its frames to ``emit``."""
         ...
-
-
-class _Deadline:
-    """One running turn's time limit: the task to cancel and when."""
-
-    __slots__ = ("at", "expired", "task")
-    task: asyncio.Task[Any]
-    at: float
-    expired: bool
 
 
 class _TimeLimit:
     """Cancels turns that run past ``seconds``, with one timer for all of them.
 
-    A timer per turn (``call_later`` and ``cancel``) costs more than the rest of a
-    quick turn's bookkeeping. Every deadline here is ``seconds`` after its start, so
-    the dict (insertion-ordered) is also deadline-ordered: one timer waits for the
-    oldest, and when it fires, expires what is due and waits for the next.
+    Every deadline is ``seconds`` after its start, so the dict (insertion-ordered)
+    is also deadline-ordered: one timer waits for the oldest, and when it fires,
+    expires what is due and waits for the next. On the event loop's clock, like
+    the timer itself.
     """
 
     __slots__ = ("_handle", "_loop", "_running", "seconds")
@@ -74,13 +60,16 @@ class _TimeLimit:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
+    def deadline(self, task: asyncio.Task[Any], agent: str) -> _Deadline:
+        """The time limit of one turn of ``agent``, run by ``task``: ``with limit.deadline(...):``."""
+        return _Deadline(self, task, agent)
+
     def start(self, deadline: _Deadline) -> None:
-        """Start timing the turn of ``deadline.task``."""
+        """Start timing ``deadline``'s turn."""
         loop = deadline.task.get_loop()
         if loop is not self._loop:  # a chain outlives a test's event loop
             self._loop, self._running, self._handle = loop, {}, None
-        # On time.monotonic()'s clock, a C call where the loop's time() is a Python method.
-        deadline.at = time.monotonic() + self.seconds
+        deadline.at = loop.time() + self.seconds
         self._running[deadline] = None
         if self._handle is None:
             self._handle = loop.call_later(self.seconds, self._expire)
@@ -93,7 +82,7 @@ class _TimeLimit:
         self._handle = None
         loop = self._loop
         assert loop is not None
-        now = time.monotonic()
+        now = loop.time()
         running = self._running
         while running:
             deadline = next(iter(running))
@@ -103,6 +92,37 @@ class _TimeLimit:
             del running[deadline]
             deadline.expired = True
             deadline.task.cancel()
+
+
+class _Deadline:
+    """One running turn's time limit, as a context: a cancellation it caused leaves as AgentTimeout.
+
+    A CancelledError that nobody sent (the task is not being cancelled) was raised by
+    agent code itself, a future of its own cancelled, say: it leaves as that turn's
+    failure. Any other cancellation goes through.
+    """
+
+    __slots__ = ("agent", "at", "expired", "limit", "task")
+
+    def __init__(self, limit: _TimeLimit, task: asyncio.Task[Any], agent: str) -> None:
+        self.limit = limit
+        self.task = task
+        self.agent = agent
+        self.at = 0.0
+        self.expired = False
+
+    def __enter__(self) -> None:
+        self.limit.start(self)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.limit.stop(self)
+        if isinstance(exc, asyncio.CancelledError):
+            if self.expired and self.task.uncancel() == 0:
+                raise AgentTimeout(f"agent {self.agent!r} ran past its {self.limit.seconds:g} s time limit") from None
+            if not self.expired and not self.task.cancelling():
+                raise _StrayCancel(exc) from exc
 
 
 def build_turn_chain(
@@ -118,62 +138,24 @@ def build_turn_chain(
     ``stream_chunk``, ``stream_end``, ``response`` or ``error``). A cancelled
     turn still emits its end (``finish_reason: "cancelled"``), then re-raises.
     """
-    inner = compose(user_middleware, agent_endpoint(agent)) if user_middleware else None
+    inner = compose(user_middleware, agent_endpoint(agent))
     limit = _TimeLimit(agent_timeout)
 
-    async def chain(turn: Turn, emit: Emit, task: asyncio.Task[Any] | None = None) -> None:
-        if task is None:
-            task = asyncio.current_task()
-            assert task is not None
-        reply = _Reply(task, turn, emit, streaming_on)
+    async def chain(turn: Turn, emit: Emit) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        reply = _Reply(turn, emit, streaming_on)
         try:
             try:
-                limit.start(reply)
-                try:
-                    if inner is not None:
-                        await inner(turn, reply.item)
-                    else:
-                        # The agent iterated here rather than through the middleware
-                        # endpoint: an unstreamed chunk or the usage costs no call at all.
-                        stream = agent.respond(turn)
-                        if type(stream) is not _ASYNC_GENERATOR:
-                            stream = checked_stream(agent, stream)
-                        parts = reply.parts
-                        finished = False
-                        try:
-                            async for value in stream:
-                                if type(value) is str and not streaming_on:
-                                    parts.append(value)
-                                elif type(value) is Usage:
-                                    reply.usage = value
-                                elif isinstance(value, (str, Usage)):
-                                    await reply.item(value)
-                                else:
-                                    raise not_an_item(value)
-                            finished = True
-                        finally:
-                            if not finished:
-                                await close_stream(stream, turn)
-                except asyncio.CancelledError as exc:
-                    # Our own cancellation (and no one else's) is a timeout, reported as an error.
-                    if reply.expired and task.uncancel() == 0:
-                        raise AgentTimeout(
-                            f"agent {turn.agent!r} ran past its {agent_timeout:g} s time limit"
-                        ) from None
-                    if not reply.expired and not task.cancelling():
-                        # No one cancelled this task: agent code raised it (a future of its own
-                        # was cancelled, say). That is this turn's failure, not a cancellation.
-                        raise _StrayCancel(exc) from exc
-                    raise
-                finally:
-                    limit.stop(reply)
+                with limit.deadline(task, turn.agent):
+                    await inner(turn, reply.item)
             except asyncio.CancelledError:
                 # Cancellation is not an error: the reply ends, marked cancelled.
                 await reply.end("cancelled")
                 raise
             await reply.end("stop")
         except asyncio.CancelledError:
-            raise  # the task's own cancellation (see above): never this turn's error
+            raise  # the task's own cancellation: never this turn's error
         except BaseException as exc:
             # The error boundary. Whatever agent or middleware code raised ends this turn
             # with an error frame: SystemExit and KeyboardInterrupt too (a library calling
@@ -229,15 +211,12 @@ def _failed(turn: Turn, exc: BaseException) -> ErrorFrame:
     return ErrorFrame(id=turn.id, code=AgentError.code, message=text, agent=turn.agent)
 
 
-class _Reply(_Deadline):
-    """One turn in the chain: its deadline, and the serialiser's text so far, usage and stream state."""
+class _Reply:
+    """The serialiser of one turn: its text so far, its usage and its stream state."""
 
     __slots__ = ("emit", "parts", "started", "streaming", "turn", "usage")
 
-    def __init__(self, task: asyncio.Task[Any], turn: Turn, emit: Emit, streaming: bool) -> None:
-        self.task = task
-        self.at = 0.0
-        self.expired = False
+    def __init__(self, turn: Turn, emit: Emit, streaming: bool) -> None:
         self.turn = turn
         self.emit = emit
         self.streaming = streaming
@@ -246,7 +225,11 @@ class _Reply(_Deadline):
         self.started = False  # stream_start sent: it goes out with the first chunk
 
     async def item(self, value: Any) -> None:
-        """One item from the agent (or the user middleware): a text chunk or the usage."""
+        """One item from the agent (or the user middleware): a text chunk or the usage.
+
+        The agent's items were checked where it ran (``agent_endpoint``); anything else
+        here came from a user middleware.
+        """
         if isinstance(value, str):
             if self.streaming:
                 if value:
@@ -256,8 +239,10 @@ class _Reply(_Deadline):
                     await self.emit(StreamChunk(self.turn.id, self.turn.agent, value))
             else:
                 self.parts.append(value)
-        else:
+        elif isinstance(value, Usage):
             self.usage = value
+        else:
+            raise AgentError(f"a middleware emitted {type(value).__name__}; expected str or connic.Usage")
 
     async def _start(self) -> None:
         # stream_start goes with the first chunk (or the end), never ahead: a middleware or

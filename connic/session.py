@@ -34,7 +34,7 @@ from connic.errors import (
     UnknownAgent,
 )
 from connic.flow import Flag, TokenBucket
-from connic.frames import ErrorFrame, MessageFrame, MessageId, encode, encode_ack, sequenced
+from connic.frames import Ack, ErrorFrame, MessageFrame, MessageId, encode, sequenced
 from connic.frames import History as HistoryFrame
 from connic.history import History
 from connic.message import Message, answer, release_cancellation
@@ -255,7 +255,7 @@ class ChatSession:
             self._answering.add_done_callback(release_cancellation)
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
-        self._send_nowait(encode_ack(message_id, self.count))
+        self._send_nowait(encode(Ack(message_id, self.count)))
 
     def refuse(self, error: ConnicError, message_id: MessageId | None) -> None:
         """Refuse one message with an error frame, sequenced when it names the message."""

@@ -95,12 +95,19 @@ async def passes(turn: connic.Turn, emit: Any, call_next: Any) -> None:
     await call_next(turn, emit)
 
 
+async def emits_garbage(turn: connic.Turn, emit: Any, call_next: Any) -> None:
+    """User middleware that emits something that is neither text nor Usage, then goes on."""
+    await emit({"not": "text"})
+    await call_next(turn, emit)
+
+
 def registry() -> Any:
     reg = test_registry()
     for name, cls in {"raises": Raises, "exitsonclose": ExitsOnClose, "badusage": BadUsage, "refuses": Refuses}.items():
         reg.register("agents", name, cls)
     reg.register("middleware", "exits", exits_in_middleware)
     reg.register("middleware", "passes", passes)
+    reg.register("middleware", "garbage", emits_garbage)
     return reg
 
 
@@ -169,9 +176,23 @@ async def test_base_exception_from_user_middleware_is_that_turns_agent_error(
     server = await start_server(config, registry=registry())
     client = await connect(server.url())
     agent_error(await client.reply({"id": 1, "message": f"before {kind}", "agent": "echo"}), "echo", 1)
-    # The agent itself raising, under a middleware: the middleware's endpoint, not the chain's loop.
+    # The agent itself raising, under a middleware.
     agent_error(await client.reply({"id": 2, "message": kind, "agent": "bad"}), "bad", 2)
     await echo_works(client)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+async def test_middleware_emitting_a_non_item_is_that_turns_agent_error(
+    start_server: StartServer, connect: Connect, streaming: bool
+) -> None:
+    config = make_config({"middleware": [{"use": "garbage"}], "streaming": streaming}, AGENTS)
+    server = await start_server(config, registry=registry())
+    client = await connect(server.url())
+    for message_id in (1, 2):  # the session goes on
+        frames = await client.reply({"id": message_id, "message": "x", "agent": "echo"})
+        error = agent_error(frames, "echo", message_id)
+        assert error["message"] == "a middleware emitted dict; expected str or connic.Usage", error
+        assert [f["type"] for f in frames] == ["ack", "error"], frames
 
 
 @pytest.mark.parametrize("middleware", [[], [{"use": "passes"}]], ids=["bare", "with-middleware"])
