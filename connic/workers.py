@@ -111,9 +111,8 @@ def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {address[:2]!r}: {exc.strerror}"
-                ) from None
+                why = (exc.strerror or str(exc)).lower()  # worded as asyncio words it without --workers
+                raise OSError(exc.errno, f"error while attempting to bind on address {address[:2]!r}: {why}") from None
     except BaseException:
         for sock in sockets:
             sock.close()
