@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from test_cli import assert_echo, connic_cmd, one_error_line, write
 
-from conftest import Client, CliServer, Connect
+from conftest import ROOT, Client, CliServer, Connect
 
 Cli = Callable[..., CliServer]
 THIRTY_WORDS = " ".join(f"word{i}" for i in range(30))
@@ -97,6 +98,12 @@ def exited(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def process_group(pid: int) -> int:
+    """The process group of a live process, from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[2])
 
 
 async def wait_exited(pids: list[int], timeout: float = 30) -> None:
@@ -279,6 +286,121 @@ async def test_second_signal_kills_the_workers_at_once(tmp_path: Path, workers_c
     await wait_exited(pids, timeout=15)
     _, frames = await client.closed(timeout=10)
     assert not [f for f in frames if f["type"] == "stream_end"], frames
+
+
+def start_in_own_group(path: Path) -> CliServer:
+    """``connic run --workers 2`` leading a process group of its own, as a shell runs a foreground job."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connic",
+            "run",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--secret",
+            "s",
+            "--config",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    banner: list[str] = []
+    for line in proc.stdout:
+        banner.append(line.rstrip("\n"))
+        if line.startswith("Press Ctrl+C"):
+            break
+    m = re.search(r"listening on http://[^:]+:(\d+)", banner[0])
+    assert m, banner
+    return CliServer(proc, int(m.group(1)), None, banner)
+
+
+async def test_ctrl_c_in_the_terminal_drains_politely(tmp_path: Path, connect: Connect) -> None:
+    # A terminal's Ctrl+C sends SIGINT to the whole foreground process group. Were the workers
+    # in the parent's group, each would get it and then the parent's SIGTERM: two signals,
+    # which stop a worker at once, cutting the reply off, whenever the SIGTERM comes after
+    # the worker has begun its drain. That is a race the worker usually wins, so the groups
+    # themselves are checked too.
+    server = start_in_own_group(config(tmp_path, delay=0.05))
+    try:
+        pids = worker_pids(server)
+        assert all(process_group(pid) != server.proc.pid for pid in pids), [process_group(p) for p in pids]
+        output = Output(server)
+        clients = await clients_on(output, connect, server, set(pids), "s")
+        for client in clients.values():
+            await client.send({"id": "slow", "message": THIRTY_WORDS})
+            await client.until("stream_chunk")
+        os.killpg(server.proc.pid, signal.SIGINT)
+        for client in clients.values():
+            code, frames = await client.closed(timeout=20)
+            ends = [f for f in frames if f["type"] == "stream_end"]
+            assert [e["full_response"] for e in ends] == [THIRTY_WORDS], frames
+            assert code == 1001
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0, output.text()
+        assert "stopping at once" not in output.text()
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        for pid in worker_pids(server):
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+FAILING_AGENT = """
+import connic
+
+
+class Failing(connic.Agent):
+    \"\"\"Cannot start: its backend is down.\"\"\"
+
+    async def start(self):
+        raise RuntimeError("the backend is down")
+
+    async def respond(self, turn):
+        yield "never"
+"""
+
+
+def failing_agent_site(tmp_path: Path) -> dict[str, str]:
+    """A directory holding an agent whose start() fails, and the entry point naming it, for PYTHONPATH."""
+    site = tmp_path / "site"
+    info = site / "failing_agent-0.1.dist-info"
+    info.mkdir(parents=True)
+    write(site / "failing_agent.py", FAILING_AGENT)
+    write(info / "METADATA", "Metadata-Version: 2.1\nName: failing-agent\nVersion: 0.1\n")
+    write(info / "entry_points.txt", "[connic.agents]\nfailing = failing_agent:Failing\n")
+    return {"PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_a_worker_that_cannot_start_fails_the_start(tmp_path: Path) -> None:
+    path = config(tmp_path)
+    done = connic_cmd(
+        "run",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--config",
+        str(path),
+        "--agent",
+        "failing",
+        "--secret",
+        "s",
+        env=failing_agent_site(tmp_path),
+    )
+    assert done.returncode == 1, done
+    assert re.search(r"connic: error: worker \d \(pid \d+\) exited with status 1 before it was listening", done.stderr)
+    assert "the backend is down" in done.stderr  # the worker's own error, above
+    assert "listening on" not in done.stdout, done.stdout
 
 
 # --- refusals ------------------------------------------------------------------------
