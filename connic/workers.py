@@ -18,6 +18,7 @@ its parent is gone (so it drains instead of serving on as an orphan).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -223,9 +224,9 @@ class Supervisor:
 
     async def _start(self, spec: WorkerSpec) -> _Worker:
         ours, theirs = socket.socketpair()
+        ours.setblocking(False)
         data = pickle.dumps(spec)
         try:
-            ours.sendall(struct.pack("!I", len(data)) + data)  # the pair's buffer holds it: nobody reads yet
             # A process group of its own: a Ctrl+C in the terminal reaches the parent only,
             # which forwards one SIGTERM; two signals would make a worker stop at once.
             process = await asyncio.create_subprocess_exec(
@@ -236,7 +237,10 @@ class Supervisor:
             raise
         finally:
             theirs.close()
-        ours.setblocking(False)
+        # Sent once the worker runs: a configuration larger than the pair's buffer would block.
+        # An OSError: the worker died at once, and _watch sees it exit.
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(ours, struct.pack("!I", len(data)) + data)
         worker = _Worker(spec.index, process, ours)
         self._live[spec.index] = worker
         worker.watch = asyncio.create_task(self._watch(worker))

@@ -288,36 +288,36 @@ async def test_second_signal_kills_the_workers_at_once(tmp_path: Path, workers_c
     assert not [f for f in frames if f["type"] == "stream_end"], frames
 
 
-def start_in_own_group(path: Path) -> CliServer:
-    """``connic run --workers 2`` leading a process group of its own, as a shell runs a foreground job."""
+def start_workers(path: Path, *args: str, own_group: bool = False, timeout: float = 60) -> CliServer:
+    """``connic run --workers 2 --config PATH ARGS``, its banner read within ``timeout`` seconds.
+
+    ``own_group``: the server leads a process group of its own, as a shell runs a foreground job.
+    """
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "connic",
-            "run",
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--secret",
-            "s",
-            "--config",
-            str(path),
-        ],
+        [sys.executable, "-m", "connic", "run", "--port", "0", "--workers", "2", "--config", str(path), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         cwd=ROOT,
-        start_new_session=True,
+        start_new_session=own_group,
     )
-    assert proc.stdout is not None
     banner: list[str] = []
-    for line in proc.stdout:
-        banner.append(line.rstrip("\n"))
-        if line.startswith("Press Ctrl+C"):
-            break
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            banner.append(line.rstrip("\n"))
+            if line.startswith("Press Ctrl+C"):
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive() or not banner or not banner[-1].startswith("Press Ctrl+C"):
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"no banner within {timeout:g} s:\n" + "\n".join(banner))
     m = re.search(r"listening on http://[^:]+:(\d+)", banner[0])
     assert m, banner
     return CliServer(proc, int(m.group(1)), None, banner)
@@ -329,7 +329,7 @@ async def test_ctrl_c_in_the_terminal_drains_politely(tmp_path: Path, connect: C
     # which stop a worker at once, cutting the reply off, whenever the SIGTERM comes after
     # the worker has begun its drain. That is a race the worker usually wins, so the groups
     # themselves are checked too.
-    server = start_in_own_group(config(tmp_path, delay=0.05))
+    server = start_workers(config(tmp_path, delay=0.05), "--secret", "s", own_group=True)
     try:
         pids = worker_pids(server)
         assert all(process_group(pid) != server.proc.pid for pid in pids), [process_group(p) for p in pids]
@@ -349,6 +349,27 @@ async def test_ctrl_c_in_the_terminal_drains_politely(tmp_path: Path, connect: C
     finally:
         if server.proc.poll() is None:
             os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+        for pid in worker_pids(server):
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_large_configuration_reaches_every_worker(tmp_path: Path, connect: Connect) -> None:
+    # Over 1 MB of secrets: more than a socket pair's buffer holds before the worker reads.
+    many = [f"secret-{i:06d}-" + "x" * 100 for i in range(10_000)]
+    path = config(tmp_path, extra="secrets = [" + ", ".join(f'"{s}"' for s in many) + "]\n")
+    server = start_workers(path)
+    try:
+        pids = worker_pids(server)
+        output = Output(server)
+        for client in (await clients_on(output, connect, server, set(pids), many[-1])).values():
+            await assert_echo(client)
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0, output.text()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
             server.proc.wait()
         for pid in worker_pids(server):
             if not exited(pid):
