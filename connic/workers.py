@@ -334,8 +334,15 @@ def _read_spec(link: socket.socket) -> WorkerSpec:
 
 def worker_main() -> int:
     """One worker (``python -m connic.workers``, standard input linked to the parent)."""
-    link = socket.socket(fileno=0)
-    spec = _read_spec(link)
+    try:
+        link = socket.socket(fileno=0)
+        spec = _read_spec(link)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
+        print(
+            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
+            file=sys.stderr,
+        )
+        return 2
     name = f"connic: worker {spec.index} (pid {os.getpid()})"
     logging.basicConfig(
         level=spec.log_level,

@@ -458,3 +458,13 @@ def test_port_in_use_is_refused_before_any_worker_starts(tmp_path: Path) -> None
         done = connic_cmd("run", "--port", str(port), "--workers", "2", "--config", str(config(tmp_path)))
     line = one_error_line(done)
     assert f"error while attempting to bind on address ('127.0.0.1', {port})" in line, line
+
+
+def test_a_worker_run_by_hand_says_what_it_is() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "connic.workers"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines() == [
+        "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand"
+    ]
