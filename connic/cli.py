@@ -10,19 +10,19 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import attrs
 from aiohttp import web
 
 from connic import __version__
-from connic.app import RUNTIME, build_runtime, create_app, drain
+from connic.app import RUNTIME, Runtime, build_runtime, create_app, drain
 from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError
 from connic.registry import load_registry
 
-__all__ = ["main"]
+__all__ = ["main", "print_banner", "serve"]
 
 _SLOW_CALLBACK = 0.1
 """With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-streaming", action="store_true", help="send whole responses instead of streams")
     run.add_argument("--session-timeout", type=float, metavar="S", help="idle seconds before a session expires")
     run.add_argument("--max-messages", type=int, metavar="N", help="messages allowed per session")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve from N processes on one port (SO_REUSEPORT), under a supervising parent (default 1)",
+    )
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     run.add_argument(
         "--debug",
@@ -147,7 +154,44 @@ def _stop_at_once(signum: int) -> None:
     os._exit(128 + signum)
 
 
-async def _serve(app: web.Application, host: str, port: int, generated: str | None, host_key: str) -> None:
+def print_banner(runtime: Runtime, host: str, port: int, generated: str | None, extra: Sequence[str] = ()) -> None:
+    """The start-up banner on standard output (docs/cli.md), ending with ``Press Ctrl+C to stop.``."""
+    shown = f"[{host}]" if ":" in host else host
+    base = f"ws://{shown}:{port}"
+    print(f"connic {__version__} listening on http://{shown}:{port}", flush=True)
+    for transport in runtime.transports:
+        agents = ", ".join(transport.agents)
+        print(f"  {transport.connector.transport}: {transport.describe(base)}  agents: {agents}", flush=True)
+    if generated:
+        print(f"  secret (generated, set CONNIC_SECRET or --secret to choose one): {generated}", flush=True)
+    if runtime.config.server.playground:
+        print(f"  playground: http://{shown}:{port}/", flush=True)
+    for line in extra:
+        print(f"  {line}", flush=True)
+    print("Press Ctrl+C to stop.", flush=True)
+
+
+Listening = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+"""What a worker does once it listens, instead of printing the banner: it may set the stop event."""
+
+
+async def serve(
+    app: web.Application,
+    host: str,
+    port: int,
+    host_key: str,
+    *,
+    generated: str | None = None,
+    reuse_port: bool = False,
+    listening: Listening | None = None,
+    name: str = "connic",
+) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM (or ``listening`` sets the stop event), then drain.
+
+    Alone, this prints the banner; as one of ``--workers`` (``reuse_port``) it calls
+    ``listening`` instead, and the supervising parent prints the banner once.
+    ``name`` starts the shutdown line.
+    """
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
     # Signals are ours before anything starts: until then asyncio.run's own SIGINT handler
@@ -171,29 +215,25 @@ async def _serve(app: web.Application, host: str, port: int, generated: str | No
         keepalive_timeout=runtime.config.server.handshake_timeout,
     )
     await runner.setup()
+    watcher: asyncio.Task[None] | None = None
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-        base = f"ws://{shown}:{bound_port}"
-        print(f"connic {__version__} listening on http://{shown}:{bound_port}", flush=True)
-        for transport in runtime.transports:
-            agents = ", ".join(transport.agents)
-            print(f"  {transport.connector.transport}: {transport.describe(base)}  agents: {agents}", flush=True)
-        if generated:
-            print(f"  secret (generated, set CONNIC_SECRET or --secret to choose one): {generated}", flush=True)
-        if runtime.config.server.playground:
-            print(f"  playground: http://{shown}:{bound_port}/", flush=True)
-        print("Press Ctrl+C to stop.", flush=True)
+        if listening is None:
+            bound_host, bound_port = runner.addresses[0][:2]
+            print_banner(runtime, str(bound_host), bound_port, generated)
+        else:
+            watcher = asyncio.create_task(listening(stop))
         await stop.wait()
         # From here on (the drain, then the agents' close()) a second signal stops at once.
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, _stop_at_once, sig)
-        print("connic: shutting down", flush=True)
+        print(f"{name}: shutting down", flush=True)
         # Drain before aiohttp's cleanup, which stops reading every connection.
         await drain(app)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
 
 
@@ -225,9 +265,18 @@ def _run(args: argparse.Namespace) -> int:
             "connic: warning: --no-auth: no secret is required, anyone who can reach this port can use the agents",
             file=sys.stderr,
         )
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        # Imported here: the supervisor's workers import this module.
+        from connic.workers import Supervisor
+
+        supervisor = Supervisor(config, args.workers, generated=generated, host_key=host_key)
+        return supervisor.run(log_level=level, debug=args.debug)
     app = create_app(config)
-    serve = _serve(app, config.server.host, config.server.port, generated, host_key)
-    asyncio.run(serve, debug=args.debug or None)
+    asyncio.run(
+        serve(app, config.server.host, config.server.port, host_key, generated=generated), debug=args.debug or None
+    )
     return 0
 
 

@@ -1,0 +1,383 @@
+"""``python -m connic run --workers N``: N worker processes on one port, and the parent that supervises them.
+
+Every worker is ``python -m connic.workers``: a process of its own serving the whole
+application on a listening socket bound with ``SO_REUSEPORT``, so that the kernel
+spreads new connections over the workers. The parent serves nothing. It validates
+the configuration once, reserves the port (binding, not listening, with
+``SO_REUSEPORT``: this turns ``--port 0`` into one real port and keeps the port ours
+while a worker restarts), starts the workers, prints the banner once all of them
+listen, restarts a worker that dies, and on SIGTERM/SIGINT has every worker drain.
+
+Each worker's standard input is one end of a socket pair whose other end the parent
+holds: the parent writes the worker's configuration into it (pickled: it is the
+parent's own, generated secret included, so every worker accepts the same secret),
+the worker answers ``ready`` once it listens, and end-of-file tells a worker that
+its parent is gone (so it drains instead of serving on as an orphan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+
+import attrs
+
+from connic.app import Runtime, build_runtime, create_app
+from connic.cli import print_banner, serve
+from connic.config import Config
+from connic.errors import ConfigError
+
+__all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
+
+RESTART_WINDOW = 10.0
+"""Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
+_READY = b"ready\n"
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@attrs.frozen
+class WorkerSpec:
+    """What the parent hands a worker: everything ``connic run`` decided before serving."""
+
+    config: Config
+    index: int
+    host: str
+    port: int
+    host_key: str
+    log_level: str
+    debug: bool
+
+
+def check_workers(runtime: Runtime, workers: int) -> None:
+    """Refuse, with one line (a :class:`ConfigError`), what cannot work with several worker processes.
+
+    ``runtime`` is built from the configuration, as ``connic check`` does, and not started.
+    """
+    config = runtime.config
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError(f"--workers {workers}: this platform has no SO_REUSEPORT; run one process per port instead")
+    server = config.server
+    if server.metrics and server.metrics_port:
+        # Only one worker could bind the metrics port, and a scrape would see that one only.
+        raise ConfigError(
+            f"--workers {workers}: {config.where}: server.metrics_port is set; with several workers serve "
+            "metrics on the main port (metrics_port = 0), where each scrape reads one worker"
+        )
+    if config.store.use != "memory":
+        return
+    for index, transport in enumerate(runtime.transports):
+        window = getattr(transport.options, "resume_window", 0)
+        if window:
+            raise ConfigError(
+                f"--workers {workers}: {config.where}: connectors[{index}].resume_window is {window:g}, but with "
+                '[store] use = "memory" sessions live in one process, so a client resuming on another worker '
+                "would lose its session; set resume_window = 0 on each connector, "
+                "or use a [store] shared between processes"
+            )
+
+
+def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
+    """Bind (without listening) every address ``host`` names, on one port, with SO_REUSEPORT.
+
+    Port 0 becomes the port the kernel picks for the first address. A socket that
+    is bound but not listening takes no connections; it only keeps the port from
+    anyone who does not set SO_REUSEPORT as our own user.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{host_key}: cannot resolve {host!r}: {exc.strerror}") from None
+    except ValueError as exc:  # UnicodeError from the idna codec; ValueError for a NUL
+        raise ConfigError(f"{host_key}: {host!r} is not a valid host name ({exc})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                why = (exc.strerror or str(exc)).lower()  # worded as asyncio words it without --workers
+                raise OSError(exc.errno, f"error while attempting to bind on address {address[:2]!r}: {why}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+@attrs.define
+class _Worker:
+    index: int
+    process: asyncio.subprocess.Process
+    link: socket.socket
+    ready: bool = False
+    watch: asyncio.Task[None] | None = None
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        return f"signal {-code} ({signal.Signals(-code).name})"
+    return f"status {code}"
+
+
+class Supervisor:
+    """The parent of ``connic run --workers N``: starts, restarts and drains the workers."""
+
+    def __init__(self, config: Config, workers: int, *, generated: str | None, host_key: str) -> None:
+        # Validated once here, so a bad configuration is one error, not N workers failing;
+        # the runtime also gives the banner its URLs. It is never started.
+        self._runtime = build_runtime(config)
+        check_workers(self._runtime, workers)
+        self.config = config
+        self.workers = workers
+        self.generated = generated
+        self.host_key = host_key
+        self._live: dict[int, _Worker] = {}
+        self._exits: deque[float] = deque()
+        self._started = False
+        self._changed = asyncio.Event()
+
+    def run(self, *, log_level: str, debug: bool) -> int:
+        """Serve until a signal; the exit status of ``connic run``."""
+        server = self.config.server
+        sockets = _reserve(server.host, server.port, self.host_key)
+        try:
+            host, port = sockets[0].getsockname()[:2]
+            return asyncio.run(self._supervise(str(host), port, log_level, debug))
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    async def _supervise(self, host: str, port: int, log_level: str, debug: bool) -> int:
+        loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        stop = asyncio.Event()
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+
+        def spec(index: int) -> WorkerSpec:
+            # Workers bind the configured host: "" or a name may stand for several addresses.
+            return WorkerSpec(self.config, index, self.config.server.host, port, self.host_key, log_level, debug)
+
+        for index in range(1, self.workers + 1):
+            await self._start(spec(index))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            # Start-up: the banner once every worker listens; a worker that fails now fails the start.
+            while not stop.is_set() and not all(w.ready for w in self._live.values()):
+                await self._next_change(stopper)
+                for worker in list(self._live.values()):
+                    if worker.process.returncode is not None:
+                        self._forget(worker)
+                        print(
+                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                            f"{_status(worker.process.returncode)} before it was listening",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        return await self._stop_all(loop, 1)
+            if not stop.is_set():
+                pids = " ".join(str(w.process.pid) for w in sorted(self._live.values(), key=lambda w: w.index))
+                print_banner(self._runtime, host, port, self.generated, [f"workers: {self.workers} (pids {pids})"])
+                self._started = True
+            while not stop.is_set():
+                await self._next_change(stopper)
+                for worker in list(self._live.values()):
+                    code = worker.process.returncode
+                    if code is None:
+                        continue
+                    self._forget(worker)
+                    if not self._may_restart():
+                        print(
+                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                            f"{_status(code)}: {len(self._exits)} workers exited within {RESTART_WINDOW:g} s, "
+                            "giving up (see the errors above)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        return await self._stop_all(loop, 1)
+                    new = await self._start(spec(worker.index))
+                    print(
+                        f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
+                        f"restarted as pid {new.process.pid}",
+                        flush=True,
+                    )
+            return await self._stop_all(loop, 0)
+        finally:
+            stopper.cancel()
+
+    async def _start(self, spec: WorkerSpec) -> _Worker:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        data = pickle.dumps(spec)
+        try:
+            # A process group of its own: a Ctrl+C in the terminal reaches the parent only,
+            # which forwards one SIGTERM; two signals would make a worker stop at once.
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "connic.workers", stdin=theirs.fileno(), process_group=0
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        # Sent once the worker runs: a configuration larger than the pair's buffer would block.
+        # An OSError: the worker died at once, and _watch sees it exit.
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(ours, struct.pack("!I", len(data)) + data)
+        worker = _Worker(spec.index, process, ours)
+        self._live[spec.index] = worker
+        worker.watch = asyncio.create_task(self._watch(worker))
+        return worker
+
+    async def _watch(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if await loop.sock_recv(worker.link, len(_READY)) == _READY:
+                worker.ready = True
+                if self._started:
+                    print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
+                self._changed.set()
+        except OSError:
+            pass
+        await worker.process.wait()
+        self._changed.set()
+
+    async def _next_change(self, stopper: asyncio.Task[bool]) -> None:
+        changed = asyncio.ensure_future(self._changed.wait())
+        await asyncio.wait([changed, stopper], return_when=asyncio.FIRST_COMPLETED)
+        changed.cancel()
+        self._changed.clear()
+
+    def _forget(self, worker: _Worker) -> None:
+        del self._live[worker.index]
+        worker.link.close()
+        self._exits.append(time.monotonic())
+
+    def _may_restart(self) -> bool:
+        """At most N restarts in RESTART_WINDOW seconds: a worker that cannot stay up stops the server."""
+        now = time.monotonic()
+        while self._exits and self._exits[0] < now - RESTART_WINDOW:
+            self._exits.popleft()
+        return len(self._exits) <= self.workers
+
+    async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
+        """SIGTERM every worker and wait for their drains; a second signal kills them at once."""
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._kill_all, sig)
+        if status == 0:
+            print("connic: shutting down", flush=True)
+        workers = list(self._live.values())
+        for worker in workers:
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in workers:
+            code = await worker.process.wait()
+            worker.link.close()
+            # Killed by our SIGTERM before it could install its handler: it was not serving yet.
+            if code not in (0, -signal.SIGTERM) and status == 0:
+                print(
+                    f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} "
+                    "while shutting down",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                status = 1
+        return status
+
+    def _kill_all(self, signum: int) -> None:
+        """A second SIGINT/SIGTERM: kill every worker and exit now with 128 + the signal number."""
+        print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
+        for worker in self._live.values():
+            if worker.process.returncode is None:
+                worker.process.kill()
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+def _read_spec(link: socket.socket) -> WorkerSpec:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = link.recv(n - len(data))
+            if not more:
+                raise EOFError("the parent closed the link before sending the configuration")
+            data += more
+        return data
+
+    (size,) = struct.unpack("!I", exactly(4))
+    spec = pickle.loads(exactly(size))  # from our own parent, over a private socket pair
+    if not isinstance(spec, WorkerSpec):
+        raise TypeError(f"expected a WorkerSpec, got {type(spec).__name__}")
+    return spec
+
+
+def worker_main() -> int:
+    """One worker (``python -m connic.workers``, standard input linked to the parent)."""
+    try:
+        link = socket.socket(fileno=0)
+        spec = _read_spec(link)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
+        print(
+            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
+            file=sys.stderr,
+        )
+        return 2
+    name = f"connic: worker {spec.index} (pid {os.getpid()})"
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s [worker {spec.index} pid %(process)d]: %(message)s",
+    )
+
+    async def listening(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        link.setblocking(False)
+        await loop.sock_sendall(link, _READY)
+        # The parent never writes again: end-of-file (or an error) means it is gone.
+        try:
+            while await loop.sock_recv(link, 1):
+                pass
+        except OSError:
+            pass
+        if not stop.is_set():
+            print(f"{name}: the supervising parent is gone", flush=True)
+            stop.set()
+
+    try:
+        app = create_app(spec.config)
+        coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
+        asyncio.run(coro, debug=spec.debug or None)
+    except ConfigError as exc:
+        print(f"connic: error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the copy importable as connic.workers: what the parent pickled names its classes.
+    from connic.workers import worker_main as _main
+
+    sys.exit(_main())
