@@ -26,15 +26,19 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 
 import attrs
+from prometheus_client import multiprocess
 
 from connic.app import Runtime, build_runtime, create_app
 from connic.cli import print_banner, serve
 from connic.config import Config
 from connic.errors import ConfigError
+from connic.metrics import MULTIPROC_ENV
 
 __all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
@@ -55,6 +59,9 @@ class WorkerSpec:
     host_key: str
     log_level: str
     debug: bool
+
+
+_mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
 
 
 def check_workers(runtime: Runtime, workers: int) -> None:
@@ -152,17 +159,28 @@ class Supervisor:
         self._exits: deque[float] = deque()
         self._started = False
         self._changed = asyncio.Event()
+        self._metrics_dir: str | None = None
 
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
         server = self.config.server
         sockets = _reserve(server.host, server.port, self.host_key)
+        # One scrape of any worker shows the sum over all of them: prometheus-client's
+        # multiprocess mode, in a directory of the workers' own unless the user gave one.
+        given = os.environ.get(MULTIPROC_ENV)
+        scratch = None if given else tempfile.TemporaryDirectory(prefix="connic-metrics-")
+        self._metrics_dir = given or (scratch.name if scratch is not None else None)
+        if scratch is not None:
+            os.environ[MULTIPROC_ENV] = scratch.name
         try:
             host, port = sockets[0].getsockname()[:2]
             return asyncio.run(self._supervise(str(host), port, log_level, debug))
         finally:
             for sock in sockets:
                 sock.close()
+            if scratch is not None:
+                del os.environ[MULTIPROC_ENV]
+                scratch.cleanup()
 
     async def _supervise(self, host: str, port: int, log_level: str, debug: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -269,6 +287,9 @@ class Supervisor:
         del self._live[worker.index]
         worker.link.close()
         self._exits.append(time.monotonic())
+        if self._metrics_dir is not None:
+            # Its open connections and sessions no longer count; its counters stay in the sums.
+            _mark_process_dead(worker.process.pid, self._metrics_dir)
 
     def _may_restart(self) -> bool:
         """At most N restarts in RESTART_WINDOW seconds: a worker that cannot stay up stops the server."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from test_cli import assert_echo, connic_cmd, one_error_line, write
 
@@ -468,3 +469,20 @@ def test_a_worker_run_by_hand_says_what_it_is() -> None:
     assert done.stderr.splitlines() == [
         "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand"
     ]
+
+
+async def test_one_scrape_shows_every_workers_metrics(tmp_path: Path, workers_cli: Cli, connect: Connect) -> None:
+    server = workers_cli("--config", str(config(tmp_path)), "--secret", "s")
+    pids = set(worker_pids(server))
+    output = Output(server)
+    clients = await clients_on(output, connect, server, pids, "s")
+    for client in clients.values():
+        await assert_echo(client)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(6):  # each scrape lands on one worker or the other: every one shows the sum
+            async with http.get(url) as response:
+                text = await response.text()
+            assert re.search(r'^connic_messages_total\{connector="/ws"\} 2\.0$', text, re.M), text
+    code, _ = server.stop()
+    assert code == 0, output.text()
