@@ -124,6 +124,8 @@ def _load_file(path: Path, label: str) -> ModuleType:
     different folders never collide, and an agent and a middleware from one file share
     one module. The file's folder is on ``sys.path`` only while the file runs: its
     top-level imports of sibling modules work, and nothing later is shadowed by it.
+    The sibling modules it imported are then taken out of ``sys.modules`` (the file keeps
+    them): another folder's ``helpers.py`` is that folder's own, not the first one loaded.
     """
     if not path.is_file():
         raise PluginError(f"{label}: file not found: {path}")
@@ -139,6 +141,7 @@ def _load_file(path: Path, label: str) -> ModuleType:
     # In sys.modules while it runs: dataclasses and attrs look their module up there.
     sys.modules[name] = module
     folder = str(path.parent)
+    already = set(sys.modules)
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
@@ -150,7 +153,16 @@ def _load_file(path: Path, label: str) -> ModuleType:
     finally:
         with contextlib.suppress(ValueError):  # the file took it off itself
             sys.path.remove(folder)
+        _forget_siblings(set(sys.modules) - already - {name}, path.parent)
     return module
+
+
+def _forget_siblings(names: set[str], folder: Path) -> None:
+    """Take the modules ``names`` that were loaded from ``folder`` (or below) out of ``sys.modules``."""
+    for imported in names:
+        origin = getattr(sys.modules.get(imported), "__file__", None)
+        if origin and Path(origin).resolve().is_relative_to(folder):
+            del sys.modules[imported]
 
 
 def _first_line(exc: BaseException) -> str:
