@@ -76,15 +76,22 @@ def _options(plugin: Any, data: Mapping[str, Any], where: str, key: str) -> Any:
     return structure(dict(data), options_cls, where=where, key=key)
 
 
-def _plugin(registry: Registry, kind: Any, name: str, where: str, key: str) -> Any:
+def _base(config: Config) -> Path:
+    """Where a relative ``FILE.py:NAME`` reference starts: the configuration file's folder, else here."""
+    return Path(config.source).parent if config.source else Path.cwd()
+
+
+def _plugin(registry: Registry, kind: Any, name: str, where: str, key: str, base: Path | None = None) -> Any:
     try:
-        return registry.get(kind, name)
+        return registry.resolve(kind, name, base)
     except PluginError as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from exc
 
 
-def _middleware(registry: Registry, use: str, data: Mapping[str, Any], where: str, key: str) -> MiddlewareFunc:
-    plugin = _plugin(registry, "middleware", use, where, f"{key}.use")
+def _middleware(
+    registry: Registry, use: str, data: Mapping[str, Any], where: str, key: str, base: Path
+) -> MiddlewareFunc:
+    plugin = _plugin(registry, "middleware", use, where, f"{key}.use", base)
     if isinstance(plugin, type):
         instance: MiddlewareFunc = plugin(_options(plugin, data, where, key))
         return instance
@@ -97,10 +104,11 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     """Resolve the plugins a configuration names and build agents and transports."""
     registry = registry if registry is not None else load_registry()
     where = config.where
+    base = _base(config)
     agents: dict[str, Agent] = {}
     for name, agent_config in config.agents.items():
         key = f"agents.{name}"
-        cls = _plugin(registry, "agents", agent_config.use, where, f"{key}.use")
+        cls = _plugin(registry, "agents", agent_config.use, where, f"{key}.use", base)
         options = _options(cls, agent_config.options, where, key)
         try:
             agents[name] = cls(name, options)
@@ -130,7 +138,7 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
         if not names:
             raise ConfigError(f"{where}: {key}.agents: no agent is configured ([agents.NAME] tables)")
         middleware = [
-            _middleware(registry, mw.use, mw.options, where, f"{key}.middleware[{i}]")
+            _middleware(registry, mw.use, mw.options, where, f"{key}.middleware[{i}]", base)
             for i, mw in enumerate(connector.middleware)
         ]
         cls = _plugin(registry, "transports", connector.transport, where, f"{key}.transport")

@@ -1,4 +1,4 @@
-"""The command line: ``python -m connic run | plugins | check``."""
+"""The command line: ``python -m connic run | plugins | check | new``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import asyncio
 import logging
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -19,8 +21,9 @@ from aiohttp import web
 from connic import __version__
 from connic.app import RUNTIME, Runtime, build_runtime, create_app, drain
 from connic.config import AgentConfig, Config, default_config, load_config
-from connic.errors import ConfigError, ConnicError
-from connic.registry import load_registry
+from connic.errors import ConfigError, ConnicError, PluginError
+from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
+from connic.starter import write_starter
 
 __all__ = ["main", "print_banner", "serve"]
 
@@ -42,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         "--agent",
         action="append",
         metavar="PLUGIN",
-        help="serve this agent plugin under its own name (repeatable; replaces the configured agents)",
+        help=(
+            "serve this agent (repeatable; replaces the configured agents): an installed plugin's name,"
+            " FILE.py:CLASS or MODULE:CLASS (served as CLASS, lower-cased)"
+        ),
     )
     run.add_argument(
         "--secret", action="append", metavar="S", help="accept this secret (repeatable; replaces configured secrets)"
@@ -69,7 +75,40 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a configuration", description="Validate a configuration.")
     check.add_argument("--config", metavar="FILE", required=True, help="TOML configuration file")
+
+    new = commands.add_parser(
+        "new",
+        help="write a starter agent and its configuration",
+        description="Write NAME/agent.py and NAME/connic.toml: an agent to edit, and the configuration serving it.",
+    )
+    new.add_argument("name", metavar="NAME", help="the folder to create (refused if it holds either file)")
     return parser
+
+
+def _cli_agents(values: Sequence[str]) -> dict[str, AgentConfig]:
+    """The agents ``--agent`` names: a plugin under its own name, a reference under its class name.
+
+    A file reference is made absolute here, against the current directory: the
+    configuration file's folder (where references in the file start) is not where the
+    user typed it.
+    """
+    agents: dict[str, AgentConfig] = {}
+    given: dict[str, str] = {}
+    for value in values:
+        name = reference_name(value) if is_reference(value) else value
+        use = absolute_reference(value, Path.cwd())
+        if name in given and agents[name].use != use:
+            raise ConfigError(f"--agent {value}: the name {name!r} is already served by --agent {given[name]}")
+        given[name] = value
+        if is_reference(value):
+            # Loaded here too (build_runtime finds it cached), so that a mistake is blamed on
+            # the flag as typed rather than on a configuration key the user never wrote.
+            try:
+                load_reference("agents", value, Path.cwd())
+            except PluginError as exc:
+                raise ConfigError(f"--agent: {exc.message}") from None
+        agents[name] = AgentConfig(use=use)
+    return agents
 
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
@@ -83,7 +122,7 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
             raise ConfigError(f"--port: {exc}") from None
     agents = dict(config.agents)
     if args.agent:
-        agents = {name: AgentConfig(use=name) for name in args.agent}
+        agents = _cli_agents(args.agent)
     overrides: dict[str, Any] = {}
     if args.secret:
         overrides["secrets"] = list(args.secret)
@@ -308,6 +347,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new(args: argparse.Namespace) -> int:
+    folder = Path(args.name)
+    write_starter(folder)
+    config = folder / "connic.toml"
+    print(f"wrote {folder / 'agent.py'} and {config}")
+    print(f"next: python -m connic run --config {shlex.quote(str(config))}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``connic`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -316,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "plugins":
             return _plugins()
+        if args.command == "new":
+            return _new(args)
         return _check(args)
     except (ConfigError, ConnicError) as exc:
         print(f"connic: error: {exc.message}", file=sys.stderr)

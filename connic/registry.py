@@ -3,19 +3,44 @@
 Nothing is imported until a plugin is asked for, so ``connic plugins`` and a
 server that uses only ``echo`` never pay for an LLM SDK. Tests and embedders
 build their own registry and may :meth:`Registry.register` classes directly.
+
+Agents and middleware may also be named by reference, without packaging
+(:meth:`Registry.resolve`): ``"agents.py:Shouter"`` (a file) or
+``"mypkg.agents:Shouter"`` (an importable module); see docs/writing-agents.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import re
+import sys
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import attrs
 
+from connic.agent import Agent
 from connic.errors import PluginError
+from connic.middleware import Middleware
 
-__all__ = ["GROUPS", "Kind", "PluginInfo", "Registry", "load_registry"]
+__all__ = [
+    "GROUPS",
+    "Kind",
+    "PluginInfo",
+    "Registry",
+    "absolute_reference",
+    "check_plugin",
+    "is_reference",
+    "load_reference",
+    "load_registry",
+    "reference_name",
+]
 
 Kind = Literal["agents", "transports", "middleware", "stores"]
 GROUPS: dict[Kind, str] = {
@@ -30,6 +55,154 @@ _SINGULAR: dict[Kind, str] = {
     "middleware": "middleware",
     "stores": "store",
 }
+
+
+def _what(obj: Any) -> str:
+    """How an error names what an object is: ``a function``, ``the class Foo``, ``an int``."""
+    if isinstance(obj, type):
+        return f"the class {obj.__name__}"
+    if isinstance(obj, ModuleType):
+        return "a module"
+    kind = type(obj).__name__
+    if callable(obj) and hasattr(obj, "__code__"):
+        kind = "function"
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+def check_plugin(kind: Kind, obj: Any, label: str, attr: str | None = None) -> None:
+    """Refuse an object that cannot be a plugin of ``kind``, naming it (``label``) and what it is.
+
+    Checked when the plugin loads, so that a mistake is one error at start-up rather than
+    an ``agent_error`` on every turn. ``attr`` is the attribute's name, when a reference gave it.
+    """
+    named = f"{attr} is {_what(obj)}" if attr else f"it is {_what(obj)}"
+    if kind == "agents" and not (isinstance(obj, type) and issubclass(obj, Agent)):
+        raise PluginError(f"{label}: {named}, not a connic.Agent subclass")
+    if kind == "middleware":
+        if isinstance(obj, type):
+            if not issubclass(obj, Middleware):
+                raise PluginError(f"{label}: {named}, not a connic.Middleware subclass")
+        elif not callable(obj):
+            raise PluginError(f"{label}: {named}, neither a connic.Middleware subclass nor a callable")
+
+
+def is_reference(use: str) -> bool:
+    """Whether ``use`` names a plugin by reference (``FILE.py:ATTR``, ``MODULE:ATTR``), not by entry point."""
+    return ":" in use
+
+
+def _split(use: str) -> tuple[str, str]:
+    # rpartition: the attribute is after the last colon, so a Windows path keeps its drive.
+    where, _, attr = use.rpartition(":")
+    return where, attr
+
+
+def reference_name(use: str) -> str:
+    """The name a reference serves under on the command line: its class name, lower-cased."""
+    return _split(use)[1].rpartition(".")[2].lower()
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def absolute_reference(use: str, base: Path) -> str:
+    """``use`` with a relative file made absolute against ``base`` (anything else unchanged)."""
+    where, attr = _split(use)
+    if not is_reference(use) or not _is_file(where):
+        return use
+    return f"{(base / Path(where).expanduser()).resolve()}:{attr}"
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _load_file(path: Path, label: str) -> ModuleType:
+    """Import a Python file as a module of its own, once per file.
+
+    The module's name is unique to the file's absolute path, so two ``agents.py`` in
+    different folders never collide, and an agent and a middleware from one file share
+    one module. The file's folder is on ``sys.path`` only while the file runs: its
+    top-level imports of sibling modules work, and nothing later is shadowed by it.
+    The sibling modules it imported are then taken out of ``sys.modules`` (the file keeps
+    them): another folder's ``helpers.py`` is that folder's own, not the first one loaded.
+    """
+    if not path.is_file():
+        raise PluginError(f"{label}: file not found: {path}")
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    name = f"_connic_file_{re.sub(r'[^A-Za-z0-9_]', '_', path.stem)}_{digest}"
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"{label}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # In sys.modules while it runs: dataclasses and attrs look their module up there.
+    sys.modules[name] = module
+    folder = str(path.parent)
+    already = set(sys.modules)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        if not isinstance(exc, Exception):
+            raise
+        raise PluginError(f"{label}: importing {path} failed: {_first_line(exc)}") from exc
+    finally:
+        with contextlib.suppress(ValueError):  # the file took it off itself
+            sys.path.remove(folder)
+        _forget_siblings(set(sys.modules) - already - {name}, path.parent)
+    return module
+
+
+def _forget_siblings(names: set[str], folder: Path) -> None:
+    """Take the modules ``names`` that were loaded from ``folder`` (or below) out of ``sys.modules``."""
+    for imported in names:
+        origin = getattr(sys.modules.get(imported), "__file__", None)
+        if origin and Path(origin).resolve().is_relative_to(folder):
+            del sys.modules[imported]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def load_reference(kind: Kind, use: str, base: Path) -> Any:
+    """Load and check the plugin ``use`` names by reference; a relative file is relative to ``base``."""
+    where, attr = _split(use)
+    label = f"{_SINGULAR[kind]} {use!r}"
+    if not where or not _IDENTIFIER.match(attr):
+        raise PluginError(f"{label}: expected FILE.py:NAME or MODULE:NAME")
+    if _is_file(where):
+        path = (base / Path(where).expanduser()).resolve()
+        module = _load_file(path, label)
+        source = str(path)
+    else:
+        if not _IDENTIFIER.match(where):
+            raise PluginError(f"{label}: {where!r} is neither a .py file nor a module name")
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise PluginError(f"{label}: importing module {where} failed: {_first_line(exc)}") from exc
+        source = f"module {where}"
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            expected = Agent if kind == "agents" else Middleware
+            found = sorted(
+                n
+                for n, v in vars(module).items()
+                if isinstance(v, type) and issubclass(v, expected) and v is not expected
+            )
+            hint = f" (it has: {', '.join(found)})" if found else ""
+            raise PluginError(f"{label}: {source} has no attribute {attr!r}{hint}") from None
+    check_plugin(kind, obj, label, attr)
+    return obj
 
 
 def _summary(obj: Any) -> str:
@@ -61,6 +234,12 @@ class PluginInfo:
                     f"{self.distribution} {self.version} failed to load ({self.target}): "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            check_plugin(
+                self.kind,
+                self.obj,
+                f"{_SINGULAR[self.kind]} plugin {self.name!r} from distribution "
+                f"{self.distribution} {self.version} ({self.target})",
+            )
         return self.obj
 
     @property
@@ -110,6 +289,18 @@ class Registry:
     def get(self, kind: Kind, name: str) -> Any:
         """The loaded plugin object."""
         return self.info(kind, name).load()
+
+    def resolve(self, kind: Kind, use: str, base: Path | None = None) -> Any:
+        """The plugin a ``use`` value names: an entry point's name, or for agents and middleware a reference.
+
+        ``FILE.py:NAME`` (a path, relative to ``base``, by default the current directory) or
+        ``MODULE:NAME`` (an importable module). A reference's object is checked like an
+        entry point's: an agent must be a :class:`connic.Agent` subclass, a middleware a
+        :class:`connic.Middleware` subclass or a callable.
+        """
+        if kind in ("agents", "middleware") and is_reference(use):
+            return load_reference(kind, use, base if base is not None else Path.cwd())
+        return self.get(kind, name=use)
 
     def __iter__(self) -> Any:
         for kind in GROUPS:

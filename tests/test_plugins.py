@@ -296,3 +296,294 @@ def test_a_broken_plugin_does_not_stop_the_others(site: Path, cli: Callable[...,
     assert any("agents: history, echo" in line for line in server.banner), server.banner
     code, out = server.stop()
     assert code == 0, out
+
+
+# --- plugins that are not what their group expects ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def misfits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A distribution whose entry points name objects that are no agent and no middleware.
+
+    Installed the way pip leaves a distribution (a package and its ``.dist-info``), written
+    by hand: importlib.metadata reads nothing else, and no build is needed.
+    """
+    site = tmp_path_factory.mktemp("misfits")
+    package = site / "misfits"
+    package.mkdir()
+    write(
+        package / "__init__.py",
+        '''
+class Helper:
+    """Takes an agent's constructor arguments, but is no connic.Agent: it has no respond()."""
+
+    def __init__(self, name, options=None):
+        self.name = name
+
+
+class Plain:
+    """A class that is no connic.Middleware."""
+
+    def __init__(self, options=None):
+        pass
+
+
+LIMIT = 3
+''',
+    )
+    info = site / "misfits-0.1.dist-info"
+    info.mkdir()
+    write(info / "METADATA", "Metadata-Version: 2.1\nName: misfits\nVersion: 0.1\n")
+    write(
+        info / "entry_points.txt",
+        "[connic.agents]\nhelper = misfits:Helper\n\n"
+        "[connic.middleware]\nplain = misfits:Plain\nlimit = misfits:LIMIT\n",
+    )
+    return site
+
+
+def test_an_entry_point_agent_that_is_not_an_agent_is_refused(misfits: Path, tmp_path: Path) -> None:
+    """Before: accepted at start-up, then every turn failed with agent_error."""
+    config = write(tmp_path / "helper.toml", '[agents.bot]\nuse = "helper"\n\n[[connectors]]\nsecrets = ["s"]\n')
+    done = connic("check", "--config", str(config), env=plugin_env(misfits))
+    assert done.returncode == 1, done.stdout
+    (line,) = done.stderr.splitlines()
+    assert line == (
+        f"connic: error: {config}: agents.bot.use: agent plugin 'helper' from distribution misfits 0.1 "
+        "(misfits:Helper): it is the class Helper, not a connic.Agent subclass"
+    )
+    done = connic("run", "--agent", "helper", "--port", "0", "--secret", "s", env=plugin_env(misfits))
+    assert done.returncode == 1
+    assert "not a connic.Agent subclass" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("use", "problem"),
+    [
+        ("plain", "(misfits:Plain): it is the class Plain, not a connic.Middleware subclass"),
+        ("limit", "(misfits:LIMIT): it is an int, neither a connic.Middleware subclass nor a callable"),
+    ],
+)
+def test_an_entry_point_middleware_that_is_not_a_middleware_is_refused(
+    misfits: Path, tmp_path: Path, use: str, problem: str
+) -> None:
+    config = write(
+        tmp_path / "mw.toml",
+        f'[agents.bot]\nuse = "echo"\n\n[[connectors]]\nsecrets = ["s"]\nmiddleware = [{{ use = "{use}" }}]\n',
+    )
+    done = connic("check", "--config", str(config), env=plugin_env(misfits))
+    assert done.returncode == 1, done.stdout
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"connic: error: {config}: connectors[0].middleware[0].use: middleware plugin '{use}'")
+    assert line.endswith(problem), line
+
+
+# --- agents and middleware without packaging ------------------------------------------------
+
+SHOUTER = '''
+import connic
+from helpers import loud  # a module next to this file
+
+
+class Shouter(connic.Agent):
+    """Answers in capitals."""
+
+    async def respond(self, turn):
+        yield loud(turn.message)
+
+
+async def exclaim(turn, emit, call_next):
+    """A middleware function: appends "!" to every chunk."""
+
+    async def emit_loud(item):
+        await emit(item + "!" if isinstance(item, str) else item)
+
+    await call_next(turn, emit_loud)
+
+
+class Bracket(connic.Middleware):
+    """A middleware class: brackets every chunk."""
+
+    async def __call__(self, turn, emit, call_next):
+        async def emit_bracketed(item):
+            await emit(f"[{item}]" if isinstance(item, str) else item)
+
+        await call_next(turn, emit_bracketed)
+
+
+def helper():
+    pass
+
+
+NUMBER = 7
+'''
+
+
+def project(folder: Path, answer: str = "loud") -> Path:
+    """``folder/agents.py`` (the Shouter, with middleware) and the sibling module it imports."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write(folder / "helpers.py", f"def loud(text):\n    return {answer!r} + ': ' + text.upper()\n")
+    return write(folder / "agents.py", SHOUTER)
+
+
+async def test_agent_and_middleware_from_files_relative_to_the_config(
+    tmp_path: Path, cli: Callable[..., CliServer], connect: Connect
+) -> None:
+    # connic runs in the repository (cli's cwd): the references are relative to the file's folder.
+    project(tmp_path / "bot")
+    config = write(
+        tmp_path / "bot" / "connic.toml",
+        """
+[agents.shouter]
+use = "agents.py:Shouter"
+
+[[connectors]]
+secrets = ["s"]
+middleware = [{ use = "agents.py:Bracket" }, { use = "./agents.py:exclaim" }]
+""",
+    )
+    server = cli("--config", str(config))
+    assert any(line.endswith("agents: shouter") for line in server.banner), server.banner
+    client = await connect(server.url, secret="s")
+    frames = await client.reply({"message": "hi there"})
+    assert frames[-1]["type"] == "stream_end" and frames[-1]["agent"] == "shouter", frames
+    assert frames[-1]["full_response"] == "[loud: HI THERE!]"
+    code, out = server.stop()
+    assert code == 0, out
+
+
+async def test_agent_from_a_module_in_config_and_on_the_command_line(
+    tmp_path: Path, cli: Callable[..., CliServer], connect: Connect
+) -> None:
+    package = tmp_path / "site" / "mypkg"
+    project(package)
+    write(package / "__init__.py", "")
+    # The module imports `helpers` as a top-level module: make it one, beside mypkg.
+    (package / "helpers.py").rename(tmp_path / "site" / "helpers.py")
+    env = plugin_env(tmp_path / "site")
+    config = write(
+        tmp_path / "mod.toml", '[agents.big]\nuse = "mypkg.agents:Shouter"\n\n[[connectors]]\nsecrets = ["s"]\n'
+    )
+    server = cli("--config", str(config), env=env)
+    client = await connect(server.url, secret="s")
+    assert (await client.reply({"message": "a"}))[-1]["full_response"] == "loud: A"
+
+    server = cli("--agent", "mypkg.agents:Shouter", "--secret", "s", env=env)
+    assert any(line.endswith("agents: shouter") for line in server.banner), server.banner
+    client = await connect(server.url, secret="s")
+    assert client.connected["agents"] == ["shouter"]  # type: ignore[attr-defined]
+    assert (await client.reply({"message": "b"}))[-1]["full_response"] == "loud: B"
+
+
+async def test_two_files_of_the_same_name_stay_apart(
+    tmp_path: Path, cli: Callable[..., CliServer], connect: Connect
+) -> None:
+    project(tmp_path / "a", answer="from a")
+    project(tmp_path / "b", answer="from b")
+    config = write(
+        tmp_path / "two.toml",
+        '[agents.one]\nuse = "a/agents.py:Shouter"\n\n[agents.two]\nuse = "b/agents.py:Shouter"\n\n'
+        '[[connectors]]\nsecrets = ["s"]\n',
+    )
+    server = cli("--config", str(config))
+    client = await connect(server.url, secret="s")
+    one = await client.reply({"message": "x", "agent": "one"})
+    two = await client.reply({"message": "x", "agent": "two"})
+    assert one[-1]["full_response"] == "from a: X"
+    # b's `import helpers` is b's own helpers.py, not a's, loaded first under the same name.
+    assert two[-1]["full_response"] == "from b: X"
+
+
+def test_agent_flag_with_a_file_serves_the_class_name_lower_cased(
+    tmp_path: Path, cli: Callable[..., CliServer]
+) -> None:
+    agents = project(tmp_path / "bot")
+    server = cli("--agent", f"{agents}:Shouter", "--agent", "echo", "--secret", "s")
+    assert any(line.endswith("agents: shouter, echo") for line in server.banner), server.banner
+
+
+def test_agent_flag_refuses_two_classes_of_one_name(tmp_path: Path) -> None:
+    a, b = project(tmp_path / "a"), project(tmp_path / "b")
+    done = connic("run", "--agent", f"{a}:Shouter", "--agent", f"{b}:Shouter", "--port", "0")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"connic: error: --agent {b}:Shouter: the name 'shouter' is already served by --agent {a}:Shouter"
+    ]
+
+
+def reference_error(tmp_path: Path, use: str, kind: str = "agent") -> str:
+    """The one error line of ``check`` for a configuration naming ``use``, as an agent or a middleware."""
+    if kind == "agent":
+        text = f'[agents.bot]\nuse = "{use}"\n\n[[connectors]]\nsecrets = ["s"]\n'
+    else:
+        text = f'[agents.bot]\nuse = "echo"\n\n[[connectors]]\nsecrets = ["s"]\nmiddleware = [{{ use = "{use}" }}]\n'
+    config = write(tmp_path / "bot" / "connic.toml", text)
+    done = connic("check", "--config", str(config))
+    assert done.returncode == 1, done.stdout
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    key = "agents.bot.use" if kind == "agent" else "connectors[0].middleware[0].use"
+    prefix = f"connic: error: {config}: {key}: {kind} '{use}': "
+    assert line.startswith(prefix), line
+    return line.removeprefix(prefix)
+
+
+def test_reference_errors_are_one_line_naming_file_and_attribute(tmp_path: Path) -> None:
+    agents = project(tmp_path / "bot")
+    assert reference_error(tmp_path, "agent.py:Shouter") == f"file not found: {agents.parent / 'agent.py'}"
+    assert reference_error(tmp_path, "agents.py:Shoutr") == f"{agents} has no attribute 'Shoutr' (it has: Shouter)"
+    assert reference_error(tmp_path, "agents.py:helper") == "helper is a function, not a connic.Agent subclass"
+    assert reference_error(tmp_path, "agents.py:exclaim") == "exclaim is a function, not a connic.Agent subclass"
+    assert reference_error(tmp_path, "agents.py:Bracket") == "Bracket is the class Bracket, not a connic.Agent subclass"
+    assert reference_error(tmp_path, "agents.py:") == "expected FILE.py:NAME or MODULE:NAME"
+    assert reference_error(tmp_path, "no-such.module:X") == "'no-such.module' is neither a .py file nor a module name"
+    assert reference_error(tmp_path, "nosuchmodule_xyz:X") == (
+        "importing module nosuchmodule_xyz failed: ModuleNotFoundError: No module named 'nosuchmodule_xyz'"
+    )
+    assert reference_error(tmp_path, "json:loads") == "loads is a function, not a connic.Agent subclass"
+    assert reference_error(tmp_path, "agents.py:NUMBER", "middleware") == (
+        "NUMBER is an int, neither a connic.Middleware subclass nor a callable"
+    )
+    assert reference_error(tmp_path, "agents.py:Shouter", "middleware") == (
+        "Shouter is the class Shouter, not a connic.Middleware subclass"
+    )
+    write(tmp_path / "bot" / "broken.py", "import connic\n\nx = (\n")
+    assert reference_error(tmp_path, "broken.py:X") == (
+        f"importing {tmp_path / 'bot' / 'broken.py'} failed: SyntaxError: '(' was never closed (broken.py, line 3)"
+    )
+    write(tmp_path / "bot" / "raises.py", "raise RuntimeError('no API key\\nsecond line')\n")
+    assert reference_error(tmp_path, "raises.py:X") == (
+        f"importing {tmp_path / 'bot' / 'raises.py'} failed: RuntimeError: no API key"
+    )
+
+
+def test_agent_flag_errors_name_the_flag(tmp_path: Path) -> None:
+    project(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "connic", "run", "--agent", "agents.py:Shoutr", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CONNIC_")},
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"connic: error: --agent: agent 'agents.py:Shoutr': {tmp_path / 'agents.py'} has no attribute 'Shoutr' "
+        "(it has: Shouter)"
+    ]
+
+
+def test_loading_a_file_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
+    """The file's folder is on sys.path only while it runs (its sibling imports work)."""
+    from connic.agent import Agent
+    from connic.registry import load_reference
+
+    project(tmp_path / "p")
+    before = list(sys.path)
+    cls = load_reference("agents", "p/agents.py:Shouter", tmp_path)
+    assert issubclass(cls, Agent) and cls.__name__ == "Shouter"
+    assert sys.path == before
+    # Loaded once: the middleware of the same file comes from the same module.
+    assert load_reference("middleware", "p/agents.py:exclaim", tmp_path).__module__ == cls.__module__
+    assert "helpers" not in sys.modules  # the sibling module is the file's, not everyone's
