@@ -94,6 +94,7 @@ def test_markdown_renders_while_streaming_and_after(
     assert reply.locator("pre > code").count() == 1
     assert reply.locator("pre > code").text_content() == CODE
     assert reply.locator("pre > code").get_attribute("class") == "language-python"
+    assert reply.locator(".code-head").get_attribute("data-lang") == "python"
     assert reply.locator("strong").text_content() == "bold"
     assert reply.locator(":not(pre) > code").text_content() == "inline"
     assert reply.locator("ul > li").all_inner_texts() == ["first item", "second item"]

@@ -189,16 +189,21 @@
     return (text) => purify.sanitize(md.parse(text).trim(), options);
   })();
 
-  // A copy button on each code block; its label is CSS (data-label), so the bubble's text stays the reply's.
+  // Each code block gets a bar with its language and a copy button. Their words are CSS
+  // (data-lang, data-label), so the bubble's text stays the reply's own.
   function addCopyButtons(root) {
     for (const pre of root.querySelectorAll("pre")) {
       const wrap = make("div", "code-block");
       pre.replaceWith(wrap);
+      const head = make("div", "code-head");
+      const language = /(?:^|\s)language-(\S+)/.exec(pre.firstElementChild?.className || "");
+      head.dataset.lang = language ? language[1] : "";
       const button = make("button", "copy");
       button.type = "button";
       button.dataset.label = "Copy";
       button.setAttribute("aria-label", "Copy code");
-      wrap.append(button, pre);
+      head.append(button);
+      wrap.append(head, pre);
     }
   }
 
@@ -218,7 +223,7 @@
   }
 
   function onCopy(button) {
-    const pre = button.parentElement.querySelector("pre");
+    const pre = button.closest(".code-block")?.querySelector("pre");
     if (!pre) return;
     copyText(pre.textContent).then(
       () => { button.dataset.label = "Copied"; },
@@ -714,12 +719,15 @@
     const text = make("div", "text");
     bubble.append(typing, text);
     // The reply so far, re-rendered at most once per animation frame however fast chunks come
-    // (a hidden tab renders nothing until it is shown again, or the reply ends).
+    // (a hidden tab renders nothing until it is shown again, or the reply ends). A long reply
+    // costs more to render each time: then the renders are spaced out, leaving the page at
+    // least three quarters of its time (docs/playground.md has the numbers).
     let raw = "";
-    let scheduled = 0;
+    let scheduled = false;
+    let cost = 0; // milliseconds the last render took
     const render = () => {
-      if (scheduled) cancelAnimationFrame(scheduled);
-      scheduled = 0;
+      scheduled = false;
+      const started = performance.now();
       let rendered = null;
       try {
         rendered = renderMarkdown && renderMarkdown(raw);
@@ -734,10 +742,16 @@
         text.classList.remove("md");
         text.textContent = raw;
       }
+      cost = performance.now() - started;
       follow();
     };
     const renderSoon = () => {
-      if (!scheduled) scheduled = requestAnimationFrame(render);
+      if (scheduled) return;
+      scheduled = true;
+      // render() may run first (the reply ended): then this one has nothing left to do.
+      const next = () => requestAnimationFrame(() => scheduled && render());
+      if (cost > 8) setTimeout(next, cost * 3);
+      else next();
     };
     const meta = make("div", "meta");
     node.append(who, bubble, meta);
