@@ -1,10 +1,12 @@
 """The playground: a small page, served by connic itself, to chat with the configured agents.
 
 The page is one jinja2 template (``connic/templates/playground.html``, autoescape
-on) plus one script and one stylesheet from ``connic/static/``: no external
-assets, so it works offline. It lists the websocket connectors, takes a secret
-(prefilled from ``?secret=``), connects, and streams each agent's reply into a
-bubble of its own. See docs/playground.md.
+on) plus one script, one stylesheet and two vendored libraries (marked and
+DOMPurify, ``connic/static/vendor/``) from ``connic/static/``: no external assets,
+so it works offline. It lists the websocket connectors, takes a secret (from the
+``#secret=`` fragment of the banner's link, which then connects by itself),
+connects, and streams each agent's reply into a bubble of its own, rendered as
+Markdown. See docs/playground.md.
 
 Every URL the page uses is relative to the page itself (the assets under
 ``_playground/``, the connectors' WebSocket URLs computed from ``location``), so
@@ -18,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import attrs
 import jinja2
@@ -28,14 +31,28 @@ from connic.transports.websocket import WebSocketTransport
 if TYPE_CHECKING:
     from connic.app import Runtime
 
-__all__ = ["ASSETS_DIR", "ConnectorInfo", "connectors", "html_environment", "install_playground", "render_page"]
+__all__ = [
+    "ASSETS_DIR",
+    "ConnectorInfo",
+    "connectors",
+    "html_environment",
+    "install_playground",
+    "page_link",
+    "render_page",
+]
 
 log = logging.getLogger("connic.playground")
 
 ASSETS_DIR = "_playground"
 """The folder, under the page's path, that serves the page's script and stylesheet."""
 
-_ASSETS = {"playground.js": "text/javascript", "playground.css": "text/css"}
+_ASSETS = {
+    "playground.js": "text/javascript",
+    "playground.css": "text/css",
+    # The Markdown renderer and its sanitiser: see connic/static/vendor/README.md.
+    "vendor/marked.umd.js": "text/javascript",
+    "vendor/purify.min.js": "text/javascript",
+}
 
 # The page only ever talks to connectors of its own origin; everything it loads is its own.
 _PAGE_HEADERS = {
@@ -91,8 +108,29 @@ def connectors(runtime: Runtime, page_path: str = "/") -> list[ConnectorInfo]:
     return found
 
 
+def page_link(runtime: Runtime, url: str, generated: str | None) -> str:
+    """The page's ``url`` with the fragment that makes the page connect by itself, if it can.
+
+    ``#secret=...`` when the page's default connector (the first websocket one) takes the
+    secret connic ``generated``, ``#connect`` when that connector needs no secret, else
+    ``url`` unchanged: a secret the user chose is never printed. A fragment never reaches
+    the server, a proxy or a log; the page removes it from the address bar once read.
+    """
+    first = next((t for t in runtime.transports if isinstance(t, WebSocketTransport)), None)
+    if first is None:
+        return url
+    if not first.options.require_auth:
+        return f"{url}#connect"
+    if generated and generated in first.options.secrets:
+        return f"{url}#secret={quote(generated, safe='')}"
+    return url
+
+
 def _asset(name: str) -> bytes:
-    return (resources.files("connic") / "static" / name).read_bytes()
+    path = resources.files("connic") / "static"
+    for part in name.split("/"):  # one part at a time: a zipped package's Traversable wants that
+        path = path / part
+    return path.read_bytes()
 
 
 def render_page(runtime: Runtime, page_path: str = "/", *, assets_version: str = "") -> str:

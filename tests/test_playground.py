@@ -203,6 +203,14 @@ def test_page_is_served_with_its_assets(served: ThreadServer) -> None:
         assert status == 200, name
         assert headers["Content-Type"].startswith(kind)
         assert "http://" not in asset and "https://" not in asset
+    # The vendored libraries (their own URLs are in comments and namespace names: the CSP is what
+    # keeps the page from loading anything, see test_playground_md.py).
+    for name, banner in (("marked.umd.js", "marked v"), ("purify.min.js", "DOMPurify 3.")):
+        assert f'src="_playground/vendor/{name}?v=' in body
+        status, headers, asset = http_get(f"{served.http}/_playground/vendor/{name}")
+        assert status == 200, name
+        assert headers["Content-Type"].startswith("text/javascript")
+        assert banner in asset[:400]
 
 
 def test_page_escapes_connector_paths(serve: Callable[[web.Application], ThreadServer]) -> None:
@@ -352,7 +360,8 @@ def test_enter_sends_shift_enter_adds_a_line_and_context(tab: Tab, served: Threa
         "id": "msg-001",
         "payload": {"message": "first line\nsecond", "context": {"location": "New York"}},
     }
-    assert tab.reply("msg-001").locator(".text").text_content() == "first line\nsecond"
+    # Markdown with single newlines kept as line breaks (<br>).
+    assert tab.reply("msg-001").locator(".text").inner_text() == "first line\nsecond"
     assert page.get_attribute("#message", "aria-describedby") == "compose-hint"
     for field in ("connector", "secret", "message", "context", "agent"):
         assert page.locator(f'label[for="{field}"]').count() == 1, field

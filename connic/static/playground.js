@@ -1,5 +1,7 @@
-// connic playground: plain JavaScript, no dependencies, no external requests.
-// Speaks the Connic WebSocket protocol (docs/protocol.md) to a connector of this server.
+// connic playground: plain JavaScript, no external requests. Its only libraries are vendored
+// beside it (connic/static/vendor/): marked renders agent replies as Markdown, DOMPurify
+// sanitises the result. Speaks the Connic WebSocket protocol (docs/protocol.md) to a connector
+// of this server.
 "use strict";
 
 (() => {
@@ -30,6 +32,9 @@
     contextError: $("context-error"),
     agent: $("agent"),
     announcer: $("announcer"),
+    connection: $("connection"),
+    connectionSummary: $("connection-summary"),
+    connectionToggle: $("connection-toggle"),
   };
 
   // Close codes and error codes of PROTOCOL.md section 6 that end the connection.
@@ -147,6 +152,85 @@
     el.statusText.textContent = text;
   }
 
+  // ------------------------------------------------------- Markdown
+
+  // Agent replies are Markdown (code blocks, lists, tables, links). marked turns a reply into
+  // HTML with any raw HTML in it escaped, so "<img src=x onerror=...>" shows as text; DOMPurify
+  // then removes whatever active content is left (javascript: links, handlers) before anything
+  // reaches the DOM. Images are shown as links: loading one would tell its server that the reply
+  // was read (and the page's CSP blocks other origins anyway). Without the libraries (a build
+  // that lost them) replies show as plain text, as before.
+  const renderMarkdown = (() => {
+    const lib = window.marked;
+    const purify = window.DOMPurify;
+    if (!lib || !purify || !purify.isSupported) return null;
+    const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+    const escape = (text) => String(text).replace(/[&<>"']/g, (c) => entities[c]);
+    const md = new lib.Marked({
+      gfm: true,
+      breaks: true, // a single newline in a reply is a new line, as plain-text agents mean it
+      renderer: {
+        // Raw HTML is shown as the text it is; a block of it keeps its lines.
+        html: (token) => (token.block ? `<p>${escape(token.text.trim()).replace(/\n/g, "<br>")}</p>` : escape(token.text)),
+        image: (token) => {
+          const label = escape(token.text || token.href);
+          return `<a href="${escape(token.href)}" class="image-link">[image: ${label}]</a>`;
+        },
+      },
+    });
+    purify.addHook("afterSanitizeAttributes", (node) => {
+      // Links leave the page in a new tab, without a handle back to it or a Referer.
+      if (node.tagName === "A" && node.hasAttribute("href")) {
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer");
+      }
+    });
+    const options = { FORBID_TAGS: ["img", "style", "form"], FORBID_ATTR: ["style"], RETURN_DOM_FRAGMENT: true };
+    return (text) => purify.sanitize(md.parse(text).trim(), options);
+  })();
+
+  // Each code block gets a bar with its language and a copy button. Their words are CSS
+  // (data-lang, data-label), so the bubble's text stays the reply's own.
+  function addCopyButtons(root) {
+    for (const pre of root.querySelectorAll("pre")) {
+      const wrap = make("div", "code-block");
+      pre.replaceWith(wrap);
+      const head = make("div", "code-head");
+      const language = /(?:^|\s)language-(\S+)/.exec(pre.firstElementChild?.className || "");
+      head.dataset.lang = language ? language[1] : "";
+      const button = make("button", "copy");
+      button.type = "button";
+      button.dataset.label = "Copy";
+      button.setAttribute("aria-label", "Copy code");
+      head.append(button);
+      wrap.append(head, pre);
+    }
+  }
+
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    // Plain http from another machine is not a secure context: no Clipboard API there.
+    const area = make("textarea", "visually-hidden");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const done = document.execCommand("copy");
+    area.remove();
+    if (!done) throw new Error("copy refused");
+  }
+
+  function onCopy(button) {
+    const pre = button.closest(".code-block")?.querySelector("pre");
+    if (!pre) return;
+    copyText(pre.textContent).then(
+      () => { button.dataset.label = "Copied"; },
+      () => { button.dataset.label = "Copy failed"; },
+    ).finally(() => setTimeout(() => { button.dataset.label = "Copy"; }, 1500));
+  }
+
   // ------------------------------------------------------- plain words
 
   function describeClose(code, reason) {
@@ -225,6 +309,23 @@
       default:
         return message || frame.code || "Unknown error.";
     }
+  }
+
+  // ------------------------------------------------------- the connection card
+
+  // On a phone the card folds to one line once connected, so the conversation gets the height;
+  // the toggle opens it again (CSS applies data-collapsed only on narrow screens).
+  function setCollapsed(collapsed) {
+    el.connection.dataset.collapsed = String(collapsed);
+    el.connectionToggle.setAttribute("aria-expanded", String(!collapsed));
+    el.connectionToggle.textContent = collapsed ? "Details" : "Hide";
+  }
+
+  function showSummary() {
+    const connector = selectedConnector();
+    const path = connector ? connector.path : "";
+    const agents = state.info && state.info.agents ? state.info.agents.join(", ") : "";
+    el.connectionSummary.textContent = state.connected ? `${path} · ${agents}` : path;
   }
 
   // ------------------------------------------------------- connecting
@@ -435,6 +536,8 @@
     if (!state.ws) return;
     drop("Disconnected.");
     setStatus("idle", "Not connected");
+    showSummary();
+    setCollapsed(false);
     setControls();
     el.connect.focus();
   }
@@ -455,6 +558,8 @@
     interruptPending("interrupted");
     notice(code === 1000 ? "" : "error", text, `close ${code}`);
     setStatus("closed", state.closeError && state.closeError.code === "unauthorized" ? "Refused" : "Disconnected");
+    showSummary();
+    setCollapsed(false);
     setControls();
   }
 
@@ -519,6 +624,8 @@
     if (frame.session_timeout !== undefined) limits.push(`expires after ${seconds(frame.session_timeout)} idle`);
     el.limits.textContent = limits.join(" · ") || "—";
     if (!state.resuming) notice("ok", `Connected to ${state.url}: session ${frame.session_id}.`);
+    showSummary();
+    setCollapsed(true);
     setControls();
     el.message.focus();
   }
@@ -609,10 +716,43 @@
     const bubble = make("div", "bubble");
     const typing = make("span", "typing");
     typing.append(make("span"), make("span"), make("span"), make("span", "visually-hidden", `${name} is thinking`));
-    const text = make("span", "text");
-    const textNode = document.createTextNode("");
-    text.append(textNode);
+    const text = make("div", "text");
     bubble.append(typing, text);
+    // The reply so far, re-rendered at most once per animation frame however fast chunks come
+    // (a hidden tab renders nothing until it is shown again, or the reply ends). A long reply
+    // costs more to render each time: then the renders are spaced out, leaving the page at
+    // least three quarters of its time (docs/playground.md has the numbers).
+    let raw = "";
+    let scheduled = false;
+    let cost = 0; // milliseconds the last render took
+    const render = () => {
+      scheduled = false;
+      const started = performance.now();
+      let rendered = null;
+      try {
+        rendered = renderMarkdown && renderMarkdown(raw);
+      } catch (err) {
+        rendered = null; // a reply the renderer chokes on still shows, as plain text
+      }
+      if (rendered) {
+        text.classList.add("md");
+        text.replaceChildren(rendered);
+        addCopyButtons(text);
+      } else {
+        text.classList.remove("md");
+        text.textContent = raw;
+      }
+      cost = performance.now() - started;
+      follow();
+    };
+    const renderSoon = () => {
+      if (scheduled) return;
+      scheduled = true;
+      // render() may run first (the reply ended): then this one has nothing left to do.
+      const next = () => requestAnimationFrame(() => scheduled && render());
+      if (cost > 8) setTimeout(next, cost * 3);
+      else next();
+    };
     const meta = make("div", "meta");
     node.append(who, bubble, meta);
 
@@ -628,12 +768,13 @@
       chunk(piece) {
         if (b.finished || typeof piece !== "string") return;
         b.start();
-        textNode.appendData(piece);
-        follow();
+        raw += piece;
+        renderSoon();
       },
       end(full, usage, reason) {
         typing.remove();
-        if (typeof full === "string") textNode.data = full;
+        if (typeof full === "string") raw = full;
+        render();
         b.finished = true;
         node.removeAttribute("aria-busy");
         const finish = reason || "stop";
@@ -647,11 +788,12 @@
           tokens.title = "token_usage";
           meta.append(tokens);
         }
-        announce(`${name}: ${textNode.data.slice(0, 300)}${finish === "stop" ? "" : ` (${finish})`}`);
+        announce(`${name}: ${raw.slice(0, 300)}${finish === "stop" ? "" : ` (${finish})`}`);
         b.settle();
       },
       fail(frame) {
         typing.remove();
+        render();
         b.finished = true;
         node.removeAttribute("aria-busy");
         node.dataset.state = "error";
@@ -662,6 +804,7 @@
       interrupt(reason) {
         if (b.finished) return;
         typing.remove();
+        render();
         b.finished = true;
         node.removeAttribute("aria-busy");
         node.dataset.state = reason;
@@ -816,20 +959,49 @@
     el.context.removeAttribute("aria-invalid");
   });
   el.stop.addEventListener("click", stop);
+  el.connectionToggle.addEventListener("click", () => setCollapsed(el.connection.dataset.collapsed !== "true"));
+  el.log.addEventListener("click", (event) => {
+    const button = event.target.closest("button.copy");
+    if (button) onCopy(button);
+  });
   el.log.addEventListener("scroll", () => {
     stick = nearBottom();
   });
   // The composer grows (autosize, the context panel): keep the newest text in view.
   new ResizeObserver(follow).observe(el.log);
 
-  const params = new URLSearchParams(window.location.search);
-  if (params.has("secret")) el.secret.value = params.get("secret");
-  if (params.has("connector")) {
-    const wanted = params.get("connector");
+  function pickConnector(wanted) {
     for (const option of el.connector.options) if (option.dataset.path === wanted) option.selected = true;
   }
+
+  // The banner's link: the page's URL with #secret=... (or #connect for a connector without auth).
+  // A fragment never reaches the server, a proxy or a log. The page takes it, removes it from the
+  // address bar (so it is not bookmarked or shared by accident) and connects by itself.
+  // Returns whether the fragment asked to connect.
+  function readFragment() {
+    const fragment = new URLSearchParams(window.location.hash.slice(1));
+    if (!["secret", "connect", "connector"].some((key) => fragment.has(key))) return false;
+    if (fragment.has("connector")) pickConnector(fragment.get("connector"));
+    if (fragment.has("secret")) el.secret.value = fragment.get("secret");
+    history.replaceState(history.state, "", window.location.pathname + window.location.search);
+    showConnectorUrl();
+    return fragment.has("secret") || fragment.has("connect");
+  }
+
+  function connectFromFragment() {
+    // A link pasted into a connected tab fills the form but does not end the session it has.
+    if (readFragment() && !state.connected && selectedConnector()) connect();
+  }
+
+  const params = new URLSearchParams(window.location.search);
+  if (params.has("secret")) el.secret.value = params.get("secret");
+  if (params.has("connector")) pickConnector(params.get("connector"));
   showConnectorUrl();
+  showSummary();
+  setCollapsed(false);
   setControls();
   if (config.connectors.length === 0) setStatus("closed", "No connector");
   (el.secret.value ? el.connect : el.secret).focus();
+  window.addEventListener("hashchange", connectFromFragment);
+  connectFromFragment();
 })();
