@@ -382,7 +382,7 @@ def test_an_entry_point_middleware_that_is_not_a_middleware_is_refused(
 
 SHOUTER = '''
 import connic
-from helpers import loud  # a module next to this file
+from shouting import loud  # a module next to this file
 
 
 class Shouter(connic.Agent):
@@ -422,7 +422,7 @@ NUMBER = 7
 def project(folder: Path, answer: str = "loud") -> Path:
     """``folder/agents.py`` (the Shouter, with middleware) and the sibling module it imports."""
     folder.mkdir(parents=True, exist_ok=True)
-    write(folder / "helpers.py", f"def loud(text):\n    return {answer!r} + ': ' + text.upper()\n")
+    write(folder / "shouting.py", f"def loud(text):\n    return {answer!r} + ': ' + text.upper()\n")
     return write(folder / "agents.py", SHOUTER)
 
 
@@ -458,8 +458,8 @@ async def test_agent_from_a_module_in_config_and_on_the_command_line(
     package = tmp_path / "site" / "mypkg"
     project(package)
     write(package / "__init__.py", "")
-    # The module imports `helpers` as a top-level module: make it one, beside mypkg.
-    (package / "helpers.py").rename(tmp_path / "site" / "helpers.py")
+    # The module imports `shouting` as a top-level module: make it one, beside mypkg.
+    (package / "shouting.py").rename(tmp_path / "site" / "shouting.py")
     env = plugin_env(tmp_path / "site")
     config = write(
         tmp_path / "mod.toml", '[agents.big]\nuse = "mypkg.agents:Shouter"\n\n[[connectors]]\nsecrets = ["s"]\n'
@@ -490,7 +490,7 @@ async def test_two_files_of_the_same_name_stay_apart(
     one = await client.reply({"message": "x", "agent": "one"})
     two = await client.reply({"message": "x", "agent": "two"})
     assert one[-1]["full_response"] == "from a: X"
-    # b's `import helpers` is b's own helpers.py, not a's, loaded first under the same name.
+    # b's `import shouting` is b's own shouting.py, not a's, loaded first under the same name.
     assert two[-1]["full_response"] == "from b: X"
 
 
@@ -586,4 +586,4 @@ def test_loading_a_file_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
     assert sys.path == before
     # Loaded once: the middleware of the same file comes from the same module.
     assert load_reference("middleware", "p/agents.py:exclaim", tmp_path).__module__ == cls.__module__
-    assert "helpers" not in sys.modules  # the sibling module is the file's, not everyone's
+    assert "shouting" not in sys.modules  # the sibling module is the file's, not everyone's
