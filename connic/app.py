@@ -174,8 +174,11 @@ async def _agents_lifecycle(runtime: Runtime, app: web.Application) -> AsyncIter
         await runtime.store.close()
 
 
-async def drain(app: web.Application) -> None:
+async def drain(app: web.Application, *, restart: bool = False) -> None:
     """Gracefully close connic's connections: finish in-flight replies, then close 1001.
+
+    With ``restart`` (``run --reload`` restarting its server) they close 1012, service
+    restart, instead: the server is back in a moment, so clients reconnect.
 
     ``app`` is what :func:`create_app` or :func:`setup` returned. connic also
     drains from ``on_shutdown``, but aiohttp stops reading every connection
@@ -184,7 +187,10 @@ async def drain(app: web.Application) -> None:
     and can refuse new messages politely while it drains. Calling it twice is
     harmless.
     """
-    await _drain(app[RUNTIME])
+    runtime = app[RUNTIME]
+    for transport in runtime.transports:
+        transport.restarting = restart
+    await _drain(runtime)
 
 
 async def _drain(runtime: Runtime, app: web.Application | None = None) -> None:

@@ -26,6 +26,7 @@ from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError, PluginError
 from connic.playground import page_link
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
+from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
 from connic.starter import write_starter
 
 __all__ = ["main", "print_banner", "serve"]
@@ -66,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="serve from N processes on one port (SO_REUSEPORT), under a supervising parent (default 1)",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help=(
+            "restart the server when a .py, .toml or template file changes under the configuration's folder"
+            " (or the --agent file's, or the current directory); needs the watchfiles package"
+        ),
     )
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     run.add_argument(
@@ -152,7 +161,8 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
     """Give every connector that needs a secret and has none a fresh random one."""
     if os.environ.get("CONNIC_SECRET"):
         return config, None
-    generated = secrets.token_urlsafe(18)
+    # Under --reload the parent generated it: the same secret across restarts.
+    generated = os.environ.get(SECRET_ENV) or secrets.token_urlsafe(18)
     used = False
     connectors = []
     for c in config.connectors:
@@ -269,12 +279,15 @@ async def serve(
     reuse_port: bool = False,
     listening: Listening | None = None,
     name: str = "connic",
+    restartable: bool = False,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM (or ``listening`` sets the stop event), then drain.
 
     Alone, this prints the banner; as one of ``--workers`` (``reuse_port``) it calls
     ``listening`` instead, and the supervising parent prints the banner once.
-    ``name`` starts the shutdown line.
+    ``name`` starts the shutdown line. ``restartable`` (the child of ``--reload``): SIGHUP
+    stops too, closing connections 1012 (service restart) instead of 1001, since the
+    server is back in a moment.
     """
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
@@ -288,6 +301,15 @@ async def serve(
         logging.getLogger("asyncio").addFilter(_SlowCallbackHint())
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    restarting = False
+    if restartable:
+
+        def restart() -> None:
+            nonlocal restarting
+            restarting = True
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGHUP, restart)
     await _resolve(host, port, host_key)
     # keepalive_timeout also bounds how long a new TCP connection may take to send its
     # request: without it a silent connection would hold a socket for aiohttp's hour.
@@ -312,9 +334,9 @@ async def serve(
         # From here on (the drain, then the agents' close()) a second signal stops at once.
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, _stop_at_once, sig)
-        print(f"{name}: shutting down", flush=True)
+        print(f"{name}: {'restarting' if restarting else 'shutting down'}", flush=True)
         # Drain before aiohttp's cleanup, which stops reading every connection.
-        await drain(app)
+        await drain(app, restart=restarting)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -333,15 +355,16 @@ class _SlowCallbackHint(logging.Filter):
         return True
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     level = args.log_level.upper()
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config) if args.config else None
-    if config is None:
-        env = os.environ.get("CONNIC_CONFIG")
-        config = load_config(env) if env else default_config()
+    config_file = args.config or os.environ.get("CONNIC_CONFIG") or None
+    config = load_config(config_file) if config_file else default_config()
+    # The child of --reload runs our arguments minus --reload; an abbreviation (--rel) stays in them.
+    if args.reload and not os.environ.get(CHILD_ENV):
+        return run_reloading(args, argv, config, config_file)
     host_key = "--host" if args.host is not None else f"{config.where}: server.host"
     config, generated = _generate_secrets(_with_overrides(config, args))
     if args.no_auth:
@@ -358,9 +381,9 @@ def _run(args: argparse.Namespace) -> int:
         supervisor = Supervisor(config, args.workers, generated=generated, host_key=host_key)
         return supervisor.run(log_level=level, debug=args.debug)
     app = create_app(config)
-    asyncio.run(
-        serve(app, config.server.host, config.server.port, host_key, generated=generated), debug=args.debug or None
-    )
+    restartable = bool(os.environ.get(CHILD_ENV))
+    coro = serve(app, config.server.host, config.server.port, host_key, generated=generated, restartable=restartable)
+    asyncio.run(coro, debug=args.debug or None)
     return 0
 
 
@@ -403,10 +426,11 @@ def _new(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``connic`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(args)
+            return _run(args, argv)
         if args.command == "plugins":
             return _plugins()
         if args.command == "new":

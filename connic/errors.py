@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "RateLimited",
+    "ServerRestarting",
     "ServerShuttingDown",
     "SessionExpired",
     "SessionTakenOver",
@@ -191,6 +192,12 @@ class ServerShuttingDown(ConnicError):
 
     code = "server_shutting_down"
     close_code = 1001
+
+
+class ServerRestarting(ServerShuttingDown):
+    """The server is restarting (``run --reload``): the same error code, but close 1012 (service restart)."""
+
+    close_code = 1012
 
 
 class SlowConsumer(ConnicError):

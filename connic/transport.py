@@ -49,6 +49,8 @@ class Transport:
         self.metrics = Metrics()
         self.gate = ConnectionGate(0, 0)
         self.store: SessionStore = MemoryStore()
+        self.restarting = False
+        """Set before :meth:`shutdown` when the server restarts at once (``run --reload``): close 1012, not 1001."""
 
     def install(self, app: web.Application) -> None:
         """Add routes to ``app`` (the connic application or sub-application)."""

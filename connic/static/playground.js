@@ -60,6 +60,7 @@
     opened: false,       // the socket opened (the handshake succeeded)
     connected: false,    // the server sent "connected"
     userClosed: false,
+    restart: false,       // the server closed 1012 (restarting): reconnect even with no session to resume
     secretGiven: false,
     closeError: null,    // the error frame that announced the close, if any
     info: null,          // the "connected" frame
@@ -234,6 +235,7 @@
   // ------------------------------------------------------- plain words
 
   function describeClose(code, reason) {
+    if (code === 1012) return "The server is restarting.";
     const error = state.closeError;
     const kind = (error && error.code) || CLOSE_CODES[code];
     const info = state.info || {};
@@ -362,6 +364,7 @@
     else if (state.retry !== null) stopRetrying("Reconnecting: a new connection is a new session.");
     state.secret = el.secret.value;
     state.resume = null;
+    state.restart = false;
     state.lastSeq = 0;
     state.userClosed = false;
     open(connector, false);
@@ -438,8 +441,8 @@
     state.retry = setTimeout(() => {
       state.retry = null;
       const connector = selectedConnector();
-      if (!connector || !state.resume) return;
-      open(connector, true);
+      if (!connector || (!state.resume && !state.restart)) return;
+      open(connector, state.resume !== null);
     }, wait);
     setControls();
   }
@@ -448,6 +451,7 @@
     clearTimeout(state.retry);
     state.retry = null;
     state.resume = null;
+    state.restart = false;
     state.attempt = 0;
     interruptPending("interrupted");
     notice("", text);
@@ -545,6 +549,16 @@
   function onClosed(code, reason) {
     state.ws = null;
     state.connected = false;
+    // 1012, service restart (`run --reload`): the server is back in a moment. Come back to it,
+    // resuming if we can, else (resume_window = 0) with a new session; keep trying while it starts.
+    if (code === 1012 && !state.userClosed) state.restart = true;
+    if (state.restart && !state.resume && !state.userClosed && !FINAL_CLOSES.has(code)) {
+      const first = state.attempt === 0;
+      interruptPending("interrupted");
+      if (first) notice("warn", `${describeClose(code, reason)} Reconnecting…`, `close ${code}`);
+      scheduleReconnect();
+      return;
+    }
     if (canResume(code)) {
       // Replies keep going on the server: leave the bubbles as they are and resume.
       const first = state.attempt === 0;
@@ -586,6 +600,7 @@
 
   function onConnected(frame) {
     state.connected = true;
+    state.restart = false;
     state.info = frame;
     setStatus("connected", "Connected");
     clearTimeout(state.retry);

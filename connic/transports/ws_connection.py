@@ -24,6 +24,7 @@ from connic.errors import (
     ConnicError,
     InvalidResume,
     ProtocolError,
+    ServerRestarting,
     ServerShuttingDown,
     Unauthorized,
     UnsupportedFrame,
@@ -211,13 +212,18 @@ class Connection:
         writer.close(error.close_code or 1000, error.code)
 
     async def shutdown(self) -> None:
-        """Server shutdown, once the sessions have drained: close 1001."""
-        self.close(ServerShuttingDown("the server is shutting down"))
+        """Server shutdown, once the sessions have drained: close 1001 (1012 when it restarts)."""
+        error = (
+            ServerRestarting("the server is restarting")
+            if self.transport.restarting
+            else ServerShuttingDown("the server is shutting down")
+        )
+        self.close(error)
         try:
             async with asyncio.timeout(self.transport.options.send_timeout):
                 await self.closed.wait()
         except TimeoutError:
-            self.writer.abort(1001, ServerShuttingDown.code)
+            self.writer.abort(error.close_code or 1001, error.code)
 
     # --- authenticating -------------------------------------------------------
 
