@@ -134,6 +134,9 @@ def measure(
             "log_frames": log["log_frames"],
             "log_bytes_per_frame": log["log_bytes"] / log["log_frames"],
             "log_memory_per_frame": log["log_bytes_in_memory"] / log["log_frames"],
+            "log_frames_per_session": log["log_frames"] / max(1, log["sessions"]),
+            # 2 * (PREFILL + turns) when every turn went into the history: 50 entries read at the first measured one
+            "history_per_session": log["history_entries"] / max(1, log["sessions"]),
         }
     return {
         **extra,

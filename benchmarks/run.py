@@ -280,7 +280,7 @@ def table(results: dict[str, Any]) -> str:
             )
             lines.append(f"- {key}: {rounds}")
     lines += ["", "Against the targets:", *targets(results)]
-    for key in ("S8", "M"):
+    for key in ("S7", "S8", "M"):
         if key in meta:
             lines += ["", f"{key} in full:", json.dumps(meta[key], indent=1, default=str)]
     return "\n".join(lines)
