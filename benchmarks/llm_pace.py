@@ -75,9 +75,11 @@ async def _client(
             await asyncio.sleep(random.uniform(0, stagger))
             return [await _turn(ws, paced) for _ in range(turns)]
 
+        cpu, wall = time.process_time(), time.monotonic()
         results = await asyncio.gather(*(converse(ws) for ws in sockets))
         latencies = [t for per in results for t in per]
-        done.put({"latencies": latencies, "turns": len(latencies)})
+        client_share = (time.process_time() - cpu) / (time.monotonic() - wall)
+        done.put({"latencies": latencies, "turns": len(latencies), "client_cpu_share": client_share})
         while not release.is_set():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
@@ -144,6 +146,7 @@ def measure(
         "turns": done_turns,
         "cpu_us_per_turn": (cpu1 - cpu0) / done_turns * 1e6,
         "cpu_share": (cpu1 - cpu0) / (wall1 - wall0),
+        "client_cpu_share": max(r["client_cpu_share"] for r in results),  # the busiest client process
         "p50_s": servers.percentile(latencies, 0.5),
         "p99_s": servers.percentile(latencies, 0.99),
         "max_s": max(latencies),
