@@ -1,13 +1,18 @@
 """Run every benchmark scenario against connic and both baselines, interleaved, and print a table.
 
-    python benchmarks/run.py            # full run (several minutes)
-    python benchmarks/run.py --quick    # shorter runs, fewer repetitions
-    python benchmarks/run.py --profile  # S1 against connic under cProfile; prints the hot spots
+    python benchmarks/run.py                     # full run (about 25 minutes)
+    python benchmarks/run.py --quick             # shorter runs, fewer repetitions, smaller sizes
+    python benchmarks/run.py --only S1,S2,S7,S8  # some scenarios (M: the memory figures)
+    python benchmarks/run.py --profile           # S1 against connic under cProfile; prints the hot spots
 
 Scenarios (see docs/performance.md): S1 streaming echo of a 20-word message at 50 connections
 (turns/s); S2 the same, non-streaming; S3 p50/p99 to ack, first chunk and stream_end at half the
 aiohttp baseline's S1 rate; S4 memory per idle authenticated connection at 1k/5k/10k; S5
-connection setup rate; S6 start-up time of `python -m connic run` until it accepts connections.
+connection setup rate; S6 start-up time of `python -m connic run` until it accepts connections;
+S7 "LLM pace": 1,000 sessions, 20 chunks 50 ms apart from an agent reading a 50-entry history
+each turn (server CPU per turn, turn latency; llm_pace.py); S8 1,000 sessions dropped
+mid-stream and resumed at once (resume.py); M memory per idle attached and detached session and
+the replay log's bytes per frame (memory.py).
 Servers run as subprocesses on 127.0.0.1; everything is stopped at the end, even on Ctrl+C.
 """
 
@@ -15,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import platform
 import pstats
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,18 +38,17 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llm_pace
 import loadgen
+import memory
+import resume
+import servers
+from servers import free_port, rss_kib, wait_for_port
 
 HERE = Path(__file__).resolve().parent
-SECRET = "bench"
+SECRET = servers.SECRET
 SERVERS = ("connic", "aiohttp", "websockets")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "M")
 
 
 def connic_config(port: int, streaming: bool) -> str:
@@ -80,16 +84,6 @@ def command(server: str, port: int, streaming: bool, workdir: Path) -> list[str]
     )
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return time.monotonic() - started
-        time.sleep(0.005)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
-
-
 @contextlib.contextmanager
 def running(server: str, streaming: bool = True, wrap: list[str] | None = None) -> Iterator[tuple[str, int]]:
     port = free_port()
@@ -110,13 +104,6 @@ def running(server: str, streaming: bool = True, wrap: list[str] | None = None) 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def idle_memory(server: str, n: int, processes: int) -> float:
@@ -174,41 +161,89 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def scenarios(quick: bool) -> dict[str, Any]:
+def scenarios(quick: bool, only: set[str], sessions: int | None = None) -> dict[str, Any]:
     duration = 5.0 if quick else 15.0
     rounds = 2 if quick else 3
     processes = 2
     results: dict[str, dict[str, list[float]]] = {s: {} for s in SERVERS}
+    results["_meta"] = {"rounds": [rounds], "duration": [duration]}
 
     def record(server: str, key: str, value: float) -> None:
         results[server].setdefault(key, []).append(value)
 
-    for round_ in range(rounds):
-        for server in SERVERS:
-            print(f"round {round_ + 1}/{rounds}: {server}", file=sys.stderr)
-            with running(server, streaming=True) as (url, _):
-                record(server, "S1 turns/s", loadgen.closed_loop(url, SECRET, 50, duration, processes))
-            with running(server, streaming=False) as (url, _):
-                record(server, "S2 turns/s", loadgen.closed_loop(url, SECRET, 50, duration, processes))
-            with running(server) as (url, _):
-                record(server, "S5 connections/s", loadgen.setup_rate(url, SECRET, 20, duration / 2, processes))
-    s1_base = median(results["aiohttp"]["S1 turns/s"])
-    rate = s1_base / 2
-    for _ in range(rounds):
-        for server in SERVERS:
-            with running(server) as (url, _):
-                summary = loadgen.open_loop(url, SECRET, rate, duration, 50, processes)
-            for key in ("ack_p50", "ack_p99", "first_p50", "first_p99", "end_p50", "end_p99"):
-                record(server, f"S3 {key} ms", summary.get(key, float("nan")) * 1000)
-            record(server, "S3 lost", summary["lost"])
-    for n in (1000, 5000) if quick else (1000, 5000, 10000):
-        for server in SERVERS:
-            print(f"S4 {n} idle connections: {server}", file=sys.stderr)
-            record(server, f"S4 KB/conn @{n}", idle_memory(server, n, processes) / 1024)
-    startups = [startup_time() for _ in range(3 if quick else 5)]
-    results["connic"]["S6 start-up s"] = [s for s, _ in startups]
-    results["connic"]["S6 LLM SDK imported"] = [float(any(i for _, i in startups))]
-    results["_meta"] = {"S3 offered rate": [rate], "rounds": [rounds], "duration": [duration]}
+    # S3's offered rate is half the aiohttp baseline's S1 maximum: S3 needs S1's rounds.
+    if only & {"S1", "S2", "S3", "S5"}:
+        for round_ in range(rounds):
+            for server in SERVERS:
+                print(f"round {round_ + 1}/{rounds}: {server}", file=sys.stderr)
+                if only & {"S1", "S3"}:
+                    with running(server, streaming=True) as (url, _):
+                        record(server, "S1 turns/s", loadgen.closed_loop(url, SECRET, 50, duration, processes))
+                if "S2" in only:
+                    with running(server, streaming=False) as (url, _):
+                        record(server, "S2 turns/s", loadgen.closed_loop(url, SECRET, 50, duration, processes))
+                if "S5" in only:
+                    with running(server) as (url, _):
+                        rate = loadgen.setup_rate(url, SECRET, 20, duration / 2, processes)
+                        record(server, "S5 connections/s", rate)
+    if "S3" in only:
+        rate = median(results["aiohttp"]["S1 turns/s"]) / 2
+        for _ in range(rounds):
+            for server in SERVERS:
+                with running(server) as (url, _):
+                    summary = loadgen.open_loop(url, SECRET, rate, duration, 50, processes)
+                for key in ("ack_p50", "ack_p99", "first_p50", "first_p99", "end_p50", "end_p99"):
+                    record(server, f"S3 {key} ms", summary.get(key, float("nan")) * 1000)
+                record(server, "S3 lost", summary["lost"])
+        results["_meta"]["S3 offered rate"] = [rate]
+    if "S4" in only:
+        for n in (1000, 5000) if quick else (1000, 5000, 10000):
+            for server in SERVERS:
+                print(f"S4 {n} idle connections: {server}", file=sys.stderr)
+                record(server, f"S4 KB/conn @{n}", idle_memory(server, n, processes) / 1024)
+    if "S6" in only:
+        startups = [startup_time() for _ in range(3 if quick else 5)]
+        results["connic"]["S6 start-up s"] = [s for s, _ in startups]
+        results["connic"]["S6 LLM SDK imported"] = [float(any(i for _, i in startups))]
+    many = sessions or (100 if quick else 1000)
+    if "S7" in only:
+        pace = llm_pace.run_both(many, 2 if quick else 5, rounds=1 if quick else 2)
+        for server, runs in pace.items():
+            for r in runs:
+                record(server, f"S7 CPU µs/turn @{many}", r["cpu_us_per_turn"])
+                record(server, "S7 turn p50 s", r["p50_s"])
+                record(server, "S7 turn p99 s", r["p99_s"])
+                record(server, "S7 server CPU share", r["cpu_share"])
+                if "log_bytes_per_frame" in r:
+                    record(server, "S7 replay log bytes/frame (encoded)", r["log_bytes_per_frame"])
+                    record(server, "S7 replay log bytes/frame (in memory)", r["log_memory_per_frame"])
+        results["_meta"]["S7"] = pace
+    if "S8" in only:
+        results["_meta"]["S8"] = []
+        # At 1,000 the resumes queue behind each other: smaller bursts show how p99 grows with them.
+        runs = [(many, True), (many, False)] + [(many // k, True) for k in (4, 2) if not quick]
+        for n, preconnect in runs:
+            print(f"S8 {n} sessions, {'preconnected' if preconnect else 'reconnect'}", file=sys.stderr)
+            r = resume.measure(n, preconnect)
+            results["_meta"]["S8"].append(r)
+            mode = r["mode"] if n == many else f"{r['mode']} @{n}"
+            record("connic", f"S8 {mode}: resume → first replayed p50 ms", r["replayed_p50_ms"])
+            record("connic", f"S8 {mode}: resume → first replayed p99 ms", r["replayed_p99_ms"])
+            record("connic", f"S8 {mode}: resume → connected p99 ms", r["connected_p99_ms"])
+            record("connic", f"S8 {mode}: replies complete, no gap", r["complete"])
+            record("connic", f"S8 {mode}: sessions", r["sessions"])
+    if "M" in only:
+        n = sessions or (1000 if quick else 5000)
+        figures = memory.measure(n)
+        results["_meta"]["M"] = figures
+        record("connic", f"M KB per idle attached session @{n}", figures["attached"]["kb"])
+        record("connic", f"M KB per detached session, empty log @{n}", figures["detached_empty"]["kb"])
+        log = figures["detached_log"]
+        per = log["frames_per_session"]
+        record("connic", f"M KB per detached session, {per:.0f} frames logged @{n}", log["kb"])
+        record("connic", "M replay log bytes/frame (encoded)", log["log_bytes_per_frame"])
+        record("connic", "M replay log bytes/frame (in memory)", log["log_memory_per_frame"])
+        record("connic", "M RSS bytes per logged frame (with history)", log["rss_per_frame"])
     return results
 
 
@@ -230,18 +265,68 @@ def table(results: dict[str, Any]) -> str:
         )
     meta = results["_meta"]
     lines.append("")
-    lines.append(
-        f"S3 offered rate: {meta['S3 offered rate'][0]:.0f} messages/s; medians of {meta['rounds'][0]} "
-        f"interleaved rounds of {meta['duration'][0]:g} s."
-    )
+    if any(k.startswith(("S1", "S2", "S3", "S5")) for k in keys):
+        lines.append(f"Medians of {meta['rounds'][0]} interleaved rounds of {meta['duration'][0]:g} s.")
+    if "S3 offered rate" in meta:
+        lines.append(f"S3 offered rate: {meta['S3 offered rate'][0]:.0f} messages/s.")
     # The rounds themselves: on a shared machine the spread says how far to trust a median.
     lines.append("")
     lines.append("Each round, in order:")
     for key in keys:
-        if key.startswith(("S1", "S2", "S5")):
-            rounds = "; ".join(f"{s} " + ", ".join(f"{v:.0f}" for v in results[s].get(key, [])) for s in SERVERS)
+        if key.startswith(("S1", "S2", "S5", "S7")):
+            form = ".0f" if key.startswith(("S1", "S2", "S5")) else ".4g"
+            rounds = "; ".join(
+                f"{s} " + ", ".join(f"{v:{form}}" for v in results[s][key]) for s in SERVERS if results[s].get(key)
+            )
             lines.append(f"- {key}: {rounds}")
+    lines += ["", "Against the targets:", *targets(results)]
+    for key in ("S7", "S8", "M"):
+        if key in meta:
+            lines += ["", f"{key} in full:", json.dumps(meta[key], indent=1, default=str)]
     return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """Each measured figure beside its target (docs/performance.md)."""
+    connic, base = results["connic"], results["aiohttp"]
+    lines = []
+
+    def ratio(key: str) -> float:
+        return median(connic.get(key, [])) / median(base.get(key, []))
+
+    for key in ("S1 turns/s", "S2 turns/s"):
+        if key in connic:
+            r = ratio(key)
+            lines.append(
+                f"- {key[:2]}: {r:.2f}x the aiohttp baseline (target >= 0.85): {'met' if r >= 0.85 else 'MISSED'}"
+            )
+    cpu_key = next((k for k in connic if k.startswith("S7 CPU")), None)
+    if cpu_key:
+        r = ratio(cpu_key)
+        lines.append(
+            f"- S7: server CPU per turn {r:.2f}x the baseline's (target <= 1.15): {'met' if r <= 1.15 else 'MISSED'}"
+        )
+        lines.append(
+            f"- S7: turn p50/p99 connic {median(connic['S7 turn p50 s']):.3f}/{median(connic['S7 turn p99 s']):.3f} s, "
+            f"aiohttp {median(base['S7 turn p50 s']):.3f}/{median(base['S7 turn p99 s']):.3f} s (ideal 1.0 s); "
+            f"p99 above the ideal: connic {(median(connic['S7 turn p99 s']) - 1) * 1000:.0f} ms, "
+            f"aiohttp {(median(base['S7 turn p99 s']) - 1) * 1000:.0f} ms"
+        )
+    for key in [k for k in connic if k.startswith("S8") and "first replayed p99" in k and "@" not in k]:
+        v = median(connic[key])
+        lines.append(f"- {key}: {v:.1f} (target <= 20 ms): {'met' if v <= 20 else 'MISSED'}")
+    for key in [k for k in connic if k.startswith("S8") and "complete" in k and "@" not in k]:
+        total = median(connic[key.replace("replies complete, no gap", "sessions")])
+        v = median(connic[key])
+        lines.append(f"- {key}: {v:.0f} of {total:.0f}: {'met' if v == total else 'MISSED'}")
+    for key in connic:
+        if key.startswith("M KB per idle attached"):
+            v = median(connic[key])
+            lines.append(f"- {key}: {v:.1f} (target <= 1.2 x 16 = 19.2): {'met' if v <= 19.2 else 'MISSED'}")
+        if key.startswith("M KB per detached session, empty"):
+            v = median(connic[key])
+            lines.append(f"- {key}: {v:.1f} (target <= 20): {'met' if v <= 20 else 'MISSED'}")
+    return lines
 
 
 def machine() -> str:
@@ -273,13 +358,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs and fewer repetitions")
     parser.add_argument("--profile", action="store_true", help="profile connic under S1 instead")
+    parser.add_argument(
+        "--only", metavar="LIST", help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)} (default: all)"
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        metavar="N",
+        help="sessions in S7, S8 and M (default 1000, 5000 for M; --quick 100, 1000)",
+    )
     args = parser.parse_args()
+    only = set(SCENARIOS)
+    if args.only:
+        only = {name.strip().upper() for name in args.only.split(",") if name.strip()}
+        unknown = only - set(SCENARIOS)
+        if unknown:
+            parser.error(f"--only: unknown scenario {', '.join(sorted(unknown))} (known: {', '.join(SCENARIOS)})")
     loadgen.raise_fd_limit()
     if args.profile:
         profile(10.0)
         return
     print(f"machine: {machine()}")
-    print(table(scenarios(args.quick)))
+    print(table(scenarios(args.quick, only, args.sessions)))
 
 
 if __name__ == "__main__":
