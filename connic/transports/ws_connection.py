@@ -25,6 +25,7 @@ from connic.errors import (
     InvalidResume,
     ProtocolError,
     ServerShuttingDown,
+    StoreUnavailable,
     Unauthorized,
     UnsupportedFrame,
 )
@@ -155,6 +156,8 @@ class Connection:
             if await self._authenticate(handshake_secret):
                 self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 await self._read()
+        except StoreUnavailable as exc:
+            self.close(exc)  # a shared store failed opening or resuming the session: 1011, try again later
         finally:
             await self._cleanup()
 
