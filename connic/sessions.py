@@ -20,7 +20,7 @@ from connic.errors import ConnicError
 from connic.metrics import Metrics
 from connic.pipeline import TurnChain
 from connic.session import ChatSession, SessionState
-from connic.stores import SessionStore
+from connic.stores import Follow, SessionStore
 
 __all__ = ["RateLimitOptions", "SessionOptions", "Sessions", "Sink"]
 
@@ -108,12 +108,18 @@ class Sessions:
         self.metrics.sessions_open.inc(self.label)
         return session
 
-    async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
-        """The session a resume names, if it can be resumed with this token from ``last_seq``."""
+    async def find(
+        self, session_id: str, token: str, last_seq: int, follow: Follow | None = None
+    ) -> ChatSession | None:
+        """The session a resume names, if it can be resumed with this token from ``last_seq``.
+
+        When another process serves it, it is taken over once that process lets it go;
+        meanwhile ``follow`` gets the frames that process logs (:meth:`SessionStore.take`).
+        """
         started = time.perf_counter()
         session = await self.store.get(session_id)
         if session is None:
-            session = await self._take(session_id, token, last_seq)
+            session = await self._take(session_id, token, last_seq, follow)
         self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
         if (
             session is None
@@ -125,13 +131,13 @@ class Sessions:
             return None
         return session
 
-    async def _take(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
+    async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
         """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
         record = await self.store.load(session_id)
         if record is None or record.label != self.label or not _token_matches(record.token, token):
             return None
         # Its owner may still be answering: wait for it to let go (never two copies at once).
-        record = await self.store.take(session_id, self.options.producer_timeout)
+        record = await self.store.take(session_id, self.options.producer_timeout, follow, last_seq)
         if record is None:
             return None
         session = ChatSession.restore(self, record)

@@ -13,18 +13,20 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
 from redis_server import RedisServer, running_redis, store_plugin_env
 from resume_helpers import Clients, ResumeSession, words
 
+import connic
 from conftest import ROOT, SECRET, Server, StartServer, make_config
 from connic.agent import HistoryEntry
 from connic.registry import Registry
 from connic.stores import SessionRecord
-from connic.stores.redis import RedisStore, _decode, _encode
+from connic.stores.redis import RedisStore
+from connic.stores.redis.record import decode, encode
 from helpers import test_registry
 
 
@@ -45,9 +47,21 @@ async def clients() -> AsyncIterator[Clients]:
         yield opened
 
 
+class Gated(connic.Agent):
+    """Streams a word, waits until the test opens :attr:`gate`, then streams another."""
+
+    gate: ClassVar[asyncio.Event]
+
+    async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
+        yield "before "
+        await Gated.gate.wait()
+        yield "after"
+
+
 def registry() -> Registry:
     reg = test_registry()
     reg.register("stores", "redis", RedisStore)
+    reg.register("agents", "gated", Gated)
     return reg
 
 
@@ -101,14 +115,14 @@ def test_record_round_trip() -> None:
         ),
         history_size=30,
     )
-    assert _decode(_encode(record)) == record
+    assert decode(encode(record)) == record
 
 
 # --- one process -----------------------------------------------------------------
 
 
 async def test_session_keys_share_one_hash_tag_and_end_deletes_them(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_url)
     session = ResumeSession(clients, server.url())
@@ -125,7 +139,7 @@ async def test_session_keys_share_one_hash_tag_and_end_deletes_them(
 
 
 async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_url, connector={"replay_buffer": 5})
     session = ResumeSession(clients, server.url())
@@ -154,7 +168,7 @@ async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
 
 
 async def test_a_process_that_lost_ownership_writes_nothing(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_url, agents={"assistant": {"use": "echo", "delay": 0.05}})
     session = ResumeSession(clients, server.url())
@@ -179,7 +193,7 @@ async def test_a_process_that_lost_ownership_writes_nothing(
 
 
 async def test_idle_session_resumes_on_another_process(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     a = await process(start_server, redis_url, agents={"assistant": {"use": "inspect"}})
     b = await process(start_server, redis_url, agents={"assistant": {"use": "inspect"}})
@@ -203,7 +217,7 @@ async def test_idle_session_resumes_on_another_process(
 
 
 async def test_reply_dropped_on_one_process_finishes_on_the_other(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     agents = {"assistant": {"use": "echo", "delay": 0.02}}
     a = await process(start_server, redis_url, agents=agents)
@@ -227,8 +241,38 @@ async def test_reply_dropped_on_one_process_finishes_on_the_other(
     assert [e["text"] for e in await history(conn_b)] == [text, text, "next", "next"]
 
 
+async def test_resume_on_another_process_follows_the_reply_live_and_holds_new_messages(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    Gated.gate = asyncio.Event()
+    agents = {"assistant": {"use": "gated"}}
+    a = await process(start_server, redis_url, agents=agents)
+    b = await process(start_server, redis_url, agents=agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    session.drop()
+    # A is still answering (its agent waits on the gate): B resumes at once, following A's log.
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+    await conn_b.send({"type": "ping"})
+    assert await conn_b.recv() == {"type": "pong"}  # B reads the client meanwhile
+    await conn_b.send({"type": "message", "id": "m2", "payload": {"message": "held"}})
+    Gated.gate.set()  # the rest of A's reply reaches the client through B, live
+    await conn_b.until_ended({"m1": ["assistant"], "m2": ["assistant"]})
+    session.transcript.assert_complete()
+    assert session.transcript.end("m1", "assistant")["full_response"] == "before after"  # type: ignore[index]
+    order = [(f["type"], f["id"]) for f in session.transcript.ordered() if f["type"] in ("ack", "stream_end")]
+    assert order == [("ack", "m1"), ("stream_end", "m1"), ("ack", "m2"), ("stream_end", "m2")]
+    assert conn_b.connected["last_seq"] >= 3  # ack, stream_start, the first chunk
+    texts = [e["text"] for e in await history(conn_b)]
+    assert texts == ["go", "before after", "held", "before after"]
+
+
 async def test_sessions_survive_a_restart_of_every_process(
-    start_server: StartServer, clients: Clients, redis_url: str
+    redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
     agents = {"assistant": {"use": "inspect"}}
     a = await process(start_server, redis_url, agents=agents)
@@ -273,7 +317,7 @@ async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redi
 
 
 async def test_store_failure_while_running_closes_1011_then_resumes(
-    start_server: StartServer, clients: Clients, redis_server: RedisServer
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_server.url)
     session = ResumeSession(clients, server.url())

@@ -18,7 +18,7 @@ between processes (:mod:`connic.stores.redis`) also keeps each session's
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -28,7 +28,15 @@ from connic.agent import HistoryEntry
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["ReplayLog", "SessionRecord", "SessionStore"]
+__all__ = ["Follow", "ReplayLog", "SessionRecord", "SessionStore"]
+
+Follow = Callable[[list[str] | None, int], None]
+"""Where :meth:`SessionStore.take` hands the frames another process logs while it waits.
+
+Called first with the logged frames after the resume's ``last_seq`` (None when one of
+them was evicted) and the newest seq, then with each batch of new frames and the seq of
+its last one.
+"""
 
 
 @attrs.frozen
@@ -119,9 +127,14 @@ class SessionStore:
         """
         return None
 
-    async def take(self, session_id: str, wait: float) -> SessionRecord | None:
-        """Become the one process serving the session, waiting up to ``wait`` seconds for its owner to let go.
+    async def take(
+        self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
+    ) -> SessionRecord | None:
+        """Become the one process serving the session, waiting for its owner to let go.
 
+        Without ``follow`` the wait ends after ``wait`` seconds. With it, the frames the
+        owner logs after seq ``after`` are handed to ``follow`` as they come, for as long as
+        the owner lives (``wait`` is then its lease: how long a dead owner goes unnoticed).
         Returns the record as it is once owned (None if the session is gone or the wait ran
         out); the caller rebuilds the session from it and hands it to :meth:`add`.
         """

@@ -23,19 +23,18 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from connic.agent import HistoryEntry
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
-from connic.stores import ReplayLog, SessionRecord, SessionStore
+from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis import scripts
+from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of
+from connic.stores.redis.record import decode, encode
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -45,58 +44,12 @@ __all__ = ["RedisReplayLog", "RedisStore"]
 log = logging.getLogger("connic.stores.redis")
 
 _POLL = 0.05  # seconds between attempts to take a session another process still owns
+_FOLLOW_BLOCK_MS = 200  # the longest XREAD BLOCK while following: how soon a let-go session is taken
 
 
 def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
-class RedisReplayLog(ReplayLog):
-    """A session's replay log in a Redis stream; appends are queued for the store's writer."""
-
-    __slots__ = ("_capacity", "_sizes", "_store", "fence", "last", "pending", "session_id")
-
-    def __init__(self, store: RedisStore, session_id: str, capacity: int) -> None:
-        self._store = store
-        self._capacity = capacity
-        self.session_id = session_id
-        self.fence: int | None = None  # the owner's token, once the store holds the session
-        self.last = 0  # the newest seq logged (or queued)
-        self.pending: list[str] = []  # seq, frame, seq, frame ... not written yet
-        self._sizes: collections.deque[int] = collections.deque(maxlen=capacity)
-
-    def append(self, seq: int, data: str) -> None:
-        """Queue frame ``seq``; the store's writer sends it with the next pipeline."""
-        self.last = seq
-        self.pending += (str(seq), data)
-        self._sizes.append(len(data.encode("utf-8", "surrogatepass")))
-        self._store._log_dirty(self)
-
-    async def since(self, seq: int) -> list[str] | None:
-        """The frames numbered above ``seq`` (XRANGE); None when the first of them was trimmed."""
-        store = self._store
-        await store.flush()
-        entries = await store._call(store._client().xrange(store._keys(self.session_id)[3], f"0-{seq + 1}", "+"))
-        frames = []
-        expected = seq + 1
-        for entry_id, fields in entries:
-            if int(entry_id.partition("-")[2]) != expected:
-                return None  # trimmed, or a write lost while the store was down: never a gap
-            frames.append(fields["f"])
-            expected += 1
-        if expected <= self.last:
-            return None
-        return frames
-
-    def stats(self) -> tuple[int, int]:
-        """Frames logged by this process (at most the capacity) and their size in bytes."""
-        return len(self._sizes), sum(self._sizes)
-
-    @property
-    def capacity(self) -> int:
-        """The most frames the log keeps."""
-        return self._capacity
 
 
 class RedisStore(SessionStore):
@@ -117,6 +70,7 @@ class RedisStore(SessionStore):
     def __init__(self, options: Options | None = None) -> None:
         super().__init__(options if options is not None else RedisStore.Options())
         self._redis: Any = None
+        self._blocking: Any = None  # XREAD BLOCK: no socket timeout (redis-py's would cut the block short)
         self._scripts: dict[str, Any] = {}
         self._live: dict[str, ChatSession] = {}
         self._fences: dict[str, tuple[int, int]] = {}  # session id: (fencing token, lease ms)
@@ -148,10 +102,18 @@ class RedisStore(SessionStore):
             )
         except ValueError as exc:
             raise StoreUnavailable(f"[store] url {opts.url!r}: {exc}") from None
+        self._blocking = aioredis.Redis.from_url(
+            opts.url,
+            decode_responses=True,
+            encoding_errors="surrogatepass",
+            socket_timeout=None,
+            socket_connect_timeout=opts.timeout,
+        )
         try:
             await self._call(self._redis.ping())
         except StoreUnavailable as exc:
             await self._redis.aclose()
+            await self._blocking.aclose()
             raise StoreUnavailable(f"[store] url {opts.url!r}: cannot reach Redis ({exc.message})") from None
         self._scripts = {
             name: self._redis.register_script(getattr(scripts, name))
@@ -174,7 +136,8 @@ class RedisStore(SessionStore):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._redis.aclose()
-        self._redis = None
+        await self._blocking.aclose()
+        self._redis = self._blocking = None
 
     # --- the SessionStore interface ----------------------------------------------
 
@@ -186,7 +149,7 @@ class RedisStore(SessionStore):
             lease = _ms(opts.producer_timeout)
             keys = self._keys(sid)
             fence = await self._call(
-                self._scripts["CREATE"](keys=keys, args=[lease, _encode(session.record()), _ttl(session)])
+                self._scripts["CREATE"](keys=keys, args=[lease, encode(session.record()), _ttl(session)])
             )
             if not fence:
                 raise StoreUnavailable(f"session {sid} exists already in the store")
@@ -228,33 +191,62 @@ class RedisStore(SessionStore):
         owned = self._fences.pop(sid, None)
         if owned is not None:
             ttl = _ms(session.sessions.options.resume_window)
-            self._releases[sid] = (owned[0], _encode(session.record()), ttl)
+            self._releases[sid] = (owned[0], encode(session.record()), ttl)
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:
         """The session's record as Redis has it (after writing what this process queued)."""
         await self.flush()
         data = await self._call(self._client().get(self._keys(session_id)[2]))
-        return _decode(data) if data is not None else None
+        return decode(data) if data is not None else None
 
-    async def take(self, session_id: str, wait: float) -> SessionRecord | None:
-        """Own the session once its owner lets it go (polling, up to ``wait`` s); its record then."""
+    async def take(
+        self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
+    ) -> SessionRecord | None:
+        """Own the session once its owner lets it go; its record then.
+
+        Without ``follow`` this polls, for up to ``wait`` seconds. With it, it reads the
+        log after ``after``, then blocks on it (XREAD BLOCK) handing ``follow`` each new
+        frame and trying to take the session between reads, for as long as the owner
+        holds it: its lease (``wait`` long, renewed while it lives) is what ends the wait.
+        """
         await self.flush()
-        deadline = time.monotonic() + wait
+        keys = self._keys(session_id)
         lease = _ms(wait)
+        deadline = time.monotonic() + wait
+        cursor: int | None = None  # the seq handed to follow so far, once following
         while True:
-            result = await self._call(self._scripts["CLAIM"](keys=self._keys(session_id), args=[lease]))
+            result = await self._call(self._scripts["CLAIM"](keys=keys, args=[lease]))
             fence = int(result[0])
             if fence == -1:
                 return None
             if fence > 0:
                 self._fences[session_id] = (fence, lease)
-                record = _decode(result[1])
+                record = decode(result[1])
                 return attrs.evolve(record, seq=max(record.seq, int(result[2])))
-            if time.monotonic() >= deadline:
+            if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
-            await asyncio.sleep(_POLL)
+            if follow is None:
+                await asyncio.sleep(_POLL)
+            elif cursor is None:
+                entries = await self._call(self._client().xrange(keys[3], f"0-{after + 1}", "+"))
+                frames = frames_after(entries, after)
+                cursor = seq_of(entries[-1][0]) if entries else after
+                follow(frames, cursor)
+            else:
+                read = await self._call(
+                    self._blocking.xread({keys[3]: f"0-{cursor}"}, block=_FOLLOW_BLOCK_MS),
+                    self.options.timeout + _FOLLOW_BLOCK_MS / 1000,
+                )
+                entries = read[0][1] if read else []
+                if entries:
+                    frames = frames_after(entries, cursor)
+                    if frames is None:
+                        log.warning("session %s: frames trimmed before they could be followed", session_id)
+                        return None  # never a gap
+                    cursor = seq_of(entries[-1][0])
+                    follow(frames, cursor)
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A log in the session's Redis stream."""
@@ -316,7 +308,7 @@ class RedisStore(SessionStore):
             if session is None or owned is None:
                 continue
             try:
-                record = _encode(session.record())
+                record = encode(session.record())
             except (TypeError, ValueError) as exc:
                 log.error("session %s: its state cannot be saved as JSON (%s)", sid, exc)
                 self._fail(sid)
@@ -401,15 +393,16 @@ class RedisStore(SessionStore):
     def _keys(self, session_id: str) -> list[str]:
         return scripts.session_keys(self.options.key_prefix, session_id)
 
-    async def _call(self, call: Any) -> Any:
-        """Await one Redis call within ``timeout``; any failure is StoreUnavailable."""
+    async def _call(self, call: Any, seconds: float | None = None) -> Any:
+        """Await one Redis call within ``seconds`` (default: ``timeout``); any failure is StoreUnavailable."""
         import redis.exceptions  # imported by start() already
 
+        timeout = self.options.timeout if seconds is None else seconds
         try:
-            async with asyncio.timeout(self.options.timeout):
+            async with asyncio.timeout(timeout):
                 return await call
         except TimeoutError:
-            raise StoreUnavailable(f"no answer from Redis within {self.options.timeout:g} s") from None
+            raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
         except (redis.exceptions.RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis failed: {exc}") from None
 
@@ -427,39 +420,3 @@ def _ttl_seconds(session: ChatSession | None) -> float:
 
 def _ttl(session: ChatSession) -> int:
     return _ms(_ttl_seconds(session))
-
-
-def _encode(record: SessionRecord) -> str:
-    return json.dumps(
-        {
-            "id": record.id,
-            "label": record.label,
-            "token": record.token,
-            "seq": record.seq,
-            "count": record.count,
-            "limit_reached": record.limit_reached,
-            "tokens_in": record.tokens_in,
-            "tokens_out": record.tokens_out,
-            "states": record.states,
-            "history": [[e.role, e.text, e.agent, e.id, e.message_number] for e in record.history],
-            "history_size": record.history_size,
-        },
-        separators=(",", ":"),
-    )
-
-
-def _decode(data: str) -> SessionRecord:
-    raw = json.loads(data)
-    return SessionRecord(
-        id=raw["id"],
-        label=raw["label"],
-        token=raw["token"],
-        seq=raw["seq"],
-        count=raw["count"],
-        limit_reached=raw["limit_reached"],
-        tokens_in=raw["tokens_in"],
-        tokens_out=raw["tokens_out"],
-        states=raw["states"],
-        history=tuple(HistoryEntry(*entry) for entry in raw["history"]),
-        history_size=raw["history_size"],
-    )
