@@ -82,6 +82,8 @@ class RedisStore(SessionStore):
         self._waiters: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._writing = False  # a batch is being written
+        self._closing = False
 
     # --- life cycle -------------------------------------------------------------
 
@@ -131,9 +133,13 @@ class RedisStore(SessionStore):
                 await self.flush()
         except (TimeoutError, StoreUnavailable):
             log.warning("redis store: could not write everything before closing")
-        for task in self._tasks:
+        self._closing = True
+        self._kick()  # the writer ends after the batch it may be writing
+        self._tasks[1].cancel()  # the renewer
+        # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
+        _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self._redis.aclose()
         await self._blocking.aclose()
@@ -260,7 +266,8 @@ class RedisStore(SessionStore):
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written; StoreUnavailable if it could not be."""
-        if not (self._dirty_logs or self._dirty or self._releases or self._deletes) or self._wake is None:
+        pending = self._dirty_logs or self._dirty or self._releases or self._deletes
+        if not (pending or self._writing) or self._wake is None:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -278,13 +285,16 @@ class RedisStore(SessionStore):
 
     async def _writer(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            self._writing = True
             try:
                 await self._write_batch()
             except Exception:  # connic's own bug: keep writing the next batches
                 log.exception("redis store: writing a batch failed")
+            finally:
+                self._writing = False
 
     async def _write_batch(self) -> None:
         # Letting idle detached sessions go is decided here, a round of the loop after their
@@ -401,9 +411,14 @@ class RedisStore(SessionStore):
         try:
             async with asyncio.timeout(timeout):
                 return await call
-        except TimeoutError:
-            raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turns a cancellation into a connection error (and asyncio.timeout may
+                # take one for its own): the caller was cancelled, so it must stop.
+                raise asyncio.CancelledError from None
+            if isinstance(exc, TimeoutError):
+                raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
             raise StoreUnavailable(f"Redis failed: {exc}") from None
 
 
