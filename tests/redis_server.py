@@ -47,6 +47,7 @@ class RedisServer:
 
     def start(self) -> None:
         """Start it and wait (≤ 10 s) until it accepts connections."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", *_NO_PERSISTENCE, str(self.directory)],
             stdout=subprocess.DEVNULL,
