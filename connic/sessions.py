@@ -118,9 +118,9 @@ class Sessions:
         """
         started = time.perf_counter()
         session = await self.store.get(session_id)
-        if session is None:
-            session = await self._take(session_id, token, last_seq, follow)
         self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
+        if session is None:
+            session = await self._take(session_id, token, last_seq, follow)  # may wait for another process
         if (
             session is None
             or session.sessions is not self

@@ -316,9 +316,9 @@ class Connection:
             self.writer.extend(frames or [])
             following[:] = [last]
 
-        session = await self._reading_meanwhile(
-            sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
-        )
+        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+        # Only a shared store may wait on another process: the memory store answers at once.
+        session = await (self._reading_meanwhile(finding) if sessions.store.durable else finding)
         last_seq = following[0] if following else frame.last_seq
         replay = await session.replay(self, last_seq) if session is not None else None
         if following and (session is None or replay is None):
