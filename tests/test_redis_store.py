@@ -213,6 +213,38 @@ async def test_idle_session_resumes_on_another_process(
     assert seen["number"] == 3  # message_number goes on
     assert [h["text"] for h in seen["history"]][:3] == ["first", before[1]["text"], "second"]
     assert seen["state"]["turns"] == 3  # the agent's own state came along
+    # And back to A, which let it go and must take it again (never two copies).
+    session.drop()
+    conn_a = await session.resume(url=a.url())
+    assert conn_a.connected["resumed"] is True
+    await chat(conn_a, "m4", "fourth")
+    seen = json.loads(session.transcript.end("m4", "assistant")["full_response"])  # type: ignore[index]
+    assert seen["number"] == 4 and seen["state"]["turns"] == 4
+    assert [h["text"] for h in seen["history"] if h["role"] == "user"] == ["first", "second", "third"]
+    session.transcript.assert_complete()
+
+
+async def test_wrong_token_on_another_process_gets_a_fresh_session_at_once(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    Gated.gate = asyncio.Event()  # A stays busy: a right token would follow it
+    a = await process(start_server, redis_url, agents={"assistant": {"use": "gated"}})
+    b = await process(start_server, redis_url, agents={"assistant": {"use": "gated"}})
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    session.drop()
+    right = session.resume_token
+    session.resume_token = right[:-1] + ("A" if right[-1] != "A" else "B")
+    wrong = await session.resume(url=b.url())  # the token is checked before anything waits on A
+    assert wrong.connected["resumed"] is False and wrong.connected["session_id"] != session.session_id
+    session.resume_token = right
+    Gated.gate.set()
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+    await conn_b.until_ended({"m1": ["assistant"]})
     session.transcript.assert_complete()
 
 
