@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import redis.asyncio as aioredis
 from redis_server import RedisServer, running_redis, store_plugin_env
 from resume_helpers import Clients, ResumeSession, words
 
@@ -28,6 +27,8 @@ from connic.stores import SessionRecord
 from connic.stores.redis import RedisStore
 from connic.stores.redis.record import decode, encode
 from helpers import test_registry
+
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 
 @pytest.fixture
