@@ -38,7 +38,7 @@ from connic.frames import Ack, ErrorFrame, MessageFrame, MessageId, encode, sequ
 from connic.frames import History as HistoryFrame
 from connic.history import History
 from connic.message import Message, answer, release_cancellation
-from connic.stores import ReplayLog
+from connic.stores import ReplayLog, SessionRecord
 
 if TYPE_CHECKING:
     from connic.sessions import Sessions, Sink
@@ -115,6 +115,37 @@ class ChatSession:
         self._timer: asyncio.TimerHandle | None = None
         self._held: list[tuple[int, str]] | None = None  # live frames held while a resume reads the log
 
+    @classmethod
+    def restore(cls, sessions: Sessions, record: SessionRecord) -> ChatSession:
+        """Rebuild, detached, a session that a shared store kept (another process served it before)."""
+        session = cls(sessions, record.id)
+        session.token = record.token
+        session.seq = record.seq
+        session.count = record.count
+        session.limit_reached = record.limit_reached
+        session.tokens_in = record.tokens_in
+        session.tokens_out = record.tokens_out
+        session.states = {name: dict(state) for name, state in record.states.items()}
+        session.history.entries = list(record.history)
+        session.history.size = record.history_size
+        return session
+
+    def record(self) -> SessionRecord:
+        """What a shared store keeps of this session (:meth:`restore` rebuilds it)."""
+        return SessionRecord(
+            id=self.id,
+            label=self.sessions.label,
+            token=self.token,
+            seq=self.seq,
+            count=self.count,
+            limit_reached=self.limit_reached,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            states=self.states,
+            history=tuple(self.history.entries),
+            history_size=self.history.size,
+        )
+
     # --- attaching ------------------------------------------------------------
 
     def attach(self, sink: Sink) -> None:
@@ -169,6 +200,30 @@ class ChatSession:
             self.queue.clear()
             self._cancel_current()
         self._arm()
+        self.sessions.store.save(self)
+
+    def leave(self) -> None:
+        """This process lets the session go without ending it: the store keeps it for any process to take.
+
+        A shared store calls this when the session is detached and idle, and the server
+        when it stops; this copy is never used again (its connection, if any, is closed
+        by the server's drain).
+        """
+        if self.state is SessionState.ENDED:
+            return
+        self.state = SessionState.ENDED  # this copy only: the stored session lives on
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sink = None
+        answering, self._answering = self._answering, None
+        if answering is not None:
+            answering.cancel()
+        sessions = self.sessions
+        sessions.live.discard(self)
+        sessions.metrics.sessions_open.dec(sessions.label)
+        self.idle.set()
+        sessions.store.release(self)
 
     def end(self, error: ConnicError | None = None, notify: bool = True) -> None:
         """End the session for good; its connection, if any, closes with ``error``."""
@@ -349,6 +404,7 @@ class ChatSession:
             bound = self.sessions.options.max_history_bytes
             if history.size > bound:
                 history.trim(bound, newest)
+            self.sessions.store.save(self)
 
     # --- sending --------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from connic.errors import ConnicError
 from connic.metrics import Metrics
 from connic.pipeline import TurnChain
 from connic.session import ChatSession, SessionState
-from connic.stores import SessionStore
+from connic.stores import Follow, SessionStore
 
 __all__ = ["RateLimitOptions", "SessionOptions", "Sessions", "Sink"]
 
@@ -71,6 +71,8 @@ class SessionOptions(Protocol):
     def on_disconnect(self) -> str: ...
     @property
     def max_history_bytes(self) -> int: ...
+    @property
+    def producer_timeout(self) -> float: ...
 
 
 class Sessions:
@@ -106,28 +108,60 @@ class Sessions:
         self.metrics.sessions_open.inc(self.label)
         return session
 
-    async def find(self, session_id: str, token: str, last_seq: int) -> ChatSession | None:
-        """The session a resume names, if it can be resumed with this token from ``last_seq``."""
+    async def find(
+        self, session_id: str, token: str, last_seq: int, follow: Follow | None = None
+    ) -> ChatSession | None:
+        """The session a resume names, if it can be resumed with this token from ``last_seq``.
+
+        When another process serves it, it is taken over once that process lets it go;
+        meanwhile ``follow`` gets the frames that process logs (:meth:`SessionStore.take`).
+        """
         started = time.perf_counter()
         session = await self.store.get(session_id)
         self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
+        if session is None:
+            session = await self._take(session_id, token, last_seq, follow)  # may wait for another process
         if (
             session is None
             or session.sessions is not self
             or session.state is SessionState.ENDED
-            or session.token is None
-            or not hmac.compare_digest(session.token.encode(), token.encode("utf-8", "surrogatepass"))
+            or not _token_matches(session.token, token)
             or last_seq > session.seq
         ):
+            return None
+        return session
+
+    async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
+        """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
+        record = await self.store.load(session_id)
+        if record is None or record.label != self.label or not _token_matches(record.token, token):
+            return None
+        # Its owner may still be answering: wait for it to let go (never two copies at once).
+        record = await self.store.take(session_id, self.options.producer_timeout, follow, last_seq)
+        if record is None:
+            return None
+        session = ChatSession.restore(self, record)
+        self.live.add(session)
+        self.metrics.sessions_open.inc(self.label)
+        await self.store.add(session)
+        if last_seq > session.seq:
+            session.leave()  # not this session's frames: let it go again
             return None
         return session
 
     async def shutdown(self, grace: float) -> None:
         """Drain every session (queued messages refused, in-flight replies given ``grace`` seconds), then end them.
 
-        Sessions end with this process: the memory store does not outlive it.
+        Sessions end with this process, unless the store outlives it (``durable``).
         """
         self.draining = True
         await asyncio.gather(*(s.drain(grace) for s in list(self.live)), return_exceptions=True)
         for session in list(self.live):
-            session.end()
+            if self.store.durable:
+                session.leave()  # a shared store keeps it: it resumes on another (or the next) process
+            else:
+                session.end()
+
+
+def _token_matches(expected: str | None, token: str) -> bool:
+    return expected is not None and hmac.compare_digest(expected.encode(), token.encode("utf-8", "surrogatepass"))

@@ -9,18 +9,51 @@ in the background (appending a frame, forgetting a session), so that streaming
 a reply never waits for a round trip per chunk.
 
 The built-in ``memory`` store (:mod:`connic.stores.memory`) keeps everything in
-the process: sessions outlive their connections, not the process.
+the process: sessions outlive their connections, not the process. A store shared
+between processes (:mod:`connic.stores.redis`) also keeps each session's
+:class:`SessionRecord`, from which another process rebuilds the session
+(:meth:`SessionStore.load`, :meth:`SessionStore.take`).
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from connic.agent import HistoryEntry
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["ReplayLog", "SessionStore"]
+__all__ = ["Follow", "ReplayLog", "SessionRecord", "SessionStore"]
+
+Follow = Callable[[list[str] | None, int], None]
+"""Where :meth:`SessionStore.take` hands the frames another process logs while it waits.
+
+Called first with the logged frames after the resume's ``last_seq`` (None when one of
+them was evicted) and the newest seq, then with each batch of new frames and the seq of
+its last one.
+"""
+
+
+@attrs.frozen
+class SessionRecord:
+    """What a shared store keeps of a session, enough for any process to rebuild it."""
+
+    id: str
+    label: str  # the connector's path
+    token: str | None
+    seq: int
+    count: int
+    limit_reached: bool
+    tokens_in: int
+    tokens_out: int
+    states: Mapping[str, dict[str, Any]]
+    history: Sequence[HistoryEntry]
+    history_size: int
 
 
 class ReplayLog(abc.ABC):
@@ -48,6 +81,8 @@ class SessionStore:
     """
 
     Options: ClassVar[type[Any] | None] = None
+    durable: ClassVar[bool] = False
+    """Whether sessions outlive the server process (then it lets them go when it stops rather than end them)."""
 
     def __init__(self, options: Any = None) -> None:
         self.options = options
@@ -69,6 +104,41 @@ class SessionStore:
     def discard(self, session_id: str) -> None:
         """Forget a session that has ended for good (a no-op if it is unknown)."""
         raise NotImplementedError
+
+    def save(self, session: ChatSession) -> None:
+        """The session changed (an exchange ended, it detached, its last reply ended): keep it.
+
+        Called by the session core; a shared store writes the record in the background.
+        The in-process default keeps nothing more than the live session.
+        """
+
+    def release(self, session: ChatSession) -> None:
+        """This process let ``session`` go (:meth:`ChatSession.leave`): keep it for another process.
+
+        Only a store that outlives the process keeps it; the default forgets it.
+        """
+        self.discard(session.id)
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        """The record of a session that is not live in this process, if the store keeps one.
+
+        Only read, to check a resume before :meth:`take`. The default (a store of live
+        sessions only) keeps no records.
+        """
+        return None
+
+    async def take(
+        self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
+    ) -> SessionRecord | None:
+        """Become the one process serving the session, waiting for its owner to let go.
+
+        Without ``follow`` the wait ends after ``wait`` seconds. With it, the frames the
+        owner logs after seq ``after`` are handed to ``follow`` as they come, for as long as
+        the owner lives (``wait`` is then its lease: how long a dead owner goes unnoticed).
+        Returns the record as it is once owned (None if the session is gone or the wait ran
+        out); the caller rebuilds the session from it and hands it to :meth:`add`.
+        """
+        return None
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A new, empty replay log for a session, keeping at most ``capacity`` frames."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from connic.errors import (
     AuthTimeout,
@@ -26,6 +27,7 @@ from connic.errors import (
     ProtocolError,
     ServerRestarting,
     ServerShuttingDown,
+    StoreUnavailable,
     Unauthorized,
     UnsupportedFrame,
 )
@@ -70,7 +72,9 @@ class Connection:
     """One client connection, attached to one session at a time."""
 
     __slots__ = (
+        "_inbox",
         "_loop",
+        "_receiving",
         "client_close",
         "closed",
         "fresh",
@@ -93,6 +97,8 @@ class Connection:
         self.fresh = False  # the session was made for this connection and no message was sent yet
         self.client_close: int | None = None  # the code of a close the client started
         self.closed = Flag()  # set once the connection has cleaned up
+        self._inbox: list[WSMessage] = []  # read while a resume waited (_reading_meanwhile), not yet handled
+        self._receiving: asyncio.Future[WSMessage] | None = None  # a read begun then, still under way
         self._loop = asyncio.get_running_loop()
         self.started = self._loop.time()
         opts = transport.options
@@ -156,6 +162,8 @@ class Connection:
             if await self._authenticate(handshake_secret):
                 self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 await self._read()
+        except StoreUnavailable as exc:
+            self.close(exc)  # a shared store failed opening or resuming the session: 1011, try again later
         finally:
             await self._cleanup()
 
@@ -164,6 +172,8 @@ class Connection:
         # so what must happen does not wait on anything first.
         self.phase = Phase.CLOSED
         self.heartbeat.stop()
+        if self._receiving is not None:
+            self._receiving.cancel()
         session = self.session
         if session is not None:
             if self.client_close == 1000 and session.sink is self:
@@ -304,8 +314,23 @@ class Connection:
             return
         assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
         sessions = self.transport.sessions
-        session = await sessions.find(frame.session_id, frame.resume_token, frame.last_seq)
-        replay = await session.replay(self, frame.last_seq) if session is not None else None
+        following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
+
+        def follow(frames: list[str] | None, last: int) -> None:
+            if not following:
+                self._connected_following(frame, last, recovered=frames is not None)
+            self.writer.extend(frames or [])
+            following[:] = [last]
+
+        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+        # Only a shared store may wait on another process: the memory store answers at once.
+        session = await (self._reading_meanwhile(finding) if sessions.store.durable else finding)
+        last_seq = following[0] if following else frame.last_seq
+        replay = await session.replay(self, last_seq) if session is not None else None
+        if following and (session is None or replay is None):
+            # connected said resumed: the session is still in the store, to be resumed again.
+            self.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
+            return
         if session is None or replay is None:
             sessions.metrics.resumes.inc(sessions.label, "failed")
             # A wrong token counts as a failed authentication, so tokens cannot be guessed
@@ -319,9 +344,10 @@ class Connection:
         self.session = session
         self.fresh = False
         self.writer.name = session.id
-        self._connected(session, resumed=True, recovered=recovered)
+        if not following:
+            self._connected(session, resumed=True, recovered=recovered)
         self.writer.extend(frames)
-        session.resume(self, frame.last_seq + len(frames))
+        session.resume(self, last_seq + len(frames))
         self.phase = Phase.OPEN
         log.info(
             "resume session=%s peer=%s connector=%s last_seq=%d replayed=%d recovered=%s",
@@ -333,18 +359,59 @@ class Connection:
             recovered,
         )
 
+    async def _reading_meanwhile(self, finding: Awaitable[ChatSession | None]) -> ChatSession | None:
+        """Await ``finding`` while still reading the socket.
+
+        Finding a session another process answers can take as long as its reply: the
+        client's pings and pongs are answered meanwhile (the heartbeat sees it alive) and
+        its other frames are held in order, to be handled once the session is taken over.
+        """
+        task = asyncio.ensure_future(finding)
+        try:
+            while not task.done():
+                if self._receiving is None and not (self._inbox and self._inbox[-1].type not in _DATA):
+                    self._receiving = asyncio.ensure_future(self.ws.receive())
+                    self._receiving.add_done_callback(_consume)
+                waiting: set[asyncio.Future[Any]] = {task} if self._receiving is None else {task, self._receiving}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                receiving = self._receiving
+                if receiving is not None and receiving.done():
+                    self._receiving = None
+                    msg = receiving.result()
+                    self.heartbeat.last_seen = self._loop.time()
+                    if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                        self._control(msg.type, msg.data)
+                    elif msg.type is WSMsgType.TEXT and not self._inbox and _is_ping(msg.data):
+                        self.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
+                    else:
+                        self._inbox.append(msg)
+            return task.result()
+        finally:
+            task.cancel()
+
     def _connected(self, session: ChatSession, *, resumed: bool | None, recovered: bool | None = None) -> None:
+        self._send_connected(session.id, session.token, resumed, recovered, session.seq if resumed else None)
+
+    def _connected_following(self, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:
+        # Another process still answers: resumed, following its frames until it lets the session go.
+        assert frame.session_id is not None
+        self.writer.name = frame.session_id
+        self._send_connected(frame.session_id, frame.resume_token, True, recovered, last_seq)
+
+    def _send_connected(
+        self, session_id: str, token: str | None, resumed: bool | None, recovered: bool | None, last_seq: int | None
+    ) -> None:
         opts = self.transport.options
         frame = Connected(
-            session_id=session.id,
+            session_id=session_id,
             agents=self.transport.agent_names,
             streaming=opts.streaming,
             max_messages=opts.max_messages,
             session_timeout=_number(opts.session_timeout),
-            resume_token=session.token,
+            resume_token=token,
             resumed=resumed,
             recovered=recovered,
-            last_seq=session.seq if resumed else None,
+            last_seq=last_seq,
         )
         self.writer.send_nowait(encode(frame))
 
@@ -355,7 +422,12 @@ class Connection:
         ws = self.ws
         writer = self.writer
         while True:
-            msg = await ws.receive()
+            if self._inbox:
+                msg = self._inbox.pop(0)
+            elif self._receiving is not None:
+                msg, self._receiving = await self._receiving, None
+            else:
+                msg = await ws.receive()
             self.heartbeat.last_seen = self._loop.time()
             kind = msg.type
             if kind is WSMsgType.TEXT:
@@ -422,6 +494,22 @@ class Connection:
     def _control(self, kind: WSMsgType, payload: bytes) -> None:
         if kind is WSMsgType.PING:
             write_control(self.writer.transport, WSMsgType.PONG, payload)
+
+
+_DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an error) nothing more is read
+
+
+def _is_ping(data: str) -> bool:
+    try:
+        return isinstance(parse_client_frame(data), PingFrame)
+    except ProtocolError:
+        return False
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # A read abandoned by a closing connection: take its outcome so asyncio does not log it.
+    if not future.cancelled():
+        future.exception()
 
 
 def _number(value: float) -> float | int:

@@ -1,0 +1,137 @@
+"""The ``redis`` store across real processes: ``python -m connic run`` twice, sharing one ``redis-server``.
+
+Real ``websockets`` clients on loopback; a drop is a TCP reset with no close frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import RedisServer, running_redis, store_plugin_env
+from resume_helpers import Clients, Conn, ResumeSession, words
+
+from conftest import SECRET, CliServer, start_cli
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    async with Clients() as opened:
+        yield opened
+
+
+@pytest.fixture
+def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """Start ``python -m connic run`` processes sharing ``redis_server``; stopped at the end."""
+    config = tmp_path / "connic.toml"
+    config.write_text(
+        '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
+        f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 5\n'
+        f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
+    )
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start(*args: str) -> CliServer:
+        server = await asyncio.to_thread(start_cli, "--config", str(config), *args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def chat(conn: Conn, message_id: str, text: str) -> None:
+    await conn.send({"type": "message", "id": message_id, "payload": {"message": text}})
+    await conn.until_ended({message_id: ["assistant"]})
+
+
+async def history(conn: Conn) -> list[str]:
+    await conn.send({"type": "history"})
+    frames = await conn.until_type("history")
+    return [entry["text"] for entry in frames[-1]["entries"]]
+
+
+async def stop(server: CliServer) -> int:
+    code, _ = await asyncio.to_thread(server.stop)
+    return code
+
+
+async def test_idle_session_moves_to_the_other_process(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await chat(conn, "m1", "hello there")
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True and conn_b.connected["session_id"] == session.session_id
+    await chat(conn_b, "m2", "again")
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+    assert await history(conn_b) == ["hello there", "hello there", "again", "again"]
+    session.transcript.assert_complete()
+
+
+async def test_reply_dropped_on_one_process_streams_on_through_the_other(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(300)  # 300 chunks, 20 ms apart: about 6 s
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+    # Live: B sends A's frames while A still answers (the reply is not over when connected came).
+    assert conn_b.connected["last_seq"] < 3 + 300
+    await conn_b.until_ended({"m1": ["assistant"]}, timeout=30)
+    session.transcript.assert_complete()
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["full_response"] == text
+    await chat(conn_b, "m2", "after")  # B serves the session now
+    assert await history(conn_b) == [text, text, "after", "after"]
+
+
+async def test_sessions_resume_after_every_process_restarted(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    sessions = []
+    for server in (a, b):
+        session = ResumeSession(clients, server.url)
+        conn = await session.start()
+        await chat(conn, "m1", f"kept by {server.port}")
+        sessions.append(session)
+    assert await stop(a) == 0 and await stop(b) == 0  # SIGTERM: drained, the sessions let go
+    c = await launch()
+    for session, port in zip(sessions, (a.port, b.port), strict=True):
+        conn = await session.resume(url=c.url)
+        assert conn.connected["resumed"] is True
+        assert await history(conn) == [f"kept by {port}"] * 2
+        await chat(conn, "m2", "still here")
+        assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+async def test_workers_share_sessions(launch: Any, clients: Clients) -> None:
+    server = await launch("--workers", "2")
+    sessions = []
+    for i in range(6):
+        session = ResumeSession(clients, server.url)
+        conn = await session.start()
+        await chat(conn, "m1", f"session {i}")
+        session.drop()
+        sessions.append(session)
+    # Each resume lands on whichever worker the kernel picks: every one finds its session.
+    for i, session in enumerate(sessions):
+        conn = await session.resume()
+        assert conn.connected["resumed"] is True, conn.connected
+        assert await history(conn) == [f"session {i}"] * 2

@@ -1,0 +1,372 @@
+"""The ``redis`` store: durable sessions that move between connic processes (PROTOCOL.md §7).
+
+A real ``redis-server`` (tests/redis_server.py) on a free loopback port; "processes" are
+connic apps in this test process, each with its own registry, store and TestServer, sharing
+that one Redis. Clients are real ``websockets`` clients (tests/resume_helpers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from redis_server import RedisServer, running_redis, store_plugin_env
+from resume_helpers import Clients, ResumeSession, words
+
+import connic
+from conftest import ROOT, SECRET, Server, StartServer, make_config
+from connic.agent import HistoryEntry
+from connic.registry import Registry
+from connic.stores import SessionRecord
+from connic.stores.redis import RedisStore
+from connic.stores.redis.record import decode, encode
+from helpers import test_registry
+
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    async with Clients() as opened:
+        yield opened
+
+
+class Gated(connic.Agent):
+    """Streams a word, waits until the test opens :attr:`gate`, then streams another."""
+
+    gate: ClassVar[asyncio.Event]
+
+    async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
+        yield "before "
+        await Gated.gate.wait()
+        yield "after"
+
+
+def registry() -> Registry:
+    reg = test_registry()
+    reg.register("stores", "redis", RedisStore)
+    reg.register("agents", "gated", Gated)
+    return reg
+
+
+def config(url: str, connector: dict[str, Any] | None = None, agents: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = make_config({"producer_timeout": 5, **(connector or {})}, agents)
+    data["store"] = {"use": "redis", "url": url, "timeout": 2}
+    return data
+
+
+async def process(start_server: StartServer, url: str, **kwargs: Any) -> Server:
+    """One connic "process": an app with its own registry and store, on its own port."""
+    return await start_server(config(url, **kwargs), registry=registry())
+
+
+async def chat(conn: Any, message_id: str, text: str) -> list[dict[str, Any]]:
+    await conn.send({"type": "message", "id": message_id, "payload": {"message": text}})
+    return await conn.until_ended({message_id: ["assistant"]})  # type: ignore[no-any-return]
+
+
+async def history(conn: Any) -> list[dict[str, Any]]:
+    await conn.send({"type": "history"})
+    frames = await conn.until_type("history")
+    return frames[-1]["entries"]  # type: ignore[no-any-return]
+
+
+async def keys(url: str, pattern: str = "*") -> list[str]:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return sorted(await client.keys(pattern))
+    finally:
+        await client.aclose()
+
+
+# --- the record ----------------------------------------------------------------------
+
+
+def test_record_round_trip() -> None:
+    record = SessionRecord(
+        id="s",
+        label="/ws",
+        token="t" * 32,
+        seq=17,
+        count=3,
+        limit_reached=True,
+        tokens_in=5,
+        tokens_out=7,
+        states={"assistant": {"turns": 2, "nested": {"a": [1, "é"]}}},
+        history=(
+            HistoryEntry("user", "héllo \ud800 lone", None, "m1", 1),
+            HistoryEntry("agent", "answer", "assistant", 2, 1),
+        ),
+        history_size=30,
+    )
+    assert decode(encode(record)) == record
+
+
+# --- one process -----------------------------------------------------------------
+
+
+async def test_session_keys_share_one_hash_tag_and_end_deletes_them(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_url)
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    await chat(conn, "m1", "one two")
+    prefix = f"connic:{{{session.session_id}}}:"
+    assert await keys(redis_url) == [prefix + name for name in ("fence", "log", "owner", "record")]
+    await conn.ws.close(1000)  # the client says goodbye: the session ends for good
+    for _ in range(200):
+        if not await keys(redis_url):
+            break
+        await asyncio.sleep(0.02)
+    assert await keys(redis_url) == []
+
+
+async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_url, connector={"replay_buffer": 5})
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    await chat(conn, "m1", words(6))  # ack, stream_start, 6 chunks, stream_end: seq 1..9
+    last = session.transcript.last_seq
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        entries = await client.xrange(f"connic:{{{session.session_id}}}:log")
+    finally:
+        await client.aclose()
+    assert [entry_id for entry_id, _ in entries] == [f"0-{seq}" for seq in range(last - 4, last + 1)]
+    assert [json.loads(fields["f"])["seq"] for _, fields in entries] == list(range(last - 4, last + 1))
+    session.drop()
+    # From a seq still logged: the frames after it, no gap.
+    resumed = await session.resume(last_seq=last - 2)
+    assert resumed.connected["resumed"] is True and resumed.connected["recovered"] is True
+    frames = [await resumed.recv() for _ in range(2)]
+    assert [f["seq"] for f in frames] == [last - 1, last]
+    session.drop()
+    # From a seq whose successor was trimmed: recovered false and nothing replayed.
+    again = await session.resume(last_seq=1)
+    assert again.connected["resumed"] is True and again.connected["recovered"] is False
+    await again.send({"type": "ping"})
+    assert (await again.recv()) == {"type": "pong"}
+
+
+async def test_a_process_that_lost_ownership_writes_nothing(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_url, agents={"assistant": {"use": "echo", "delay": 0.05}})
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    await chat(conn, "m1", "one")
+    log_key = f"connic:{{{session.session_id}}}:log"
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        logged = await client.xlen(log_key)
+        # Another process took the session over (this one's lease ran out meanwhile).
+        await client.set(f"connic:{{{session.session_id}}}:owner", "999999")
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": words(20)}})
+        code, frames = await conn.closed()
+        assert code == 4011, frames
+        assert any(f.get("code") == "session_taken_over" for f in frames), frames
+        assert await client.xlen(log_key) == logged  # the fencing token refused every frame
+    finally:
+        await client.aclose()
+
+
+# --- two processes ---------------------------------------------------------------
+
+
+async def test_idle_session_resumes_on_another_process(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    a = await process(start_server, redis_url, agents={"assistant": {"use": "inspect"}})
+    b = await process(start_server, redis_url, agents={"assistant": {"use": "inspect"}})
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await chat(conn, "m1", "first")
+    await chat(conn, "m2", "second")
+    before = await history(conn)
+    session.drop()
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+    assert conn_b.connected["session_id"] == session.session_id
+    assert conn_b.connected["last_seq"] == session.transcript.last_seq
+    assert await history(conn_b) == before
+    await chat(conn_b, "m3", "third")
+    seen = json.loads(session.transcript.end("m3", "assistant")["full_response"])  # type: ignore[index]
+    assert seen["number"] == 3  # message_number goes on
+    assert [h["text"] for h in seen["history"]][:3] == ["first", before[1]["text"], "second"]
+    assert seen["state"]["turns"] == 3  # the agent's own state came along
+    # And back to A, which let it go and must take it again (never two copies).
+    session.drop()
+    conn_a = await session.resume(url=a.url())
+    assert conn_a.connected["resumed"] is True
+    await chat(conn_a, "m4", "fourth")
+    seen = json.loads(session.transcript.end("m4", "assistant")["full_response"])  # type: ignore[index]
+    assert seen["number"] == 4 and seen["state"]["turns"] == 4
+    assert [h["text"] for h in seen["history"] if h["role"] == "user"] == ["first", "second", "third"]
+    session.transcript.assert_complete()
+
+
+async def test_wrong_token_on_another_process_gets_a_fresh_session_at_once(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    Gated.gate = asyncio.Event()  # A stays busy: a right token would follow it
+    a = await process(start_server, redis_url, agents={"assistant": {"use": "gated"}})
+    b = await process(start_server, redis_url, agents={"assistant": {"use": "gated"}})
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    session.drop()
+    right = session.resume_token
+    session.resume_token = right[:-1] + ("A" if right[-1] != "A" else "B")
+    wrong = await session.resume(url=b.url())  # the token is checked before anything waits on A
+    assert wrong.connected["resumed"] is False and wrong.connected["session_id"] != session.session_id
+    session.resume_token = right
+    Gated.gate.set()
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+    await conn_b.until_ended({"m1": ["assistant"]})
+    session.transcript.assert_complete()
+
+
+async def test_reply_dropped_on_one_process_finishes_on_the_other(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    agents = {"assistant": {"use": "echo", "delay": 0.02}}
+    a = await process(start_server, redis_url, agents=agents)
+    b = await process(start_server, redis_url, agents=agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    text = words(60)
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()  # mid-reply: A keeps answering into the log
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+    await conn_b.until_ended({"m1": ["assistant"]})
+    session.transcript.assert_complete()  # every seq once, none missing
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["full_response"] == text
+    assert "".join(session.transcript.chunks("m1", "assistant")) == text
+    # B now serves the session: the next message is answered there, with the history.
+    await chat(conn_b, "m2", "next")
+    assert [e["text"] for e in await history(conn_b)] == [text, text, "next", "next"]
+
+
+async def test_resume_on_another_process_follows_the_reply_live_and_holds_new_messages(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    Gated.gate = asyncio.Event()
+    agents = {"assistant": {"use": "gated"}}
+    a = await process(start_server, redis_url, agents=agents)
+    b = await process(start_server, redis_url, agents=agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    session.drop()
+    # A is still answering (its agent waits on the gate): B resumes at once, following A's log.
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+    await conn_b.send({"type": "ping"})
+    assert await conn_b.recv() == {"type": "pong"}  # B reads the client meanwhile
+    await conn_b.send({"type": "message", "id": "m2", "payload": {"message": "held"}})
+    Gated.gate.set()  # the rest of A's reply reaches the client through B, live
+    await conn_b.until_ended({"m1": ["assistant"], "m2": ["assistant"]})
+    session.transcript.assert_complete()
+    assert session.transcript.end("m1", "assistant")["full_response"] == "before after"  # type: ignore[index]
+    order = [(f["type"], f["id"]) for f in session.transcript.ordered() if f["type"] in ("ack", "stream_end")]
+    assert order == [("ack", "m1"), ("stream_end", "m1"), ("ack", "m2"), ("stream_end", "m2")]
+    assert conn_b.connected["last_seq"] >= 3  # ack, stream_start, the first chunk
+    texts = [e["text"] for e in await history(conn_b)]
+    assert texts == ["go", "before after", "held", "before after"]
+
+
+async def test_sessions_survive_a_restart_of_every_process(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    agents = {"assistant": {"use": "inspect"}}
+    a = await process(start_server, redis_url, agents=agents)
+    b = await process(start_server, redis_url, agents=agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await chat(conn, "m1", "remember me")
+    for server in (a, b):
+        await server.server.close()  # every process stops (drain: the session is let go, not ended)
+    c = await process(start_server, redis_url, agents=agents)
+    conn_c = await session.resume(url=c.url())
+    assert conn_c.connected["resumed"] is True
+    await chat(conn_c, "m2", "and now?")
+    seen = json.loads(session.transcript.end("m2", "assistant")["full_response"])  # type: ignore[index]
+    assert seen["history"][0]["text"] == "remember me"
+    assert seen["number"] == 2
+
+
+# --- Redis failures ------------------------------------------------------------------
+
+
+async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redis_server: RedisServer) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        '[agents.assistant]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["s"]\n'
+        f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = 1\n'
+    )
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "connic", "run", "--port", "0", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=store_plugin_env(tmp_path / "plugins"),
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[store] url" in lines[0] and url in lines[0], proc.stderr
+
+
+async def test_store_failure_while_running_closes_1011_then_resumes(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_server.url)
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    await chat(conn, "m1", "one")
+    redis_server.stop()
+    await conn.send({"type": "message", "id": "m2", "payload": {"message": "two"}})
+    code, frames = await conn.closed(timeout=15)
+    assert code == 1011, frames
+    assert any(f.get("code") == "store_unavailable" and f.get("id") is None for f in frames), frames
+    # A new handshake while Redis is down: store_unavailable, 1011 (the server does not crash).
+    fresh = await clients.open(server.url())
+    await fresh.send({"secret": SECRET})
+    code, frames = await fresh.closed(timeout=15)
+    assert code == 1011 and frames[-1]["code"] == "store_unavailable", frames
+    redis_server.start()  # back (empty: it kept nothing): new sessions work without a restart
+    again = ResumeSession(clients, server.url())
+    conn = await again.start()
+    await chat(conn, "m1", "hello again")
