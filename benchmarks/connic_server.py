@@ -35,7 +35,7 @@ from pace_agent import HistoryPaceAgent
 
 import connic
 from connic.app import RUNTIME
-from connic.cli import _serve  # private, but it serves exactly as `connic run` does
+from connic.cli import serve  # it serves exactly as `connic run` does
 from connic.transports.websocket import WebSocketTransport
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -82,7 +82,7 @@ def session_stats(app: web.Application) -> dict[str, Any]:
             encoded += size
             # What the memory store's log costs in this process: each frame a str object
             # and a deque slot (a private attribute; this is a benchmark, not connic's API).
-            logged = getattr(session.log, "_frames", ())
+            logged = getattr(session.log, "_frames", None) or ()
             in_memory += sum(sys.getsizeof(f) + 8 for f in logged)
     return {
         "states": dict(states),
@@ -109,7 +109,7 @@ def main() -> None:
         return web.json_response(session_stats(app))
 
     app.router.add_get("/bench/stats", stats)
-    asyncio.run(_serve(app, "127.0.0.1", args.port, None))
+    asyncio.run(serve(app, "127.0.0.1", args.port, "--port"))
 
 
 if __name__ == "__main__":
