@@ -16,7 +16,7 @@ import attrs
 import pytest
 
 import connic
-from conftest import Connect, StartServer, make_config
+from conftest import SECRET, Connect, StartServer, make_config
 from helpers import test_registry
 
 
@@ -237,3 +237,24 @@ async def test_echo_without_demo_tools_yields_no_events(start_server: StartServe
     client = await connect(server.url())
     frames = await client.reply({"message": "one two"})
     assert [f["type"] for f in frames] == ["ack", "stream_start", "stream_chunk", "stream_chunk", "stream_end"]
+
+
+async def test_progress_frames_are_replayed_on_resume(start_server: StartServer, connect: Connect) -> None:
+    agents = {"echo": {"use": "echo", "demo_tools": True, "delay": 0.1}}
+    server = await start_server(make_config({"progress_events": True}, agents))
+    first = await connect(server.url(), keep_seq=True)
+    connected = first.connected  # type: ignore[attr-defined]
+    await first.send({"id": "m1", "message": "one two three"})
+    seen = await first.until("tool_call")
+    assert [(f["type"], f["seq"]) for f in seen] == [("ack", 1), ("stream_start", 2), ("progress", 3), ("tool_call", 4)]
+    first.ws.transport.abort()  # a drop, no close frame: the session detaches
+
+    again = await connect(server.url(), secret=None, expect_connected=False, keep_seq=True)
+    resume = {"type": "resume", "session_id": connected["session_id"], "last_seq": 2, "secret": SECRET}
+    await again.send({**resume, "resume_token": connected["resume_token"]})
+    assert (await again.recv())["resumed"] is True
+    frames = await again.until("stream_end")
+    assert [f["type"] for f in frames[:3]] == ["progress", "tool_call", "tool_result"]
+    assert frames[0]["seq"] == 3 and frames[0]["stage"] == "thinking"
+    assert frames[2]["result"] == {"words": 3}
+    assert frames[-1]["full_response"] == "one two three"
