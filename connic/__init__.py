@@ -1,11 +1,11 @@
 """connic: serve chat agents over WebSocket, on aiohttp.
 
 The public API lives here: the agent API (:class:`Agent`, :class:`Turn`,
-:class:`Usage` ...), middleware and transport base classes, configuration,
+:class:`Usage`, :class:`ToolCall` ...), middleware and transport base classes, configuration,
 the application factories and the error hierarchy.
 """
 
-from connic.agent import Agent, File, HistoryEntry, Session, Turn, Usage
+from connic.agent import Agent, File, HistoryEntry, Progress, Session, ToolCall, ToolResult, Turn, Usage
 from connic.app import RUNTIME, Runtime, build_runtime, create_app, drain, setup
 from connic.config import Config, load_config, parse_config
 from connic.errors import (
@@ -38,10 +38,13 @@ __all__ = [
     "InvalidMessage",
     "Middleware",
     "PluginError",
+    "Progress",
     "ProtocolError",
     "Registry",
     "Runtime",
     "Session",
+    "ToolCall",
+    "ToolResult",
     "Transport",
     "Turn",
     "Usage",

@@ -1,19 +1,33 @@
 """The agent API: what a plugin author writes against.
 
 An agent is a class deriving from :class:`Agent` with one async-generator method,
-:meth:`Agent.respond`, that yields text chunks and, optionally, a :class:`Usage`.
+:meth:`Agent.respond`, that yields text chunks and, optionally, a :class:`Usage` and
+progress events (:class:`ToolCall`, :class:`ToolResult`, :class:`Progress`).
 It never sees JSON or sockets: the transport hands it a :class:`Turn`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, overload
 
 import attrs
 
-__all__ = ["Agent", "File", "HistoryEntry", "HistoryView", "Session", "Turn", "Usage"]
+__all__ = [
+    "Agent",
+    "File",
+    "HistoryEntry",
+    "HistoryView",
+    "Progress",
+    "ProgressEvent",
+    "Session",
+    "ToolCall",
+    "ToolResult",
+    "Turn",
+    "Usage",
+]
 
 
 MAX_TOKENS = 2**53 - 1
@@ -57,6 +71,85 @@ def _refuse(value: Any, name: str) -> None:
     if not 0 <= value <= MAX_TOKENS:
         shown = str(value) if value.bit_length() <= 64 else f"a {value.bit_length()}-bit number"
         raise ValueError(f"Usage.{name} must be from 0 to 2**53 - 1, got {shown}")
+
+
+# What the wire can carry: strict JSON (no NaN or Infinity, which JSON has no word for).
+_json_check = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=True).encode
+
+
+def _json_value(value: Any, what: str) -> None:
+    """Raise ``TypeError`` unless ``value`` encodes as strict JSON (checked once, where the agent made it)."""
+    try:
+        _json_check(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def _text(value: Any, what: str) -> None:
+    if type(value) is not str:
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+
+
+@attrs.frozen
+class ToolCall:
+    """An agent calls a tool: sent to the client as a ``tool_call`` frame (PROTOCOL.md §9).
+
+    ``call_id`` pairs the call with its :class:`ToolResult`; ``arguments`` is a
+    mapping that encodes as JSON. Like :class:`Usage`, a bad value raises
+    ``TypeError`` here, in the agent, which makes the turn an ``agent_error``.
+    Progress events never enter the answer's text or the history.
+    """
+
+    call_id: str
+    name: str
+    arguments: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        _text(self.call_id, "ToolCall.call_id")
+        _text(self.name, "ToolCall.name")
+        if not isinstance(self.arguments, Mapping):
+            raise TypeError(f"ToolCall.arguments must be a mapping, not {type(self.arguments).__name__}")
+        _json_value(dict(self.arguments), "ToolCall.arguments")
+
+
+@attrs.frozen
+class ToolResult:
+    """What a tool returned (``is_error`` when it failed): a ``tool_result`` frame (PROTOCOL.md §9).
+
+    ``result`` is any JSON-serialisable value; a bad value raises ``TypeError`` here.
+    """
+
+    call_id: str
+    name: str
+    result: Any = None
+    is_error: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        _text(self.call_id, "ToolResult.call_id")
+        _text(self.name, "ToolResult.name")
+        if type(self.is_error) is not bool:
+            raise TypeError(f"ToolResult.is_error must be a bool, not {type(self.is_error).__name__}")
+        _json_value(self.result, "ToolResult.result")
+
+
+@attrs.frozen
+class Progress:
+    """Anything else an agent reports doing (``"thinking"``, ``"retrieving"``): a ``progress`` frame.
+
+    ``stage`` is a short word; ``detail`` any JSON-serialisable value or None.
+    """
+
+    stage: str
+    detail: Any = None
+
+    def __attrs_post_init__(self) -> None:
+        _text(self.stage, "Progress.stage")
+        if self.detail is not None:
+            _json_value(self.detail, "Progress.detail")
+
+
+ProgressEvent = ToolCall | ToolResult | Progress
+"""What an agent may yield besides text and :class:`Usage` to tell the client what it is doing."""
 
 
 @attrs.frozen
@@ -189,6 +282,10 @@ class Agent:
     async def close(self) -> None:
         """Release what :meth:`start` acquired when the server stops."""
 
-    def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Answer one turn: yield text chunks, and optionally a :class:`Usage`."""
+    def respond(self, turn: Turn) -> AsyncIterator[str | Usage | ProgressEvent]:
+        """Answer one turn: yield text chunks, optionally a :class:`Usage`, and progress events.
+
+        Progress events (:class:`ToolCall`, :class:`ToolResult`, :class:`Progress`) reach
+        the client only on a connector with ``progress_events = true``.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement respond()")

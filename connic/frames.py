@@ -41,12 +41,15 @@ __all__ = [
     "MessageFrame",
     "PingFrame",
     "Pong",
+    "ProgressFrame",
     "Response",
     "ResumeFrame",
     "ServerFrame",
     "StreamChunk",
     "StreamEnd",
     "StreamStart",
+    "ToolCallFrame",
+    "ToolResultFrame",
     "encode",
     "parse_client_frame",
     "sequenced",
@@ -175,6 +178,69 @@ class Response:
 
 
 @attrs.define
+class ToolCallFrame:
+    """An agent calls a tool (PROTOCOL.md §9, sent only with ``progress_events``)."""
+
+    type: ClassVar[str] = "tool_call"
+    id: MessageId
+    agent: str
+    call_id: str
+    name: str
+    arguments: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {
+            "type": "tool_call",
+            "id": self.id,
+            "agent": self.agent,
+            "call_id": self.call_id,
+            "name": self.name,
+            "arguments": dict(self.arguments),
+        }
+
+
+@attrs.define
+class ToolResultFrame:
+    """A tool returned (``is_error`` when it failed; PROTOCOL.md §9)."""
+
+    type: ClassVar[str] = "tool_result"
+    id: MessageId
+    agent: str
+    call_id: str
+    name: str
+    result: Any
+    is_error: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {
+            "type": "tool_result",
+            "id": self.id,
+            "agent": self.agent,
+            "call_id": self.call_id,
+            "name": self.name,
+            "result": self.result,
+            "is_error": self.is_error,
+        }
+
+
+@attrs.define
+class ProgressFrame:
+    """What an agent is doing besides calling tools, e.g. ``stage: "thinking"`` (PROTOCOL.md §9)."""
+
+    type: ClassVar[str] = "progress"
+    id: MessageId
+    agent: str
+    stage: str
+    detail: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this frame."""
+        return {"type": "progress", "id": self.id, "agent": self.agent, "stage": self.stage, "detail": self.detail}
+
+
+@attrs.define
 class ErrorFrame:
     """An error; ``agent`` only when one agent failed, ``retry_after`` only for rate limits."""
 
@@ -219,7 +285,20 @@ class History:
         return {"type": "history", "entries": list(self.entries), "last_seq": self.last_seq}
 
 
-ServerFrame = Connected | Ack | StreamStart | StreamChunk | StreamEnd | Response | ErrorFrame | Pong | History
+ServerFrame = (
+    Connected
+    | Ack
+    | StreamStart
+    | StreamChunk
+    | StreamEnd
+    | Response
+    | ToolCallFrame
+    | ToolResultFrame
+    | ProgressFrame
+    | ErrorFrame
+    | Pong
+    | History
+)
 
 _dumps: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _string: Callable[[str], str] = json.encoder.encode_basestring

@@ -19,11 +19,14 @@ from connic.frames import (
     ErrorFrame,
     MessageFrame,
     MessageId,
+    ProgressFrame,
     Response,
     ServerFrame,
     StreamChunk,
     StreamEnd,
     StreamStart,
+    ToolCallFrame,
+    ToolResultFrame,
     encode,
 )
 
@@ -138,7 +141,8 @@ class Message:
             metrics.errors.inc(sessions.label, frame.code)
             if frame.agent is not None:
                 metrics.turn_ended(frame.agent, "error", session.clock() - self.at, 0, 0)
-        elif not isinstance(frame, StreamStart):
+        elif not isinstance(frame, StreamStart | ToolCallFrame | ToolResultFrame | ProgressFrame):
+            # stream_start and the §9 frames pass through as they are: numbered, logged, sent.
             raise TypeError(f"a reply cannot contain a {type(frame).__name__} frame")
         data = session.number(encode(frame))
         sink = session.sink

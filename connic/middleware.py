@@ -12,8 +12,9 @@ The chain a transport builds, outermost first::
     error boundary -> serialiser -> time limit (agent_timeout) -> user middleware ... -> agent
 
 The error boundary emits server frames; the serialiser turns the items below it
-(``str`` chunks and :class:`connic.Usage`) into frames, so user middleware sees
-plain text. Authentication is a connection concern, done before any turn (the
+(``str`` chunks, :class:`connic.Usage` and the progress events :class:`connic.ToolCall`,
+:class:`connic.ToolResult` and :class:`connic.Progress`) into frames, so user middleware
+sees plain text and plain values. Authentication is a connection concern, done before any turn (the
 handshake or the first frame). See docs/architecture.md for why.
 """
 
@@ -22,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Final, cast
 
-from connic.agent import Agent, Turn, Usage
+from connic.agent import Agent, Progress, ToolCall, ToolResult, Turn, Usage
 from connic.errors import AgentError
 
 __all__ = ["CallNext", "Emit", "Middleware", "MiddlewareFunc", "agent_endpoint", "close_stream", "compose"]
@@ -32,7 +33,7 @@ __all__ = ["CallNext", "Emit", "Middleware", "MiddlewareFunc", "agent_endpoint",
 log = logging.getLogger("connic.agent")
 
 Emit = Callable[[Any], Awaitable[None]]
-"""Push one item downstream-to-client: a text chunk or Usage below the serialiser, a frame above it."""
+"""Push one item downstream-to-client: a text chunk, Usage or progress event below the serialiser, a frame above it."""
 CallNext = Callable[[Turn, Emit], Coroutine[Any, Any, None]]
 """The rest of the chain."""
 MiddlewareFunc = Callable[[Turn, Emit, CallNext], Coroutine[Any, Any, None]]
@@ -73,12 +74,19 @@ def _link(mw: MiddlewareFunc, call_next: CallNext) -> CallNext:
     return step
 
 
+_ITEMS = (str, Usage, ToolCall, ToolResult, Progress)
+"""What an agent may yield (str first: almost every item is a chunk)."""
+EXPECTED_ITEMS: Final = "str or connic.Usage, or a progress event (connic.ToolCall, connic.ToolResult, connic.Progress)"
+
+
 def agent_endpoint(agent: Agent) -> CallNext:
     """The innermost handler: run ``agent.respond`` and push what it yields.
 
     This is where an agent's output is checked: ``respond`` must be an async
-    generator (it is called once either way), and yield only ``str`` chunks and
-    :class:`connic.Usage`; anything else is an :class:`connic.AgentError`.
+    generator (it is called once either way), and yield only ``str`` chunks,
+    :class:`connic.Usage` and the progress events (:class:`connic.ToolCall`,
+    :class:`connic.ToolResult`, :class:`connic.Progress`, whose fields were checked when
+    the agent made them); anything else is an :class:`connic.AgentError`.
     """
 
     async def endpoint(turn: Turn, emit: Emit) -> None:
@@ -87,8 +95,8 @@ def agent_endpoint(agent: Agent) -> CallNext:
             raise AgentError(f"{type(agent).__name__}.respond must be an async generator")
         try:
             async for item in stream:
-                if not isinstance(item, (str, Usage)):
-                    raise AgentError(f"agent yielded {type(item).__name__}; expected str or connic.Usage")
+                if not isinstance(item, _ITEMS):
+                    raise AgentError(f"agent yielded {type(item).__name__}; expected {EXPECTED_ITEMS}")
                 await emit(item)
         except BaseException:
             await close_stream(cast("AsyncGenerator[Any, None]", stream), turn)  # it has aclose, checked above

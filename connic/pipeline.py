@@ -7,8 +7,9 @@ The chain for one agent is, outermost first::
 The error boundary turns failures into ``error`` frames (any exception from agent or
 middleware code, ``SystemExit`` and ``KeyboardInterrupt`` included: only the task's own
 cancellation goes through) and logs them on ``connic.agent``; the serialiser turns
-the text chunks and :class:`connic.Usage` below it into frames (streaming
-forwards each chunk, buffering sends one ``response``); the time limit cancels
+the text chunks, :class:`connic.Usage` and the progress events below it into frames
+(streaming forwards each chunk, buffering sends one ``response``; progress events go
+out as they come when the connector has ``progress_events``, else nowhere); the time limit cancels
 an agent that runs past ``agent_timeout``. The user middleware and the agent are
 one fold, :func:`connic.middleware.compose`; the three built-in layers are the
 body of the chain's own coroutine (docs/performance.md).
@@ -22,10 +23,19 @@ import types
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
-from connic.agent import Agent, Turn, Usage
+from connic.agent import Agent, Progress, ToolCall, ToolResult, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
-from connic.frames import ErrorFrame, Response, StreamChunk, StreamEnd, StreamStart
-from connic.middleware import Emit, MiddlewareFunc, agent_endpoint, compose
+from connic.frames import (
+    ErrorFrame,
+    ProgressFrame,
+    Response,
+    StreamChunk,
+    StreamEnd,
+    StreamStart,
+    ToolCallFrame,
+    ToolResultFrame,
+)
+from connic.middleware import EXPECTED_ITEMS, Emit, MiddlewareFunc, agent_endpoint, compose
 
 __all__ = ["TurnChain", "build_turn_chain"]
 
@@ -131,11 +141,13 @@ def build_turn_chain(
     streaming_on: bool,
     agent_timeout: float,
     user_middleware: Sequence[MiddlewareFunc] = (),
+    progress_events: bool = False,
 ) -> TurnChain:
     """The whole chain for one agent on one connector: ``await chain(turn, emit)`` answers a turn.
 
     ``emit`` receives the server frames of this agent's reply (``stream_start``,
-    ``stream_chunk``, ``stream_end``, ``response`` or ``error``). A cancelled
+    ``stream_chunk``, ``stream_end``, ``response`` or ``error``, and with
+    ``progress_events`` the §9 frames ``tool_call``, ``tool_result`` and ``progress``). A cancelled
     turn still emits its end (``finish_reason: "cancelled"``), then re-raises.
     """
     inner = compose(user_middleware, agent_endpoint(agent))
@@ -144,7 +156,7 @@ def build_turn_chain(
     async def chain(turn: Turn, emit: Emit) -> None:
         task = asyncio.current_task()
         assert task is not None
-        reply = _Reply(turn, emit, streaming_on)
+        reply = _Reply(turn, emit, streaming_on, progress_events)
         try:
             try:
                 with limit.deadline(task, turn.agent):
@@ -214,18 +226,19 @@ def _failed(turn: Turn, exc: BaseException) -> ErrorFrame:
 class _Reply:
     """The serialiser of one turn: its text so far, its usage and its stream state."""
 
-    __slots__ = ("emit", "parts", "started", "streaming", "turn", "usage")
+    __slots__ = ("emit", "parts", "progress", "started", "streaming", "turn", "usage")
 
-    def __init__(self, turn: Turn, emit: Emit, streaming: bool) -> None:
+    def __init__(self, turn: Turn, emit: Emit, streaming: bool, progress: bool = False) -> None:
         self.turn = turn
         self.emit = emit
         self.streaming = streaming
+        self.progress = progress
         self.parts: list[str] = []
         self.usage: Usage | None = None
         self.started = False  # stream_start sent: it goes out with the first chunk
 
     async def item(self, value: Any) -> None:
-        """One item from the agent (or the user middleware): a text chunk or the usage.
+        """One item from the agent (or the user middleware): a text chunk, the usage or a progress event.
 
         The agent's items were checked where it ran (``agent_endpoint``); anything else
         here came from a user middleware.
@@ -241,8 +254,26 @@ class _Reply:
                 self.parts.append(value)
         elif isinstance(value, Usage):
             self.usage = value
+        elif isinstance(value, ToolCall | ToolResult | Progress):
+            if self.progress:
+                await self._event(value)
         else:
-            raise AgentError(f"a middleware emitted {type(value).__name__}; expected str or connic.Usage")
+            raise AgentError(f"a middleware emitted {type(value).__name__}; expected {EXPECTED_ITEMS}")
+
+    async def _event(self, value: ToolCall | ToolResult | Progress) -> None:
+        # Progress frames go out as they come, never into the text: streamed, inside the
+        # stream (so one before any text opens it); unstreamed, ahead of the response.
+        turn = self.turn
+        if self.streaming and not self.started:
+            await self._start()
+        if isinstance(value, ToolCall):
+            await self.emit(ToolCallFrame(turn.id, turn.agent, value.call_id, value.name, value.arguments))
+        elif isinstance(value, ToolResult):
+            await self.emit(
+                ToolResultFrame(turn.id, turn.agent, value.call_id, value.name, value.result, value.is_error)
+            )
+        else:
+            await self.emit(ProgressFrame(turn.id, turn.agent, value.stage, value.detail))
 
     async def _start(self) -> None:
         # stream_start goes with the first chunk (or the end), never ahead: a middleware or

@@ -191,6 +191,8 @@ def test_client_frame_types_are_all_found() -> None:
 
 def sample(tp: Any) -> Any:
     """A value of type ``tp``; optional fields get a value so that their keys show."""
+    if tp is Any:  # a JSON value (tool_result's result, progress's detail)
+        return "x"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return sample(next(arg for arg in typing.get_args(tp) if arg is not type(None)))
     origin = typing.get_origin(tp) or tp
@@ -202,7 +204,17 @@ def sample(tp: Any) -> Any:
     raise TypeError(f"no sample for {tp!r}")
 
 
-SEQUENCED = {"ack", "stream_start", "stream_chunk", "stream_end", "response", "error"}
+SEQUENCED = {
+    "ack",
+    "stream_start",
+    "stream_chunk",
+    "stream_end",
+    "response",
+    "tool_call",
+    "tool_result",
+    "progress",
+    "error",
+}
 """Frame types whose JSON form gains ``seq`` when they belong to a message (PROTOCOL.md §7)."""
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import attrs
 
-from connic.agent import Agent, Turn, Usage
+from connic.agent import Agent, Progress, ProgressEvent, ToolCall, ToolResult, Turn, Usage
 from connic.config import non_negative
 
 _WORD = re.compile(r"\s*\S+\s*|\s+")
@@ -22,16 +22,27 @@ class EchoAgent(Agent):
         """Options of the echo agent."""
 
         delay: float = attrs.field(default=0.0, validator=non_negative)
+        demo_tools: bool = False
 
     options: Options
 
-    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
+    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage | ProgressEvent]:
         """Yield each word with the whitespace after it; usage counts the words.
 
         Unstreamed and without a delay, the words would only be joined again: the
-        message comes back in one piece.
+        message comes back in one piece. With ``demo_tools``, a ``Progress("thinking")``
+        and a demo ``word_count`` tool call and its result come first, so progress
+        events can be tried without a model.
         """
         delay = self.options.delay
+        words = len(turn.message.split())
+        if self.options.demo_tools:
+            yield Progress("thinking")
+            call_id = f"call-{turn.number}"
+            yield ToolCall(call_id, "word_count", {"text": turn.message})
+            if delay:
+                await asyncio.sleep(delay)
+            yield ToolResult(call_id, "word_count", {"words": words})
         if not turn.streaming and not delay:
             if turn.message:
                 yield turn.message
@@ -40,5 +51,4 @@ class EchoAgent(Agent):
                 if delay:
                     await asyncio.sleep(delay)
                 yield chunk
-        words = len(turn.message.split())
         yield Usage(words, words)

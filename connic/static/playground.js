@@ -593,6 +593,10 @@
       case "stream_chunk": return bubbleFor(frame).chunk(frame.chunk);
       case "stream_end": return bubbleFor(frame).end(frame.full_response, frame.token_usage, frame.finish_reason);
       case "response": return bubbleFor(frame).end(frame.response, frame.token_usage, frame.finish_reason);
+      // Progress events (PROTOCOL.md §9) come only from a connector with progress_events on.
+      case "tool_call": return bubbleFor(frame).toolCall(frame);
+      case "tool_result": return bubbleFor(frame).toolResult(frame);
+      case "progress": return bubbleFor(frame).progress(frame);
       case "error": return onError(frame);
       default: return undefined; // pong and anything new: clients ignore unknown frames
     }
@@ -770,6 +774,46 @@
     };
     const meta = make("div", "meta");
     node.append(who, bubble, meta);
+    // Tool calls and the progress line sit above the reply's text, outside its Markdown.
+    let tools = null; // the list of this reply's tool calls, made with the first one
+    const calls = new Map(); // call_id -> its <details>
+    let status = null; // the progress line: the next event, the text or the end replaces it
+    const clearStatus = () => {
+      if (status) status.remove();
+      status = null;
+    };
+    const json = (value) => {
+      try {
+        return JSON.stringify(value, null, 2) ?? "null";
+      } catch (err) {
+        return String(value);
+      }
+    };
+    const section = (label, value, className) => {
+      const part = make("div", `tool-part ${className}`);
+      const pre = make("pre", "tool-json");
+      pre.append(make("code", "", json(value)));
+      part.append(make("div", "tool-label", label), pre);
+      return part;
+    };
+    const toolFor = (frame) => {
+      const id = String(frame.call_id);
+      let details = calls.get(id);
+      if (details) return details;
+      if (!tools) {
+        tools = make("div", "tools");
+        bubble.insertBefore(tools, status || text);
+      }
+      details = make("details", "tool");
+      details.dataset.callId = id;
+      details.dataset.state = "running";
+      const summary = make("summary", "tool-summary");
+      summary.append(make("span", "tool-name", String(frame.name ?? "tool")), make("span", "tool-state", "running…"));
+      details.append(summary);
+      tools.append(details);
+      calls.set(id, details);
+      return details;
+    };
 
     const b = {
       node,
@@ -783,11 +827,46 @@
       chunk(piece) {
         if (b.finished || typeof piece !== "string") return;
         b.start();
+        clearStatus();
         raw += piece;
         renderSoon();
       },
+      toolCall(frame) {
+        if (b.finished) return;
+        b.start();
+        clearStatus();
+        const details = toolFor(frame);
+        if (!details.querySelector(".tool-args")) {
+          details.insertBefore(section("arguments", frame.arguments ?? {}, "tool-args"), details.querySelector(".tool-result"));
+        }
+        follow();
+      },
+      toolResult(frame) {
+        if (b.finished) return;
+        b.start();
+        clearStatus();
+        const details = toolFor(frame);
+        const failed = frame.is_error === true;
+        details.querySelector(".tool-result")?.remove();
+        details.append(section(failed ? "error" : "result", frame.result ?? null, "tool-result"));
+        details.dataset.state = failed ? "error" : "done";
+        details.querySelector(".tool-state").textContent = failed ? "error" : "done";
+        follow();
+      },
+      progress(frame) {
+        if (b.finished) return;
+        b.start();
+        clearStatus();
+        const stage = typeof frame.stage === "string" ? frame.stage : "working";
+        const detail = typeof frame.detail === "string" ? `: ${frame.detail}` : "";
+        status = make("div", "progress-line", `${stage}…${detail}`);
+        status.setAttribute("role", "status");
+        bubble.insertBefore(status, text);
+        follow();
+      },
       end(full, usage, reason) {
         typing.remove();
+        clearStatus();
         if (typeof full === "string") raw = full;
         render();
         b.finished = true;
@@ -808,6 +887,7 @@
       },
       fail(frame) {
         typing.remove();
+        clearStatus();
         render();
         b.finished = true;
         node.removeAttribute("aria-busy");
@@ -819,6 +899,7 @@
       interrupt(reason) {
         if (b.finished) return;
         typing.remove();
+        clearStatus();
         render();
         b.finished = true;
         node.removeAttribute("aria-busy");

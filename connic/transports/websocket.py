@@ -74,6 +74,7 @@ class WebSocketTransport(Transport):
         """A websocket connector's own keys (see docs/configuration.md)."""
 
         streaming: bool = True
+        progress_events: bool = False
         require_auth: bool = True
         secrets: tuple[str, ...] = ()
         session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
@@ -129,6 +130,7 @@ class WebSocketTransport(Transport):
                 streaming_on=self.options.streaming,
                 agent_timeout=self.options.agent_timeout,
                 user_middleware=self.middleware,
+                progress_events=self.options.progress_events,
             )
             for name, agent in agents.items()
         }
