@@ -47,7 +47,7 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.message import release_cancellation
-from connic.session import ChatSession
+from connic.session import ChatSession, SessionState
 from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
 from connic.transports.ws_keepalive import Heartbeat
 from connic.transports.ws_writer import Writer
@@ -322,11 +322,17 @@ class Connection:
             self.writer.extend(frames or [])
             following[:] = [last]
 
-        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
-        # Only a shared store may wait on another process: the memory store answers at once.
-        session = await (self._reading_meanwhile(finding) if sessions.store.durable else finding)
-        last_seq = following[0] if following else frame.last_seq
-        replay = await session.replay(self, last_seq) if session is not None else None
+        for _ in range(2):
+            finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+            # Only a shared store may wait on another process: the memory store answers at once.
+            session = await (self._reading_meanwhile(finding) if sessions.store.durable else finding)
+            last_seq = following[0] if following else frame.last_seq
+            replay = await session.replay(self, last_seq) if session is not None else None
+            if replay is not None or session is None or following or session.state is not SessionState.ENDED:
+                break
+            # The store let the detached, idle session go (it saves it for any process) while
+            # this resume awaited: its copy here is left, find it again in the store. A session
+            # that ended for good is gone from the store too: the second find says so.
         if following and (session is None or replay is None):
             # connected said resumed: the session is still in the store, to be resumed again.
             self.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
