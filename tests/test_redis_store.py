@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import websockets
 from redis_server import RedisServer, running_redis, store_plugin_env
 from resume_helpers import Clients, ResumeSession, words
 
 import connic
-from conftest import ROOT, SECRET, Server, StartServer, make_config
+from conftest import ROOT, Server, StartServer, make_config
 from connic.agent import HistoryEntry
 from connic.registry import Registry
 from connic.stores import SessionRecord
@@ -349,7 +350,7 @@ async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redi
     assert len(lines) == 1 and "[store] url" in lines[0] and url in lines[0], proc.stderr
 
 
-async def test_store_failure_while_running_closes_1011_then_resumes(
+async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_then_recovers(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_server.url)
@@ -361,11 +362,13 @@ async def test_store_failure_while_running_closes_1011_then_resumes(
     code, frames = await conn.closed(timeout=15)
     assert code == 1011, frames
     assert any(f.get("code") == "store_unavailable" and f.get("id") is None for f in frames), frames
-    # A new handshake while Redis is down: store_unavailable, 1011 (the server does not crash).
-    fresh = await clients.open(server.url())
-    await fresh.send({"secret": SECRET})
-    code, frames = await fresh.closed(timeout=15)
-    assert code == 1011 and frames[-1]["code"] == "store_unavailable", frames
+    # A new handshake while Redis is down is refused before the upgrade (the server does not crash).
+    for _ in range(2):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(server.url(), open_timeout=15):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "5"
     redis_server.start()  # back (empty: it kept nothing): new sessions work without a restart
     again = ResumeSession(clients, server.url())
     conn = await again.start()

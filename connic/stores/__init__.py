@@ -93,6 +93,14 @@ class SessionStore:
     async def close(self) -> None:
         """Release what :meth:`start` acquired when the server stops."""
 
+    async def available(self) -> bool:
+        """Whether the store can be reached now: checked before each WebSocket handshake (HTTP 503 if not).
+
+        Must be cheap: a remote store answers from what its last calls saw, and checks
+        again (bounded) only while it believes it is down. The default is always True.
+        """
+        return True
+
     async def add(self, session: ChatSession) -> None:
         """Keep a new session."""
         raise NotImplementedError

@@ -84,6 +84,8 @@ class RedisStore(SessionStore):
         self._tasks: list[asyncio.Task[None]] = []
         self._writing = False  # a batch is being written
         self._closing = False
+        self._down = False  # the last call to Redis got no answer (available() then pings)
+        self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
 
     # --- life cycle -------------------------------------------------------------
 
@@ -166,6 +168,25 @@ class RedisStore(SessionStore):
             replay.fence = self._fences[sid][0]
             replay.last = max(replay.last, session.seq)
             self._logs[sid] = replay
+
+    async def available(self) -> bool:
+        """True unless the last call to Redis failed and a ping (≤ 1 s) still gets no answer.
+
+        While Redis is up this costs nothing; while it is down, handshakes arriving together
+        share one ping (a burst of them does not become a burst of pings).
+        """
+        if not self._down:
+            return True
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._ping())
+        return await asyncio.shield(self._checking)
+
+    async def _ping(self) -> bool:
+        try:
+            await self._call(self._client().ping(), min(self.options.timeout, 1.0))
+        except StoreUnavailable:
+            return False
+        return True
 
     async def get(self, session_id: str) -> ChatSession | None:
         """The session if it is live in this process (else :meth:`load` and :meth:`take`)."""
@@ -410,16 +431,20 @@ class RedisStore(SessionStore):
         timeout = self.options.timeout if seconds is None else seconds
         try:
             async with asyncio.timeout(timeout):
-                return await call
+                result = await call
         except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py turns a cancellation into a connection error (and asyncio.timeout may
                 # take one for its own): the caller was cancelled, so it must stop.
                 raise asyncio.CancelledError from None
+            # An error reply means Redis is up; anything else: handshakes are refused (503) till it answers.
+            self._down = not isinstance(exc, redis.exceptions.ResponseError)
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
             raise StoreUnavailable(f"Redis failed: {exc}") from None
+        self._down = False
+        return result
 
 
 def _ms(seconds: float) -> int:
