@@ -26,6 +26,7 @@ from connic.agent import HistoryEntry
 from connic.registry import Registry
 from connic.stores import SessionRecord
 from connic.stores.redis import RedisStore
+from connic.stores.redis.log import unfinished
 from connic.stores.redis.record import decode, encode
 from helpers import test_registry
 
@@ -118,6 +119,28 @@ def test_record_round_trip() -> None:
         history_size=30,
     )
     assert decode(encode(record)) == record
+
+
+def _frames(*frames: dict[str, Any]) -> list[str]:
+    return [json.dumps({**frame, "seq": seq}) for seq, frame in enumerate(frames, 1)]
+
+
+def test_unfinished_replies_read_from_the_log() -> None:
+    ack = {"type": "ack", "id": "m1", "message_number": 1}
+    start = {"type": "stream_start", "id": "m1"}
+    # Streaming: a stream_start without stream_end (nor error) for that agent.
+    assert unfinished(
+        _frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, {"type": "stream_end", "id": "m1", "agent": "a"})
+    ) == [("m1", "b")]
+    done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
+    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == []
+    # Streaming off (or before the first chunk): acked, nothing from any agent since.
+    answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
+    queued = {"type": "ack", "id": 2, "message_number": 2}
+    assert unfinished(_frames(ack, queued, answered)) == [(2, None)]
+    assert unfinished(_frames(ack, answered)) == []
+    # "1" and 1 are two messages.
+    assert unfinished(_frames(ack, {"type": "ack", "id": 1, "message_number": 2}, answered)) == [(1, None)]
 
 
 # --- one process -----------------------------------------------------------------

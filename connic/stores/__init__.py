@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from connic.agent import HistoryEntry
+from connic.frames import MessageId
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -54,6 +55,10 @@ class SessionRecord:
     states: Mapping[str, dict[str, Any]]
     history: Sequence[HistoryEntry]
     history_size: int
+    busy: bool = False  # a message was queued or being answered when the record was written
+    lost: Sequence[tuple[MessageId, str | None]] = ()
+    """The agent replies (message id, agent) a process that died left unfinished, set by :meth:`SessionStore.take`
+    (agent None: every agent that answers that message)."""
 
 
 class ReplayLog(abc.ABC):

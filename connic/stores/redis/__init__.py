@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from connic.errors import SessionTakenOver, StoreUnavailable
+from connic.frames import MessageId
 from connic.session import SessionState
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis import scripts
-from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of
+from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of, unfinished
 from connic.stores.redis.record import decode, encode
 
 if TYPE_CHECKING:
@@ -250,7 +251,14 @@ class RedisStore(SessionStore):
             if fence > 0:
                 self._fences[session_id] = (fence, lease)
                 record = decode(result[1])
-                return attrs.evolve(record, seq=max(record.seq, int(result[2])))
+                newest = int(result[2])
+                lost: list[tuple[MessageId, str | None]] = []
+                if record.busy or newest > record.seq:
+                    # Its owner let it go answering, or logged frames after its last save: it died
+                    # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
+                    entries = await self._call(self._client().xrange(keys[3], "-", "+"))
+                    lost = unfinished([fields["f"] for _, fields in entries])
+                return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
             if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
