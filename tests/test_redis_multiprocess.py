@@ -173,6 +173,29 @@ async def test_killed_producer_ends_its_reply_with_producer_lost(launch: Any, cl
     assert 'connic_producer_lost_total{connector="/ws"} 1.0' in await metrics(b)
 
 
+async def test_cancel_sent_to_the_follower_stops_the_owners_agent(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(500)  # 500 chunks, 20 ms apart: about 10 s
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    while len(session.transcript.chunks("m1", "assistant")) < 20:  # B follows A's reply live
+        await conn_b.recv()
+    await conn_b.send({"type": "cancel", "id": "m1"})
+    await conn_b.until_ended({"m1": ["assistant"]}, timeout=5)  # not the 10 s the reply would take
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "cancelled", end
+    assert len(session.transcript.chunks("m1", "assistant")) < 250
+    assert text.startswith(end["full_response"]) and len(end["full_response"]) < len(text) // 2, end
+    session.transcript.assert_complete()
+    await chat(conn_b, "m2", "after")  # B takes the session over once A let it go
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
 async def metrics(server: CliServer) -> str:
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.port}/metrics") as response:
         return await response.text()

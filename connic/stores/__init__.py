@@ -153,6 +153,13 @@ class SessionStore:
         """
         return None
 
+    def cancel(self, session_id: str, message_id: MessageId) -> None:
+        """Pass a ``cancel`` to the process answering the session (a client following it from here).
+
+        Only a store shared between processes has anything to do: the default does nothing
+        (a session is never answered by another process).
+        """
+
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A new, empty replay log for a session, keeping at most ``capacity`` frames."""
         raise NotImplementedError

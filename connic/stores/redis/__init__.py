@@ -23,8 +23,11 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -87,6 +90,7 @@ class RedisStore(SessionStore):
         self._closing = False
         self._down = False  # the last call to Redis got no answer (available() then pings)
         self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+        self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
 
     # --- life cycle -------------------------------------------------------------
 
@@ -122,10 +126,14 @@ class RedisStore(SessionStore):
             raise StoreUnavailable(f"[store] url {opts.url!r}: cannot reach Redis ({exc.message})") from None
         self._scripts = {
             name: self._redis.register_script(getattr(scripts, name))
-            for name in ("APPEND", "CLAIM", "CREATE", "DELETE", "RELEASE", "RENEW", "SAVE")
+            for name in ("APPEND", "CANCELS", "CLAIM", "CREATE", "DELETE", "RELEASE", "RENEW", "SAVE")
         }
         self._wake = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._renewer())]
+        self._tasks = [
+            asyncio.create_task(self._writer()),
+            asyncio.create_task(self._renewer()),
+            asyncio.create_task(self._listen()),
+        ]
 
     async def close(self) -> None:
         """Write what is queued (bounded by ``timeout``), then disconnect."""
@@ -139,6 +147,7 @@ class RedisStore(SessionStore):
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
+        self._tasks[2].cancel()  # the cancel listener
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
         _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)
         for task in pending:
@@ -283,6 +292,67 @@ class RedisStore(SessionStore):
                     cursor = seq_of(entries[-1][0])
                     follow(frames, cursor)
 
+    def cancel(self, session_id: str, message_id: MessageId) -> None:
+        """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
+        self._spawn(self._send_cancel(session_id, message_id))
+
+    async def _send_cancel(self, session_id: str, message_id: MessageId) -> None:
+        prefix = self.options.key_prefix
+        key = scripts.cancel_key(prefix, session_id)
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            pipe.sadd(key, json.dumps(message_id))
+            # Only for a while: a cancel the owner never took must not cancel a later message with that id.
+            pipe.pexpire(key, max((lease for _, lease in self._fences.values()), default=10_000))
+            pipe.publish(scripts.cancel_channel(prefix), session_id)
+            await self._call(pipe.execute())
+        except StoreUnavailable as exc:
+            log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.message)
+
+    async def _listen(self) -> None:
+        """Take the cancels other processes pass to the sessions live here as soon as they say so."""
+        import redis.exceptions
+
+        channel = scripts.cancel_channel(self.options.key_prefix)
+        while True:
+            pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["data"] in self._live:
+                        self._spawn(self._take_cancels([message["data"]]))
+            except (redis.exceptions.RedisError, OSError) as exc:
+                # Redis went away: the renewer still takes the flags; listen again once it is back.
+                log.debug("redis store: cancel channel lost (%s)", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _take_cancels(self, session_ids: list[str]) -> None:
+        """Take the cancels waiting for these sessions and cancel their messages here."""
+        prefix = self.options.key_prefix
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            for sid in session_ids:
+                await self._scripts["CANCELS"](keys=[scripts.cancel_key(prefix, sid)], client=pipe)
+            results = await self._call(pipe.execute(raise_on_error=False))
+        except StoreUnavailable as exc:
+            log.warning("redis store: taking cancels failed: %s", exc.message)
+            return
+        for sid, ids in zip(session_ids, results, strict=True):
+            session = self._live.get(sid)
+            if session is None or isinstance(ids, Exception):
+                continue
+            for data in ids:
+                session.cancel(json.loads(data))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
+
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A log in the session's Redis stream."""
         return RedisReplayLog(self, session_id, capacity)
@@ -402,6 +472,10 @@ class RedisStore(SessionStore):
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
                     self._lost(sid)
+            # A cancel whose pub/sub message was lost (the channel reconnecting) is still taken.
+            busy = [sid for sid, _ in owned if (s := self._live.get(sid)) is not None and s.busy]
+            if busy:
+                await self._take_cancels(busy)
 
     def _fail(self, sid: str) -> None:
         """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""
