@@ -214,6 +214,29 @@ async def test_a_process_that_lost_ownership_writes_nothing(
         await client.aclose()
 
 
+async def test_owner_takes_a_cancel_flag_whose_message_was_lost(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_url, agents={"assistant": {"use": "echo", "delay": 0.02}})
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    text = words(500)  # about 10 s
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # The flag another process sets, without its pub/sub message: the lease renewal
+        # (every third of producer_timeout = 5 s) takes it.
+        await client.sadd(f"connic:{{{session.session_id}}}:cancel", json.dumps("m1"))
+    finally:
+        await client.aclose()
+    await conn.until_ended({"m1": ["assistant"]}, timeout=5)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "cancelled", end
+    assert len(end["full_response"]) < len(text) // 2
+
+
 # --- two processes ---------------------------------------------------------------
 
 

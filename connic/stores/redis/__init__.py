@@ -148,6 +148,8 @@ class RedisStore(SessionStore):
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
         self._tasks[2].cancel()  # the cancel listener
+        for task in self._cancelling:
+            task.cancel()
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
         _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)
         for task in pending:
