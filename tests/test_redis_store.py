@@ -214,6 +214,21 @@ async def test_a_process_that_lost_ownership_writes_nothing(
         await client.aclose()
 
 
+async def test_resume_right_after_a_drop_never_gets_a_fresh_session(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    # The store lets a detached idle session go a round of the loop after the drop: a resume
+    # that found it live just before must still resume it (it once got a fresh session).
+    server = await process(start_server, redis_url)
+    for i in range(150):
+        session = ResumeSession(clients, server.url())
+        conn = await session.start()
+        await chat(conn, "m1", f"hello {i}")
+        session.drop()
+        again = await session.resume()
+        assert again.connected["resumed"] is True, (i, again.connected)
+
+
 async def test_owner_takes_a_cancel_flag_whose_message_was_lost(
     redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
