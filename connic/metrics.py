@@ -239,6 +239,12 @@ class Metrics:
             ["connector"],
             registry,
         )
+        self.producer_lost = Counter(
+            "connic_producer_lost_total",
+            "Agent replies ended with producer_lost: the process producing them died.",
+            ["connector"],
+            registry,
+        )
         self.tokens = Counter("connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"], registry)
         self.turns = Counter(
             "connic_turns_total", "Agent turns finished, by finish reason.", ["agent", "reason"], registry

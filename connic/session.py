@@ -18,6 +18,7 @@ import enum
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.agent import HistoryEntry
@@ -26,6 +27,7 @@ from connic.errors import (
     InternalError,
     MessageLimitReached,
     NotFound,
+    ProducerLost,
     QueueFull,
     RateLimited,
     ServerShuttingDown,
@@ -144,6 +146,7 @@ class ChatSession:
             states=self.states,
             history=tuple(self.history.entries),
             history_size=self.history.size,
+            busy=self.busy,
         )
 
     # --- attaching ------------------------------------------------------------
@@ -322,6 +325,20 @@ class ChatSession:
         elif self.sink is not None:
             self.sink.send_nowait(data)
 
+    def producer_lost(self, lost: Sequence[tuple[MessageId, str]]) -> None:
+        """End each agent reply that a dead process left unfinished with ``producer_lost`` (PROTOCOL.md §7).
+
+        Called once a shared store took the session over; the frames are sequenced and logged
+        like any reply's end, so a resume replays them.
+        """
+        sessions = self.sessions
+        for message_id, agent in lost:
+            sessions.metrics.producer_lost.inc(sessions.label)
+            sessions.metrics.errors.inc(sessions.label, ProducerLost.code)
+            error = ErrorFrame(message_id, ProducerLost.code, "the process answering this message stopped", agent=agent)
+            self._send_nowait(encode(error))
+        log.warning("session %s: %d reply(s) lost with the process answering them", self.id, len(lost))
+
     def cancel(self, message_id: MessageId) -> None:
         """Stop a message's agents, or drop it if it is queued (PROTOCOL.md §5)."""
         current = self.current
@@ -392,6 +409,9 @@ class ChatSession:
             seen = history.view()  # what came before this message
             newest = len(history)  # where this exchange starts: kept whole when trimming
             history.add(HistoryEntry("user", message.frame.text, None, message.id, message.number))
+            # A shared store writes the user message now (batched): if this process dies
+            # mid-reply, the process taking the session over has it (PROTOCOL.md §7).
+            self.sessions.store.save(self)
             try:
                 names = await answer(self, message, seen)
             finally:

@@ -144,6 +144,11 @@ class Sessions:
         self.live.add(session)
         self.metrics.sessions_open.inc(self.label)
         await self.store.add(session)
+        if record.lost:
+            # Replies the dead owner left unfinished (an untargeted message: every agent answers it
+            # when there are several; whether it named one is not in the log).
+            names = self.agent_names
+            session.producer_lost([(mid, agent) for mid, name in record.lost for agent in ((name,) if name else names)])
         if last_seq > session.seq:
             session.leave()  # not this session's frames: let it go again
             return None

@@ -14,13 +14,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["RedisServer", "running_redis", "store_plugin_env"]
+__all__ = ["RedisServer", "flush", "running_redis", "store_plugin_env", "with_store"]
 
 
 _NO_PERSISTENCE = ("--save", "", "--appendonly", "no", "--dir")
@@ -107,3 +108,30 @@ def store_plugin_env(directory: Path) -> dict[str, str]:
         (info / "entry_points.txt").write_text("[connic.stores]\nredis = connic.stores.redis:RedisStore\n")
         path.append(str(directory))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def flush(url: str) -> None:
+    """Empty the server at ``url`` (FLUSHALL): a module's tests share one server, not its keys."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"FLUSHALL\r\n")
+        if not sock.recv(16).startswith(b"+OK"):
+            raise RuntimeError("FLUSHALL failed")
+
+
+def with_store(start: Callable[..., Awaitable[Any]], url: str) -> Callable[..., Awaitable[Any]]:
+    """``start_server`` (tests/conftest.py) with every app it starts keeping its sessions in Redis at ``url``."""
+    from conftest import make_config
+    from connic.stores.redis import RedisStore
+    from helpers import test_registry
+
+    async def start_redis(config: Any = None, *, app: Any = None, **kwargs: Any) -> Any:
+        if app is not None:
+            return await start(app=app, **kwargs)
+        data = dict(config if config is not None else make_config())
+        data["store"] = {"use": "redis", "url": url, "timeout": 2}
+        registry = kwargs.pop("registry", None) or test_registry()
+        registry.register("stores", "redis", RedisStore)
+        return await start(data, registry=registry, **kwargs)
+
+    return start_redis

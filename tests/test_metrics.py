@@ -34,6 +34,7 @@ FAMILIES = {
     "connic_rate_limited_total": "counter",
     "connic_resumes_total": "counter",
     "connic_replayed_frames_total": "counter",
+    "connic_producer_lost_total": "counter",
     "connic_tokens_total": "counter",
     "connic_turns_total": "counter",
     "connic_time_to_first_chunk_seconds": "histogram",

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis_server import RedisServer, running_redis, store_plugin_env
 from resume_helpers import Clients, Conn, ResumeSession, words
@@ -135,3 +136,66 @@ async def test_workers_share_sessions(launch: Any, clients: Clients) -> None:
         conn = await session.resume()
         assert conn.connected["resumed"] is True, conn.connected
         assert await history(conn) == [f"session {i}"] * 2
+
+
+async def test_killed_producer_ends_its_reply_with_producer_lost(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await chat(conn, "m0", "before")
+    text = words(500)  # 500 chunks, 20 ms apart: about 10 s, far longer than the test waits
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    while len(session.transcript.chunks("m1", "assistant")) < 20:  # B follows A's reply live
+        await conn_b.recv()
+    a.proc.kill()  # kill -9 mid-reply: A's lease (producer_timeout = 5 s) runs out, B takes over
+    a.proc.wait(10)
+    frames = await conn_b.until(lambda f: f["type"] in ("error", "stream_end"), timeout=5 + 3)
+    lost = frames[-1]
+    assert lost["type"] == "error" and lost["code"] == "producer_lost", lost
+    assert lost["id"] == "m1" and lost["agent"] == "assistant" and "seq" in lost, lost
+    assert len(session.transcript.chunks("m1", "assistant")) < 500
+    session.transcript.assert_complete()
+    # The user message is in the history; the lost partial answer is not.
+    assert await history(conn_b) == ["before", "before", text]
+    await chat(conn_b, "m2", "after")  # the session goes on, on B
+    assert session.transcript.of("m2")[0]["message_number"] == 3
+    assert await history(conn_b) == ["before", "before", text, "after", "after"]
+    # Logged: a resume from before it replays it.
+    session.drop()
+    again = await session.resume(last_seq=lost["seq"] - 1, url=b.url)
+    replayed = await again.recv()
+    assert replayed["seq"] == lost["seq"] and replayed["code"] == "producer_lost", replayed
+    assert 'connic_producer_lost_total{connector="/ws"} 1.0' in await metrics(b)
+
+
+async def test_cancel_sent_to_the_follower_stops_the_owners_agent(launch: Any, clients: Clients) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(500)  # 500 chunks, 20 ms apart: about 10 s
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    while len(session.transcript.chunks("m1", "assistant")) < 20:  # B follows A's reply live
+        await conn_b.recv()
+    await conn_b.send({"type": "cancel", "id": "m1"})
+    await conn_b.until_ended({"m1": ["assistant"]}, timeout=5)  # not the 10 s the reply would take
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "cancelled", end
+    assert len(session.transcript.chunks("m1", "assistant")) < 250
+    assert text.startswith(end["full_response"]) and len(end["full_response"]) < len(text) // 2, end
+    session.transcript.assert_complete()
+    await chat(conn_b, "m2", "after")  # B takes the session over once A let it go
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+async def metrics(server: CliServer) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{server.port}/metrics") as response:
+        return await response.text()

@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import websockets
 from redis_server import RedisServer, running_redis, store_plugin_env
 from resume_helpers import Clients, ResumeSession, words
 
 import connic
-from conftest import ROOT, SECRET, Server, StartServer, make_config
+from conftest import ROOT, Server, StartServer, make_config
 from connic.agent import HistoryEntry
 from connic.registry import Registry
 from connic.stores import SessionRecord
 from connic.stores.redis import RedisStore
+from connic.stores.redis.log import unfinished
 from connic.stores.redis.record import decode, encode
 from helpers import test_registry
 
@@ -119,6 +121,28 @@ def test_record_round_trip() -> None:
     assert decode(encode(record)) == record
 
 
+def _frames(*frames: dict[str, Any]) -> list[str]:
+    return [json.dumps({**frame, "seq": seq}) for seq, frame in enumerate(frames, 1)]
+
+
+def test_unfinished_replies_read_from_the_log() -> None:
+    ack = {"type": "ack", "id": "m1", "message_number": 1}
+    start = {"type": "stream_start", "id": "m1"}
+    # Streaming: a stream_start without stream_end (nor error) for that agent.
+    assert unfinished(
+        _frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, {"type": "stream_end", "id": "m1", "agent": "a"})
+    ) == [("m1", "b")]
+    done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
+    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == []
+    # Streaming off (or before the first chunk): acked, nothing from any agent since.
+    answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
+    queued = {"type": "ack", "id": 2, "message_number": 2}
+    assert unfinished(_frames(ack, queued, answered)) == [(2, None)]
+    assert unfinished(_frames(ack, answered)) == []
+    # "1" and 1 are two messages.
+    assert unfinished(_frames(ack, {"type": "ack", "id": 1, "message_number": 2}, answered)) == [(1, None)]
+
+
 # --- one process -----------------------------------------------------------------
 
 
@@ -188,6 +212,44 @@ async def test_a_process_that_lost_ownership_writes_nothing(
         assert await client.xlen(log_key) == logged  # the fencing token refused every frame
     finally:
         await client.aclose()
+
+
+async def test_resume_right_after_a_drop_never_gets_a_fresh_session(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    # The store lets a detached idle session go a round of the loop after the drop: a resume
+    # that found it live just before must still resume it (it once got a fresh session).
+    server = await process(start_server, redis_url)
+    for i in range(150):
+        session = ResumeSession(clients, server.url())
+        conn = await session.start()
+        await chat(conn, "m1", f"hello {i}")
+        session.drop()
+        again = await session.resume()
+        assert again.connected["resumed"] is True, (i, again.connected)
+
+
+async def test_owner_takes_a_cancel_flag_whose_message_was_lost(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    server = await process(start_server, redis_url, agents={"assistant": {"use": "echo", "delay": 0.02}})
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    text = words(500)  # about 10 s
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # The flag another process sets, without its pub/sub message: the lease renewal
+        # (every third of producer_timeout = 5 s) takes it.
+        await client.sadd(f"connic:{{{session.session_id}}}:cancel", json.dumps("m1"))
+    finally:
+        await client.aclose()
+    await conn.until_ended({"m1": ["assistant"]}, timeout=5)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "cancelled", end
+    assert len(end["full_response"]) < len(text) // 2
 
 
 # --- two processes ---------------------------------------------------------------
@@ -349,7 +411,7 @@ async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redi
     assert len(lines) == 1 and "[store] url" in lines[0] and url in lines[0], proc.stderr
 
 
-async def test_store_failure_while_running_closes_1011_then_resumes(
+async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_then_recovers(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
     server = await process(start_server, redis_server.url)
@@ -361,11 +423,13 @@ async def test_store_failure_while_running_closes_1011_then_resumes(
     code, frames = await conn.closed(timeout=15)
     assert code == 1011, frames
     assert any(f.get("code") == "store_unavailable" and f.get("id") is None for f in frames), frames
-    # A new handshake while Redis is down: store_unavailable, 1011 (the server does not crash).
-    fresh = await clients.open(server.url())
-    await fresh.send({"secret": SECRET})
-    code, frames = await fresh.closed(timeout=15)
-    assert code == 1011 and frames[-1]["code"] == "store_unavailable", frames
+    # A new handshake while Redis is down is refused before the upgrade (the server does not crash).
+    for _ in range(2):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(server.url(), open_timeout=15):
+                pass
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "5"
     redis_server.start()  # back (empty: it kept nothing): new sessions work without a restart
     again = ResumeSession(clients, server.url())
     conn = await again.start()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from connic.agent import HistoryEntry
+from connic.frames import MessageId
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -54,6 +55,10 @@ class SessionRecord:
     states: Mapping[str, dict[str, Any]]
     history: Sequence[HistoryEntry]
     history_size: int
+    busy: bool = False  # a message was queued or being answered when the record was written
+    lost: Sequence[tuple[MessageId, str | None]] = ()
+    """The agent replies (message id, agent) a process that died left unfinished, set by :meth:`SessionStore.take`
+    (agent None: every agent that answers that message)."""
 
 
 class ReplayLog(abc.ABC):
@@ -92,6 +97,14 @@ class SessionStore:
 
     async def close(self) -> None:
         """Release what :meth:`start` acquired when the server stops."""
+
+    async def available(self) -> bool:
+        """Whether the store can be reached now: checked before each WebSocket handshake (HTTP 503 if not).
+
+        Must be cheap: a remote store answers from what its last calls saw, and checks
+        again (bounded) only while it believes it is down. The default is always True.
+        """
+        return True
 
     async def add(self, session: ChatSession) -> None:
         """Keep a new session."""
@@ -139,6 +152,13 @@ class SessionStore:
         out); the caller rebuilds the session from it and hands it to :meth:`add`.
         """
         return None
+
+    def cancel(self, session_id: str, message_id: MessageId) -> None:
+        """Pass a ``cancel`` to the process answering the session (a client following it from here).
+
+        Only a store shared between processes has anything to do: the default does nothing
+        (a session is never answered by another process).
+        """
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A new, empty replay log for a session, keeping at most ``capacity`` frames."""

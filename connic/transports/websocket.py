@@ -235,6 +235,10 @@ class WebSocketTransport(Transport):
         if self.draining:
             self.metrics.refused.inc(path, "503")
             raise web.HTTPServiceUnavailable(text="server is shutting down\n")
+        if not await self.store.available():
+            # Refused before the upgrade: a session could be neither opened nor resumed (PROTOCOL.md §7).
+            self.metrics.refused.inc(path, "503")
+            raise web.HTTPServiceUnavailable(text="the session store cannot be reached\n", headers={"Retry-After": "5"})
         opts = self.options
         ws = Socket(
             autoping=False,  # the connection answers pings and keeps its own heartbeat (ws_connection)

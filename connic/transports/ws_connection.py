@@ -47,7 +47,7 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.message import release_cancellation
-from connic.session import ChatSession
+from connic.session import ChatSession, SessionState
 from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
 from connic.transports.ws_keepalive import Heartbeat
 from connic.transports.ws_writer import Writer
@@ -322,11 +322,20 @@ class Connection:
             self.writer.extend(frames or [])
             following[:] = [last]
 
-        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
-        # Only a shared store may wait on another process: the memory store answers at once.
-        session = await (self._reading_meanwhile(finding) if sessions.store.durable else finding)
-        last_seq = following[0] if following else frame.last_seq
-        replay = await session.replay(self, last_seq) if session is not None else None
+        for _ in range(2):
+            finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+            # Only a shared store may wait on another process: the memory store answers at once.
+            if sessions.store.durable:
+                session = await self._reading_meanwhile(finding, frame.session_id, following)
+            else:
+                session = await finding
+            last_seq = following[0] if following else frame.last_seq
+            replay = await session.replay(self, last_seq) if session is not None else None
+            if replay is not None or session is None or following or session.state is not SessionState.ENDED:
+                break
+            # The store let the detached, idle session go (it saves it for any process) while
+            # this resume awaited: its copy here is left, find it again in the store. A session
+            # that ended for good is gone from the store too: the second find says so.
         if following and (session is None or replay is None):
             # connected said resumed: the session is still in the store, to be resumed again.
             self.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
@@ -359,11 +368,14 @@ class Connection:
             recovered,
         )
 
-    async def _reading_meanwhile(self, finding: Awaitable[ChatSession | None]) -> ChatSession | None:
+    async def _reading_meanwhile(
+        self, finding: Awaitable[ChatSession | None], session_id: str, following: list[int]
+    ) -> ChatSession | None:
         """Await ``finding`` while still reading the socket.
 
         Finding a session another process answers can take as long as its reply: the
-        client's pings and pongs are answered meanwhile (the heartbeat sees it alive) and
+        client's pings and pongs are answered meanwhile (the heartbeat sees it alive), a
+        ``cancel`` is passed to that process at once (when nothing is held before it), and
         its other frames are held in order, to be handled once the session is taken over.
         """
         task = asyncio.ensure_future(finding)
@@ -379,10 +391,15 @@ class Connection:
                     self._receiving = None
                     msg = receiving.result()
                     self.heartbeat.last_seen = self._loop.time()
+                    parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT and not self._inbox else None
                     if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                         self._control(msg.type, msg.data)
-                    elif msg.type is WSMsgType.TEXT and not self._inbox and _is_ping(msg.data):
+                    elif isinstance(parsed, PingFrame):
                         self.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
+                    elif isinstance(parsed, CancelFrame) and following:
+                        # Another process answers (this one follows its frames): the cancel goes there.
+                        # Its outcome (a cancelled reply's end, or not_found) comes back in the log.
+                        self.transport.sessions.store.cancel(session_id, parsed.id)
                     else:
                         self._inbox.append(msg)
             return task.result()
@@ -499,11 +516,11 @@ class Connection:
 _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an error) nothing more is read
 
 
-def _is_ping(data: str) -> bool:
+def _parsed(data: str) -> ClientFrame | None:
     try:
-        return isinstance(parse_client_frame(data), PingFrame)
+        return parse_client_frame(data)
     except ProtocolError:
-        return False
+        return None
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from connic.errors import SessionTakenOver, StoreUnavailable
+from connic.frames import MessageId
 from connic.session import SessionState
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis import scripts
-from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of
+from connic.stores.redis.cancels import Cancels
+from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of, unfinished
 from connic.stores.redis.record import decode, encode
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
-class RedisStore(SessionStore):
+class RedisStore(Cancels, SessionStore):
     """Sessions in Redis: durable, resumable on any process that shares the server."""
 
     durable = True
@@ -84,6 +86,9 @@ class RedisStore(SessionStore):
         self._tasks: list[asyncio.Task[None]] = []
         self._writing = False  # a batch is being written
         self._closing = False
+        self._down = False  # the last call to Redis got no answer (available() then pings)
+        self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+        self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
 
     # --- life cycle -------------------------------------------------------------
 
@@ -119,10 +124,14 @@ class RedisStore(SessionStore):
             raise StoreUnavailable(f"[store] url {opts.url!r}: cannot reach Redis ({exc.message})") from None
         self._scripts = {
             name: self._redis.register_script(getattr(scripts, name))
-            for name in ("APPEND", "CLAIM", "CREATE", "DELETE", "RELEASE", "RENEW", "SAVE")
+            for name in ("APPEND", "CANCELS", "CLAIM", "CREATE", "DELETE", "RELEASE", "RENEW", "SAVE")
         }
         self._wake = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._renewer())]
+        self._tasks = [
+            asyncio.create_task(self._writer()),
+            asyncio.create_task(self._renewer()),
+            asyncio.create_task(self._listen()),
+        ]
 
     async def close(self) -> None:
         """Write what is queued (bounded by ``timeout``), then disconnect."""
@@ -136,6 +145,9 @@ class RedisStore(SessionStore):
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
+        self._tasks[2].cancel()  # the cancel listener
+        for task in self._cancelling:
+            task.cancel()
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
         _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)
         for task in pending:
@@ -166,6 +178,25 @@ class RedisStore(SessionStore):
             replay.fence = self._fences[sid][0]
             replay.last = max(replay.last, session.seq)
             self._logs[sid] = replay
+
+    async def available(self) -> bool:
+        """True unless the last call to Redis failed and a ping (≤ 1 s) still gets no answer.
+
+        While Redis is up this costs nothing; while it is down, handshakes arriving together
+        share one ping (a burst of them does not become a burst of pings).
+        """
+        if not self._down:
+            return True
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._ping())
+        return await asyncio.shield(self._checking)
+
+    async def _ping(self) -> bool:
+        try:
+            await self._call(self._client().ping(), min(self.options.timeout, 1.0))
+        except StoreUnavailable:
+            return False
+        return True
 
     async def get(self, session_id: str) -> ChatSession | None:
         """The session if it is live in this process (else :meth:`load` and :meth:`take`)."""
@@ -229,7 +260,14 @@ class RedisStore(SessionStore):
             if fence > 0:
                 self._fences[session_id] = (fence, lease)
                 record = decode(result[1])
-                return attrs.evolve(record, seq=max(record.seq, int(result[2])))
+                newest = int(result[2])
+                lost: list[tuple[MessageId, str | None]] = []
+                if record.busy or newest > record.seq:
+                    # Its owner let it go answering, or logged frames after its last save: it died
+                    # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
+                    entries = await self._call(self._client().xrange(keys[3], "-", "+"))
+                    lost = unfinished([fields["f"] for _, fields in entries])
+                return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
             if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
@@ -373,6 +411,10 @@ class RedisStore(SessionStore):
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
                     self._lost(sid)
+            # A cancel whose pub/sub message was lost (the channel reconnecting) is still taken.
+            busy = [sid for sid, _ in owned if (s := self._live.get(sid)) is not None and s.busy]
+            if busy:
+                await self._take_cancels(busy)
 
     def _fail(self, sid: str) -> None:
         """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""
@@ -410,16 +452,20 @@ class RedisStore(SessionStore):
         timeout = self.options.timeout if seconds is None else seconds
         try:
             async with asyncio.timeout(timeout):
-                return await call
+                result = await call
         except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # redis-py turns a cancellation into a connection error (and asyncio.timeout may
                 # take one for its own): the caller was cancelled, so it must stop.
                 raise asyncio.CancelledError from None
+            # An error reply means Redis is up; anything else: handshakes are refused (503) till it answers.
+            self._down = not isinstance(exc, redis.exceptions.ResponseError)
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
             raise StoreUnavailable(f"Redis failed: {exc}") from None
+        self._down = False
+        return result
 
 
 def _ms(seconds: float) -> int:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
+from connic.frames import MessageId
 from connic.stores import ReplayLog
 
 if TYPE_CHECKING:
     from connic.stores.redis import RedisStore
 
-__all__ = ["RedisReplayLog", "frames_after", "seq_of"]
+__all__ = ["RedisReplayLog", "frames_after", "seq_of", "unfinished"]
 
 
 class RedisReplayLog(ReplayLog):
@@ -68,3 +70,46 @@ def frames_after(entries: list[tuple[str, dict[str, str]]], seq: int) -> list[st
             return None
         frames.append(fields["f"])
     return frames
+
+
+def unfinished(frames: list[str]) -> list[tuple[MessageId, str | None]]:
+    """The agent replies that ``frames`` (a session's log, oldest first) leave unfinished.
+
+    A reply is unfinished when its ``stream_start`` has no ``stream_end`` nor error for
+    that agent; an acked message that got no frame from any agent is unfinished too (agent
+    None: each agent that answers it) if it came after the last message an agent answered:
+    it was being answered (streaming off, or before its first chunk) or queued behind.
+    """
+    acked: dict[Any, tuple[MessageId, int]] = {}  # key: (id, message number), in order
+    started: dict[tuple[Any, str], MessageId] = {}
+    answered: set[Any] = set()  # keys of messages some agent sent a frame for
+    ended: set[Any] = set()  # keys of messages ended for every agent (an error without an agent)
+    last_answered = 0
+    numbers: dict[Any, int] = {}  # the message number of an id, by its key
+    for data in frames:
+        frame = json.loads(data)
+        kind, message_id = frame.get("type"), frame.get("id")
+        key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
+        if kind == "ack":
+            acked[key] = (message_id, frame["message_number"])
+            numbers[key] = frame["message_number"]
+            continue
+        agent = frame.get("agent")
+        if kind == "error" and agent is None:
+            ended.add(key)
+            continue
+        if agent is None or kind not in ("stream_start", "stream_chunk", "stream_end", "response", "error"):
+            continue  # progress events (§9) and the like: not an end
+        answered.add(key)
+        last_answered = max(last_answered, numbers.get(key, 0))
+        if kind == "stream_start":
+            started[(key, agent)] = message_id
+        elif kind in ("stream_end", "response", "error"):
+            started.pop((key, agent), None)
+    lost: list[tuple[MessageId, str | None]] = [
+        (mid, agent) for (key, agent), mid in started.items() if key not in ended
+    ]
+    for key, (message_id, number) in acked.items():
+        if key not in answered and key not in ended and number > last_answered:
+            lost.append((message_id, None))
+    return lost

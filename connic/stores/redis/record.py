@@ -25,6 +25,7 @@ def encode(record: SessionRecord) -> str:
             "states": record.states,
             "history": [[e.role, e.text, e.agent, e.id, e.message_number] for e in record.history],
             "history_size": record.history_size,
+            "busy": record.busy,
         },
         separators=(",", ":"),
     )
@@ -45,4 +46,5 @@ def decode(data: str) -> SessionRecord:
         states=raw["states"],
         history=tuple(HistoryEntry(*entry) for entry in raw["history"]),
         history_size=raw["history_size"],
+        busy=raw.get("busy", False),  # records written before it was kept
     )

@@ -8,13 +8,43 @@ ownership key, fencing counter, record and replay log (:func:`session_keys`).
 
 from __future__ import annotations
 
-__all__ = ["APPEND", "CLAIM", "CREATE", "DELETE", "RELEASE", "RENEW", "SAVE", "session_keys"]
+__all__ = [
+    "APPEND",
+    "CANCELS",
+    "CLAIM",
+    "CREATE",
+    "DELETE",
+    "RELEASE",
+    "RENEW",
+    "SAVE",
+    "cancel_channel",
+    "cancel_key",
+    "session_keys",
+]
 
 
 def session_keys(prefix: str, session_id: str) -> list[str]:
     """The ownership key, fencing counter, record and replay log of one session."""
     tag = f"{prefix}{{{session_id}}}"
     return [f"{tag}:owner", f"{tag}:fence", f"{tag}:record", f"{tag}:log"]
+
+
+def cancel_key(prefix: str, session_id: str) -> str:
+    """The set of ``cancel`` ids (JSON) other processes passed to the session's owner."""
+    return f"{prefix}{{{session_id}}}:cancel"
+
+
+def cancel_channel(prefix: str) -> str:
+    """The pub/sub channel telling every process which session has a cancel waiting (its id)."""
+    return f"{prefix}cancel"
+
+
+# The cancels waiting for a session, taken (the set is emptied). KEYS: the cancel set.
+CANCELS = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+if #ids > 0 then redis.call('DEL', KEYS[1]) end
+return ids
+"""
 
 
 # A new session: ownership (a new fencing token) and its record. ARGV: lease ms, record, record ttl ms.

@@ -1,0 +1,106 @@
+"""The ``redis`` store's cancels across processes: a ``cancel`` sent to a follower reaches the owner.
+
+The follower adds the message id to the session's cancel set and publishes the session
+id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
+to which every process listens; the owner takes the set (the ``CANCELS`` script) and
+cancels the message. It also takes the set of its busy sessions when it renews their
+leases, in case the pub/sub message was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from connic.errors import StoreUnavailable
+from connic.frames import MessageId
+from connic.stores.redis import scripts
+
+if TYPE_CHECKING:
+    from connic.session import ChatSession
+
+__all__ = ["Cancels"]
+
+log = logging.getLogger("connic.stores.redis")
+
+
+class Cancels:
+    """What :class:`~connic.stores.redis.RedisStore` does with cancels (a mixin of it)."""
+
+    options: Any
+    _blocking: Any
+    _scripts: dict[str, Any]
+    _live: dict[str, ChatSession]
+    _fences: dict[str, tuple[int, int]]
+    _cancelling: set[asyncio.Task[None]]
+
+    def _client(self) -> Any:
+        raise NotImplementedError
+
+    async def _call(self, call: Any, seconds: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def cancel(self, session_id: str, message_id: MessageId) -> None:
+        """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
+        self._spawn(self._send_cancel(session_id, message_id))
+
+    async def _send_cancel(self, session_id: str, message_id: MessageId) -> None:
+        prefix = self.options.key_prefix
+        key = scripts.cancel_key(prefix, session_id)
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            pipe.sadd(key, json.dumps(message_id))
+            # Only for a while: a cancel the owner never took must not cancel a later message with that id.
+            pipe.pexpire(key, max((lease for _, lease in self._fences.values()), default=10_000))
+            pipe.publish(scripts.cancel_channel(prefix), session_id)
+            await self._call(pipe.execute())
+        except StoreUnavailable as exc:
+            log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.message)
+
+    async def _listen(self) -> None:
+        """Take the cancels other processes pass to the sessions live here as soon as they say so."""
+        import redis.exceptions
+
+        channel = scripts.cancel_channel(self.options.key_prefix)
+        while True:
+            pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["data"] in self._live:
+                        self._spawn(self._take_cancels([message["data"]]))
+            except (redis.exceptions.RedisError, OSError) as exc:
+                # Redis went away: the renewer still takes the flags; listen again once it is back.
+                log.debug("redis store: cancel channel lost (%s)", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _take_cancels(self, session_ids: list[str]) -> None:
+        """Take the cancels waiting for these sessions and cancel their messages here."""
+        prefix = self.options.key_prefix
+        try:
+            pipe = self._client().pipeline(transaction=False)
+            for sid in session_ids:
+                await self._scripts["CANCELS"](keys=[scripts.cancel_key(prefix, sid)], client=pipe)
+            results = await self._call(pipe.execute(raise_on_error=False))
+        except StoreUnavailable as exc:
+            log.warning("redis store: taking cancels failed: %s", exc.message)
+            return
+        for sid, ids in zip(session_ids, results, strict=True):
+            session = self._live.get(sid)
+            if session is None or isinstance(ids, Exception):
+                continue
+            for data in ids:
+                session.cancel(json.loads(data))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
