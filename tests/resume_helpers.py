@@ -38,7 +38,9 @@ __all__ = [
 
 Frame = dict[str, Any]
 
-SEQUENCED = frozenset({"ack", "stream_start", "stream_chunk", "stream_end", "response"})
+SEQUENCED = frozenset(
+    {"ack", "stream_start", "stream_chunk", "stream_end", "response", "tool_call", "tool_result", "progress"}
+)
 """Frame types that always belong to a message (an ``error`` does when its ``id`` is not null)."""
 ENDS = frozenset({"stream_end", "response", "error"})
 """The frames that end one agent's reply."""
