@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
@@ -62,59 +63,17 @@ def _sample(
     return 0.0
 
 
-class Counter:
-    """A monotonically increasing count per label set (its name ends in ``_total``)."""
+class _Series:
+    """What a counter and a gauge share: one prometheus-client child per label tuple, made once."""
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        if not name.endswith("_total"):
-            # prometheus-client appends _total to every counter's samples: without it in
-            # the name, the exposed name would not be the one given here.
-            raise ValueError(f"a counter's name ends in _total: {name!r}")
+    metric: prometheus_client.Counter | prometheus_client.Gauge
+
+    def __init__(self, name: str, labels: Sequence[str]) -> None:
         self.name = name
         self.label_names = tuple(labels)
-        self.metric = prometheus_client.Counter(name, help_text, self.label_names, registry=registry)
-        self._children: dict[LabelValues, prometheus_client.Counter] = {}
+        self._children: dict[LabelValues, Any] = {}
 
-    def child(self, labels: LabelValues) -> prometheus_client.Counter:
-        """The prometheus-client series of ``labels``, made once per label tuple."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
-        return child
-
-    def inc(self, *labels: str, amount: float = 1) -> None:
-        """Add ``amount`` (not negative) to the series named by ``labels``."""
-        self.add(labels, amount)
-
-    def add(self, labels: LabelValues, amount: float = 1) -> None:
-        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self.child(labels)
-        child.inc(amount)
-
-    def get(self, *labels: str) -> float:
-        """The current value of one series in this process (0 when never incremented)."""
-        return _sample(self.metric, self.name, self.label_names, labels)
-
-    @property
-    def values(self) -> dict[LabelValues, float]:
-        """Every series this process has, by label values."""
-        return {labels: self.get(*labels) for labels in self._children}
-
-
-class Gauge:
-    """A value that goes up and down; in multiprocess mode, the sum over the live processes."""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        self.name = name
-        self.label_names = tuple(labels)
-        self.metric = prometheus_client.Gauge(
-            name, help_text, self.label_names, registry=registry, multiprocess_mode="livesum"
-        )
-        self._children: dict[LabelValues, prometheus_client.Gauge] = {}
-
-    def child(self, labels: LabelValues) -> prometheus_client.Gauge:
+    def child(self, labels: LabelValues) -> Any:
         """The prometheus-client series of ``labels``, made once per label tuple."""
         child = self._children.get(labels)
         if child is None:
@@ -125,25 +84,47 @@ class Gauge:
         """Add ``amount`` to the series named by ``labels``."""
         self.add(labels, amount)
 
-    def dec(self, *labels: str, amount: float = 1) -> None:
-        """Subtract ``amount`` from the series named by ``labels``."""
-        self.add(labels, -amount)
-
     def add(self, labels: LabelValues, amount: float = 1) -> None:
-        """``inc(*labels, amount=amount)`` with the label values already in a tuple."""
+        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
         child = self._children.get(labels)
         if child is None:
             child = self.child(labels)
         child.inc(amount)
 
     def get(self, *labels: str) -> float:
-        """The current value of one series in this process (0 when never set)."""
+        """The current value of one series in this process (0 when it has none)."""
         return _sample(self.metric, self.name, self.label_names, labels)
 
     @property
     def values(self) -> dict[LabelValues, float]:
         """Every series this process has, by label values."""
         return {labels: self.get(*labels) for labels in self._children}
+
+
+class Counter(_Series):
+    """A monotonically increasing count per label set (its name ends in ``_total``)."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        if not name.endswith("_total"):
+            # prometheus-client appends _total to every counter's samples: without it in
+            # the name, the exposed name would not be the one given here.
+            raise ValueError(f"a counter's name ends in _total: {name!r}")
+        super().__init__(name, labels)
+        self.metric = prometheus_client.Counter(name, help_text, self.label_names, registry=registry)
+
+
+class Gauge(_Series):
+    """A value that goes up and down; in multiprocess mode, the sum over the live processes."""
+
+    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        super().__init__(name, labels)
+        self.metric = prometheus_client.Gauge(
+            name, help_text, self.label_names, registry=registry, multiprocess_mode="livesum"
+        )
+
+    def dec(self, *labels: str, amount: float = 1) -> None:
+        """Subtract ``amount`` from the series named by ``labels``."""
+        self.add(labels, -amount)
 
 
 class Histogram:
