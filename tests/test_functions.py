@@ -150,7 +150,10 @@ def test_two_tools_of_the_same_name_are_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "problem"),
-    [({"max_tool_rounds": 0}, "max_tool_rounds must be at least 1, got 0"), ({"tool_timeout": 0}, "tool_timeout")],
+    [
+        ({"max_tool_rounds": 0}, "max_tool_rounds must be at least 1, got 0"),
+        ({"tool_timeout": 0}, "tool_timeout must be a positive number, got 0"),
+    ],
 )
 def test_bad_loop_options_are_config_errors(tmp_path: Path, options: dict[str, Any], problem: str) -> None:
     path = write_config(tmp_path, [], **options)
@@ -158,11 +161,15 @@ def test_bad_loop_options_are_config_errors(tmp_path: Path, options: dict[str, A
         build_runtime(load_config(path))
 
 
-def test_connic_check_reports_a_bad_entry(tmp_path: Path) -> None:
+def test_connic_check_reports_a_bad_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from connic.cli import main
 
     path = write_config(tmp_path, ["tools.py:nope"])
     assert main(["check", "--config", str(path)]) != 0
+    assert (
+        f"agents.bot: tools[0] 'tools.py:nope': {tmp_path / 'tools.py'} has no attribute 'nope'"
+        in capsys.readouterr().err
+    )
 
 
 def test_sync_tools_do_not_block_the_event_loop() -> None:

@@ -181,7 +181,7 @@ async def test_cancel_during_a_slow_tool_cancels_it(
     await client.send({"type": "cancel", "id": "c"})
     end = (await client.until("stream_end"))[-1]
     assert end["finish_reason"] == "cancelled"
-    await asyncio.wait_for(State.cancelled.wait(), 5)
+    assert State.cancelled.is_set()  # the turn ended only once the tool had
     assert len(fake.requests) == 1  # the model was not asked again
 
 
