@@ -12,7 +12,6 @@ With ``tools`` (google-genai only) it runs the model <-> tool loop
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import importlib.util
@@ -21,7 +20,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -29,8 +28,9 @@ import attrs
 import jinja2
 
 from connic.agent import Agent, ProgressEvent, Turn, Usage
-from connic.agents._common import backoff, is_timeout, mask, unexpected
-from connic.agents.tool_loop import Call, Outcome, Toolbox, ToolOptions, run_turn
+from connic.agents._common import is_timeout, mask, unexpected
+from connic.agents._gemini_turn import Overloaded, TurnContents
+from connic.agents.tool_loop import Toolbox, ToolOptions, run_turn
 from connic.config import non_negative, positive
 from connic.errors import AgentError, ConfigError
 
@@ -40,10 +40,6 @@ SDKS = ("auto", "google-genai", "google-generativeai")
 _prompts = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 log = logging.getLogger("connic.agents.gemini")
 _REQUEST_LINE = re.compile(r"^[A-Z]+ \S+: ")
-
-
-class _Overloaded(AgentError):
-    """A 503 from Gemini ("the model is overloaded"): worth another attempt."""
 
 
 def _sdk(_: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -206,7 +202,7 @@ class GeminiAgent(Agent):
         if self.client is None:
             raise AgentError("the gemini agent was not started")
         try:
-            chat = _Chat(self, turn, self.system(turn))
+            chat = TurnContents(self, turn, self.system(turn))
             async with contextlib.aclosing(run_turn(chat, self.toolbox, self.options, turn.agent)) as items:
                 async for item in items:
                     yield item
@@ -254,7 +250,7 @@ class GeminiAgent(Agent):
                     yield chunk
         except errors.APIError as exc:
             text = f"Gemini API error {exc.code}: {exc.message or exc.status}"
-            raise (_Overloaded if exc.code == 503 else AgentError)(text) from None
+            raise (Overloaded if exc.code == 503 else AgentError)(text) from None
         except Exception as exc:
             raise self._failure(exc) from None
 
@@ -285,7 +281,7 @@ class GeminiAgent(Agent):
                 # google-api-core puts "POST <url>: " before Google's message; the other SDK does not.
                 message = _REQUEST_LINE.sub("", str(getattr(exc, "message", None) or exc))
                 text = f"Gemini API error {code}: {message}"
-                raise (_Overloaded if code == 503 else AgentError)(text) from None
+                raise (Overloaded if code == 503 else AgentError)(text) from None
             raise self._failure(exc) from None
 
     def _failure(self, exc: Exception) -> Exception:
@@ -295,111 +291,6 @@ class GeminiAgent(Agent):
         if isinstance(exc, OSError | aiohttp.ClientError) or _transport_error(exc):
             return AgentError(f"could not reach the Gemini API: {type(exc).__name__}")
         return AgentError(f"Gemini request failed: {type(exc).__name__}: {exc}")
-
-
-class _Chat:
-    """One turn's conversation in Gemini contents, for the tool loop."""
-
-    def __init__(self, agent: GeminiAgent, turn: Turn, system: str | None) -> None:
-        self.agent = agent
-        self.system = system
-        self.contents: list[Any] = agent.contents(turn)
-        self.model_turn: Any = None  # the model's last content, with its functionCall parts
-        self.ids: dict[str, str | None] = {}  # call_id -> the id Gemini gave the call, if any
-
-    async def step(self) -> AsyncGenerator[str | Usage | Call, None]:
-        """One model call (retried on a 503 before its first chunk); the calls it asked for come last."""
-        agent = self.agent
-        deadline = time.monotonic() + agent.options.timeout
-        delays = backoff()
-        attempts = 0
-        usage: Usage | None = None
-        produced = False
-        parts: list[Any] = []
-        while True:
-            attempts += 1
-            parts = []
-            if agent.sdk == "google-genai":
-                chunks = agent._genai(self.contents, self.system, deadline)
-            else:
-                chunks = agent._legacy(self.contents, self.system, deadline)
-            try:
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        metadata = getattr(chunk, "usage_metadata", None)
-                        if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
-                            usage = Usage(
-                                prompt_tokens=int(metadata.prompt_token_count or 0),
-                                candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
-                            )
-                        text = _text(chunk)
-                        if agent.sdk == "google-genai":
-                            parts.extend(_parts(chunk))
-                        if text:
-                            produced = True
-                            yield text
-                break
-            except _Overloaded as exc:
-                delay = next(delays)
-                # Never after a chunk (the client would get the start of the answer twice),
-                # and never past the timeout.
-                if produced or attempts > agent.options.retries or time.monotonic() + delay >= deadline:
-                    tried = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
-                    raise AgentError(exc.message + tried) from None
-                log.info("agent %s: %s; trying again in %g s", agent.name, agent._clean(exc.message), delay)
-                await asyncio.sleep(delay)
-        calls = [part.function_call for part in parts if getattr(part, "function_call", None) is not None]
-        if not produced and not calls:
-            raise AgentError("Gemini returned no candidates (an empty answer)")
-        if usage is not None:
-            yield usage
-        if calls:
-            types = importlib.import_module("google.genai.types")
-            # The parts as they came (thought signatures included: Gemini wants them back).
-            self.model_turn = types.Content(role="model", parts=parts)
-            self.ids = {}
-            for index, call in enumerate(calls):
-                call_id = call.id or f"call_{len(self.contents)}_{index}"
-                self.ids[call_id] = call.id
-                yield Call(call_id, call.name or "", dict(call.args or {}))
-
-    def answer(self, outcomes: Sequence[Outcome]) -> None:
-        """The model's content with its calls, then a user content with one functionResponse per call."""
-        responses = []
-        for outcome in outcomes:
-            response: dict[str, Any] = {"name": outcome.call.name}
-            # Gemini's convention: "output" for the result, "error" for a failure.
-            response["response"] = {"error" if outcome.is_error else "output": outcome.result}
-            given = self.ids.get(outcome.call.call_id)
-            if given:
-                response["id"] = given
-            responses.append({"function_response": response})
-        self.contents.append(self.model_turn)
-        self.contents.append({"role": "user", "parts": responses})
-
-
-def _parts(chunk: Any) -> list[Any]:
-    """The parts of a chunk's first candidate (the only one asked for)."""
-    candidates = getattr(chunk, "candidates", None) or []
-    content = getattr(candidates[0], "content", None) if candidates else None
-    return list(getattr(content, "parts", None) or [])
-
-
-def _text(chunk: Any) -> str:
-    """A chunk's text; a blocked prompt or an empty candidate is an error the client sees."""
-    feedback = getattr(chunk, "prompt_feedback", None)
-    reason = getattr(feedback, "block_reason", None) if feedback is not None else None
-    if reason:
-        raise AgentError(f"Gemini blocked the prompt: {getattr(reason, 'name', reason)}")
-    candidates = getattr(chunk, "candidates", None) or []
-    texts = []
-    for candidate in candidates:
-        content = getattr(candidate, "content", None)
-        for part in getattr(content, "parts", None) or []:
-            text = getattr(part, "text", None)
-            if text:
-                texts.append(text)
-    return "".join(texts)
 
 
 def _transport_error(exc: BaseException) -> bool:
