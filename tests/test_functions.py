@@ -188,3 +188,19 @@ def test_sync_tools_do_not_block_the_event_loop() -> None:
         return await asyncio.gather(tool.call({}), tool.call({}))
 
     assert asyncio.run(both()) == [True, True]
+
+
+async def test_two_sources_giving_one_tool_name_stop_start_up_and_close_what_started() -> None:
+    from connic.agents.functions import FunctionTools
+    from connic.agents.tool_loop import Toolbox
+
+    closed: list[str] = []
+
+    class Recording(FunctionTools):
+        async def close(self) -> None:
+            closed.append("first")
+
+    toolbox = Toolbox([Recording(["tool_functions:word_count"]), FunctionTools(["tool_functions:word_count"])])
+    with pytest.raises(connic.ConfigError, match=r"^two of the agent's tools are named 'word_count'$"):
+        await toolbox.start()
+    assert closed == ["first"] and toolbox.tools == {}

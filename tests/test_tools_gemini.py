@@ -184,3 +184,13 @@ def test_the_legacy_sdk_refuses_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 'agents.gem: tools: the google-generativeai SDK cannot call tools here: use sdk = "google-genai"' in str(
         caught.value
     )
+
+
+async def test_an_agent_without_tools_sends_no_tools(
+    start_server: StartServer, connect: Connect, fake: FakeGemini
+) -> None:
+    server = await start(start_server, fake, tools=[])
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "hi"})
+    assert frames[-1]["full_response"] == "Hello from Gemini."
+    assert "tools" not in fake.requests[0] and "toolConfig" not in fake.requests[0]

@@ -229,3 +229,14 @@ async def test_non_streaming_tool_frames_precede_the_response(
     frames = await client.reply({"message": "count"})
     assert kinds(frames) == ["ack", "tool_call", "tool_result", "response"]
     assert frames[-1]["response"] == "Hello from the fake."
+
+
+async def test_an_agent_without_tools_sends_no_tools_key(
+    start_server: StartServer, connect: Connect, fake: FakeOpenAI
+) -> None:
+    # Some OpenAI-compatible servers refuse an empty "tools" array.
+    server = await start(start_server, fake, tools=[])
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "hi"})
+    assert frames[-1]["full_response"] == "Hello from the fake."
+    assert "tools" not in fake.requests[0]
