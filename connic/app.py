@@ -21,7 +21,7 @@ from connic.metrics import CONTENT_TYPE, Metrics
 from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
 from connic.redact import hide_bad_request_echo, install_log_redaction
-from connic.registry import Registry, load_registry
+from connic.registry import REFERENCE_BASE, Registry, load_registry
 from connic.stores import SessionStore
 from connic.stores.memory import MemoryStore
 from connic.transport import Transport
@@ -110,10 +110,13 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
         key = f"agents.{name}"
         cls = _plugin(registry, "agents", agent_config.use, where, f"{key}.use", base)
         options = _options(cls, agent_config.options, where, key)
+        reset = REFERENCE_BASE.set(base)  # an agent's own references (its tools) start there too
         try:
             agents[name] = cls(name, options)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {key}: {exc.message}") from None
+        finally:
+            REFERENCE_BASE.reset(reset)
     if not config.connectors:
         raise ConfigError(f"{where}: connectors: no connector is configured")
     server = config.server

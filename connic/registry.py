@@ -12,6 +12,7 @@ Agents and middleware may also be named by reference, without packaging
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +32,7 @@ from connic.middleware import Middleware
 
 __all__ = [
     "GROUPS",
+    "REFERENCE_BASE",
     "Kind",
     "PluginInfo",
     "Registry",
@@ -112,6 +114,12 @@ def absolute_reference(use: str, base: Path) -> str:
     if not is_reference(use) or not _is_file(where):
         return use
     return f"{(base / Path(where).expanduser()).resolve()}:{attr}"
+
+
+REFERENCE_BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("connic_reference_base", default=None)
+"""The folder a relative ``FILE.py:NAME`` in a plugin's own options starts from (an agent's
+``tools``), set while :func:`connic.app.build_runtime` builds the agents: the configuration
+file's folder. Unset (``None``), such references start from the current directory."""
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")

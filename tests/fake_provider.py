@@ -2,7 +2,9 @@
 
 It records each request, streams scripted chunks over SSE, can hold back its first byte or
 its last chunk until released (a provider that never answers), can answer with an error, and
-notices when the client goes away.
+notices when the client goes away. Both fakes can also ask for tool calls, in the provider's
+own format (OpenAI ``tool_calls`` deltas, Gemini ``functionCall`` parts): the tool results
+the agent sends back are then in the recorded requests.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+ToolCalls = list[tuple[str, Any]]
+"""The calls one answer asks for: (tool name, arguments), arguments a dict or (OpenAI) raw JSON text."""
+
 
 class _FakeServer:
     """A local aiohttp server recording requests; subclasses add their routes."""
 
     def __init__(self) -> None:
+        self.tool_rounds: list[ToolCalls] = []  # each request takes the first, if any, and asks for those calls
+        self.tool_loop: ToolCalls | None = None  # once tool_rounds is empty, ask for these forever
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.hold_last: asyncio.Event | None = None
@@ -52,6 +59,12 @@ class _FakeServer:
 
     def routes(self, app: web.Application) -> None:
         raise NotImplementedError
+
+    def next_calls(self) -> ToolCalls | None:
+        """The tool calls this request's answer asks for, if any."""
+        if self.tool_rounds:
+            return self.tool_rounds.pop(0)
+        return self.tool_loop
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self.count])
@@ -93,6 +106,10 @@ class FakeOpenAI(_FakeServer):
             return web.json_response(body, status=status)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        calls = self.next_calls()
+        if calls is not None:
+            await self.ask_for_tools(response, calls)
+            return response
         try:
             for index, text in enumerate(self.chunks):
                 if index == len(self.chunks) - 1 and self.hold_last is not None:
@@ -119,8 +136,34 @@ class FakeOpenAI(_FakeServer):
             raise
         return response
 
+    async def ask_for_tools(self, response: web.StreamResponse, calls: ToolCalls) -> None:
+        """Stream ``tool_calls`` deltas as OpenAI does: id and name first, the arguments in two pieces."""
+        number = len(self.requests)
+
+        async def send(delta: dict[str, Any], finish: str | None = None) -> None:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            event = {"id": f"c{number}", "object": "chat.completion.chunk", "choices": [choice]}
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+
+        await send({"role": "assistant", "content": None})
+        for index, (name, arguments) in enumerate(calls):
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+            half = len(text) // 2
+            head = {"index": index, "id": f"call_{number}_{index}", "type": "function"}
+            await send({"tool_calls": [{**head, "function": {"name": name, "arguments": text[:half]}}]})
+            await send({"tool_calls": [{"index": index, "function": {"arguments": text[half:]}}]})
+        await send({}, finish="tool_calls")
+        if self.usage is not None:
+            event = {"id": f"c{number}", "object": "chat.completion.chunk", "choices": [], "usage": self.usage}
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+
 
 _STATUS = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+SIGNATURE = "c2lnbmF0dXJl"  # base64 of b"signature"
 
 
 class FakeGemini(_FakeServer):
@@ -171,6 +214,21 @@ class FakeGemini(_FakeServer):
             return web.json_response(body, status=status)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream" if sse else "application/json"})
         await response.prepare(request)
+        calls = self.next_calls()
+        if calls is not None:
+            # functionCall parts, with the thought signature Gemini wants back in the next request.
+            parts = [
+                {"functionCall": {"name": name, "args": args}, "thoughtSignature": SIGNATURE} for name, args in calls
+            ]
+            chunk: dict[str, Any] = {
+                "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}]
+            }
+            if self.usage is not None:
+                chunk["usageMetadata"] = self.usage
+            data = json.dumps(chunk)
+            await response.write((f"data: {data}\r\n\r\n" if sse else f"[{data}]").encode())
+            await response.write_eof()
+            return response
         if self.blocked:
             # A prompt blocked by safety filters: feedback, no candidates (SAFETY is 1 as an int enum).
             data = json.dumps({"promptFeedback": {"blockReason": "SAFETY" if sse else 1}})

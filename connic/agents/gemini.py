@@ -5,11 +5,13 @@ with asyncio. ``google-generativeai`` (``pip install 'connic[gemini-legacy]'``) 
 design card names; it is deprecated upstream and its asyncio path does not work over REST, so
 its blocking stream runs in a thread of its own that feeds an asyncio queue
 (connic/agents/_gemini_legacy.py). Both are imported only when a gemini agent is configured.
+With ``tools`` (google-genai only) it runs the model <-> tool loop
+(connic/agents/tool_loop.py): ``functionDeclarations`` in, ``functionCall`` parts out,
+``functionResponse`` parts back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import importlib.util
@@ -25,8 +27,10 @@ import aiohttp
 import attrs
 import jinja2
 
-from connic.agent import Agent, Turn, Usage
-from connic.agents._common import backoff, is_timeout, mask, unexpected
+from connic.agent import Agent, ProgressEvent, Turn, Usage
+from connic.agents._common import is_timeout, mask, unexpected
+from connic.agents._gemini_turn import Overloaded, TurnContents
+from connic.agents.tool_loop import Toolbox, ToolOptions, run_turn
 from connic.config import non_negative, positive
 from connic.errors import AgentError, ConfigError
 
@@ -36,10 +40,6 @@ SDKS = ("auto", "google-genai", "google-generativeai")
 _prompts = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
 log = logging.getLogger("connic.agents.gemini")
 _REQUEST_LINE = re.compile(r"^[A-Z]+ \S+: ")
-
-
-class _Overloaded(AgentError):
-    """A 503 from Gemini ("the model is overloaded"): worth another attempt."""
 
 
 def _sdk(_: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -58,8 +58,8 @@ class GeminiAgent(Agent):
     """Answers with a Google Gemini model (google-genai, or the legacy google-generativeai)."""
 
     @attrs.frozen
-    class Options:
-        """See docs/agents-gemini.md."""
+    class Options(ToolOptions):
+        """See docs/agents-gemini.md (``tools``, ``max_tool_rounds``, ``tool_timeout``: docs/tools.md)."""
 
         model: str = "gemini-2.5-flash"
         sdk: str = attrs.field(default="auto", validator=_sdk)
@@ -94,6 +94,14 @@ class GeminiAgent(Agent):
             extra = "gemini" if sdk == "google-genai" else "gemini-legacy"
             raise ConfigError(f"sdk {sdk!r} is not installed: pip install 'connic[{extra}]'")
         self.sdk = sdk
+        self.toolbox = Toolbox(options.tool_sources())
+        if self.toolbox.sources and sdk != "google-genai":
+            # Its function calling converts schemas its own way and cannot take the JSON Schema
+            # every tool source gives; the SDK is deprecated upstream besides.
+            raise ConfigError(
+                "tools: the google-generativeai SDK cannot call tools here: "
+                "use sdk = \"google-genai\" (pip install 'connic[gemini]')"
+            )
         try:
             self.prompt = _prompts.from_string(options.system_prompt) if options.system_prompt else None
         except jinja2.TemplateSyntaxError as exc:
@@ -102,7 +110,8 @@ class GeminiAgent(Agent):
         self.streams: Any = None  # google-generativeai's threads (connic.agents._gemini_legacy)
 
     async def start(self) -> None:
-        """Create the SDK client (the SDK is imported here, not before)."""
+        """Start the tools and create the SDK client (the SDK is imported here, not before)."""
+        await self.toolbox.start()
         if self.sdk == "google-genai":
             genai = importlib.import_module("google.genai")
             types = importlib.import_module("google.genai.types")
@@ -135,6 +144,7 @@ class GeminiAgent(Agent):
             self.streams.close()
             self.streams = None
             self.client = None
+        await self.toolbox.close()
 
     def system(self, turn: Turn) -> str | None:
         """The rendered system prompt, if any."""
@@ -183,60 +193,38 @@ class GeminiAgent(Agent):
     def _timed_out(self) -> AgentError:
         return AgentError(f"the Gemini request timed out after {self.options.timeout:g} s")
 
-    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Stream the model's answer chunk by chunk, then its token usage.
+    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage | ProgressEvent]:
+        """Stream the model's answer chunk by chunk, the tool calls and results, then the token usage.
 
-        A 503 (the model is overloaded) before the first chunk is tried again, up to
-        ``retries`` times, as long as the attempt would start within ``timeout``.
+        A 503 (the model is overloaded) before a model call's first chunk is tried again, up
+        to ``retries`` times, as long as the attempt would start within ``timeout``.
         """
         if self.client is None:
             raise AgentError("the gemini agent was not started")
         try:
-            system = self.system(turn)
-            deadline = time.monotonic() + self.options.timeout
-            delays = backoff()
-            attempts = 0
-            usage: Usage | None = None
-            produced = False
-            while True:
-                attempts += 1
-                if self.sdk == "google-genai":
-                    chunks = self._genai(turn, system, deadline)
-                else:
-                    chunks = self._legacy(turn, system, deadline)
-                try:
-                    async with contextlib.aclosing(chunks):
-                        async for chunk in chunks:
-                            metadata = getattr(chunk, "usage_metadata", None)
-                            if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
-                                usage = Usage(
-                                    prompt_tokens=int(metadata.prompt_token_count or 0),
-                                    candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
-                                )
-                            text = _text(chunk)
-                            if text:
-                                produced = True
-                                yield text
-                    break
-                except _Overloaded as exc:
-                    delay = next(delays)
-                    # Never after a chunk (the client would get the start of the answer twice),
-                    # and never past the timeout.
-                    if produced or attempts > self.options.retries or time.monotonic() + delay >= deadline:
-                        tried = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
-                        raise AgentError(exc.message + tried) from None
-                    log.info("agent %s: %s; trying again in %g s", turn.agent, self._clean(exc.message), delay)
-                    await asyncio.sleep(delay)
-            if not produced:
-                raise AgentError("Gemini returned no candidates (an empty answer)")
-            if usage is not None:
-                yield usage
+            chat = TurnContents(self, turn, self.system(turn))
+            async with contextlib.aclosing(run_turn(chat, self.toolbox, self.options, turn.agent)) as items:
+                async for item in items:
+                    yield item
         except AgentError as exc:
             raise AgentError(self._clean(exc.message)) from None
         except Exception as exc:
             raise unexpected(exc, self.api_key, log, turn.agent) from None
 
-    async def _genai(self, turn: Turn, system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
+    def tools_config(self) -> dict[str, Any]:
+        """The function declarations of the agent's tools (none: an empty dict), for GenerateContentConfig."""
+        if not self.toolbox.tools:
+            return {}
+        types = importlib.import_module("google.genai.types")
+        declarations = [
+            types.FunctionDeclaration(name=t.name, description=t.description, parameters_json_schema=dict(t.parameters))
+            for t in self.toolbox.tools.values()
+        ]
+        # connic runs the calls itself (the loop yields them to the client and bounds them).
+        automatic = types.AutomaticFunctionCallingConfig(disable=True)
+        return {"tools": [types.Tool(function_declarations=declarations)], "automatic_function_calling": automatic}
+
+    async def _genai(self, contents: list[Any], system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
         errors = importlib.import_module("google.genai.errors")
         types = importlib.import_module("google.genai.types")
         remaining = deadline - time.monotonic()
@@ -247,25 +235,28 @@ class GeminiAgent(Agent):
         once = types.HttpRetryOptions(attempts=1)
         http = types.HttpOptions(timeout=max(1, int(remaining * 1000)), retry_options=once)
         config = types.GenerateContentConfig(
-            system_instruction=system, safety_settings=self.safety(), http_options=http, **self.generation_config()
+            system_instruction=system,
+            safety_settings=self.safety(),
+            http_options=http,
+            **self.generation_config(),
+            **self.tools_config(),
         )
         try:
             stream = await self.client.aio.models.generate_content_stream(
-                model=self.model, contents=self.contents(turn), config=config
+                model=self.model, contents=contents, config=config
             )
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     yield chunk
         except errors.APIError as exc:
             text = f"Gemini API error {exc.code}: {exc.message or exc.status}"
-            raise (_Overloaded if exc.code == 503 else AgentError)(text) from None
+            raise (Overloaded if exc.code == 503 else AgentError)(text) from None
         except Exception as exc:
             raise self._failure(exc) from None
 
-    async def _legacy(self, turn: Turn, system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
+    async def _legacy(self, contents: list[Any], system: str | None, deadline: float) -> AsyncGenerator[Any, None]:
         assert self.streams is not None
         model = self.client.GenerativeModel(self.model, system_instruction=system, safety_settings=self.safety())
-        contents = self.contents(turn)
         config = self.generation_config() or None
 
         def call() -> Any:
@@ -290,7 +281,7 @@ class GeminiAgent(Agent):
                 # google-api-core puts "POST <url>: " before Google's message; the other SDK does not.
                 message = _REQUEST_LINE.sub("", str(getattr(exc, "message", None) or exc))
                 text = f"Gemini API error {code}: {message}"
-                raise (_Overloaded if code == 503 else AgentError)(text) from None
+                raise (Overloaded if code == 503 else AgentError)(text) from None
             raise self._failure(exc) from None
 
     def _failure(self, exc: Exception) -> Exception:
@@ -300,23 +291,6 @@ class GeminiAgent(Agent):
         if isinstance(exc, OSError | aiohttp.ClientError) or _transport_error(exc):
             return AgentError(f"could not reach the Gemini API: {type(exc).__name__}")
         return AgentError(f"Gemini request failed: {type(exc).__name__}: {exc}")
-
-
-def _text(chunk: Any) -> str:
-    """A chunk's text; a blocked prompt or an empty candidate is an error the client sees."""
-    feedback = getattr(chunk, "prompt_feedback", None)
-    reason = getattr(feedback, "block_reason", None) if feedback is not None else None
-    if reason:
-        raise AgentError(f"Gemini blocked the prompt: {getattr(reason, 'name', reason)}")
-    candidates = getattr(chunk, "candidates", None) or []
-    texts = []
-    for candidate in candidates:
-        content = getattr(candidate, "content", None)
-        for part in getattr(content, "parts", None) or []:
-            text = getattr(part, "text", None)
-            if text:
-                texts.append(text)
-    return "".join(texts)
 
 
 def _transport_error(exc: BaseException) -> bool:

@@ -1,7 +1,10 @@
 """The ``openai`` agent: any OpenAI-compatible Chat Completions API, streamed over SSE.
 
 Works with OpenAI, Ollama, vLLM, llama.cpp's server and LM Studio. It speaks HTTP with
-aiohttp's client (already a connic dependency), so it needs no SDK.
+aiohttp's client (already a connic dependency), so it needs no SDK. With ``tools`` it runs
+the model <-> tool loop (connic.agents.tool_loop): the tools go in the request's ``tools``,
+the streamed ``tool_calls`` deltas are assembled, and the results go back as ``role: "tool"``
+messages.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,8 +22,9 @@ import aiohttp
 import attrs
 import jinja2
 
-from connic.agent import Agent, Turn, Usage
+from connic.agent import Agent, ProgressEvent, Turn, Usage
 from connic.agents._common import mask, unexpected
+from connic.agents.tool_loop import Call, Outcome, Toolbox, ToolOptions, run_turn
 from connic.config import positive
 from connic.errors import AgentError, ConfigError
 
@@ -39,8 +43,8 @@ class OpenAIAgent(Agent):
     """Answers with an OpenAI-compatible chat model (OpenAI, Ollama, vLLM, llama.cpp, LM Studio)."""
 
     @attrs.frozen
-    class Options:
-        """See docs/agents-openai.md."""
+    class Options(ToolOptions):
+        """See docs/agents-openai.md (``tools``, ``max_tool_rounds``, ``tool_timeout``: docs/tools.md)."""
 
         model: str = "gpt-4o-mini"
         base_url: str = "https://api.openai.com/v1"
@@ -61,9 +65,10 @@ class OpenAIAgent(Agent):
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"system_prompt: {exc.message} (line {exc.lineno})") from None
         self.session: aiohttp.ClientSession | None = None
+        self.toolbox = Toolbox(options.tool_sources())
 
     async def start(self) -> None:
-        """Open the HTTP client session; warn when OpenAI itself would be called with no key."""
+        """Open the HTTP client session and start the tools; warn when OpenAI would be called with no key."""
         if not self.api_key and urlsplit(self.options.base_url).hostname == "api.openai.com":
             # Every answer would be a 401: say so once now, not only in each client's agent_error.
             log.warning(
@@ -72,13 +77,15 @@ class OpenAIAgent(Agent):
                 self.name,
                 self.options.base_url,
             )
+        await self.toolbox.start()
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
 
     async def close(self) -> None:
-        """Close the HTTP client session."""
+        """Close the HTTP client session and the tools."""
         if self.session is not None:
             await self.session.close()
             self.session = None
+        await self.toolbox.close()
 
     def messages(self, turn: Turn) -> list[dict[str, Any]]:
         """The conversation as Chat Completions messages.
@@ -111,11 +118,11 @@ class OpenAIAgent(Agent):
         messages.append({"role": "user", "content": content})
         return messages
 
-    def request(self, turn: Turn) -> dict[str, Any]:
-        """The request body."""
+    def request(self, turn: Turn, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The request body (``messages``: the conversation so far, by default the turn's)."""
         body: dict[str, Any] = {
             "model": self.options.model,
-            "messages": self.messages(turn),
+            "messages": self.messages(turn) if messages is None else messages,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -123,10 +130,18 @@ class OpenAIAgent(Agent):
             body["temperature"] = self.options.temperature
         if self.options.max_tokens is not None:
             body["max_tokens"] = self.options.max_tokens
+        if self.toolbox.tools:
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": dict(t.parameters)},
+                }
+                for t in self.toolbox.tools.values()
+            ]
         return body
 
-    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
-        """Stream the model's answer chunk by chunk, then its token usage.
+    async def respond(self, turn: Turn) -> AsyncIterator[str | Usage | ProgressEvent]:
+        """Stream the model's answer chunk by chunk, the tool calls and results, then the token usage.
 
         Every error message passes through one place that masks the API key: providers
         quote it in some of their error bodies.
@@ -134,19 +149,24 @@ class OpenAIAgent(Agent):
         if self.session is None:
             raise AgentError("the openai agent was not started")
         try:
-            # Closed here, not left to the garbage collector: a cancel closes the HTTP response now.
-            async with contextlib.aclosing(self._stream(self.session, turn)) as stream:
-                async for item in stream:
+            chat = _Chat(self, self.session, turn)
+            # Closed here, not left to the garbage collector: a cancel closes the HTTP response
+            # (and cancels the tools still running) now.
+            async with contextlib.aclosing(run_turn(chat, self.toolbox, self.options, turn.agent)) as items:
+                async for item in items:
                     yield item
         except AgentError as exc:
             raise AgentError(mask(exc.message, self.api_key)) from None
         except Exception as exc:
             raise unexpected(exc, self.api_key, log, turn.agent) from None
 
-    async def _stream(self, session: aiohttp.ClientSession, turn: Turn) -> AsyncGenerator[str | Usage, None]:
+    async def _stream(
+        self, session: aiohttp.ClientSession, body: dict[str, Any], calls: dict[int, dict[str, str]]
+    ) -> AsyncGenerator[str | Usage, None]:
+        """One streamed request: text and usage are yielded, ``tool_calls`` deltas assembled into ``calls``."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            async with session.post(self.url, json=self.request(turn), headers=headers) as response:
+            async with session.post(self.url, json=body, headers=headers) as response:
                 if response.status != 200:
                     raise AgentError(await _provider_error(response))
                 async for data in _sse_data(response):
@@ -159,9 +179,12 @@ class OpenAIAgent(Agent):
                     if "error" in event:
                         raise AgentError(f"provider error: {_message(event)}")
                     for choice in event.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
                         if text:
                             yield text
+                        for piece in delta.get("tool_calls") or ():
+                            _assemble(calls, piece)
                     usage = event.get("usage")
                     if usage:
                         yield Usage(
@@ -172,6 +195,83 @@ class OpenAIAgent(Agent):
             raise AgentError(f"the provider did not answer within {self.options.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise AgentError(f"could not reach the provider at {self.options.base_url}: {type(exc).__name__}") from None
+
+
+class _Chat:
+    """One turn's conversation in Chat Completions messages, for the tool loop."""
+
+    def __init__(self, agent: OpenAIAgent, session: aiohttp.ClientSession, turn: Turn) -> None:
+        self.agent = agent
+        self.session = session
+        self.turn = turn
+        self.messages = agent.messages(turn)
+        self.assistant: dict[str, Any] = {}  # the model's last message, with its tool_calls
+
+    async def step(self) -> AsyncGenerator[str | Usage | Call, None]:
+        """One request on the messages so far; the tool calls it asked for come last."""
+        calls: dict[int, dict[str, str]] = {}
+        texts: list[str] = []
+        body = self.agent.request(self.turn, self.messages)
+        async with contextlib.aclosing(self.agent._stream(self.session, body, calls)) as stream:
+            async for item in stream:
+                if isinstance(item, str):
+                    texts.append(item)
+                yield item
+        if not calls:
+            return
+        assembled = [calls[index] for index in sorted(calls)]
+        for index, call in enumerate(assembled):
+            # An id is what pairs a result with its call: make one up if the server sent none.
+            call["id"] = call["id"] or f"call_{len(self.messages)}_{index}"
+        self.assistant = {
+            "role": "assistant",
+            "content": "".join(texts) or None,
+            "tool_calls": [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in assembled
+            ],
+        }
+        for call in assembled:
+            yield _call(call["id"], call["name"], call["arguments"])
+
+    def answer(self, outcomes: Sequence[Outcome]) -> None:
+        """The assistant message with its tool_calls, then one ``tool`` message per call."""
+        self.messages.append(self.assistant)
+        for outcome in outcomes:
+            if outcome.is_error:
+                content = json.dumps({"error": outcome.result})
+            elif isinstance(outcome.result, str):
+                content = outcome.result
+            else:
+                content = json.dumps(outcome.result, ensure_ascii=False)
+            self.messages.append({"role": "tool", "tool_call_id": outcome.call.call_id, "content": content})
+
+
+def _assemble(calls: dict[int, dict[str, str]], piece: Any) -> None:
+    """Add one streamed ``tool_calls`` delta: the id and name come first, the arguments in pieces."""
+    if not isinstance(piece, dict):
+        raise AgentError("the provider sent a malformed tool call")
+    index = piece.get("index", len(calls))
+    if not isinstance(index, int):
+        raise AgentError("the provider sent a malformed tool call")
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+    function = piece.get("function") or {}
+    if piece.get("id") and not call["id"]:
+        call["id"] = str(piece["id"])
+    call["name"] += str(function.get("name") or "")
+    call["arguments"] += str(function.get("arguments") or "")
+
+
+def _call(call_id: str, name: str, arguments: str) -> Call:
+    """A Call from the model's JSON arguments; arguments that are not a JSON object are the model's error."""
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        problem = f"the arguments are not a JSON object: {arguments[:200]!r}"
+        return Call(call_id, name, {}, problem=problem)
+    return Call(call_id, name, parsed)
 
 
 async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:

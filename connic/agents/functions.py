@@ -1,0 +1,168 @@
+"""Plain Python functions as tools: the ``tools = ["mypkg.tools:get_weather", "tools.py:search"]`` option.
+
+Each entry names a function the way agents and middleware are named by reference
+(``MODULE:NAME``, or ``FILE.py:NAME`` relative to the configuration file's folder). The
+tool's name is ``NAME``'s last part, its description the function's docstring, and the JSON
+Schema of its arguments comes from the signature and type hints through pydantic
+(``TypeAdapter``); arguments the model sends are validated by pydantic (``validate_call``)
+before the function runs. Sync functions run in a worker thread. pydantic is imported only
+when an agent has function tools (``pip install 'connic[tools]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from connic.agents.tools import Tool
+from connic.errors import ConfigError, PluginError
+from connic.registry import _IDENTIFIER, REFERENCE_BASE, _first_line, _is_file, _load_file, _split
+
+__all__ = ["FunctionTool", "FunctionTools", "load_function"]
+
+# What both providers accept as a function name (OpenAI: ^[a-zA-Z0-9_-]{1,64}$); any
+# Python identifier up to this length passes Gemini's rule too.
+MAX_NAME = 64
+
+
+def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
+    """The tool name and the function ``entry`` (``MODULE:NAME`` or ``FILE.py:NAME``) names.
+
+    Raises :class:`ConfigError` saying what is wrong with the entry (not which key it is in).
+    """
+    where, attr = _split(entry)
+    if not where or not _IDENTIFIER.match(attr):
+        raise ConfigError("expected MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if _is_file(where):
+            path = (base / Path(where).expanduser()).resolve()
+            module = _load_file(path, "tool")
+            source = str(path)
+        else:
+            if not _IDENTIFIER.match(where):
+                raise ConfigError(f"{where!r} is neither a .py file nor a module name")
+            try:
+                module = importlib.import_module(where)
+            except Exception as exc:
+                raise ConfigError(f"importing module {where} failed: {_first_line(exc)}") from exc
+            source = f"module {where}"
+    except PluginError as exc:
+        # _load_file's message starts with the label it was given ("tool: ").
+        raise ConfigError(str(exc).removeprefix("tool: ")) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{source} has no attribute {attr!r}") from None
+    if isinstance(obj, type) or not callable(obj):
+        raise ConfigError(f"{attr} is {'a class' if isinstance(obj, type) else type(obj).__name__}, not a function")
+    name = attr.rpartition(".")[2]
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"the tool name {name!r} is longer than {MAX_NAME} characters")
+    return name, obj
+
+
+class FunctionTool:
+    """One Python function as a :class:`connic.agents.tools.Tool`."""
+
+    def __init__(self, name: str, function: Callable[..., Any]) -> None:
+        pydantic = _pydantic()
+        self._name = name
+        self._function = function
+        self._async = inspect.iscoroutinefunction(function)
+        self._description = inspect.getdoc(function) or ""
+        try:
+            schema = pydantic.TypeAdapter(function).json_schema()
+            self._validated = pydantic.validate_call(function)
+        except Exception as exc:  # pydantic's errors for a signature it cannot handle, an unresolved hint
+            raise ConfigError(f"cannot describe the arguments of {name}: {_first_line(exc)}") from None
+        if schema.get("type") != "object":
+            raise ConfigError(f"cannot describe the arguments of {name} as a JSON object")
+        self._parameters: Mapping[str, Any] = schema
+        # pydantic titles validate_call's errors with the function's name: an error titled
+        # otherwise was raised by the function itself (its own models), not by the arguments.
+        self._titles = {getattr(function, "__name__", name), getattr(function, "__qualname__", name)}
+
+    @property
+    def name(self) -> str:
+        """The name the model calls the function by."""
+        return self._name
+
+    @property
+    def description(self) -> str:
+        """The function's docstring."""
+        return self._description
+
+    @property
+    def parameters(self) -> Mapping[str, Any]:
+        """The JSON Schema of the arguments, from the signature and type hints."""
+        return self._parameters
+
+    async def call(self, arguments: Mapping[str, Any]) -> Any:
+        """Validate ``arguments``, run the function (a sync one in a worker thread), return its result as JSON data."""
+        pydantic = _pydantic()
+        try:
+            if self._async:
+                result = await self._validated(**arguments)
+            else:
+                # Cancelling abandons the thread (Python cannot stop it); its result is dropped.
+                result = await asyncio.to_thread(self._validated, **arguments)
+        except pydantic.ValidationError as exc:
+            if exc.title not in self._titles:
+                raise
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
+                for error in exc.errors(include_url=False)
+            )
+            raise ValueError(f"invalid arguments: {problems}") from None
+        # Dataclasses, pydantic models, datetimes ... become JSON values the providers accept.
+        return importlib.import_module("pydantic_core").to_jsonable_python(result)
+
+    def __repr__(self) -> str:
+        return f"FunctionTool({self._name!r}, {self._function!r})"
+
+
+class FunctionTools:
+    """A :class:`connic.agents.tools.ToolSource` of Python functions (an agent's ``tools`` option).
+
+    The functions are imported and described when this is built, so a bad entry is a
+    :class:`ConfigError` when the configuration loads (``connic check`` too), naming
+    ``key`` and the entry. Relative files start from ``base``: by default the
+    configuration file's folder (:data:`connic.registry.REFERENCE_BASE`), else the
+    current directory.
+    """
+
+    def __init__(self, entries: Sequence[str], key: str = "tools", base: Path | None = None) -> None:
+        if base is None:
+            base = REFERENCE_BASE.get() or Path.cwd()
+        self.tools: list[FunctionTool] = []
+        given: dict[str, str] = {}
+        for index, entry in enumerate(entries):
+            label = f"{key}[{index}] {entry!r}"
+            try:
+                name, function = load_function(entry, base)
+                if name in given:
+                    raise ConfigError(f"a tool named {name!r} is already given by {given[name]}")
+                self.tools.append(FunctionTool(name, function))
+            except ConfigError as exc:
+                raise ConfigError(f"{label}: {exc.message}") from None
+            given[name] = label
+
+    async def start(self) -> Sequence[Tool]:
+        """The functions, ready since this was built."""
+        return list(self.tools)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _pydantic() -> Any:
+    try:
+        return importlib.import_module("pydantic")
+    except ImportError:
+        raise ConfigError("function tools need pydantic: pip install 'connic[tools]'") from None
