@@ -93,7 +93,8 @@ def is_reference(use: str) -> bool:
     return ":" in use
 
 
-def _split(use: str) -> tuple[str, str]:
+def split_reference(use: str) -> tuple[str, str]:
+    """``"where:attr"`` split into where the object lives (module or file) and its attribute path."""
     # rpartition: the attribute is after the last colon, so a Windows path keeps its drive.
     where, _, attr = use.rpartition(":")
     return where, attr
@@ -101,17 +102,18 @@ def _split(use: str) -> tuple[str, str]:
 
 def reference_name(use: str) -> str:
     """The name a reference serves under on the command line: its class name, lower-cased."""
-    return _split(use)[1].rpartition(".")[2].lower()
+    return split_reference(use)[1].rpartition(".")[2].lower()
 
 
-def _is_file(where: str) -> bool:
+def is_file_reference(where: str) -> bool:
+    """Whether the ``where`` part of a reference names a Python file rather than a module."""
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
 def absolute_reference(use: str, base: Path) -> str:
     """``use`` with a relative file made absolute against ``base`` (anything else unchanged)."""
-    where, attr = _split(use)
-    if not is_reference(use) or not _is_file(where):
+    where, attr = split_reference(use)
+    if not is_reference(use) or not is_file_reference(where):
         return use
     return f"{(base / Path(where).expanduser()).resolve()}:{attr}"
 
@@ -122,10 +124,11 @@ REFERENCE_BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("co
 file's folder. Unset (``None``), such references start from the current directory."""
 
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+"""A dotted Python name (``pkg.module`` or ``Class.attr``)."""
 
 
-def _load_file(path: Path, label: str) -> ModuleType:
+def load_file(path: Path, label: str) -> ModuleType:
     """Import a Python file as a module of its own, once per file.
 
     The module's name is unique to the file's absolute path, so two ``agents.py`` in
@@ -157,7 +160,7 @@ def _load_file(path: Path, label: str) -> ModuleType:
         del sys.modules[name]
         if not isinstance(exc, Exception):
             raise
-        raise PluginError(f"{label}: importing {path} failed: {_first_line(exc)}") from exc
+        raise PluginError(f"{label}: importing {path} failed: {first_line(exc)}") from exc
     finally:
         with contextlib.suppress(ValueError):  # the file took it off itself
             sys.path.remove(folder)
@@ -173,28 +176,29 @@ def _forget_siblings(names: set[str], folder: Path) -> None:
             del sys.modules[imported]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """``exc`` as one line for a start-up error: its class and the first line of its message."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def load_reference(kind: Kind, use: str, base: Path) -> Any:
     """Load and check the plugin ``use`` names by reference; a relative file is relative to ``base``."""
-    where, attr = _split(use)
+    where, attr = split_reference(use)
     label = f"{_SINGULAR[kind]} {use!r}"
-    if not where or not _IDENTIFIER.match(attr):
+    if not where or not IDENTIFIER.match(attr):
         raise PluginError(f"{label}: expected FILE.py:NAME or MODULE:NAME")
-    if _is_file(where):
+    if is_file_reference(where):
         path = (base / Path(where).expanduser()).resolve()
-        module = _load_file(path, label)
+        module = load_file(path, label)
         source = str(path)
     else:
-        if not _IDENTIFIER.match(where):
+        if not IDENTIFIER.match(where):
             raise PluginError(f"{label}: {where!r} is neither a .py file nor a module name")
         try:
             module = importlib.import_module(where)
         except Exception as exc:
-            raise PluginError(f"{label}: importing module {where} failed: {_first_line(exc)}") from exc
+            raise PluginError(f"{label}: importing module {where} failed: {first_line(exc)}") from exc
         source = f"module {where}"
     obj: Any = module
     for part in attr.split("."):

@@ -20,7 +20,7 @@ from typing import Any
 
 from connic.agents.tools import Tool
 from connic.errors import ConfigError, PluginError
-from connic.registry import _IDENTIFIER, REFERENCE_BASE, _first_line, _is_file, _load_file, _split
+from connic.registry import IDENTIFIER, REFERENCE_BASE, first_line, is_file_reference, load_file, split_reference
 
 __all__ = ["FunctionTool", "FunctionTools", "load_function"]
 
@@ -34,24 +34,24 @@ def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
 
     Raises :class:`ConfigError` saying what is wrong with the entry (not which key it is in).
     """
-    where, attr = _split(entry)
-    if not where or not _IDENTIFIER.match(attr):
+    where, attr = split_reference(entry)
+    if not where or not IDENTIFIER.match(attr):
         raise ConfigError("expected MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
-        if _is_file(where):
+        if is_file_reference(where):
             path = (base / Path(where).expanduser()).resolve()
-            module = _load_file(path, "tool")
+            module = load_file(path, "tool")
             source = str(path)
         else:
-            if not _IDENTIFIER.match(where):
+            if not IDENTIFIER.match(where):
                 raise ConfigError(f"{where!r} is neither a .py file nor a module name")
             try:
                 module = importlib.import_module(where)
             except Exception as exc:
-                raise ConfigError(f"importing module {where} failed: {_first_line(exc)}") from exc
+                raise ConfigError(f"importing module {where} failed: {first_line(exc)}") from exc
             source = f"module {where}"
     except PluginError as exc:
-        # _load_file's message starts with the label it was given ("tool: ").
+        # load_file's message starts with the label it was given ("tool: ").
         raise ConfigError(str(exc).removeprefix("tool: ")) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -80,7 +80,7 @@ class FunctionTool:
             schema = pydantic.TypeAdapter(function).json_schema()
             self._validated = pydantic.validate_call(function)
         except Exception as exc:  # pydantic's errors for a signature it cannot handle, an unresolved hint
-            raise ConfigError(f"cannot describe the arguments of {name}: {_first_line(exc)}") from None
+            raise ConfigError(f"cannot describe the arguments of {name}: {first_line(exc)}") from None
         if schema.get("type") != "object":
             raise ConfigError(f"cannot describe the arguments of {name} as a JSON object")
         self._parameters: Mapping[str, Any] = schema
