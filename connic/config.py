@@ -80,6 +80,8 @@ class ServerConfig:
     ``max_connections`` and ``max_connections_per_ip`` cap open WebSocket
     connections across all connectors (0: no cap); ``metrics_port`` 0 serves
     ``metrics_path`` on the main port. ``playground`` serves the browser page at ``/`` (docs/playground.md).
+    ``telemetry`` (auto, on, off), ``telemetry_capture_content`` and ``log_format`` (text, json):
+    docs/observability.md.
     """
 
     host: str = "127.0.0.1"
@@ -93,6 +95,9 @@ class ServerConfig:
     metrics_path: str = "/metrics"
     metrics_port: int = attrs.field(default=0, validator=in_range(0, 65535))
     playground: bool = True
+    telemetry: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "on", "off")))
+    telemetry_capture_content: bool = False
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(("text", "json")))
 
 
 @attrs.frozen
