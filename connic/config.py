@@ -33,6 +33,7 @@ __all__ = [
     "in_range",
     "load_config",
     "non_negative",
+    "one_of",
     "parse_config",
     "positive",
     "structure",
@@ -55,6 +56,16 @@ def in_range(low: float, high: float) -> Any:
         _finite(attribute, value)
         if not low <= value <= high:
             raise ValueError(f"{attribute.name} must be between {low:g} and {high:g}, got {value!r}")
+
+    return check
+
+
+def one_of(*values: str) -> Any:
+    """An attrs validator: the value is one of ``values``, naming the field and the choices when not."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in values:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(values)}, got {value!r}")
 
     return check
 
@@ -95,9 +106,9 @@ class ServerConfig:
     metrics_path: str = "/metrics"
     metrics_port: int = attrs.field(default=0, validator=in_range(0, 65535))
     playground: bool = True
-    telemetry: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "on", "off")))
+    telemetry: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
     telemetry_capture_content: bool = False
-    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(("text", "json")))
+    log_format: str = attrs.field(default="text", validator=one_of("text", "json"))
 
 
 @attrs.frozen
