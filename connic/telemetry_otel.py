@@ -98,15 +98,26 @@ class Tracing:
             description="Resume attempts, by connic.resume.result (resumed, not_recovered, failed).",
         )
         self._live = False
+        self._next_check = 0.0
 
     # --- the switch's calls -----------------------------------------------------
 
     def live(self) -> bool:
-        """Whether an SDK (or any real provider) is set: until then a turn costs no span at all."""
-        if not self._live:
-            no_tracer = isinstance(trace.get_tracer_provider(), _NO_PROVIDER)
-            # Once set, a global provider cannot be replaced: live stays live.
-            self._live = not (no_tracer and _no_meter_provider(otel_metrics.get_meter_provider()))
+        """Whether an SDK (or any real provider) is set: until then a turn costs no span at all.
+
+        Asking OpenTelemetry costs microseconds (each lookup reads the environment), so
+        until a provider is found it is asked again at most once a second: a provider set
+        after the server started counts from the next turn after that.
+        """
+        if self._live:
+            return True
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + 1.0
+        no_tracer = isinstance(trace.get_tracer_provider(), _NO_PROVIDER)
+        # Once set, a global provider cannot be replaced: live stays live.
+        self._live = not (no_tracer and _no_meter_provider(otel_metrics.get_meter_provider()))
         return self._live
 
     def answer(self, chain: telemetry._Chain, turn: Turn, message: Message) -> Coroutine[Any, Any, None]:

@@ -31,7 +31,7 @@ from opentelemetry.trace import StatusCode
 
 import connic
 from conftest import SECRET, Connect, StartServer, make_config
-from connic import telemetry
+from connic import telemetry, telemetry_otel
 from connic.logs import JsonFormatter
 from helpers import test_registry
 
@@ -63,6 +63,8 @@ def sdk() -> Iterator[_Sdk]:
     global _SDK
     if _SDK is None:
         _SDK = _Sdk()
+        # A turn before this (another module's) found no provider and would look again only a second later.
+        telemetry_otel.tracing(capture_content=False)._next_check = 0.0
     _SDK.spans.clear()
     yield _SDK
     _SDK.spans.clear()  # other test modules' turns are recorded too while it is set: keep nothing
