@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -101,11 +102,25 @@ def after_banner(server: CliServer) -> tuple[int, list[str]]:
     return code, [line for line in out.splitlines() if line and not line.startswith("connic:")]
 
 
+async def malformed(port: int, secret: str) -> None:
+    """Requests aiohttp cannot parse, carrying the secret: aiohttp logs them (redacted by connic.redact)."""
+    for request in (
+        f"GET /ws?secret={secret} x HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"GET /ws HTTP/1.1\r\nX-Connic-Secret: {secret}\r\nBad Header\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request.encode())
+        await writer.drain()
+        assert b" 400 " in await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+
+
 async def converse(server: CliServer, secret: str) -> None:
-    # A wrong secret first (logged as a refusal, never quoted), then a turn with the right one in the query.
+    await malformed(server.port, secret)
+    # A wrong secret (logged as a refusal, never quoted), then a turn with the right one in the query.
     async with websockets.connect(f"{server.url}?secret=wrong-{secret}") as ws:
-        await ws.send(json.dumps({"type": "message", "payload": {"message": TEXT}}))
-        with pytest.raises(websockets.ConnectionClosed):
+        with pytest.raises(websockets.ConnectionClosed):  # 4001, as soon as the server has read the handshake
+            await ws.send(json.dumps({"type": "message", "payload": {"message": TEXT}}))
             while True:
                 await ws.recv()
     async with websockets.connect(f"{server.url}?secret={secret}") as ws:
@@ -137,6 +152,7 @@ async def test_connic_run_json_at_debug_has_no_secret_and_no_text(cli: Any, tmp_
     assert code == 0
     records = parsed(lines)
     assert any(r["logger"] == "connic.websocket" for r in records)  # the connection lines are there
+    assert sum("malformed HTTP request" in r["message"] for r in records if r["logger"] == "aiohttp.server") == 2
     (talker,) = [r for r in records if r["logger"] == "talker"]
     assert (talker["message_id"], talker["connector"], talker["agent"], talker["level"]) == (
         "m-1",
