@@ -175,3 +175,15 @@ async def test_server_log_format_in_the_configuration(cli: Any, tmp_path: Path) 
     code, lines = after_banner(server)
     assert code == 0 and parsed(lines)
     assert TEXT not in "\n".join(lines)
+
+
+async def test_workers_write_json_lines_with_their_number(cli: Any, tmp_path: Path) -> None:
+    config = tmp_path / "connic.toml"
+    config.write_text('[agents.echo]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["k"]\nresume_window = 0\n')
+    server = cli("--config", str(config), "--workers", "2", "--log-format", "json")
+    async with websockets.connect(f"{server.url}?secret=k") as ws:
+        assert json.loads(await ws.recv())["type"] == "connected"
+    code, lines = after_banner(server)
+    assert code == 0
+    opened = [r for r in parsed(lines) if r["message"].startswith("open session=")]
+    assert len(opened) == 1 and opened[0]["worker"] in (1, 2) and isinstance(opened[0]["pid"], int)
