@@ -45,10 +45,11 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
-def config(port: int, secret: str, agent: str, connector: dict[str, Any]) -> dict[str, Any]:
+def config(port: int, secret: str, agent: str, connector: dict[str, Any], telemetry: str = "auto") -> dict[str, Any]:
     """The benchmark's configuration: run.py's S1 connector, plus ``connector``'s keys."""
+    server = {"host": "127.0.0.1", "port": port, "max_connections": 0, "metrics": False, "playground": False}
     return {
-        "server": {"host": "127.0.0.1", "port": port, "max_connections": 0, "metrics": False, "playground": False},
+        "server": {**server, "telemetry": telemetry},
         "agents": {"bot": AGENTS[agent]},
         "connectors": [
             {
@@ -100,10 +101,12 @@ def main() -> None:
     parser.add_argument("--secret", default="bench")
     parser.add_argument("--agent", choices=sorted(AGENTS), default="pace")
     parser.add_argument("--connector", default="{}", help="JSON object of extra connector keys")
+    parser.add_argument("--telemetry", choices=("auto", "on", "off"), default="auto", help="[server] telemetry")
     args = parser.parse_args()
     registry = connic.load_registry()
     registry.register("agents", "history_pace", HistoryPaceAgent)
-    app = connic.create_app(config(args.port, args.secret, args.agent, json.loads(args.connector)), registry=registry)
+    settings = config(args.port, args.secret, args.agent, json.loads(args.connector), args.telemetry)
+    app = connic.create_app(settings, registry=registry)
 
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(session_stats(app))

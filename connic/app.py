@@ -24,6 +24,7 @@ from connic.redact import hide_bad_request_echo, install_log_redaction
 from connic.registry import REFERENCE_BASE, Registry, load_registry
 from connic.stores import SessionStore
 from connic.stores.memory import MemoryStore
+from connic.telemetry import configure as configure_telemetry
 from connic.transport import Transport
 
 __all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "drain", "resolve_config", "setup"]
@@ -236,6 +237,7 @@ async def _metrics_site(runtime: Runtime, app: web.Application) -> AsyncIterator
 def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "/") -> None:
     app[RUNTIME] = runtime
     install_log_redaction()  # aiohttp logs request lines, which may carry a secret
+    configure_telemetry(runtime.config.server, runtime.metrics, app, where=runtime.config.where)
     for transport in runtime.transports:
         transport.install(app)
     server = runtime.config.server

@@ -24,6 +24,7 @@ from connic.app import RUNTIME, build_runtime, create_app, drain
 from connic.banner import print_banner
 from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError, PluginError
+from connic.logs import FORMATS, configure_logging
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
 from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
 from connic.starter import write_starter
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     run.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="log lines as plain text or one JSON object each (default: the configuration's server.log_format, text)",
+    )
+    run.add_argument(
         "--debug",
         action="store_true",
         help=f"asyncio debug mode: log every callback that blocks the event loop over {_SLOW_CALLBACK:g} s",
@@ -124,6 +130,8 @@ def _cli_agents(values: Sequence[str]) -> dict[str, AgentConfig]:
 
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     server = config.server
+    if args.log_format is not None:
+        server = attrs.evolve(server, log_format=args.log_format)  # the workers read it from the configuration
     if args.host is not None:
         server = attrs.evolve(server, host=args.host)
     if args.port is not None:
@@ -299,9 +307,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     level = args.log_level.upper()
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_file = args.config or os.environ.get("CONNIC_CONFIG") or None
     config = load_config(config_file) if config_file else default_config()
+    configure_logging(level, args.log_format or config.server.log_format)
     # The child of --reload runs our arguments minus --reload; an abbreviation (--rel) stays in them.
     if args.reload and not os.environ.get(CHILD_ENV):
         return run_reloading(args, argv, config, config_file)

@@ -33,6 +33,7 @@ __all__ = [
     "in_range",
     "load_config",
     "non_negative",
+    "one_of",
     "parse_config",
     "positive",
     "structure",
@@ -59,6 +60,16 @@ def in_range(low: float, high: float) -> Any:
     return check
 
 
+def one_of(*values: str) -> Any:
+    """An attrs validator: the value is one of ``values``, naming the field and the choices when not."""
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in values:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(values)}, got {value!r}")
+
+    return check
+
+
 def positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     """An attrs validator: the value is a finite number greater than zero."""
     _finite(attribute, value)
@@ -80,6 +91,8 @@ class ServerConfig:
     ``max_connections`` and ``max_connections_per_ip`` cap open WebSocket
     connections across all connectors (0: no cap); ``metrics_port`` 0 serves
     ``metrics_path`` on the main port. ``playground`` serves the browser page at ``/`` (docs/playground.md).
+    ``telemetry`` (auto, on, off), ``telemetry_capture_content`` and ``log_format`` (text, json):
+    docs/observability.md.
     """
 
     host: str = "127.0.0.1"
@@ -93,6 +106,9 @@ class ServerConfig:
     metrics_path: str = "/metrics"
     metrics_port: int = attrs.field(default=0, validator=in_range(0, 65535))
     playground: bool = True
+    telemetry: str = attrs.field(default="auto", validator=one_of("auto", "on", "off"))
+    telemetry_capture_content: bool = False
+    log_format: str = attrs.field(default="text", validator=one_of("text", "json"))
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from connic import telemetry
 from connic.agent import HistoryView, Session, Turn
 from connic.frames import (
     ErrorFrame,
@@ -52,7 +53,7 @@ async def answer(session: ChatSession, message: Message, history: HistoryView) -
         assert task is not None
         message.tasks[name] = task
         try:
-            await chains[name](_turn(session, message, name, history), message.emit)
+            await telemetry.answer(chains[name], _turn(session, message, name, history), message)
         except asyncio.CancelledError:
             if not message.cancelled or task.uncancel() > 0:
                 raise
@@ -61,7 +62,7 @@ async def answer(session: ChatSession, message: Message, history: HistoryView) -
         async with asyncio.TaskGroup() as group:
             for name in sessions.agent_names:
                 turn = _turn(session, message, name, history)
-                task = message.tasks[name] = group.create_task(chains[name](turn, message.emit))
+                task = message.tasks[name] = group.create_task(telemetry.answer(chains[name], turn, message))
                 task.add_done_callback(release_cancellation)
     except BaseException as exc:
         # The TaskGroup's __aexit__ frame, in the error's traceback, keeps the error in
@@ -104,7 +105,19 @@ def release_cancellation(task: asyncio.Task[Any]) -> None:
 class Message:
     """An accepted message, queued or being answered."""
 
-    __slots__ = ("at", "cancelled", "first_chunks", "frame", "id", "number", "results", "session", "streaming", "tasks")
+    __slots__ = (
+        "at",
+        "cancelled",
+        "first_chunks",
+        "frame",
+        "handshake",
+        "id",
+        "number",
+        "results",
+        "session",
+        "streaming",
+        "tasks",
+    )
 
     def __init__(self, session: ChatSession, frame: MessageFrame, message_id: MessageId, number: int) -> None:
         self.session = session
@@ -117,6 +130,7 @@ class Message:
         self.cancelled = False
         self.at = 0.0  # when answering began (the loop's clock)
         self.first_chunks: set[str] | None = None  # agents that sent a chunk
+        self.handshake = telemetry.HANDSHAKE.get()  # the trace context of the connection that sent it
 
     async def emit(self, frame: ServerFrame) -> None:
         """One frame of an agent's reply: count it in the metrics, keep its text, send it."""

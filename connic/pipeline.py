@@ -23,6 +23,7 @@ import types
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
+from connic import telemetry
 from connic.agent import Agent, Progress, ToolCall, ToolResult, Turn, Usage
 from connic.errors import AgentError, AgentTimeout, ConnicError
 from connic.frames import (
@@ -255,6 +256,7 @@ class _Reply:
         elif isinstance(value, Usage):
             self.usage = value
         elif isinstance(value, ToolCall | ToolResult | Progress):
+            telemetry.event(value)  # a tool span, with or without progress_events
             if self.progress:
                 await self._event(value)
         else:

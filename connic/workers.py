@@ -38,6 +38,7 @@ from connic.app import Runtime, build_runtime, create_app
 from connic.cli import print_banner, serve
 from connic.config import Config
 from connic.errors import ConfigError
+from connic.logs import configure_logging
 from connic.metrics import MULTIPROC_ENV
 
 __all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
@@ -365,9 +366,12 @@ def worker_main() -> int:
         )
         return 2
     name = f"connic: worker {spec.index} (pid {os.getpid()})"
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s [worker {spec.index} pid %(process)d]: %(message)s",
+    configure_logging(
+        spec.log_level,
+        spec.config.server.log_format,
+        text_format=f"%(asctime)s %(levelname)s %(name)s [worker {spec.index} pid %(process)d]: %(message)s",
+        worker=spec.index,
+        pid=os.getpid(),
     )
 
     async def listening(stop: asyncio.Event) -> None:
