@@ -119,6 +119,7 @@ class FakeOpenAI(_FakeServer):
                 event = {
                     "id": "c1",
                     "object": "chat.completion.chunk",
+                    "model": OPENAI_MODEL,
                     "choices": [{"index": 0, "delta": {"content": text}}],
                 }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -127,7 +128,13 @@ class FakeOpenAI(_FakeServer):
                     await response.write_eof()
                     return response
             if self.usage is not None:
-                event = {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": self.usage}
+                event = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "model": OPENAI_MODEL,
+                    "choices": [],
+                    "usage": self.usage,
+                }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
@@ -142,7 +149,7 @@ class FakeOpenAI(_FakeServer):
 
         async def send(delta: dict[str, Any], finish: str | None = None) -> None:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            event = {"id": f"c{number}", "object": "chat.completion.chunk", "choices": [choice]}
+            event = {"id": f"c{number}", "object": "chat.completion.chunk", "model": OPENAI_MODEL, "choices": [choice]}
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
 
         await send({"role": "assistant", "content": None})
@@ -154,7 +161,13 @@ class FakeOpenAI(_FakeServer):
             await send({"tool_calls": [{"index": index, "function": {"arguments": text[half:]}}]})
         await send({}, finish="tool_calls")
         if self.usage is not None:
-            event = {"id": f"c{number}", "object": "chat.completion.chunk", "choices": [], "usage": self.usage}
+            event = {
+                "id": f"c{number}",
+                "object": "chat.completion.chunk",
+                "model": OPENAI_MODEL,
+                "choices": [],
+                "usage": self.usage,
+            }
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -162,6 +175,9 @@ class FakeOpenAI(_FakeServer):
 
 _STATUS = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
+
+OPENAI_MODEL = "gpt-fake-2026-11"  # the model a fake says answered (as the real APIs do)
+GEMINI_MODEL = "gemini-fake-001"
 
 SIGNATURE = "c2lnbmF0dXJl"  # base64 of b"signature"
 
@@ -191,7 +207,10 @@ class FakeGemini(_FakeServer):
         app.router.add_route("POST", "/{version}/models/{action}", self.stream)
 
     def _chunk(self, index: int, text: str) -> dict[str, Any]:
-        chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}]}
+        chunk: dict[str, Any] = {
+            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}],
+            "modelVersion": GEMINI_MODEL,
+        }
         if index == len(self.chunks) - 1:
             chunk["candidates"][0]["finishReason"] = "STOP"
             if self.usage is not None:
@@ -221,7 +240,8 @@ class FakeGemini(_FakeServer):
                 {"functionCall": {"name": name, "args": args}, "thoughtSignature": SIGNATURE} for name, args in calls
             ]
             chunk: dict[str, Any] = {
-                "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}]
+                "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+                "modelVersion": GEMINI_MODEL,
             }
             if self.usage is not None:
                 chunk["usageMetadata"] = self.usage

@@ -12,7 +12,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -20,18 +20,14 @@ import pytest
 pytest.importorskip("opentelemetry.sdk", reason="the OpenTelemetry SDK is not installed (test extra)")
 
 import websockets
-from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
+from otel_helpers import Sdk, finished, sdk_fixture  # noqa: F401  (a fixture)
 
 import connic
 from conftest import SECRET, Connect, StartServer, make_config
-from connic import telemetry, telemetry_otel
+from connic import telemetry
 from connic.logs import JsonFormatter
 from helpers import test_registry
 
@@ -44,43 +40,7 @@ OTHER_TRACEPARENT = f"00-{OTHER_TRACE_ID}-{OTHER_PARENT_ID}-01"
 TEXT = "the quick brown zebra"
 
 
-class _Sdk:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.reader = InMemoryMetricReader()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        trace.set_tracer_provider(tracer_provider)
-        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[self.reader]))
-
-
-_SDK: _Sdk | None = None
-
-
-@pytest.fixture
-def sdk() -> Iterator[_Sdk]:
-    """The process's OpenTelemetry SDK, with an empty span exporter."""
-    global _SDK
-    if _SDK is None:
-        _SDK = _Sdk()
-        # A turn before this (another module's) found no provider and would look again only a second later.
-        telemetry_otel.tracing(capture_content=False)._next_check = 0.0
-    _SDK.spans.clear()
-    yield _SDK
-    _SDK.spans.clear()  # other test modules' turns are recorded too while it is set: keep nothing
-
-
-async def finished(sdk: _Sdk, name: str, count: int = 1) -> list[ReadableSpan]:
-    """The finished spans called ``name``, once there are ``count`` (a span ends just after its last frame)."""
-    async with asyncio.timeout(5):
-        while True:
-            spans = [s for s in sdk.spans.get_finished_spans() if s.name == name]
-            if len(spans) >= count:
-                return spans
-            await asyncio.sleep(0.01)
-
-
-def points(sdk: _Sdk, name: str, **attributes: Any) -> list[Any]:
+def points(sdk: Sdk, name: str, **attributes: Any) -> list[Any]:
     """The data points of metric ``name`` whose attributes include ``attributes``."""
     data = sdk.reader.get_metrics_data()
     found = []
@@ -137,7 +97,7 @@ async def start(
     return await start_server(config, registry=registry())
 
 
-async def test_a_streamed_turn_is_one_invoke_agent_span(start_server: StartServer, connect: Connect, sdk: _Sdk) -> None:
+async def test_a_streamed_turn_is_one_invoke_agent_span(start_server: StartServer, connect: Connect, sdk: Sdk) -> None:
     srv = await start(start_server, {"use": "echo"}, {"path": "/streamed"})
     client = await connect(srv.url("/streamed"), keep_seq=True)
     frames = await client.reply({"type": "message", "id": "m-1", "payload": {"message": TEXT}})
@@ -169,9 +129,7 @@ async def test_a_streamed_turn_is_one_invoke_agent_span(start_server: StartServe
     assert sorted((p.attributes["gen_ai.token.type"], p.sum) for p in tokens) == [("input", 4), ("output", 4)]
 
 
-async def test_a_cancelled_turn_has_error_type_cancelled(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
-) -> None:
+async def test_a_cancelled_turn_has_error_type_cancelled(start_server: StartServer, connect: Connect, sdk: Sdk) -> None:
     srv = await start(start_server, {"use": "slow"}, {"path": "/cancelled"})
     client = await connect(srv.url("/cancelled"))
     await client.send({"type": "message", "id": "m-1", "payload": {"message": TEXT}})
@@ -196,7 +154,7 @@ async def test_a_cancelled_turn_has_error_type_cancelled(
     ],
 )
 async def test_a_failed_turn_has_the_error_code_as_error_type(
-    start_server: StartServer, connect: Connect, sdk: _Sdk, agent: dict[str, Any], connector: dict[str, Any], code: str
+    start_server: StartServer, connect: Connect, sdk: Sdk, agent: dict[str, Any], connector: dict[str, Any], code: str
 ) -> None:
     srv = await start(start_server, agent, {"path": "/failing", **connector})
     client = await connect(srv.url("/failing"))
@@ -210,7 +168,7 @@ async def test_a_failed_turn_has_the_error_code_as_error_type(
 
 @pytest.mark.parametrize("progress_events", [False, True])
 async def test_tool_calls_are_execute_tool_spans_under_the_turn(
-    start_server: StartServer, connect: Connect, sdk: _Sdk, progress_events: bool
+    start_server: StartServer, connect: Connect, sdk: Sdk, progress_events: bool
 ) -> None:
     srv = await start(start_server, {"use": "tools"}, {"progress_events": progress_events})
     client = await connect(srv.url())
@@ -233,7 +191,7 @@ async def test_tool_calls_are_execute_tool_spans_under_the_turn(
 
 
 async def test_the_demo_tools_echo_agent_makes_a_tool_span(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "echo", "demo_tools": True})
     client = await connect(srv.url())
@@ -243,7 +201,7 @@ async def test_the_demo_tools_echo_agent_makes_a_tool_span(
 
 
 async def test_a_provider_call_is_a_child_span_and_names_the_provider_on_the_turn(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "provider"}, {"path": "/provider"})
     client = await connect(srv.url("/provider"))
@@ -285,7 +243,7 @@ async def test_a_provider_call_is_a_child_span_and_names_the_provider_on_the_tur
     assert chat and all(p.attributes["gen_ai.provider.name"] == "openai" for p in chat)
 
 
-def test_provider_call_records_the_exception_type_and_works_outside_a_turn(sdk: _Sdk) -> None:
+def test_provider_call_records_the_exception_type_and_works_outside_a_turn(sdk: Sdk) -> None:
     with pytest.raises(TimeoutError), telemetry.provider_call("gcp.gemini", None) as call:
         call.record(input_tokens=1)
         raise TimeoutError
@@ -297,7 +255,7 @@ def test_provider_call_records_the_exception_type_and_works_outside_a_turn(sdk: 
     assert span.status.status_code is StatusCode.ERROR
 
 
-def test_provider_call_records_nothing_with_telemetry_off(sdk: _Sdk) -> None:
+def test_provider_call_records_nothing_with_telemetry_off(sdk: Sdk) -> None:
     telemetry.configure(connic.config.ServerConfig(telemetry="off"), connic.metrics.Metrics())
     try:
         with telemetry.provider_call("openai", "gpt-test") as call:
@@ -309,7 +267,7 @@ def test_provider_call_records_nothing_with_telemetry_off(sdk: _Sdk) -> None:
     assert telemetry.enabled()
 
 
-async def test_telemetry_off_makes_no_span(start_server: StartServer, connect: Connect, sdk: _Sdk) -> None:
+async def test_telemetry_off_makes_no_span(start_server: StartServer, connect: Connect, sdk: Sdk) -> None:
     srv = await start(start_server, {"use": "echo"}, telemetry="off")
     try:
         client = await connect(srv.url())
@@ -321,7 +279,7 @@ async def test_telemetry_off_makes_no_span(start_server: StartServer, connect: C
 
 
 async def test_the_handshake_traceparent_parents_the_turns(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "echo"})
     client = await connect(srv.url(), additional_headers={"traceparent": TRACEPARENT, "tracestate": "vendor=x"})
@@ -335,7 +293,7 @@ async def test_the_handshake_traceparent_parents_the_turns(
 
 
 async def test_a_message_traceparent_parents_its_turn_before_the_handshake_one(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "echo"})
     client = await connect(srv.url(), additional_headers={"traceparent": TRACEPARENT})
@@ -350,7 +308,7 @@ async def test_a_message_traceparent_parents_its_turn_before_the_handshake_one(
 
 
 async def test_a_message_traceparent_without_a_handshake_one(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "echo"})
     client = await connect(srv.url())
@@ -361,7 +319,7 @@ async def test_a_message_traceparent_without_a_handshake_one(
 
 
 async def test_message_text_is_recorded_only_when_the_setting_says_so(
-    start_server: StartServer, connect: Connect, sdk: _Sdk
+    start_server: StartServer, connect: Connect, sdk: Sdk
 ) -> None:
     srv = await start(start_server, {"use": "tools"}, telemetry_capture_content=True)
     try:
@@ -382,7 +340,7 @@ async def test_message_text_is_recorded_only_when_the_setting_says_so(
     assert json.loads(str(tool.attributes["gen_ai.tool.call.result"])) == {"found": TEXT}
 
 
-async def test_several_agents_each_have_a_span(start_server: StartServer, connect: Connect, sdk: _Sdk) -> None:
+async def test_several_agents_each_have_a_span(start_server: StartServer, connect: Connect, sdk: Sdk) -> None:
     config = make_config(agents={"one": {"use": "echo"}, "two": {"use": "tools"}})
     srv = await start_server(config, registry=registry())
     client = await connect(srv.url())
@@ -397,7 +355,7 @@ async def test_several_agents_each_have_a_span(start_server: StartServer, connec
     assert one.context.trace_id != two.context.trace_id  # no client context: each turn a trace of its own
 
 
-async def test_sessions_and_resumes_are_observed(start_server: StartServer, connect: Connect, sdk: _Sdk) -> None:
+async def test_sessions_and_resumes_are_observed(start_server: StartServer, connect: Connect, sdk: Sdk) -> None:
     srv = await start(start_server, {"use": "echo"}, {"path": "/observed"})
     client = await connect(srv.url("/observed"))
     (active,) = points(sdk, "connic.sessions.active", **{"connic.connector": "/observed"})

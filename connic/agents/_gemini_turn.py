@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from connic import telemetry
 from connic.agent import Turn, Usage
 from connic.agents._common import backoff
 from connic.agents.tool_loop import Call, Outcome
@@ -59,20 +60,22 @@ class TurnContents:
             else:
                 chunks = agent._legacy(self.contents, self.system, deadline)
             try:
-                async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
-                        metadata = getattr(chunk, "usage_metadata", None)
-                        if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
-                            usage = Usage(
-                                prompt_tokens=int(metadata.prompt_token_count or 0),
-                                candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
-                            )
-                        text = text_of(chunk)
-                        if agent.sdk == "google-genai":
-                            parts.extend(_parts(chunk))
-                        if text:
-                            produced = True
-                            yield text
+                with telemetry.provider_call("gcp.gemini", agent.options.model) as call:
+                    async with contextlib.aclosing(chunks):
+                        async for chunk in chunks:
+                            metadata = getattr(chunk, "usage_metadata", None)
+                            if metadata is not None and getattr(metadata, "prompt_token_count", None) is not None:
+                                usage = Usage(
+                                    prompt_tokens=int(metadata.prompt_token_count or 0),
+                                    candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
+                                )
+                            _record(call, chunk, usage)
+                            text = text_of(chunk)
+                            if agent.sdk == "google-genai":
+                                parts.extend(_parts(chunk))
+                            if text:
+                                produced = True
+                                yield text
                 break
             except Overloaded as exc:
                 delay = next(delays)
@@ -135,3 +138,19 @@ def text_of(chunk: Any) -> str:
             if text:
                 texts.append(text)
     return "".join(texts)
+
+
+def _record(call: telemetry.ProviderCall, chunk: Any, usage: Usage | None) -> None:
+    """Give the provider call's span what a streamed chunk says of the response (telemetry only)."""
+    reasons = [
+        str(getattr(reason, "name", reason))
+        for candidate in getattr(chunk, "candidates", None) or ()
+        if (reason := getattr(candidate, "finish_reason", None))
+    ]
+    call.record(
+        response_model=getattr(chunk, "model_version", None) or None,
+        response_id=getattr(chunk, "response_id", None) or None,
+        finish_reasons=reasons or None,
+        input_tokens=usage.prompt_tokens if usage is not None else None,
+        output_tokens=usage.candidates_tokens if usage is not None else None,
+    )

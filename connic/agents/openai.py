@@ -22,6 +22,7 @@ import aiohttp
 import attrs
 import jinja2
 
+from connic import telemetry
 from connic.agent import Agent, ProgressEvent, Turn, Usage
 from connic.agents._common import mask, unexpected
 from connic.agents.tool_loop import Call, Outcome, Toolbox, ToolOptions, run_turn
@@ -166,31 +167,33 @@ class OpenAIAgent(Agent):
         """One streamed request: text and usage are yielded, ``tool_calls`` deltas assembled into ``calls``."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            async with session.post(self.url, json=body, headers=headers) as response:
-                if response.status != 200:
-                    raise AgentError(await _provider_error(response))
-                async for data in _sse_data(response):
-                    if data == "[DONE]":
-                        break
-                    try:
-                        event = json.loads(data)
-                    except ValueError:
-                        raise AgentError("the provider sent a malformed stream event") from None
-                    if "error" in event:
-                        raise AgentError(f"provider error: {_message(event)}")
-                    for choice in event.get("choices") or ():
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content")
-                        if text:
-                            yield text
-                        for piece in delta.get("tool_calls") or ():
-                            _assemble(calls, piece)
-                    usage = event.get("usage")
-                    if usage:
-                        yield Usage(
-                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                            candidates_tokens=int(usage.get("completion_tokens") or 0),
-                        )
+            with telemetry.provider_call("openai", body.get("model")) as call:
+                async with session.post(self.url, json=body, headers=headers) as response:
+                    if response.status != 200:
+                        raise AgentError(await _provider_error(response))
+                    async for data in _sse_data(response):
+                        if data == "[DONE]":
+                            break
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            raise AgentError("the provider sent a malformed stream event") from None
+                        if "error" in event:
+                            raise AgentError(f"provider error: {_message(event)}")
+                        _record(call, event)
+                        for choice in event.get("choices") or ():
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content")
+                            if text:
+                                yield text
+                            for piece in delta.get("tool_calls") or ():
+                                _assemble(calls, piece)
+                        usage = event.get("usage")
+                        if usage:
+                            yield Usage(
+                                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                candidates_tokens=int(usage.get("completion_tokens") or 0),
+                            )
         except TimeoutError:
             raise AgentError(f"the provider did not answer within {self.options.timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -245,6 +248,19 @@ class _Chat:
             else:
                 content = json.dumps(outcome.result, ensure_ascii=False)
             self.messages.append({"role": "tool", "tool_call_id": outcome.call.call_id, "content": content})
+
+
+def _record(call: telemetry.ProviderCall, event: dict[str, Any]) -> None:
+    """Give the provider call's span what a stream event says of the response (telemetry only)."""
+    finish = [str(c["finish_reason"]) for c in event.get("choices") or () if c.get("finish_reason")]
+    usage = event.get("usage") or {}
+    call.record(
+        response_model=event.get("model") or None,
+        response_id=event.get("id") or None,
+        finish_reasons=finish or None,
+        input_tokens=usage.get("prompt_tokens"),
+        output_tokens=usage.get("completion_tokens"),
+    )
 
 
 def _assemble(calls: dict[int, dict[str, str]], piece: Any) -> None:
