@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -111,6 +112,8 @@ async def js_run(spec: Mapping[str, Any], timeout: float = 60) -> list[dict[str,
     """Run tests/agui_js/run.mjs (the official HttpAgent) with ``spec``; what it printed, one object a line."""
     node = shutil.which("node")
     if node is None or not (JS / "node_modules" / "@ag-ui" / "client").is_dir():
+        if os.environ.get("CONNIC_REQUIRE_AGUI_JS"):
+            pytest.fail("CONNIC_REQUIRE_AGUI_JS is set but node or tests/agui_js/node_modules is missing")
         pytest.skip("node or tests/agui_js/node_modules is missing (scripts/test installs them with npm ci)")
     proc = await asyncio.create_subprocess_exec(
         node,
