@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
 
     from connic.transports.agui_sse import SSERun
+    from connic.transports.agui_ws import WSBinding
 
 __all__ = ["AguiTransport"]
 
@@ -130,6 +131,7 @@ class AguiTransport(Transport):
             name=connector.path,
         )
         self.runs: set[SSERun] = set()
+        self.bindings: set[WSBinding] = set()  # open WebSocket binding connections
         self.no_runs = Flag(True)  # set while no run streams (shutdown waits for it)
         self.draining = False
         self._sessions: Sessions | None = None
@@ -149,7 +151,7 @@ class AguiTransport(Transport):
         return self._sessions
 
     def install(self, app: web.Application) -> None:
-        """Serve ``POST {path}`` and ``POST {path}/{agent}`` (and their CORS preflights)."""
+        """Serve ``POST {path}`` and ``POST {path}/{agent}`` (and their CORS preflights), and ``GET {path}/ws``."""
         runtime = app.get(RUNTIME)
         if runtime is not None:
             self._runtime_transports = list(runtime.transports)  # whose sessions a thread may continue
@@ -157,6 +159,8 @@ class AguiTransport(Transport):
         for route in (path or "/", f"{path}/{{agent}}"):
             app.router.add_post(route, self.handle)
             app.router.add_route("OPTIONS", route, self.preflight)
+        app.router.add_get(f"{path}/ws", self.handle_ws)
+        app.router.add_get(f"{path}/ws/{{agent}}", self.handle_ws)
 
     def describe(self, base_url: str) -> str:
         """The URL to POST runs to."""
@@ -218,11 +222,11 @@ class AguiTransport(Transport):
 
     # --- a run --------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """``POST`` a ``RunAgentInput``: 401/403/413/422/429/503 before any stream, else the run's events."""
-        from connic.transports.agui_input import read_run
+    def check_request(self, request: web.Request, *, query_secret: bool = False) -> web.Response | None:
+        """What every request goes through before its body is read: origin, draining, the brake, the secret, the agent.
 
-        opts = self.options
+        None when it may go on; else the refusal (403, 503, 429, 401, 404), with no stream begun.
+        """
         cors = self._cors(request)
         if request.headers.get("Origin") is not None and not cors:
             return self._refuse(403, "origin not allowed")
@@ -233,26 +237,66 @@ class AguiTransport(Transport):
         if wait is not None:
             retry = str(max(1, math.ceil(wait)))
             return self._refuse(429, "too many failed authentications from your address", {"Retry-After": retry})
-        if opts.require_auth and not self.check_secret(self.request_secret(request)):
+        secret = self.request_secret(request)
+        if secret is None and query_secret:
+            secret = request.query.get("secret")  # a browser's WebSocket cannot send headers
+        if self.options.require_auth and not self.check_secret(secret):
             self.throttle.failed(peer)
             headers = {"WWW-Authenticate": 'Bearer realm="connic"', **cors}
             return self._refuse(401, "missing or wrong secret", headers)
         agent = request.match_info.get("agent")
         if agent is not None and agent not in self.agents:
             return self._refuse(404, f"no agent {agent!r} on this connector (agents: {', '.join(self.agent_names)})")
-        refused, run, frame = await read_run(request, opts.max_body_bytes, agent)
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``POST`` a ``RunAgentInput``: 401/403/413/422/429/503 before any stream, else the run's events."""
+        from connic.transports.agui_input import read_run
+
+        refused = self.check_request(request)
         if refused is not None:
-            return self._refuse(refused[0], refused[1], cors)
+            return refused
+        cors = self._cors(request)
+        problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
+        if problem is not None:
+            return self._refuse(problem[0], problem[1], cors)
         assert run is not None and frame is not None
         if not await self.store.available():
             return self._refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
-        slot = self.gate.enter(peer, authenticated=True)
+        slot = self.gate.enter(request.remote or "unknown", authenticated=True)
         if isinstance(slot, int):
             return self._refuse(slot, "too many connections", {"Retry-After": "5", **cors})
         try:
             return await self._run(request, run, frame, cors)
         finally:
             self.gate.leave(slot)
+
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        """``GET {path}/ws`` (or ``{path}/ws/{agent}``): AG-UI's WebSocket binding, several runs per connection."""
+        from connic.transports.agui_ws import WSBinding
+
+        refused = self.check_request(request, query_secret=True)
+        if refused is not None:
+            return refused
+        ws = web.WebSocketResponse(max_msg_size=self.options.max_body_bytes + 1, autoping=True)
+        if not ws.can_prepare(request).ok:
+            return self._refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
+        if not await self.store.available():
+            return self._refuse(503, "the session store cannot be reached", {"Retry-After": "5"})
+        slot = self.gate.enter(request.remote or "unknown", authenticated=True)
+        if isinstance(slot, int):
+            return self._refuse(slot, "too many connections", {"Retry-After": "5"})
+        try:
+            await ws.prepare(request)
+            binding = WSBinding(self, ws, request, request.match_info.get("agent"))
+            self.bindings.add(binding)
+            try:
+                await binding.run()
+            finally:
+                self.bindings.discard(binding)
+        finally:
+            self.gate.leave(slot)
+        return ws
 
     async def _run(
         self, request: web.Request, run: RunAgentInput, frame: MessageFrame, cors: Mapping[str, str]
@@ -261,7 +305,7 @@ class AguiTransport(Transport):
         from connic.transports.agui_sse import SSERun
 
         try:
-            found = await self._thread(run, request)
+            found = await self.thread(run.thread_id, request.headers.get(TOKEN_HEADER) or _forwarded_token(run))
         except StoreUnavailable as exc:
             return self._refuse(503, exc.message, {"Retry-After": "5", **cors})
         if isinstance(found, web.Response):
@@ -335,11 +379,14 @@ class AguiTransport(Transport):
             await response.write_eof()
         return response
 
-    async def _thread(self, run: RunAgentInput, request: web.Request) -> tuple[ChatSession, bool] | web.Response:
-        """The session ``threadId`` names, and whether it is new; or the response refusing it."""
+    async def thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
+        """The session ``thread_id`` names, and whether it is new; or the response refusing it.
+
+        ``given`` is the resume token the client sent, which a session another connector
+        opened needs.
+        """
         from connic.sessions import _token_matches
 
-        thread_id = run.thread_id
         store = self.store
         live = await store.get(thread_id)
         owner: Sessions | None = None
@@ -355,20 +402,16 @@ class AguiTransport(Transport):
                     return self._refuse(409, why)
         if owner is None:
             return await self.sessions.open(thread_id), True
-        if owner is not self.sessions:
-            # A session another connector opened: its resume token proves the client's claim to it
-            # (PROTOCOL.md §7), as a resume over that connector would.
-            given = request.headers.get(TOKEN_HEADER) or _forwarded_token(run)
-            if given is None or not _token_matches(token, given):
-                return self._refuse(
-                    403,
-                    f"thread {thread_id!r} is a session of connector {owner.label!r}: "
-                    f"send its resume_token in the {TOKEN_HEADER} header",
-                )
+        # A session another connector opened: its resume token proves the client's claim to it
+        # (PROTOCOL.md §7), as a resume over that connector would.
+        if owner is not self.sessions and (given is None or not _token_matches(token, given)):
+            return self._refuse(
+                403,
+                f"thread {thread_id!r} is a session of connector {owner.label!r}: "
+                f"send its resume_token in the {TOKEN_HEADER} header",
+            )
         session = await owner.find(thread_id, token or "", 0) if token is not None else None
         if session is None:
-            if owner is self.sessions and (live is None or live.state is SessionState.ENDED):
-                return await self.sessions.open(thread_id), True
             return self._refuse(409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)")
         return session, False
 

@@ -140,6 +140,8 @@ class RunEvents:
         "_steps",
         "_usage",
         "agents",
+        "announce",
+        "announced",
         "cancelled",
         "done",
         "message_id",
@@ -147,8 +149,12 @@ class RunEvents:
         "thread_id",
     )
 
-    def __init__(self, thread_id: str, run_id: str, agents: Sequence[str]) -> None:
+    def __init__(self, thread_id: str, run_id: str, agents: Sequence[str], *, announce: bool = False) -> None:
         self.thread_id = thread_id
+        # announce: RUN_STARTED comes with the message's ack (or its refusal), and so carries its seq
+        # (the WebSocket binding); else the transport sends it itself before the message is admitted.
+        self.announce = announce
+        self.announced = not announce
         self.run_id = run_id
         self.message_id = run_id  # the connic message's id
         self.agents = set(agents)  # still answering
@@ -171,6 +177,9 @@ class RunEvents:
         kind = frame.get("type")
         agent: Any = frame.get("agent")  # a str, except on a refusal (an error naming no agent)
         out: list[BaseEvent] = []
+        if not self.announced and (kind == "ack" or (kind == "error" and agent is None)):
+            self.announced = True
+            out.append(self.started())
         if kind == "stream_chunk":
             self._text(agent, frame["chunk"], out)
         elif kind in ("stream_end", "response"):
