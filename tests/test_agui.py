@@ -212,3 +212,37 @@ async def test_http_agent_streams_the_gemini_agent(start_server: StartServer, fa
     # The second run's request to the model carries the thread's history, kept by connic.
     contents = fake.requests[1]["contents"]
     assert [c["role"] for c in contents] == ["user", "model", "user"]
+
+
+def test_every_agui_key_is_documented_with_its_default() -> None:
+    import attrs
+
+    from conftest import ROOT
+    from connic.transports.agui import AguiTransport
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text[text.index('### `transport = "agui"`') :]
+    section = section[: section.index("\n### ", 1)]
+    for field in attrs.fields(AguiTransport.Options):
+        rows = [line for line in section.splitlines() if line.startswith(f"| `{field.name}` |")]
+        assert rows, f"configuration.md's agui table has no row for `{field.name}`"
+        default = field.default
+        if isinstance(default, bool):
+            written = "true" if default else "false"
+        elif isinstance(default, str):
+            written = json.dumps(default)
+        elif isinstance(default, float):
+            written = f"{default:g}"
+        elif isinstance(default, int):
+            written = str(default)
+        else:
+            continue
+        assert f"`{written}`" in rows[0].split("|")[3], f"`{field.name}` defaults to {written}: {rows[0]}"
+
+
+def test_setup_cfg_declares_the_entry_point_and_the_extra() -> None:
+    from conftest import ROOT
+
+    text = (ROOT / "setup.cfg").read_text()
+    assert "agui = connic.transports.agui:AguiTransport" in text
+    assert "agui =\n    ag-ui-protocol" in text

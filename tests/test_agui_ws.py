@@ -88,3 +88,25 @@ async def test_a_dropped_connection_resumes_from_its_last_seq(start_server: Star
     assert "".join(e.get("delta", "") for e in events if e["type"] == "TEXT_MESSAGE_CONTENT") == words
     assert [e["type"] for e in events].count("TEXT_MESSAGE_START") == 1
     assert events[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_cancel_a_run_being_answered_and_a_queued_one(start_server: StartServer) -> None:
+    server = await start(start_server, agents={"slow": {"use": "slow", "seconds": 30}})
+    async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps(run_input("t-c", "one", run_id="r1")))
+        await ws.send(json.dumps(run_input("t-c", "two", run_id="r2")))
+        first = [json.loads(await ws.recv()) for _ in range(4)]  # r1 and r2 start, r1's text begins
+        assert sorted(e["type"] for e in first) == sorted(
+            ["RUN_STARTED", "RUN_STARTED", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT"]
+        )
+        await ws.send(json.dumps({"type": "cancel", "runId": "r2"}))  # queued: dropped
+        dropped = json.loads(await ws.recv())
+        assert dropped["type"] == "RUN_FINISHED" and dropped["runId"] == "r2"
+        assert dropped["outcome"] == {"type": "cancelled"}
+        await ws.send(json.dumps({"type": "cancel", "runId": "r1"}))  # being answered: it ends
+        ended = await run_events(ws)
+        assert [e["type"] for e in ended] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+        assert ended[-1]["runId"] == "r1" and ended[-1]["outcome"] == {"type": "cancelled"}
+        await ws.send(json.dumps({"type": "cancel", "runId": "r1"}))  # over already
+        error = json.loads(await ws.recv())
+        assert error["type"] == "RUN_ERROR" and error["code"] == "not_found" and "seq" not in error

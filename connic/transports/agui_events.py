@@ -234,6 +234,15 @@ class RunEvents:
             self._ended(None, out)
         return out
 
+    def dropped(self) -> list[BaseEvent]:
+        """The run was cancelled while queued: it starts (if it had not) and finishes, cancelled."""
+        out: list[BaseEvent] = [] if self.announced else [self.started()]
+        self.announced = True
+        self.cancelled = True
+        self.agents.clear()
+        self._ended(None, out)
+        return out
+
     def _text(self, agent: str, text: str, out: list[BaseEvent]) -> None:
         if not text:
             return  # AG-UI's content events must not be empty

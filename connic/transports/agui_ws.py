@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from connic.errors import ConnicError, InvalidMessage, InvalidResume, SlowConsumer
+from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound, SlowConsumer
 from connic.frames import sequenced
 from connic.session import ChatSession, SessionState
 
@@ -232,10 +232,7 @@ class WSBinding:
             await self._resume(data)
             return
         if kind == "cancel":
-            if self.session is not None and isinstance(data.get("runId"), str):
-                self.session.cancel(data["runId"])
-            else:
-                self._error(InvalidMessage("cancel needs a runId, on a connection that started a run"))
+            self._cancel(data.get("runId"))
             return
         try:
             run = RunAgentInput.model_validate(data)
@@ -261,6 +258,19 @@ class WSBinding:
             return
         self.runs[frame.id] = self._events(run.run_id)
         session.admit(frame)
+
+    def _cancel(self, run_id: Any) -> None:
+        session = self.session
+        run = self.runs.get(run_id) if isinstance(run_id, str) else None
+        if session is None or run is None:
+            self._error(NotFound(f"no run of this connection has runId {run_id!r}"))
+            return
+        queued = any(message.id == run_id for message in session.queue)
+        session.cancel(run_id)  # one being answered ends cancelled, through its frames
+        if queued:
+            # Dropped before it began: no frame of the session says so.
+            del self.runs[run_id]
+            self._queue(run.dropped(), None)
 
     async def _open(self, run: RunAgentInput) -> bool:
         from connic.transports.agui import TOKEN_HEADER, _forwarded_token
