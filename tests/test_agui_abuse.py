@@ -144,3 +144,23 @@ async def test_a_thousand_concurrent_runs_complete(start_server: StartServer) ->
         results = await asyncio.gather(*(one(n) for n in range(1000)))
     assert all(r[0] == "RUN_STARTED" and r[-1] == "RUN_FINISHED" for r in results)
     assert await scrape(server.http, 'connic_messages_total{connector="/agui"}') == 1000
+
+
+async def test_shutdown_lets_a_run_finish_its_grace_then_refuses_new_runs(start_server: StartServer) -> None:
+    import connic
+    from connic.app import drain
+
+    config = agui_config(agents={"slow": {"use": "slow", "seconds": 30}})
+    config["server"] = {"shutdown_grace": 0.2}
+    app = connic.create_app(config, registry=agui_registry())
+    server = await start_server(app=app)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(server.http + "/agui", json=run_input("t-drain", "x"), headers=AUTH)
+        await response.content.readuntil(b"started")
+        draining = asyncio.create_task(drain(app))
+        rest = (await asyncio.wait_for(response.content.read(), 10)).decode()
+        await asyncio.wait_for(draining, 10)
+    last = json.loads(rest.strip().split("\n\n")[-1][len("data: ") :])
+    assert last["type"] == "RUN_FINISHED" and last["outcome"] == {"type": "cancelled"}
+    status, text = await post_run(server.http + "/agui", run_input("t-after", "x"))
+    assert status == 503 and text == "server is shutting down\n"

@@ -23,7 +23,7 @@ from aiohttp import web
 from connic.agent import Agent
 from connic.app import RUNTIME
 from connic.config import ConnectorConfig, in_range, non_negative, positive
-from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, StoreUnavailable
+from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
 from connic.flow import Flag
 from connic.frames import MessageFrame
 from connic.middleware import MiddlewareFunc
@@ -335,24 +335,27 @@ class AguiTransport(Transport):
                 **cors,
             }
         )
-        await response.prepare(request)
         self.metrics.connections.inc(path)
         self.metrics.connections_open.inc(path)
         started = asyncio.get_running_loop().time()
         log.info("open session=%s peer=%s connector=%s run=%s", session.id, request.remote, path, run.run_id)
         self.runs.add(sink)
         self.no_runs.clear()
+        attached = False
         try:
-            sink.start(events.started(run))
+            await response.prepare(request)
+            sink.start(events.started())
             if fresh:
                 session.attach(sink)
+                attached = True
             else:
                 last = session.seq
                 replay = await session.replay(sink, last)  # takes over a connection attached to it
                 if replay is None or session.state is SessionState.ENDED:
-                    sink.fail(StoreUnavailable("another run took this thread over; run again"))
+                    sink.fail(SessionTakenOver("another run took this thread over meanwhile; run again"))
                 else:
                     session.resume(sink, last + len(replay[1]))
+                    attached = True
             if session.sink is sink:
                 session.admit(frame)
             await sink.stream(response)
@@ -362,6 +365,8 @@ class AguiTransport(Transport):
                 self.no_runs.set()
             if sink.close_code is None:
                 sink.close_code = 1006
+            if fresh and not attached:
+                session.end()  # opened for this run, which never began (the client went away first)
             # Done, or the client went away: the session stays for the thread's next run
             # (on_disconnect says whether an unfinished reply goes on meanwhile).
             session.detach(sink)

@@ -166,9 +166,9 @@ class RunEvents:
         self._error: tuple[str, str] | None = None
         self._usage = [0, 0]  # prompt and candidates tokens of every agent
 
-    def started(self, run: RunAgentInput | None = None) -> BaseEvent:
+    def started(self) -> BaseEvent:
         """``RUN_STARTED``."""
-        return RunStartedEvent(thread_id=self.thread_id, run_id=self.run_id, input=run)
+        return RunStartedEvent(thread_id=self.thread_id, run_id=self.run_id)
 
     def frame(self, frame: Mapping[str, Any]) -> list[BaseEvent]:
         """The events of one connic frame (none for another message's frames or an ack)."""
