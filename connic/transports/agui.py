@@ -161,6 +161,22 @@ class AguiTransport(Transport):
             app.router.add_route("OPTIONS", route, self.preflight)
         app.router.add_get(f"{path}/ws", self.handle_ws)
         app.router.add_get(f"{path}/ws/{{agent}}", self.handle_ws)
+        if path and (runtime is None or runtime.config.server.playground):
+            app.router.add_get(path, self.page)  # a small chat page that speaks AG-UI (docs/agui.md)
+            app.router.add_get(f"{path}/page.js", self.page_script)
+
+    async def page(self, request: web.Request) -> web.Response:
+        """The connector's browser page."""
+        from connic.transports.agui_page import HEADERS, page
+
+        text = page(request.path, self.agent_names)
+        return web.Response(text=text, content_type="text/html", charset="utf-8", headers=HEADERS)
+
+    async def page_script(self, request: web.Request) -> web.Response:
+        """The page's script."""
+        from connic.transports.agui_page import HEADERS, SCRIPT
+
+        return web.Response(text=SCRIPT, content_type="text/javascript", charset="utf-8", headers=HEADERS)
 
     def describe(self, base_url: str) -> str:
         """The URL to POST runs to."""
