@@ -14,6 +14,7 @@ import pytest
 from resume_helpers import wait_turns
 from test_agui_support import AUTH, agui_config, agui_registry, post_run, run_input, text_of
 
+import connic
 from conftest import StartServer
 
 
@@ -164,3 +165,37 @@ async def test_shutdown_lets_a_run_finish_its_grace_then_refuses_new_runs(start_
     assert last["type"] == "RUN_FINISHED" and last["outcome"] == {"type": "cancelled"}
     status, text = await post_run(server.http + "/agui", run_input("t-after", "x"))
     assert status == 503 and text == "server is shutting down\n"
+
+
+async def test_concurrent_first_runs_of_one_thread_share_its_session(start_server: StartServer) -> None:
+    server = await start(start_server, agents={"look": {"use": "inspect"}})
+    url = server.http + "/agui"
+    results = await asyncio.gather(*(post_run(url, run_input("t-race", f"run {n}")) for n in range(5)))
+    numbers = sorted(json.loads(text_of(events))["number"] for _, events in results)  # type: ignore[arg-type]
+    assert numbers == [1, 2, 3, 4, 5]  # one session counted them all
+
+
+def test_without_ag_ui_protocol_the_connector_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from connic.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "ag_ui.encoder", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'connic\[agui\]'"):
+        connic.create_app(agui_config(), registry=agui_registry())
+
+
+async def test_overlapping_runs_of_a_thread_stream_their_own_events(start_server: StartServer) -> None:
+    server = await start(start_server, agents={"assistant": {"use": "echo", "delay": 0.02}})
+    url = server.http + "/agui"
+    first, second = await asyncio.gather(
+        post_run(url, run_input("t-two", "first run here", run_id="a")),
+        post_run(url, run_input("t-two", "second one", run_id="b")),
+    )
+    for (status, events), (run_id, text) in zip(
+        (first, second), [("a", "first run here"), ("b", "second one")], strict=True
+    ):
+        assert status == 200 and isinstance(events, list)
+        assert text_of(events) == text
+        assert {e.run_id for e in events if hasattr(e, "run_id")} == {run_id}
+        assert events[-1].type.value == "RUN_FINISHED"

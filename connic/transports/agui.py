@@ -28,10 +28,10 @@ from connic.flow import Flag
 from connic.frames import MessageFrame
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
-from connic.session import ChatSession, SessionState
 from connic.sessions import Sessions
 from connic.throttle import AuthThrottle
 from connic.transport import Transport
+from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
 from connic.transports.websocket import RateLimit, _local_origin
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ __all__ = ["AguiTransport"]
 log = logging.getLogger("connic.agui")
 
 SECRET_HEADER = "X-Connic-Secret"
-TOKEN_HEADER = "X-Connic-Resume-Token"
 
 
 def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -133,9 +132,10 @@ class AguiTransport(Transport):
         self.runs: set[SSERun] = set()
         self.bindings: set[WSBinding] = set()  # open WebSocket binding connections
         self.no_runs = Flag(True)  # set while no run streams (shutdown waits for it)
+        self.threads = Threads(self)
         self.draining = False
         self._sessions: Sessions | None = None
-        self._runtime_transports: list[Transport] = []
+        self.runtime_transports: list[Transport] = []
 
     @property
     def sessions(self) -> Sessions:
@@ -154,7 +154,7 @@ class AguiTransport(Transport):
         """Serve ``POST {path}`` and ``POST {path}/{agent}`` (and their CORS preflights), and ``GET {path}/ws``."""
         runtime = app.get(RUNTIME)
         if runtime is not None:
-            self._runtime_transports = list(runtime.transports)  # whose sessions a thread may continue
+            self.runtime_transports = list(runtime.transports)  # whose sessions a thread may continue
         path = self.connector.path.rstrip("/") or ""
         for route in (path or "/", f"{path}/{{agent}}"):
             app.router.add_post(route, self.handle)
@@ -232,7 +232,7 @@ class AguiTransport(Transport):
         headers["Access-Control-Max-Age"] = "600"
         return web.Response(status=204, headers=headers)
 
-    def _refuse(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    def refuse(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> web.Response:
         self.metrics.refused.inc(self.connector.path, str(status))
         return web.Response(status=status, text=text + "\n", headers=headers)
 
@@ -245,24 +245,24 @@ class AguiTransport(Transport):
         """
         cors = self._cors(request)
         if request.headers.get("Origin") is not None and not cors:
-            return self._refuse(403, "origin not allowed")
+            return self.refuse(403, "origin not allowed")
         if self.draining:
-            return self._refuse(503, "server is shutting down")
+            return self.refuse(503, "server is shutting down")
         peer = request.remote or "unknown"
         wait = self.throttle.retry_after(peer)
         if wait is not None:
             retry = str(max(1, math.ceil(wait)))
-            return self._refuse(429, "too many failed authentications from your address", {"Retry-After": retry})
+            return self.refuse(429, "too many failed authentications from your address", {"Retry-After": retry})
         secret = self.request_secret(request)
         if secret is None and query_secret:
             secret = request.query.get("secret")  # a browser's WebSocket cannot send headers
         if self.options.require_auth and not self.check_secret(secret):
             self.throttle.failed(peer)
             headers = {"WWW-Authenticate": 'Bearer realm="connic"', **cors}
-            return self._refuse(401, "missing or wrong secret", headers)
+            return self.refuse(401, "missing or wrong secret", headers)
         agent = request.match_info.get("agent")
         if agent is not None and agent not in self.agents:
-            return self._refuse(404, f"no agent {agent!r} on this connector (agents: {', '.join(self.agent_names)})")
+            return self.refuse(404, f"no agent {agent!r} on this connector (agents: {', '.join(self.agent_names)})")
         return None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -275,13 +275,13 @@ class AguiTransport(Transport):
         cors = self._cors(request)
         problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
         if problem is not None:
-            return self._refuse(problem[0], problem[1], cors)
+            return self.refuse(problem[0], problem[1], cors)
         assert run is not None and frame is not None
         if not await self.store.available():
-            return self._refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
+            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
         slot = self.gate.enter(request.remote or "unknown", authenticated=True)
         if isinstance(slot, int):
-            return self._refuse(slot, "too many connections", {"Retry-After": "5", **cors})
+            return self.refuse(slot, "too many connections", {"Retry-After": "5", **cors})
         try:
             return await self._run(request, run, frame, cors)
         finally:
@@ -296,12 +296,12 @@ class AguiTransport(Transport):
             return refused
         ws = web.WebSocketResponse(max_msg_size=self.options.max_body_bytes + 1, autoping=True)
         if not ws.can_prepare(request).ok:
-            return self._refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
+            return self.refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
         if not await self.store.available():
-            return self._refuse(503, "the session store cannot be reached", {"Retry-After": "5"})
+            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5"})
         slot = self.gate.enter(request.remote or "unknown", authenticated=True)
         if isinstance(slot, int):
-            return self._refuse(slot, "too many connections", {"Retry-After": "5"})
+            return self.refuse(slot, "too many connections", {"Retry-After": "5"})
         try:
             await ws.prepare(request)
             binding = WSBinding(self, ws, request, request.match_info.get("agent"))
@@ -317,19 +317,18 @@ class AguiTransport(Transport):
     async def _run(
         self, request: web.Request, run: RunAgentInput, frame: MessageFrame, cors: Mapping[str, str]
     ) -> web.StreamResponse:
-        from connic.transports.agui_events import RunEvents, seed_of
+        from connic.transports.agui_events import RunEvents
         from connic.transports.agui_sse import SSERun
 
         try:
-            found = await self.thread(run.thread_id, request.headers.get(TOKEN_HEADER) or _forwarded_token(run))
+            joined = await self.threads.join(run, request.headers.get(TOKEN_HEADER) or forwarded_token(run))
         except StoreUnavailable as exc:
-            return self._refuse(503, exc.message, {"Retry-After": "5", **cors})
-        if isinstance(found, web.Response):
-            return found
-        session, fresh = found
-        if fresh:
-            for entry in seed_of(run, session.sessions.agent_names):
-                session.history.add(entry)
+            return self.refuse(503, exc.message, {"Retry-After": "5", **cors})
+        if isinstance(joined, web.Response):
+            return joined
+        session, runs = joined
+        if run.run_id in runs.runs:  # the run's id is its connic message's
+            return self.refuse(409, f"run {run.run_id!r} is already under way on this thread", cors)
         agents = (frame.agent,) if frame.agent is not None else session.sessions.agent_names
         events = RunEvents(run.thread_id, run.run_id, agents)
         opts = self.options
@@ -355,25 +354,16 @@ class AguiTransport(Transport):
         self.metrics.connections_open.inc(path)
         started = asyncio.get_running_loop().time()
         log.info("open session=%s peer=%s connector=%s run=%s", session.id, request.remote, path, run.run_id)
+        runs.runs[run.run_id] = sink
         self.runs.add(sink)
         self.no_runs.clear()
-        attached = False
         try:
             await response.prepare(request)
             sink.start(events.started())
-            if fresh:
-                session.attach(sink)
-                attached = True
-            else:
-                last = session.seq
-                replay = await session.replay(sink, last)  # takes over a connection attached to it
-                if replay is None or session.state is SessionState.ENDED:
-                    sink.fail(SessionTakenOver("another run took this thread over meanwhile; run again"))
-                else:
-                    session.resume(sink, last + len(replay[1]))
-                    attached = True
-            if session.sink is sink:
+            if session.sink is runs:
                 session.admit(frame)
+            else:
+                sink.fail(SessionTakenOver("another connection took this thread over; run again"))
             await sink.stream(response)
         finally:
             self.runs.discard(sink)
@@ -381,11 +371,7 @@ class AguiTransport(Transport):
                 self.no_runs.set()
             if sink.close_code is None:
                 sink.close_code = 1006
-            if fresh and not attached:
-                session.end()  # opened for this run, which never began (the client went away first)
-            # Done, or the client went away: the session stays for the thread's next run
-            # (on_disconnect says whether an unfinished reply goes on meanwhile).
-            session.detach(sink)
+            self.threads.leave(session, runs, run.run_id, sink)
             self.metrics.connections_open.dec(path)
             self.metrics.closes.inc(path, str(sink.close_code))
             log.info(
@@ -399,51 +385,6 @@ class AguiTransport(Transport):
         if sink.close_code == 1000:
             await response.write_eof()
         return response
-
-    async def thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
-        """The session ``thread_id`` names, and whether it is new; or the response refusing it.
-
-        ``given`` is the resume token the client sent, which a session another connector
-        opened needs.
-        """
-        from connic.sessions import _token_matches
-
-        store = self.store
-        live = await store.get(thread_id)
-        owner: Sessions | None = None
-        token: str | None = None
-        if live is not None:
-            owner, token = live.sessions, live.token
-        else:
-            record = await store.load(thread_id)
-            if record is not None:
-                owner, token = self._peer(record.label), record.token
-                if owner is None:
-                    why = f"thread {thread_id!r} is a session of connector {record.label!r}, not served here"
-                    return self._refuse(409, why)
-        if owner is None:
-            return await self.sessions.open(thread_id), True
-        # A session another connector opened: its resume token proves the client's claim to it
-        # (PROTOCOL.md §7), as a resume over that connector would.
-        if owner is not self.sessions and (given is None or not _token_matches(token, given)):
-            return self._refuse(
-                403,
-                f"thread {thread_id!r} is a session of connector {owner.label!r}: "
-                f"send its resume_token in the {TOKEN_HEADER} header",
-            )
-        session = await owner.find(thread_id, token or "", 0) if token is not None else None
-        if session is None:
-            return self._refuse(409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)")
-        return session, False
-
-    def _peer(self, label: str) -> Sessions | None:
-        if label == self.connector.path:
-            return self.sessions
-        for transport in self._runtime_transports:
-            sessions = getattr(transport, "sessions", None)
-            if isinstance(sessions, Sessions) and sessions.label == label:
-                return sessions
-        return None
 
     async def shutdown(self, grace: float) -> None:
         """Drain the sessions (in-flight replies get ``grace`` seconds), then end the runs still open."""
@@ -462,13 +403,3 @@ class AguiTransport(Transport):
         except TimeoutError:
             for sink in list(self.runs):
                 sink.slow_consumer()
-
-
-def _forwarded_token(run: RunAgentInput) -> str | None:
-    props = run.forwarded_props
-    if isinstance(props, dict):
-        connic = props.get("connic")
-        if isinstance(connic, dict) and isinstance(connic.get("resume_token"), str):
-            token: str = connic["resume_token"]
-            return token
-    return None

@@ -1,7 +1,8 @@
-"""One AG-UI run over HTTP: the session's sink, and the SSE stream it writes.
+"""AG-UI runs over HTTP: the session's sink, and the SSE stream of each run.
 
-:class:`SSERun` is what the ``agui`` transport attaches to a session for the
-length of one run. It turns the session's frames of the run's message into
+:class:`ThreadRuns` is what the ``agui`` transport attaches to a thread's session
+while runs stream on it; it hands each frame to its run's :class:`SSERun`. A run
+turns the session's frames of its message into
 AG-UI events (:class:`~connic.transports.agui_events.RunEvents`), encodes them
 with ``ag-ui-protocol``'s ``EventEncoder`` and queues them in a bounded outbox;
 :meth:`SSERun.stream` writes the outbox to the response. A client that stops
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from connic.errors import ConnicError, SlowConsumer
+from connic.frames import MessageId
 
 if TYPE_CHECKING:
     from ag_ui.core import BaseEvent
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
     from connic.metrics import Metrics
     from connic.transports.agui_events import RunEvents
 
-__all__ = ["SSERun"]
+__all__ = ["SSERun", "ThreadRuns"]
+
+Frame = dict[str, Any]
 
 log = logging.getLogger("connic.agui")
 
@@ -81,25 +85,25 @@ class SSERun:
         """Whether nothing more reaches the client (dropped, or it went away)."""
         return self.close_code is not None and self.close_code != 1000
 
-    # --- the Sink the session sends through -----------------------------------------
+    # --- the run's frames, from its thread's ThreadRuns ------------------------------
 
-    def send_nowait(self, data: str) -> None:
+    def put_nowait(self, frame: Frame) -> None:
         """An ack or a refusal: queued at once (a client two outboxes behind is dropped)."""
         if self.close_code is None:
-            self._put(data)
+            self._queue(self.events.frame(frame))
             if len(self.items) > 2 * self.limit:
                 self.slow_consumer()
 
-    def offer(self, data: str) -> bool:
+    def offer(self, frame: Frame) -> bool:
         """A reply frame, if there is room now."""
         if self.close_code is not None:
             return True  # nobody reads any more: the reply goes on into the log and history
         if len(self.items) >= self.limit:
             return False
-        self._put(data)
+        self._queue(self.events.frame(frame))
         return True
 
-    async def send(self, data: str) -> None:
+    async def send(self, frame: Frame) -> None:
         """A reply frame, waiting up to ``send_timeout`` for room; past it the client is dropped."""
         try:
             async with asyncio.timeout(self.send_timeout):
@@ -109,11 +113,7 @@ class SSERun:
         except TimeoutError:
             self.slow_consumer()
         if self.close_code is None:
-            self._put(data)
-
-    def end(self, error: ConnicError, notify: bool) -> None:
-        """The session ended while the run was on: the run ends with ``RUN_ERROR``."""
-        self.fail(error)
+            self._queue(self.events.frame(frame))
 
     def fail(self, error: ConnicError) -> None:
         """End the run now with ``error``'s code (``RUN_ERROR``)."""
@@ -126,9 +126,6 @@ class SSERun:
     def start(self, event: BaseEvent) -> None:
         """Queue the run's first event."""
         self._queue([event])
-
-    def _put(self, data: str) -> None:
-        self._queue(self.events.frame(json.loads(data)))
 
     def _queue(self, events: list[BaseEvent]) -> None:
         if events:
@@ -187,3 +184,43 @@ class SSERun:
         transport = self.request.transport
         if transport is not None:
             transport.abort()
+
+
+class ThreadRuns:
+    """The sink of a thread's session while runs stream on it: each frame goes to its run's stream.
+
+    Several runs of one thread may be under way at once (each its own request, the later
+    ones queued behind the first, ``max_queued``): the session has one sink, this, and it
+    hands each frame to the run whose message it belongs to. Frames of no run here (a
+    message another connection sent) are dropped.
+    """
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs: dict[MessageId, SSERun] = {}
+
+    def send_nowait(self, data: str) -> None:
+        """An ack or a refusal."""
+        frame = json.loads(data)
+        run = self.runs.get(frame.get("id"))
+        if run is not None:
+            run.put_nowait(frame)
+
+    def offer(self, data: str) -> bool:
+        """A reply frame, if its run has room now."""
+        frame = json.loads(data)
+        run = self.runs.get(frame.get("id"))
+        return run.offer(frame) if run is not None else True
+
+    async def send(self, data: str) -> None:
+        """A reply frame, waiting for its run's room."""
+        frame = json.loads(data)
+        run = self.runs.get(frame.get("id"))
+        if run is not None:
+            await run.send(frame)
+
+    def end(self, error: ConnicError, notify: bool) -> None:
+        """The session ended (expired, over its limit, taken over): every run ends with ``RUN_ERROR``."""
+        for run in list(self.runs.values()):
+            run.fail(error)

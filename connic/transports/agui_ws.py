@@ -273,11 +273,11 @@ class WSBinding:
             self._queue(run.dropped(), None)
 
     async def _open(self, run: RunAgentInput) -> bool:
-        from connic.transports.agui import TOKEN_HEADER, _forwarded_token
         from connic.transports.agui_events import seed_of
+        from connic.transports.agui_threads import TOKEN_HEADER, forwarded_token
 
-        found = await self.transport.thread(
-            run.thread_id, self.request.headers.get(TOKEN_HEADER) or _forwarded_token(run)
+        found = await self.transport.threads.thread(
+            run.thread_id, self.request.headers.get(TOKEN_HEADER) or forwarded_token(run)
         )
         if isinstance(found, web.Response):
             self._error(InvalidResume(found.text.strip() if found.text else "this thread cannot be continued"))
@@ -324,7 +324,7 @@ class WSBinding:
             self._error(InvalidResume("resume needs a string threadId and an integer lastSeq"))
             return
         token = data.get("resumeToken")
-        found = await self.transport.thread(thread_id, token if isinstance(token, str) else None)
+        found = await self.transport.threads.thread(thread_id, token if isinstance(token, str) else None)
         if isinstance(found, web.Response) or found[1] or last_seq > found[0].seq or last_seq < 0:
             if not isinstance(found, web.Response) and found[1]:
                 found[0].end()  # not a thread connic knew: nothing to resume
