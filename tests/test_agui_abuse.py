@@ -52,6 +52,11 @@ async def wait_metric(http: str, name: str, value: float, timeout: float = 20.0)
             "RunAgentInput.messages.0.role: the last message must be the user's",
         ),
         ({"threadId": "", "runId": "r", "messages": [{"id": "m", "role": "user", "content": "x"}]}, 422, "threadId"),
+        (
+            {"threadId": "a}b{c", "runId": "r", "messages": [{"id": "m", "role": "user", "content": "x"}]},
+            422,
+            "RunAgentInput.threadId: must be 1 to 256 letters, digits or . _ : ~ -",
+        ),
         (b"{not json", 400, "not valid JSON"),
         (b"\xff\xfe", 400, "not UTF-8"),
         (b"[" * 5000 + b"]" * 5000, 400, "deeper than"),

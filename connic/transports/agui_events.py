@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,15 +59,21 @@ class BadInput(ValueError):
         self.field = field
 
 
+# A thread id becomes a session id, which names keys in a shared store (and shows in logs):
+# letters, digits and a few marks only (a UUID, what AG-UI clients send, fits).
+_THREAD_ID = re.compile(rf"[A-Za-z0-9._:~-]{{1,{MAX_ID_LENGTH}}}")
+
+
 def check_id(value: str, field: str) -> None:
-    """A thread or run id connic can use as a session or message id."""
+    """A run id connic can use as a message id: 1 to 256 printable characters."""
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
         raise BadInput(field, f"must be 1 to {MAX_ID_LENGTH} printable characters")
 
 
 def message_of(run: RunAgentInput, agent: str | None) -> MessageFrame:
     """The connic message a run asks to answer: the last of ``messages``, which must be the user's."""
-    check_id(run.thread_id, "threadId")
+    if _THREAD_ID.fullmatch(run.thread_id) is None:
+        raise BadInput("threadId", f"must be 1 to {MAX_ID_LENGTH} letters, digits or . _ : ~ -")
     check_id(run.run_id, "runId")
     if not run.messages:
         raise BadInput("messages", "a run needs at least one message, the user's last")
