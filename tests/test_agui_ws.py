@@ -110,3 +110,27 @@ async def test_cancel_a_run_being_answered_and_a_queued_one(start_server: StartS
         await ws.send(json.dumps({"type": "cancel", "runId": "r1"}))  # over already
         error = json.loads(await ws.recv())
         assert error["type"] == "RUN_ERROR" and error["code"] == "not_found" and "seq" not in error
+
+
+async def test_shutdown_ends_open_runs_and_closes_1001(start_server: StartServer) -> None:
+    import connic
+    from connic.app import drain
+
+    config = agui_config(agents={"slow": {"use": "slow", "seconds": 30}})
+    config["server"] = {"shutdown_grace": 0.2}
+    app = connic.create_app(config, registry=agui_registry())
+    server = await start_server(app=app)
+    async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps(run_input("t-down", "x", run_id="r1")))
+        assert [json.loads(await ws.recv())["type"] for _ in range(3)] == [
+            "RUN_STARTED",
+            "TEXT_MESSAGE_START",
+            "TEXT_MESSAGE_CONTENT",
+        ]
+        draining = asyncio.create_task(drain(app))
+        ended = await run_events(ws)
+        assert ended[-1]["type"] == "RUN_FINISHED" and ended[-1]["outcome"] == {"type": "cancelled"}
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1001
+        await asyncio.wait_for(draining, 10)

@@ -131,7 +131,7 @@ class AguiTransport(Transport):
         )
         self.runs: set[SSERun] = set()
         self.bindings: set[WSBinding] = set()  # open WebSocket binding connections
-        self.no_runs = Flag(True)  # set while no run streams (shutdown waits for it)
+        self.no_runs = Flag(True)  # set while no run streams and no binding is open (shutdown waits for it)
         self.threads = Threads(self)
         self.draining = False
         self._sessions: Sessions | None = None
@@ -306,10 +306,13 @@ class AguiTransport(Transport):
             await ws.prepare(request)
             binding = WSBinding(self, ws, request, request.match_info.get("agent"))
             self.bindings.add(binding)
+            self.no_runs.clear()
             try:
                 await binding.run()
             finally:
                 self.bindings.discard(binding)
+                if not self.runs and not self.bindings:
+                    self.no_runs.set()
         finally:
             self.gate.leave(slot)
         return ws
@@ -367,7 +370,7 @@ class AguiTransport(Transport):
             await sink.stream(response)
         finally:
             self.runs.discard(sink)
-            if not self.runs:
+            if not self.runs and not self.bindings:
                 self.no_runs.set()
             if sink.close_code is None:
                 sink.close_code = 1006
@@ -397,9 +400,13 @@ class AguiTransport(Transport):
         )
         for sink in list(self.runs):
             sink.fail(error)
+        for binding in list(self.bindings):
+            binding.end(error, True)  # its open runs end with RUN_ERROR, then it closes 1001 (1012)
         try:
             async with asyncio.timeout(self.options.send_timeout):
                 await self.no_runs.wait()
         except TimeoutError:
             for sink in list(self.runs):
                 sink.slow_consumer()
+            for binding in list(self.bindings):
+                binding.slow_consumer()
