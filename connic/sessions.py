@@ -97,9 +97,9 @@ class Sessions:
         self.draining = False
         self.live: set[ChatSession] = set()  # this process's sessions, attached or detached
 
-    async def open(self) -> ChatSession:
-        """A new session, kept in the store."""
-        session = ChatSession(self, str(uuid.uuid4()))
+    async def open(self, session_id: str | None = None) -> ChatSession:
+        """A new session, kept in the store; its id is ``session_id`` when the client names it (AG-UI's threadId)."""
+        session = ChatSession(self, session_id if session_id is not None else str(uuid.uuid4()))
         started = time.perf_counter()
         await self.store.add(session)
         self.metrics.store_seconds.observe(time.perf_counter() - started, "add")

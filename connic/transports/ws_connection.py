@@ -179,7 +179,7 @@ class Connection:
             if self.client_close == 1000 and session.sink is self:
                 session.end()  # the client said goodbye: the session is over (PROTOCOL.md §7)
             else:
-                self._detach()
+                session.detach(self)  # any other end, a client's close with another code too
         try:
             await self.writer.finish()
             if not self.ws.closed:

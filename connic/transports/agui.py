@@ -1,0 +1,412 @@
+"""The ``agui`` transport: connic's agents over AG-UI (HTTP + SSE), on the session core.
+
+``POST {path}`` (or ``{path}/{agent}``) with a ``RunAgentInput`` answers with an
+SSE stream of AG-UI events. The run's ``threadId`` is a connic session id: a
+new thread opens a session under that id, a known one continues it (its history
+in the store), whichever connector opened it. Auth, limits, history, agent
+state, metrics and draining are the session core's (docs/agui.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+from aiohttp import web
+
+from connic.agent import Agent
+from connic.app import RUNTIME
+from connic.config import ConnectorConfig, in_range, non_negative, positive
+from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
+from connic.flow import Flag
+from connic.frames import MessageFrame
+from connic.middleware import MiddlewareFunc
+from connic.pipeline import TurnChain, build_turn_chain
+from connic.sessions import Sessions
+from connic.throttle import AuthThrottle
+from connic.transport import Transport
+from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
+from connic.transports.websocket import RateLimit, _local_origin
+
+if TYPE_CHECKING:
+    from ag_ui.core import RunAgentInput
+
+    from connic.transports.agui_sse import SSERun
+    from connic.transports.agui_ws import WSBinding
+
+__all__ = ["AguiTransport"]
+
+log = logging.getLogger("connic.agui")
+
+SECRET_HEADER = "X-Connic-Secret"
+
+
+def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
+
+
+class AguiTransport(Transport):
+    """AG-UI's HTTP binding: a ``RunAgentInput`` in, the run's events out as SSE."""
+
+    @attrs.frozen
+    class Options:
+        """An agui connector's own keys (see docs/configuration.md); the same names mean the same as on websocket."""
+
+        streaming: bool = True
+        progress_events: bool = True
+        require_auth: bool = True
+        secrets: tuple[str, ...] = ()
+        session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
+        max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
+        allowed_origins: tuple[str, ...] = ()
+        max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_at_least_one)
+        max_queued: int = attrs.field(default=10, validator=_at_least_one)
+        agent_timeout: float = attrs.field(default=300.0, validator=positive)
+        send_queue: int = attrs.field(default=256, validator=_at_least_one)
+        send_timeout: float = attrs.field(default=30.0, validator=positive)
+        rate_limit: RateLimit | None = None
+        resume_window: float = attrs.field(default=3600.0, validator=[non_negative, in_range(0, 86400)])
+        replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
+        on_disconnect: Literal["continue", "cancel"] = "cancel"
+        producer_timeout: float = attrs.field(default=10.0, validator=positive)
+        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
+        max_auth_failures: int = attrs.field(default=10, validator=non_negative)
+        auth_failure_window: float = attrs.field(default=60.0, validator=positive)
+
+    options: Options
+
+    def __init__(
+        self,
+        *,
+        connector: ConnectorConfig,
+        options: Any,
+        agents: Mapping[str, Agent],
+        middleware: Sequence[MiddlewareFunc],
+        where: str,
+        key: str,
+    ) -> None:
+        super().__init__(
+            connector=connector, options=options, agents=agents, middleware=middleware, where=where, key=key
+        )
+        try:
+            from ag_ui.encoder import EventEncoder
+        except ImportError:
+            raise ConfigError(
+                f"{where}: {key}.transport: the agui transport needs the ag-ui-protocol package: "
+                "pip install 'connic[agui]'"
+            ) from None
+        self.encoder = EventEncoder()
+        env_secret = os.environ.get("CONNIC_SECRET")
+        secrets = [*self.options.secrets, *([env_secret] if env_secret else [])]
+        if any(not s for s in secrets):
+            raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
+        if self.options.require_auth and not secrets:
+            raise ConfigError(
+                f"{where}: {key}.secrets: require_auth is on but no secret is configured "
+                "(set secrets, the CONNIC_SECRET environment variable, or require_auth = false)"
+            )
+        self._secrets = [s.encode() for s in secrets]
+        self.agent_names = tuple(agents)
+        self.chains: dict[str, TurnChain] = {
+            name: build_turn_chain(
+                agent,
+                streaming_on=self.options.streaming,
+                agent_timeout=self.options.agent_timeout,
+                user_middleware=self.middleware,
+                progress_events=self.options.progress_events,
+            )
+            for name, agent in agents.items()
+        }
+        self.throttle = AuthThrottle(
+            self.options.max_auth_failures if self.options.require_auth else 0,
+            self.options.auth_failure_window,
+            name=connector.path,
+        )
+        self.runs: set[SSERun] = set()
+        self.bindings: set[WSBinding] = set()  # open WebSocket binding connections
+        self.no_runs = Flag(True)  # set while no run streams and no binding is open (shutdown waits for it)
+        self.threads = Threads(self)
+        self.draining = False
+        self._sessions: Sessions | None = None
+        self.runtime_transports: list[Transport] = []
+
+    @property
+    def sessions(self) -> Sessions:
+        """This connector's sessions (made once the runtime has given the transport its store and metrics)."""
+        if self._sessions is None:
+            self._sessions = Sessions(
+                label=self.connector.path,
+                chains=self.chains,
+                options=self.options,
+                metrics=self.metrics,
+                store=self.store,
+            )
+        return self._sessions
+
+    def install(self, app: web.Application) -> None:
+        """Serve ``POST {path}`` and ``POST {path}/{agent}`` (and their CORS preflights), and ``GET {path}/ws``."""
+        runtime = app.get(RUNTIME)
+        if runtime is not None:
+            self.runtime_transports = list(runtime.transports)  # whose sessions a thread may continue
+        path = self.connector.path.rstrip("/") or ""
+        for route in (path or "/", f"{path}/{{agent}}"):
+            app.router.add_post(route, self.handle)
+            app.router.add_route("OPTIONS", route, self.preflight)
+        app.router.add_get(f"{path}/ws", self.handle_ws)
+        app.router.add_get(f"{path}/ws/{{agent}}", self.handle_ws)
+        if path and (runtime is None or runtime.config.server.playground):
+            app.router.add_get(path, self.page)  # a small chat page that speaks AG-UI (docs/agui.md)
+            app.router.add_get(f"{path}/page.js", self.page_script)
+
+    async def page(self, request: web.Request) -> web.Response:
+        """The connector's browser page."""
+        from connic.transports.agui_page import HEADERS, page
+
+        text = page(request.path, self.agent_names)
+        return web.Response(text=text, content_type="text/html", charset="utf-8", headers=HEADERS)
+
+    async def page_script(self, request: web.Request) -> web.Response:
+        """The page's script."""
+        from connic.transports.agui_page import HEADERS, SCRIPT
+
+        return web.Response(text=SCRIPT, content_type="text/javascript", charset="utf-8", headers=HEADERS)
+
+    def describe(self, base_url: str) -> str:
+        """The URL to POST runs to."""
+        return base_url.replace("ws://", "http://", 1) + self.connector.path + " (AG-UI)"
+
+    # --- who may run --------------------------------------------------------------
+
+    def check_secret(self, secret: str | None) -> bool:
+        """Constant-time comparison against every configured secret."""
+        if secret is None:
+            return False
+        given = secret.encode("utf-8", "surrogatepass")
+        ok = False
+        for candidate in self._secrets:
+            ok |= hmac.compare_digest(given, candidate)
+        return ok
+
+    @staticmethod
+    def request_secret(request: web.Request) -> str | None:
+        """``Authorization: Bearer <secret>``, else ``X-Connic-Secret``."""
+        auth = request.headers.get("Authorization")
+        if auth is not None:
+            scheme, _, value = auth.strip().partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                return value.strip()
+        return request.headers.get(SECRET_HEADER)
+
+    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """The websocket connector's rule (docs/security.md): listed origins, else any with auth on, else local."""
+        if origin is None:
+            return True
+        patterns = self.options.allowed_origins
+        if patterns:
+            import fnmatch
+
+            return any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns)
+        return self.options.require_auth or _local_origin(origin, host)
+
+    def _cors(self, request: web.Request) -> dict[str, str]:
+        origin = request.headers.get("Origin")
+        if origin is None or not self.origin_allowed(origin, request.headers.get("Host")):
+            return {}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """A browser asks whether it may POST a run from its page's origin."""
+        headers = self._cors(request)
+        if not headers:
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
+        allowed = ("Content-Type", "Accept", "Authorization", SECRET_HEADER, TOKEN_HEADER)
+        headers["Access-Control-Allow-Headers"] = ", ".join(allowed)
+        headers["Access-Control-Max-Age"] = "600"
+        return web.Response(status=204, headers=headers)
+
+    def refuse(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> web.Response:
+        self.metrics.refused.inc(self.connector.path, str(status))
+        return web.Response(status=status, text=text + "\n", headers=headers)
+
+    # --- a run --------------------------------------------------------------------
+
+    def check_request(self, request: web.Request, *, query_secret: bool = False) -> web.Response | None:
+        """What every request goes through before its body is read: origin, draining, the brake, the secret, the agent.
+
+        None when it may go on; else the refusal (403, 503, 429, 401, 404), with no stream begun.
+        """
+        cors = self._cors(request)
+        if request.headers.get("Origin") is not None and not cors:
+            return self.refuse(403, "origin not allowed")
+        if self.draining:
+            return self.refuse(503, "server is shutting down")
+        peer = request.remote or "unknown"
+        wait = self.throttle.retry_after(peer)
+        if wait is not None:
+            retry = str(max(1, math.ceil(wait)))
+            return self.refuse(429, "too many failed authentications from your address", {"Retry-After": retry})
+        secret = self.request_secret(request)
+        if secret is None and query_secret:
+            secret = request.query.get("secret")  # a browser's WebSocket cannot send headers
+        if self.options.require_auth and not self.check_secret(secret):
+            self.throttle.failed(peer)
+            headers = {"WWW-Authenticate": 'Bearer realm="connic"', **cors}
+            return self.refuse(401, "missing or wrong secret", headers)
+        agent = request.match_info.get("agent")
+        if agent is not None and agent not in self.agents:
+            return self.refuse(404, f"no agent {agent!r} on this connector (agents: {', '.join(self.agent_names)})")
+        return None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``POST`` a ``RunAgentInput``: 401/403/413/422/429/503 before any stream, else the run's events."""
+        from connic.transports.agui_input import read_run
+
+        refused = self.check_request(request)
+        if refused is not None:
+            return refused
+        cors = self._cors(request)
+        problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
+        if problem is not None:
+            return self.refuse(problem[0], problem[1], cors)
+        assert run is not None and frame is not None
+        if not await self.store.available():
+            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
+        slot = self.gate.enter(request.remote or "unknown", authenticated=True)
+        if isinstance(slot, int):
+            return self.refuse(slot, "too many connections", {"Retry-After": "5", **cors})
+        try:
+            return await self._run(request, run, frame, cors)
+        finally:
+            self.gate.leave(slot)
+
+    async def handle_ws(self, request: web.Request) -> web.StreamResponse:
+        """``GET {path}/ws`` (or ``{path}/ws/{agent}``): AG-UI's WebSocket binding, several runs per connection."""
+        from connic.transports.agui_ws import WSBinding
+
+        refused = self.check_request(request, query_secret=True)
+        if refused is not None:
+            return refused
+        ws = web.WebSocketResponse(max_msg_size=self.options.max_body_bytes + 1, autoping=True)
+        if not ws.can_prepare(request).ok:
+            return self.refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
+        if not await self.store.available():
+            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5"})
+        slot = self.gate.enter(request.remote or "unknown", authenticated=True)
+        if isinstance(slot, int):
+            return self.refuse(slot, "too many connections", {"Retry-After": "5"})
+        try:
+            await ws.prepare(request)
+            binding = WSBinding(self, ws, request, request.match_info.get("agent"))
+            self.bindings.add(binding)
+            self.no_runs.clear()
+            try:
+                await binding.run()
+            finally:
+                self.bindings.discard(binding)
+                if not self.runs and not self.bindings:
+                    self.no_runs.set()
+        finally:
+            self.gate.leave(slot)
+        return ws
+
+    async def _run(
+        self, request: web.Request, run: RunAgentInput, frame: MessageFrame, cors: Mapping[str, str]
+    ) -> web.StreamResponse:
+        from connic.transports.agui_events import RunEvents
+        from connic.transports.agui_sse import SSERun
+
+        try:
+            joined = await self.threads.join(run, request.headers.get(TOKEN_HEADER) or forwarded_token(run))
+        except StoreUnavailable as exc:
+            return self.refuse(503, exc.message, {"Retry-After": "5", **cors})
+        if isinstance(joined, web.Response):
+            return joined
+        session, runs = joined
+        if run.run_id in runs.runs:  # the run's id is its connic message's
+            return self.refuse(409, f"run {run.run_id!r} is already under way on this thread", cors)
+        agents = (frame.agent,) if frame.agent is not None else session.sessions.agent_names
+        events = RunEvents(run.thread_id, run.run_id, agents)
+        opts = self.options
+        path = self.connector.path
+        sink = SSERun(
+            events,
+            self.encoder,
+            request,
+            limit=opts.send_queue,
+            send_timeout=opts.send_timeout,
+            metrics=self.metrics,
+            label=path,
+        )
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": self.encoder.get_content_type(),
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # a proxy must pass each event on as it comes
+                **cors,
+            }
+        )
+        self.metrics.connections.inc(path)
+        self.metrics.connections_open.inc(path)
+        started = asyncio.get_running_loop().time()
+        log.info("open session=%s peer=%s connector=%s run=%s", session.id, request.remote, path, run.run_id)
+        runs.runs[run.run_id] = sink
+        self.runs.add(sink)
+        self.no_runs.clear()
+        try:
+            await response.prepare(request)
+            sink.start(events.started())
+            if session.sink is runs:
+                session.admit(frame)
+            else:
+                sink.fail(SessionTakenOver("another connection took this thread over; run again"))
+            await sink.stream(response)
+        finally:
+            self.runs.discard(sink)
+            if not self.runs and not self.bindings:
+                self.no_runs.set()
+            if sink.close_code is None:
+                sink.close_code = 1006
+            self.threads.leave(session, runs, run.run_id, sink)
+            self.metrics.connections_open.dec(path)
+            self.metrics.closes.inc(path, str(sink.close_code))
+            log.info(
+                "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
+                session.id,
+                request.remote,
+                path,
+                sink.close_code,
+                asyncio.get_running_loop().time() - started,
+            )
+        if sink.close_code == 1000:
+            await response.write_eof()
+        return response
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain the sessions (in-flight replies get ``grace`` seconds), then end the runs still open."""
+        self.draining = True
+        await self.sessions.shutdown(grace)
+        error = (
+            ServerRestarting("the server is restarting")
+            if self.restarting
+            else ServerShuttingDown("the server is shutting down")
+        )
+        for sink in list(self.runs):
+            sink.fail(error)
+        for binding in list(self.bindings):
+            binding.end(error, True)  # its open runs end with RUN_ERROR, then it closes 1001 (1012)
+        try:
+            async with asyncio.timeout(self.options.send_timeout):
+                await self.no_runs.wait()
+        except TimeoutError:
+            for sink in list(self.runs):
+                sink.slow_consumer()
+            for binding in list(self.bindings):
+                binding.slow_consumer()

@@ -1,0 +1,161 @@
+"""Which session an AG-UI ``threadId`` names, for one ``agui`` connector, and joining it.
+
+A thread is a connic session: :meth:`Threads.thread` finds it (in this process, or
+in a shared store, taken over from another process), or opens it under the client's
+id; a session another connector opened needs its resume token. :meth:`Threads.join`
+attaches the sink the thread's SSE runs share (:class:`~connic.transports.agui_sse.ThreadRuns`),
+and :meth:`Threads.leave` lets it go when its last run is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from connic.frames import MessageId
+from connic.session import ChatSession, SessionState
+from connic.sessions import Sessions, _token_matches
+
+if TYPE_CHECKING:
+    from ag_ui.core import RunAgentInput
+
+    from connic.transports.agui import AguiTransport
+    from connic.transports.agui_sse import SSERun, ThreadRuns
+
+__all__ = ["TOKEN_HEADER", "Threads", "forwarded_token"]
+
+TOKEN_HEADER = "X-Connic-Resume-Token"
+
+
+class Threads:
+    """The threads of one agui connector: finding, opening, joining and leaving their sessions."""
+
+    def __init__(self, transport: AguiTransport) -> None:
+        self.transport = transport
+        self._finding: dict[str, asyncio.Lock] = {}  # thread id -> the lock of the runs looking it up
+        self.streaming: dict[str, ThreadRuns] = {}  # session id -> the sink its SSE runs share
+
+    def leave(self, session: ChatSession, runs: ThreadRuns, run_id: str, sink: SSERun) -> None:
+        """A run's stream is over (done, or its client gone): the thread goes on without it."""
+        runs.runs.pop(run_id, None)
+        if runs.runs:
+            # Other runs still stream on this thread: only this one's reply is the client's loss.
+            gone = sink.close_code != 1000
+            if gone and session.sessions.options.on_disconnect == "cancel" and _pending(session, run_id):
+                session.cancel(run_id)
+            return
+        # The last run: the session stays for the thread's next run (on_disconnect says whether
+        # an unfinished reply goes on meanwhile).
+        if self.streaming.get(session.id) is runs:
+            del self.streaming[session.id]
+        session.detach(runs)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, thread_id: str) -> AsyncIterator[None]:
+        # Two runs of one thread looking it up at once take turns: both would otherwise open
+        # the same new thread, or attach to it twice.
+        lock = self._finding.get(thread_id)
+        if lock is None:
+            lock = self._finding[thread_id] = asyncio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._finding.get(thread_id) is lock:
+                del self._finding[thread_id]
+
+    async def join(self, run: RunAgentInput, given: str | None) -> tuple[ChatSession, ThreadRuns] | web.Response:
+        """The thread's session, with the sink its SSE runs share attached; or the response refusing it."""
+        from connic.transports.agui_events import seed_of
+        from connic.transports.agui_sse import ThreadRuns
+
+        async with self._one_at_a_time(run.thread_id):
+            found = await self._thread(run.thread_id, given)
+            if isinstance(found, web.Response):
+                return found
+            session, fresh = found
+            runs = self.streaming.get(session.id)
+            if runs is not None and session.sink is runs:
+                return session, runs  # another run of the thread streams: this one joins it
+            runs = ThreadRuns()
+            if fresh:
+                for entry in seed_of(run, session.sessions.agent_names):
+                    session.history.add(entry)
+                session.attach(runs)
+            else:
+                last = session.seq
+                replay = await session.replay(runs, last)  # takes over a connection attached to it
+                if replay is None or session.state is SessionState.ENDED:
+                    return self.transport.refuse(409, f"thread {run.thread_id!r} was taken over meanwhile; run again")
+                session.resume(runs, last + len(replay[1]))
+            self.streaming[session.id] = runs
+            return session, runs
+
+    async def thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
+        """The session ``thread_id`` names, and whether it is new; or the response refusing it.
+
+        ``given`` is the resume token the client sent, which a session another connector
+        opened needs.
+        """
+        async with self._one_at_a_time(thread_id):
+            return await self._thread(thread_id, given)
+
+    async def _thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
+        store = self.transport.store
+        live = await store.get(thread_id)
+        owner: Sessions | None = None
+        token: str | None = None
+        if live is not None:
+            owner, token = live.sessions, live.token
+        else:
+            record = await store.load(thread_id)
+            if record is not None:
+                owner, token = self._peer(record.label), record.token
+                if owner is None:
+                    why = f"thread {thread_id!r} is a session of connector {record.label!r}, not served here"
+                    return self.transport.refuse(409, why)
+        if owner is None:
+            return await self.transport.sessions.open(thread_id), True
+        # A session another connector opened: its resume token proves the client's claim to it
+        # (PROTOCOL.md §7), as a resume over that connector would.
+        if owner is not self.transport.sessions and (given is None or not _token_matches(token, given)):
+            return self.transport.refuse(
+                403,
+                f"thread {thread_id!r} is a session of connector {owner.label!r}: "
+                f"send its resume_token in the {TOKEN_HEADER} header",
+            )
+        session = await owner.find(thread_id, token or "", 0) if token is not None else None
+        if session is None:
+            return self.transport.refuse(
+                409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"
+            )
+        return session, False
+
+    def _peer(self, label: str) -> Sessions | None:
+        if label == self.transport.connector.path:
+            return self.transport.sessions
+        for transport in self.transport.runtime_transports:
+            sessions = getattr(transport, "sessions", None)
+            if isinstance(sessions, Sessions) and sessions.label == label:
+                return sessions
+        return None
+
+
+def _pending(session: ChatSession, message_id: MessageId) -> bool:
+    """Whether a message is still queued or being answered in ``session``."""
+    current = session.current
+    return (current is not None and current.id == message_id) or any(m.id == message_id for m in session.queue)
+
+
+def forwarded_token(run: RunAgentInput) -> str | None:
+    props = run.forwarded_props
+    if isinstance(props, dict):
+        connic = props.get("connic")
+        if isinstance(connic, dict) and isinstance(connic.get("resume_token"), str):
+            token: str = connic["resume_token"]
+            return token
+    return None

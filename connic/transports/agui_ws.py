@@ -1,0 +1,342 @@
+"""AG-UI's WebSocket binding (AG-UI #2084): ``RunAgentInput`` frames in, events out as JSON text frames.
+
+One connection serves one thread (the first frame's ``threadId``), any number of
+runs one after another (or queued, ``max_queued``). Every event carries connic's
+``seq``: the number of the session frame it comes from (``RUN_STARTED`` that of
+the message's ``ack``). A client that lost its connection connects again and
+sends ``{"type": "resume", "threadId": ..., "lastSeq": N}`` first: the events
+after ``N`` come again from the thread's replay log, then live ones
+(PROTOCOL.md §7). ``{"type": "cancel", "runId": ...}`` cancels a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound, SlowConsumer
+from connic.frames import sequenced
+from connic.session import ChatSession, SessionState
+
+if TYPE_CHECKING:
+    from ag_ui.core import BaseEvent, RunAgentInput
+
+    from connic.transports.agui import AguiTransport
+    from connic.transports.agui_events import RunEvents
+
+__all__ = ["WSBinding"]
+
+log = logging.getLogger("connic.agui")
+
+
+class WSBinding:
+    """One WebSocket connection of the binding: the sink of its thread's session, and its reader."""
+
+    def __init__(
+        self, transport: AguiTransport, ws: web.WebSocketResponse, request: web.Request, agent: str | None
+    ) -> None:
+        self.transport = transport
+        self.ws = ws
+        self.request = request
+        self.agent = agent  # the agent every run of this connection goes to; None: all of them
+        self.session: ChatSession | None = None
+        self.runs: dict[Any, RunEvents] = {}  # connic message id (= runId) -> its events
+        self.items: list[str | _Close] = []
+        self.close_code: int | None = None
+        opts = transport.options
+        self.limit = opts.send_queue
+        self.send_timeout = opts.send_timeout
+        self._room = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    # --- the Sink ------------------------------------------------------------------
+
+    def send_nowait(self, data: str) -> None:
+        """An ack or a refusal."""
+        if self.close_code is None:
+            self._put(data)
+            if len(self.items) > 2 * self.limit:
+                self.slow_consumer()
+
+    def offer(self, data: str) -> bool:
+        """A reply frame, if there is room now."""
+        if self.close_code is not None:
+            return True
+        if len(self.items) >= self.limit:
+            return False
+        self._put(data)
+        return True
+
+    async def send(self, data: str) -> None:
+        """A reply frame, waiting up to ``send_timeout`` for room; past it the client is dropped."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                while self.close_code is None and len(self.items) >= self.limit:
+                    self._room.clear()
+                    await self._room.wait()
+        except TimeoutError:
+            self.slow_consumer()
+        if self.close_code is None:
+            self._put(data)
+
+    def end(self, error: ConnicError, notify: bool) -> None:
+        """The session ended (expired, over its limit, taken over): every open run ends, then the socket."""
+        for run in self.runs.values():
+            self._queue(run.failed(error.code, error.message), None)
+        self._queue_close(error.close_code or 1000, error.code)
+
+    # --- translating -----------------------------------------------------------------
+
+    def _put(self, data: str, silent: bool = False) -> None:
+        frame = json.loads(data)
+        message_id = frame.get("id")
+        if message_id is None:
+            return  # not a run's frame
+        run = self.runs.get(message_id)
+        if run is None:
+            # A run this connection did not start (begun before a resume): its events from here on.
+            run = self.runs[message_id] = self._events(str(message_id))
+            run.announced = frame.get("type") != "ack"
+        events = run.frame(frame)
+        if not silent:  # silent: a frame the client had before it resumed
+            self._queue(events, frame.get("seq"))
+        if run.done:
+            del self.runs[message_id]
+
+    def _events(self, run_id: str) -> RunEvents:
+        from connic.transports.agui_events import RunEvents
+
+        assert self.session is not None
+        agents = (self.agent,) if self.agent is not None else self.session.sessions.agent_names
+        return RunEvents(self.session.id, run_id, agents, announce=True)
+
+    def _queue(self, events: list[BaseEvent], seq: int | None) -> None:
+        for event in events:
+            data = event.model_dump_json(by_alias=True)
+            self.items.append(sequenced(data, seq) if seq is not None else data)
+        if events:
+            self._wake.set()
+
+    def _error(self, error: ConnicError) -> None:
+        """A frame connic cannot run: a ``RUN_ERROR`` naming what is wrong (no run started, no seq)."""
+        from ag_ui.core import RunErrorEvent
+
+        self.transport.metrics.errors.inc(self.transport.connector.path, error.code)
+        self._queue([RunErrorEvent(message=error.message, code=error.code)], None)
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        self.items.append(_Close(code, reason))
+        self._wake.set()
+
+    # --- life cycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read frames until the socket ends; a writer task sends the outbox meanwhile."""
+        path = self.transport.connector.path
+        metrics = self.transport.metrics
+        metrics.connections.inc(path)
+        metrics.connections_open.inc(path)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer = asyncio.create_task(self._write())
+        try:
+            async for msg in self.ws:
+                if msg.type is WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self._error(InvalidMessage("binary frames are not supported; send JSON text frames"))
+                if self.close_code is not None:
+                    break
+        finally:
+            session = self.session
+            if session is not None:
+                session.detach(self)  # the thread stays for the next connection (on_disconnect applies)
+            if self.close_code is None:
+                self.close_code = self.ws.close_code or 1000
+            self._wake.set()
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await writer
+            except TimeoutError:
+                writer.cancel()
+            if not self.ws.closed:
+                await self.ws.close()
+            metrics.connections_open.dec(path)
+            metrics.closes.inc(path, str(self.close_code))
+            log.info(
+                "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
+                session.id if session is not None else "-",
+                self.request.remote,
+                path,
+                self.close_code,
+                loop.time() - started,
+            )
+
+    async def _write(self) -> None:
+        while True:
+            if not self.items:
+                if self.close_code is not None:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self.items = self.items, []
+            self._room.set()
+            try:
+                for item in batch:
+                    if isinstance(item, _Close):
+                        self.close_code = item.code
+                        await self.ws.close(code=item.code, message=item.reason.encode())
+                        return
+                    async with asyncio.timeout(self.send_timeout):
+                        await self.ws.send_str(item)
+            except TimeoutError:
+                self.slow_consumer()
+                return
+            except (ConnectionError, RuntimeError):
+                return  # the client is gone
+
+    def slow_consumer(self) -> None:
+        """The client stopped reading: drop it (4010), free the outbox."""
+        if self.close_code is not None:
+            return
+        self.close_code = SlowConsumer.close_code or 4010
+        self.transport.metrics.slow_consumers.inc(self.transport.connector.path)
+        log.warning("thread %s: client stopped reading; closing 4010", self.session.id if self.session else "-")
+        self.items.clear()
+        self._room.set()
+        self._wake.set()
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def _on_text(self, text: str) -> None:
+        from ag_ui.core import RunAgentInput
+        from pydantic import ValidationError
+
+        from connic.transports.agui_events import BadInput, message_of
+
+        try:
+            data = json.loads(text)
+        except ValueError:
+            self._error(InvalidMessage("the frame is not valid JSON"))
+            return
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind == "resume":
+            await self._resume(data)
+            return
+        if kind == "cancel":
+            self._cancel(data.get("runId"))
+            return
+        try:
+            run = RunAgentInput.model_validate(data)
+            frame = message_of(run, self.agent)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            field = ".".join(str(part) for part in first["loc"]) or "frame"
+            self._error(InvalidMessage(f"RunAgentInput.{field}: {first['msg']}"))
+            return
+        except BadInput as exc:
+            self._error(InvalidMessage(f"RunAgentInput.{exc}"))
+            return
+        if self.session is None:
+            if not await self._open(run):
+                return
+        elif run.thread_id != self.session.id:
+            self._error(InvalidMessage(f"this connection serves thread {self.session.id!r}; connect again for another"))
+            return
+        session = self.session
+        assert session is not None
+        if frame.id in self.runs:
+            self._error(InvalidMessage(f"run {run.run_id!r} is already under way"))
+            return
+        self.runs[frame.id] = self._events(run.run_id)
+        session.admit(frame)
+
+    def _cancel(self, run_id: Any) -> None:
+        session = self.session
+        run = self.runs.get(run_id) if isinstance(run_id, str) else None
+        if session is None or run is None:
+            self._error(NotFound(f"no run of this connection has runId {run_id!r}"))
+            return
+        queued = any(message.id == run_id for message in session.queue)
+        session.cancel(run_id)  # one being answered ends cancelled, through its frames
+        if queued:
+            # Dropped before it began: no frame of the session says so.
+            del self.runs[run_id]
+            self._queue(run.dropped(), None)
+
+    async def _open(self, run: RunAgentInput) -> bool:
+        from connic.transports.agui_events import seed_of
+        from connic.transports.agui_threads import TOKEN_HEADER, forwarded_token
+
+        found = await self.transport.threads.thread(
+            run.thread_id, self.request.headers.get(TOKEN_HEADER) or forwarded_token(run)
+        )
+        if isinstance(found, web.Response):
+            self._error(InvalidResume(found.text.strip() if found.text else "this thread cannot be continued"))
+            return False
+        session, fresh = found
+        self.session = session
+        if fresh:
+            for entry in seed_of(run, session.sessions.agent_names):
+                session.history.add(entry)
+            session.attach(self)
+            return True
+        return await self._take(session, session.seq)
+
+    async def _take(self, session: ChatSession, last_seq: int) -> bool:
+        """Attach to a known session: the frames after ``last_seq`` from its log, then live ones.
+
+        The log is read from its start when it still has it: the frames up to ``last_seq`` are
+        not sent again, but they tell each run's events where it is (a text message already
+        open, a step under way), so the client gets the rest of a run as if it had never left.
+        """
+        start = 0
+        replay = await session.replay(self, 0) if last_seq else None
+        if replay is None or not replay[0]:
+            start = last_seq
+            replay = await session.replay(self, last_seq)
+        if replay is None or session.state is SessionState.ENDED:
+            self.session = None
+            self._error(InvalidResume("another connection took this thread over meanwhile"))
+            return False
+        recovered, frames = replay
+        if not recovered:
+            self._error(InvalidResume(f"the thread's log no longer holds every event after {last_seq}"))
+        for index, data in enumerate(frames):
+            self._put(data, silent=start + index + 1 <= last_seq)
+        session.resume(self, start + len(frames))
+        return True
+
+    async def _resume(self, data: dict[str, Any]) -> None:
+        thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
+        if self.session is not None:
+            self._error(InvalidResume("resume must be the first frame of a connection"))
+            return
+        if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
+            self._error(InvalidResume("resume needs a string threadId and an integer lastSeq"))
+            return
+        token = data.get("resumeToken")
+        found = await self.transport.threads.thread(thread_id, token if isinstance(token, str) else None)
+        if isinstance(found, web.Response) or found[1] or last_seq > found[0].seq or last_seq < 0:
+            if not isinstance(found, web.Response) and found[1]:
+                found[0].end()  # not a thread connic knew: nothing to resume
+            self._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
+            return
+        self.session = found[0]
+        await self._take(found[0], last_seq)
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
