@@ -144,6 +144,8 @@ async def test_cancelling_a_slow_call_cancels_it_on_the_server(source: McpServer
     tools = by_name(await source.start())
     call = asyncio.create_task(tools["slow"].call({"seconds": 60}))
     await asyncio.sleep(0.3)  # let the request reach the server
+    assert await tools["add"].call({"a": 1, "b": 1}) == {"result": 2}  # calls run side by side
+    assert not call.done()
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(call, 5)
@@ -195,11 +197,14 @@ async def test_start_again_after_close(source: McpServers) -> None:
 
 
 async def test_a_server_that_dies_fails_its_calls_at_once(source: McpServers) -> None:
+    before = children()
     tools = by_name(await source.start())
     with pytest.raises(McpToolError, match=r'MCP server ".*mcp_server.py": the server closed the connection'):
         await asyncio.wait_for(tools["die"].call({}), 10)
     with pytest.raises(McpToolError, match=r"closed the connection|is not running"):
         await asyncio.wait_for(tools["add"].call({"a": 1, "b": 1}), 10)
+    await source.close()
+    assert children() == before  # reaped: no zombie
 
 
 SILENT = {"command": sys.executable, "args": ["-c", "import time; time.sleep(60)"]}
@@ -364,6 +369,8 @@ def test_a_good_config_is_accepted() -> None:
     assert stdio.label == "npx -y srv" and stdio.start_timeout == 5.0 and stdio.call_timeout == 120.0
     assert stdio.cwd == os.path.expanduser("~/x")
     assert http.label == "https://h.example/mcp" and http.call_timeout == 2.5 and http.start_timeout == 30.0
+    hidden = McpServers.from_config([{"url": "https://me:s3cret@h.example/mcp?x=1"}], agent="bot").specs[0]
+    assert hidden.label == "https://***@h.example/mcp?x=1"
 
 
 def test_without_the_sdk_mcp_servers_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -381,3 +388,14 @@ def test_the_core_and_the_agents_never_import_the_sdk() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_stdio_servers_stderr_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="connic.agents.mcp")
+    code = "import sys; print('line one', file=sys.stderr); sys.exit('line two')"
+    servers = McpServers.from_config([{"command": sys.executable, "args": ["-c", code]}], agent="bot")
+    with pytest.raises(ConfigError, match=r"its stderr said: line two$"):
+        await servers.start()
+    logged = [r.getMessage() for r in caplog.records if r.name == "connic.agents.mcp"]
+    assert any(m.endswith('" stderr: line one') for m in logged), logged
+    assert any(m.endswith('" stderr: line two') for m in logged), logged

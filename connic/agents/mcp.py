@@ -101,7 +101,7 @@ class _StderrTail:
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()
         if line:
-            log.info("mcp server %s: %s", self.label, line)
+            log.info('MCP server "%s" stderr: %s', self.label, line)
             self.lines.append(line[:300])
 
     def spawned(self) -> None:

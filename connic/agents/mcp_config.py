@@ -11,6 +11,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -44,6 +45,10 @@ class McpServerSpec:
     def label(self) -> str:
         """How errors and logs name the server: its command line, or its url."""
         if self.url is not None:
+            # Credentials in the URL (https://user:token@host/mcp) must not reach errors or logs.
+            parts = urlsplit(self.url)
+            if "@" in parts.netloc:
+                return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
             return self.url
         return shlex.join([self.command or "", *self.args])
 
