@@ -166,13 +166,14 @@ async def test_call_timeout_ends_a_call_with_a_clear_error(stdio: dict[str, Any]
 
 
 async def test_close_stops_the_process(source: McpServers) -> None:
-    before = children()
+    before, fds = children(), len(os.listdir("/proc/self/fd"))
     tools = by_name(await source.start())
     pid = (await tools["info"].call({}))["pid"]
     assert not gone(pid)
     await source.close()
     assert gone(pid)  # exited and reaped: no zombie
     assert children() == before
+    assert len(os.listdir("/proc/self/fd")) == fds  # pipes closed
     with pytest.raises(McpToolError, match="is not running"):
         await tools["add"].call({"a": 1, "b": 2})
     await source.close()  # twice is fine
@@ -305,7 +306,8 @@ async def test_http_server(http_url: str, events: Path) -> None:
         with pytest.raises(McpToolError, match="no such file"):
             await tools["fail"].call({"reason": "no such file"})
         call = asyncio.create_task(tools["slow"].call({"seconds": 60}))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # let the request reach the server
+        assert await tools["add"].call({"a": 1, "b": 1}) == {"result": 2}  # calls run side by side
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(call, 5)
@@ -388,6 +390,14 @@ def test_the_core_and_the_agents_never_import_the_sdk() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_failed_starts_leak_no_file_descriptor() -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    for entry in [{"command": "/nonexistent/mcp-server"}, {"command": sys.executable, "args": ["-c", "pass"]}]:
+        with pytest.raises(ConfigError):
+            await McpServers.from_config([entry], agent="bot").start()
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 async def test_a_stdio_servers_stderr_is_logged(caplog: pytest.LogCaptureFixture) -> None:
