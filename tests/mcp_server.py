@@ -18,10 +18,14 @@ import sys
 from typing import Any
 
 import anyio
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 PREFIX = os.environ.get("MCP_TEST_PREFIX", "")
+_PNG = (
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c63f8cfc0f01f0005000201a5f1a8d70000000049454e44ae426082"
+)
 app = MCPServer("connic-test")
 
 
@@ -71,6 +75,12 @@ def info(ctx: Context) -> dict[str, Any]:
         "env": os.environ.get("MCP_TEST_VALUE"),
         "header": headers.get("x-test-token"),
     }
+
+
+@app.tool(name=PREFIX + "picture", structured_output=False)
+def picture() -> list[Any]:
+    """A caption and a one-pixel PNG: content that is not all text."""
+    return ["a red dot", Image(data=bytes.fromhex(_PNG), format="png")]
 
 
 @app.tool(name=PREFIX + "die")

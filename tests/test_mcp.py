@@ -7,6 +7,7 @@ started here on a free loopback port. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import select
@@ -102,7 +103,7 @@ def by_name(tools: Any) -> dict[str, Tool]:
 
 async def test_lists_tools_with_their_schemas(source: McpServers) -> None:
     tools = by_name(await source.start())
-    assert set(tools) == {"add", "greet", "fail", "slow", "info", "die"}
+    assert set(tools) == {"add", "greet", "fail", "slow", "info", "picture", "die"}
     assert all(isinstance(tool, Tool) for tool in tools.values())
     greet = tools["greet"]
     assert greet.description == "Greet someone by name."
@@ -117,6 +118,10 @@ async def test_calls_with_arguments(source: McpServers) -> None:
     assert await tools["add"].call({"a": 2, "b": 40}) == {"result": 42}  # structuredContent
     assert await tools["greet"].call({"name": "Ann", "polite": True}) == "Good day, Ann."  # text content
     assert await tools["greet"].call({"name": "Bo"}) == "hi Bo"
+    caption, image = await tools["picture"].call({})  # not all text: the content blocks, as JSON
+    assert caption == {"type": "text", "text": "a red dot"}
+    assert image["type"] == "image" and image["mimeType"] == "image/png"
+    assert base64.b64decode(image["data"]).startswith(b"\x89PNG")
 
 
 async def test_env_and_cwd_reach_the_server(stdio: dict[str, Any], tmp_path: Path) -> None:
@@ -299,7 +304,7 @@ async def test_http_server(http_url: str, events: Path) -> None:
     servers = McpServers.from_config([{"url": http_url, "headers": {"X-Test-Token": "t0ken"}}], agent="bot")
     try:
         tools = by_name(await servers.start())
-        assert set(tools) == {"add", "greet", "fail", "slow", "info", "die"}
+        assert set(tools) == {"add", "greet", "fail", "slow", "info", "picture", "die"}
         assert tools["add"].parameters["required"] == ["a", "b"]
         assert await tools["add"].call({"a": 20, "b": 22}) == {"result": 42}
         assert (await tools["info"].call({}))["header"] == "t0ken"
