@@ -76,8 +76,8 @@ async def source(stdio: dict[str, Any]) -> AsyncIterator[McpServers]:
 
 
 @pytest.fixture
-def http_url(events: Path) -> Iterator[str]:
-    """The streamable HTTP test server, as a subprocess; yields its ``/mcp`` URL."""
+def http_server(events: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """The streamable HTTP test server, as a subprocess: its ``/mcp`` URL and its process."""
     env = {**os.environ, "MCP_TEST_EVENTS": str(events)}
     proc = subprocess.Popen(
         [sys.executable, SERVER, "--http"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
@@ -87,7 +87,7 @@ def http_url(events: Path) -> Iterator[str]:
         ready, _, _ = select.select([proc.stdout], [], [], 20)
         line = proc.stdout.readline() if ready else ""
         assert line.startswith("PORT "), f"the HTTP MCP server did not start: {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+        yield f"http://127.0.0.1:{int(line.split()[1])}/mcp", proc
     finally:
         proc.terminate()
         try:
@@ -95,6 +95,11 @@ def http_url(events: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture
+def http_url(http_server: tuple[str, subprocess.Popen[str]]) -> str:
+    return http_server[0]
 
 
 def by_name(tools: Any) -> dict[str, Tool]:
@@ -322,9 +327,29 @@ async def test_http_server(http_url: str, events: Path) -> None:
         await servers.close()
 
 
+async def test_an_http_server_that_goes_away_fails_calls_at_once(
+    http_server: tuple[str, subprocess.Popen[str]],
+) -> None:
+    url, proc = http_server
+    servers = McpServers.from_config([{"url": url}], agent="bot")
+    try:
+        tools = by_name(await servers.start())
+        assert await tools["add"].call({"a": 1, "b": 1}) == {"result": 2}
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 10)
+        for _ in range(2):
+            with pytest.raises(McpToolError, match=rf'^MCP server "{url}": '):
+                await asyncio.wait_for(tools["add"].call({"a": 1, "b": 1}), 10)
+    finally:
+        await asyncio.wait_for(servers.close(), 10)
+
+
 async def test_http_url_unreachable_or_wrong(http_url: str) -> None:
     wrong_path = http_url.removesuffix("/mcp") + "/nope"
-    for url, reason in [("http://127.0.0.1:9/mcp", "ConnectError"), (wrong_path, "Not Found")]:
+    for url, reason in [
+        ("http://127.0.0.1:9/mcp", "cannot connect (All connection attempts failed)"),
+        (wrong_path, "Not Found"),
+    ]:
         servers = McpServers.from_config([{"url": url}], agent="bot")
         with pytest.raises(ConfigError) as caught:
             await servers.start()

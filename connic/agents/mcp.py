@@ -67,6 +67,8 @@ def _reason(exc: BaseException, spec: McpServerSpec) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if text == "Connection closed":
         return "the server closed the connection" + (" (it exited)" if spec.command else "")
+    if type(exc).__name__ in ("ConnectError", "ConnectTimeout"):  # httpx2's, named without importing it
+        return f"cannot connect ({text})"
     if type(exc).__name__ == "MCPError":
         return f"the server answered: {text}"
     return f"{type(exc).__name__}: {text}"
