@@ -1,0 +1,123 @@
+"""The ``mcp_servers`` option of the built-in agents, validated (no MCP SDK needed).
+
+Each entry is one table: ``command`` (with ``args``, ``env``, ``cwd``) for a server run over
+stdio, or ``url`` (with ``headers``) for one reached over streamable HTTP; both take
+``start_timeout`` and ``call_timeout``. See docs/mcp.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+from connic.errors import ConfigError
+
+__all__ = ["CALL_TIMEOUT", "START_TIMEOUT", "McpServerSpec", "parse"]
+
+START_TIMEOUT = 30.0
+CALL_TIMEOUT = 120.0
+_STDIO_KEYS = ("command", "args", "env", "cwd")
+_HTTP_KEYS = ("url", "headers")
+_COMMON_KEYS = ("start_timeout", "call_timeout")
+_ALL_KEYS = (*_STDIO_KEYS, *_HTTP_KEYS, *_COMMON_KEYS)
+
+
+@attrs.frozen
+class McpServerSpec:
+    """One entry of ``mcp_servers``, validated: either ``command`` (stdio) or ``url`` (HTTP)."""
+
+    where: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    url: str | None = None
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    start_timeout: float = START_TIMEOUT
+    call_timeout: float = CALL_TIMEOUT
+
+    @property
+    def label(self) -> str:
+        """How errors and logs name the server: its command line, or its url."""
+        if self.url is not None:
+            # Credentials in the URL (https://user:token@host/mcp) must not reach errors or logs.
+            parts = urlsplit(self.url)
+            if "@" in parts.netloc:
+                return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+            return self.url
+        return shlex.join([self.command or "", *self.args])
+
+
+def _strings(value: object, where: str, what: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+
+
+def _string_table(value: object, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"{where}: expected a table of strings, got {value!r}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _timeout(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{where}: expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _one(entry: object, where: str) -> McpServerSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(entry).__name__}")
+    for key in entry:
+        if key not in _ALL_KEYS:
+            raise ConfigError(f"{where}.{key}: unknown key (expected one of {', '.join(_ALL_KEYS)})")
+    if ("command" in entry) == ("url" in entry):
+        raise ConfigError(f"{where}: needs exactly one of command (run a program over stdio) or url (streamable HTTP)")
+    kind, wrong = ("command", _HTTP_KEYS[1:]) if "command" in entry else ("url", _STDIO_KEYS[1:])
+    for key in wrong:
+        if key in entry:
+            raise ConfigError(f"{where}.{key}: not allowed with {kind}")
+    fields: dict[str, Any] = {"where": where}
+    for key in _COMMON_KEYS:
+        if key in entry:
+            fields[key] = _timeout(entry[key], f"{where}.{key}")
+    if "command" in entry:
+        command = entry["command"]
+        if not isinstance(command, str) or not command.strip():
+            raise ConfigError(f"{where}.command: expected a non-empty string, got {command!r}")
+        fields["command"] = command
+        if "args" in entry:
+            _strings(entry["args"], f"{where}.args", "an array of strings")
+            fields["args"] = tuple(entry["args"])
+        if "env" in entry:
+            fields["env"] = _string_table(entry["env"], f"{where}.env")
+        if "cwd" in entry:
+            cwd = entry["cwd"]
+            if not isinstance(cwd, str) or not cwd:
+                raise ConfigError(f"{where}.cwd: expected a directory path, got {cwd!r}")
+            fields["cwd"] = os.path.expanduser(cwd)
+    else:
+        url = entry["url"]
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+        fields["url"] = url
+        if "headers" in entry:
+            fields["headers"] = _string_table(entry["headers"], f"{where}.headers")
+    return McpServerSpec(**fields)
+
+
+def parse(value: object, *, agent: str) -> list[McpServerSpec]:
+    """Validate an agent's ``mcp_servers`` value; each problem is a one-line :class:`ConfigError`.
+
+    The message names the agent, the entry's index and the key (``agents.bot.mcp_servers[1].comand:
+    unknown key ...``). Needs no SDK: only :meth:`McpServers.from_config` asks for it.
+    """
+    where = f"agents.{agent}.mcp_servers"
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected an array of tables, got {type(value).__name__}")
+    return [_one(entry, f"{where}[{index}]") for index, entry in enumerate(value)]
