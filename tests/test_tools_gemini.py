@@ -181,9 +181,10 @@ def test_the_legacy_sdk_refuses_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     }
     with pytest.raises(connic.ConfigError) as caught:
         connic.create_app(config)
-    assert 'agents.gem: tools: the google-generativeai SDK cannot call tools here: use sdk = "google-genai"' in str(
-        caught.value
+    expected = (
+        'agents.gem: tools, mcp_servers: the google-generativeai SDK cannot call tools here: use sdk = "google-genai"'
     )
+    assert expected in str(caught.value)
 
 
 async def test_an_agent_without_tools_sends_no_tools(

@@ -94,12 +94,12 @@ class GeminiAgent(Agent):
             extra = "gemini" if sdk == "google-genai" else "gemini-legacy"
             raise ConfigError(f"sdk {sdk!r} is not installed: pip install 'connic[{extra}]'")
         self.sdk = sdk
-        self.toolbox = Toolbox(options.tool_sources())
+        self.toolbox = Toolbox(options.tool_sources(name))
         if self.toolbox.sources and sdk != "google-genai":
             # Its function calling converts schemas its own way and cannot take the JSON Schema
             # every tool source gives; the SDK is deprecated upstream besides.
             raise ConfigError(
-                "tools: the google-generativeai SDK cannot call tools here: "
+                "tools, mcp_servers: the google-generativeai SDK cannot call tools here: "
                 "use sdk = \"google-genai\" (pip install 'connic[gemini]')"
             )
         try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
 from connic.errors import ConfigError
+from connic.registry import REFERENCE_BASE
 
 __all__ = ["CALL_TIMEOUT", "START_TIMEOUT", "McpServerSpec", "parse"]
 
@@ -100,7 +102,9 @@ def _one(entry: object, where: str) -> McpServerSpec:
             cwd = entry["cwd"]
             if not isinstance(cwd, str) or not cwd:
                 raise ConfigError(f"{where}.cwd: expected a directory path, got {cwd!r}")
-            fields["cwd"] = os.path.expanduser(cwd)
+            # Like a tool's FILE.py: relative to the configuration file's folder, not wherever connic was started.
+            base = REFERENCE_BASE.get() or Path.cwd()
+            fields["cwd"] = str(base / os.path.expanduser(cwd))
     else:
         url = entry["url"]
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):

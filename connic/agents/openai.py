@@ -66,7 +66,7 @@ class OpenAIAgent(Agent):
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"system_prompt: {exc.message} (line {exc.lineno})") from None
         self.session: aiohttp.ClientSession | None = None
-        self.toolbox = Toolbox(options.tool_sources())
+        self.toolbox = Toolbox(options.tool_sources(name))
 
     async def start(self) -> None:
         """Open the HTTP client session and start the tools; warn when OpenAI would be called with no key."""

@@ -41,22 +41,29 @@ class ToolOptions:
     """The tool options both built-in LLM agents take (their ``Options`` derive from this).
 
     ``tools``: functions by reference (``MODULE:NAME`` or ``FILE.py:NAME``);
+    ``mcp_servers``: MCP servers whose tools the model may call (:mod:`connic.agents.mcp`);
     ``max_tool_rounds``: how many times in one turn the model may ask for tools;
     ``tool_timeout``: seconds one tool call may take.
     """
 
     tools: tuple[str, ...] = ()
+    # Any: connic.agents.mcp_config validates it, with messages naming the entry and the key.
+    mcp_servers: Any = ()
     max_tool_rounds: int = attrs.field(default=8, validator=_at_least_one)
     tool_timeout: float = attrs.field(default=60.0, validator=positive)
 
-    def tool_sources(self) -> list[ToolSource]:
-        """The :class:`ToolSource` s these options configure (built now: a bad entry raises ConfigError)."""
+    def tool_sources(self, agent: str) -> list[ToolSource]:
+        """The :class:`ToolSource` s of ``agent``'s options (built now: a bad entry raises ConfigError)."""
         sources: list[ToolSource] = []
         if self.tools:
             # Imported here: the module needs pydantic, which an agent without tools does not.
             from connic.agents.functions import FunctionTools
 
             sources.append(FunctionTools(self.tools, key="tools"))
+        if self.mcp_servers:
+            from connic.agents.mcp import McpServers
+
+            sources.append(McpServers.from_config(self.mcp_servers, agent=agent))
         return sources
 
 
