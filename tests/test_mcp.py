@@ -402,7 +402,53 @@ def test_a_good_config_is_accepted() -> None:
     assert stdio.cwd == os.path.expanduser("~/x")
     assert http.label == "https://h.example/mcp" and http.call_timeout == 2.5 and http.start_timeout == 30.0
     hidden = McpServers.from_config([{"url": "https://me:s3cret@h.example/mcp?x=1"}], agent="bot").specs[0]
-    assert hidden.label == "https://***@h.example/mcp?x=1"
+    assert hidden.label == "https://***@h.example/mcp"
+
+
+SECRET_VALUE = "sk-live-456"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            {"command": "x", "env": {"API_KEY": SECRET_VALUE, "DEBUG": 1}},
+            "agents.bot.mcp_servers[0].env: expected a table of strings, but DEBUG is int",
+        ),
+        (
+            {"url": "http://h/mcp", "headers": {"Authorization": f"Bearer {SECRET_VALUE}", "X-Retries": 3}},
+            "agents.bot.mcp_servers[0].headers: expected a table of strings, but X-Retries is int",
+        ),
+        (
+            {"command": "x", "args": ["--token", SECRET_VALUE, 5]},
+            "agents.bot.mcp_servers[0].args: expected an array of strings, but item 2 is int",
+        ),
+        (
+            {"command": ["npx", "--token", SECRET_VALUE]},
+            "agents.bot.mcp_servers[0].command: expected a non-empty string, got list",
+        ),
+        (
+            {"url": f"ftp://me:{SECRET_VALUE}@h/mcp?api_key={SECRET_VALUE}"},
+            "agents.bot.mcp_servers[0].url: expected an http:// or https:// URL, got 'ftp://***@h/mcp'",
+        ),
+    ],
+)
+def test_a_config_error_names_the_key_and_the_type_never_the_value(entry: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        McpServers.from_config([entry], agent="bot")
+    assert str(caught.value) == expected
+
+
+async def test_a_urls_query_and_fragment_stay_out_of_errors_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="connic.agents.mcp")
+    url = f"http://127.0.0.1:9/mcp?api_key={SECRET_VALUE}#token={SECRET_VALUE}"
+    servers = McpServers.from_config([{"url": url}], agent="bot")
+    assert servers.specs[0].label == "http://127.0.0.1:9/mcp"
+    with pytest.raises(ConfigError) as caught:
+        await servers.start()
+    assert str(caught.value).startswith('MCP server "http://127.0.0.1:9/mcp" (agents.bot.mcp_servers[0]) failed')
+    assert SECRET_VALUE not in str(caught.value)
+    assert all(SECRET_VALUE not in record.getMessage() for record in caplog.records)
 
 
 def test_without_the_sdk_mcp_servers_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
