@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import select
@@ -476,12 +477,16 @@ async def test_failed_starts_leak_no_file_descriptor() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
-async def test_a_stdio_servers_stderr_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="connic.agents.mcp")
+async def test_a_stdio_servers_stderr_is_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A server's stderr may echo the arguments of a call (message text): DEBUG, never INFO or above."""
+    caplog.set_level("DEBUG", logger="connic.agents.mcp")
     code = "import sys; print('line one', file=sys.stderr); sys.exit('line two')"
     servers = McpServers.from_config([{"command": sys.executable, "args": ["-c", code]}], agent="bot")
     with pytest.raises(ConfigError, match=r"its stderr said: line two$"):
         await servers.start()
-    logged = [r.getMessage() for r in caplog.records if r.name == "connic.agents.mcp"]
-    assert any(m.endswith('" stderr: line one') for m in logged), logged
-    assert any(m.endswith('" stderr: line two') for m in logged), logged
+    records = [r for r in caplog.records if r.name == "connic.agents.mcp"]
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert any(m.endswith('" stderr: line one') for m in debug), debug
+    assert any(m.endswith('" stderr: line two') for m in debug), debug
+    above = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
+    assert not any("line one" in m or "line two" in m for m in above), above

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -183,6 +184,24 @@ async def test_cancel_during_a_slow_tool_cancels_it(
     assert end["finish_reason"] == "cancelled"
     assert State.cancelled.is_set()  # the turn ended only once the tool had
     assert len(fake.requests) == 1  # the model was not asked again
+
+
+async def test_a_failing_tools_text_is_logged_at_debug_only(
+    start_server: StartServer, connect: Connect, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception's text often quotes the arguments: WARNING names the tool and the type only."""
+    caplog.set_level(logging.DEBUG, logger="connic.agents.tools")
+    fake.tool_rounds = [[("explode", {"reason": "card 4111-1111-1111-1111"})]]
+    server = await start(start_server, fake)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "go"})
+    assert frames[-1]["type"] == "stream_end"
+    records = [r for r in caplog.records if r.name == "connic.agents.tools"]
+    formatter = logging.Formatter()
+    warnings = [formatter.format(r) for r in records if r.levelno >= logging.WARNING]
+    assert warnings == ["agent gpt: tool explode failed: RuntimeError"]
+    debug = "\n".join(formatter.format(r) for r in records if r.levelno == logging.DEBUG)
+    assert "card 4111-1111-1111-1111" in debug and "Traceback" in debug
 
 
 async def test_tool_timeout_is_an_error_result(start_server: StartServer, connect: Connect, fake: FakeOpenAI) -> None:

@@ -75,7 +75,7 @@ def _reason(exc: BaseException, spec: McpServerSpec) -> str:
 
 
 class _StderrTail:
-    """A stdio server's stderr: each line logged, the last few kept for a start-up error."""
+    """A stdio server's stderr: each line logged at DEBUG, the last few kept for a start-up error."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -103,7 +103,8 @@ class _StderrTail:
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()
         if line:
-            log.info('MCP server "%s" stderr: %s', self.label, line)
+            # DEBUG: a server's stderr may echo the arguments it was called with (message text).
+            log.debug('MCP server "%s" stderr: %s', self.label, line)
             self.lines.append(line[:300])
 
     def spawned(self) -> None:

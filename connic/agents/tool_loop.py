@@ -227,7 +227,11 @@ async def _run(call: Call, toolbox: Toolbox, limit: float, agent: str) -> Outcom
 
 
 def _failed(call: Call, exc: Exception, agent: str) -> Outcome:
-    # The model gets the error and may try something else; the log keeps the traceback.
-    log.warning("agent %s: tool %s failed", agent, call.name, exc_info=exc)
+    # The model gets the error and may try something else. The exception's text often quotes
+    # the arguments (an MCP server's error echoes them), so it is no log's business above
+    # DEBUG (issue 18: no message text at any level an operator keeps): WARNING says what
+    # failed and how, the text and the traceback are for debugging.
+    log.warning("agent %s: tool %s failed: %s", agent, call.name, type(exc).__name__)
+    log.debug("agent %s: tool %s failed", agent, call.name, exc_info=exc)
     text = str(exc)
     return Outcome(call, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, is_error=True)
