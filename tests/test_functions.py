@@ -39,6 +39,10 @@ def search(query: Annotated[str, Field(description="What to look for")], limit: 
 
 def positional_and_keyword_only(a: int, /, *, b: int) -> int:
     return a + b
+
+
+def a_function_whose_name_is_far_too_long_for_any_model_provider_to_take(x: int) -> int:
+    return x
 '''
 
 
@@ -126,6 +130,10 @@ async def test_invalid_arguments_are_refused_before_the_call() -> None:
         ("tools.py:LIMIT", "LIMIT is int, not a function"),
         ("tool_functions:State", "State is a class, not a function"),
         ("tools.py:positional_and_keyword_only", "cannot describe the arguments of positional_and_keyword_only: "),
+        (
+            "tools.py:a_function_whose_name_is_far_too_long_for_any_model_provider_to_take",
+            "is longer than 64 characters",
+        ),
     ],
 )
 def test_a_bad_entry_is_a_config_error_naming_the_key_and_the_entry(tmp_path: Path, entry: str, problem: str) -> None:

@@ -271,6 +271,30 @@ async def test_a_tool_name_on_two_servers_is_a_config_error(stdio: dict[str, Any
 
 
 @pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        ("files.", "the tool name 'files.add' has '.': only letters, digits, _ and - are allowed"),
+        ("x" * 62, f"the tool name {'x' * 62 + 'add'!r} is longer than 64 characters"),
+        ("1", "the tool name '1add' does not start with a letter or _"),
+    ],
+    ids=["dot", "too-long", "digit-first"],
+)
+async def test_a_tool_name_no_provider_accepts_is_a_config_error(
+    stdio: dict[str, Any], prefix: str, problem: str
+) -> None:
+    """OpenAI refuses every request that offers a tool named otherwise than ^[a-zA-Z0-9_-]{1,64}$."""
+    before = children()
+    entry = {**stdio, "env": {**stdio["env"], "MCP_TEST_PREFIX": prefix}}
+    servers = McpServers.from_config([entry], agent="bot")
+    with pytest.raises(ConfigError) as caught:
+        await servers.start()
+    assert str(caught.value) == (
+        f'MCP server "{sys.executable} {SERVER}" (agents.bot.mcp_servers[0]): {problem}, so no model can be offered it'
+    )
+    assert children() == before  # the server was stopped again
+
+
+@pytest.mark.parametrize(
     ("entry", "expected"),
     [
         ({"command": "/nonexistent/mcp-server"}, 'MCP server "/nonexistent/mcp-server" .* command not found'),

@@ -18,15 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from connic.agents.tools import Tool
+from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError, PluginError
 from connic.registry import IDENTIFIER, REFERENCE_BASE, first_line, is_file_reference, load_file, split_reference
 
 __all__ = ["FunctionTool", "FunctionTools", "load_function"]
-
-# What both providers accept as a function name (OpenAI: ^[a-zA-Z0-9_-]{1,64}$); any
-# Python identifier up to this length passes Gemini's rule too.
-MAX_NAME = 64
 
 
 def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
@@ -62,8 +58,9 @@ def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
     if isinstance(obj, type) or not callable(obj):
         raise ConfigError(f"{attr} is {'a class' if isinstance(obj, type) else type(obj).__name__}, not a function")
     name = attr.rpartition(".")[2]
-    if len(name) > MAX_NAME:
-        raise ConfigError(f"the tool name {name!r} is longer than {MAX_NAME} characters")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"the tool name {shown_name(name)} {problem}")
     return name, obj
 
 

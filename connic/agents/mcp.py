@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from connic.agents.mcp_config import McpServerSpec, parse
-from connic.agents.tools import Tool
+from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -324,7 +324,10 @@ class McpServers:
         return cls(specs)
 
     async def start(self) -> Sequence[Tool]:
-        """Start every server at once; any failure or a tool name offered twice is a :class:`ConfigError`."""
+        """Start every server at once and list their tools.
+
+        Any failure, a tool name offered twice, or a name no provider accepts is a :class:`ConfigError`.
+        """
         await self.close()
         self._servers = servers = [_Server(spec) for spec in self.specs]
         try:
@@ -340,6 +343,13 @@ class McpServers:
             for server, result in zip(servers, results, strict=True):
                 assert not isinstance(result, BaseException)
                 for tool in result:
+                    problem = name_problem(tool.name)
+                    if problem is not None:
+                        # Offered, it would make the provider refuse every request of the agent.
+                        raise ConfigError(
+                            f'MCP server "{server.spec.label}" ({server.spec.where}): '
+                            f"the tool name {shown_name(tool.name)} {problem}, so no model can be offered it"
+                        )
                     first = owners.setdefault(tool.name, server.spec)
                     if first is not server.spec:
                         raise ConfigError(
