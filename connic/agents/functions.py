@@ -20,7 +20,7 @@ from typing import Any
 
 from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError, PluginError
-from connic.registry import IDENTIFIER, REFERENCE_BASE, first_line, is_file_reference, load_file, split_reference
+from connic.registry import REFERENCE_BASE, first_line, import_reference, split_reference
 
 __all__ = ["FunctionTool", "FunctionTools", "load_function"]
 
@@ -30,31 +30,12 @@ def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
 
     Raises :class:`ConfigError` saying what is wrong with the entry (not which key it is in).
     """
-    where, attr = split_reference(entry)
-    if not where or not IDENTIFIER.match(attr):
-        raise ConfigError("expected MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
-        if is_file_reference(where):
-            path = (base / Path(where).expanduser()).resolve()
-            module = load_file(path, "tool")
-            source = str(path)
-        else:
-            if not IDENTIFIER.match(where):
-                raise ConfigError(f"{where!r} is neither a .py file nor a module name")
-            try:
-                module = importlib.import_module(where)
-            except Exception as exc:
-                raise ConfigError(f"importing module {where} failed: {first_line(exc)}") from exc
-            source = f"module {where}"
+        obj = import_reference(entry, base, "tool", form="MODULE:FUNCTION or FILE.py:FUNCTION")
     except PluginError as exc:
-        # load_file's message starts with the label it was given ("tool: ").
+        # import_reference's message starts with the label it was given ("tool: ").
         raise ConfigError(str(exc).removeprefix("tool: ")) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{source} has no attribute {attr!r}") from None
+    attr = split_reference(entry)[1]
     if isinstance(obj, type) or not callable(obj):
         raise ConfigError(f"{attr} is {'a class' if isinstance(obj, type) else type(obj).__name__}, not a function")
     name = attr.rpartition(".")[2]
