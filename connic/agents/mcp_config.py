@@ -19,7 +19,7 @@ import attrs
 from connic.errors import ConfigError
 from connic.registry import REFERENCE_BASE
 
-__all__ = ["CALL_TIMEOUT", "START_TIMEOUT", "McpServerSpec", "parse", "safe_url"]
+__all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse", "safe_url"]
 
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 120.0
@@ -27,6 +27,8 @@ _STDIO_KEYS = ("command", "args", "env", "cwd")
 _HTTP_KEYS = ("url", "headers")
 _COMMON_KEYS = ("start_timeout", "call_timeout")
 _ALL_KEYS = (*_STDIO_KEYS, *_HTTP_KEYS, *_COMMON_KEYS)
+KEYS = _ALL_KEYS
+"""Every key an ``mcp_servers`` entry may have (docs/mcp.md documents each)."""
 
 
 @attrs.frozen
