@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +38,7 @@ __all__ = [
     "Registry",
     "absolute_reference",
     "check_plugin",
+    "import_reference",
     "is_reference",
     "load_reference",
     "load_registry",
@@ -182,12 +183,24 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def load_reference(kind: Kind, use: str, base: Path) -> Any:
-    """Load and check the plugin ``use`` names by reference; a relative file is relative to ``base``."""
+def import_reference(
+    use: str,
+    base: Path,
+    label: str,
+    *,
+    form: str = "FILE.py:NAME or MODULE:NAME",
+    hint: Callable[[ModuleType], str] | None = None,
+) -> Any:
+    """The object ``use`` (``FILE.py:NAME`` or ``MODULE:NAME``) names; a relative file is relative to ``base``.
+
+    Each failure is a :class:`PluginError` starting ``"{label}: "``; ``form`` is how a
+    malformed ``use`` is told to look, ``hint`` what to add when the name is missing from
+    the module (say, what it does have). Plugins (:func:`load_reference`) and function
+    tools (``connic.agents.functions``) both load through this.
+    """
     where, attr = split_reference(use)
-    label = f"{_SINGULAR[kind]} {use!r}"
     if not where or not IDENTIFIER.match(attr):
-        raise PluginError(f"{label}: expected FILE.py:NAME or MODULE:NAME")
+        raise PluginError(f"{label}: expected {form}")
     if is_file_reference(where):
         path = (base / Path(where).expanduser()).resolve()
         module = load_file(path, label)
@@ -205,15 +218,24 @@ def load_reference(kind: Kind, use: str, base: Path) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            expected = Agent if kind == "agents" else Middleware
-            found = sorted(
-                n
-                for n, v in vars(module).items()
-                if isinstance(v, type) and issubclass(v, expected) and v is not expected
-            )
-            hint = f" (it has: {', '.join(found)})" if found else ""
-            raise PluginError(f"{label}: {source} has no attribute {attr!r}{hint}") from None
-    check_plugin(kind, obj, label, attr)
+            more = hint(module) if hint is not None else ""
+            raise PluginError(f"{label}: {source} has no attribute {attr!r}{more}") from None
+    return obj
+
+
+def load_reference(kind: Kind, use: str, base: Path) -> Any:
+    """Load and check the plugin ``use`` names by reference; a relative file is relative to ``base``."""
+    label = f"{_SINGULAR[kind]} {use!r}"
+    expected = Agent if kind == "agents" else Middleware
+
+    def plugins_in(module: ModuleType) -> str:
+        found = sorted(
+            n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, expected) and v is not expected
+        )
+        return f" (it has: {', '.join(found)})" if found else ""
+
+    obj = import_reference(use, base, label, hint=plugins_in)
+    check_plugin(kind, obj, label, split_reference(use)[1])
     return obj
 
 

@@ -359,3 +359,62 @@ def test_toml_examples_are_valid(path: Path, monkeypatch: pytest.MonkeyPatch) ->
         transports = {c.transport for c in config.connectors}
         if config.agents and config.connectors and uses <= {"echo"} and transports <= {"websocket"}:
             build_runtime(config, builtin_registry())  # plugin options and every check of a real start
+
+
+# --- the built-in agents' options and MCP server entries -------------------------------------
+
+
+def option_rows(text: str, name: str) -> list[list[str]]:
+    """The cells of each Markdown table row whose first cell names `name`, alone or among others
+    (`temperature`, `top_p`), in a table with a default column (key | type | default | meaning)."""
+    rows = re.findall(rf"^\| (?:[^|]*, )?`{re.escape(name)}`(?:, [^|]*)? \|.*$", text, re.M)
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    return [row for row in cells if len(row) >= 4]
+
+
+def assert_option_documented(page_name: str, name: str, default: Any) -> None:
+    """`name` has a row on `page_name`; when its default has a TOML form, the default cell shows it."""
+    rows = option_rows(page(page_name), name)
+    assert rows, f"{page_name} has no table row for `{name}`"
+    written = toml_default(default)
+    if written is not None:
+        said = [row[2] for row in rows]
+        assert any(f"`{written}`" in cell for cell in said), f"{page_name}: `{name}` defaults to {written}; says {said}"
+
+
+def agent_options() -> list[tuple[str, str, Any]]:
+    """(page, option, default) for every option of the built-in agents, tool options included."""
+    from connic.agents.gemini import GeminiAgent
+    from connic.agents.openai import OpenAIAgent
+    from connic.agents.tool_loop import ToolOptions
+
+    found = []
+    for page_name, options in (
+        ("agents-gemini.md", GeminiAgent.Options),
+        ("agents-openai.md", OpenAIAgent.Options),
+        ("configuration.md", EchoAgent.Options),
+        ("configuration.md", ToolOptions),  # the tool options' own table, beside each agent's page
+    ):
+        defaults = options()
+        found += [(page_name, f.name, getattr(defaults, f.name)) for f in attrs.fields(options)]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("page_name", "name", "default"), agent_options(), ids=[f"{p}:{n}" for p, n, _ in agent_options()]
+)
+def test_agent_option_documented_with_its_default(page_name: str, name: str, default: Any) -> None:
+    assert_option_documented(page_name, name, default)
+
+
+def mcp_server_keys() -> list[tuple[str, Any]]:
+    """Every key of an ``mcp_servers`` entry, with its default where it has one."""
+    from connic.agents import mcp_config
+
+    defaults = {"start_timeout": mcp_config.START_TIMEOUT, "call_timeout": mcp_config.CALL_TIMEOUT}
+    return [(key, defaults.get(key)) for key in mcp_config.KEYS]
+
+
+@pytest.mark.parametrize(("name", "default"), mcp_server_keys(), ids=[name for name, _ in mcp_server_keys()])
+def test_mcp_server_key_documented_with_its_default(name: str, default: Any) -> None:
+    assert_option_documented("mcp.md", name, default)

@@ -8,6 +8,8 @@ ConfigError naming the file, the agent's key, the entry's index and the entry.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 import textwrap
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 import tool_functions
+from tool_functions import State
 
 import connic
 from connic.app import build_runtime
@@ -39,6 +42,10 @@ def search(query: Annotated[str, Field(description="What to look for")], limit: 
 
 def positional_and_keyword_only(a: int, /, *, b: int) -> int:
     return a + b
+
+
+def a_function_whose_name_is_far_too_long_for_any_model_provider_to_take(x: int) -> int:
+    return x
 '''
 
 
@@ -126,6 +133,10 @@ async def test_invalid_arguments_are_refused_before_the_call() -> None:
         ("tools.py:LIMIT", "LIMIT is int, not a function"),
         ("tool_functions:State", "State is a class, not a function"),
         ("tools.py:positional_and_keyword_only", "cannot describe the arguments of positional_and_keyword_only: "),
+        (
+            "tools.py:a_function_whose_name_is_far_too_long_for_any_model_provider_to_take",
+            "is longer than 64 characters",
+        ),
     ],
 )
 def test_a_bad_entry_is_a_config_error_naming_the_key_and_the_entry(tmp_path: Path, entry: str, problem: str) -> None:
@@ -153,6 +164,7 @@ def test_two_tools_of_the_same_name_are_a_config_error(tmp_path: Path) -> None:
     [
         ({"max_tool_rounds": 0}, "max_tool_rounds must be at least 1, got 0"),
         ({"tool_timeout": 0}, "tool_timeout must be a positive number, got 0"),
+        ({"tool_threads": 0}, "tool_threads must be a positive number, got 0"),
     ],
 )
 def test_bad_loop_options_are_config_errors(tmp_path: Path, options: dict[str, Any], problem: str) -> None:
@@ -204,3 +216,47 @@ async def test_two_sources_giving_one_tool_name_stop_start_up_and_close_what_sta
     with pytest.raises(connic.ConfigError, match=r"^two of the agent's tools are named 'word_count'$"):
         await toolbox.start()
     assert closed == ["first"] and toolbox.tools == {}
+
+
+def test_hung_sync_tools_starve_neither_dns_nor_other_threads(caplog: pytest.LogCaptureFixture) -> None:
+    """Sync tools stuck for good do not take the event loop's default executor.
+
+    aiohttp resolves host names there (``loop.getaddrinfo``), and ``asyncio.to_thread`` runs
+    there: with its workers all held by hung tools, no provider could be reached any more.
+    The default executor is made small (2 workers) so that 3 hung calls would fill it.
+    """
+    from connic.agents.functions import FunctionTools
+
+    tool_functions.reset()
+    caplog.set_level(logging.WARNING, logger="connic.agents.tools")
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        source = FunctionTools(["tool_functions:hang"], agent="bot")
+        (hang,) = await source.start()
+        calls = [asyncio.create_task(hang.call({})) for _ in range(3)]
+        try:
+            await hanging(2)  # at least the two a 2-worker executor could take: it would be full now
+            assert await asyncio.wait_for(loop.getaddrinfo("localhost", 80), 10)
+            assert await asyncio.wait_for(asyncio.to_thread(sum, [1, 2]), 10) == 3
+            await hanging(1)  # the third too: not queued behind the others
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.wait_for(source.close(), 10)  # abandons the three threads, waits for none
+        finally:
+            State.release.set()
+
+    asyncio.run(scenario())
+    assert "agent bot: 3 sync tool call(s) still running abandoned" in caplog.text
+    assert len(State.threads) == 3 and all(name.startswith("connic-tool-bot-") for name in State.threads)
+
+
+async def hanging(count: int) -> None:
+    """Wait (bounded, on the event loop: no thread may be free) until ``count`` more hang() calls run."""
+    for _ in range(count):
+        async with asyncio.timeout(10):
+            # Polled: hang() runs in a thread and knows no event loop to notify.
+            while not State.hanging.acquire(blocking=False):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)

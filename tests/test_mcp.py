@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import re
 import select
@@ -270,6 +271,30 @@ async def test_a_tool_name_on_two_servers_is_a_config_error(stdio: dict[str, Any
 
 
 @pytest.mark.parametrize(
+    ("prefix", "problem"),
+    [
+        ("files.", "the tool name 'files.add' has '.': only letters, digits, _ and - are allowed"),
+        ("x" * 62, f"the tool name {'x' * 62 + 'add'!r} is longer than 64 characters"),
+        ("1", "the tool name '1add' does not start with a letter or _"),
+    ],
+    ids=["dot", "too-long", "digit-first"],
+)
+async def test_a_tool_name_no_provider_accepts_is_a_config_error(
+    stdio: dict[str, Any], prefix: str, problem: str
+) -> None:
+    """OpenAI refuses every request that offers a tool named otherwise than ^[a-zA-Z0-9_-]{1,64}$."""
+    before = children()
+    entry = {**stdio, "env": {**stdio["env"], "MCP_TEST_PREFIX": prefix}}
+    servers = McpServers.from_config([entry], agent="bot")
+    with pytest.raises(ConfigError) as caught:
+        await servers.start()
+    assert str(caught.value) == (
+        f'MCP server "{sys.executable} {SERVER}" (agents.bot.mcp_servers[0]): {problem}, so no model can be offered it'
+    )
+    assert children() == before  # the server was stopped again
+
+
+@pytest.mark.parametrize(
     ("entry", "expected"),
     [
         ({"command": "/nonexistent/mcp-server"}, 'MCP server "/nonexistent/mcp-server" .* command not found'),
@@ -402,7 +427,53 @@ def test_a_good_config_is_accepted() -> None:
     assert stdio.cwd == os.path.expanduser("~/x")
     assert http.label == "https://h.example/mcp" and http.call_timeout == 2.5 and http.start_timeout == 30.0
     hidden = McpServers.from_config([{"url": "https://me:s3cret@h.example/mcp?x=1"}], agent="bot").specs[0]
-    assert hidden.label == "https://***@h.example/mcp?x=1"
+    assert hidden.label == "https://***@h.example/mcp"
+
+
+SECRET_VALUE = "sk-live-456"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            {"command": "x", "env": {"API_KEY": SECRET_VALUE, "DEBUG": 1}},
+            "agents.bot.mcp_servers[0].env: expected a table of strings, but DEBUG is int",
+        ),
+        (
+            {"url": "http://h/mcp", "headers": {"Authorization": f"Bearer {SECRET_VALUE}", "X-Retries": 3}},
+            "agents.bot.mcp_servers[0].headers: expected a table of strings, but X-Retries is int",
+        ),
+        (
+            {"command": "x", "args": ["--token", SECRET_VALUE, 5]},
+            "agents.bot.mcp_servers[0].args: expected an array of strings, but item 2 is int",
+        ),
+        (
+            {"command": ["npx", "--token", SECRET_VALUE]},
+            "agents.bot.mcp_servers[0].command: expected a non-empty string, got list",
+        ),
+        (
+            {"url": f"ftp://me:{SECRET_VALUE}@h/mcp?api_key={SECRET_VALUE}"},
+            "agents.bot.mcp_servers[0].url: expected an http:// or https:// URL, got 'ftp://***@h/mcp'",
+        ),
+    ],
+)
+def test_a_config_error_names_the_key_and_the_type_never_the_value(entry: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        McpServers.from_config([entry], agent="bot")
+    assert str(caught.value) == expected
+
+
+async def test_a_urls_query_and_fragment_stay_out_of_errors_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="connic.agents.mcp")
+    url = f"http://127.0.0.1:9/mcp?api_key={SECRET_VALUE}#token={SECRET_VALUE}"
+    servers = McpServers.from_config([{"url": url}], agent="bot")
+    assert servers.specs[0].label == "http://127.0.0.1:9/mcp"
+    with pytest.raises(ConfigError) as caught:
+        await servers.start()
+    assert str(caught.value).startswith('MCP server "http://127.0.0.1:9/mcp" (agents.bot.mcp_servers[0]) failed')
+    assert SECRET_VALUE not in str(caught.value)
+    assert all(SECRET_VALUE not in record.getMessage() for record in caplog.records)
 
 
 def test_without_the_sdk_mcp_servers_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,12 +501,16 @@ async def test_failed_starts_leak_no_file_descriptor() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
-async def test_a_stdio_servers_stderr_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="connic.agents.mcp")
+async def test_a_stdio_servers_stderr_is_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A server's stderr may echo the arguments of a call (message text): DEBUG, never INFO or above."""
+    caplog.set_level("DEBUG", logger="connic.agents.mcp")
     code = "import sys; print('line one', file=sys.stderr); sys.exit('line two')"
     servers = McpServers.from_config([{"command": sys.executable, "args": ["-c", code]}], agent="bot")
     with pytest.raises(ConfigError, match=r"its stderr said: line two$"):
         await servers.start()
-    logged = [r.getMessage() for r in caplog.records if r.name == "connic.agents.mcp"]
-    assert any(m.endswith('" stderr: line one') for m in logged), logged
-    assert any(m.endswith('" stderr: line two') for m in logged), logged
+    records = [r for r in caplog.records if r.name == "connic.agents.mcp"]
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert any(m.endswith('" stderr: line one') for m in debug), debug
+    assert any(m.endswith('" stderr: line two') for m in debug), debug
+    above = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
+    assert not any("line one" in m or "line two" in m for m in above), above

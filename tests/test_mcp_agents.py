@@ -94,3 +94,31 @@ def test_an_mcp_server_that_cannot_start_stops_connic_run_with_one_line(tmp_path
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert 'MCP server "/nonexistent/mcp-server"' in lines[0] and "command not found" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+async def test_a_failed_start_stops_the_mcp_servers_it_started(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The app closes only the agents whose start succeeded: a start failing after the tools
+    started must stop their MCP server itself, or its process outlives connic."""
+    # The one fault injected: the provider client cannot be created (no real condition makes
+    # google-genai's or aiohttp's constructor fail on demand).
+    if kind == "gemini":
+        import google.genai
+
+        monkeypatch.setattr(google.genai, "Client", cannot_create)
+    else:
+        import aiohttp
+
+        monkeypatch.setattr(aiohttp, "ClientSession", cannot_create)
+    before = children()
+    agent = {**AGENTS[kind], "base_url": "http://127.0.0.1:9", "api_key": KEY}
+    agent["mcp_servers"] = [{"command": sys.executable, "args": [SERVER]}]
+    with pytest.raises(ValueError, match="cannot be created"):
+        await start_server({"agents": {"bot": agent}, "connectors": [{"secrets": ["s"]}]})
+    assert children() == before
+
+
+def cannot_create(*args: Any, **kwargs: Any) -> Any:
+    raise ValueError("the client cannot be created")

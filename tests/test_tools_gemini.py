@@ -162,6 +162,20 @@ async def test_cancel_during_a_slow_tool_cancels_it(
     assert len(fake.requests) == 1
 
 
+async def test_tool_timeout_is_an_error_response(start_server: StartServer, connect: Connect, fake: FakeGemini) -> None:
+    fake.tool_rounds = [[("wait_forever", {})]]
+    server = await start(start_server, fake, tool_timeout=0.2)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "slow"})
+    result = next(f for f in frames if f["type"] == "tool_result")
+    message = "the tool did not finish within 0.2 s (tool_timeout)"
+    assert result["is_error"] is True and result["result"] == message
+    assert State.cancelled.is_set()  # the tool's task was cancelled, not left running
+    (response,) = responses(fake.requests[1])
+    assert response["name"] == "wait_forever" and response["response"] == {"error": message}
+    assert frames[-1]["type"] == "stream_end" and frames[-1]["full_response"] == "Hello from Gemini."
+
+
 async def test_sync_tool_in_a_thread_and_progress_events_off(
     start_server: StartServer, connect: Connect, fake: FakeGemini
 ) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import tool_functions
 from tool_functions import State
 
-from conftest import Connect, Server, StartServer
+from conftest import CliServer, Connect, Server, StartServer
 from fake_provider import FakeOpenAI
 
 KEY = "sk-test-very-secret-key"
@@ -185,6 +188,24 @@ async def test_cancel_during_a_slow_tool_cancels_it(
     assert len(fake.requests) == 1  # the model was not asked again
 
 
+async def test_a_failing_tools_text_is_logged_at_debug_only(
+    start_server: StartServer, connect: Connect, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception's text often quotes the arguments: WARNING names the tool and the type only."""
+    caplog.set_level(logging.DEBUG, logger="connic.agents.tools")
+    fake.tool_rounds = [[("explode", {"reason": "card 4111-1111-1111-1111"})]]
+    server = await start(start_server, fake)
+    client = await connect(server.url(), secret="s")
+    frames = await client.reply({"message": "go"})
+    assert frames[-1]["type"] == "stream_end"
+    records = [r for r in caplog.records if r.name == "connic.agents.tools"]
+    formatter = logging.Formatter()
+    warnings = [formatter.format(r) for r in records if r.levelno >= logging.WARNING]
+    assert warnings == ["agent gpt: tool explode failed: RuntimeError"]
+    debug = "\n".join(formatter.format(r) for r in records if r.levelno == logging.DEBUG)
+    assert "card 4111-1111-1111-1111" in debug and "Traceback" in debug
+
+
 async def test_tool_timeout_is_an_error_result(start_server: StartServer, connect: Connect, fake: FakeOpenAI) -> None:
     fake.tool_rounds = [[("wait_forever", {})]]
     server = await start(start_server, fake, tool_timeout=0.2)
@@ -240,3 +261,63 @@ async def test_an_agent_without_tools_sends_no_tools_key(
     frames = await client.reply({"message": "hi"})
     assert frames[-1]["full_response"] == "Hello from the fake."
     assert "tools" not in fake.requests[0]
+
+
+async def test_tool_threads_bounds_the_sync_calls_running_at_once(
+    start_server: StartServer, connect: Connect, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tool_threads = 1: a hung call holds the one thread; the next sync call waits, and tool_timeout ends it."""
+    caplog.set_level(logging.WARNING, logger="connic.agents.tools")
+    fake.tool_rounds = [[("hang", {}), ("word_count", {"text": "a b"})]]
+    tools = ["tool_functions:hang", "tool_functions:word_count"]
+    server = await start(start_server, fake, tools=tools, tool_threads=1, tool_timeout=0.5)
+    client = await connect(server.url(), secret="s")
+    try:
+        frames = await client.reply({"message": "go"})
+        results = [f["result"] for f in frames if f["type"] == "tool_result"]
+        assert results == ["the tool did not finish within 0.5 s (tool_timeout)"] * 2
+        assert State.calls == []  # word_count never got the thread
+        assert "agent gpt: all 1 tool_threads are busy; sync tool calls wait for one" in caplog.text
+    finally:
+        State.release.set()  # hang() returns: its thread is free again
+    fake.tool_rounds = [[("word_count", {"text": "a b c"})]]
+    frames = await client.reply({"message": "again"})
+    assert [f["result"] for f in frames if f["type"] == "tool_result"] == [3]
+
+
+HANG_PY = """
+import threading
+
+
+def hang() -> str:
+    \"\"\"Stuck in a blocking call for good (a dead socket, say).\"\"\"
+    threading.Event().wait()
+    return "unreachable"
+"""
+
+
+async def test_hung_sync_tools_do_not_keep_connic_run_from_exiting(
+    tmp_path: Path, cli: Callable[..., CliServer], connect: Connect, fake: FakeOpenAI
+) -> None:
+    """SIGTERM with sync tools that never return: the turn is cancelled, the threads abandoned, exit 0.
+
+    In the event loop's default executor, asyncio.run would wait for them at exit, forever.
+    """
+    (tmp_path / "hang.py").write_text(HANG_PY)
+    fake.tool_rounds = [[("hang", {}), ("hang", {}), ("hang", {})]]
+    config = tmp_path / "app.toml"
+    config.write_text(
+        "[server]\nshutdown_grace = 0.5\n\n"
+        f'[agents.bot]\nuse = "openai"\nbase_url = "{fake.base_url}"\napi_key = "k"\ntools = ["hang.py:hang"]\n\n'
+        '[[connectors]]\nsecrets = ["s"]\nprogress_events = true\n'
+    )
+    server = cli("--config", str(config))
+    client = await connect(server.url, secret="s")
+    await client.send({"id": "m1", "message": "hang"})
+    frames = await client.until("tool_call", timeout=10)
+    assert frames[-1]["name"] == "hang"
+    # The drain gives the turn shutdown_grace (0.5 s) before it cancels it: the calls are in their threads by then.
+    server.proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.to_thread(server.proc.communicate, timeout=30)
+    assert server.proc.returncode == 0, out
+    assert "agent bot: 3 sync tool call(s) still running abandoned" in out

@@ -23,6 +23,8 @@ class State:
     together: asyncio.Event
     started: asyncio.Event
     cancelled: asyncio.Event
+    release: threading.Event = threading.Event()  # lets every hang() call return
+    hanging: threading.Semaphore = threading.Semaphore(0)  # one release per hang() call begun
 
 
 def reset() -> None:
@@ -32,6 +34,9 @@ def reset() -> None:
     State.together = asyncio.Event()
     State.started = asyncio.Event()
     State.cancelled = asyncio.Event()
+    State.release.set()  # the last test's hung calls end
+    State.release = threading.Event()
+    State.hanging = threading.Semaphore(0)
 
 
 async def get_weather(
@@ -73,3 +78,11 @@ async def wait_forever() -> str:
         State.cancelled.set()
         raise
     return "unreachable"
+
+
+def hang() -> str:
+    """A sync tool stuck in a blocking call (a dead socket): returns only once the test releases it."""
+    State.hanging.release()
+    State.threads.append(threading.current_thread().name)
+    State.release.wait(60)  # bounded, so that a failing test cannot keep pytest from exiting
+    return "released"

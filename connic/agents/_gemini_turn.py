@@ -60,7 +60,8 @@ class TurnContents:
             else:
                 chunks = agent._legacy(self.contents, self.system, deadline)
             try:
-                with telemetry.provider_call("gcp.gemini", agent.options.model) as call:
+                # agent.model: the name the request carries (a "gemini/" prefix dropped), as GenAI asks.
+                with telemetry.provider_call("gcp.gemini", agent.model) as call:
                     async with contextlib.aclosing(chunks):
                         async for chunk in chunks:
                             metadata = getattr(chunk, "usage_metadata", None)

@@ -5,28 +5,26 @@ Each entry names a function the way agents and middleware are named by reference
 tool's name is ``NAME``'s last part, its description the function's docstring, and the JSON
 Schema of its arguments comes from the signature and type hints through pydantic
 (``TypeAdapter``); arguments the model sends are validated by pydantic (``validate_call``)
-before the function runs. Sync functions run in a worker thread. pydantic is imported only
-when an agent has function tools (``pip install 'connic[tools]'``).
+before the function runs. Sync functions run in threads of the agent's own, at most
+``tool_threads`` at once (connic/agents/_tool_threads.py: never the event loop's default
+executor, which the DNS resolver shares). pydantic is imported only when an agent has
+function tools (``pip install 'connic[tools]'``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from connic.agents.tools import Tool
+from connic.agents._tool_threads import DEFAULT_THREADS, ToolThreads
+from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError, PluginError
-from connic.registry import IDENTIFIER, REFERENCE_BASE, first_line, is_file_reference, load_file, split_reference
+from connic.registry import REFERENCE_BASE, first_line, import_reference, split_reference
 
 __all__ = ["FunctionTool", "FunctionTools", "load_function"]
-
-# What both providers accept as a function name (OpenAI: ^[a-zA-Z0-9_-]{1,64}$); any
-# Python identifier up to this length passes Gemini's rule too.
-MAX_NAME = 64
 
 
 def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
@@ -34,44 +32,31 @@ def load_function(entry: str, base: Path) -> tuple[str, Callable[..., Any]]:
 
     Raises :class:`ConfigError` saying what is wrong with the entry (not which key it is in).
     """
-    where, attr = split_reference(entry)
-    if not where or not IDENTIFIER.match(attr):
-        raise ConfigError("expected MODULE:FUNCTION or FILE.py:FUNCTION")
     try:
-        if is_file_reference(where):
-            path = (base / Path(where).expanduser()).resolve()
-            module = load_file(path, "tool")
-            source = str(path)
-        else:
-            if not IDENTIFIER.match(where):
-                raise ConfigError(f"{where!r} is neither a .py file nor a module name")
-            try:
-                module = importlib.import_module(where)
-            except Exception as exc:
-                raise ConfigError(f"importing module {where} failed: {first_line(exc)}") from exc
-            source = f"module {where}"
+        obj = import_reference(entry, base, "tool", form="MODULE:FUNCTION or FILE.py:FUNCTION")
     except PluginError as exc:
-        # load_file's message starts with the label it was given ("tool: ").
+        # import_reference's message starts with the label it was given ("tool: ").
         raise ConfigError(str(exc).removeprefix("tool: ")) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{source} has no attribute {attr!r}") from None
+    attr = split_reference(entry)[1]
     if isinstance(obj, type) or not callable(obj):
         raise ConfigError(f"{attr} is {'a class' if isinstance(obj, type) else type(obj).__name__}, not a function")
     name = attr.rpartition(".")[2]
-    if len(name) > MAX_NAME:
-        raise ConfigError(f"the tool name {name!r} is longer than {MAX_NAME} characters")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"the tool name {shown_name(name)} {problem}")
     return name, obj
 
 
 class FunctionTool:
-    """One Python function as a :class:`connic.agents.tools.Tool`."""
+    """One Python function as a :class:`connic.agents.tools.Tool`.
 
-    def __init__(self, name: str, function: Callable[..., Any]) -> None:
+    A sync function runs in one of ``threads`` (by default, a set of its own of
+    :data:`~connic.agents._tool_threads.DEFAULT_THREADS`).
+    """
+
+    def __init__(self, name: str, function: Callable[..., Any], threads: ToolThreads | None = None) -> None:
         pydantic = _pydantic()
+        self._threads = threads if threads is not None else ToolThreads(DEFAULT_THREADS)
         self._name = name
         self._function = function
         self._async = inspect.iscoroutinefunction(function)
@@ -104,14 +89,14 @@ class FunctionTool:
         return self._parameters
 
     async def call(self, arguments: Mapping[str, Any]) -> Any:
-        """Validate ``arguments``, run the function (a sync one in a worker thread), return its result as JSON data."""
+        """Validate ``arguments``, run the function (a sync one in a thread), return its result as JSON data."""
         pydantic = _pydantic()
         try:
             if self._async:
                 result = await self._validated(**arguments)
             else:
                 # Cancelling abandons the thread (Python cannot stop it); its result is dropped.
-                result = await asyncio.to_thread(self._validated, **arguments)
+                result = await self._threads.run(self._validated, **arguments)
         except pydantic.ValidationError as exc:
             if exc.title not in self._titles:
                 raise
@@ -134,12 +119,22 @@ class FunctionTools:
     :class:`ConfigError` when the configuration loads (``connic check`` too), naming
     ``key`` and the entry. Relative files start from ``base``: by default the
     configuration file's folder (:data:`connic.registry.REFERENCE_BASE`), else the
-    current directory.
+    current directory. Sync functions run in at most ``threads`` threads at once, the
+    agent's own (``agent`` names it in their log lines).
     """
 
-    def __init__(self, entries: Sequence[str], key: str = "tools", base: Path | None = None) -> None:
+    def __init__(
+        self,
+        entries: Sequence[str],
+        key: str = "tools",
+        base: Path | None = None,
+        *,
+        threads: int = DEFAULT_THREADS,
+        agent: str = "?",
+    ) -> None:
         if base is None:
             base = REFERENCE_BASE.get() or Path.cwd()
+        self.threads = ToolThreads(threads, agent)
         self.tools: list[FunctionTool] = []
         given: dict[str, str] = {}
         for index, entry in enumerate(entries):
@@ -148,17 +143,19 @@ class FunctionTools:
                 name, function = load_function(entry, base)
                 if name in given:
                     raise ConfigError(f"a tool named {name!r} is already given by {given[name]}")
-                self.tools.append(FunctionTool(name, function))
+                self.tools.append(FunctionTool(name, function, self.threads))
             except ConfigError as exc:
                 raise ConfigError(f"{label}: {exc.message}") from None
             given[name] = label
 
     async def start(self) -> Sequence[Tool]:
-        """The functions, ready since this was built."""
+        """The functions (ready since this was built), with their threads' bound afresh."""
+        self.threads.open()
         return list(self.tools)
 
     async def close(self) -> None:
-        """Nothing to release."""
+        """Abandon the sync calls still running (logged with their number); nothing waits for them."""
+        self.threads.close()
 
 
 def _pydantic() -> Any:

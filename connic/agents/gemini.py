@@ -110,8 +110,20 @@ class GeminiAgent(Agent):
         self.streams: Any = None  # google-generativeai's threads (connic.agents._gemini_legacy)
 
     async def start(self) -> None:
-        """Start the tools and create the SDK client (the SDK is imported here, not before)."""
-        await self.toolbox.start()
+        """Start the tools and create the SDK client (the SDK is imported here, not before).
+
+        A failure closes what was started: the app closes only the agents whose start
+        succeeded, and an MCP server's process must not outlive a failed start.
+        """
+        try:
+            await self.toolbox.start()
+            self._create_client()
+        except BaseException:
+            await self.close()
+            raise
+
+    def _create_client(self) -> None:
+        """The SDK's client: google-genai's, or the legacy SDK configured and its threads ready."""
         if self.sdk == "google-genai":
             genai = importlib.import_module("google.genai")
             types = importlib.import_module("google.genai.types")

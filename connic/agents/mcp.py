@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from connic.agents.mcp_config import McpServerSpec, parse
-from connic.agents.tools import Tool
+from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def _reason(exc: BaseException, spec: McpServerSpec) -> str:
 
 
 class _StderrTail:
-    """A stdio server's stderr: each line logged, the last few kept for a start-up error."""
+    """A stdio server's stderr: each line logged at DEBUG, the last few kept for a start-up error."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -103,7 +103,8 @@ class _StderrTail:
     def _line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip()
         if line:
-            log.info('MCP server "%s" stderr: %s', self.label, line)
+            # DEBUG: a server's stderr may echo the arguments it was called with (message text).
+            log.debug('MCP server "%s" stderr: %s', self.label, line)
             self.lines.append(line[:300])
 
     def spawned(self) -> None:
@@ -323,7 +324,10 @@ class McpServers:
         return cls(specs)
 
     async def start(self) -> Sequence[Tool]:
-        """Start every server at once; any failure or a tool name offered twice is a :class:`ConfigError`."""
+        """Start every server at once and list their tools.
+
+        Any failure, a tool name offered twice, or a name no provider accepts is a :class:`ConfigError`.
+        """
         await self.close()
         self._servers = servers = [_Server(spec) for spec in self.specs]
         try:
@@ -339,6 +343,13 @@ class McpServers:
             for server, result in zip(servers, results, strict=True):
                 assert not isinstance(result, BaseException)
                 for tool in result:
+                    problem = name_problem(tool.name)
+                    if problem is not None:
+                        # Offered, it would make the provider refuse every request of the agent.
+                        raise ConfigError(
+                            f'MCP server "{server.spec.label}" ({server.spec.where}): '
+                            f"the tool name {shown_name(tool.name)} {problem}, so no model can be offered it"
+                        )
                     first = owners.setdefault(tool.name, server.spec)
                     if first is not server.spec:
                         raise ConfigError(

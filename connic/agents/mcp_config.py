@@ -19,7 +19,7 @@ import attrs
 from connic.errors import ConfigError
 from connic.registry import REFERENCE_BASE
 
-__all__ = ["CALL_TIMEOUT", "START_TIMEOUT", "McpServerSpec", "parse"]
+__all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse", "safe_url"]
 
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 120.0
@@ -27,6 +27,8 @@ _STDIO_KEYS = ("command", "args", "env", "cwd")
 _HTTP_KEYS = ("url", "headers")
 _COMMON_KEYS = ("start_timeout", "call_timeout")
 _ALL_KEYS = (*_STDIO_KEYS, *_HTTP_KEYS, *_COMMON_KEYS)
+KEYS = _ALL_KEYS
+"""Every key an ``mcp_servers`` entry may have (docs/mcp.md documents each)."""
 
 
 @attrs.frozen
@@ -47,22 +49,39 @@ class McpServerSpec:
     def label(self) -> str:
         """How errors and logs name the server: its command line, or its url."""
         if self.url is not None:
-            # Credentials in the URL (https://user:token@host/mcp) must not reach errors or logs.
-            parts = urlsplit(self.url)
-            if "@" in parts.netloc:
-                return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-            return self.url
+            return safe_url(self.url)
         return shlex.join([self.command or "", *self.args])
 
 
+def safe_url(url: str) -> str:
+    """``url`` fit for errors and logs: no credentials (``user:token@``), no query, no fragment.
+
+    Tokens travel in all three (``https://host/mcp?api_key=...``); the scheme, host and path
+    are enough to tell servers apart.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
+
+
 def _strings(value: object, where: str, what: str) -> None:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    # Only the offending item's place and type: args and env values carry tokens.
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected {what}, got {type(value).__name__}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: expected {what}, but item {index} is {type(item).__name__}")
 
 
 def _string_table(value: object, where: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise ConfigError(f"{where}: expected a table of strings, got {value!r}")
+    # The offending key and its value's type, never a value: env and headers are where secrets go.
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table of strings, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: expected a table of strings, but {key} is {type(item).__name__}")
     return {str(k): v for k, v in value.items()}
 
 
@@ -91,7 +110,8 @@ def _one(entry: object, where: str) -> McpServerSpec:
     if "command" in entry:
         command = entry["command"]
         if not isinstance(command, str) or not command.strip():
-            raise ConfigError(f"{where}.command: expected a non-empty string, got {command!r}")
+            got = "an empty string" if isinstance(command, str) else type(command).__name__
+            raise ConfigError(f"{where}.command: expected a non-empty string, got {got}")
         fields["command"] = command
         if "args" in entry:
             _strings(entry["args"], f"{where}.args", "an array of strings")
@@ -107,8 +127,10 @@ def _one(entry: object, where: str) -> McpServerSpec:
             fields["cwd"] = str(base / os.path.expanduser(cwd))
     else:
         url = entry["url"]
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {url!r}")
+        if not isinstance(url, str):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {type(url).__name__}")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL, got {safe_url(url)!r}")
         fields["url"] = url
         if "headers" in entry:
             fields["headers"] = _string_table(entry["headers"], f"{where}.headers")

@@ -78,8 +78,13 @@ class OpenAIAgent(Agent):
                 self.name,
                 self.options.base_url,
             )
-        await self.toolbox.start()
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
+        try:
+            await self.toolbox.start()
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.options.timeout))
+        except BaseException:
+            # The app closes only the agents whose start succeeded: close what started here.
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close the HTTP client session and the tools."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import attrs
 
 from connic.agent import ToolCall, ToolResult, Usage
+from connic.agents._tool_threads import DEFAULT_THREADS
 from connic.agents.tools import Tool, ToolSource
 from connic.config import positive
 from connic.errors import AgentError, ConfigError
@@ -43,7 +44,8 @@ class ToolOptions:
     ``tools``: functions by reference (``MODULE:NAME`` or ``FILE.py:NAME``);
     ``mcp_servers``: MCP servers whose tools the model may call (:mod:`connic.agents.mcp`);
     ``max_tool_rounds``: how many times in one turn the model may ask for tools;
-    ``tool_timeout``: seconds one tool call may take.
+    ``tool_timeout``: seconds one tool call may take;
+    ``tool_threads``: how many sync function tools of the agent may run at once (each in a thread).
     """
 
     tools: tuple[str, ...] = ()
@@ -51,6 +53,7 @@ class ToolOptions:
     mcp_servers: Any = ()
     max_tool_rounds: int = attrs.field(default=8, validator=_at_least_one)
     tool_timeout: float = attrs.field(default=60.0, validator=positive)
+    tool_threads: int = attrs.field(default=DEFAULT_THREADS, validator=positive)
 
     def tool_sources(self, agent: str) -> list[ToolSource]:
         """The :class:`ToolSource` s of ``agent``'s options (built now: a bad entry raises ConfigError)."""
@@ -59,7 +62,7 @@ class ToolOptions:
             # Imported here: the module needs pydantic, which an agent without tools does not.
             from connic.agents.functions import FunctionTools
 
-            sources.append(FunctionTools(self.tools, key="tools"))
+            sources.append(FunctionTools(self.tools, key="tools", threads=self.tool_threads, agent=agent))
         if self.mcp_servers:
             from connic.agents.mcp import McpServers
 
@@ -227,7 +230,11 @@ async def _run(call: Call, toolbox: Toolbox, limit: float, agent: str) -> Outcom
 
 
 def _failed(call: Call, exc: Exception, agent: str) -> Outcome:
-    # The model gets the error and may try something else; the log keeps the traceback.
-    log.warning("agent %s: tool %s failed", agent, call.name, exc_info=exc)
+    # The model gets the error and may try something else. The exception's text often quotes
+    # the arguments (an MCP server's error echoes them), so it is no log's business above
+    # DEBUG (issue 18: no message text at any level an operator keeps): WARNING says what
+    # failed and how, the text and the traceback are for debugging.
+    log.warning("agent %s: tool %s failed: %s", agent, call.name, type(exc).__name__)
+    log.debug("agent %s: tool %s failed", agent, call.name, exc_info=exc)
     text = str(exc)
     return Outcome(call, f"{type(exc).__name__}: {text}" if text else type(exc).__name__, is_error=True)

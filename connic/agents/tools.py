@@ -9,10 +9,43 @@ The model <-> tool loop of the built-in agents sees only :class:`Tool`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Tool", "ToolSource"]
+__all__ = ["MAX_NAME", "Tool", "ToolSource", "name_problem", "shown_name"]
+
+MAX_NAME = 64
+"""The longest tool name both providers accept."""
+
+# OpenAI takes ^[a-zA-Z0-9_-]{1,64}$ and refuses the whole request otherwise; Gemini wants a
+# letter or "_" first (then letters, digits, "_", ".", ":", "-", up to 128). Both: this.
+_FIRST = re.compile(r"[A-Za-z_]")
+_REST = re.compile(r"[A-Za-z0-9_-]")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a provider would refuse ``name`` as a tool's name (``"is longer than 64 characters"``), or None.
+
+    A name the model is offered must satisfy both providers' rules: letters, digits, ``_`` and
+    ``-``, a letter or ``_`` first, at most :data:`MAX_NAME` characters. Checked at start-up,
+    since one bad name makes the provider refuse every request of the agent.
+    """
+    if not name:
+        return "is empty"
+    if len(name) > MAX_NAME:
+        return f"is longer than {MAX_NAME} characters"
+    if not _FIRST.fullmatch(name[0]):
+        return "does not start with a letter or _"
+    for char in name:
+        if not _REST.fullmatch(char):
+            return f"has {char!r}: only letters, digits, _ and - are allowed"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """``name`` quoted for a one-line message, cut short when it is very long."""
+    return repr(name) if len(name) <= MAX_NAME + 8 else repr(name[:MAX_NAME]) + "..."
 
 
 @runtime_checkable
