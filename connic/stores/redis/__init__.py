@@ -22,7 +22,8 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
 background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
-across processes), :mod:`~connic.stores.redis.log` (the replay log),
+across processes), :mod:`~connic.stores.redis.limits` (the rate limit and connections
+per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON) and
 :mod:`~connic.stores.redis.scripts` (the Lua scripts).
 """
@@ -41,6 +42,7 @@ from connic.frames import MessageId
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis.cancels import Cancels
 from connic.stores.redis.connection import ms, ttl
+from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of, unfinished
 from connic.stores.redis.record import decode, encode
 
@@ -60,7 +62,7 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
-class RedisStore(Cancels, SessionStore):
+class RedisStore(Limits, Cancels, SessionStore):
     """Sessions in Redis: durable, resumable on any process that shares the server."""
 
     durable = True
@@ -72,12 +74,13 @@ class RedisStore(Cancels, SessionStore):
         url: str = "redis://127.0.0.1:6379/0"
         key_prefix: str = "connic:"
         timeout: float = attrs.field(default=2.0, validator=_positive)
+        connection_lease: float = attrs.field(default=10.0, validator=_positive)
 
     options: Options
 
     def __init__(self, options: Options | None = None) -> None:
         SessionStore.__init__(self, options if options is not None else RedisStore.Options())
-        Cancels.__init__(self)
+        Limits.__init__(self)  # and, through it, every other base but SessionStore
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- life cycle -------------------------------------------------------------

@@ -113,16 +113,17 @@ class Writer(Connection):
         self._deletes = {}
         waiters, self._waiters = self._waiters, []
         error: StoreUnavailable | None = None
-        if commands:
-            pipe = self._client().pipeline(transaction=False)
-            for sid, name, args in commands:
-                await self._scripts[name](keys=self._keys(sid), args=args, client=pipe)  # queued, no I/O
+        pipe = self._client().pipeline(transaction=False)
+        for sid, name, args in commands:
+            await self._scripts[name](keys=self._keys(sid), args=args, client=pipe)  # queued, no I/O
+        if self._limit_writes(pipe) or commands:
             try:
                 results = await self._call(pipe.execute(raise_on_error=False))
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
-            for (sid, name, _), result in zip(commands, results, strict=True):
+            # The limits' writes come last; their failures are left to their leases.
+            for (sid, name, _), result in zip(commands, results[: len(commands)], strict=True):
                 if isinstance(result, Exception):
                     log.warning("session %s: %s failed: %s", sid, name, result)
                     self._fail(sid)
@@ -135,11 +136,26 @@ class Writer(Connection):
                 else:
                     waiter.set_result(None)
 
+    def _limit_writes(self, pipe: Any) -> int:
+        """Queue the fleet-wide limits' writes on a batch's pipeline; how many (none here)."""
+        return 0
+
+    def _limit_lease(self) -> int | None:
+        """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
+        return None
+
+    async def _renew_limits(self) -> None:
+        """Renew the leases of the limits' entries this process holds (none here)."""
+
     async def _renewer(self) -> None:
-        """Renew the lease of every session live here, every third of its lease."""
+        """Renew the lease of every session and connection held here, every third of the shortest lease."""
         while True:
             leases = [lease for _, lease in self._fences.values()]
+            limit_lease = self._limit_lease()
+            if limit_lease is not None:
+                leases.append(limit_lease)
             await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
+            await self._renew_limits()
             owned = list(self._fences.items())
             if not owned:
                 continue
