@@ -1,0 +1,54 @@
+"""The ``redis`` store's replay log against a real ``redis-server`` (tests/redis_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import RedisServer, running_redis
+
+from connic.stores.redis import RedisStore
+from connic.stores.redis.log import RedisReplayLog
+
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    started = RedisStore(RedisStore.Options(url=redis_server.url))
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+async def test_since_is_not_spoiled_by_frames_numbered_while_it_reads(
+    redis_server: RedisServer, store: RedisStore
+) -> None:
+    # A resume on the process serving a live session: replay() holds the frames numbered
+    # from its start on, and asks the log for the ones before. A frame numbered while the
+    # log is read must not make the read look like a gap (it once answered recovered false).
+    log = RedisReplayLog(store, "s1", 100)
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        for seq in range(1, 6):
+            await client.xadd("connic:{s1}:log", {"f": f"frame {seq}"}, id=f"0-{seq}")
+    finally:
+        await client.aclose()
+    log.last = 5
+    reading = asyncio.create_task(log.since(3))
+    await asyncio.sleep(0)  # the read is under way (XRANGE sent)
+    log.append(6, "frame 6")  # the reply goes on meanwhile: the session holds it for the resume
+    assert await reading == ["frame 4", "frame 5"]
+    # A frame missing before the read started is a gap.
+    log.last = 7
+    assert await log.since(3) is None
