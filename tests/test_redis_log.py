@@ -1,4 +1,4 @@
-"""The ``redis`` store's replay log against a real ``redis-server`` (tests/redis_server.py)."""
+"""The ``redis`` store's replay log and connection pool against a real ``redis-server`` (tests/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer, running_redis
+from redis_server import RedisServer, running_redis, with_store
+from resume_helpers import Clients, ResumeSession
 
+from conftest import StartServer
 from connic.stores.redis import RedisStore
 from connic.stores.redis.log import RedisReplayLog
 
@@ -52,3 +54,15 @@ async def test_since_is_not_spoiled_by_frames_numbered_while_it_reads(
     # A frame missing before the read started is a gap.
     log.last = 7
     assert await log.since(3) is None
+
+
+async def test_more_handshakes_at_once_than_connections_in_the_pool_all_get_a_session(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # redis-py's pool refuses a call beyond its connections ("Too many connections") rather
+    # than waiting for one: a burst of handshakes once got store_unavailable instead of sessions.
+    server = await with_store(start_server, redis_server.url)()
+    async with Clients() as clients:
+        sessions = [ResumeSession(clients, server.url()) for _ in range(150)]
+        conns = await asyncio.gather(*(session.start() for session in sessions))
+    assert len({conn.connected["session_id"] for conn in conns}) == 150

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -57,7 +57,7 @@ _POLL = 0.05  # seconds between attempts to take a session another process still
 _FOLLOW_BLOCK_MS = 200  # the longest XREAD BLOCK while following: how soon a let-go session is taken
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
@@ -75,6 +75,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         key_prefix: str = "connic:"
         timeout: float = attrs.field(default=2.0, validator=_positive)
         connection_lease: float = attrs.field(default=10.0, validator=_positive)
+        max_connections: int = attrs.field(default=100, validator=_positive)
 
     options: Options
 

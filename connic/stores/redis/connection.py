@@ -43,23 +43,28 @@ class Connection:
         except ImportError:
             raise StoreUnavailable("[store] use = \"redis\" needs redis-py: pip install 'connic[redis]'") from None
         opts = self.options
-        try:
-            self._redis = aioredis.Redis.from_url(
+
+        def client(socket_timeout: float | None) -> Any:
+            # A pool that waits (within ``timeout``) for a free connection: redis-py's default one
+            # refuses a call beyond its 100 connections, and a burst of handshakes needs more at once.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 opts.url,
+                max_connections=opts.max_connections,
+                timeout=opts.timeout,
                 decode_responses=True,
                 encoding_errors="surrogatepass",  # JSON from a client may hold lone surrogates
-                socket_timeout=opts.timeout,
+                socket_timeout=socket_timeout,
                 socket_connect_timeout=opts.timeout,
             )
+            redis = aioredis.Redis(connection_pool=pool)
+            redis.auto_close_connection_pool = True  # aclose() closes the pool too
+            return redis
+
+        try:
+            self._redis = client(opts.timeout)
         except ValueError as exc:
             raise StoreUnavailable(f"[store] url {opts.url!r}: {exc}") from None
-        self._blocking = aioredis.Redis.from_url(
-            opts.url,
-            decode_responses=True,
-            encoding_errors="surrogatepass",
-            socket_timeout=None,
-            socket_connect_timeout=opts.timeout,
-        )
+        self._blocking = client(None)
         try:
             await self._call(self._redis.ping())
         except StoreUnavailable as exc:
