@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import websockets
 from redis_server import RedisServer, running_redis, with_store
 from resume_helpers import Clients, ResumeSession
 
@@ -66,3 +67,33 @@ async def test_more_handshakes_at_once_than_connections_in_the_pool_all_get_a_se
         sessions = [ResumeSession(clients, server.url()) for _ in range(150)]
         conns = await asyncio.gather(*(session.start() for session in sessions))
     assert len({conn.connected["session_id"] for conn in conns}) == 150
+
+
+async def test_the_writer_loads_its_scripts_again_when_redis_restarted_empty(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # The writer runs its scripts by SHA in pipelines; a restarted Redis has none of them.
+    server = await with_store(start_server, redis_server.url)()
+    async with Clients() as clients:
+        conn = await ResumeSession(clients, server.url()).start()
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": "one"}})
+        await conn.until_ended({"m1": ["assistant"]})
+        redis_server.stop()
+        redis_server.start()
+        for _ in range(100):
+            # Until the store has seen Redis back, a handshake gets 503, or store_unavailable
+            # from a pooled connection the restart closed: the client tries again.
+            session = ResumeSession(clients, server.url())
+            try:
+                conn = await session.start()
+                break
+            except (websockets.exceptions.InvalidStatus, AssertionError):
+                await asyncio.sleep(0.1)
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": "two"}})
+        await conn.until_ended({"m1": ["assistant"]})
+        assert await conn.barrier() == []  # still open: its frames were written
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert await client.xlen(f"connic:{{{session.session_id}}}:log") == session.transcript.last_seq
+        finally:
+            await client.aclose()

@@ -75,10 +75,12 @@ class Cancels(Writer):
         """Take the cancels waiting for these sessions and cancel their messages here."""
         prefix = self.options.key_prefix
         try:
-            pipe = self._client().pipeline(transaction=False)
-            for sid in session_ids:
-                await self._scripts["CANCELS"](keys=[scripts.cancel_key(prefix, sid)], client=pipe)
-            results = await self._call(pipe.execute(raise_on_error=False))
+
+            def build(pipe: Any) -> None:
+                for sid in session_ids:
+                    self._queue(pipe, "CANCELS", [scripts.cancel_key(prefix, sid)], [])
+
+            results = await self._pipeline(build)
         except StoreUnavailable as exc:
             log.warning("redis store: taking cancels failed: %s", exc.message)
             return

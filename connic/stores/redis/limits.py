@@ -98,11 +98,9 @@ class Limits(Writer):
             self._closed.append((key, ticket))
             self._kick()
 
-    def _limit_writes(self, pipe: Any) -> int:
+    def _counted_out(self) -> list[tuple[str, str]]:
         closed, self._closed = self._closed, []
-        for key, connection in closed:
-            pipe.zrem(key, connection)
-        return len(closed)
+        return closed
 
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None
@@ -115,10 +113,12 @@ class Limits(Writer):
         for connection, key in self._connections.items():
             by_address.setdefault(key, []).append(connection)
         lease = ms(self.options.connection_lease)
-        pipe = self._client().pipeline(transaction=False)
-        for key, connections in by_address.items():
-            await self._scripts["IP_RENEW"](keys=[key], args=[lease, *connections], client=pipe)
+
+        def build(pipe: Any) -> None:
+            for key, connections in by_address.items():
+                self._queue(pipe, "IP_RENEW", [key], [lease, *connections])
+
         try:
-            await self._call(pipe.execute(raise_on_error=False))
+            await self._pipeline(build)
         except StoreUnavailable as exc:
             log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.message)

@@ -1,11 +1,11 @@
 """The ``redis`` store's background writing: queued appends, saves and releases, and lease renewal.
 
 Appends, saves, releases and deletions are queued by the session core's synchronous
-calls and written by one task, one pipeline per round of the event loop, so a streamed
-reply never waits on a round trip per chunk. Another task renews this process's leases
-every third of a lease. A write that fails ends the session's connection with
-``store_unavailable`` (1011); a write refused for a lost lease stops this copy of the
-session at once (another process owns it now).
+calls and written by one task, one pipeline per round of the event loop (what every
+session queued meanwhile), so a streamed reply never waits on a round trip per chunk.
+Another task renews this process's leases every third of a lease. A write that fails
+ends the session's connection with ``store_unavailable`` (1011); a write refused for a
+lost lease stops this copy of the session at once (another process owns it now).
 """
 
 from __future__ import annotations
@@ -113,16 +113,20 @@ class Writer(Connection):
         self._deletes = {}
         waiters, self._waiters = self._waiters, []
         error: StoreUnavailable | None = None
-        pipe = self._client().pipeline(transaction=False)
-        for sid, name, args in commands:
-            await self._scripts[name](keys=self._keys(sid), args=args, client=pipe)  # queued, no I/O
-        if self._limit_writes(pipe) or commands:
+        counted_out = self._counted_out()
+
+        def build(pipe: Any) -> None:
+            for sid, name, args in commands:
+                self._queue(pipe, name, self._keys(sid), args)
+            for key, member in counted_out:  # last: their failures are left to their leases
+                pipe.zrem(key, member)
+
+        if commands or counted_out:
             try:
-                results = await self._call(pipe.execute(raise_on_error=False))
+                results = await self._pipeline(build)
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
-            # The limits' writes come last; their failures are left to their leases.
             for (sid, name, _), result in zip(commands, results[: len(commands)], strict=True):
                 if isinstance(result, Exception):
                     log.warning("session %s: %s failed: %s", sid, name, result)
@@ -136,9 +140,9 @@ class Writer(Connection):
                 else:
                     waiter.set_result(None)
 
-    def _limit_writes(self, pipe: Any) -> int:
-        """Queue the fleet-wide limits' writes on a batch's pipeline; how many (none here)."""
-        return 0
+    def _counted_out(self) -> list[tuple[str, str]]:
+        """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
+        return []
 
     def _limit_lease(self) -> int | None:
         """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
@@ -159,11 +163,13 @@ class Writer(Connection):
             owned = list(self._fences.items())
             if not owned:
                 continue
-            pipe = self._client().pipeline(transaction=False)
-            for sid, (fence, lease) in owned:
-                await self._scripts["RENEW"](keys=self._keys(sid), args=[fence, lease], client=pipe)
+
+            def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
+                for sid, (fence, lease) in owned:
+                    self._queue(pipe, "RENEW", self._keys(sid), [fence, lease])
+
             try:
-                results = await self._call(pipe.execute(raise_on_error=False))
+                results = await self._pipeline(build)
             except StoreUnavailable as exc:
                 log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.message)
                 continue
