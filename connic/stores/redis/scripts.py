@@ -73,11 +73,15 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return fence
 """
 
-# Take an existing session if nobody owns it. ARGV: lease ms.
-# Returns {0} when another process owns it, {-1} when it is gone, else
-# {fence, record, the newest logged seq}.
+# Take an existing session if nobody owns it. ARGV: lease ms, and optionally a seq.
+# Returns {0} when another process owns it (with the seq: {0, the logged entries after it},
+# so that a resume starts following the owner in the same round trip), {-1} when it is
+# gone, else {fence, record, the newest logged seq}.
 CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    if ARGV[2] then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
+    return {0}
+end
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
 local fence = redis.call('INCR', KEYS[2])
