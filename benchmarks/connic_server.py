@@ -2,6 +2,7 @@
 
     python benchmarks/connic_server.py --port 8080 --agent pace
     python benchmarks/connic_server.py --port 8080 --agent echo-slow --connector '{"resume_window": 60}'
+    python benchmarks/connic_server.py --port 8080 --agent echo --store '{"use": "redis", "url": "redis://127.0.0.1:6379/0"}'
 
 ``python -m connic run`` finds agents only through installed entry points, so the
 benchmarks that need an agent of their own (S7's history-reading agent,
@@ -45,8 +46,15 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
-def config(port: int, secret: str, agent: str, connector: dict[str, Any], telemetry: str = "auto") -> dict[str, Any]:
-    """The benchmark's configuration: run.py's S1 connector, plus ``connector``'s keys."""
+def config(
+    port: int,
+    secret: str,
+    agent: str,
+    connector: dict[str, Any],
+    store: dict[str, Any] | None = None,
+    telemetry: str = "auto",
+) -> dict[str, Any]:
+    """The benchmark's configuration: run.py's S1 connector, plus ``connector``'s keys; ``store`` (default memory)."""
     server = {"host": "127.0.0.1", "port": port, "max_connections": 0, "metrics": False, "playground": False}
     return {
         "server": {**server, "telemetry": telemetry},
@@ -62,7 +70,7 @@ def config(port: int, secret: str, agent: str, connector: dict[str, Any], teleme
                 **connector,
             }
         ],
-        "store": {"use": "memory"},
+        "store": store or {"use": "memory"},
     }
 
 
@@ -102,11 +110,17 @@ def main() -> None:
     parser.add_argument("--agent", choices=sorted(AGENTS), default="pace")
     parser.add_argument("--connector", default="{}", help="JSON object of extra connector keys")
     parser.add_argument("--telemetry", choices=("auto", "on", "off"), default="auto", help="[server] telemetry")
+    parser.add_argument("--store", default="{}", help='JSON object: the [store] table (default {"use": "memory"})')
     args = parser.parse_args()
     registry = connic.load_registry()
     registry.register("agents", "history_pace", HistoryPaceAgent)
-    settings = config(args.port, args.secret, args.agent, json.loads(args.connector), args.telemetry)
-    app = connic.create_app(settings, registry=registry)
+    store = json.loads(args.store)
+    if store.get("use") == "redis":
+        from connic.stores.redis import RedisStore  # an installed connic older than the store lacks its entry point
+
+        registry.register("stores", "redis", RedisStore)
+    data = config(args.port, args.secret, args.agent, json.loads(args.connector), store, args.telemetry)
+    app = connic.create_app(data, registry=registry)
 
     async def stats(_: web.Request) -> web.Response:
         return web.json_response(session_stats(app))

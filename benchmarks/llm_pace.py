@@ -23,6 +23,7 @@ import multiprocessing as mp
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,15 @@ def measure(
     processes: int = 2,
     prefill: int = PREFILL,
     stats_port: int | None = None,
+    cpu: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """S7 against the server at ``url`` (process ``pid``): CPU per turn and turn latencies.
 
     With ``stats_port`` (the in-process connic), also the replay logs' encoded bytes per frame.
+    ``cpu`` reads the CPU seconds to count (default: process ``pid``'s own; e.g. a whole
+    ``--workers`` tree, or connic plus its Redis).
     """
+    read_cpu = cpu if cpu is not None else (lambda: servers.cpu_seconds(pid))
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         ready, done, go, release = manager.Queue(), manager.Queue(), manager.Event(), manager.Event()
@@ -117,10 +122,10 @@ def measure(
             worker.start()
         try:
             held = sum(ready.get(timeout=600) for _ in workers)
-            cpu0, wall0 = servers.cpu_seconds(pid), time.monotonic()
+            cpu0, wall0 = read_cpu(), time.monotonic()
             go.set()
             results = [done.get(timeout=600) for _ in workers]
-            cpu1, wall1 = servers.cpu_seconds(pid), time.monotonic()
+            cpu1, wall1 = read_cpu(), time.monotonic()
             log = servers.stats(stats_port) if stats_port is not None else None
         finally:
             release.set()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import sys
@@ -103,7 +104,10 @@ async def _open_raw(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebS
     return await http.ws_connect(url, autoping=True, max_msg_size=0)
 
 
-async def _client(url: str, n: int, min_chunks: int, gap: float, preconnect: bool, barrier: Any) -> dict[str, Any]:
+async def _client(
+    url: str, n: int, min_chunks: int, gap: float, preconnect: bool, barrier: Any, resume_url: str | None = None
+) -> dict[str, Any]:
+    resume_url = resume_url or url  # where the sessions resume: the same process, or another one
     async with loadgen._session() as http:
         old: list[aiohttp.ClientWebSocketResponse] = []
         sessions: list[_Session] = []
@@ -116,7 +120,7 @@ async def _client(url: str, n: int, min_chunks: int, gap: float, preconnect: boo
         spare: list[aiohttp.ClientWebSocketResponse] = []
         if preconnect:  # handshakes done now; the server waits auth_timeout (10 s) for their first frame
             for i in range(0, n, 250):
-                spare += await asyncio.gather(*(_open_raw(http, url) for _ in range(min(250, n - i))))
+                spare += await asyncio.gather(*(_open_raw(http, resume_url) for _ in range(min(250, n - i))))
         await asyncio.to_thread(barrier.wait, 120)
 
         async def read_old(ws: aiohttp.ClientWebSocketResponse, s: _Session) -> None:
@@ -142,7 +146,7 @@ async def _client(url: str, n: int, min_chunks: int, gap: float, preconnect: boo
 
         async def resume(s: _Session, ws: aiohttp.ClientWebSocketResponse | None, frame: str) -> None:
             if ws is None:
-                ws = await _open_raw(http, url)
+                ws = await _open_raw(http, resume_url)
             s.sent_at = time.perf_counter()
             await ws.send_str(frame)
             msg = await ws.receive()
@@ -205,22 +209,36 @@ def _worker(*args: Any) -> dict[str, Any]:
 
 
 def measure(
-    sessions: int, preconnect: bool, processes: int = 2, min_chunks: int = 5, gap: float = 0.2
+    sessions: int,
+    preconnect: bool,
+    processes: int = 2,
+    min_chunks: int = 5,
+    gap: float = 0.2,
+    store: dict[str, Any] | None = None,
+    other: bool = False,
 ) -> dict[str, Any]:
-    """S8 on a fresh connic (echo agent, 50 ms per word); latencies in ms, problems listed."""
+    """S8 on a fresh connic (echo agent, 50 ms per word); latencies in ms, problems listed.
+
+    ``store``: the ``[store]`` table (default memory). ``other``: two connic processes on that
+    store (it must be shared, e.g. redis); the sessions start on the first and resume on the second.
+    """
     ctx = mp.get_context("spawn")
     share = [sessions // processes + (1 if i < sessions % processes else 0) for i in range(processes)]
     share = [n for n in share if n]
-    with servers.connic_inprocess("echo-slow") as (url, _, _), ctx.Manager() as manager:
+    with contextlib.ExitStack() as stack:
+        url, _, _ = stack.enter_context(servers.connic_inprocess("echo-slow", store=store))
+        resume_url = stack.enter_context(servers.connic_inprocess("echo-slow", store=store))[0] if other else url
+        manager = stack.enter_context(ctx.Manager())
         barrier = manager.Barrier(len(share))
         with ctx.Pool(len(share)) as pool:
-            results = pool.starmap(_worker, [(url, n, min_chunks, gap, preconnect, barrier) for n in share])
+            args = [(url, n, min_chunks, gap, preconnect, barrier, resume_url) for n in share]
+            results = pool.starmap(_worker, args)
     connected = [t * 1000 for r in results for t in r["connected"]]
     replayed = [t * 1000 for r in results for t in r["first_replayed"]]
     live = [t * 1000 for r in results for t in r["first_live"]]
     problems = [p for r in results for p in r["problems"]]
     return {
-        "mode": "preconnected" if preconnect else "reconnect",
+        "mode": ("preconnected" if preconnect else "reconnect") + (", other process" if other else ""),
         "sessions": sum(r["sessions"] for r in results),
         "complete": sum(r["complete"] for r in results),
         "problems": problems[:5],

@@ -3,6 +3,7 @@
     python benchmarks/run.py                     # full run (about 25 minutes)
     python benchmarks/run.py --quick             # shorter runs, fewer repetitions, smaller sizes
     python benchmarks/run.py --only S1,S2,S7,S8  # some scenarios (M: the memory figures)
+    python benchmarks/run.py --only R1,R7,R8,W2,RM --quick   # the redis store and --workers
     python benchmarks/run.py --profile           # S1 against connic under cProfile; prints the hot spots
 
 Scenarios (see docs/performance.md): S1 streaming echo of a 20-word message at 50 connections
@@ -12,7 +13,10 @@ connection setup rate; S6 start-up time of `python -m connic run` until it accep
 S7 "LLM pace": 1,000 sessions, 20 chunks 50 ms apart from an agent reading a 50-entry history
 each turn (server CPU per turn, turn latency; llm_pace.py); S8 1,000 sessions dropped
 mid-stream and resumed at once (resume.py); M memory per idle attached and detached session and
-the replay log's bytes per frame (memory.py).
+the replay log's bytes per frame (memory.py). With the redis store (redis_fleet.py, each with a
+redis-server of its own): R1 S1 on redis vs memory; R7 S7 CPU per turn on redis vs memory; R8
+S8 resumed on the other of two processes; W2 `--workers 2` vs 1 on S2 and S7; RM Redis memory
+per session and per replay frame.
 Servers run as subprocesses on 127.0.0.1; everything is stopped at the end, even on Ctrl+C.
 """
 
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_pace
 import loadgen
 import memory
+import redis_fleet
 import resume
 import servers
 from servers import free_port, rss_kib, wait_for_port
@@ -48,7 +53,7 @@ from servers import free_port, rss_kib, wait_for_port
 HERE = Path(__file__).resolve().parent
 SECRET = servers.SECRET
 SERVERS = ("connic", "aiohttp", "websockets")
-SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "M")
+SCENARIOS = ("S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8", "M", *redis_fleet.SCENARIOS)
 
 
 def connic_config(port: int, streaming: bool) -> str:
@@ -244,6 +249,8 @@ def scenarios(quick: bool, only: set[str], sessions: int | None = None) -> dict[
         record("connic", "M replay log bytes/frame (encoded)", log["log_bytes_per_frame"])
         record("connic", "M replay log bytes/frame (in memory)", log["log_memory_per_frame"])
         record("connic", "M RSS bytes per logged frame (with history)", log["rss_per_frame"])
+    if only & set(redis_fleet.SCENARIOS):
+        redis_fleet.record(results, redis_fleet.measure(only & set(redis_fleet.SCENARIOS), quick, sessions))
     return results
 
 
@@ -280,7 +287,7 @@ def table(results: dict[str, Any]) -> str:
             )
             lines.append(f"- {key}: {rounds}")
     lines += ["", "Against the targets:", *targets(results)]
-    for key in ("S7", "S8", "M"):
+    for key in ("S7", "S8", "M", *redis_fleet.SCENARIOS):
         if key in meta:
             lines += ["", f"{key} in full:", json.dumps(meta[key], indent=1, default=str)]
     return "\n".join(lines)
@@ -326,7 +333,7 @@ def targets(results: dict[str, Any]) -> list[str]:
         if key.startswith("M KB per detached session, empty"):
             v = median(connic[key])
             lines.append(f"- {key}: {v:.1f} (target <= 20): {'met' if v <= 20 else 'MISSED'}")
-    return lines
+    return lines + redis_fleet.targets(connic)
 
 
 def machine() -> str:

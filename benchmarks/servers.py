@@ -53,9 +53,9 @@ def wait_for_port(port: int, timeout: float = 20.0) -> float:
 
 
 @contextlib.contextmanager
-def serve(cmd: list[str], port: int) -> Iterator[int]:
-    """Run ``cmd`` (a server listening on ``port``) until the block ends; yields its pid."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=raise_fd_limit)
+def serve(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Run ``cmd`` (a server listening on ``port``) until the block ends; yields its pid. ``env``: its environment."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=raise_fd_limit, env=env)
     try:
         try:
             wait_for_port(port)
@@ -74,11 +74,14 @@ def serve(cmd: list[str], port: int) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def connic_inprocess(agent: str, **connector: Any) -> Iterator[tuple[str, int, int]]:
+def connic_inprocess(
+    agent: str, *, store: dict[str, Any] | None = None, **connector: Any
+) -> Iterator[tuple[str, int, int]]:
     """connic with the benchmarks' own agents (benchmarks/connic_server.py); yields (url, port, pid).
 
     ``agent`` is ``pace`` (benchmarks/pace_agent.py), ``echo`` or ``echo-slow`` (the echo agent,
-    50 ms before each word): see connic_server.py. ``connector`` adds keys to the connector table.
+    50 ms before each word): see connic_server.py. ``connector`` adds keys to the connector table;
+    ``store`` is the ``[store]`` table (default: the memory store).
     """
     port = free_port()
     cmd = [
@@ -90,6 +93,8 @@ def connic_inprocess(agent: str, **connector: Any) -> Iterator[tuple[str, int, i
         agent,
         "--connector",
         json.dumps(connector),
+        "--store",
+        json.dumps(store or {}),
     ]
     with serve(cmd, port) as pid:
         yield f"ws://127.0.0.1:{port}/ws", port, pid
@@ -117,6 +122,28 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it (``--workers N``: the parent and its workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    found = [pid]
+    for parent in found:
+        found += [child for child, ppid in parents.items() if ppid == parent]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of ``pid`` and every process under it."""
+    total = 0.0
+    for each in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(each)
+    return total
 
 
 def cpu_seconds(pid: int) -> float:

@@ -33,9 +33,10 @@ from connic.errors import (
     ServerShuttingDown,
     SessionExpired,
     SessionTakenOver,
+    StoreUnavailable,
     UnknownAgent,
 )
-from connic.flow import Flag, TokenBucket
+from connic.flow import Flag
 from connic.frames import Ack, ErrorFrame, MessageFrame, MessageId, encode, sequenced
 from connic.frames import History as HistoryFrame
 from connic.history import History
@@ -108,7 +109,7 @@ class ChatSession:
         self.limit_reached = False
         self.idle = Flag(True)  # nothing queued or being answered
         limit = opts.rate_limit
-        self.bucket = TokenBucket(limit.messages, limit.per) if limit is not None else None
+        self.bucket = sessions.store.rate_bucket(session_id, limit.messages, limit.per) if limit is not None else None
         self._loop = asyncio.get_running_loop()
         self.last_activity = self._loop.time()  # when a message last came in or was answered
         self._detached_at = 0.0  # when the resume window started
@@ -269,7 +270,7 @@ class ChatSession:
 
     # --- messages -------------------------------------------------------------
 
-    def admit(self, frame: MessageFrame) -> None:
+    async def admit(self, frame: MessageFrame) -> None:
         """Accept a message (ack it and queue it) or refuse it with a sequenced error frame."""
         sessions = self.sessions
         opts = sessions.options
@@ -285,7 +286,17 @@ class ChatSession:
                 self.end(MessageLimitReached(), notify=False)
             return
         if self.bucket is not None:
-            wait = self.bucket.take()
+            try:
+                wait = await self.bucket.acquire()  # a shared store's bucket answers over the network
+            except StoreUnavailable as exc:
+                if self.sink is not None:
+                    self.sink.end(exc, True)  # not acked: the client sends it again once resumed
+                return
+            if self.state is SessionState.ENDED:
+                return  # ended (or moved to another process) meanwhile: its connection is closing
+            if sessions.draining:
+                self.refuse(ServerShuttingDown("the server is shutting down"), frame.id)
+                return
             if wait:
                 sessions.metrics.rate_limited.inc(sessions.label)
                 retry_after = math.ceil(wait * 1000) / 1000  # never 0: that would say "retry now"
@@ -314,6 +325,7 @@ class ChatSession:
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
         self._send_nowait(encode(Ack(message_id, self.count)))
+        sessions.store.save(self)  # a shared store: the count holds even if this process dies next
 
     def refuse(self, error: ConnicError, message_id: MessageId | None) -> None:
         """Refuse one message with an error frame, sequenced when it names the message."""

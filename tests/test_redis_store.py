@@ -411,10 +411,12 @@ async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redi
     assert len(lines) == 1 and "[store] url" in lines[0] and url in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("connector", [{}, {"rate_limit": {"messages": 10, "per": 1}}], ids=["plain", "rate_limit"])
 async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_then_recovers(
-    redis_server: RedisServer, start_server: StartServer, clients: Clients
+    redis_server: RedisServer, start_server: StartServer, clients: Clients, connector: dict[str, Any]
 ) -> None:
-    server = await process(start_server, redis_server.url)
+    # With a rate limit the message's token is taken in Redis before it is accepted: that call fails instead.
+    server = await process(start_server, redis_server.url, connector=connector)
     session = ResumeSession(clients, server.url())
     conn = await session.start()
     await chat(conn, "m1", "one")

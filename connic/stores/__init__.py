@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
 from connic.agent import HistoryEntry
+from connic.flow import TokenBucket
 from connic.frames import MessageId
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["Follow", "ReplayLog", "SessionRecord", "SessionStore"]
+__all__ = ["Follow", "LocalRateBucket", "RateBucket", "ReplayLog", "SessionRecord", "SessionStore"]
 
 Follow = Callable[[list[str] | None, int], None]
 """Where :meth:`SessionStore.take` hands the frames another process logs while it waits.
@@ -75,6 +76,27 @@ class ReplayLog(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> tuple[int, int]:
         """How many frames the log holds, and their encoded size in bytes."""
+
+
+class RateBucket(Protocol):
+    """A session's ``rate_limit``: a token bucket, kept where the store keeps the session."""
+
+    async def acquire(self) -> float:
+        """Take a token: 0.0 when the message may go on, else the seconds until a token is available.
+
+        Raises :class:`~connic.errors.StoreUnavailable` when the store cannot say.
+        """
+        ...
+
+
+class LocalRateBucket(TokenBucket):
+    """The bucket of a session kept in this process only: :class:`~connic.flow.TokenBucket`, never waiting."""
+
+    __slots__ = ()
+
+    async def acquire(self) -> float:
+        """Take a token (:meth:`TokenBucket.take`)."""
+        return self.take()
 
 
 class SessionStore:
@@ -159,6 +181,28 @@ class SessionStore:
         Only a store shared between processes has anything to do: the default does nothing
         (a session is never answered by another process).
         """
+
+    def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
+        """The session's ``rate_limit`` bucket: ``messages`` tokens, refilled over ``per`` seconds.
+
+        The default keeps it in this process; a store shared between processes keeps it
+        with the session, so that a session moving to another process keeps its tokens.
+        """
+        return LocalRateBucket(messages, per)
+
+    async def admit_connection(self, address: str, limit: int) -> str | None:
+        """Count a connection from ``address`` against ``max_connections_per_ip`` (``limit`` > 0).
+
+        Returns a ticket to hand to :meth:`release_connection` when the connection ends,
+        or None when ``address`` has ``limit`` connections open already. Raises
+        :class:`~connic.errors.StoreUnavailable` when the store cannot say. The default
+        counts nothing (the process's own :class:`~connic.gate.ConnectionGate` does);
+        a store shared between processes counts the connections of every process.
+        """
+        return ""
+
+    def release_connection(self, ticket: str) -> None:
+        """The connection :meth:`admit_connection` counted in has ended (a no-op for ``""``)."""
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:
         """A new, empty replay log for a session, keeping at most ``capacity`` frames."""

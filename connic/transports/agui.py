@@ -364,7 +364,7 @@ class AguiTransport(Transport):
             await response.prepare(request)
             sink.start(events.started())
             if session.sink is runs:
-                session.admit(frame)
+                await session.admit(frame)
             else:
                 sink.fail(SessionTakenOver("another connection took this thread over; run again"))
             await sink.stream(response)

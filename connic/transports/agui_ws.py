@@ -257,7 +257,7 @@ class WSBinding:
             self._error(InvalidMessage(f"run {run.run_id!r} is already under way"))
             return
         self.runs[frame.id] = self._events(run.run_id)
-        session.admit(frame)
+        await session.admit(frame)
 
     def _cancel(self, run_id: Any) -> None:
         session = self.session

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig, in_range, non_negative, positive
-from connic.errors import ConfigError, Unauthorized
+from connic.errors import ConfigError, StoreUnavailable, Unauthorized
 from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
@@ -270,7 +270,9 @@ class WebSocketTransport(Transport):
                 raise web.HTTPServiceUnavailable(text="too many connections\n", headers={"Retry-After": "5"})
             raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
         conn: Connection | None = None
+        ticket: str | None = None
         try:
+            ticket = await self._admit_fleet(peer, path)
             await ws.prepare(request)
             conn = Connection(self, ws, request)
             self.connections.add(conn)
@@ -282,11 +284,34 @@ class WebSocketTransport(Transport):
                 self.connections.discard(conn)
                 self.unauthenticated.pop(conn, None)
             self.gate.leave(slot)
+            if ticket:
+                self.store.release_connection(ticket)
             # A 4001 without a wrong secret compared (none given, a message first) fails too.
             if conn is not None and conn.writer.close_code == Unauthorized.close_code and not handshake.counted:
                 handshake.counted = True
                 self.throttle.failed(peer)
         return ws
+
+    async def _admit_fleet(self, peer: str, path: str) -> str:
+        """Count the connection in ``max_connections_per_ip`` across every process sharing the store.
+
+        Its ticket for :meth:`SessionStore.release_connection` (empty: nothing to release);
+        raises the 429 over the cap, or the 503 when the store cannot say.
+        """
+        limit = self.gate.max_per_ip
+        if not limit:
+            return ""
+        try:
+            ticket = await self.store.admit_connection(peer, limit)
+        except StoreUnavailable:
+            self.metrics.refused.inc(path, "503")
+            raise web.HTTPServiceUnavailable(
+                text="the session store cannot be reached\n", headers={"Retry-After": "5"}
+            ) from None
+        if ticket is None:
+            self.metrics.refused.inc(path, "429")
+            raise web.HTTPTooManyRequests(text="too many connections from your address\n", headers={"Retry-After": "5"})
+        return ticket
 
     def authenticated(self, conn: Connection) -> None:
         """``conn`` has authenticated: it no longer counts against ``max_unauthenticated``."""

@@ -477,7 +477,7 @@ class Connection:
             return
         if type(frame) is MessageFrame:
             self.fresh = False
-            session.admit(frame)
+            await session.admit(frame)
             if session.queue_full:
                 # A client that pipelines messages: let the answering task take what it
                 # can without waiting (a quick agent answers them all) before reading on.

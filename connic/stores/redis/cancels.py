@@ -14,35 +14,24 @@ import contextlib
 import json
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores.redis import scripts
-
-if TYPE_CHECKING:
-    from connic.session import ChatSession
+from connic.stores.redis.writer import Writer
 
 __all__ = ["Cancels"]
 
 log = logging.getLogger("connic.stores.redis")
 
 
-class Cancels:
-    """What :class:`~connic.stores.redis.RedisStore` does with cancels (a mixin of it)."""
+class Cancels(Writer):
+    """What :class:`~connic.stores.redis.RedisStore` does with cancels (a base class of it)."""
 
-    options: Any
-    _blocking: Any
-    _scripts: dict[str, Any]
-    _live: dict[str, ChatSession]
-    _fences: dict[str, tuple[int, int]]
-    _cancelling: set[asyncio.Task[None]]
-
-    def _client(self) -> Any:
-        raise NotImplementedError
-
-    async def _call(self, call: Any, seconds: float | None = None) -> Any:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        super().__init__()
+        self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
 
     def cancel(self, session_id: str, message_id: MessageId) -> None:
         """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
@@ -86,10 +75,12 @@ class Cancels:
         """Take the cancels waiting for these sessions and cancel their messages here."""
         prefix = self.options.key_prefix
         try:
-            pipe = self._client().pipeline(transaction=False)
-            for sid in session_ids:
-                await self._scripts["CANCELS"](keys=[scripts.cancel_key(prefix, sid)], client=pipe)
-            results = await self._call(pipe.execute(raise_on_error=False))
+
+            def build(pipe: Any) -> None:
+                for sid in session_ids:
+                    self._queue(pipe, "CANCELS", [scripts.cancel_key(prefix, sid)], [])
+
+            results = await self._pipeline(build)
         except StoreUnavailable as exc:
             log.warning("redis store: taking cancels failed: %s", exc.message)
             return

@@ -39,10 +39,13 @@ class RedisReplayLog(ReplayLog):
     async def since(self, seq: int) -> list[str] | None:
         """The frames numbered above ``seq`` (XRANGE); None when the first of them was trimmed."""
         store = self._store
+        # The frames numbered from now on are held by the session for the resume (ChatSession.replay):
+        # the log must hold those up to here; the ones logged meanwhile may come too (they are skipped).
+        last = self.last
         await store.flush()
         entries = await store._call(store._client().xrange(store._keys(self.session_id)[3], f"0-{seq + 1}", "+"))
         frames = frames_after(entries, seq)  # None if trimmed, or a write lost while Redis was down
-        if frames is None or seq + len(frames) < self.last:
+        if frames is None or seq + len(frames) < last:
             return None  # never a gap
         return frames
 

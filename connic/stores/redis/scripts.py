@@ -1,9 +1,10 @@
 """The Lua scripts of the ``redis`` store: each checks ownership and writes in one atomic step.
 
 Every key a script touches belongs to one session and shares its hash tag
-(``{prefix}{<session id>}:...``), so the scripts also run on Redis Cluster. Only
-commands Valkey also has are used. ``KEYS`` are, in order, the session's
-ownership key, fencing counter, record and replay log (:func:`session_keys`).
+(``{prefix}{<session id>}:...``), or to one client address (``IP_*``), so the
+scripts also run on Redis Cluster. Only commands Valkey also has are used. Unless
+a script says otherwise, ``KEYS`` are, in order, the session's ownership key,
+fencing counter, record and replay log (:func:`session_keys`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ __all__ = [
     "CLAIM",
     "CREATE",
     "DELETE",
+    "IP_ENTER",
+    "IP_RENEW",
     "RELEASE",
     "RENEW",
     "SAVE",
+    "TAKE",
+    "address_key",
     "cancel_channel",
     "cancel_key",
+    "rate_key",
     "session_keys",
 ]
 
@@ -32,6 +38,16 @@ def session_keys(prefix: str, session_id: str) -> list[str]:
 def cancel_key(prefix: str, session_id: str) -> str:
     """The set of ``cancel`` ids (JSON) other processes passed to the session's owner."""
     return f"{prefix}{{{session_id}}}:cancel"
+
+
+def rate_key(prefix: str, session_id: str) -> str:
+    """The session's token bucket (``rate_limit``): a hash of its tokens and when they were counted."""
+    return f"{prefix}{{{session_id}}}:rate"
+
+
+def address_key(prefix: str, address: str) -> str:
+    """The sorted set of the connections open from one client address, on every process, by lease deadline."""
+    return f"{prefix}ip:{{{address}}}"
 
 
 def cancel_channel(prefix: str) -> str:
@@ -57,11 +73,15 @@ redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
 return fence
 """
 
-# Take an existing session if nobody owns it. ARGV: lease ms.
-# Returns {0} when another process owns it, {-1} when it is gone, else
-# {fence, record, the newest logged seq}.
+# Take an existing session if nobody owns it. ARGV: lease ms, and optionally a seq.
+# Returns {0} when another process owns it (with the seq: {0, the logged entries after it},
+# so that a resume starts following the owner in the same round trip), {-1} when it is
+# gone, else {fence, record, the newest logged seq}.
 CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    if ARGV[2] then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
+    return {0}
+end
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
 local fence = redis.call('INCR', KEYS[2])
@@ -113,5 +133,55 @@ return 1
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 1
+"""
+
+
+# Take a token from the session's rate limit bucket, only while this fencing token owns the session.
+# KEYS: the ownership key, the bucket. ARGV: fence, capacity (messages), refill period ms.
+# Returns 0 when a token was taken, the ms until one is available, or -1 when another
+# process owns the session. The bucket is counted on Redis's clock (TIME), the same for
+# every process; a full bucket is no key at all (it expires once it would have refilled).
+TAKE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.replicate_commands then redis.replicate_commands() end
+local capacity = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+local tokens = capacity
+local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
+if state[1] and state[2] then
+    tokens = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period)
+end
+if tokens < 1 then return math.max(1, math.ceil((1 - tokens) * period / capacity)) end
+redis.call('HSET', KEYS[2], 'tokens', string.format('%.17g', tokens - 1), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[2], math.ceil(period))
+return 0
+"""
+
+# Count a connection from one address in, unless the address has ``limit`` open already.
+# KEYS: the address's set. ARGV: limit, lease ms, the connection's id. Entries whose
+# lease ran out (their process died) are dropped first. Returns 1 if counted in, else 0.
+IP_ENTER = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# Renew the leases of this process's connections from one address. KEYS: the address's set.
+# ARGV: lease ms, then the connections' ids. An entry already dropped (its lease ran out
+# while Redis was unreachable) is not added again: a count may fall short, never stay high.
+IP_RENEW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local deadline = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """

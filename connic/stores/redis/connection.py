@@ -1,0 +1,188 @@
+"""The ``redis`` store's connection to Redis: its two clients, bounded calls, and whether Redis is up.
+
+Every call to Redis goes through :meth:`Connection._call`: it is bounded by the store's
+``timeout`` and turns any failure into :class:`~connic.errors.StoreUnavailable`, so a
+failing Redis never raises anything else into the session core. A failed call (other
+than an error reply) marks Redis down; :meth:`Connection.available` then pings before
+each handshake until it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from connic.errors import StoreUnavailable
+from connic.stores.redis import scripts
+
+if TYPE_CHECKING:
+    from connic.session import ChatSession
+
+__all__ = ["SCRIPTS", "Connection", "ms", "ttl", "ttl_seconds"]
+
+SCRIPTS = ("APPEND", "CANCELS", "CLAIM", "CREATE", "DELETE", "IP_ENTER", "IP_RENEW", "RELEASE", "RENEW", "SAVE", "TAKE")
+"""The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
+
+
+class Connection:
+    """The clients and the bounded call every part of :class:`~connic.stores.redis.RedisStore` shares."""
+
+    options: Any
+
+    def __init__(self) -> None:
+        self._redis: Any = None
+        self._blocking: Any = None  # XREAD BLOCK, pub/sub: no socket timeout (redis-py's would cut a block short)
+        self._scripts: dict[str, Any] = {}
+        self._down = False  # the last call to Redis got no answer (available() then pings)
+        self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+
+    async def connect(self) -> None:
+        """Make both clients and check that Redis answers; StoreUnavailable naming ``[store] url`` if not."""
+        try:
+            import redis.asyncio as aioredis  # here: the core never needs redis-py
+        except ImportError:
+            raise StoreUnavailable("[store] use = \"redis\" needs redis-py: pip install 'connic[redis]'") from None
+        opts = self.options
+
+        def client(socket_timeout: float | None) -> Any:
+            # A pool that waits (within ``timeout``) for a free connection: redis-py's default one
+            # refuses a call beyond its 100 connections, and a burst of handshakes needs more at once.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                opts.url,
+                max_connections=opts.max_connections,
+                timeout=opts.timeout,
+                decode_responses=True,
+                encoding_errors="surrogatepass",  # JSON from a client may hold lone surrogates
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=opts.timeout,
+            )
+            redis = aioredis.Redis(connection_pool=pool)
+            redis.auto_close_connection_pool = True  # aclose() closes the pool too
+            return redis
+
+        try:
+            self._redis = client(opts.timeout)
+        except ValueError as exc:
+            raise StoreUnavailable(f"[store] url {opts.url!r}: {exc}") from None
+        self._blocking = client(None)
+        try:
+            await self._call(self._redis.ping())
+        except StoreUnavailable as exc:
+            await self.disconnect()
+            raise StoreUnavailable(f"[store] url {opts.url!r}: cannot reach Redis ({exc.message})") from None
+        self._scripts = {name: self._redis.register_script(getattr(scripts, name)) for name in SCRIPTS}
+
+        def load(pipe: Any) -> None:
+            for script in self._scripts.values():
+                pipe.script_load(script.script)
+
+        try:
+            await self._pipeline(load)
+        except StoreUnavailable as exc:
+            await self.disconnect()
+            raise StoreUnavailable(f"[store] url {opts.url!r}: cannot load the scripts ({exc.message})") from None
+
+    def _queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Queue script ``name`` on ``pipe`` by its SHA (EVALSHA).
+
+        Not through redis-py's Script on a pipeline: that costs a SCRIPT EXISTS round trip
+        before every pipeline, doubling the round trips of the background writer.
+        """
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+
+    async def _pipeline(self, build: Callable[[Any], None], seconds: float | None = None) -> list[Any]:
+        """Execute the pipeline ``build`` queues (errors in the results); StoreUnavailable if Redis fails.
+
+        When Redis lost its scripts (it restarted), they are loaded again and the pipeline
+        built and executed once more.
+        """
+        import redis.exceptions
+
+        for attempt in (1, 2):
+            pipe = self._client().pipeline(transaction=False)
+            build(pipe)
+            results: list[Any] = await self._call(pipe.execute(raise_on_error=False), seconds)
+            if attempt == 2 or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                break
+            load = self._client().pipeline(transaction=False)
+            for script in self._scripts.values():
+                load.script_load(script.script)
+            await self._call(load.execute())
+        return results
+
+    async def disconnect(self) -> None:
+        """Close both clients."""
+        redis, blocking = self._redis, self._blocking
+        self._redis = self._blocking = None
+        if redis is not None:
+            await redis.aclose()
+        if blocking is not None:
+            await blocking.aclose()
+
+    async def available(self) -> bool:
+        """True unless the last call to Redis failed and a ping (≤ 1 s) still gets no answer.
+
+        While Redis is up this costs nothing; while it is down, handshakes arriving together
+        share one ping (a burst of them does not become a burst of pings).
+        """
+        if not self._down:
+            return True
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._ping())
+        return await asyncio.shield(self._checking)
+
+    async def _ping(self) -> bool:
+        try:
+            await self._call(self._client().ping(), min(self.options.timeout, 1.0))
+        except StoreUnavailable:
+            return False
+        return True
+
+    def _client(self) -> Any:
+        if self._redis is None:
+            raise StoreUnavailable("the redis store is not started")
+        return self._redis
+
+    def _keys(self, session_id: str) -> list[str]:
+        return scripts.session_keys(self.options.key_prefix, session_id)
+
+    async def _call(self, call: Any, seconds: float | None = None) -> Any:
+        """Await one Redis call within ``seconds`` (default: ``timeout``); any failure is StoreUnavailable."""
+        import redis.exceptions  # imported by connect() already
+
+        timeout = self.options.timeout if seconds is None else seconds
+        try:
+            async with asyncio.timeout(timeout):
+                result = await call
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turns a cancellation into a connection error (and asyncio.timeout may
+                # take one for its own): the caller was cancelled, so it must stop.
+                raise asyncio.CancelledError from None
+            # An error reply means Redis is up; anything else: handshakes are refused (503) till it answers.
+            self._down = not isinstance(exc, redis.exceptions.ResponseError)
+            if isinstance(exc, TimeoutError):
+                raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
+            raise StoreUnavailable(f"Redis failed: {exc}") from None
+        self._down = False
+        return result
+
+
+def ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, at least 1 (Redis refuses an expiry of 0)."""
+    return max(1, round(seconds * 1000))
+
+
+def ttl_seconds(session: ChatSession | None) -> float:
+    """How long a session's keys outlive its last write: ``session_timeout + resume_window`` (a day if unknown)."""
+    if session is None:
+        return 86400.0
+    opts = session.sessions.options
+    return float(opts.session_timeout + opts.resume_window)
+
+
+def ttl(session: ChatSession) -> int:
+    """:func:`ttl_seconds` in milliseconds."""
+    return ms(ttl_seconds(session))

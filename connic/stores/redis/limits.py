@@ -1,0 +1,124 @@
+"""The ``redis`` store's limits across the fleet: a session's ``rate_limit`` and ``max_connections_per_ip``.
+
+- The **rate limit** is a token bucket in Redis, one per session under its hash tag
+  (:func:`~connic.stores.redis.scripts.rate_key`), taken by the ``TAKE`` script on
+  Redis's clock and only by the process owning the session: a session that moves to
+  another process keeps the tokens it spent (a bucket in the process would start full).
+- **Connections per address** are a sorted set per address
+  (:func:`~connic.stores.redis.scripts.address_key`) of connection ids scored by their
+  lease deadline. The process holding a connection renews its lease (``connection_lease``)
+  every third of it and removes it when the connection ends; a process that dies stops
+  renewing, so its connections stop counting within one lease.
+
+``max_messages`` needs nothing here: the count is in the session's record, saved when a
+message is accepted, and taken over with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from typing import Any
+
+from connic.errors import StoreUnavailable
+from connic.stores import RateBucket
+from connic.stores.redis import scripts
+from connic.stores.redis.connection import ms
+from connic.stores.redis.writer import Writer
+
+__all__ = ["Limits", "RedisRateBucket"]
+
+log = logging.getLogger("connic.stores.redis")
+
+
+class RedisRateBucket:
+    """A session's ``rate_limit`` bucket, in Redis (:meth:`Limits.take_token`)."""
+
+    __slots__ = ("_store", "messages", "per", "session_id")
+
+    def __init__(self, store: Limits, session_id: str, messages: int, per: float) -> None:
+        self._store = store
+        self.session_id = session_id
+        self.messages = messages
+        self.per = per
+
+    async def acquire(self) -> float:
+        """Take a token in Redis: 0.0, or the seconds until one is available."""
+        return await self._store.take_token(self.session_id, self.messages, self.per)
+
+
+class Limits(Writer):
+    """What :class:`~connic.stores.redis.RedisStore` counts across processes (a base class of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._process = uuid.uuid4().hex  # the ids of this process's connections start with it
+        self._numbers = itertools.count(1)
+        self._connections: dict[str, str] = {}  # connection id: its address's key
+        self._closed: list[tuple[str, str]] = []  # (address key, connection id) to count out
+
+    def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
+        """The session's bucket in Redis, shared by whichever process serves it."""
+        return RedisRateBucket(self, session_id, messages, per)
+
+    async def take_token(self, session_id: str, messages: int, per: float) -> float:
+        """Take a token from the session's bucket: 0.0, or the seconds until one is available.
+
+        Only while this process owns the session; when it does not (any more), 0.0 and the
+        session is let go here, so its caller finds it ended (its connection is closed with
+        ``session_taken_over``). StoreUnavailable when Redis does not answer.
+        """
+        owned = self._fences.get(session_id)
+        if owned is None:
+            return 0.0
+        keys = [self._keys(session_id)[0], scripts.rate_key(self.options.key_prefix, session_id)]
+        wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=[owned[0], messages, ms(per)])))
+        if wait < 0:
+            if self._fences.get(session_id, (0, 0))[0] == owned[0]:
+                self._lost(session_id)
+            return 0.0
+        return wait / 1000
+
+    async def admit_connection(self, address: str, limit: int) -> str | None:
+        """Count a connection from ``address`` in unless ``limit`` are open from it on all processes."""
+        connection = f"{self._process}:{next(self._numbers)}"
+        key = scripts.address_key(self.options.key_prefix, address)
+        lease = ms(self.options.connection_lease)
+        # Counted in but never renewed (this handshake cancelled during the call): it expires with its lease.
+        if not await self._call(self._scripts["IP_ENTER"](keys=[key], args=[limit, lease, connection])):
+            return None
+        self._connections[connection] = key
+        return connection
+
+    def release_connection(self, ticket: str) -> None:
+        """Count the connection out (in the background; if that write fails, its lease runs out)."""
+        key = self._connections.pop(ticket, None)
+        if key is not None:
+            self._closed.append((key, ticket))
+            self._kick()
+
+    def _counted_out(self) -> list[tuple[str, str]]:
+        closed, self._closed = self._closed, []
+        return closed
+
+    def _limit_lease(self) -> int | None:
+        return ms(self.options.connection_lease) if self._connections else None
+
+    async def _renew_limits(self) -> None:
+        """Renew the leases of the connections open here, one script call per address."""
+        if not self._connections:
+            return
+        by_address: dict[str, list[str]] = {}
+        for connection, key in self._connections.items():
+            by_address.setdefault(key, []).append(connection)
+        lease = ms(self.options.connection_lease)
+
+        def build(pipe: Any) -> None:
+            for key, connections in by_address.items():
+                self._queue(pipe, "IP_RENEW", [key], [lease, *connections])
+
+        try:
+            await self._pipeline(build)
+        except StoreUnavailable as exc:
+            log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.message)

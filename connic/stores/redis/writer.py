@@ -1,0 +1,204 @@
+"""The ``redis`` store's background writing: queued appends, saves and releases, and lease renewal.
+
+Appends, saves, releases and deletions are queued by the session core's synchronous
+calls and written by one task, one pipeline per round of the event loop (what every
+session queued meanwhile), so a streamed reply never waits on a round trip per chunk.
+Another task renews this process's leases every third of a lease. A write that fails
+ends the session's connection with ``store_unavailable`` (1011); a write refused for a
+lost lease stops this copy of the session at once (another process owns it now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from connic.errors import SessionTakenOver, StoreUnavailable
+from connic.session import SessionState
+from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
+from connic.stores.redis.record import encode
+
+if TYPE_CHECKING:
+    from connic.session import ChatSession
+    from connic.stores.redis.log import RedisReplayLog
+
+__all__ = ["Writer"]
+
+log = logging.getLogger("connic.stores.redis")
+
+
+class Writer(Connection):
+    """What :class:`~connic.stores.redis.RedisStore` writes in the background (a base class of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[str, ChatSession] = {}
+        self._fences: dict[str, tuple[int, int]] = {}  # session id: (fencing token, lease ms)
+        self._logs: dict[str, RedisReplayLog] = {}
+        self._dirty_logs: dict[str, RedisReplayLog] = {}
+        self._dirty: set[str] = set()  # sessions to save
+        self._releases: dict[str, tuple[int, str, int]] = {}  # session id: (fence, record, ttl ms)
+        self._deletes: dict[str, int] = {}  # session id: fence
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._writing = False  # a batch is being written
+        self._closing = False
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written; StoreUnavailable if it could not be."""
+        pending = self._dirty_logs or self._dirty or self._releases or self._deletes
+        if not (pending or self._writing) or self._wake is None:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._kick()
+        await waiter
+
+    def _log_dirty(self, replay: RedisReplayLog) -> None:
+        if replay.session_id not in self._dirty_logs:
+            self._dirty_logs[replay.session_id] = replay
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            self._writing = True
+            try:
+                await self._write_batch()
+            except Exception:  # connic's own bug: keep writing the next batches
+                log.exception("redis store: writing a batch failed")
+            finally:
+                self._writing = False
+
+    async def _write_batch(self) -> None:
+        # Letting idle detached sessions go is decided here, a round of the loop after their
+        # last reply ended: their answering task is back to waiting by then.
+        for sid in list(self._dirty):
+            session = self._live.get(sid)
+            if session is not None and session.state is SessionState.DETACHED and not session.busy:
+                session.leave()  # calls release(): its record and release are queued below
+        # Everything queued is taken at once, before the first await, in each session's order:
+        # its frames, then its record, then its release or deletion.
+        commands: list[tuple[str, str, list[Any]]] = []  # (session id, script, args)
+        for sid, replay in self._dirty_logs.items():
+            frames, replay.pending = replay.pending, []
+            if frames and replay.fence is not None:
+                log_ttl = ms(ttl_seconds(self._live.get(sid)))
+                commands.append((sid, "APPEND", [replay.fence, replay.capacity, log_ttl, *frames]))
+        self._dirty_logs = {}
+        for sid in self._dirty:
+            session = self._live.get(sid)
+            owned = self._fences.get(sid)
+            if session is None or owned is None:
+                continue
+            try:
+                record = encode(session.record())
+            except (TypeError, ValueError) as exc:
+                log.error("session %s: its state cannot be saved as JSON (%s)", sid, exc)
+                self._fail(sid)
+                continue
+            commands.append((sid, "SAVE", [owned[0], record, ttl(session)]))
+        self._dirty = set()
+        for sid, (fence, record, record_ttl) in self._releases.items():
+            commands += [(sid, "SAVE", [fence, record, record_ttl]), (sid, "RELEASE", [fence])]
+        self._releases = {}
+        commands += [(sid, "DELETE", [fence]) for sid, fence in self._deletes.items()]
+        self._deletes = {}
+        waiters, self._waiters = self._waiters, []
+        error: StoreUnavailable | None = None
+        counted_out = self._counted_out()
+
+        def build(pipe: Any) -> None:
+            for sid, name, args in commands:
+                self._queue(pipe, name, self._keys(sid), args)
+            for key, member in counted_out:  # last: their failures are left to their leases
+                pipe.zrem(key, member)
+
+        if commands or counted_out:
+            try:
+                results = await self._pipeline(build)
+            except StoreUnavailable as exc:
+                error = exc
+                results = [exc] * len(commands)
+            for (sid, name, _), result in zip(commands, results[: len(commands)], strict=True):
+                if isinstance(result, Exception):
+                    log.warning("session %s: %s failed: %s", sid, name, result)
+                    self._fail(sid)
+                elif not result and name in ("APPEND", "SAVE"):
+                    self._lost(sid)
+        for waiter in waiters:
+            if not waiter.done():
+                if error is not None:
+                    waiter.set_exception(error)
+                else:
+                    waiter.set_result(None)
+
+    def _counted_out(self) -> list[tuple[str, str]]:
+        """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
+        return []
+
+    def _limit_lease(self) -> int | None:
+        """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
+        return None
+
+    async def _renew_limits(self) -> None:
+        """Renew the leases of the limits' entries this process holds (none here)."""
+
+    async def _renewer(self) -> None:
+        """Renew the lease of every session and connection held here, every third of the shortest lease."""
+        while True:
+            leases = [lease for _, lease in self._fences.values()]
+            limit_lease = self._limit_lease()
+            if limit_lease is not None:
+                leases.append(limit_lease)
+            await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
+            await self._renew_limits()
+            owned = list(self._fences.items())
+            if not owned:
+                continue
+
+            def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
+                for sid, (fence, lease) in owned:
+                    self._queue(pipe, "RENEW", self._keys(sid), [fence, lease])
+
+            try:
+                results = await self._pipeline(build)
+            except StoreUnavailable as exc:
+                log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.message)
+                continue
+            for (sid, (fence, _)), result in zip(owned, results, strict=True):
+                if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
+                    self._lost(sid)
+            # A cancel whose pub/sub message was lost (the channel reconnecting) is still taken.
+            busy = [sid for sid, _ in owned if (s := self._live.get(sid)) is not None and s.busy]
+            if busy:
+                await self._take_cancels(busy)
+
+    async def _take_cancels(self, session_ids: list[str]) -> None:
+        """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
+
+    def _fail(self, sid: str) -> None:
+        """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""
+        session = self._live.get(sid)
+        sink = session.sink if session is not None else None
+        if sink is not None:
+            sink.end(StoreUnavailable("the session store cannot be reached; resume later"), True)
+
+    def _lost(self, sid: str) -> None:
+        """Another process owns the session now (this one's lease ran out): this copy stops at once."""
+        self._fences.pop(sid, None)
+        session = self._live.get(sid)
+        if session is None:
+            return
+        log.warning("session %s: ownership lost to another process", sid)
+        sink = session.sink
+        if sink is not None:
+            sink.end(SessionTakenOver("the session moved to another process"), True)
+        session.leave()
