@@ -80,6 +80,9 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         conn._connected(session, resumed=True, recovered=recovered)
     conn.writer.extend(frames)
     session.resume(conn, last_seq + len(frames))
+    # The client waits for these: out now, not after every other resume of a burst that
+    # this step of the event loop handles too (a mass reconnect after a network blip).
+    conn.writer.flush()
     log.info(
         "resume session=%s peer=%s connector=%s last_seq=%d replayed=%d recovered=%s",
         session.id,

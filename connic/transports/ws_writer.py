@@ -211,6 +211,10 @@ class Writer:
 
     def _flush(self) -> None:
         self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued now, not at the end of this step (unless the writer task has it)."""
         transport = self.transport
         if transport is None or (self._task is not None and not self._task.done()) or not self.items:
             return
