@@ -2,6 +2,7 @@
 
     python benchmarks/instructions.py                 # S2-like (streaming off), all three servers
     python benchmarks/instructions.py --stream connic # S1-like, connic only
+    python benchmarks/instructions.py --pace          # S7-like: connic and the aiohttp baseline
 
 Each server runs under ``valgrind --tool=callgrind`` twice, answering 20 and then 120 turns
 on each of 20 connections (a raw-socket client in this process sends a message, waits for its
@@ -11,6 +12,11 @@ code gives the same count to within a few hundred instructions, so a change of 1
 Instructions are not time (Python bytecode runs at fewer instructions per cycle than C), and
 the kernel's share of sockets is not counted: use ``run.py`` for throughput. Needs valgrind
 (Debian: ``apt-get install valgrind``); a run takes about a minute per server.
+
+``--pace`` counts an S7 turn instead (docs/performance.md): S7's history-reading agent
+(benchmarks/connic_server.py ``--agent pace``) against ``baseline_aiohttp.py --pace``, 20 chunks
+50 ms apart, each written on its own; 2 and then 6 turns on each of 20 connections (the
+history grows by two entries a turn in both servers). About two minutes per server.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import run
 
 CONNECTIONS = 20
 FEW, MANY = 20, 120
+PACE_FEW, PACE_MANY = 2, 6  # S7 turns take a second each
 MESSAGE = json.dumps({"message": " ".join(f"word{i}" for i in range(20))}).encode()
 END_MARK = b'"token_usage"'  # once in each response and stream_end, in no other frame
 
@@ -75,11 +82,20 @@ async def one_connection(port: int, turns: int) -> None:
     writer.close()
 
 
-def total_instructions(server: str, streaming: bool, turns: int) -> int:
+def pace_command(server: str, port: int) -> list[str]:
+    """S7's servers: connic with the history-reading agent, or the aiohttp baseline doing the same."""
+    if server == "connic":
+        script = ["connic_server.py", "--port", str(port), "--secret", run.SECRET, "--agent", "pace"]
+    else:
+        script = ["baseline_aiohttp.py", "--port", str(port), "--secret", run.SECRET, "--pace"]
+    return [sys.executable, str(Path(__file__).resolve().parent / script[0]), *script[1:]]
+
+
+def total_instructions(server: str, streaming: bool, turns: int, pace: bool = False) -> int:
     port = run.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
-        cmd = run.command(server, port, streaming, Path(tmp))
+        cmd = pace_command(server, port) if pace else run.command(server, port, streaming, Path(tmp))
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *cmd[1:]]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -103,6 +119,7 @@ def total_instructions(server: str, streaming: bool, turns: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stream", action="store_true", help="streaming on (S1-like); default off (S2-like)")
+    parser.add_argument("--pace", action="store_true", help="S7-like turns (connic and aiohttp only)")
     parser.add_argument("servers", nargs="*", metavar="server", help=f"any of {', '.join(run.SERVERS)} (default: all)")
     args = parser.parse_args()
     unknown = set(args.servers) - set(run.SERVERS)
@@ -110,12 +127,16 @@ def main() -> None:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}; choose from {', '.join(run.SERVERS)}")
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
-    print(f"machine: {run.machine()}; streaming {'on' if args.stream else 'off'}")
+    if args.pace and "websockets" in args.servers:
+        parser.error("--pace: the websockets baseline has no S7 mode; choose from connic, aiohttp")
+    kind = "S7-like (pace)" if args.pace else f"streaming {'on' if args.stream else 'off'}"
+    print(f"machine: {run.machine()}; {kind}")
+    few_turns, many_turns = (PACE_FEW, PACE_MANY) if args.pace else (FEW, MANY)
     counts = {}
-    for server in args.servers or run.SERVERS:
-        few = total_instructions(server, args.stream, FEW)
-        many = total_instructions(server, args.stream, MANY)
-        counts[server] = (many - few) / ((MANY - FEW) * CONNECTIONS)
+    for server in args.servers or (("connic", "aiohttp") if args.pace else run.SERVERS):
+        few = total_instructions(server, args.stream, few_turns, args.pace)
+        many = total_instructions(server, args.stream, many_turns, args.pace)
+        counts[server] = (many - few) / ((many_turns - few_turns) * CONNECTIONS)
         print(f"{server:10s} {counts[server] / 1000:7.1f}k instructions per turn", flush=True)
     if "aiohttp" in counts and len(counts) > 1:
         for server, count in counts.items():

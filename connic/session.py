@@ -8,30 +8,29 @@ connection) to receive the session's frames, and *detaches* it when the
 connection ends. While detached, replies keep going into the replay log; a
 connection that resumes reads the log from the client's ``last_seq`` and then
 goes on live. :mod:`connic.sessions` makes sessions; :mod:`connic.message` runs
-a message's agents.
+a message's agents. Parts of the session live in their own modules:
+:mod:`connic.session_answering` (its answering task), :mod:`connic.session_timer`
+(expiry), :mod:`connic.session_record` (what a shared store keeps of it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from connic.agent import HistoryEntry
+from connic import session_record
 from connic.errors import (
     ConnicError,
-    InternalError,
     MessageLimitReached,
     NotFound,
     ProducerLost,
     QueueFull,
     RateLimited,
     ServerShuttingDown,
-    SessionExpired,
     SessionTakenOver,
     StoreUnavailable,
     UnknownAgent,
@@ -40,7 +39,10 @@ from connic.flow import Flag
 from connic.frames import Ack, ErrorFrame, MessageFrame, MessageId, encode, sequenced
 from connic.frames import History as HistoryFrame
 from connic.history import History
-from connic.message import Message, answer, release_cancellation
+from connic.message import Message, release_cancellation
+from connic.session_answering import answer_loop
+from connic.session_state import SessionState
+from connic.session_timer import arm
 from connic.stores import ReplayLog, SessionRecord
 
 if TYPE_CHECKING:
@@ -49,14 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["ChatSession", "SessionState"]
 
 log = logging.getLogger("connic.session")
-
-
-class SessionState(enum.Enum):
-    """Where a session is in its life."""
-
-    ATTACHED = "attached"  # a connection receives its frames
-    DETACHED = "detached"  # its connection ended; resumable until the window runs out
-    ENDED = "ended"  # for good: never resumed again
 
 
 class ChatSession:
@@ -122,33 +116,12 @@ class ChatSession:
     def restore(cls, sessions: Sessions, record: SessionRecord) -> ChatSession:
         """Rebuild, detached, a session that a shared store kept (another process served it before)."""
         session = cls(sessions, record.id)
-        session.token = record.token
-        session.seq = record.seq
-        session.count = record.count
-        session.limit_reached = record.limit_reached
-        session.tokens_in = record.tokens_in
-        session.tokens_out = record.tokens_out
-        session.states = {name: dict(state) for name, state in record.states.items()}
-        session.history.entries = list(record.history)
-        session.history.size = record.history_size
+        session_record.restore(session, record)
         return session
 
     def record(self) -> SessionRecord:
         """What a shared store keeps of this session (:meth:`restore` rebuilds it)."""
-        return SessionRecord(
-            id=self.id,
-            label=self.sessions.label,
-            token=self.token,
-            seq=self.seq,
-            count=self.count,
-            limit_reached=self.limit_reached,
-            tokens_in=self.tokens_in,
-            tokens_out=self.tokens_out,
-            states=self.states,
-            history=tuple(self.history.entries),
-            history_size=self.history.size,
-            busy=self.busy,
-        )
+        return session_record.record(self)
 
     # --- attaching ------------------------------------------------------------
 
@@ -156,7 +129,7 @@ class ChatSession:
         """A new session's connection is ready for its frames."""
         self.sink = sink
         self.state = SessionState.ATTACHED
-        self._arm()
+        arm(self)
 
     async def replay(self, sink: Sink, last_seq: int) -> tuple[bool, list[str]] | None:
         """Start resuming from ``last_seq``: whether the log still has every frame after it, and those frames.
@@ -187,7 +160,7 @@ class ChatSession:
                 sink.send_nowait(data)
         self.sink = sink
         self.state = SessionState.ATTACHED
-        self._arm()
+        arm(self)
 
     def detach(self, sink: Sink) -> None:
         """``sink``'s connection ended without ending the session (PROTOCOL.md §7)."""
@@ -203,7 +176,7 @@ class ChatSession:
         if opts.on_disconnect == "cancel":
             self.queue.clear()
             self._cancel_current()
-        self._arm()
+        arm(self)
         self.sessions.store.save(self)
 
     def leave(self) -> None:
@@ -320,7 +293,7 @@ class ChatSession:
         # Wake the answering task before queueing the ack: it then runs before the ack's
         # flush, so a quick answer leaves in the same write as its ack (which still goes first).
         if self._answering is None:
-            self._answering = asyncio.create_task(self._answer_loop())
+            self._answering = asyncio.create_task(answer_loop(self))
             self._answering.add_done_callback(release_cancellation)
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -388,56 +361,6 @@ class ChatSession:
         """The encoded ``history`` frame (PROTOCOL.md §8): not sequenced, not activity."""
         return encode(HistoryFrame(tuple(entry.to_dict() for entry in self.history.entries), self.seq))
 
-    # --- answering ------------------------------------------------------------
-
-    async def _answer_loop(self) -> None:
-        """Answer queued messages one after another, for the life of the session."""
-        try:
-            await self._answer_queued()
-        except Exception:
-            # The chain contains every agent failure: this is connic's own bug. The session
-            # cannot go on without its answering task; the server and other sessions can.
-            log.exception("session %s: answering failed; ending the session", self.id)
-            self.end(InternalError("the session failed; start a new one"))
-
-    async def _answer_queued(self) -> None:
-        loop = self._loop
-        while True:
-            while not self.queue:
-                self.idle.set()
-                if self.limit_reached:
-                    self.end(MessageLimitReached(), notify=False)
-                    return
-                self._on_idle()
-                self._wakeup = loop.create_future()
-                try:
-                    await self._wakeup
-                finally:
-                    self._wakeup = None
-            message = self.queue.pop(0)
-            self.current = message
-            message.at = loop.time()
-            history = self.history
-            seen = history.view()  # what came before this message
-            newest = len(history)  # where this exchange starts: kept whole when trimming
-            history.add(HistoryEntry("user", message.frame.text, None, message.id, message.number))
-            # A shared store writes the user message now (batched): if this process dies
-            # mid-reply, the process taking the session over has it (PROTOCOL.md §7).
-            self.sessions.store.save(self)
-            try:
-                names = await answer(self, message, seen)
-            finally:
-                self.current = None
-                self.last_activity = loop.time()
-            for name in names:
-                text = message.results.get(name)
-                if text:
-                    history.add(HistoryEntry("agent", text, name, message.id, message.number))
-            bound = self.sessions.options.max_history_bytes
-            if history.size > bound:
-                history.trim(bound, newest)
-            self.sessions.store.save(self)
-
     # --- sending --------------------------------------------------------------
 
     def number(self, data: str) -> str:
@@ -460,39 +383,6 @@ class ChatSession:
     def clock(self) -> float:
         """The event loop's clock, which every deadline and duration of the session uses."""
         return self._loop.time()
-
-    def _on_idle(self) -> None:
-        """The last queued message was answered."""
-        if self.state is SessionState.DETACHED:
-            self._detached_at = self._loop.time()  # the window starts again when the last reply ends
-            self._arm()
-        elif self._timer is None:
-            self._arm()
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._deadline(), self._expire)
-
-    def _deadline(self) -> float:
-        opts = self.sessions.options
-        at = self.last_activity + opts.session_timeout
-        if self.state is SessionState.DETACHED:
-            at = min(at, self._detached_at + opts.resume_window)
-        return at
-
-    def _expire(self) -> None:
-        self._timer = None
-        if self.state is SessionState.ENDED or self.busy:
-            return  # the end of the last reply arms the timer again
-        left = self._deadline() - self._loop.time()
-        if left > 0:
-            self._timer = self._loop.call_later(left, self._expire)
-        elif self.state is SessionState.ATTACHED:
-            timeout = self.sessions.options.session_timeout
-            self.end(SessionExpired(f"session expired after {timeout:g} s without a message"))
-        else:
-            self.end()
 
     # --- draining -------------------------------------------------------------
 

@@ -5,6 +5,9 @@ Every test opens real ``websockets`` clients against a real server on loopback; 
 is bounded (a timeout per frame). A session's frames are kept in one :class:`Transcript`
 across its connections, so a test can check that what the client ends up with has no gap
 and no duplicate, while each :class:`Conn` also keeps what arrived on it, in order.
+
+The fixtures the resume and history tests share are here too (``store_url``, ``start_server``,
+``clients``): a test module imports them, and every test in it runs against each session store.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
+import pytest
 import websockets
+from redis_server import flush, running_redis, with_store
 from websockets.asyncio.client import ClientConnection
 
-from conftest import SECRET
+from conftest import SECRET, Server, StartServer, make_config
+from helpers import test_registry
 
 __all__ = [
     "ENDS",
@@ -31,7 +37,11 @@ __all__ = [
     "Conn",
     "ResumeSession",
     "Transcript",
+    "clients",
     "is_sequenced",
+    "serve",
+    "start_server",
+    "store_url",
     "wait_turns",
     "words",
 ]
@@ -331,3 +341,42 @@ async def wait_turns(http: str, agent: str, count: int, reason: str = "stop", ti
             return
         assert time.monotonic() < deadline, f"{agent} finished {seen} turns ({reason}), expected {count}"
         await asyncio.sleep(0.02)
+
+
+# --- fixtures (imported by the test modules) -------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """Every test runs against each session store: None for ``memory``, else the URL of one
+    ``redis-server`` per module (tests/redis_server.py)."""
+    if request.param == "memory":
+        yield None
+        return
+    with running_redis(tmp_path_factory.mktemp("redis")) as redis:
+        yield redis.url
+
+
+@pytest.fixture
+def start_server(start_server: StartServer, store_url: str | None) -> StartServer:
+    """conftest's ``start_server``, the apps keeping their sessions in the store under test (Redis emptied first)."""
+    if store_url is None:
+        return start_server
+    flush(store_url)
+    return with_store(start_server, store_url)
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Clients]:
+    """A :class:`Clients`, every connection closed at the end."""
+    async with Clients() as opened:
+        yield opened
+
+
+async def serve(
+    start_server: StartServer,
+    connector: dict[str, Any] | None = None,
+    agents: dict[str, Any] | None = None,
+) -> Server:
+    """A server with the test agents (inspect, slow, fail ...) registered too."""
+    return await start_server(make_config(connector, agents), registry=test_registry())

@@ -14,53 +14,20 @@ import ast
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import flush, running_redis, with_store
-from resume_helpers import Clients, Conn, ResumeSession, Transcript, is_sequenced, wait_turns, words
+import resume_helpers
+from resume_helpers import Clients, Conn, ResumeSession, Transcript, is_sequenced, serve, wait_turns, words
 
-from conftest import SECRET, Connect, Server, StartServer, make_config
-from helpers import test_registry
+from conftest import SECRET, Connect, Server, StartServer
 
 DATA = Path(__file__).parent / "data"
 
-
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
-    """Every test runs against each session store: None for ``memory``, else the URL of one
-    ``redis-server`` per module (tests/redis_server.py)."""
-    if request.param == "memory":
-        yield None
-        return
-    with running_redis(tmp_path_factory.mktemp("redis")) as redis:
-        yield redis.url
-
-
-@pytest.fixture
-def start_server(start_server: StartServer, store_url: str | None) -> StartServer:
-    """conftest's ``start_server``, the apps keeping their sessions in the store under test (Redis emptied first)."""
-    if store_url is None:
-        return start_server
-    flush(store_url)
-    return with_store(start_server, store_url)
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    async with Clients() as opened:
-        yield opened
-
-
-async def serve(
-    start_server: StartServer,
-    connector: dict[str, Any] | None = None,
-    agents: dict[str, Any] | None = None,
-) -> Server:
-    """A server with the test agents (inspect, slow, fail ...) registered too."""
-    return await start_server(make_config(connector, agents), registry=test_registry())
+# The fixtures these tests share with the other resume tests (resume_helpers): pytest finds a
+# fixture in the test module's namespace.
+store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients
 
 
 async def started(clients: Clients, server: Server, **kwargs: Any) -> tuple[ResumeSession, Conn]:

@@ -9,7 +9,7 @@ last byte of a ``max_frame_bytes`` frame. So, until the connection authenticates
 - without compression, a second parser of aiohttp's, built with the small bound,
   reads the socket. :class:`AuthBound` stands in front of it and passes it the
   bytes up to the end of the first whole message (the auth frame) only; what
-  comes after waits, with the socket paused, until :meth:`AuthBound.lift` hands
+  comes after waits, with the socket paused once anything does, until :meth:`AuthBound.lift` hands
   it to aiohttp's own parser (the large bound), which has seen nothing yet. Both
   parsers feed the same message queue, so nothing is lost or read twice.
 - with permessage-deflate, the inflater's window carries over from one message
@@ -41,7 +41,7 @@ class AuthBound:
     calls ``feed_data`` for every read and ``feed_eof`` at the end).
     """
 
-    __slots__ = ("_big", "_ended", "_head", "_held", "_inner", "_protocol", "_skip")
+    __slots__ = ("_big", "_ended", "_head", "_held", "_inner", "_paused", "_protocol", "_skip")
 
     @classmethod
     def start(
@@ -65,6 +65,7 @@ class AuthBound:
         self._skip = 0  # payload bytes of the current frame not read yet
         self._ended = False  # the current frame ends a data message (FIN on text, binary or continuation)
         self._held: list[bytes] | None = None  # bytes after the first message, kept for the large parser
+        self._paused = False  # whether this paused the socket (bytes came after the first message)
         if ws.compress:
             # The inflater's state must survive authentication: one parser for the whole connection.
             loop = asyncio.get_running_loop()
@@ -86,19 +87,29 @@ class AuthBound:
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         """Pass ``data`` to the small parser, up to the end of the first message."""
         if self._held is not None:
-            self._held.append(bytes(data))
-            self._protocol.pause_reading()
+            self._hold(data)
             return False, b""
         cut = self._message_end(data)
         if cut is None:
             result: tuple[bool, bytes] = self._inner.feed_data(data)
             return result
-        # The first message (the auth frame) ends here: the rest waits for the verdict,
-        # and the socket is paused meanwhile so that it cannot pile up.
-        self._held = [bytes(data[cut:])]
-        self._protocol.pause_reading()
+        # The first message (the auth frame) ends here: what comes after waits for the verdict.
+        self._held = []
+        if cut < len(data):
+            self._hold(data[cut:])
         result = self._inner.feed_data(data[:cut])
         return result
+
+    def _hold(self, data: bytes) -> None:
+        # Bytes before the verdict are kept, and the socket is paused so that no more pile
+        # up: at most one read's worth is held. Paused only once such bytes come: a client
+        # that waits for ``connected`` (nearly every one) costs no pause and resume, two
+        # system calls each, which a burst of reconnecting clients would pay one by one.
+        assert self._held is not None
+        self._held.append(bytes(data))
+        if not self._paused:
+            self._paused = True
+            self._protocol.pause_reading()
 
     def feed_eof(self) -> None:
         """The connection ended."""
@@ -116,7 +127,8 @@ class AuthBound:
         held = b"".join(self._held or ())
         self._held = None
         protocol._payload_parser = self._big
-        protocol.resume_reading()
+        if self._paused:
+            protocol.resume_reading()
         if held:
             protocol.data_received(held)
 
@@ -127,7 +139,8 @@ class AuthBound:
             return
         self._protocol._payload_parser = self._inner
         self._held = None
-        self._protocol.resume_reading()
+        if self._paused:
+            self._protocol.resume_reading()
         data = b"".join(held)
         if data:
             self._protocol.data_received(data)

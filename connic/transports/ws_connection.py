@@ -2,7 +2,7 @@
 
 The connection only orchestrates. The handler's task is its one reader for its
 whole life: it authenticates the client (or resumes its session, PROTOCOL.md
-§7), then reads frames and hands them to the session core
+§7, :mod:`.ws_resume`), then reads frames and hands them to the session core
 (:mod:`connic.session`), whose own task answers messages, so pings, pongs and
 cancels get through while an agent works. The session sends its frames back
 through the connection's :class:`~connic.transports.ws_writer.Writer`. When
@@ -15,15 +15,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import WSMessage, WSMsgType, web
 
 from connic.errors import (
     AuthTimeout,
     ConnicError,
-    InvalidResume,
     ProtocolError,
     ServerRestarting,
     ServerShuttingDown,
@@ -47,9 +45,10 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.message import release_cancellation
-from connic.session import ChatSession, SessionState
+from connic.session import ChatSession
 from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
 from connic.transports.ws_keepalive import Heartbeat
+from connic.transports.ws_resume import resume, resume_instead
 from connic.transports.ws_writer import Writer
 
 if TYPE_CHECKING:
@@ -306,114 +305,8 @@ class Connection:
         self.phase = Phase.OPEN
         log.info("open session=%s peer=%s connector=%s", session.id, self.peer, self.transport.connector.path)
 
-    async def _resume(self, frame: ResumeFrame) -> None:
-        """Resume the session ``frame`` names, or start a fresh one (PROTOCOL.md §7)."""
-        if frame.problem is not None:
-            self._error(InvalidResume(frame.problem))
-            await self._open_fresh(False)
-            return
-        assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
-        sessions = self.transport.sessions
-        following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
-
-        def follow(frames: list[str] | None, last: int) -> None:
-            if not following:
-                self._connected_following(frame, last, recovered=frames is not None)
-            self.writer.extend(frames or [])
-            following[:] = [last]
-
-        for _ in range(2):
-            finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
-            # Only a shared store may wait on another process: the memory store answers at once.
-            if sessions.store.durable:
-                session = await self._reading_meanwhile(finding, frame.session_id, following)
-            else:
-                session = await finding
-            last_seq = following[0] if following else frame.last_seq
-            replay = await session.replay(self, last_seq) if session is not None else None
-            if replay is not None or session is None or following or session.state is not SessionState.ENDED:
-                break
-            # The store let the detached, idle session go (it saves it for any process) while
-            # this resume awaited: its copy here is left, find it again in the store. A session
-            # that ended for good is gone from the store too: the second find says so.
-        if following and (session is None or replay is None):
-            # connected said resumed: the session is still in the store, to be resumed again.
-            self.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
-            return
-        if session is None or replay is None:
-            sessions.metrics.resumes.inc(sessions.label, "failed")
-            # A wrong token counts as a failed authentication, so tokens cannot be guessed
-            # faster than secrets (the session itself is never locked by it).
-            self.transport.throttle.failed(self.peer or "unknown")
-            await self._open_fresh(False)
-            return
-        recovered, frames = replay
-        sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
-        sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
-        self.session = session
-        self.fresh = False
-        self.writer.name = session.id
-        if not following:
-            self._connected(session, resumed=True, recovered=recovered)
-        self.writer.extend(frames)
-        session.resume(self, last_seq + len(frames))
-        self.phase = Phase.OPEN
-        log.info(
-            "resume session=%s peer=%s connector=%s last_seq=%d replayed=%d recovered=%s",
-            session.id,
-            self.peer,
-            self.transport.connector.path,
-            frame.last_seq,
-            len(frames),
-            recovered,
-        )
-
-    async def _reading_meanwhile(
-        self, finding: Awaitable[ChatSession | None], session_id: str, following: list[int]
-    ) -> ChatSession | None:
-        """Await ``finding`` while still reading the socket.
-
-        Finding a session another process answers can take as long as its reply: the
-        client's pings and pongs are answered meanwhile (the heartbeat sees it alive), a
-        ``cancel`` is passed to that process at once (when nothing is held before it), and
-        its other frames are held in order, to be handled once the session is taken over.
-        """
-        task = asyncio.ensure_future(finding)
-        try:
-            while not task.done():
-                if self._receiving is None and not (self._inbox and self._inbox[-1].type not in _DATA):
-                    self._receiving = asyncio.ensure_future(self.ws.receive())
-                    self._receiving.add_done_callback(_consume)
-                waiting: set[asyncio.Future[Any]] = {task} if self._receiving is None else {task, self._receiving}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                receiving = self._receiving
-                if receiving is not None and receiving.done():
-                    self._receiving = None
-                    msg = receiving.result()
-                    self.heartbeat.last_seen = self._loop.time()
-                    parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT and not self._inbox else None
-                    if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
-                        self._control(msg.type, msg.data)
-                    elif isinstance(parsed, PingFrame):
-                        self.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
-                    elif isinstance(parsed, CancelFrame) and following:
-                        # Another process answers (this one follows its frames): the cancel goes there.
-                        # Its outcome (a cancelled reply's end, or not_found) comes back in the log.
-                        self.transport.sessions.store.cancel(session_id, parsed.id)
-                    else:
-                        self._inbox.append(msg)
-            return task.result()
-        finally:
-            task.cancel()
-
     def _connected(self, session: ChatSession, *, resumed: bool | None, recovered: bool | None = None) -> None:
         self._send_connected(session.id, session.token, resumed, recovered, session.seq if resumed else None)
-
-    def _connected_following(self, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:
-        # Another process still answers: resumed, following its frames until it lets the session go.
-        assert frame.session_id is not None
-        self.writer.name = frame.session_id
-        self._send_connected(frame.session_id, frame.resume_token, True, recovered, last_seq)
 
     def _send_connected(
         self, session_id: str, token: str | None, resumed: bool | None, recovered: bool | None, last_seq: int | None
@@ -431,6 +324,11 @@ class Connection:
             last_seq=last_seq,
         )
         self.writer.send_nowait(encode(frame))
+
+    async def _resume(self, frame: ResumeFrame) -> None:
+        """Resume the session ``frame`` names, or start a fresh one (:mod:`.ws_resume`)."""
+        if await resume(self, frame):
+            self.phase = Phase.OPEN
 
     # --- reading --------------------------------------------------------------
 
@@ -489,19 +387,8 @@ class Connection:
         elif isinstance(frame, HistoryRequest):
             self.writer.send_nowait(session.history_frame())
         elif isinstance(frame, ResumeFrame):
-            await self._resume_instead(frame)
+            await resume_instead(self, frame)
         # An auth frame once authenticated (or with auth off) is ignored, as the seed expects.
-
-    async def _resume_instead(self, frame: ResumeFrame) -> None:
-        """A resume as the client's first frame after a handshake-authenticated ``connected``."""
-        session = self.session
-        assert session is not None
-        if not self.fresh or session.seq:
-            self._error(InvalidResume("resume must be the first frame of a connection"))
-            return
-        self.session = None
-        session.end()  # the fresh session nobody used
-        await self._resume(frame)
 
     def _error(self, error: ConnicError) -> None:
         """A connection-level error frame (``id: null``, not sequenced)."""
@@ -511,22 +398,6 @@ class Connection:
     def _control(self, kind: WSMsgType, payload: bytes) -> None:
         if kind is WSMsgType.PING:
             write_control(self.writer.transport, WSMsgType.PONG, payload)
-
-
-_DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an error) nothing more is read
-
-
-def _parsed(data: str) -> ClientFrame | None:
-    try:
-        return parse_client_frame(data)
-    except ProtocolError:
-        return None
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A read abandoned by a closing connection: take its outcome so asyncio does not log it.
-    if not future.cancelled():
-        future.exception()
 
 
 def _number(value: float) -> float | int:

@@ -209,7 +209,14 @@ class Writer:
 
     # --- writing --------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Write what is queued now, not at the end of this step (unless the writer task has it)."""
+        pending = self._scheduled
+        self._flush()
+        self._scheduled = pending  # a flush already scheduled still runs, and finds nothing or what came since
+
     def _flush(self) -> None:
+        # The callback of every burst (hot path): write everything queued, in one call.
         self._scheduled = False
         transport = self.transport
         if transport is None or (self._task is not None and not self._task.done()) or not self.items:

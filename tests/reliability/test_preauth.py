@@ -108,6 +108,13 @@ async def test_big_frames_behind_the_auth_frame_before_connected(
     assert (await ws.recv())["type"] == "connected"
     await ws.send_raw(big[1000:])
     assert (await ws.until("stream_end"))[-1]["full_response"] == "b" * 50_000
+    # The auth frame alone, then a big message in a write of its own without waiting: read
+    # before the verdict (held, the socket paused) or after it (the large parser), whole.
+    ws = await open_raw(port)
+    await ws.send_raw(AUTH)
+    await ws.send_raw(big)
+    assert (await ws.recv())["type"] == "connected"
+    assert (await ws.until("stream_end"))[-1]["full_response"] == "b" * 50_000
     # The same, the auth frame cut in two and fragmented.
     ws = await open_raw(port)
     auth = frame(TEXT, b'{"secr', fin=False) + frame(CONTINUATION, b'et": "' + SECRET.encode() + b'"}')

@@ -1,0 +1,47 @@
+"""What a shared store keeps of a session, and rebuilding a session from it.
+
+Part of :class:`~connic.session.ChatSession` (kept apart for size): the fields of a
+:class:`~connic.stores.SessionRecord` are the session's own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from connic.stores import SessionRecord
+
+if TYPE_CHECKING:
+    from connic.session import ChatSession
+
+__all__ = ["record", "restore"]
+
+
+def restore(session: ChatSession, record: SessionRecord) -> None:
+    """Give a new session what a shared store kept of it (:func:`record` made ``record``)."""
+    session.token = record.token
+    session.seq = record.seq
+    session.count = record.count
+    session.limit_reached = record.limit_reached
+    session.tokens_in = record.tokens_in
+    session.tokens_out = record.tokens_out
+    session.states = {name: dict(state) for name, state in record.states.items()}
+    session.history.entries = list(record.history)
+    session.history.size = record.history_size
+
+
+def record(session: ChatSession) -> SessionRecord:
+    """What a shared store keeps of ``session``."""
+    return SessionRecord(
+        id=session.id,
+        label=session.sessions.label,
+        token=session.token,
+        seq=session.seq,
+        count=session.count,
+        limit_reached=session.limit_reached,
+        tokens_in=session.tokens_in,
+        tokens_out=session.tokens_out,
+        states=session.states,
+        history=tuple(session.history.entries),
+        history_size=session.history.size,
+        busy=session.busy,
+    )

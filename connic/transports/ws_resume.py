@@ -1,0 +1,169 @@
+"""Resuming a session on a WebSocket connection (PROTOCOL.md §7).
+
+This is part of :class:`~connic.transports.ws_connection.Connection`, kept in its own
+module for size: :func:`resume` takes over the session a ``resume`` frame names (or
+opens a fresh one when it cannot), replays what the client missed and goes live;
+while a shared store waits for another process to let the session go, the socket is
+still read (:func:`_reading_meanwhile`). The functions act for the connection and use
+its internals as its own methods would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType
+
+from connic.errors import InvalidResume, ProtocolError, StoreUnavailable
+from connic.frames import CancelFrame, ClientFrame, PingFrame, Pong, ResumeFrame, encode, parse_client_frame
+from connic.session import ChatSession, SessionState
+
+if TYPE_CHECKING:
+    from connic.transports.ws_connection import Connection
+
+__all__ = ["resume", "resume_instead"]
+
+log = logging.getLogger("connic.websocket")
+
+
+async def resume(conn: Connection, frame: ResumeFrame) -> bool:
+    """Resume the session ``frame`` names, or start a fresh one (PROTOCOL.md §7); whether it resumed."""
+    if frame.problem is not None:
+        conn._error(InvalidResume(frame.problem))
+        await conn._open_fresh(False)
+        return False
+    assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
+    sessions = conn.transport.sessions
+    following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
+
+    def follow(frames: list[str] | None, last: int) -> None:
+        if not following:
+            _connected_following(conn, frame, last, recovered=frames is not None)
+        conn.writer.extend(frames or [])
+        following[:] = [last]
+
+    for _ in range(2):
+        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+        # Only a shared store may wait on another process: the memory store answers at once.
+        if sessions.store.durable:
+            session = await _reading_meanwhile(conn, finding, frame.session_id, following)
+        else:
+            session = await finding
+        last_seq = following[0] if following else frame.last_seq
+        replay = await session.replay(conn, last_seq) if session is not None else None
+        if replay is not None or session is None or following or session.state is not SessionState.ENDED:
+            break
+        # The store let the detached, idle session go (it saves it for any process) while
+        # this resume awaited: its copy here is left, find it again in the store. A session
+        # that ended for good is gone from the store too: the second find says so.
+    if following and (session is None or replay is None):
+        # connected said resumed: the session is still in the store, to be resumed again.
+        conn.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
+        return False
+    if session is None or replay is None:
+        sessions.metrics.resumes.inc(sessions.label, "failed")
+        # A wrong token counts as a failed authentication, so tokens cannot be guessed
+        # faster than secrets (the session itself is never locked by it).
+        conn.transport.throttle.failed(conn.peer or "unknown")
+        await conn._open_fresh(False)
+        return False
+    recovered, frames = replay
+    sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
+    sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
+    conn.session = session
+    conn.fresh = False
+    conn.writer.name = session.id
+    if not following:
+        conn._connected(session, resumed=True, recovered=recovered)
+    conn.writer.extend(frames)
+    session.resume(conn, last_seq + len(frames))
+    # The client waits for these: out now, not after every other resume of a burst that
+    # this step of the event loop handles too (a mass reconnect after a network blip).
+    conn.writer.flush()
+    log.info(
+        "resume session=%s peer=%s connector=%s last_seq=%d replayed=%d recovered=%s",
+        session.id,
+        conn.peer,
+        conn.transport.connector.path,
+        frame.last_seq,
+        len(frames),
+        recovered,
+    )
+    return True
+
+
+async def resume_instead(conn: Connection, frame: ResumeFrame) -> None:
+    """A resume as the client's first frame after a handshake-authenticated ``connected``."""
+    session = conn.session
+    assert session is not None
+    if not conn.fresh or session.seq:
+        conn._error(InvalidResume("resume must be the first frame of a connection"))
+        return
+    conn.session = None
+    session.end()  # the fresh session nobody used
+    await conn._resume(frame)
+
+
+async def _reading_meanwhile(
+    conn: Connection, finding: Awaitable[ChatSession | None], session_id: str, following: list[int]
+) -> ChatSession | None:
+    """Await ``finding`` while still reading the socket.
+
+    Finding a session another process answers can take as long as its reply: the
+    client's pings and pongs are answered meanwhile (the heartbeat sees it alive), a
+    ``cancel`` is passed to that process at once (when nothing is held before it), and
+    its other frames are held in order, to be handled once the session is taken over.
+    """
+    task = asyncio.ensure_future(finding)
+    try:
+        while not task.done():
+            if conn._receiving is None and not (conn._inbox and conn._inbox[-1].type not in _DATA):
+                conn._receiving = asyncio.ensure_future(conn.ws.receive())
+                conn._receiving.add_done_callback(_consume)
+            waiting: set[asyncio.Future[Any]] = {task} if conn._receiving is None else {task, conn._receiving}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            receiving = conn._receiving
+            if receiving is not None and receiving.done():
+                conn._receiving = None
+                msg = receiving.result()
+                conn.heartbeat.last_seen = conn._loop.time()
+                parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT and not conn._inbox else None
+                if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
+                    conn._control(msg.type, msg.data)
+                elif isinstance(parsed, PingFrame):
+                    conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
+                elif isinstance(parsed, CancelFrame) and following:
+                    # Another process answers (this one follows its frames): the cancel goes there.
+                    # Its outcome (a cancelled reply's end, or not_found) comes back in the log.
+                    conn.transport.sessions.store.cancel(session_id, parsed.id)
+                else:
+                    conn._inbox.append(msg)
+        return task.result()
+    finally:
+        task.cancel()
+
+
+def _connected_following(conn: Connection, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:
+    # Another process still answers: resumed, following its frames until it lets the session go.
+    assert frame.session_id is not None
+    conn.writer.name = frame.session_id
+    conn._send_connected(frame.session_id, frame.resume_token, True, recovered, last_seq)
+
+
+_DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an error) nothing more is read
+
+
+def _parsed(data: str) -> ClientFrame | None:
+    try:
+        return parse_client_frame(data)
+    except ProtocolError:
+        return None
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # A read abandoned by a closing connection: take its outcome so asyncio does not log it.
+    if not future.cancelled():
+        future.exception()
