@@ -29,6 +29,7 @@ __all__ = [
     "MiddlewareConfig",
     "ServerConfig",
     "StoreConfig",
+    "at_least_one",
     "default_config",
     "in_range",
     "load_config",
@@ -75,6 +76,12 @@ def positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     _finite(attribute, value)
     if not value > 0:
         raise ValueError(f"{attribute.name} must be a positive number, got {value!r}")
+
+
+def at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    """An attrs validator: the value is an integer of 1 or more (a count, a size in bytes)."""
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
 
 
 def non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:

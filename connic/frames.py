@@ -53,6 +53,7 @@ __all__ = [
     "encode",
     "parse_client_frame",
     "sequenced",
+    "too_deep",
 ]
 
 PROTOCOL = "connic/1"
@@ -513,7 +514,7 @@ _STEP[ord("[")], _STEP[ord("]")] = 1, -1
 _TOO_DEEP_RUN = b"[" * (MAX_DEPTH + 1)
 
 
-def _too_deep(text: str) -> bool:
+def too_deep(text: str) -> bool:
     """Whether the arrays and objects of ``text`` nest deeper than :data:`MAX_DEPTH`.
 
     json's parser recurses once per level: a frame like ``[[[...]]]`` a hundred
@@ -536,7 +537,7 @@ def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client text frame; raise a ProtocolError carrying its code."""
     # Only a frame with more opening brackets than the limit can nest deeper (hot path,
     # see docs/performance.md).
-    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(text):
+    if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(text):
         raise InvalidJSON(f"the frame nests arrays and objects deeper than {MAX_DEPTH} levels")
     try:
         frame = json.loads(text)

@@ -22,7 +22,7 @@ from connic.pipeline import TurnChain
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow, SessionStore
 
-__all__ = ["RateLimitOptions", "SessionOptions", "Sessions", "Sink"]
+__all__ = ["RateLimitOptions", "SessionOptions", "Sessions", "Sink", "token_matches"]
 
 
 class Sink(Protocol):
@@ -125,7 +125,7 @@ class Sessions:
             session is None
             or session.sessions is not self
             or session.state is SessionState.ENDED
-            or not _token_matches(session.token, token)
+            or not token_matches(session.token, token)
             or last_seq > session.seq
         ):
             return None
@@ -134,7 +134,7 @@ class Sessions:
     async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
         """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
         record = await self.store.load(session_id)
-        if record is None or record.label != self.label or not _token_matches(record.token, token):
+        if record is None or record.label != self.label or not token_matches(record.token, token):
             return None
         # Its owner may still be answering: wait for it to let go (never two copies at once).
         record = await self.store.take(session_id, self.options.producer_timeout, follow, last_seq)
@@ -168,5 +168,10 @@ class Sessions:
                 session.end()
 
 
-def _token_matches(expected: str | None, token: str) -> bool:
+def token_matches(expected: str | None, token: str) -> bool:
+    """Whether a client's resume ``token`` is the session's (``expected``), compared in constant time.
+
+    Any string is compared, even one that is not valid Unicode (a lone surrogate): it simply does
+    not match. A session without a token (``None``) matches nothing.
+    """
     return expected is not None and hmac.compare_digest(expected.encode(), token.encode("utf-8", "surrogatepass"))

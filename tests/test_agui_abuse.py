@@ -204,3 +204,13 @@ async def test_overlapping_runs_of_a_thread_stream_their_own_events(start_server
         assert text_of(events) == text
         assert {e.run_id for e in events if hasattr(e, "run_id")} == {run_id}
         assert events[-1].type.value == "RUN_FINISHED"
+
+
+async def test_an_earlier_message_connic_cannot_take_is_422_and_opens_no_thread(start_server: StartServer) -> None:
+    server = await start(start_server)
+    image = {"type": "image", "source": {"type": "url", "value": "https://example.com/cat.png"}}
+    before = [{"id": "m0", "role": "user", "content": [image]}]
+    status, text = await post_run(server.http + "/agui", run_input("t-img", "and now?", before=before))
+    assert status == 422, text
+    assert isinstance(text, str) and text.startswith("RunAgentInput.messages.0.content.0: ") and text.count("\n") == 1
+    assert await scrape(server.http, 'connic_sessions_total{connector="/agui"}') == 0  # nothing opened, nothing left

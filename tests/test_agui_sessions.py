@@ -5,6 +5,7 @@ sharing one redis-server stand for two processes). Real clients against real ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +129,91 @@ async def test_a_websocket_closed_with_another_code_than_1000_detaches(
     await back.send(resume)
     connected = await back.recv()
     assert connected["type"] == "connected" and connected["resumed"] is False, connected
+
+
+async def test_a_wrong_resume_token_counts_as_a_failed_authentication(
+    start_server: StartServer, connect: Connect
+) -> None:
+    # PROTOCOL.md §7: a failed resume counts as a failed authentication, so a thread's token
+    # cannot be guessed faster than a secret.
+    cfg = agui_config(connector={"max_auth_failures": 2}, agents=AGENTS, websocket={})
+    server = await start_server(cfg, registry=agui_registry())
+    ws = await connect(server.url("/ws"), secret=SECRET)
+    session_id, token = ws.connected["session_id"], ws.connected["resume_token"]  # type: ignore[attr-defined]
+    await ws.reply({"message": "hello"})
+    url = server.http + "/agui"
+    wrong = {"Authorization": f"Bearer {SECRET}", "X-Connic-Resume-Token": "guess"}
+    for _ in range(2):
+        status, text = await post_run(url, run_input(session_id, "guessing"), headers=wrong)
+        assert status == 403, text
+    right = {"Authorization": f"Bearer {SECRET}", "X-Connic-Resume-Token": token}
+    status, text = await post_run(url, run_input(session_id, "with the token"), headers=right)
+    assert status == 429 and "too many failed authentications" in str(text)  # braked, even the right one
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_concurrent_runs_of_a_known_thread_take_turns(
+    start_server: StartServer, tmp_path: Path, store: str
+) -> None:
+    # With redis, looking a thread up awaits the store: the runs queue on the thread's lock,
+    # and one arriving just as it is handed on must still wait its turn.
+    agents = {"assistant": {"use": "echo"}, "look": {"use": "inspect"}}
+    cfg = agui_config({"max_queued": 50}, agents)
+    with contextlib.ExitStack() as stack:
+        start = start_server
+        if store == "redis":
+            start = with_store(start_server, stack.enter_context(running_redis(tmp_path)).url)
+        server = await start(cfg, registry=agui_registry())
+        await take_turns(server.http + "/agui")
+
+
+async def take_turns(url: str) -> None:
+    """Rounds of runs of one thread, all at once; each run answered, never taken over, in one session."""
+    status, _ = await post_run(url + "/assistant", run_input("t-turns", "first"))
+    assert status == 200
+    for _ in range(3):  # the runs arrive together: some while another looks the thread up
+        texts = [f"run {n}" for n in range(12)]
+        results = await asyncio.gather(*(post_run(url + "/assistant", run_input("t-turns", t)) for t in texts))
+        for (status, events), text in zip(results, texts, strict=True):
+            assert status == 200, events  # never 409 (taken over meanwhile)
+            assert isinstance(events, list) and events[-1].type.value == "RUN_FINISHED", events[-1]
+            assert text_of(events) == text
+    status, events = await post_run(url + "/look", run_input("t-turns", "how many?"))
+    assert status == 200
+    assert json.loads(text_of(events))["number"] == 1 + 3 * 12 + 1  # one session answered every run
+
+
+async def test_a_run_arriving_as_the_thread_lock_is_handed_on_waits_its_turn() -> None:
+    # The moment the black-box test above can only hit by chance, made certain: run A leaves the
+    # lookup while B waits for it, and C, already on its way, comes in before B wakes up.
+    import connic
+    from connic.app import RUNTIME
+
+    transport = connic.create_app(agui_config(), registry=agui_registry())[RUNTIME].transports[0]
+    threads = transport.threads  # type: ignore[attr-defined]
+    inside: list[str] = []
+    most = 0
+    later: list[asyncio.Task[None]] = []
+    a_may_leave = asyncio.Event()
+
+    async def run(name: str) -> None:
+        nonlocal most
+        async with threads._one_at_a_time("t-lock"):
+            inside.append(name)
+            most = max(most, len(inside))
+            if name == "A":
+                await a_may_leave.wait()
+            await asyncio.sleep(0.01)  # a lookup that awaits the store
+            inside.remove(name)
+            if name == "A":
+                later.append(asyncio.create_task(run("C")))  # runs before B, woken by A's release
+
+    a = asyncio.create_task(run("A"))
+    await asyncio.sleep(0)
+    b = asyncio.create_task(run("B"))
+    await asyncio.sleep(0)  # B waits for A's lock
+    a_may_leave.set()
+    await asyncio.wait_for(asyncio.gather(a, b), 5)
+    await asyncio.wait_for(asyncio.gather(*later), 5)
+    assert most == 1, "two runs looked the thread up at once"
+    assert not threads._finding  # and the lock went with the last of them

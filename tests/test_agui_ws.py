@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import websockets
+from reliability.rawws import open_raw, text
+from test_agui_abuse import scrape, wait_metric
 from test_agui_support import AUTH, EVENT, SECRET, agui_config, agui_registry, run_input
 
 from conftest import StartServer
@@ -134,3 +136,71 @@ async def test_shutdown_ends_open_runs_and_closes_1001(start_server: StartServer
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == 1001
         await asyncio.wait_for(draining, 10)
+
+
+async def test_a_client_that_never_reads_and_sends_bad_frames_is_dropped(start_server: StartServer) -> None:
+    # A long send_timeout: only the outbox's bound can drop this client within the wait below.
+    server = await start(start_server, {"send_queue": 4, "send_timeout": 120})
+    port = int(server.http.rsplit(":", 1)[1])
+    ws = await open_raw(port, "/agui/ws", headers=AUTH, rcvbuf=4096)
+    ws.pause_reading()  # and never read a byte
+    bad = text({"type": "cancel", "runId": "x" * 4096})  # each answered with a RUN_ERROR
+    sent = 0
+    try:
+        while sent < 20_000:  # 80 MiB at most, were the client never dropped
+            await asyncio.wait_for(ws.send_raw(bad), 30)
+            sent += 1
+    except (ConnectionError, OSError):
+        pass  # dropped: the server aborted the connection
+    finally:
+        ws.writer.transport.abort()
+    await wait_metric(server.http, 'connic_slow_consumer_closes_total{connector="/agui"}', 1)
+    await wait_metric(server.http, 'connic_closes_total{code="4010",connector="/agui"}', 1)
+    assert sent < 20_000, "the server took every bad frame and never dropped the client"
+
+
+async def test_an_error_quotes_a_huge_run_id_cut_short(start_server: StartServer) -> None:
+    server = await start(start_server)
+    async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"type": "cancel", "runId": "x" * 100_000}))
+        error = json.loads(await ws.recv())
+    assert error["type"] == "RUN_ERROR" and error["code"] == "not_found"
+    assert error["message"].startswith("no run of this connection has runId 'xxx") and len(error["message"]) < 200
+
+
+async def test_an_earlier_message_connic_cannot_take_is_run_error_and_opens_no_thread(
+    start_server: StartServer,
+) -> None:
+    server = await start(start_server)
+    image = {"type": "image", "source": {"type": "url", "value": "https://example.com/cat.png"}}
+    before = [{"id": "m0", "role": "user", "content": [image]}]
+    async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps(run_input("t-img", "and now?", before=before)))
+        error = json.loads(await ws.recv())
+        assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_message"
+        assert error["message"].startswith("RunAgentInput.messages.0.content.0: "), error
+        assert await scrape(server.http, 'connic_sessions_total{connector="/agui"}') == 0
+        await ws.send(json.dumps(run_input("t-img", "text only")))  # the connection goes on
+        assert (await run_events(ws))[-1]["type"] == "RUN_FINISHED"
+    assert await scrape(server.http, 'connic_sessions_total{connector="/agui"}') == 1
+
+
+async def test_a_failed_resume_opens_nothing_and_counts_as_a_failed_authentication(
+    start_server: StartServer,
+) -> None:
+    server = await start(start_server, {"max_auth_failures": 3})
+    async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH) as ws:
+        for thread_id in ("a}b{c", "t-never-was", "x" * 300):
+            await ws.send(json.dumps({"type": "resume", "threadId": thread_id, "lastSeq": 0}))
+            error = json.loads(await ws.recv())
+            assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_resume", error
+            assert len(error["message"]) < 200
+        # Braked now: a resume is refused without looking the thread up, and so is a new connection.
+        await ws.send(json.dumps({"type": "resume", "threadId": "t-never-was", "lastSeq": 0}))
+        assert "too many failed authentications" in json.loads(await ws.recv())["message"]
+    assert await scrape(server.http, 'connic_sessions_total{connector="/agui"}') == 0  # nothing opened
+    assert await scrape(server.http, 'connic_resumes_total{connector="/agui",result="failed"}') == 3
+    with pytest.raises(websockets.InvalidStatus) as caught:
+        async with websockets.connect(server.base + "/agui/ws", additional_headers=AUTH):
+            pass
+    assert caught.value.response.status_code == 429

@@ -114,6 +114,32 @@ def test_config_key_documented_with_its_default(name: str, default: Any) -> None
         assert f"`{written}`" in cells[2], f"`{name}` defaults to {written}; the table says {cells[2]}"
 
 
+def agui_keys() -> list[tuple[str, Any]]:
+    """Every key of the agui transport, with its default (its own table: some defaults differ from websocket's)."""
+    from connic.transports.agui import AguiTransport
+
+    defaults = AguiTransport.Options()
+    return [(f.name, getattr(defaults, f.name)) for f in attrs.fields(AguiTransport.Options)]
+
+
+def agui_table() -> str:
+    """configuration.md's section of the agui transport, up to the next heading."""
+    text = page("configuration.md")
+    start = text.index('### `transport = "agui"`')
+    end = text.index("\n#", start + 1)
+    return text[start:end]
+
+
+@pytest.mark.parametrize(("name", "default"), agui_keys(), ids=[name for name, _ in agui_keys()])
+def test_agui_config_key_documented_with_its_default(name: str, default: Any) -> None:
+    row = table_row(agui_table(), name)
+    assert row is not None, f"configuration.md's agui table has no row for `{name}`"
+    written = toml_default(default)
+    if written is not None:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert f"`{written}`" in cells[2], f"agui `{name}` defaults to {written}; the table says {cells[2]}"
+
+
 @pytest.mark.parametrize("name", [*nested_config_keys(), "use"])
 def test_nested_config_key_documented(name: str) -> None:
     assert f"`{name}`" in page("configuration.md")

@@ -24,17 +24,12 @@ import attrs
 from connic.agent import ToolCall, ToolResult, Usage
 from connic.agents._tool_threads import DEFAULT_THREADS
 from connic.agents.tools import Tool, ToolSource
-from connic.config import positive
+from connic.config import at_least_one, positive
 from connic.errors import AgentError, ConfigError
 
 __all__ = ["Call", "Conversation", "Outcome", "ToolOptions", "Toolbox", "run_turn"]
 
 log = logging.getLogger("connic.agents.tools")
-
-
-def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
 
 
 @attrs.frozen
@@ -51,7 +46,7 @@ class ToolOptions:
     tools: tuple[str, ...] = ()
     # Any: connic.agents.mcp_config validates it, with messages naming the entry and the key.
     mcp_servers: Any = ()
-    max_tool_rounds: int = attrs.field(default=8, validator=_at_least_one)
+    max_tool_rounds: int = attrs.field(default=8, validator=at_least_one)
     tool_timeout: float = attrs.field(default=60.0, validator=positive)
     tool_threads: int = attrs.field(default=DEFAULT_THREADS, validator=positive)
 

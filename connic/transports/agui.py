@@ -10,10 +10,8 @@ state, metrics and draining are the session core's (docs/agui.md).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,17 +20,15 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.app import RUNTIME
-from connic.config import ConnectorConfig, in_range, non_negative, positive
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
 from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
 from connic.flow import Flag
 from connic.frames import MessageFrame
 from connic.middleware import MiddlewareFunc
-from connic.pipeline import TurnChain, build_turn_chain
-from connic.sessions import Sessions
-from connic.throttle import AuthThrottle
 from connic.transport import Transport
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
-from connic.transports.websocket import RateLimit, _local_origin
+from connic.transports.session_transport import SessionTransport
+from connic.transports.websocket import RateLimit, local_origin
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -47,12 +43,7 @@ log = logging.getLogger("connic.agui")
 SECRET_HEADER = "X-Connic-Secret"
 
 
-def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
-
-
-class AguiTransport(Transport):
+class AguiTransport(SessionTransport):
     """AG-UI's HTTP binding: a ``RunAgentInput`` in, the run's events out as SSE."""
 
     @attrs.frozen
@@ -66,17 +57,17 @@ class AguiTransport(Transport):
         session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
         max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
         allowed_origins: tuple[str, ...] = ()
-        max_body_bytes: int = attrs.field(default=1024 * 1024, validator=_at_least_one)
-        max_queued: int = attrs.field(default=10, validator=_at_least_one)
+        max_body_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
+        max_queued: int = attrs.field(default=10, validator=at_least_one)
         agent_timeout: float = attrs.field(default=300.0, validator=positive)
-        send_queue: int = attrs.field(default=256, validator=_at_least_one)
+        send_queue: int = attrs.field(default=256, validator=at_least_one)
         send_timeout: float = attrs.field(default=30.0, validator=positive)
         rate_limit: RateLimit | None = None
         resume_window: float = attrs.field(default=3600.0, validator=[non_negative, in_range(0, 86400)])
         replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
         on_disconnect: Literal["continue", "cancel"] = "cancel"
         producer_timeout: float = attrs.field(default=10.0, validator=positive)
-        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
+        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=at_least_one)
         max_auth_failures: int = attrs.field(default=10, validator=non_negative)
         auth_failure_window: float = attrs.field(default=60.0, validator=positive)
 
@@ -103,52 +94,12 @@ class AguiTransport(Transport):
                 "pip install 'connic[agui]'"
             ) from None
         self.encoder = EventEncoder()
-        env_secret = os.environ.get("CONNIC_SECRET")
-        secrets = [*self.options.secrets, *([env_secret] if env_secret else [])]
-        if any(not s for s in secrets):
-            raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
-        if self.options.require_auth and not secrets:
-            raise ConfigError(
-                f"{where}: {key}.secrets: require_auth is on but no secret is configured "
-                "(set secrets, the CONNIC_SECRET environment variable, or require_auth = false)"
-            )
-        self._secrets = [s.encode() for s in secrets]
-        self.agent_names = tuple(agents)
-        self.chains: dict[str, TurnChain] = {
-            name: build_turn_chain(
-                agent,
-                streaming_on=self.options.streaming,
-                agent_timeout=self.options.agent_timeout,
-                user_middleware=self.middleware,
-                progress_events=self.options.progress_events,
-            )
-            for name, agent in agents.items()
-        }
-        self.throttle = AuthThrottle(
-            self.options.max_auth_failures if self.options.require_auth else 0,
-            self.options.auth_failure_window,
-            name=connector.path,
-        )
         self.runs: set[SSERun] = set()
         self.bindings: set[WSBinding] = set()  # open WebSocket binding connections
         self.no_runs = Flag(True)  # set while no run streams and no binding is open (shutdown waits for it)
         self.threads = Threads(self)
         self.draining = False
-        self._sessions: Sessions | None = None
         self.runtime_transports: list[Transport] = []
-
-    @property
-    def sessions(self) -> Sessions:
-        """This connector's sessions (made once the runtime has given the transport its store and metrics)."""
-        if self._sessions is None:
-            self._sessions = Sessions(
-                label=self.connector.path,
-                chains=self.chains,
-                options=self.options,
-                metrics=self.metrics,
-                store=self.store,
-            )
-        return self._sessions
 
     def install(self, app: web.Application) -> None:
         """Serve ``POST {path}`` and ``POST {path}/{agent}`` (and their CORS preflights), and ``GET {path}/ws``."""
@@ -184,16 +135,6 @@ class AguiTransport(Transport):
 
     # --- who may run --------------------------------------------------------------
 
-    def check_secret(self, secret: str | None) -> bool:
-        """Constant-time comparison against every configured secret."""
-        if secret is None:
-            return False
-        given = secret.encode("utf-8", "surrogatepass")
-        ok = False
-        for candidate in self._secrets:
-            ok |= hmac.compare_digest(given, candidate)
-        return ok
-
     @staticmethod
     def request_secret(request: web.Request) -> str | None:
         """``Authorization: Bearer <secret>``, else ``X-Connic-Secret``."""
@@ -213,7 +154,7 @@ class AguiTransport(Transport):
             import fnmatch
 
             return any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns)
-        return self.options.require_auth or _local_origin(origin, host)
+        return self.options.require_auth or local_origin(origin, host)
 
     def _cors(self, request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")
@@ -233,6 +174,7 @@ class AguiTransport(Transport):
         return web.Response(status=204, headers=headers)
 
     def refuse(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> web.Response:
+        """A refusal before any stream: HTTP ``status`` with ``text`` as its one line, counted in the metrics."""
         self.metrics.refused.inc(self.connector.path, str(status))
         return web.Response(status=status, text=text + "\n", headers=headers)
 
@@ -256,7 +198,7 @@ class AguiTransport(Transport):
         secret = self.request_secret(request)
         if secret is None and query_secret:
             secret = request.query.get("secret")  # a browser's WebSocket cannot send headers
-        if self.options.require_auth and not self.check_secret(secret):
+        if self.options.require_auth and not self.secret_matches(secret):
             self.throttle.failed(peer)
             headers = {"WWW-Authenticate": 'Bearer realm="connic"', **cors}
             return self.refuse(401, "missing or wrong secret", headers)
@@ -324,7 +266,8 @@ class AguiTransport(Transport):
         from connic.transports.agui_sse import SSERun
 
         try:
-            joined = await self.threads.join(run, request.headers.get(TOKEN_HEADER) or forwarded_token(run))
+            given = request.headers.get(TOKEN_HEADER) or forwarded_token(run)
+            joined = await self.threads.join(run, given, request.remote or "unknown")
         except StoreUnavailable as exc:
             return self.refuse(503, exc.message, {"Retry-After": "5", **cors})
         if isinstance(joined, web.Response):

@@ -46,7 +46,7 @@ from ag_ui.core import (
 from connic.agent import File, HistoryEntry
 from connic.frames import MAX_ID_LENGTH, MessageFrame
 
-__all__ = ["BadInput", "RunEvents", "message_of", "seed_of"]
+__all__ = ["THREAD_ID", "BadInput", "RunEvents", "message_of", "seed_of"]
 
 _MEDIA = (ImagePart, AudioPart, VideoPart, DocumentPart)
 
@@ -61,7 +61,7 @@ class BadInput(ValueError):
 
 # A thread id becomes a session id, which names keys in a shared store (and shows in logs):
 # letters, digits and a few marks only (a UUID, what AG-UI clients send, fits).
-_THREAD_ID = re.compile(rf"[A-Za-z0-9._:~-]{{1,{MAX_ID_LENGTH}}}")
+THREAD_ID = re.compile(rf"[A-Za-z0-9._:~-]{{1,{MAX_ID_LENGTH}}}")
 
 
 def check_id(value: str, field: str) -> None:
@@ -72,7 +72,7 @@ def check_id(value: str, field: str) -> None:
 
 def message_of(run: RunAgentInput, agent: str | None) -> MessageFrame:
     """The connic message a run asks to answer: the last of ``messages``, which must be the user's."""
-    if _THREAD_ID.fullmatch(run.thread_id) is None:
+    if THREAD_ID.fullmatch(run.thread_id) is None:
         raise BadInput("threadId", f"must be 1 to {MAX_ID_LENGTH} letters, digits or . _ : ~ -")
     check_id(run.run_id, "runId")
     if not run.messages:
@@ -82,6 +82,11 @@ def message_of(run: RunAgentInput, agent: str | None) -> MessageFrame:
     if not isinstance(last, UserMessage):
         raise BadInput(f"messages.{index}.role", f"the last message must be the user's, not {last.role!r}")
     text, files = _content(last.content, f"messages.{index}.content")
+    for earlier, message in enumerate(run.messages[:-1]):
+        # Checked now, not when a new thread's history is seeded from them: a bad one is the
+        # client's 422, before any session is opened for the run.
+        if isinstance(message, UserMessage):
+            _content(message.content, f"messages.{earlier}.content")
     context: dict[str, Any] = {
         "agui": {
             "thread_id": run.thread_id,

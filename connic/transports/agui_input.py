@@ -1,7 +1,7 @@
 """Reading a run's request: the body, bounded, parsed into a ``RunAgentInput`` and a connic message.
 
 Every refusal is one line naming what is wrong: 413 for a body over
-``max_body_bytes``, 415 for a body that is not JSON, 422 for a ``RunAgentInput``
+``max_body_bytes``, 400 for a body that is not UTF-8 JSON (or nests too deep), 422 for a ``RunAgentInput``
 that does not validate (the field named as ``ag-ui-protocol`` reports it) or
 that connic cannot run.
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from connic.frames import MAX_DEPTH, MessageFrame, _too_deep
+from connic.frames import MAX_DEPTH, MessageFrame, too_deep
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -43,7 +43,7 @@ async def read_run(
         text = body.decode()
     except UnicodeDecodeError:
         return (400, "the body is not UTF-8 text"), None, None
-    if text.count("[") + text.count("{") > MAX_DEPTH and _too_deep(text):
+    if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(text):
         return (400, f"the body nests arrays and objects deeper than {MAX_DEPTH} levels"), None, None
     try:
         run = RunAgentInput.model_validate_json(text)

@@ -4,7 +4,8 @@
 while runs stream on it; it hands each frame to its run's :class:`SSERun`. A run
 turns the session's frames of its message into
 AG-UI events (:class:`~connic.transports.agui_events.RunEvents`), encodes them
-with ``ag-ui-protocol``'s ``EventEncoder`` and queues them in a bounded outbox;
+with ``ag-ui-protocol``'s ``EventEncoder`` and queues them in its bounded outbox
+(:class:`~connic.transports.agui_outbox.Outbox`);
 :meth:`SSERun.stream` writes the outbox to the response. A client that stops
 reading fills the outbox and then the socket's buffer: after ``send_timeout``
 it is dropped (a slow consumer), so a run's memory stays bounded.
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from connic.errors import ConnicError, SlowConsumer
+from connic.errors import ConnicError
 from connic.frames import MessageId
+from connic.transports.agui_outbox import Outbox
 
 if TYPE_CHECKING:
     from ag_ui.core import BaseEvent
@@ -33,28 +34,13 @@ __all__ = ["SSERun", "ThreadRuns"]
 
 Frame = dict[str, Any]
 
-log = logging.getLogger("connic.agui")
-
 _POLL = 1.0  # seconds between looks at whether a quiet client is still connected
 
 
-class SSERun:
+class SSERun(Outbox[Frame]):
     """The sink of one run: connic frames in, SSE-encoded AG-UI events out, in a bounded outbox."""
 
-    __slots__ = (
-        "_room",
-        "_wake",
-        "close_code",
-        "encoder",
-        "events",
-        "items",
-        "label",
-        "limit",
-        "metrics",
-        "name",
-        "request",
-        "send_timeout",
-    )
+    __slots__ = ("encoder", "events", "name")
 
     def __init__(
         self,
@@ -67,71 +53,40 @@ class SSERun:
         metrics: Metrics,
         label: str,
     ) -> None:
+        super().__init__(request, limit=limit, send_timeout=send_timeout, metrics=metrics, label=label)
         self.events = events
         self.encoder = encoder
-        self.request = request
-        self.limit = limit
-        self.send_timeout = send_timeout
-        self.metrics = metrics
-        self.label = label
         self.name = events.thread_id  # for the logs
-        self.items: list[str] = []
-        self.close_code: int | None = None  # set once the stream is over: 1000, 1001, 4010, 1006 (client gone)
-        self._room = asyncio.Event()
-        self._wake = asyncio.Event()
 
     @property
     def gone(self) -> bool:
         """Whether nothing more reaches the client (dropped, or it went away)."""
         return self.close_code is not None and self.close_code != 1000
 
-    # --- the run's frames, from its thread's ThreadRuns ------------------------------
-
-    def put_nowait(self, frame: Frame) -> None:
-        """An ack or a refusal: queued at once (a client two outboxes behind is dropped)."""
-        if self.close_code is None:
-            self._queue(self.events.frame(frame))
-            if len(self.items) > 2 * self.limit:
-                self.slow_consumer()
-
-    def offer(self, frame: Frame) -> bool:
-        """A reply frame, if there is room now."""
-        if self.close_code is not None:
-            return True  # nobody reads any more: the reply goes on into the log and history
-        if len(self.items) >= self.limit:
-            return False
-        self._queue(self.events.frame(frame))
-        return True
-
-    async def send(self, frame: Frame) -> None:
-        """A reply frame, waiting up to ``send_timeout`` for room; past it the client is dropped."""
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                while self.close_code is None and len(self.items) >= self.limit:
-                    self._room.clear()
-                    await self._room.wait()
-        except TimeoutError:
-            self.slow_consumer()
-        if self.close_code is None:
-            self._queue(self.events.frame(frame))
-
     def fail(self, error: ConnicError) -> None:
         """End the run now with ``error``'s code (``RUN_ERROR``)."""
         if self.close_code is None and not self.events.done:
             self.metrics.errors.inc(self.label, error.code)
-            self._queue(self.events.failed(error.code, error.message))
-
-    # --- queueing -------------------------------------------------------------------
+            self.urgent(self._encoded(self.events.failed(error.code, error.message)))
 
     def start(self, event: BaseEvent) -> None:
         """Queue the run's first event."""
-        self._queue([event])
+        self.urgent(self._encoded([event]))
 
-    def _queue(self, events: list[BaseEvent]) -> None:
+    # --- queueing -------------------------------------------------------------------
+
+    def _put(self, item: Frame) -> None:
+        events = self.events.frame(item)
         if events:
-            encode = self.encoder.encode
-            self.items.extend(encode(event) for event in events)
+            self.items.extend(self._encoded(events))
             self._wake.set()
+
+    def _encoded(self, events: list[BaseEvent]) -> list[str]:
+        encode = self.encoder.encode
+        return [encode(event) for event in events]
+
+    def _name(self) -> str:
+        return self.name
 
     # --- writing --------------------------------------------------------------------
 
@@ -157,9 +112,7 @@ class SSERun:
                 return  # dropped as a slow consumer meanwhile
             if not self.items:
                 continue
-            batch = "".join(self.items).encode()
-            self.items.clear()
-            self._room.set()
+            batch = "".join(self.take()).encode()
             try:
                 async with asyncio.timeout(self.send_timeout):
                     await response.write(batch)
@@ -170,20 +123,6 @@ class SSERun:
                 # aiohttp: "Cannot write to closing transport", or the connection reset.
                 self.close_code = self.close_code or 1006
                 return
-
-    def slow_consumer(self) -> None:
-        """The client stopped reading: drop the connection, free the outbox."""
-        if self.close_code is not None:
-            return
-        self.close_code = SlowConsumer.close_code or 4010
-        self.metrics.slow_consumers.inc(self.label)
-        log.warning("thread %s: client stopped reading its event stream; dropping it", self.name)
-        self.items.clear()
-        self._room.set()
-        self._wake.set()
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
 
 
 class ThreadRuns:
@@ -205,7 +144,7 @@ class ThreadRuns:
         frame = json.loads(data)
         run = self.runs.get(frame.get("id"))
         if run is not None:
-            run.put_nowait(frame)
+            run.send_nowait(frame)
 
     def offer(self, data: str) -> bool:
         """A reply frame, if its run has room now."""

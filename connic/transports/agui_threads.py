@@ -18,7 +18,7 @@ from aiohttp import web
 
 from connic.frames import MessageId
 from connic.session import ChatSession, SessionState
-from connic.sessions import Sessions, _token_matches
+from connic.sessions import Sessions, token_matches
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from connic.transports.agui import AguiTransport
     from connic.transports.agui_sse import SSERun, ThreadRuns
 
-__all__ = ["TOKEN_HEADER", "Threads", "forwarded_token"]
+__all__ = ["TOKEN_HEADER", "Threads", "forwarded_token", "seed"]
 
 TOKEN_HEADER = "X-Connic-Resume-Token"
 
@@ -36,7 +36,8 @@ class Threads:
 
     def __init__(self, transport: AguiTransport) -> None:
         self.transport = transport
-        self._finding: dict[str, asyncio.Lock] = {}  # thread id -> the lock of the runs looking it up
+        # thread id -> the lock of the runs looking it up, and how many hold it or wait for it
+        self._finding: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.streaming: dict[str, ThreadRuns] = {}  # session id -> the sink its SSE runs share
 
     def leave(self, session: ChatSession, runs: ThreadRuns, run_id: str, sink: SSERun) -> None:
@@ -57,34 +58,44 @@ class Threads:
     @contextlib.asynccontextmanager
     async def _one_at_a_time(self, thread_id: str) -> AsyncIterator[None]:
         # Two runs of one thread looking it up at once take turns: both would otherwise open
-        # the same new thread, or attach to it twice.
-        lock = self._finding.get(thread_id)
-        if lock is None:
-            lock = self._finding[thread_id] = asyncio.Lock()
+        # the same new thread, or attach to it twice. The lock goes only when no run holds it
+        # or waits for it: right after a release the woken waiter does not hold it yet, and a
+        # new lock made then would let a third run in beside it.
+        entry = self._finding.get(thread_id)
+        if entry is None:
+            entry = self._finding[thread_id] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
         try:
             async with lock:
                 yield
         finally:
-            if not lock.locked() and self._finding.get(thread_id) is lock:
+            users[0] -= 1
+            if not users[0] and self._finding.get(thread_id) is entry:
                 del self._finding[thread_id]
 
-    async def join(self, run: RunAgentInput, given: str | None) -> tuple[ChatSession, ThreadRuns] | web.Response:
-        """The thread's session, with the sink its SSE runs share attached; or the response refusing it."""
-        from connic.transports.agui_events import seed_of
+    async def join(
+        self, run: RunAgentInput, given: str | None, peer: str
+    ) -> tuple[ChatSession, ThreadRuns] | web.Response:
+        """The thread's session, with the sink its SSE runs share attached; or the response refusing it.
+
+        ``given`` is the resume token the client sent; ``peer`` its address, for the
+        failed-authentication brake.
+        """
         from connic.transports.agui_sse import ThreadRuns
 
         async with self._one_at_a_time(run.thread_id):
-            found = await self._thread(run.thread_id, given)
+            found = await self._thread(run.thread_id, given, peer, create=True)
             if isinstance(found, web.Response):
                 return found
+            assert found is not None  # create: never None
             session, fresh = found
             runs = self.streaming.get(session.id)
             if runs is not None and session.sink is runs:
                 return session, runs  # another run of the thread streams: this one joins it
             runs = ThreadRuns()
             if fresh:
-                for entry in seed_of(run, session.sessions.agent_names):
-                    session.history.add(entry)
+                seed(session, run)
                 session.attach(runs)
             else:
                 last = session.seq
@@ -95,16 +106,22 @@ class Threads:
             self.streaming[session.id] = runs
             return session, runs
 
-    async def thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
+    async def thread(
+        self, thread_id: str, given: str | None, peer: str, *, create: bool = True
+    ) -> tuple[ChatSession, bool] | web.Response | None:
         """The session ``thread_id`` names, and whether it is new; or the response refusing it.
 
         ``given`` is the resume token the client sent, which a session another connector
-        opened needs.
+        opened needs; a wrong or missing one counts against ``peer`` as a failed
+        authentication (PROTOCOL.md §7). With ``create`` false an unknown thread is not
+        opened: None.
         """
         async with self._one_at_a_time(thread_id):
-            return await self._thread(thread_id, given)
+            return await self._thread(thread_id, given, peer, create=create)
 
-    async def _thread(self, thread_id: str, given: str | None) -> tuple[ChatSession, bool] | web.Response:
+    async def _thread(
+        self, thread_id: str, given: str | None, peer: str, *, create: bool
+    ) -> tuple[ChatSession, bool] | web.Response | None:
         store = self.transport.store
         live = await store.get(thread_id)
         owner: Sessions | None = None
@@ -119,10 +136,12 @@ class Threads:
                     why = f"thread {thread_id!r} is a session of connector {record.label!r}, not served here"
                     return self.transport.refuse(409, why)
         if owner is None:
-            return await self.transport.sessions.open(thread_id), True
+            return (await self.transport.sessions.open(thread_id), True) if create else None
         # A session another connector opened: its resume token proves the client's claim to it
-        # (PROTOCOL.md §7), as a resume over that connector would.
-        if owner is not self.transport.sessions and (given is None or not _token_matches(token, given)):
+        # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
+        # authentication, so that tokens cannot be guessed faster than secrets.
+        if owner is not self.transport.sessions and (given is None or not token_matches(token, given)):
+            self.transport.throttle.failed(peer)
             return self.transport.refuse(
                 403,
                 f"thread {thread_id!r} is a session of connector {owner.label!r}: "
@@ -151,7 +170,24 @@ def _pending(session: ChatSession, message_id: MessageId) -> bool:
     return (current is not None and current.id == message_id) or any(m.id == message_id for m in session.queue)
 
 
+def seed(session: ChatSession, run: RunAgentInput) -> None:
+    """Give a thread connic has just opened the history the run's earlier messages tell.
+
+    Should anything fail on the way, the session ends: a new thread left open, never
+    attached, would never expire (its timer starts at attach).
+    """
+    from connic.transports.agui_events import seed_of
+
+    try:
+        for entry in seed_of(run, session.sessions.agent_names):
+            session.history.add(entry)
+    except BaseException:
+        session.end()
+        raise
+
+
 def forwarded_token(run: RunAgentInput) -> str | None:
+    """The resume token a client put in ``forwardedProps.connic.resume_token`` (where headers cannot go)."""
     props = run.forwarded_props
     if isinstance(props, dict):
         connic = props.get("connic")

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound, SlowConsumer
+from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound
 from connic.frames import sequenced
 from connic.session import ChatSession, SessionState
+from connic.transports.agui_outbox import Outbox, shown
 
 if TYPE_CHECKING:
     from ag_ui.core import BaseEvent, RunAgentInput
@@ -33,65 +34,44 @@ __all__ = ["WSBinding"]
 log = logging.getLogger("connic.agui")
 
 
-class WSBinding:
+class WSBinding(Outbox[str]):
     """One WebSocket connection of the binding: the sink of its thread's session, and its reader."""
+
+    __slots__ = ("agent", "runs", "session", "transport", "ws")
 
     def __init__(
         self, transport: AguiTransport, ws: web.WebSocketResponse, request: web.Request, agent: str | None
     ) -> None:
+        opts = transport.options
+        super().__init__(
+            request,
+            limit=opts.send_queue,
+            send_timeout=opts.send_timeout,
+            metrics=transport.metrics,
+            label=transport.connector.path,
+        )
         self.transport = transport
         self.ws = ws
-        self.request = request
         self.agent = agent  # the agent every run of this connection goes to; None: all of them
         self.session: ChatSession | None = None
         self.runs: dict[Any, RunEvents] = {}  # connic message id (= runId) -> its events
-        self.items: list[str | _Close] = []
-        self.close_code: int | None = None
-        opts = transport.options
-        self.limit = opts.send_queue
-        self.send_timeout = opts.send_timeout
-        self._room = asyncio.Event()
-        self._wake = asyncio.Event()
-
-    # --- the Sink ------------------------------------------------------------------
-
-    def send_nowait(self, data: str) -> None:
-        """An ack or a refusal."""
-        if self.close_code is None:
-            self._put(data)
-            if len(self.items) > 2 * self.limit:
-                self.slow_consumer()
-
-    def offer(self, data: str) -> bool:
-        """A reply frame, if there is room now."""
-        if self.close_code is not None:
-            return True
-        if len(self.items) >= self.limit:
-            return False
-        self._put(data)
-        return True
-
-    async def send(self, data: str) -> None:
-        """A reply frame, waiting up to ``send_timeout`` for room; past it the client is dropped."""
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                while self.close_code is None and len(self.items) >= self.limit:
-                    self._room.clear()
-                    await self._room.wait()
-        except TimeoutError:
-            self.slow_consumer()
-        if self.close_code is None:
-            self._put(data)
 
     def end(self, error: ConnicError, notify: bool) -> None:
         """The session ended (expired, over its limit, taken over): every open run ends, then the socket."""
+        entries: list[Any] = []
         for run in self.runs.values():
-            self._queue(run.failed(error.code, error.message), None)
-        self._queue_close(error.close_code or 1000, error.code)
+            entries += self._entries(run.failed(error.code, error.message), None)
+        self.urgent([*entries, _Close(error.close_code or 1000, error.code)])
 
     # --- translating -----------------------------------------------------------------
 
-    def _put(self, data: str, silent: bool = False) -> None:
+    def _put(self, item: str) -> None:
+        self._translate(item, silent=False)
+
+    def _name(self) -> str:
+        return self.session.id if self.session is not None else "-"
+
+    def _translate(self, data: str, *, silent: bool) -> None:
         frame = json.loads(data)
         message_id = frame.get("id")
         if message_id is None:
@@ -102,8 +82,9 @@ class WSBinding:
             run = self.runs[message_id] = self._events(str(message_id))
             run.announced = frame.get("type") != "ack"
         events = run.frame(frame)
-        if not silent:  # silent: a frame the client had before it resumed
-            self._queue(events, frame.get("seq"))
+        if not silent and events:  # silent: a frame the client had before it resumed
+            self.items += self._entries(events, frame.get("seq"))
+            self._wake.set()
         if run.done:
             del self.runs[message_id]
 
@@ -114,23 +95,23 @@ class WSBinding:
         agents = (self.agent,) if self.agent is not None else self.session.sessions.agent_names
         return RunEvents(self.session.id, run_id, agents, announce=True)
 
-    def _queue(self, events: list[BaseEvent], seq: int | None) -> None:
+    @staticmethod
+    def _entries(events: list[BaseEvent], seq: int | None) -> list[str]:
+        out = []
         for event in events:
             data = event.model_dump_json(by_alias=True)
-            self.items.append(sequenced(data, seq) if seq is not None else data)
-        if events:
-            self._wake.set()
+            out.append(sequenced(data, seq) if seq is not None else data)
+        return out
 
     def _error(self, error: ConnicError) -> None:
-        """A frame connic cannot run: a ``RUN_ERROR`` naming what is wrong (no run started, no seq)."""
+        """A frame connic cannot run: a ``RUN_ERROR`` naming what is wrong (no run started, no seq).
+
+        Bounded like an ack: a client that sends bad frames and never reads is dropped.
+        """
         from ag_ui.core import RunErrorEvent
 
-        self.transport.metrics.errors.inc(self.transport.connector.path, error.code)
-        self._queue([RunErrorEvent(message=error.message, code=error.code)], None)
-
-    def _queue_close(self, code: int, reason: str) -> None:
-        self.items.append(_Close(code, reason))
-        self._wake.set()
+        self.metrics.errors.inc(self.label, error.code)
+        self.urgent(self._entries([RunErrorEvent(message=error.message, code=error.code)], None))
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -159,22 +140,27 @@ class WSBinding:
                 self.close_code = self.ws.close_code or 1000
             self._wake.set()
             try:
-                async with asyncio.timeout(self.send_timeout):
-                    await writer
-            except TimeoutError:
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await writer
+                except TimeoutError:
+                    writer.cancel()
+                if not self.ws.closed:
+                    await self.ws.close()
+            finally:
+                # Counted even when aiohttp cancels this handler (its client is gone, as a
+                # slow consumer's is once dropped): the connection is over either way.
                 writer.cancel()
-            if not self.ws.closed:
-                await self.ws.close()
-            metrics.connections_open.dec(path)
-            metrics.closes.inc(path, str(self.close_code))
-            log.info(
-                "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
-                session.id if session is not None else "-",
-                self.request.remote,
-                path,
-                self.close_code,
-                loop.time() - started,
-            )
+                metrics.connections_open.dec(path)
+                metrics.closes.inc(path, str(self.close_code))
+                log.info(
+                    "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
+                    session.id if session is not None else "-",
+                    self.request.remote,
+                    path,
+                    self.close_code,
+                    loop.time() - started,
+                )
 
     async def _write(self) -> None:
         while True:
@@ -184,8 +170,7 @@ class WSBinding:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, self.items = self.items, []
-            self._room.set()
+            batch = self.take()
             try:
                 for item in batch:
                     if isinstance(item, _Close):
@@ -199,20 +184,6 @@ class WSBinding:
                 return
             except (ConnectionError, RuntimeError):
                 return  # the client is gone
-
-    def slow_consumer(self) -> None:
-        """The client stopped reading: drop it (4010), free the outbox."""
-        if self.close_code is not None:
-            return
-        self.close_code = SlowConsumer.close_code or 4010
-        self.transport.metrics.slow_consumers.inc(self.transport.connector.path)
-        log.warning("thread %s: client stopped reading; closing 4010", self.session.id if self.session else "-")
-        self.items.clear()
-        self._room.set()
-        self._wake.set()
-        transport = self.request.transport
-        if transport is not None:
-            transport.abort()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -263,32 +234,31 @@ class WSBinding:
         session = self.session
         run = self.runs.get(run_id) if isinstance(run_id, str) else None
         if session is None or run is None:
-            self._error(NotFound(f"no run of this connection has runId {run_id!r}"))
+            self._error(NotFound(f"no run of this connection has runId {shown(run_id)}"))
             return
         queued = any(message.id == run_id for message in session.queue)
         session.cancel(run_id)  # one being answered ends cancelled, through its frames
         if queued:
             # Dropped before it began: no frame of the session says so.
             del self.runs[run_id]
-            self._queue(run.dropped(), None)
+            self.urgent(self._entries(run.dropped(), None))
 
     async def _open(self, run: RunAgentInput) -> bool:
-        from connic.transports.agui_events import seed_of
-        from connic.transports.agui_threads import TOKEN_HEADER, forwarded_token
+        from connic.transports.agui_threads import TOKEN_HEADER, forwarded_token, seed
 
-        found = await self.transport.threads.thread(
-            run.thread_id, self.request.headers.get(TOKEN_HEADER) or forwarded_token(run)
-        )
-        if isinstance(found, web.Response):
-            self._error(InvalidResume(found.text.strip() if found.text else "this thread cannot be continued"))
+        given = self.request.headers.get(TOKEN_HEADER) or forwarded_token(run)
+        found = await self.transport.threads.thread(run.thread_id, given, self.request.remote or "unknown")
+        if isinstance(found, web.Response) or found is None:
+            text = found.text if found is not None else None
+            self._error(InvalidResume(text.strip() if text else "this thread cannot be continued"))
             return False
         session, fresh = found
-        self.session = session
         if fresh:
-            for entry in seed_of(run, session.sessions.agent_names):
-                session.history.add(entry)
+            seed(session, run)  # ends the session should it fail
+            self.session = session
             session.attach(self)
             return True
+        self.session = session
         return await self._take(session, session.seq)
 
     async def _take(self, session: ChatSession, last_seq: int) -> bool:
@@ -311,27 +281,52 @@ class WSBinding:
         if not recovered:
             self._error(InvalidResume(f"the thread's log no longer holds every event after {last_seq}"))
         for index, data in enumerate(frames):
-            self._put(data, silent=start + index + 1 <= last_seq)
+            self._translate(data, silent=start + index + 1 <= last_seq)
         session.resume(self, start + len(frames))
         return True
 
     async def _resume(self, data: dict[str, Any]) -> None:
+        from connic.transports.agui_events import THREAD_ID
+
         thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
         if self.session is not None:
             self._error(InvalidResume("resume must be the first frame of a connection"))
             return
+        peer = self.request.remote or "unknown"
+        throttle = self.transport.throttle
+        if throttle.retry_after(peer) is not None:
+            # Braked: no thread is looked at, so that ids and tokens cannot be tried meanwhile.
+            self._error(InvalidResume("too many failed authentications from your address; resume later"))
+            return
         if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
-            self._error(InvalidResume("resume needs a string threadId and an integer lastSeq"))
+            self._failed_resume(InvalidResume("resume needs a string threadId and an integer lastSeq"), peer)
+            return
+        if THREAD_ID.fullmatch(thread_id) is None:
+            self._failed_resume(InvalidResume(f"threadId {shown(thread_id)} is not a thread id"), peer)
             return
         token = data.get("resumeToken")
-        found = await self.transport.threads.thread(thread_id, token if isinstance(token, str) else None)
-        if isinstance(found, web.Response) or found[1] or last_seq > found[0].seq or last_seq < 0:
-            if not isinstance(found, web.Response) and found[1]:
-                found[0].end()  # not a thread connic knew: nothing to resume
+        found = await self.transport.threads.thread(
+            thread_id, token if isinstance(token, str) else None, peer, create=False
+        )
+        if isinstance(found, web.Response):
+            # A wrong token was counted where it was compared; other refusals count here.
+            if found.status != 403:
+                throttle.failed(peer)
+            self.metrics.resumes.inc(self.label, "failed")
             self._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
+            return
+        if found is None or last_seq > found[0].seq or last_seq < 0:
+            # Not a thread connic knows (nothing is opened for it), or not that far.
+            self._failed_resume(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
             return
         self.session = found[0]
         await self._take(found[0], last_seq)
+
+    def _failed_resume(self, error: InvalidResume, peer: str) -> None:
+        """A resume that fails counts as a failed authentication (PROTOCOL.md §7)."""
+        self.transport.throttle.failed(peer)
+        self.metrics.resumes.inc(self.label, "failed")
+        self._error(error)
 
 
 class _Close:

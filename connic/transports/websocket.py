@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import fnmatch
-import hmac
 import ipaddress
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -18,15 +16,12 @@ import attrs
 from aiohttp import web
 
 from connic.agent import Agent
-from connic.config import ConnectorConfig, in_range, non_negative, positive
-from connic.errors import ConfigError, StoreUnavailable, Unauthorized
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
+from connic.errors import StoreUnavailable, Unauthorized
 from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
-from connic.pipeline import TurnChain, build_turn_chain
-from connic.sessions import Sessions
-from connic.throttle import AuthThrottle
-from connic.transport import Transport
 from connic.transports._aiohttp_raw import Socket
+from connic.transports.session_transport import SessionTransport
 from connic.transports.ws_connection import Connection
 
 __all__ = ["RateLimit", "WebSocketTransport"]
@@ -53,20 +48,15 @@ class _Handshake:
 _HANDSHAKE: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar("connic_handshake", default=None)
 
 
-def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value!r}")
-
-
 @attrs.frozen
 class RateLimit:
     """A token bucket: at most ``messages`` messages per ``per`` seconds, refilled smoothly."""
 
-    messages: int = attrs.field(validator=_at_least_one)
+    messages: int = attrs.field(validator=at_least_one)
     per: float = attrs.field(validator=positive)
 
 
-class WebSocketTransport(Transport):
+class WebSocketTransport(SessionTransport):
     """The Connic WebSocket connector: streaming chat with sessions."""
 
     @attrs.frozen
@@ -82,10 +72,10 @@ class WebSocketTransport(Transport):
         auth_timeout: float = attrs.field(default=10.0, validator=positive)
         allowed_origins: tuple[str, ...] = ()
         heartbeat: float = attrs.field(default=30.0, validator=non_negative)
-        max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=_at_least_one)
-        max_queued: int = attrs.field(default=10, validator=_at_least_one)
+        max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
+        max_queued: int = attrs.field(default=10, validator=at_least_one)
         agent_timeout: float = attrs.field(default=300.0, validator=positive)
-        send_queue: int = attrs.field(default=256, validator=_at_least_one)
+        send_queue: int = attrs.field(default=256, validator=at_least_one)
         send_timeout: float = attrs.field(default=30.0, validator=positive)
         compress: bool = False
         rate_limit: RateLimit | None = None
@@ -93,8 +83,8 @@ class WebSocketTransport(Transport):
         replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
         on_disconnect: Literal["continue", "cancel"] = "continue"
         producer_timeout: float = attrs.field(default=10.0, validator=positive)
-        max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=_at_least_one)
-        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_at_least_one)
+        max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=at_least_one)
+        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=at_least_one)
         max_auth_failures: int = attrs.field(default=10, validator=non_negative)
         auth_failure_window: float = attrs.field(default=60.0, validator=positive)
 
@@ -113,49 +103,9 @@ class WebSocketTransport(Transport):
         super().__init__(
             connector=connector, options=options, agents=agents, middleware=middleware, where=where, key=key
         )
-        env_secret = os.environ.get("CONNIC_SECRET")
-        secrets = [*self.options.secrets, *([env_secret] if env_secret else [])]
-        if any(not s for s in secrets):
-            raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
-        if self.options.require_auth and not secrets:
-            raise ConfigError(
-                f"{where}: {key}.secrets: require_auth is on but no secret is configured "
-                "(set secrets, the CONNIC_SECRET environment variable, or require_auth = false)"
-            )
-        self._secrets = [s.encode() for s in secrets]
-        self.agent_names = tuple(agents)
-        self.chains: dict[str, TurnChain] = {
-            name: build_turn_chain(
-                agent,
-                streaming_on=self.options.streaming,
-                agent_timeout=self.options.agent_timeout,
-                user_middleware=self.middleware,
-                progress_events=self.options.progress_events,
-            )
-            for name, agent in agents.items()
-        }
         self.connections: set[Connection] = set()
         self.unauthenticated: dict[Connection, Slot] = {}  # their slots in the gate, counted as unauthenticated
-        self.throttle = AuthThrottle(
-            self.options.max_auth_failures if self.options.require_auth else 0,
-            self.options.auth_failure_window,
-            name=connector.path,
-        )
         self.draining = False
-        self._sessions: Sessions | None = None
-
-    @property
-    def sessions(self) -> Sessions:
-        """This connector's sessions (made once the runtime has given the transport its store and metrics)."""
-        if self._sessions is None:
-            self._sessions = Sessions(
-                label=self.connector.path,
-                chains=self.chains,
-                options=self.options,
-                metrics=self.metrics,
-                store=self.store,
-            )
-        return self._sessions
 
     def install(self, app: web.Application) -> None:
         """Serve the connector's path."""
@@ -176,12 +126,7 @@ class WebSocketTransport(Transport):
         handshake = _HANDSHAKE.get()
         if handshake is not None and self.throttle.retry_after(handshake.peer) is not None:
             return False
-        if secret is None:
-            return False
-        given = secret.encode("utf-8", "surrogatepass")
-        ok = False
-        for candidate in self._secrets:
-            ok |= hmac.compare_digest(given, candidate)
+        ok = self.secret_matches(secret)
         if not ok and handshake is not None and not handshake.counted:
             handshake.counted = True
             self.throttle.failed(handshake.peer)
@@ -212,7 +157,7 @@ class WebSocketTransport(Transport):
         if patterns:
             origin = origin.lower()
             return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
-        return self.options.require_auth or _local_origin(origin, host)
+        return self.options.require_auth or local_origin(origin, host)
 
     def handshake_secret(self, request: web.Request) -> str | None:
         """The secret given at the handshake (header or query), if any."""
@@ -344,7 +289,7 @@ def _drop(request: web.Request) -> None:
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
-def _local_origin(origin: str, host: str | None) -> bool:
+def local_origin(origin: str, host: str | None) -> bool:
     """A loopback origin, or this server's own origin when the client reached it by IP address.
 
     A name other than localhost is never trusted from ``Host``: under DNS rebinding a

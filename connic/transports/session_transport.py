@@ -1,0 +1,104 @@
+"""What the transports built on the session core share: secrets, turn chains, the auth brake, sessions.
+
+:class:`SessionTransport` is the base of the ``websocket`` and ``agui`` transports:
+it checks the configured secrets at start-up, builds one turn chain per agent,
+keeps the per-address brake on failed authentications, and makes the
+connector's :class:`~connic.sessions.Sessions` once the runtime has given the
+transport its store and metrics. Its ``Options`` must have the keys both
+transports share (``secrets``, ``require_auth``, ``streaming``, ``agent_timeout``,
+``progress_events``, ``max_auth_failures``, ``auth_failure_window`` and the
+session keys :class:`~connic.sessions.Sessions` reads).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from connic.agent import Agent
+from connic.config import ConnectorConfig
+from connic.errors import ConfigError
+from connic.middleware import MiddlewareFunc
+from connic.pipeline import TurnChain, build_turn_chain
+from connic.sessions import Sessions
+from connic.throttle import AuthThrottle
+from connic.transport import Transport
+
+__all__ = ["SessionTransport"]
+
+
+class SessionTransport(Transport):
+    """A transport whose clients authenticate with the connector's secrets and talk in sessions."""
+
+    def __init__(
+        self,
+        *,
+        connector: ConnectorConfig,
+        options: Any,
+        agents: Mapping[str, Agent],
+        middleware: Sequence[MiddlewareFunc],
+        where: str,
+        key: str,
+    ) -> None:
+        super().__init__(
+            connector=connector, options=options, agents=agents, middleware=middleware, where=where, key=key
+        )
+        opts = self.options
+        env_secret = os.environ.get("CONNIC_SECRET")
+        secrets = [*opts.secrets, *([env_secret] if env_secret else [])]
+        if any(not s for s in secrets):
+            raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
+        if opts.require_auth and not secrets:
+            raise ConfigError(
+                f"{where}: {key}.secrets: require_auth is on but no secret is configured "
+                "(set secrets, the CONNIC_SECRET environment variable, or require_auth = false)"
+            )
+        self._secrets = [s.encode() for s in secrets]
+        self.agent_names = tuple(agents)
+        self.chains: dict[str, TurnChain] = {
+            name: build_turn_chain(
+                agent,
+                streaming_on=opts.streaming,
+                agent_timeout=opts.agent_timeout,
+                user_middleware=self.middleware,
+                progress_events=opts.progress_events,
+            )
+            for name, agent in agents.items()
+        }
+        # With auth off there is nothing to guess: the brake is off too.
+        self.throttle = AuthThrottle(
+            opts.max_auth_failures if opts.require_auth else 0,
+            opts.auth_failure_window,
+            name=connector.path,
+        )
+        self._sessions: Sessions | None = None
+
+    @property
+    def sessions(self) -> Sessions:
+        """This connector's sessions (made once the runtime has given the transport its store and metrics)."""
+        if self._sessions is None:
+            self._sessions = Sessions(
+                label=self.connector.path,
+                chains=self.chains,
+                options=self.options,
+                metrics=self.metrics,
+                store=self.store,
+            )
+        return self._sessions
+
+    def secret_matches(self, secret: str | None) -> bool:
+        """Whether ``secret`` is one of the configured secrets, compared in constant time.
+
+        Any string is compared, even one that is not valid Unicode text (a lone surrogate
+        from JSON's ``"\\ud800"``, or header bytes aiohttp decoded with ``surrogateescape``):
+        such a secret is simply wrong.
+        """
+        if secret is None:
+            return False
+        given = secret.encode("utf-8", "surrogatepass")
+        ok = False
+        for candidate in self._secrets:
+            ok |= hmac.compare_digest(given, candidate)
+        return ok
