@@ -135,3 +135,10 @@ def with_store(start: Callable[..., Awaitable[Any]], url: str) -> Callable[..., 
         return await start(data, registry=registry, **kwargs)
 
     return start_redis
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private ``redis-server`` for one test, on a free loopback port in ``tmp_path``; stopped after it."""
+    with running_redis(tmp_path / "redis") as server:
+        yield server

@@ -37,7 +37,7 @@ __all__ = [
     "Conn",
     "ResumeSession",
     "Transcript",
-    "clients",
+    "clients_fixture",
     "is_sequenced",
     "serve",
     "start_server",
@@ -366,8 +366,8 @@ def start_server(start_server: StartServer, store_url: str | None) -> StartServe
     return with_store(start_server, store_url)
 
 
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
+@pytest.fixture(name="clients")
+async def clients_fixture() -> AsyncIterator[Clients]:
     """A :class:`Clients`, every connection closed at the end."""
     async with Clients() as opened:
         yield opened

@@ -7,23 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, running_redis, with_store
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    running_redis,
+    with_store,
+)
 from test_agui_support import SECRET, agui_config, agui_registry, post_run, run_input, text_of
 
 from conftest import Connect, StartServer
 
 AGENTS = {"look": {"use": "inspect"}}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 def config() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from conftest import StartServer
 
 # The fixtures these tests share with the other resume tests (resume_helpers): pytest finds a
 # fixture in the test module's namespace.
-store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients
+store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients_fixture
 
 
 async def history(conn: Conn) -> dict[str, Any]:

@@ -12,28 +12,26 @@ import asyncio
 import itertools
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from redis_server import RedisServer, running_redis, store_plugin_env
-from resume_helpers import Clients, Conn, ResumeSession, words
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
+)
+from resume_helpers import (
+    Clients,
+    Conn,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+    words,
+)
 
 from conftest import SECRET, CliServer, start_cli
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    async with Clients() as opened:
-        yield opened
 
 
 @pytest.fixture

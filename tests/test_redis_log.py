@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import websockets
-from redis_server import RedisServer, running_redis, with_store
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    with_store,
+)
 from resume_helpers import Clients, ResumeSession
 
 from conftest import StartServer
@@ -16,12 +19,6 @@ from connic.stores.redis import RedisStore
 from connic.stores.redis.log import RedisReplayLog
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
 
 
 @pytest.fixture

@@ -11,14 +11,23 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 import websockets
-from redis_server import RedisServer, running_redis, store_plugin_env
-from resume_helpers import Clients, ResumeSession, words
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+    words,
+)
 
 import connic
 from conftest import ROOT, Server, StartServer, make_config
@@ -34,20 +43,8 @@ aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installe
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    async with Clients() as opened:
-        yield opened
 
 
 class Gated(connic.Agent):

@@ -27,7 +27,7 @@ DATA = Path(__file__).parent / "data"
 
 # The fixtures these tests share with the other resume tests (resume_helpers): pytest finds a
 # fixture in the test module's namespace.
-store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients
+store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients_fixture
 
 
 async def started(clients: Clients, server: Server, **kwargs: Any) -> tuple[ResumeSession, Conn]:
