@@ -36,6 +36,8 @@ class Connection:
         self._scripts: dict[str, Any] = {}
         self._down = False  # the last call to Redis got no answer (available() then pings)
         self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+        self._calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # for the next shared pipeline
+        self._sending: set[asyncio.Task[None]] = set()  # the shared pipelines under way
 
     async def connect(self) -> None:
         """Make both clients and check that Redis answers; StoreUnavailable naming ``[store] url`` if not."""
@@ -110,6 +112,49 @@ class Connection:
                 load.script_load(script.script)
             await self._call(load.execute())
         return results
+
+    async def _shared(self, *command: Any) -> Any:
+        """Send ``command`` in one pipeline with every other one awaited in this round of the event loop.
+
+        A burst of resumes (each a ``GET`` then a ``CLAIM``) otherwise takes a pooled connection
+        per call at once: the pool opens a new one for each (a connect and a handshake: most of
+        a resume's time on the other process, docs/performance.md R8). Bounded and failing as
+        :meth:`_call` does.
+        """
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._calls:
+            asyncio.get_running_loop().call_soon(self._send_shared)
+        self._calls.append((command, waiter))
+        return await self._call(waiter)
+
+    def _send_shared(self) -> None:
+        calls, self._calls = self._calls, []
+        task = asyncio.create_task(self._execute_shared(calls))
+        self._sending.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._sending.discard)
+
+    async def _execute_shared(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        def build(pipe: Any) -> None:
+            for command, _ in calls:
+                pipe.execute_command(*command)
+
+        try:
+            results = await self._pipeline(build)
+        except StoreUnavailable as exc:
+            results = [exc] * len(calls)
+        except asyncio.CancelledError:
+            results = [StoreUnavailable("the redis store is closing")] * len(calls)
+        for (_, waiter), result in zip(calls, results, strict=True):
+            if waiter.done():  # its caller gave up (timeout, cancelled)
+                continue
+            if isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
+
+    def _shared_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Script ``name`` (EVALSHA) through :meth:`_shared`."""
+        return self._shared("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
 
     async def disconnect(self) -> None:
         """Close both clients."""
