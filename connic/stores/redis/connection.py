@@ -10,7 +10,8 @@ each handshake until it answers again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
@@ -113,6 +114,51 @@ class Connection:
             await self._call(load.execute())
         return results
 
+    async def _execute(self, commands: Sequence[Sequence[str | int]]) -> list[Any]:
+        """Send ``commands`` in one write on one pooled connection; their replies (error replies as exceptions).
+
+        What the background writer sends, many times a second: through redis-py's own pool,
+        connections and reply parser, but packed here, not by its Pipeline, which packs every
+        argument through several layers and bounds every reply's read on its own (most of the
+        writer's CPU per streamed chunk, docs/performance.md R7). Arguments are str or int.
+        Bounded and failing as :meth:`_call` does; when Redis lost its scripts they are loaded
+        again and the commands sent once more, as :meth:`_pipeline` does.
+        """
+        import redis.exceptions
+
+        packed = b"".join(_pack(command) for command in commands)
+        for attempt in (1, 2):
+            results: list[Any] = await self._call(self._send(packed, len(commands)))
+            if attempt == 2 or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                break
+            load = self._client().pipeline(transaction=False)
+            for script in self._scripts.values():
+                load.script_load(script.script)
+            await self._call(load.execute())
+        return results
+
+    async def _send(self, packed: bytes, replies: int) -> list[Any]:
+        import redis.exceptions
+
+        pool = self._client().connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            results: list[Any] = []
+            for _ in range(replies):
+                try:
+                    # No timeout per reply (math.inf): the whole exchange is bounded by _call.
+                    results.append(await conn.read_response(timeout=math.inf))
+                except redis.exceptions.ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            # Replies may be left unread (a timeout, a cancellation): the connection cannot be reused.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return results
+
     async def _shared(self, *command: Any) -> Any:
         """Send ``command`` in one pipeline with every other one awaited in this round of the event loop.
 
@@ -213,6 +259,15 @@ class Connection:
             raise StoreUnavailable(f"Redis failed: {exc}") from None
         self._down = False
         return result
+
+
+def _pack(command: Sequence[str | int]) -> bytes:
+    """One command in RESP (what redis-py sends), its str arguments as UTF-8 with lone surrogates kept."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def ms(seconds: float) -> int:

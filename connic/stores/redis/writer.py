@@ -145,15 +145,14 @@ class Writer(Connection):
         error: StoreUnavailable | None = None
         counted_out = self._counted_out()
 
-        def build(pipe: Any) -> None:
-            for sid, name, args in commands:
-                self._queue(pipe, name, self._keys(sid), args)
-            for key, member in counted_out:  # last: their failures are left to their leases
-                pipe.zrem(key, member)
-
         if commands or counted_out:
+            sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
+            packed: list[list[str | int]] = [
+                ["EVALSHA", sha[name], 4, *self._keys(sid), *args] for sid, name, args in commands
+            ]
+            packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
-                results = await self._pipeline(build)
+                results = await self._execute(packed)
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
