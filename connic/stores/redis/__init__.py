@@ -43,7 +43,7 @@ from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis.cancels import Cancels
 from connic.stores.redis.connection import ms, ttl
 from connic.stores.redis.limits import Limits
-from connic.stores.redis.log import RedisReplayLog, frames_after, seq_of, unfinished
+from connic.stores.redis.log import RedisReplayLog, frames_after, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode, encode
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ log = logging.getLogger("connic.stores.redis")
 
 _POLL = 0.05  # seconds between attempts to take a session another process still owns
 _FOLLOW_BLOCK_MS = 200  # the longest XREAD BLOCK while following: how soon a let-go session is taken
-_ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or a chunk quoting one)
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -160,7 +159,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         """Queue writing the session's record (and letting it go when it is detached and idle)."""
         if session.id in self._live:
             self._dirty.add(session.id)
-            self._kick()
+            self._kick_soon()
 
     def release(self, session: ChatSession) -> None:
         """Queue the session's last record and the end of this process's ownership."""
@@ -177,7 +176,7 @@ class RedisStore(Limits, Cancels, SessionStore):
     async def load(self, session_id: str) -> SessionRecord | None:
         """The session's record as Redis has it (after writing what this process queued)."""
         await self.flush()
-        data = await self._call(self._client().get(self._keys(session_id)[2]))
+        data = await self._shared("GET", self._keys(session_id)[2])
         return decode(data) if data is not None else None
 
     async def take(
@@ -201,7 +200,7 @@ class RedisStore(Limits, Cancels, SessionStore):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 args = [lease] if follow is None or cursor is not None else [lease, after]
-                result = await self._call(self._scripts["CLAIM"](keys=keys, args=args))
+                result = await self._shared_script("CLAIM", keys, args)
                 fence = int(result[0])
                 if fence == -1:
                     return None
@@ -235,7 +234,7 @@ class RedisStore(Limits, Cancels, SessionStore):
                     follow(frames, cursor)
                     # The owner lets the session go only once a reply ended: until a frame that may
                     # end one comes, reading on is enough (half the round trips per followed frame).
-                    claim = any(marker in frame for frame in frames for marker in _ENDS)
+                    claim = any(may_end(frame) for frame in frames)
 
     async def _taken(self, session_id: str, record: SessionRecord, newest: int) -> SessionRecord:
         """The record of a session just taken over, with the replies its owner left unfinished if it died."""
@@ -243,7 +242,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
-            entries = await self._call(self._client().xrange(self._keys(session_id)[3], "-", "+"))
+            entries = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
             lost = unfinished([fields["f"] for _, fields in entries])
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
 

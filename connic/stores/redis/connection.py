@@ -10,7 +10,8 @@ each handshake until it answers again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
@@ -36,6 +37,8 @@ class Connection:
         self._scripts: dict[str, Any] = {}
         self._down = False  # the last call to Redis got no answer (available() then pings)
         self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+        self._calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # for the next shared pipeline
+        self._sending: set[asyncio.Task[None]] = set()  # the shared pipelines under way
 
     async def connect(self) -> None:
         """Make both clients and check that Redis answers; StoreUnavailable naming ``[store] url`` if not."""
@@ -111,6 +114,94 @@ class Connection:
             await self._call(load.execute())
         return results
 
+    async def _execute(self, commands: Sequence[Sequence[str | int]]) -> list[Any]:
+        """Send ``commands`` in one write on one pooled connection; their replies (error replies as exceptions).
+
+        What the background writer sends, many times a second: through redis-py's own pool,
+        connections and reply parser, but packed here, not by its Pipeline, which packs every
+        argument through several layers and bounds every reply's read on its own (most of the
+        writer's CPU per streamed chunk, docs/performance.md R7). Arguments are str or int.
+        Bounded and failing as :meth:`_call` does; when Redis lost its scripts they are loaded
+        again and the commands sent once more, as :meth:`_pipeline` does.
+        """
+        import redis.exceptions
+
+        packed = b"".join(_pack(command) for command in commands)
+        for attempt in (1, 2):
+            results: list[Any] = await self._call(self._send(packed, len(commands)))
+            if attempt == 2 or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                break
+            load = self._client().pipeline(transaction=False)
+            for script in self._scripts.values():
+                load.script_load(script.script)
+            await self._call(load.execute())
+        return results
+
+    async def _send(self, packed: bytes, replies: int) -> list[Any]:
+        import redis.exceptions
+
+        pool = self._client().connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            results: list[Any] = []
+            for _ in range(replies):
+                try:
+                    # No timeout per reply (math.inf): the whole exchange is bounded by _call.
+                    results.append(await conn.read_response(timeout=math.inf))
+                except redis.exceptions.ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            # Replies may be left unread (a timeout, a cancellation): the connection cannot be reused.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return results
+
+    async def _shared(self, *command: Any) -> Any:
+        """Send ``command`` in one pipeline with every other one awaited in this round of the event loop.
+
+        A burst of resumes (each a ``GET`` then a ``CLAIM``) otherwise takes a pooled connection
+        per call at once: the pool opens a new one for each (a connect and a handshake: most of
+        a resume's time on the other process, docs/performance.md R8). Bounded and failing as
+        :meth:`_call` does.
+        """
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._calls:
+            asyncio.get_running_loop().call_soon(self._send_shared)
+        self._calls.append((command, waiter))
+        return await self._call(waiter)
+
+    def _send_shared(self) -> None:
+        calls, self._calls = self._calls, []
+        task = asyncio.create_task(self._execute_shared(calls))
+        self._sending.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._sending.discard)
+
+    async def _execute_shared(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        def build(pipe: Any) -> None:
+            for command, _ in calls:
+                pipe.execute_command(*command)
+
+        try:
+            results = await self._pipeline(build)
+        except StoreUnavailable as exc:
+            results = [exc] * len(calls)
+        except asyncio.CancelledError:
+            results = [StoreUnavailable("the redis store is closing")] * len(calls)
+        for (_, waiter), result in zip(calls, results, strict=True):
+            if waiter.done():  # its caller gave up (timeout, cancelled)
+                continue
+            if isinstance(result, BaseException):
+                waiter.set_exception(result)
+            else:
+                waiter.set_result(result)
+
+    def _shared_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Script ``name`` (EVALSHA) through :meth:`_shared`."""
+        return self._shared("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+
     async def disconnect(self) -> None:
         """Close both clients."""
         redis, blocking = self._redis, self._blocking
@@ -168,6 +259,15 @@ class Connection:
             raise StoreUnavailable(f"Redis failed: {exc}") from None
         self._down = False
         return result
+
+
+def _pack(command: Sequence[str | int]) -> bytes:
+    """One command in RESP (what redis-py sends), its str arguments as UTF-8 with lone surrogates kept."""
+    parts = [b"*%d\r\n" % len(command)]
+    for arg in command:
+        data = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else b"%d" % arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def ms(seconds: float) -> int:

@@ -12,7 +12,14 @@ from connic.stores import ReplayLog
 if TYPE_CHECKING:
     from connic.stores.redis import RedisStore
 
-__all__ = ["RedisReplayLog", "frames_after", "seq_of", "unfinished"]
+__all__ = ["RedisReplayLog", "frames_after", "may_end", "seq_of", "unfinished"]
+
+_ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or a chunk quoting one)
+
+
+def may_end(frame: str) -> bool:
+    """Whether the encoded ``frame`` may end a reply (a chunk quoting an end says yes too)."""
+    return any(marker in frame for marker in _ENDS)
 
 
 class RedisReplayLog(ReplayLog):
@@ -34,7 +41,7 @@ class RedisReplayLog(ReplayLog):
         self.last = seq
         self.pending += (str(seq), data)
         self._sizes.append(len(data.encode("utf-8", "surrogatepass")))
-        self._store._log_dirty(self)
+        self._store._log_dirty(self, may_end(data))
 
     async def since(self, seq: int) -> list[str] | None:
         """The frames numbered above ``seq`` (XRANGE); None when the first of them was trimmed."""
@@ -43,7 +50,8 @@ class RedisReplayLog(ReplayLog):
         # the log must hold those up to here; the ones logged meanwhile may come too (they are skipped).
         last = self.last
         await store.flush()
-        entries = await store._call(store._client().xrange(store._keys(self.session_id)[3], f"0-{seq + 1}", "+"))
+        # In a pipeline shared with the other resumes of this round (redis-py parses the entries).
+        entries = await store._shared("XRANGE", store._keys(self.session_id)[3], f"0-{seq + 1}", "+")
         frames = frames_after(entries, seq)  # None if trimmed, or a write lost while Redis was down
         if frames is None or seq + len(frames) < last:
             return None  # never a gap

@@ -1,8 +1,12 @@
 """The ``redis`` store's background writing: queued appends, saves and releases, and lease renewal.
 
 Appends, saves, releases and deletions are queued by the session core's synchronous
-calls and written by one task, one pipeline per round of the event loop (what every
-session queued meanwhile), so a streamed reply never waits on a round trip per chunk.
+calls and written by one task, one pipeline for what every session queued meanwhile, so
+a streamed reply never waits on a round trip per chunk. Appends and saves wait up to
+``BATCH_DELAY`` to share a pipeline: many sessions streaming at an LLM's pace would
+otherwise cost a pipeline (a connection taken from the pool, a send, a wake-up for the
+replies) per chunk. A frame that may end a reply, releases, deletions and
+:meth:`Writer.flush` are written at once.
 Another task renews this process's leases every third of a lease. A write that fails
 ends the session's connection with ``store_unavailable`` (1011); a write refused for a
 lost lease stops this copy of the session at once (another process owns it now).
@@ -23,9 +27,18 @@ if TYPE_CHECKING:
     from connic.session import ChatSession
     from connic.stores.redis.log import RedisReplayLog
 
-__all__ = ["Writer"]
+__all__ = ["BATCH_DELAY", "Writer"]
 
 log = logging.getLogger("connic.stores.redis")
+
+BATCH_DELAY = 0.005
+"""Seconds an append or a save waits for others to share its pipeline.
+
+Short beside a turn and the lease, long beside a round of the event loop: at 2,000 chunks
+a second (100 sessions at 20 chunks a second) a pipeline carries some ten of them instead
+of one or two, which cut connic's CPU per S7 turn with this store by more than half
+(docs/performance.md, R7). A resume on another process follows the frames this much later.
+"""
 
 
 class Writer(Connection):
@@ -42,6 +55,7 @@ class Writer(Connection):
         self._deletes: dict[str, int] = {}  # session id: fence
         self._waiters: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
+        self._timer: asyncio.TimerHandle | None = None  # wakes the writer BATCH_DELAY after an append or save
         self._writing = False  # a batch is being written
         self._closing = False
 
@@ -55,20 +69,36 @@ class Writer(Connection):
         self._kick()
         await waiter
 
-    def _log_dirty(self, replay: RedisReplayLog) -> None:
-        if replay.session_id not in self._dirty_logs:
-            self._dirty_logs[replay.session_id] = replay
+    def _log_dirty(self, replay: RedisReplayLog, ends: bool) -> None:
+        """Queue the log's pending frames; at once when the last may end a reply (``ends``).
+
+        A reply's end is written without waiting: a resume on another process may take the
+        session from then on, and a client that saw the end finds it logged.
+        """
+        self._dirty_logs[replay.session_id] = replay
+        if ends:
             self._kick()
+        else:
+            self._kick_soon()
 
     def _kick(self) -> None:
+        """Wake the writer now."""
         if self._wake is not None:
             self._wake.set()
+
+    def _kick_soon(self) -> None:
+        """Wake the writer within BATCH_DELAY (at once if it was woken meanwhile)."""
+        if self._timer is None and self._wake is not None and not self._wake.is_set():
+            self._timer = asyncio.get_running_loop().call_later(BATCH_DELAY, self._wake.set)
 
     async def _writer(self) -> None:
         assert self._wake is not None
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
+            if self._timer is not None:  # what it would have woken the writer for is written now
+                self._timer.cancel()
+                self._timer = None
             self._writing = True
             try:
                 await self._write_batch()
@@ -115,15 +145,14 @@ class Writer(Connection):
         error: StoreUnavailable | None = None
         counted_out = self._counted_out()
 
-        def build(pipe: Any) -> None:
-            for sid, name, args in commands:
-                self._queue(pipe, name, self._keys(sid), args)
-            for key, member in counted_out:  # last: their failures are left to their leases
-                pipe.zrem(key, member)
-
         if commands or counted_out:
+            sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
+            packed: list[list[str | int]] = [
+                ["EVALSHA", sha[name], 4, *self._keys(sid), *args] for sid, name, args in commands
+            ]
+            packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
-                results = await self._pipeline(build)
+                results = await self._execute(packed)
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
