@@ -8,29 +8,23 @@ reports (``INFO commandstats``, ``INFO clients``), never a timing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-from redis_server import RedisServer, running_redis
-from resume_helpers import Clients, ResumeSession, words
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+    words,
+)
 from test_redis_store import chat, process
 
 from conftest import StartServer
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path) as server:
-        yield server
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Clients]:
-    async with Clients() as opened:
-        yield opened
 
 
 async def info(url: str, section: str) -> dict[str, object]:
