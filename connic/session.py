@@ -131,6 +131,11 @@ class ChatSession:
         self.state = SessionState.ATTACHED
         arm(self)
 
+    @property
+    def resuming(self) -> bool:
+        """Whether a connection is between :meth:`replay` and :meth:`resume`: about to attach."""
+        return self._held is not None
+
     async def replay(self, sink: Sink, last_seq: int) -> tuple[bool, list[str]] | None:
         """Start resuming from ``last_seq``: whether the log still has every frame after it, and those frames.
 

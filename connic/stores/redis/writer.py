@@ -112,7 +112,10 @@ class Writer(Connection):
         # last reply ended: their answering task is back to waiting by then.
         for sid in list(self._dirty):
             session = self._live.get(sid)
-            if session is not None and session.state is SessionState.DETACHED and not session.busy:
+            if session is None or session.state is not SessionState.DETACHED or session.busy:
+                continue
+            # A session a connection is resuming is not idle: its replay awaits this very batch.
+            if not session.resuming:
                 session.leave()  # calls release(): its record and release are queued below
         # Everything queued is taken at once, before the first await, in each session's order:
         # its frames, then its record, then its release or deletion.
