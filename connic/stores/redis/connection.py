@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
@@ -100,19 +100,14 @@ class Connection:
         When Redis lost its scripts (it restarted), they are loaded again and the pipeline
         built and executed once more.
         """
-        import redis.exceptions
 
-        for attempt in (1, 2):
+        async def send() -> list[Any]:
             pipe = self._client().pipeline(transaction=False)
             build(pipe)
             results: list[Any] = await self._call(pipe.execute(raise_on_error=False), seconds)
-            if attempt == 2 or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                break
-            load = self._client().pipeline(transaction=False)
-            for script in self._scripts.values():
-                load.script_load(script.script)
-            await self._call(load.execute())
-        return results
+            return results
+
+        return await self._with_scripts(send)
 
     async def _execute(self, commands: Sequence[Sequence[str | int]]) -> list[Any]:
         """Send ``commands`` in one write on one pooled connection; their replies (error replies as exceptions).
@@ -124,17 +119,25 @@ class Connection:
         Bounded and failing as :meth:`_call` does; when Redis lost its scripts they are loaded
         again and the commands sent once more, as :meth:`_pipeline` does.
         """
+        packed = b"".join(_pack(command) for command in commands)
+
+        async def send() -> list[Any]:
+            results: list[Any] = await self._call(self._send(packed, len(commands)))
+            return results
+
+        return await self._with_scripts(send)
+
+    async def _with_scripts(self, send: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+        """``send()``'s replies; when Redis had lost the scripts (it restarted), loaded again and sent once more."""
         import redis.exceptions
 
-        packed = b"".join(_pack(command) for command in commands)
-        for attempt in (1, 2):
-            results: list[Any] = await self._call(self._send(packed, len(commands)))
-            if attempt == 2 or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
-                break
+        results = await send()
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
             load = self._client().pipeline(transaction=False)
             for script in self._scripts.values():
                 load.script_load(script.script)
             await self._call(load.execute())
+            results = await send()
         return results
 
     async def _send(self, packed: bytes, replies: int) -> list[Any]:
