@@ -153,6 +153,9 @@ class ProviderCall:
     capture_content = False
     """Whether message text may be recorded (``[server] telemetry_capture_content``)."""
 
+    recording = False
+    """Whether :meth:`record` keeps anything: agents skip gathering what to give it when not."""
+
     def __enter__(self) -> ProviderCall:
         return self
 

@@ -257,6 +257,8 @@ def _record_tokens(tracing: Tracing, attributes: dict[str, Any], input_tokens: i
 class ProviderCallSpan(telemetry.ProviderCall):
     """A provider call's ``{operation} {model}`` client span, current while the block runs."""
 
+    recording = True
+
     def __init__(self, tracing: Tracing, provider: str, model: str | None, operation: str) -> None:
         self.tracing = tracing
         self.capture_content = tracing.capture_content

@@ -70,7 +70,8 @@ class TurnContents:
                                     prompt_tokens=int(metadata.prompt_token_count or 0),
                                     candidates_tokens=int(getattr(metadata, "candidates_token_count", 0) or 0),
                                 )
-                            _record(call, chunk, usage)
+                            if call.recording:
+                                _record(call, chunk, usage)
                             text = text_of(chunk)
                             if agent.sdk == "google-genai":
                                 parts.extend(_parts(chunk))

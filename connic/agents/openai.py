@@ -185,7 +185,8 @@ class OpenAIAgent(Agent):
                             raise AgentError("the provider sent a malformed stream event") from None
                         if "error" in event:
                             raise AgentError(f"provider error: {_message(event)}")
-                        _record(call, event)
+                        if call.recording:
+                            _record(call, event)
                         for choice in event.get("choices") or ():
                             delta = choice.get("delta") or {}
                             text = delta.get("content")
