@@ -28,7 +28,7 @@ from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
 from connic.transports.session_transport import SessionTransport
-from connic.transports.websocket import RateLimit, local_origin
+from connic.transports.websocket import RateLimit
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -144,17 +144,6 @@ class AguiTransport(SessionTransport):
             if scheme.lower() == "bearer" and value.strip():
                 return value.strip()
         return request.headers.get(SECRET_HEADER)
-
-    def origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """The websocket connector's rule (docs/security.md): listed origins, else any with auth on, else local."""
-        if origin is None:
-            return True
-        patterns = self.options.allowed_origins
-        if patterns:
-            import fnmatch
-
-            return any(fnmatch.fnmatchcase(origin.lower(), p.lower()) for p in patterns)
-        return self.options.require_auth or local_origin(origin, host)
 
     def _cors(self, request: web.Request) -> dict[str, str]:
         origin = request.headers.get("Origin")

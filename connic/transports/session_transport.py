@@ -1,21 +1,24 @@
-"""What the transports built on the session core share: secrets, turn chains, the auth brake, sessions.
+"""What the transports built on the session core share: secrets, origins, turn chains, the auth brake, sessions.
 
 :class:`SessionTransport` is the base of the ``websocket`` and ``agui`` transports:
-it checks the configured secrets at start-up, builds one turn chain per agent,
-keeps the per-address brake on failed authentications, and makes the
-connector's :class:`~connic.sessions.Sessions` once the runtime has given the
-transport its store and metrics. Its ``Options`` must have the keys both
-transports share (``secrets``, ``require_auth``, ``streaming``, ``agent_timeout``,
-``progress_events``, ``max_auth_failures``, ``auth_failure_window`` and the
-session keys :class:`~connic.sessions.Sessions` reads).
+it checks the configured secrets at start-up, decides which browser origins may
+connect, builds one turn chain per agent, keeps the per-address brake on failed
+authentications, and makes the connector's :class:`~connic.sessions.Sessions` once
+the runtime has given the transport its store and metrics. Its ``Options`` must have
+the keys both transports share (``secrets``, ``require_auth``, ``allowed_origins``,
+``streaming``, ``agent_timeout``, ``progress_events``, ``max_auth_failures``,
+``auth_failure_window`` and the session keys :class:`~connic.sessions.Sessions` reads).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from connic.agent import Agent
 from connic.config import ConnectorConfig
@@ -26,7 +29,7 @@ from connic.sessions import Sessions
 from connic.throttle import AuthThrottle
 from connic.transport import Transport
 
-__all__ = ["SessionTransport"]
+__all__ = ["SessionTransport", "local_origin"]
 
 
 class SessionTransport(Transport):
@@ -102,3 +105,49 @@ class SessionTransport(Transport):
         for candidate in self._secrets:
             ok |= hmac.compare_digest(given, candidate)
         return ok
+
+    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
+        """Whether a handshake with this ``Origin`` header (and ``Host`` header) may upgrade.
+
+        With ``allowed_origins`` set, only those. Without it, any origin when auth is
+        on (the secret is the credential); when auth is off, a browser page from
+        anywhere could drive the connector (cross-site WebSocket hijacking), so only
+        pages of this server's own origin (``host``, when it is an IP address) and
+        loopback origins (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port) may.
+        A handshake without ``Origin`` is not from a browser and is always allowed.
+        """
+        if origin is None:
+            return True
+        patterns = self.options.allowed_origins
+        if patterns:
+            origin = origin.lower()
+            return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
+        return self.options.require_auth or local_origin(origin, host)
+
+
+_LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def local_origin(origin: str, host: str | None) -> bool:
+    """A loopback origin, or this server's own origin when the client reached it by IP address.
+
+    A name other than localhost is never trusted from ``Host``: under DNS rebinding a
+    foreign page's name resolves to this server, and its Origin then equals Host.
+    """
+    try:
+        parts = urlsplit(origin.strip().lower())
+        hostname = parts.hostname
+        netloc = parts.netloc
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not hostname:
+        return False
+    if hostname in _LOOPBACK_NAMES or hostname.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(hostname)
+    except ValueError:
+        return False  # a DNS name: see above
+    if address.is_loopback:
+        return True
+    return host is not None and netloc == host.strip().lower()

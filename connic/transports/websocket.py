@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import fnmatch
-import ipaddress
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import attrs
 from aiohttp import web
@@ -141,24 +138,6 @@ class WebSocketTransport(SessionTransport):
             return None
         return opts.max_auth_frame_bytes
 
-    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
-        """Whether a handshake with this ``Origin`` header (and ``Host`` header) may upgrade.
-
-        With ``allowed_origins`` set, only those. Without it, any origin when auth is
-        on (the secret is the credential); when auth is off, a browser page from
-        anywhere could drive the connector (cross-site WebSocket hijacking), so only
-        pages of this server's own origin (``host``, when it is an IP address) and
-        loopback origins (``localhost``, ``127.0.0.0/8``, ``[::1]``, any port) may.
-        A handshake without ``Origin`` is not from a browser and is always allowed.
-        """
-        if origin is None:
-            return True
-        patterns = self.options.allowed_origins
-        if patterns:
-            origin = origin.lower()
-            return any(fnmatch.fnmatchcase(origin, p.lower()) for p in patterns)
-        return self.options.require_auth or local_origin(origin, host)
-
     def handshake_secret(self, request: web.Request) -> str | None:
         """The secret given at the handshake (header or query), if any."""
         secret = request.headers.get(SECRET_HEADER)
@@ -284,31 +263,3 @@ def _drop(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-_LOOPBACK_NAMES = ("localhost", "localhost.")
-
-
-def local_origin(origin: str, host: str | None) -> bool:
-    """A loopback origin, or this server's own origin when the client reached it by IP address.
-
-    A name other than localhost is never trusted from ``Host``: under DNS rebinding a
-    foreign page's name resolves to this server, and its Origin then equals Host.
-    """
-    try:
-        parts = urlsplit(origin.strip().lower())
-        hostname = parts.hostname
-        netloc = parts.netloc
-    except ValueError:
-        return False
-    if parts.scheme not in ("http", "https") or not hostname:
-        return False
-    if hostname in _LOOPBACK_NAMES or hostname.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(hostname)
-    except ValueError:
-        return False  # a DNS name: see above
-    if address.is_loopback:
-        return True
-    return host is not None and netloc == host.strip().lower()
