@@ -16,13 +16,13 @@ import logging
 import re
 import traceback
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import ERROR as PARSE_ERROR_MESSAGE
 
-__all__ = ["REDACTED", "RedactingFilter", "hide_bad_request_echo", "install_log_redaction", "redact"]
+__all__ = ["REDACTED", "RedactingFilter", "hide_bad_request_echo", "install_log_redaction", "redact", "safe_url"]
 
 REDACTED = "[redacted]"
 SECRET_NAMES = frozenset({"secret", "x-connic-secret"})
@@ -170,3 +170,18 @@ def hide_bad_request_echo(app: web.Application) -> None:
     make: Any = getattr(app, "_make_request", None)
     if make is not None:
         setattr(app, "_make_request", functools.partial(make, _cls=_Request))  # noqa: B010
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit for errors and logs: no credentials (``user:token@``), no query, no fragment.
+
+    Tokens travel in all three (``https://host/mcp?api_key=...``); the scheme, host and path
+    are enough to tell servers apart.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" not in netloc and not parts.query and not parts.fragment:
+        return url  # nothing to hide (and ``unix:///path`` keeps its form)
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))

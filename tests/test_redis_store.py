@@ -408,6 +408,29 @@ async def test_redis_down_at_start_exits_1_naming_store_url(tmp_path: Path, redi
     assert len(lines) == 1 and "[store] url" in lines[0] and url in lines[0], proc.stderr
 
 
+async def test_redis_down_at_start_never_prints_the_urls_password(tmp_path: Path, redis_server: RedisServer) -> None:
+    port = redis_server.url.rpartition(":")[2].partition("/")[0]
+    redis_server.stop()
+    url = f"redis://connic:hunter2-secret@127.0.0.1:{port}/0"
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        '[agents.assistant]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["s"]\n'
+        f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = 1\n'
+    )
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "connic", "run", "--port", "0", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env=store_plugin_env(tmp_path / "plugins"),
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "[store] url" in proc.stderr and f"***@127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize("connector", [{}, {"rate_limit": {"messages": 10, "per": 1}}], ids=["plain", "rate_limit"])
 async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_then_recovers(
     redis_server: RedisServer, start_server: StartServer, clients: Clients, connector: dict[str, Any]

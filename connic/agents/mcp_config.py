@@ -12,14 +12,14 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
 from connic.errors import ConfigError
+from connic.redact import safe_url
 from connic.registry import REFERENCE_BASE
 
-__all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse", "safe_url"]
+__all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse"]
 
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 120.0
@@ -51,19 +51,6 @@ class McpServerSpec:
         if self.url is not None:
             return safe_url(self.url)
         return shlex.join([self.command or "", *self.args])
-
-
-def safe_url(url: str) -> str:
-    """``url`` fit for errors and logs: no credentials (``user:token@``), no query, no fragment.
-
-    Tokens travel in all three (``https://host/mcp?api_key=...``); the scheme, host and path
-    are enough to tell servers apart.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def _strings(value: object, where: str, what: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
+from connic.redact import safe_url
 from connic.stores.redis import scripts
 
 if TYPE_CHECKING:
@@ -67,13 +68,13 @@ class Connection:
         try:
             self._redis = client(opts.timeout)
         except ValueError as exc:
-            raise StoreUnavailable(f"[store] url {opts.url!r}: {exc}") from None
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: {exc}") from None
         self._blocking = client(None)
         try:
             await self._call(self._redis.ping())
         except StoreUnavailable as exc:
             await self.disconnect()
-            raise StoreUnavailable(f"[store] url {opts.url!r}: cannot reach Redis ({exc.message})") from None
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: cannot reach Redis ({exc.message})") from None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name)) for name in SCRIPTS}
 
         def load(pipe: Any) -> None:
@@ -84,7 +85,9 @@ class Connection:
             await self._pipeline(load)
         except StoreUnavailable as exc:
             await self.disconnect()
-            raise StoreUnavailable(f"[store] url {opts.url!r}: cannot load the scripts ({exc.message})") from None
+            raise StoreUnavailable(
+                f"[store] url {safe_url(opts.url)!r}: cannot load the scripts ({exc.message})"
+            ) from None
 
     def _queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         """Queue script ``name`` on ``pipe`` by its SHA (EVALSHA).
