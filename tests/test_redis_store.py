@@ -36,7 +36,7 @@ from connic.registry import Registry
 from connic.stores import SessionRecord
 from connic.stores.redis import RedisStore
 from connic.stores.redis.log import unfinished
-from connic.stores.redis.record import decode, encode
+from connic.stores.redis.record import decode, encode, encode_entry
 from helpers import test_registry
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
@@ -115,7 +115,7 @@ def test_record_round_trip() -> None:
         ),
         history_size=30,
     )
-    assert decode(encode(record)) == record
+    assert decode(encode(record), [encode_entry(e) for e in record.history]) == (record, True)
 
 
 def _frames(*frames: dict[str, Any]) -> list[str]:
@@ -151,7 +151,7 @@ async def test_session_keys_share_one_hash_tag_and_end_deletes_them(
     conn = await session.start()
     await chat(conn, "m1", "one two")
     prefix = f"connic:{{{session.session_id}}}:"
-    assert await keys(redis_url) == [prefix + name for name in ("fence", "log", "owner", "record")]
+    assert await keys(redis_url) == [prefix + name for name in ("fence", "history", "log", "owner", "record")]
     await conn.ws.close(1000)  # the client says goodbye: the session ends for good
     for _ in range(200):
         if not await keys(redis_url):

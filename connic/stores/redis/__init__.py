@@ -3,10 +3,15 @@
 ``[store] use = "redis"`` (``pip install 'connic[redis]'``). Each session has,
 under one hash tag (:func:`~connic.stores.redis.scripts.session_keys`):
 
-- its **record** (:class:`~connic.stores.SessionRecord` as JSON), written when it
-  is created, after every exchange, when it detaches and when this process lets it
-  go; it expires ``session_timeout + resume_window`` after the last write (only
+- its **record** (:class:`~connic.stores.SessionRecord`'s scalars as JSON), written
+  when it is created, after every exchange, when it detaches and when this process
+  lets it go; it expires ``session_timeout + resume_window`` after the last write (only
   ``resume_window`` once it was let go detached);
+- its **history**, a list of one JSON array per entry, written in the same script as
+  the record: a save appends the entries added since this process last saved the
+  session and trims the list to the entries the session holds (the whole list is
+  written only when what it holds is unknown), so that an exchange costs Redis and
+  connic what it adds, not the whole conversation again; it expires with the record;
 - its **replay log**, a stream whose entry ids are ``0-<seq>``, trimmed to exactly
   ``replay_buffer`` entries;
 - its **owner**, a fencing token held with a lease of ``producer_timeout`` by the
@@ -44,7 +49,7 @@ from connic.stores.redis.cancels import Cancels
 from connic.stores.redis.connection import ms, ttl
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog, frames_after, may_end, seq_of, unfinished
-from connic.stores.redis.record import decode, encode
+from connic.stores.redis.record import decode, encode, encode_entry
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -127,12 +132,15 @@ class RedisStore(Limits, Cancels, SessionStore):
             opts = session.sessions.options
             lease = ms(opts.producer_timeout)
             keys = self._keys(sid)
+            record = session.record()
+            entries = [encode_entry(entry) for entry in record.history]
             fence = await self._call(
-                self._scripts["CREATE"](keys=keys, args=[lease, encode(session.record()), ttl(session)])
+                self._scripts["CREATE"](keys=keys, args=[lease, encode(record), ttl(session), *entries])
             )
             if not fence:
                 raise StoreUnavailable(f"session {sid} exists already in the store")
             self._fences[sid] = (int(fence), lease)
+            self._saved[sid] = record.history[-1] if record.history else None
         self._live[sid] = session
         replay = session.log
         if isinstance(replay, RedisReplayLog):
@@ -150,6 +158,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         self._logs.pop(session_id, None)
         self._dirty_logs.pop(session_id, None)
         self._dirty.discard(session_id)
+        self._saved.pop(session_id, None)
         owned = self._fences.pop(session_id, None)
         if owned is not None:
             self._deletes[session_id] = owned[0]
@@ -170,14 +179,16 @@ class RedisStore(Limits, Cancels, SessionStore):
         owned = self._fences.pop(sid, None)
         if owned is not None:
             window = ms(session.sessions.options.resume_window)
-            self._releases[sid] = (owned[0], encode(session.record()), window)
+            # The history's entries are written by the writer, from what it last wrote of them.
+            record = session.record()
+            self._releases[sid] = (owned[0], encode(record), record.history, window)
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:
         """The session's record as Redis has it (after writing what this process queued)."""
         await self.flush()
-        data = await self._shared("GET", self._keys(session_id)[2])
-        return decode(data) if data is not None else None
+        found = await self._shared_script("LOAD", self._keys(session_id), [])
+        return decode(found[0], found[1])[0] if found else None
 
     async def take(
         self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
@@ -206,7 +217,7 @@ class RedisStore(Limits, Cancels, SessionStore):
                     return None
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
-                    return await self._taken(session_id, decode(result[1]), int(result[2]))
+                    return await self._taken(session_id, result[1], int(result[2]), result[3])
             if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
@@ -236,14 +247,22 @@ class RedisStore(Limits, Cancels, SessionStore):
                     # end one comes, reading on is enough (half the round trips per followed frame).
                     claim = any(may_end(frame) for frame in frames)
 
-    async def _taken(self, session_id: str, record: SessionRecord, newest: int) -> SessionRecord:
-        """The record of a session just taken over, with the replies its owner left unfinished if it died."""
+    async def _taken(self, session_id: str, data: str, newest: int, entries: list[str]) -> SessionRecord:
+        """The record of a session just taken over, with the replies its owner left unfinished if it died.
+
+        ``data`` and ``entries`` are its record and history list as the claim read them.
+        """
+        record, listed = decode(data, entries)
+        if listed:  # the list holds the session's entries: the next save appends to it
+            self._saved[session_id] = record.history[-1] if record.history else None
+        else:  # a record written with its history inline: the next save writes the list whole
+            self._saved.pop(session_id, None)
         lost: list[tuple[MessageId, str | None]] = []
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
-            entries = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
-            lost = unfinished([fields["f"] for _, fields in entries])
+            logged = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
+            lost = unfinished([fields["f"] for _, fields in logged])
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:

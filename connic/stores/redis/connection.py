@@ -23,7 +23,20 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "Connection", "ms", "ttl", "ttl_seconds"]
 
-SCRIPTS = ("APPEND", "CANCELS", "CLAIM", "CREATE", "DELETE", "IP_ENTER", "IP_RENEW", "RELEASE", "RENEW", "SAVE", "TAKE")
+SCRIPTS = (
+    "APPEND",
+    "CANCELS",
+    "CLAIM",
+    "CREATE",
+    "DELETE",
+    "IP_ENTER",
+    "IP_RENEW",
+    "LOAD",
+    "RELEASE",
+    "RENEW",
+    "SAVE",
+    "TAKE",
+)
 """The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
 
 

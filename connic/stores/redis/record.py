@@ -1,17 +1,25 @@
-"""The ``redis`` store's session record, as JSON."""
+"""The ``redis`` store's session record and history entries, as JSON.
+
+The record holds the session's scalars; its history is a Redis list beside it, one
+entry per item (:func:`encode_entry`), so that saving a session after an exchange
+sends the entries it added, not the whole conversation again.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from connic.agent import HistoryEntry
 from connic.stores import SessionRecord
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "encode_entry"]
+
+_COMPACT = (",", ":")
 
 
 def encode(record: SessionRecord) -> str:
-    """The record as JSON (history entries as arrays: a long conversation costs less)."""
+    """The record's scalars as JSON: everything but its history (:func:`encode_entry`)."""
     return json.dumps(
         {
             "id": record.id,
@@ -23,18 +31,29 @@ def encode(record: SessionRecord) -> str:
             "tokens_in": record.tokens_in,
             "tokens_out": record.tokens_out,
             "states": record.states,
-            "history": [[e.role, e.text, e.agent, e.id, e.message_number] for e in record.history],
             "history_size": record.history_size,
             "busy": record.busy,
         },
-        separators=(",", ":"),
+        separators=_COMPACT,
     )
 
 
-def decode(data: str) -> SessionRecord:
-    """The record :func:`encode` wrote."""
+def encode_entry(entry: HistoryEntry) -> str:
+    """One history entry as a JSON array (an item of the session's history list)."""
+    return json.dumps([entry.role, entry.text, entry.agent, entry.id, entry.message_number], separators=_COMPACT)
+
+
+def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:
+    """The record :func:`encode` wrote with the history list's ``entries``; whether the history came from them.
+
+    A record written before the history had a list of its own holds it inline (a
+    ``"history"`` field): that one is used, and the list, which such a process never
+    writes, is not in step with the session (False).
+    """
     raw = json.loads(data)
-    return SessionRecord(
+    inline = raw.get("history")
+    items = inline if inline is not None else [json.loads(entry) for entry in entries]
+    record = SessionRecord(
         id=raw["id"],
         label=raw["label"],
         token=raw["token"],
@@ -44,7 +63,8 @@ def decode(data: str) -> SessionRecord:
         tokens_in=raw["tokens_in"],
         tokens_out=raw["tokens_out"],
         states=raw["states"],
-        history=tuple(HistoryEntry(*entry) for entry in raw["history"]),
+        history=tuple(HistoryEntry(*item) for item in items),
         history_size=raw["history_size"],
         busy=raw.get("busy", False),  # records written before it was kept
     )
+    return record, inline is None

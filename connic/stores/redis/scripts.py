@@ -4,7 +4,7 @@ Every key a script touches belongs to one session and shares its hash tag
 (``{prefix}{<session id>}:...``), or to one client address (``IP_*``), so the
 scripts also run on Redis Cluster. Only commands Valkey also has are used. Unless
 a script says otherwise, ``KEYS`` are, in order, the session's ownership key,
-fencing counter, record and replay log (:func:`session_keys`).
+fencing counter, record, replay log and history (:func:`session_keys`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __all__ = [
     "DELETE",
     "IP_ENTER",
     "IP_RENEW",
+    "LOAD",
     "RELEASE",
     "RENEW",
     "SAVE",
@@ -30,9 +31,9 @@ __all__ = [
 
 
 def session_keys(prefix: str, session_id: str) -> list[str]:
-    """The ownership key, fencing counter, record and replay log of one session."""
+    """The ownership key, fencing counter, record, replay log and history of one session."""
     tag = f"{prefix}{{{session_id}}}"
-    return [f"{tag}:owner", f"{tag}:fence", f"{tag}:record", f"{tag}:log"]
+    return [f"{tag}:owner", f"{tag}:fence", f"{tag}:record", f"{tag}:log", f"{tag}:history"]
 
 
 def cancel_key(prefix: str, session_id: str) -> str:
@@ -63,20 +64,45 @@ return ids
 """
 
 
-# A new session: ownership (a new fencing token) and its record. ARGV: lease ms, record, record ttl ms.
-CREATE = """
+# Write the session's history list (KEYS[5], one JSON array per entry), in the script that
+# writes its record: the list is emptied first when ``replace``, then the entries in ARGV from
+# index ``first`` on are appended (1,000 per RPUSH: Lua's unpack has a stack limit of some
+# 8,000), then it is trimmed to its newest ``keep`` entries (what the session holds now; none:
+# the key is deleted, as ``LTRIM key -0 -1`` would keep everything) and expires with the record.
+_HISTORY = """
+local function history(replace, keep, first, ttl)
+    if replace then redis.call('DEL', KEYS[5]) end
+    for i = first, #ARGV, 1000 do
+        redis.call('RPUSH', KEYS[5], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    end
+    if keep == 0 then
+        redis.call('DEL', KEYS[5])
+    else
+        redis.call('LTRIM', KEYS[5], -keep, -1)
+        redis.call('PEXPIRE', KEYS[5], ttl)
+    end
+end
+"""
+
+# A new session: ownership (a new fencing token), its record and its history.
+# ARGV: lease ms, record, record ttl ms, then the history's entries.
+CREATE = (
+    _HISTORY
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+history(true, #ARGV - 3, 4, ARGV[3])
 return fence
 """
+)
 
 # Take an existing session if nobody owns it. ARGV: lease ms, and optionally a seq.
 # Returns {0} when another process owns it (with the seq: {0, the logged entries after it},
 # so that a resume starts following the owner in the same round trip), {-1} when it is
-# gone, else {fence, record, the newest logged seq}.
+# gone, else {fence, record, the newest logged seq, the history's entries}.
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
     if ARGV[2] then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
@@ -90,7 +116,15 @@ redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
 local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 local seq = 0
 if #newest > 0 then seq = tonumber(string.match(newest[1][1], '%-(%d+)$')) end
-return {fence, record, seq}
+return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1)}
+"""
+
+# Read a session: {record, the history's entries} in one step (never a record with another
+# save's history), or {} when it is gone. Writes nothing.
+LOAD = """
+local record = redis.call('GET', KEYS[3])
+if not record then return {} end
+return {record, redis.call('LRANGE', KEYS[5], 0, -1)}
 """
 
 # Append frames to the replay log, only while this fencing token owns the session.
@@ -105,15 +139,20 @@ redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 """
 
-# Save the record (and keep the log as long), only while this fencing token owns the session.
-# ARGV: fence, record, ttl ms.
-SAVE = """
+# Save the record and the history (and keep the log as long), only while this fencing token
+# owns the session. ARGV: fence, record, ttl ms, replace (1: the list is rewritten, 0: the
+# entries are appended), the number of entries the session holds, then the entries to write.
+SAVE = (
+    _HISTORY
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+history(ARGV[4] == '1', tonumber(ARGV[5]), 6, ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
+)
 
 # Let the session go: any process may take it. ARGV: fence.
 RELEASE = """
@@ -132,7 +171,7 @@ return 1
 # The session ended for good: forget all of it. ARGV: fence.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 return 1
 """
 

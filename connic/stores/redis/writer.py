@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
-from connic.stores.redis.record import encode
+from connic.stores.redis.record import encode, encode_entry
 
 if TYPE_CHECKING:
+    from connic.agent import HistoryEntry
     from connic.session import ChatSession
     from connic.stores.redis.log import RedisReplayLog
 
@@ -51,7 +53,11 @@ class Writer(Connection):
         self._logs: dict[str, RedisReplayLog] = {}
         self._dirty_logs: dict[str, RedisReplayLog] = {}
         self._dirty: set[str] = set()  # sessions to save
-        self._releases: dict[str, tuple[int, str, int]] = {}  # session id: (fence, record, ttl ms)
+        # session id: (fence, record, its history, ttl ms)
+        self._releases: dict[str, tuple[int, str, Sequence[HistoryEntry], int]] = {}
+        # Session id: the newest history entry its Redis list holds (None: the list is empty),
+        # for the sessions whose list is known to hold exactly their entries up to that one.
+        self._saved: dict[str, HistoryEntry | None] = {}
         self._deletes: dict[str, int] = {}  # session id: fence
         self._waiters: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
@@ -126,21 +132,25 @@ class Writer(Connection):
                 log_ttl = ms(ttl_seconds(self._live.get(sid)))
                 commands.append((sid, "APPEND", [replay.fence, replay.capacity, log_ttl, *frames]))
         self._dirty_logs = {}
+        saves: dict[int, HistoryEntry | None] = {}  # index of a SAVE in commands: the newest entry it writes
         for sid in self._dirty:
             session = self._live.get(sid)
             owned = self._fences.get(sid)
             if session is None or owned is None:
                 continue
+            state = session.record()
             try:
-                record = encode(session.record())
+                record = encode(state)
             except (TypeError, ValueError) as exc:
                 log.error("session %s: its state cannot be saved as JSON (%s)", sid, exc)
                 self._fail(sid)
                 continue
-            commands.append((sid, "SAVE", [owned[0], record, ttl(session)]))
+            saves[len(commands)] = state.history[-1] if state.history else None
+            commands.append((sid, "SAVE", [owned[0], record, ttl(session), *self._history(sid, state.history)]))
         self._dirty = set()
-        for sid, (fence, record, record_ttl) in self._releases.items():
-            commands += [(sid, "SAVE", [fence, record, record_ttl]), (sid, "RELEASE", [fence])]
+        for sid, (fence, record, entries, record_ttl) in self._releases.items():
+            args = [fence, record, record_ttl, *self._history(sid, entries)]
+            commands += [(sid, "SAVE", args), (sid, "RELEASE", [fence])]
         self._releases = {}
         commands += [(sid, "DELETE", [fence]) for sid, fence in self._deletes.items()]
         self._deletes = {}
@@ -150,27 +160,58 @@ class Writer(Connection):
 
         if commands or counted_out:
             sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
-            packed: list[list[str | int]] = [
-                ["EVALSHA", sha[name], 4, *self._keys(sid), *args] for sid, name, args in commands
-            ]
+            packed: list[list[str | int]] = []
+            for sid, name, args in commands:
+                keys = self._keys(sid)
+                packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
                 results = await self._execute(packed)
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
-            for (sid, name, _), result in zip(commands, results[: len(commands)], strict=True):
+            for i, ((sid, name, _), result) in enumerate(zip(commands, results[: len(commands)], strict=True)):
                 if isinstance(result, Exception):
                     log.warning("session %s: %s failed: %s", sid, name, result)
+                    # Whether the history was written is unknown: the next save writes it whole.
+                    self._saved.pop(sid, None)
                     self._fail(sid)
                 elif not result and name in ("APPEND", "SAVE"):
                     self._lost(sid)
+                elif i in saves and (sid in self._fences or sid in self._releases):
+                    # Still this process's (or to be let go with the next batch, which writes from here).
+                    self._saved[sid] = saves[i]
+                if name in ("RELEASE", "DELETE"):
+                    self._saved.pop(sid, None)  # another process may write its history from now on
         for waiter in waiters:
             if not waiter.done():
                 if error is not None:
                     waiter.set_exception(error)
                 else:
                     waiter.set_result(None)
+
+    def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> list[str | int]:
+        """The history arguments of a SAVE of session ``sid`` holding ``entries``: replace, count, entries.
+
+        Only the entries added since the last save written from here go, found by identity
+        from the end: entries are never changed, only appended, and trimming drops the
+        oldest. When the newest saved entry is gone (trimmed past it), or what the list
+        holds is unknown (never saved from here, or a write that failed), the list is
+        written whole: never a gap.
+        """
+        start: int | None = None
+        if sid in self._saved:
+            newest = self._saved[sid]
+            if newest is None:
+                start = 0
+            else:
+                for i in range(len(entries) - 1, -1, -1):
+                    if entries[i] is newest:
+                        start = i + 1
+                        break
+        replace = start is None
+        new = entries[start or 0 :]
+        return [1 if replace else 0, len(entries), *(encode_entry(entry) for entry in new)]
 
     def _counted_out(self) -> list[tuple[str, str]]:
         """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
@@ -226,6 +267,7 @@ class Writer(Connection):
     def _lost(self, sid: str) -> None:
         """Another process owns the session now (this one's lease ran out): this copy stops at once."""
         self._fences.pop(sid, None)
+        self._saved.pop(sid, None)
         session = self._live.get(sid)
         if session is None:
             return
