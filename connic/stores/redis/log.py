@@ -14,18 +14,24 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisReplayLog", "frames_after", "may_end", "seq_of", "unfinished"]
 
-_ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or a chunk quoting one)
+_ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or one quoting one)
+_CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py): most frames
 
 
 def may_end(frame: str) -> bool:
-    """Whether the encoded ``frame`` may end a reply (a chunk quoting an end says yes too)."""
+    """Whether the encoded ``frame`` may end a reply: a chunk never does; another frame naming an end may.
+
+    Checked for every frame logged: a chunk is known by its first bytes, without scanning it.
+    """
+    if frame.startswith(_CHUNK):
+        return False
     return any(marker in frame for marker in _ENDS)
 
 
 class RedisReplayLog(ReplayLog):
     """A session's replay log in a Redis stream; appends are queued for the store's writer."""
 
-    __slots__ = ("_capacity", "_sizes", "_store", "fence", "last", "pending", "session_id")
+    __slots__ = ("_capacity", "_sizes", "_store", "fence", "first", "last", "pending", "session_id")
 
     def __init__(self, store: RedisStore, session_id: str, capacity: int) -> None:
         self._store = store
@@ -33,15 +39,25 @@ class RedisReplayLog(ReplayLog):
         self.session_id = session_id
         self.fence: int | None = None  # the owner's token, once the store holds the session
         self.last = 0  # the newest seq logged (or queued)
-        self.pending: list[str] = []  # seq, frame, seq, frame ... not written yet
+        self.pending: list[str] = []  # the frames not written yet, numbered from ``first`` on
+        self.first = 0
         self._sizes: collections.deque[int] = collections.deque(maxlen=capacity)
 
     def append(self, seq: int, data: str) -> None:
-        """Queue frame ``seq``; the store's writer sends it with the next pipeline."""
+        """Queue frame ``seq`` (one more than the last); the store's writer sends it with the next pipeline.
+
+        Called for every frame of every reply: the log is queued for the writer with its
+        first pending frame only (later ones wake it only when they may end a reply).
+        """
         self.last = seq
-        self.pending += (str(seq), data)
-        self._sizes.append(len(data.encode("utf-8", "surrogatepass")))
-        self._store._log_dirty(self, may_end(data))
+        pending = self.pending
+        pending.append(data)
+        self._sizes.append(len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass")))
+        if len(pending) == 1:
+            self.first = seq
+            self._store._log_dirty(self, may_end(data))
+        elif may_end(data):
+            self._store._kick()
 
     async def since(self, seq: int) -> list[str] | None:
         """The frames numbered above ``seq`` (XRANGE); None when the first of them was trimmed."""

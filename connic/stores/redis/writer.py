@@ -130,7 +130,7 @@ class Writer(Connection):
             frames, replay.pending = replay.pending, []
             if frames and replay.fence is not None:
                 log_ttl = ms(ttl_seconds(self._live.get(sid)))
-                commands.append((sid, "APPEND", [replay.fence, replay.capacity, log_ttl, *frames]))
+                commands.append((sid, "APPEND", [replay.fence, replay.capacity, log_ttl, replay.first, *frames]))
         self._dirty_logs = {}
         saves: dict[int, HistoryEntry | None] = {}  # index of a SAVE in commands: the newest entry it writes
         for sid in self._dirty:
