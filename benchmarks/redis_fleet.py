@@ -7,9 +7,10 @@ Each scenario starts its own ``redis-server`` (Debian's, on a free loopback port
 temporary directory, persisting nothing) and stops it at the end:
 
 - **R1**: S1 (streaming echo of a 20-word message, 50 connections in closed loop, turns/s)
-  on the redis store and on the memory store, in interleaved rounds on the same machine;
+  on the redis store and on the memory store, in interleaved rounds on the same machine,
+  with the bytes Redis received and the commands it processed per turn on the redis store;
 - **R7**: S7 (LLM pace, llm_pace.py) on the redis store and on the memory store: connic's
-  CPU per turn, and Redis's own CPU per turn beside it;
+  CPU per turn, and Redis's own CPU, bytes received and commands per turn beside it;
 - **R8**: S8 (resume.py) resuming on the *other* process: two connic processes sharing one
   Redis, every session started on the first, dropped mid-stream and resumed on the second
   (which follows the first's reply live until it lets the session go);
@@ -17,10 +18,11 @@ temporary directory, persisting nothing) and stops it at the end:
   S2 (non-streaming echo, turns/s) and S7 (CPU per turn of the whole process tree). On a
   2-core machine the load generator shares the cores with the workers;
 - **RM**: Redis's memory (``INFO memory`` used_memory growth, less the clients' buffers) per idle attached session, per
-  detached session let go with an empty log, and per replay frame (the growth after
-  ``exchanges`` streamed exchanges each, over the frames logged: it includes the history
-  those exchanges add to each record, so it is an upper bound), with ``MEMORY USAGE`` of one
-  session's keys beside it.
+  detached session let go with an empty log, per history entry (``MEMORY USAGE`` of every
+  session's history list over its entries) and per replay frame (the growth after
+  ``exchanges`` streamed exchanges each, less the history lists, over the frames logged: it
+  still includes the records' own growth, so it is an upper bound), with ``MEMORY USAGE`` of
+  one session's keys beside it.
 
 Servers are benchmarks/connic_server.py (R1, R7, R8, RM: connic in-process, as S1/S7/S8/M
 run it) or ``python -m connic run`` (W2, which needs ``--workers``).
@@ -97,12 +99,22 @@ def used_memory(url: str) -> int:
     return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
 
 
+def traffic(url: str) -> tuple[int, int]:
+    """The bytes Redis has received and the commands it has processed so far (``INFO stats``)."""
+    stats = client(url).info("stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_commands_processed"])
+
+
 # --- R1, R7, R8 ---------------------------------------------------------------------------
 
 
 def s1(duration: float, rounds: int, processes: int = 2) -> dict[str, list[float]]:
-    """S1 turns/s on the memory store and the redis store, interleaved ``rounds`` times."""
-    out: dict[str, list[float]] = {"memory": [], "redis": []}
+    """S1 turns/s on the memory store and the redis store, interleaved ``rounds`` times.
+
+    With the redis store, also the bytes Redis received and the commands it processed per
+    turn (over the turns the rate and ``duration`` make: close, not exact).
+    """
+    out: dict[str, list[float]] = {"memory": [], "redis": [], "redis_bytes_per_turn": [], "redis_commands_per_turn": []}
     with redis_server() as (url, _):
         for round_ in range(rounds):
             for store in ("memory", "redis"):
@@ -110,7 +122,13 @@ def s1(duration: float, rounds: int, processes: int = 2) -> dict[str, list[float
                 client(url).flushall()
                 table = redis_store(url) if store == "redis" else None
                 with servers.connic_inprocess("echo", store=table) as (ws, _, _):
-                    out[store].append(loadgen.closed_loop(ws, SECRET, 50, duration, processes))
+                    before = traffic(url)
+                    rate = loadgen.closed_loop(ws, SECRET, 50, duration, processes)
+                    after = traffic(url)
+                out[store].append(rate)
+                if store == "redis":
+                    out["redis_bytes_per_turn"].append((after[0] - before[0]) / (rate * duration))
+                    out["redis_commands_per_turn"].append((after[1] - before[1]) / (rate * duration))
     return out
 
 
@@ -125,14 +143,22 @@ def s7(sessions: int, turns: int, rounds: int) -> dict[str, list[dict[str, float
                 table = redis_store(url) if store == "redis" else None
                 with servers.connic_inprocess("pace", store=table) as (ws, _, pid):
                     redis_cpu: list[float] = []
+                    redis_traffic: list[tuple[int, int]] = []
 
-                    def cpu(pid: int = pid, redis_cpu: list[float] = redis_cpu) -> float:
+                    def cpu(
+                        pid: int = pid,
+                        redis_cpu: list[float] = redis_cpu,
+                        redis_traffic: list[tuple[int, int]] = redis_traffic,
+                    ) -> float:
                         redis_cpu.append(servers.cpu_seconds(redis_pid))  # read in the same window
+                        redis_traffic.append(traffic(url))
                         return servers.cpu_seconds(pid)
 
                     r = llm_pace.measure(ws, pid, sessions, turns, cpu=cpu)
                 if store == "redis":
                     r["redis_cpu_us_per_turn"] = (redis_cpu[-1] - redis_cpu[0]) / r["turns"] * 1e6
+                    r["redis_bytes_per_turn"] = (redis_traffic[-1][0] - redis_traffic[0][0]) / r["turns"]
+                    r["redis_commands_per_turn"] = (redis_traffic[-1][1] - redis_traffic[0][1]) / r["turns"]
                 out[store].append(r)
     return out
 
@@ -259,9 +285,17 @@ def redis_memory(n: int, exchanges: int) -> dict[str, Any]:
         grown = _settle(url) - base
         logs = [key for key in r.scan_iter("*:log", count=1000)]
         frames = sum(r.xlen(key) for key in logs)
+        # The history lists those exchanges filled (every entry counted: SAMPLES 0).
+        histories = [key for key in r.scan_iter("*:history", count=1000)]
+        pipe = r.pipeline(transaction=False)
+        for key in histories:
+            pipe.memory_usage(key, samples=0)
+            pipe.llen(key)
+        sizes = pipe.execute()
+        history_bytes, entries = sum(sizes[0::2]), sum(sizes[1::2])
         log_key = logs[0]
         tag = log_key[: -len(":log")]
-        logged_keys = {key: r.memory_usage(key) for key in r.scan_iter(f"{tag}:*")}
+        logged_keys = {key: r.memory_usage(key, samples=0) for key in r.scan_iter(f"{tag}:*")}
         return {
             "sessions": n,
             "attached_bytes_per_session": attached,
@@ -270,7 +304,9 @@ def redis_memory(n: int, exchanges: int) -> dict[str, Any]:
             "exchanges": exchanges,
             "frames_logged": frames,
             "frames_per_session": frames / n,
-            "bytes_per_frame_upper_bound": (grown - n * detached) / frames if frames else float("nan"),
+            "history_entries": entries,
+            "history_bytes_per_entry": history_bytes / entries if entries else float("nan"),
+            "bytes_per_frame_upper_bound": (grown - n * detached - history_bytes) / frames if frames else float("nan"),
             "log_bytes_per_frame_memory_usage": logged_keys[log_key] / r.xlen(log_key),
             "detached_keys_sample": logged_keys,
         }
@@ -304,11 +340,15 @@ def record(results: dict[str, Any], figures: dict[str, Any]) -> None:
     if "R1" in figures:
         connic["R1 S1 turns/s, memory store"] = figures["R1"]["memory"]
         connic["R1 S1 turns/s, redis store"] = figures["R1"]["redis"]
+        connic["R1 Redis bytes received per turn"] = figures["R1"]["redis_bytes_per_turn"]
+        connic["R1 Redis commands per turn"] = figures["R1"]["redis_commands_per_turn"]
     if "R7" in figures:
         for store, runs in figures["R7"].items():
             connic[f"R7 S7 CPU µs/turn, {store} store"] = [r["cpu_us_per_turn"] for r in runs]
             connic[f"R7 S7 turn p99 s, {store} store"] = [r["p99_s"] for r in runs]
         connic["R7 S7 Redis's own CPU µs/turn"] = [r["redis_cpu_us_per_turn"] for r in figures["R7"]["redis"]]
+        connic["R7 S7 Redis bytes received per turn"] = [r["redis_bytes_per_turn"] for r in figures["R7"]["redis"]]
+        connic["R7 S7 Redis commands per turn"] = [r["redis_commands_per_turn"] for r in figures["R7"]["redis"]]
     if "R8" in figures:
         r = figures["R8"]
         connic["R8 resume on the other process → first replayed p99 ms"] = [r["replayed_p99_ms"]]
@@ -324,6 +364,7 @@ def record(results: dict[str, Any], figures: dict[str, Any]) -> None:
         m = figures["RM"]
         connic["RM Redis bytes per idle attached session"] = [m["attached_bytes_per_session"]]
         connic["RM Redis bytes per detached session, empty log"] = [m["detached_empty_bytes_per_session"]]
+        connic["RM Redis bytes per history entry (MEMORY USAGE of the lists)"] = [m["history_bytes_per_entry"]]
         connic["RM Redis bytes per replay frame (upper bound)"] = [m["bytes_per_frame_upper_bound"]]
         connic["RM Redis bytes per replay frame (MEMORY USAGE of a log)"] = [m["log_bytes_per_frame_memory_usage"]]
     results["_meta"].update({key: [value] for key, value in figures.items()})
