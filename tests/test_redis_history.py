@@ -45,6 +45,16 @@ def shown(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: e[k] for k in keep if e.get(k) is not None} for e in entries]
 
 
+async def listed_as(redis: Any, session: ResumeSession, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The session's history list once it shows ``entries`` (saved within a few ms), or as it is after 5 s."""
+    for _ in range(250):
+        found = await listed(redis, session)
+        if found == shown(entries):
+            break
+        await asyncio.sleep(0.02)
+    return found
+
+
 async def let_go(redis: Any, session: ResumeSession) -> None:
     """Wait (bounded) until no process owns the session: it was saved and let go."""
     for _ in range(500):
@@ -88,7 +98,7 @@ async def test_an_exchange_costs_redis_the_same_late_in_a_long_conversation(
     assert spent[3] < 1.5 * spent[0], spent
     entries = await history(conn)
     assert len(entries) == 80
-    assert await listed(redis, session) == shown(entries)
+    assert await listed_as(redis, session, entries) == shown(entries)
 
 
 async def test_a_long_conversation_resumes_whole_on_another_process_and_after_a_restart(
@@ -111,7 +121,7 @@ async def test_a_long_conversation_resumes_whole_on_another_process_and_after_a_
     seen = json.loads(session.transcript.end("next", "assistant")["full_response"])  # type: ignore[index]
     assert [h["text"] for h in seen["history"]] == [e["text"] for e in before]  # the agent sees all of it
     after = await history(conn_b)
-    assert len(after) == 122 and await listed(redis, session) == shown(after)
+    assert len(after) == 122 and await listed_as(redis, session, after) == shown(after)
     # Every process stops (drained: the session is let go), a new one takes it with all of its history.
     for server in (a, b):
         await server.server.close()
@@ -136,19 +146,20 @@ async def test_trimming_by_max_history_bytes_is_mirrored_in_redis(
         await chat(conn, f"m{i}", f"{i:02} " + "z" * 97)  # 100 bytes: the history keeps the last 5 exchanges
         if i % 4 == 3:
             entries = await history(conn)
-            assert len(entries) == min(2 * (i + 1), 10) and await listed(redis, session) == shown(entries)
+            assert len(entries) == min(2 * (i + 1), 10)
+            assert await listed_as(redis, session, entries) == shown(entries)
     # Exchanges in a burst (several of them between two writes), then one larger than the bound alone.
     for i in range(12, 24):
         await conn.send({"type": "message", "id": f"m{i}", "payload": {"message": f"{i:02} " + "z" * 97}})
     await conn.until_ended({f"m{i}": ["assistant"] for i in range(12, 24)})
     entries = await history(conn)
     assert [e["text"][:2] for e in entries] == [f"{i:02}" for i in range(19, 24) for _ in range(2)]
-    assert await listed(redis, session) == shown(entries)
+    assert await listed_as(redis, session, entries) == shown(entries)
     await chat(conn, "big", "big " + "w" * 1200)
     entries = await history(conn)
     assert [e["id"] for e in entries] == ["big", "big"]
     assert await redis.llen(key(session, "history")) == 2
-    assert await listed(redis, session) == shown(entries)
+    assert await listed_as(redis, session, entries) == shown(entries)
     session.drop()
     conn_b = await session.resume(url=b.url())
     assert conn_b.connected["resumed"] is True
@@ -186,10 +197,9 @@ async def test_a_failed_write_then_a_successful_one_leaves_no_gap(
     assert conn_b.connected["resumed"] is True
     assert [(e["role"], e["text"]) for e in await history(conn_b)] == expected
     await chat(conn_b, "m3", "three")
-    assert [(e["role"], e["text"]) for e in await listed(redis, session)][4:] == [
-        ("user", "three"),
-        ("agent", "before after"),
-    ]
+    entries = await history(conn_b)
+    assert [(e["role"], e["text"]) for e in entries] == [*expected, ("user", "three"), ("agent", "before after")]
+    assert await listed_as(redis, session, entries) == shown(entries)
 
 
 async def test_a_record_with_its_history_inline_loads_and_is_rewritten_with_a_list(
@@ -220,4 +230,28 @@ async def test_a_record_with_its_history_inline_loads_and_is_rewritten_with_a_li
     # Saved in the new form: the record without it, the list with all of it.
     assert "history" not in json.loads(await redis.get(key(session, "record")))
     after = await history(conn_b)
-    assert len(after) == 6 and await listed(redis, session) == shown(after)
+    assert len(after) == 6 and await listed_as(redis, session, after) == shown(after)
+
+
+async def test_a_history_longer_than_lua_can_unpack_at_once_is_written_whole(
+    redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
+) -> None:
+    # Written whole (here: an inline history's first save), 9,000 entries go in RPUSHes of
+    # 1,000: one unpack() of all of them passes Lua's stack limit (about 8,000) and fails.
+    a = await process(start_server, redis_server.url)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await chat(conn, "m1", "first")
+    session.drop()
+    await let_go(redis, session)
+    record = json.loads(await redis.get(key(session, "record")))
+    record["history"] = [["user" if i % 2 == 0 else "agent", f"e{i}", None, f"i{i}", i // 2 + 1] for i in range(9000)]
+    record["history_size"] = sum(len(f"e{i}") for i in range(9000))
+    await redis.set(key(session, "record"), json.dumps(record), keepttl=True)
+    await redis.delete(key(session, "history"))
+    conn = await session.resume()
+    assert conn.connected["resumed"] is True
+    await chat(conn, "m2", "second")
+    entries = await history(conn)
+    assert [e["text"] for e in entries] == [f"e{i}" for i in range(9000)] + ["second", "second"]
+    assert await listed_as(redis, session, entries) == shown(entries)

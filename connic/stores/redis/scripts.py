@@ -130,14 +130,14 @@ return {record, redis.call('LRANGE', KEYS[5], 0, -1)}
 # Append frames to the replay log, only while this fencing token owns the session.
 # ARGV: fence, maxlen, log ttl ms, the seq of the first frame, then the frames (numbered
 # on from it). XADD refuses an id not above the newest, which is the seq check: a frame
-# is never logged twice or out of order. The log is trimmed once, after the last frame.
+# is never logged twice or out of order. The log is trimmed once, with the last frame.
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 local seq = tonumber(ARGV[4]) - 5
-for i = 5, #ARGV do
+for i = 5, #ARGV - 1 do
     redis.call('XADD', KEYS[4], '0-' .. (seq + i), 'f', ARGV[i])
 end
-redis.call('XTRIM', KEYS[4], 'MAXLEN', ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', ARGV[2], '0-' .. (seq + #ARGV), 'f', ARGV[#ARGV])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 """
