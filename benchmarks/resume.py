@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import servers
 
+HERE = Path(__file__).resolve().parent
 MESSAGE = " ".join(f"word{i}" for i in range(40))
 
 
@@ -255,6 +256,58 @@ def measure(
     }
 
 
+async def _floor_client(url: str, n: int, barrier: Any) -> list[float]:
+    """The baseline's burst: ``n`` connections each send one message at once; seconds to each first reply."""
+    async with loadgen._session() as http:
+        conns: list[aiohttp.ClientWebSocketResponse] = []
+        for i in range(0, n, 250):
+            batch = await asyncio.gather(*(_open_raw(http, url) for _ in range(min(250, n - i))))
+            await asyncio.gather(*(ws.send_str(json.dumps({"secret": servers.SECRET})) for ws in batch))
+            for ws in batch:
+                await ws.receive()  # connected
+            conns += batch
+        frame = json.dumps({"message": "x"})
+        await asyncio.to_thread(barrier.wait, 120)
+
+        async def one(ws: aiohttp.ClientWebSocketResponse) -> float:
+            sent_at = time.perf_counter()
+            await ws.send_str(frame)
+            await ws.receive()
+            return time.perf_counter() - sent_at
+
+        times = await asyncio.wait_for(asyncio.gather(*(one(ws) for ws in conns)), 60)
+        for ws in conns:
+            await ws.close()
+    return times
+
+
+def _floor_worker(*args: Any) -> list[float]:
+    servers.raise_fd_limit()
+    result: list[float] = asyncio.run(_floor_client(*args))
+    return result
+
+
+def floor(sessions: int, processes: int = 2) -> dict[str, float]:
+    """S8's baseline: the bare aiohttp server (benchmarks/baseline_aiohttp.py) answering one frame on
+    each of ``sessions`` connections, all sent at once by the same client processes as S8's resumes.
+
+    The nearest thing the baseline does to a burst of resumes: every resume is one frame in and
+    (at least) one frame out, so this is the time this stack and machine take for the burst itself.
+    """
+    ctx = mp.get_context("spawn")
+    share = [n for n in (sessions // processes + (1 if i < sessions % processes else 0) for i in range(processes)) if n]
+    port = servers.free_port()
+    cmd = [sys.executable, str(HERE / "baseline_aiohttp.py"), "--port", str(port), "--secret", servers.SECRET]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(servers.serve([*cmd, "--no-streaming"], port))
+        manager = stack.enter_context(ctx.Manager())
+        barrier = manager.Barrier(len(share))
+        with ctx.Pool(len(share)) as pool:
+            results = pool.starmap(_floor_worker, [(f"ws://127.0.0.1:{port}/ws", n, barrier) for n in share])
+    times = [t * 1000 for r in results for t in r]
+    return {"sessions": len(times), "p50_ms": servers.percentile(times, 0.5), "p99_ms": servers.percentile(times, 0.99)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=1000)
@@ -264,6 +317,7 @@ def main() -> None:
     modes = (True, False) if args.mode == "both" else (args.mode == "preconnected",)
     for preconnect in modes:
         print(json.dumps(measure(args.sessions, preconnect), indent=1))
+    print(json.dumps({"baseline (bare aiohttp, one frame each at once)": floor(args.sessions)}, indent=1))
 
 
 if __name__ == "__main__":

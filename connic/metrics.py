@@ -1,9 +1,8 @@
 """Operational metrics, exposed in the Prometheus text format by ``prometheus-client``.
 
-The classes here are thin wrappers over prometheus-client's metric objects.
-They keep the small API the rest of connic calls (label values as arguments,
-or as one tuple on the hot path) and cache one labelled child per label tuple:
-``.labels(...)`` costs several times the increment itself.
+The hot path counts in plain Python, and prometheus-client renders the values at scrape
+time (:mod:`connic.metrics_series`): the exposition is what prometheus-client's own
+metrics gave, at a fraction of their cost per update.
 
 Each :class:`Metrics` has a registry of its own, never the process-global
 default one, so that tests and several embedded apps keep separate numbers.
@@ -14,23 +13,23 @@ starts, every process keeps its values in files there, and :meth:`Metrics.exposi
 reads them all, so one scrape of any worker shows the sum over the workers. The
 open-connection and open-session gauges are summed over the live processes only
 (``livesum``): the supervisor calls ``prometheus_client.multiprocess.mark_process_dead(pid)``
-when a worker exits. One application per process in that mode: values are kept
-per process, metric name and labels, not per :class:`Metrics`.
+when a worker exits. Every update is then also written through to prometheus-client's
+files. One application per process in that mode: values are kept per process, metric
+name and labels, not per :class:`Metrics`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from bisect import bisect_left
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Counter", "Gauge", "Histogram", "Metrics"]
+from connic.metrics_series import DEFAULT_BUCKETS, Counter, Gauge, Histogram
 
-LabelValues = tuple[str, ...]
+__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "MULTIPROC_ENV", "Counter", "Gauge", "Histogram", "Metrics"]
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 """The ``Content-Type`` of :meth:`Metrics.exposition`."""
@@ -38,134 +37,15 @@ CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """The environment variable that turns multiprocess mode on (prometheus-client reads it)."""
 
-DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # A ``*_created`` series per counter and histogram doubles the exposition with
 # per-process start times that mean nothing summed over workers (multiprocess
 # mode never shows them): one exposition, the same with one worker or several.
-# This setting is process-global; it is what prometheus-client offers.
+# This setting is process-global; it is what prometheus-client offers. connic's own
+# collectors make no such series; this covers multiprocess mode's write-through
+# metrics, and keeps an embedding application's own metrics as they were.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
-
-
-def _sample(
-    metric: prometheus_client.Counter | prometheus_client.Gauge | prometheus_client.Histogram,
-    sample: str,
-    label_names: Sequence[str],
-    labels: Sequence[str],
-) -> float:
-    """One sample's value in this process (0 when the series does not exist)."""
-    wanted = dict(zip(label_names, labels, strict=True))
-    for family in metric.collect():
-        for s in family.samples:
-            if s.name == sample and s.labels == wanted:
-                return s.value
-    return 0.0
-
-
-class _Series:
-    """What a counter and a gauge share: one prometheus-client child per label tuple, made once."""
-
-    metric: prometheus_client.Counter | prometheus_client.Gauge
-
-    def __init__(self, name: str, labels: Sequence[str]) -> None:
-        self.name = name
-        self.label_names = tuple(labels)
-        self._children: dict[LabelValues, Any] = {}
-
-    def child(self, labels: LabelValues) -> Any:
-        """The prometheus-client series of ``labels``, made once per label tuple."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
-        return child
-
-    def inc(self, *labels: str, amount: float = 1) -> None:
-        """Add ``amount`` to the series named by ``labels``."""
-        self.add(labels, amount)
-
-    def add(self, labels: LabelValues, amount: float = 1) -> None:
-        """``inc(*labels, amount=amount)`` with the label values already in a tuple (the hot path's)."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self.child(labels)
-        child.inc(amount)
-
-    def get(self, *labels: str) -> float:
-        """The current value of one series in this process (0 when it has none)."""
-        return _sample(self.metric, self.name, self.label_names, labels)
-
-    @property
-    def values(self) -> dict[LabelValues, float]:
-        """Every series this process has, by label values."""
-        return {labels: self.get(*labels) for labels in self._children}
-
-
-class Counter(_Series):
-    """A monotonically increasing count per label set (its name ends in ``_total``)."""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        if not name.endswith("_total"):
-            # prometheus-client appends _total to every counter's samples: without it in
-            # the name, the exposed name would not be the one given here.
-            raise ValueError(f"a counter's name ends in _total: {name!r}")
-        super().__init__(name, labels)
-        self.metric = prometheus_client.Counter(name, help_text, self.label_names, registry=registry)
-
-
-class Gauge(_Series):
-    """A value that goes up and down; in multiprocess mode, the sum over the live processes."""
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        super().__init__(name, labels)
-        self.metric = prometheus_client.Gauge(
-            name, help_text, self.label_names, registry=registry, multiprocess_mode="livesum"
-        )
-
-    def dec(self, *labels: str, amount: float = 1) -> None:
-        """Subtract ``amount`` from the series named by ``labels``."""
-        self.add(labels, -amount)
-
-
-class Histogram:
-    """Observations counted into cumulative buckets, with their sum and count."""
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str],
-        registry: CollectorRegistry,
-        buckets: Sequence[float] = DEFAULT_BUCKETS,
-    ) -> None:
-        self.name = name
-        self.label_names = tuple(labels)
-        self.metric = prometheus_client.Histogram(
-            name, help_text, self.label_names, registry=registry, buckets=tuple(buckets)
-        )
-        self._children: dict[LabelValues, prometheus_client.Histogram] = {}
-
-    def child(self, labels: LabelValues) -> prometheus_client.Histogram:
-        """The prometheus-client series of ``labels``, made once per label tuple."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
-        return child
-
-    def observe(self, value: float, *labels: str) -> None:
-        """Record one observation in the series named by ``labels``."""
-        self.add(labels, value)
-
-    def add(self, labels: LabelValues, value: float) -> None:
-        """``observe(value, *labels)`` with the label values already in a tuple (the hot path's)."""
-        child = self._children.get(labels)
-        if child is None:
-            child = self.child(labels)
-        child.observe(value)
-
-    def count(self, *labels: str) -> int:
-        """How many observations one series has in this process."""
-        return int(_sample(self.metric, self.name + "_count", self.label_names, labels))
 
 
 class Metrics:
@@ -182,62 +62,93 @@ class Metrics:
             self.exposed = CollectorRegistry(auto_describe=True)
             MultiProcessCollector(self.exposed, path=directory)  # type: ignore[no-untyped-call]  # untyped upstream
         registry = self.registry
-        self.connections_open = Gauge("connic_connections_open", "Open WebSocket connections.", ["connector"], registry)
+        mp = directory is not None  # write every update through to the shared files too
+        # Per (agent, reason): the lists turn_ended adds to (turns, duration, then the two
+        # token counts once they exist), so that a turn is one lookup; None in multiprocess
+        # mode, where every update must also go through to prometheus-client's files.
+        self._turn_cells: dict[tuple[str, str], tuple[list[float], ...]] | None = None if mp else {}
+        self.connections_open = Gauge(
+            "connic_connections_open", "Open WebSocket connections.", ["connector"], registry, multiprocess=mp
+        )
         self.connections = Counter(
-            "connic_connections_total", "WebSocket connections accepted.", ["connector"], registry
+            "connic_connections_total", "WebSocket connections accepted.", ["connector"], registry, multiprocess=mp
         )
         self.refused = Counter(
             "connic_handshakes_refused_total",
             "Handshakes refused before the upgrade.",
             ["connector", "status"],
             registry,
+            multiprocess=mp,
         )
-        self.sessions_open = Gauge("connic_sessions_open", "Authenticated sessions.", ["connector"], registry)
-        self.sessions = Counter("connic_sessions_total", "Sessions started (authenticated).", ["connector"], registry)
-        self.messages = Counter("connic_messages_total", "Messages accepted (acked).", ["connector"], registry)
-        self.errors = Counter("connic_errors_total", "Error frames sent, by code.", ["connector", "code"], registry)
+        self.sessions_open = Gauge(
+            "connic_sessions_open", "Authenticated sessions.", ["connector"], registry, multiprocess=mp
+        )
+        self.sessions = Counter(
+            "connic_sessions_total", "Sessions started (authenticated).", ["connector"], registry, multiprocess=mp
+        )
+        self.messages = Counter(
+            "connic_messages_total", "Messages accepted (acked).", ["connector"], registry, multiprocess=mp
+        )
+        self.errors = Counter(
+            "connic_errors_total", "Error frames sent, by code.", ["connector", "code"], registry, multiprocess=mp
+        )
         self.closes = Counter(
-            "connic_closes_total", "Closed connections, by close code.", ["connector", "code"], registry
+            "connic_closes_total",
+            "Closed connections, by close code.",
+            ["connector", "code"],
+            registry,
+            multiprocess=mp,
         )
         self.slow_consumers = Counter(
             "connic_slow_consumer_closes_total",
             "Connections closed because the client stopped reading.",
             ["connector"],
             registry,
+            multiprocess=mp,
         )
         self.rate_limited = Counter(
-            "connic_rate_limited_total", "Messages refused by the rate limit.", ["connector"], registry
+            "connic_rate_limited_total", "Messages refused by the rate limit.", ["connector"], registry, multiprocess=mp
         )
         self.resumes = Counter(
             "connic_resumes_total",
             "Resume attempts, by result (resumed, not_recovered: resumed without replay, failed: a fresh session).",
             ["connector", "result"],
             registry,
+            multiprocess=mp,
         )
         self.replayed_frames = Counter(
             "connic_replayed_frames_total",
             "Frames sent again from replay logs to resuming clients.",
             ["connector"],
             registry,
+            multiprocess=mp,
         )
         self.producer_lost = Counter(
             "connic_producer_lost_total",
             "Agent replies ended with producer_lost: the process producing them died.",
             ["connector"],
             registry,
+            multiprocess=mp,
         )
-        self.tokens = Counter("connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"], registry)
+        self.tokens = Counter(
+            "connic_tokens_total", "Tokens reported by agents.", ["agent", "kind"], registry, multiprocess=mp
+        )
         self.turns = Counter(
-            "connic_turns_total", "Agent turns finished, by finish reason.", ["agent", "reason"], registry
+            "connic_turns_total",
+            "Agent turns finished, by finish reason.",
+            ["agent", "reason"],
+            registry,
+            multiprocess=mp,
         )
         self.first_chunk = Histogram(
             "connic_time_to_first_chunk_seconds",
             "Time from a turn's start to its first chunk.",
             ["agent"],
             registry,
+            multiprocess=mp,
         )
         self.turn_duration = Histogram(
-            "connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"], registry
+            "connic_turn_duration_seconds", "Time an agent took for a turn.", ["agent"], registry, multiprocess=mp
         )
         self.store_seconds = Histogram(
             "connic_store_seconds",
@@ -245,15 +156,33 @@ class Metrics:
             ["operation"],
             registry,
             buckets=STORE_BUCKETS,
+            multiprocess=mp,
         )
 
     def turn_ended(self, agent: str, reason: str, seconds: float, prompt: int, candidates: int) -> None:
         """Count one finished turn: its reason, its duration and its tokens."""
-        self.turns.add((agent, reason))
-        self.turn_duration.add((agent,), seconds)
-        if prompt or candidates:  # a token series appears once it has counted some
-            self.tokens.add((agent, "prompt"), prompt)
-            self.tokens.add((agent, "candidates"), candidates)
+        cache = self._turn_cells
+        cells = None if cache is None else cache.get((agent, reason))
+        if cells is None or ((prompt or candidates) and len(cells) == 2):
+            self.turns.add((agent, reason))
+            self.turn_duration.add((agent,), seconds)
+            if prompt or candidates:  # a token series appears once it has counted some
+                self.tokens.add((agent, "prompt"), prompt)
+                self.tokens.add((agent, "candidates"), candidates)
+            if cache is not None:
+                cells = (self.turns.cell((agent, reason)), self.turn_duration.cell((agent,)))
+                if prompt or candidates:  # else the token series may not exist: cached on a later turn
+                    cells += (self.tokens.cell((agent, "prompt")), self.tokens.cell((agent, "candidates")))
+                cache[agent, reason] = cells
+            return
+        # What the calls above do, on the cached lists (the sum in the duration's last slot).
+        cells[0][0] += 1.0
+        duration = cells[1]
+        duration[bisect_left(self.turn_duration.buckets, seconds)] += 1.0
+        duration[-1] += seconds
+        if prompt or candidates:
+            cells[2][0] += prompt
+            cells[3][0] += candidates
 
     def exposition(self) -> bytes:
         """The whole exposition (:data:`CONTENT_TYPE`): this app's, or in multiprocess mode every process's summed."""

@@ -203,6 +203,8 @@ async def test_one_scrape_shows_the_sum_over_worker_processes(
         assert got['connic_connections_open{connector="/ws"}'] == 2
         assert got['connic_turns_total{agent="echo",reason="stop"}'] == 5
         assert got['connic_turn_duration_seconds_count{agent="echo"}'] == 5
+        assert got['connic_turn_duration_seconds_bucket{agent="echo",le="+Inf"}'] == 5
+        assert got['connic_tokens_total{agent="echo",kind="prompt"}'] == 5
         assert got['connic_store_seconds_count{operation="add"}'] == 2
         assert not [name for name in got if "pid=" in name]
 

@@ -102,6 +102,32 @@ async def test_reply_dropped_on_one_process_streams_on_through_the_other(launch:
     assert await history(conn_b) == [text, text, "after", "after"]
 
 
+async def test_many_replies_followed_at_once_on_the_other_process(launch: Any, clients: Clients) -> None:
+    # One reader follows every log B follows: sessions joining while it waits (one at a time,
+    # then a burst) are read from then on, each reply whole, in order, with no gap.
+    a, b = await launch(), await launch()
+    texts = [words(80, prefix=f"s{i}w") for i in range(12)]  # 80 chunks, 20 ms apart: about 1.6 s
+    sessions = []
+    for text in texts:
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+        sessions.append((session, conn))
+    for session, conn in sessions:
+        while len(session.transcript.chunks("m1", "assistant")) < 5:
+            await conn.recv()
+        session.drop()
+    resumed = [await session.resume(url=b.url) for session, _ in sessions[:3]]
+    await asyncio.sleep(0.3)  # B's reader is waiting on those three when the others come
+    resumed += await asyncio.gather(*(session.resume(url=b.url) for session, _ in sessions[3:]))
+    for conn_b, (session, _), text in zip(resumed, sessions, texts, strict=True):
+        assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
+        await conn_b.until_ended({"m1": ["assistant"]}, timeout=30)
+        session.transcript.assert_complete()
+        end = session.transcript.end("m1", "assistant")
+        assert end is not None and end["full_response"] == text
+
+
 async def test_sessions_resume_after_every_process_restarted(launch: Any, clients: Clients) -> None:
     a, b = await launch(), await launch()
     sessions = []

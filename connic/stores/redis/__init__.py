@@ -47,8 +47,9 @@ from connic.frames import MessageId
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis.cancels import Cancels
 from connic.stores.redis.connection import ms, ttl
+from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.limits import Limits
-from connic.stores.redis.log import RedisReplayLog, frames_after, may_end, seq_of, unfinished
+from connic.stores.redis.log import RedisReplayLog, entries_of, frames_after, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode, encode, encode_entry
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ __all__ = ["RedisReplayLog", "RedisStore"]
 log = logging.getLogger("connic.stores.redis")
 
 _POLL = 0.05  # seconds between attempts to take a session another process still owns
-_FOLLOW_BLOCK_MS = 200  # the longest XREAD BLOCK while following: how soon a let-go session is taken
+_FOLLOW_WAIT = 0.2  # seconds a follower waits for frames before trying again to take the session
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -88,6 +89,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         SessionStore.__init__(self, options if options is not None else RedisStore.Options())
         Limits.__init__(self)  # and, through it, every other base but SessionStore
         self._tasks: list[asyncio.Task[None]] = []
+        self._follower = Follower(self)
 
     # --- life cycle -------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class RedisStore(Limits, Cancels, SessionStore):
             asyncio.create_task(self._writer()),
             asyncio.create_task(self._renewer()),
             asyncio.create_task(self._listen()),
+            asyncio.create_task(self._follower.run()),
         ]
 
     async def close(self) -> None:
@@ -114,6 +117,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
         self._tasks[2].cancel()  # the cancel listener
+        self._tasks[3].cancel()  # the follower
         for task in self._cancelling:
             task.cancel()
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
@@ -201,6 +205,17 @@ class RedisStore(Limits, Cancels, SessionStore):
         holds it: its lease (``wait`` long, renewed while it lives) is what ends the wait.
         """
         await self.flush()
+        followed: list[Following] = []
+        try:
+            return await self._take(session_id, wait, follow, after, followed)
+        finally:
+            for following in followed:
+                self._follower.stop(following)
+
+    async def _take(
+        self, session_id: str, wait: float, follow: Follow | None, after: int, followed: list[Following]
+    ) -> SessionRecord | None:
+        """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         keys = self._keys(session_id)
         lease = ms(wait)
         deadline = time.monotonic() + wait
@@ -224,17 +239,13 @@ class RedisStore(Limits, Cancels, SessionStore):
             if follow is None:
                 await asyncio.sleep(_POLL)
             elif cursor is None:
-                # As XRANGE gives them, from the script's raw reply: [id, [field, value, ...]].
-                entries = [(entry_id, dict(zip(kv[::2], kv[1::2], strict=True))) for entry_id, kv in result[1]]
+                entries = entries_of(result[1])
                 frames = frames_after(entries, after)
                 cursor = seq_of(entries[-1][0]) if entries else after
                 follow(frames, cursor)
+                followed.append(self._follower.follow(keys[3], cursor))
             else:
-                read = await self._call(
-                    self._blocking.xread({keys[3]: f"0-{cursor}"}, block=_FOLLOW_BLOCK_MS),
-                    self.options.timeout + _FOLLOW_BLOCK_MS / 1000,
-                )
-                entries = read[0][1] if read else []
+                entries = await self._follower.next(followed[0], _FOLLOW_WAIT)
                 claim = True
                 if entries:
                     frames = frames_after(entries, cursor)
@@ -261,7 +272,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
-            logged = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
+            logged = entries_of(await self._shared("XRANGE", self._keys(session_id)[3], "-", "+"))
             lost = unfinished([fields["f"] for _, fields in logged])
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
 

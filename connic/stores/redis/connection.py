@@ -179,7 +179,7 @@ class Connection:
         return results
 
     async def _shared(self, *command: Any) -> Any:
-        """Send ``command`` in one pipeline with every other one awaited in this round of the event loop.
+        """Send ``command`` in one write with every other one awaited in this round of the event loop.
 
         A burst of resumes (each a ``GET`` then a ``CLAIM``) otherwise takes a pooled connection
         per call at once: the pool opens a new one for each (a connect and a handshake: most of
@@ -199,12 +199,8 @@ class Connection:
         task.add_done_callback(self._sending.discard)
 
     async def _execute_shared(self, calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        def build(pipe: Any) -> None:
-            for command, _ in calls:
-                pipe.execute_command(*command)
-
         try:
-            results = await self._pipeline(build)
+            results = await self._execute([command for command, _ in calls])
         except StoreUnavailable as exc:
             results = [exc] * len(calls)
         except asyncio.CancelledError:
@@ -253,6 +249,11 @@ class Connection:
         if self._redis is None:
             raise StoreUnavailable("the redis store is not started")
         return self._redis
+
+    def _blocking_client(self) -> Any:
+        if self._blocking is None:
+            raise StoreUnavailable("the redis store is not started")
+        return self._blocking
 
     def _keys(self, session_id: str) -> list[str]:
         return scripts.session_keys(self.options.key_prefix, session_id)

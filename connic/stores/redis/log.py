@@ -66,8 +66,8 @@ class RedisReplayLog(ReplayLog):
         # the log must hold those up to here; the ones logged meanwhile may come too (they are skipped).
         last = self.last
         await store.flush()
-        # In a pipeline shared with the other resumes of this round (redis-py parses the entries).
-        entries = await store._shared("XRANGE", store._keys(self.session_id)[3], f"0-{seq + 1}", "+")
+        # In a pipeline shared with the other resumes of this round.
+        entries = entries_of(await store._shared("XRANGE", store._keys(self.session_id)[3], f"0-{seq + 1}", "+"))
         frames = frames_after(entries, seq)  # None if trimmed, or a write lost while Redis was down
         if frames is None or seq + len(frames) < last:
             return None  # never a gap
@@ -86,6 +86,11 @@ class RedisReplayLog(ReplayLog):
 def seq_of(entry_id: str) -> int:
     """The seq of a log entry id ``0-<seq>``."""
     return int(entry_id.partition("-")[2])
+
+
+def entries_of(raw: Any) -> list[tuple[str, dict[str, str]]]:
+    """Stream entries as Redis sends them (``[id, [field, value, ...]]``) as (id, fields) pairs."""
+    return [(entry_id, dict(zip(kv[::2], kv[1::2], strict=True))) for entry_id, kv in raw]
 
 
 def frames_after(entries: list[tuple[str, dict[str, str]]], seq: int) -> list[str] | None:
