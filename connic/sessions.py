@@ -133,11 +133,9 @@ class Sessions:
 
     async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
         """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
-        record = await self.store.load(session_id)
-        if record is None or record.label != self.label or not token_matches(record.token, token):
-            return None
         # Its owner may still be answering: wait for it to let go (never two copies at once).
-        record = await self.store.take(session_id, self.options.producer_timeout, follow, last_seq)
+        wait = self.options.producer_timeout
+        record = await self.store.take(session_id, wait, follow, last_seq, label=self.label, token=token)
         if record is None:
             return None
         session = ChatSession.restore(self, record)

@@ -308,6 +308,47 @@ async def test_wrong_token_on_another_process_gets_a_fresh_session_at_once(
     session.transcript.assert_complete()
 
 
+async def test_a_let_go_session_is_taken_only_with_its_token_on_its_connector(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    # The claim itself checks the token and the connector: a failed resume takes nothing.
+    a = await process(start_server, redis_url)
+    b = await process(start_server, redis_url)
+    other = await process(start_server, redis_url, connector={"path": "/other"})
+    session = ResumeSession(clients, a.url())
+    await chat(await session.start(), "m1", "kept")
+    session.drop()
+    await wait_until_let_go(redis_url, session.session_id)
+    right = session.resume_token
+    session.resume_token = right[:-1] + ("A" if right[-1] != "A" else "B")
+    wrong = await session.resume(url=b.url())
+    assert wrong.connected["resumed"] is False and wrong.connected["session_id"] != session.session_id
+    session.resume_token = right
+    elsewhere = await session.resume(url=other.url("/other"))  # the right token, another connector's session
+    assert elsewhere.connected["resumed"] is False and elsewhere.connected["session_id"] != session.session_id
+    assert await owner(redis_url, session.session_id) is None  # neither failed resume owns it
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+    assert [entry["text"] for entry in await history(conn_b)] == ["kept", "kept"]
+
+
+async def owner(url: str, session_id: str) -> str | None:
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        return await client.get(f"connic:{{{session_id}}}:owner")  # type: ignore[no-any-return]
+    finally:
+        await client.aclose()
+
+
+async def wait_until_let_go(url: str, session_id: str) -> None:
+    """Until the session's process has let it go (no owner): bounded."""
+    for _ in range(200):
+        if await owner(url, session_id) is None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"session {session_id} still owned after 4 s")
+
+
 async def test_reply_dropped_on_one_process_finishes_on_the_other(
     redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:

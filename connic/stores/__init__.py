@@ -163,15 +163,26 @@ class SessionStore:
         return None
 
     async def take(
-        self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None = None,
+        after: int = 0,
+        *,
+        label: str | None = None,
+        token: str | None = None,
     ) -> SessionRecord | None:
         """Become the one process serving the session, waiting for its owner to let go.
 
         Without ``follow`` the wait ends after ``wait`` seconds. With it, the frames the
         owner logs after seq ``after`` are handed to ``follow`` as they come, for as long as
         the owner lives (``wait`` is then its lease: how long a dead owner goes unnoticed).
-        Returns the record as it is once owned (None if the session is gone or the wait ran
-        out); the caller rebuilds the session from it and hands it to :meth:`add`.
+        With ``label`` and ``token`` (a resume), the session is taken, and its frames handed
+        to ``follow``, only if its record has that connector label and resume token: else
+        None, with nothing changed (the token compared so that timing does not reveal it).
+        Returns the record as it is once owned (None if the session is gone, the check
+        failed or the wait ran out); the caller rebuilds the session from it and hands it to
+        :meth:`add`.
         """
         return None
 

@@ -36,6 +36,7 @@ per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -195,25 +196,43 @@ class RedisStore(Limits, Cancels, SessionStore):
         return decode(found[0], found[1])[0] if found else None
 
     async def take(
-        self, session_id: str, wait: float, follow: Follow | None = None, after: int = 0
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None = None,
+        after: int = 0,
+        *,
+        label: str | None = None,
+        token: str | None = None,
     ) -> SessionRecord | None:
         """Own the session once its owner lets it go; its record then.
 
         Without ``follow`` this polls, for up to ``wait`` seconds. With it, it reads the
-        log after ``after``, then blocks on it (XREAD BLOCK) handing ``follow`` each new
-        frame and trying to take the session between reads, for as long as the owner
-        holds it: its lease (``wait`` long, renewed while it lives) is what ends the wait.
+        log after ``after``, then follows it (:class:`~connic.stores.redis.follower.Follower`)
+        handing ``follow`` each new frame and trying to take the session between reads, for
+        as long as the owner holds it: its lease (``wait`` long, renewed while it lives) is
+        what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
+        round trip that reads the log: a resume costs one round trip before its first frame.
         """
         await self.flush()
+        check: list[str | int] = ["", ""]
+        if label is not None and token is not None:
+            check = [label, hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()]
         followed: list[Following] = []
         try:
-            return await self._take(session_id, wait, follow, after, followed)
+            return await self._take(session_id, wait, follow, after, check, followed)
         finally:
             for following in followed:
                 self._follower.stop(following)
 
     async def _take(
-        self, session_id: str, wait: float, follow: Follow | None, after: int, followed: list[Following]
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None,
+        after: int,
+        check: list[str | int],
+        followed: list[Following],
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         keys = self._keys(session_id)
@@ -225,8 +244,8 @@ class RedisStore(Limits, Cancels, SessionStore):
         while True:
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
-                args = [lease] if follow is None or cursor is not None else [lease, after]
-                result = await self._shared_script("CLAIM", keys, args)
+                read: str | int = after if follow is not None and cursor is None else ""
+                result = await self._shared_script("CLAIM", keys, [lease, read, *check])
                 fence = int(result[0])
                 if fence == -1:
                     return None

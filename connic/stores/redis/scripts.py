@@ -99,17 +99,27 @@ return fence
 """
 )
 
-# Take an existing session if nobody owns it. ARGV: lease ms, and optionally a seq.
-# Returns {0} when another process owns it (with the seq: {0, the logged entries after it},
-# so that a resume starts following the owner in the same round trip), {-1} when it is
-# gone, else {fence, record, the newest logged seq, the history's entries}.
+# Take an existing session if nobody owns it. ARGV: lease ms, a seq or '' (see below), and
+# the connector label and SHA-1 (hex) of the resume token it must have, or '' and '' for no
+# check. Returns {-1} when it is gone or the check fails (nothing changed), {0} when another
+# process owns it (with a seq: {0, the logged entries after it}, so that a resume starts
+# following the owner in the same round trip), else {fence, record, the newest logged seq,
+# the history's entries}. The token is compared by its digest: how long the comparison takes
+# tells nothing about the token itself.
 CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    if ARGV[2] then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
-    return {0}
-end
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
+if ARGV[3] ~= '' then
+    local ok, fields = pcall(cjson.decode, record)
+    if not ok or fields['label'] ~= ARGV[3] or type(fields['token']) ~= 'string'
+            or redis.sha1hex(fields['token']) ~= ARGV[4] then
+        return {-1}
+    end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    if ARGV[2] ~= '' then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
+    return {0}
+end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[3]))
 redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
