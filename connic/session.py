@@ -119,9 +119,9 @@ class ChatSession:
         session_record.restore(session, record)
         return session
 
-    def record(self) -> SessionRecord:
-        """What a shared store keeps of this session (:meth:`restore` rebuilds it)."""
-        return session_record.record(self)
+    def record(self, *, history: bool = True) -> SessionRecord:
+        """What a shared store keeps of this session (:meth:`restore` rebuilds it), its history too unless told."""
+        return session_record.record(self, history=history)
 
     # --- attaching ------------------------------------------------------------
 

@@ -29,8 +29,10 @@ def restore(session: ChatSession, record: SessionRecord) -> None:
     session.history.size = record.history_size
 
 
-def record(session: ChatSession) -> SessionRecord:
-    """What a shared store keeps of ``session``."""
+def record(session: ChatSession, *, history: bool = True) -> SessionRecord:
+    """What a shared store keeps of ``session``; without ``history``, an empty one (a store saving
+    the entries apart, from ``session.history.entries``, need not copy them all after every exchange).
+    """
     return SessionRecord(
         id=session.id,
         label=session.sessions.label,
@@ -41,7 +43,7 @@ def record(session: ChatSession) -> SessionRecord:
         tokens_in=session.tokens_in,
         tokens_out=session.tokens_out,
         states=session.states,
-        history=tuple(session.history.entries),
+        history=tuple(session.history.entries) if history else (),
         history_size=session.history.size,
         busy=session.busy,
     )

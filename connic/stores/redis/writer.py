@@ -138,15 +138,15 @@ class Writer(Connection):
             owned = self._fences.get(sid)
             if session is None or owned is None:
                 continue
-            state = session.record()
             try:
-                record = encode(state)
+                record = encode(session.record(history=False))  # the entries go apart, by _history
             except (TypeError, ValueError) as exc:
                 log.error("session %s: its state cannot be saved as JSON (%s)", sid, exc)
                 self._fail(sid)
                 continue
-            saves[len(commands)] = state.history[-1] if state.history else None
-            commands.append((sid, "SAVE", [owned[0], record, ttl(session), *self._history(sid, state.history)]))
+            held = session.history.entries
+            saves[len(commands)] = held[-1] if held else None
+            commands.append((sid, "SAVE", [owned[0], record, ttl(session), *self._history(sid, held)]))
         self._dirty = set()
         for sid, (fence, record, entries, record_ttl) in self._releases.items():
             args = [fence, record, record_ttl, *self._history(sid, entries)]
