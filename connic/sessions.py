@@ -133,6 +133,8 @@ class Sessions:
 
     async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
         """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
+        if not self.store.durable:
+            return None  # a store of this process's live sessions only: nothing to take over
         # Its owner may still be answering: wait for it to let go (never two copies at once).
         wait = self.options.producer_timeout
         record = await self.store.take(session_id, wait, follow, last_seq, label=self.label, token=token)
