@@ -25,6 +25,7 @@ from redis_server import (
 from resume_helpers import (
     Clients,
     ResumeSession,
+    Transcript,
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
@@ -497,3 +498,31 @@ async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_th
     again = ResumeSession(clients, server.url())
     conn = await again.start()
     await chat(conn, "m1", "hello again")
+
+
+async def test_two_resumes_following_one_session_on_one_process_both_get_its_frames_live(
+    redis_url: str, start_server: StartServer, clients: Clients
+) -> None:
+    # A client whose first resume's socket is half-open resumes again on the same process: both
+    # resumes follow the owner's log (follower.py once kept one follower per log: the second
+    # replaced the first, which then got no frame while the owner answered).
+    Gated.gate = asyncio.Event()
+    agents = {"assistant": {"use": "gated"}}
+    a = await process(start_server, redis_url, agents=agents)
+    b = await process(start_server, redis_url, agents=agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    session.drop()
+    first = await session.resume(url=b.url())
+    assert first.connected["resumed"] is True, first.connected
+    assert await first.barrier() == []  # following A: it holds the session
+    first.transcript = Transcript()  # its own: the second resume adopts the session's
+    second = await session.resume(url=b.url())
+    assert second.connected["resumed"] is True, second.connected
+    assert await second.barrier() == []
+    Gated.gate.set()  # the rest of A's reply: each follower gets it live
+    for follower in (first, second):
+        await follower.until(lambda f: f.get("type") == "stream_end" and f.get("id") == "m1", timeout=5)

@@ -60,7 +60,9 @@ class Follower:
 
     def __init__(self, store: Connection) -> None:
         self._store = store
-        self._follows: dict[str, Following] = {}
+        # Each log's followers: two resumes of one session may follow it at once (a client
+        # resuming again while its first resume's socket is half-open), each from its own seq.
+        self._follows: dict[str, list[Following]] = {}
         self._changed = asyncio.Event()  # a log to follow was added while none was
         self._reading: set[str] | None = None  # the keys of the XREAD under way
         self._client_id: int | None = None  # of the reading connection, for CLIENT UNBLOCK
@@ -69,7 +71,7 @@ class Follower:
     def follow(self, key: str, cursor: int) -> Following:
         """Start following the log ``key`` after ``cursor``."""
         following = Following(key, cursor)
-        self._follows[key] = following
+        self._follows.setdefault(key, []).append(following)
         self._changed.set()
         if self._reading is not None and key not in self._reading:
             self._unblock()
@@ -77,8 +79,11 @@ class Follower:
 
     def stop(self, following: Following) -> None:
         """Stop following (the next read leaves the log out)."""
-        if self._follows.get(following.key) is following:
-            del self._follows[following.key]
+        followers = self._follows.get(following.key, [])
+        if following in followers:
+            followers.remove(following)
+            if not followers:
+                del self._follows[following.key]
 
     async def next(self, following: Following, seconds: float) -> Entries:
         """The entries read for ``following`` since the last call, waiting up to ``seconds`` for some.
@@ -113,20 +118,26 @@ class Follower:
                 except StoreUnavailable as exc:
                     await self._drop(conn)
                     conn = None
-                    for failed in self._follows.values():
-                        failed.error = exc
-                        failed._wake()
+                    for each in self._follows.values():
+                        for failed in each:
+                            failed.error = exc
+                            failed._wake()
                     await asyncio.sleep(0.1)  # not a busy loop while Redis is down
                     continue
                 # Redis 6+ answers a map (RESP3) to a raw read, older servers a list of pairs.
                 for key, entries in reply.items() if isinstance(reply, dict) else reply or ():
-                    following = self._follows.get(key)
-                    if following is None or not entries:
+                    followers = self._follows.get(key)
+                    if not followers or not entries:
                         continue
-                    for entry_id, fields in entries:
-                        following.entries.append((entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
-                    following.cursor = int(entries[-1][0].partition("-")[2])
-                    following._wake()
+                    read = [(int(i.partition("-")[2]), i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in entries]
+                    for following in followers:
+                        # Only what follows its cursor: a read sent before it followed (the log
+                        # stopped and followed again meanwhile) may hold entries it has already.
+                        new = [(entry_id, fields) for seq, entry_id, fields in read if seq > following.cursor]
+                        if new:
+                            following.entries += new
+                            following.cursor = read[-1][0]
+                            following._wake()
         finally:
             await self._drop(conn)
 
@@ -158,11 +169,12 @@ class Follower:
                 await client.connection_pool.release(conn)
 
     async def _read(self, conn: Any) -> Any:
-        follows = list(self._follows.values())
+        # Each log from its least advanced follower (the others skip what they have).
+        follows = {key: min(f.cursor for f in followers) for key, followers in self._follows.items()}
         command: list[str | int] = ["XREAD", "BLOCK", BLOCK_MS, "STREAMS"]
-        command += [f.key for f in follows]
-        command += [f"0-{f.cursor}" for f in follows]
-        self._reading = {f.key for f in follows}
+        command += list(follows)
+        command += [f"0-{cursor}" for cursor in follows.values()]
+        self._reading = set(follows)
         try:
 
             async def read() -> Any:
