@@ -89,10 +89,11 @@ def session_stats(app: web.Application) -> dict[str, Any]:
             count, size = session.log.stats()
             frames += count
             encoded += size
-            # What the memory store's log costs in this process: each frame a str object
-            # and a deque slot (a private attribute; this is a benchmark, not connic's API).
-            logged = getattr(session.log, "_frames", None) or ()
-            in_memory += sum(sys.getsizeof(f) + 8 for f in logged)
+            # What the memory store's log costs in this process: its buffer and its frames'
+            # offsets (private attributes; this is a benchmark, not connic's API).
+            for part in ("_data", "_ends"):
+                if hasattr(session.log, part):
+                    in_memory += sys.getsizeof(getattr(session.log, part))
     return {
         "states": dict(states),
         "sessions": sum(states.values()),
