@@ -157,8 +157,8 @@ class SessionStore:
     async def load(self, session_id: str) -> SessionRecord | None:
         """The record of a session that is not live in this process, if the store keeps one.
 
-        Only read, to check a resume before :meth:`take`. The default (a store of live
-        sessions only) keeps no records.
+        Only read, to check a resume before :meth:`take` (its label and token: a store may
+        leave the history out). The default (a store of live sessions only) keeps no records.
         """
         return None
 

@@ -190,10 +190,13 @@ class RedisStore(Limits, Cancels, SessionStore):
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:
-        """The session's record as Redis has it (after writing what this process queued)."""
+        """The session's record as Redis has it (after writing what this process queued), without its history.
+
+        Only its label and token are wanted (to check a resume); :meth:`take` reads the rest.
+        """
         await self.flush()
-        found = await self._shared_script("LOAD", self._keys(session_id), [])
-        return decode(found[0], found[1])[0] if found else None
+        data = await self._shared("GET", self._keys(session_id)[2])
+        return decode(data, ())[0] if data is not None else None
 
     async def take(
         self,

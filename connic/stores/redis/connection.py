@@ -23,20 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCRIPTS", "Connection", "ms", "ttl", "ttl_seconds"]
 
-SCRIPTS = (
-    "APPEND",
-    "CANCELS",
-    "CLAIM",
-    "CREATE",
-    "DELETE",
-    "IP_ENTER",
-    "IP_RENEW",
-    "LOAD",
-    "RELEASE",
-    "RENEW",
-    "SAVE",
-    "TAKE",
-)
+SCRIPTS = tuple(name for name in scripts.__all__ if name.isupper())
 """The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
 from connic.stores.redis.connection import _pack
+from connic.stores.redis.log import entries_of, seq_of
 
 if TYPE_CHECKING:
     from connic.stores.redis.connection import Connection
@@ -129,7 +130,7 @@ class Follower:
                     followers = self._follows.get(key)
                     if not followers or not entries:
                         continue
-                    read = [(int(i.partition("-")[2]), i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in entries]
+                    read = [(seq_of(entry_id), entry_id, fields) for entry_id, fields in entries_of(entries)]
                     for following in followers:
                         # Only what follows its cursor: a read sent before it followed (the log
                         # stopped and followed again meanwhile) may hold entries it has already.

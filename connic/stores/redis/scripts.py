@@ -17,7 +17,6 @@ __all__ = [
     "DELETE",
     "IP_ENTER",
     "IP_RENEW",
-    "LOAD",
     "RELEASE",
     "RENEW",
     "SAVE",
@@ -127,14 +126,6 @@ local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 local seq = 0
 if #newest > 0 then seq = tonumber(string.match(newest[1][1], '%-(%d+)$')) end
 return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1)}
-"""
-
-# Read a session: {record, the history's entries} in one step (never a record with another
-# save's history), or {} when it is gone. Writes nothing.
-LOAD = """
-local record = redis.call('GET', KEYS[3])
-if not record then return {} end
-return {record, redis.call('LRANGE', KEYS[5], 0, -1)}
 """
 
 # Append frames to the replay log, only while this fencing token owns the session.
