@@ -105,6 +105,19 @@ async def _open_raw(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebS
     return await http.ws_connect(url, autoping=True, max_msg_size=0)
 
 
+async def _open_authenticated(
+    http: aiohttp.ClientSession, url: str, n: int
+) -> list[tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]]:
+    """``n`` connections, 250 at a time, each authenticated: with its ``connected`` frame."""
+    opened = []
+    for i in range(0, n, 250):
+        batch = await asyncio.gather(*(_open_raw(http, url) for _ in range(min(250, n - i))))
+        await asyncio.gather(*(ws.send_str(json.dumps({"secret": servers.SECRET})) for ws in batch))
+        for ws in batch:
+            opened.append((ws, json.loads((await ws.receive()).data)))
+    return opened
+
+
 async def _client(
     url: str, n: int, min_chunks: int, gap: float, preconnect: bool, barrier: Any, resume_url: str | None = None
 ) -> dict[str, Any]:
@@ -112,12 +125,9 @@ async def _client(
     async with loadgen._session() as http:
         old: list[aiohttp.ClientWebSocketResponse] = []
         sessions: list[_Session] = []
-        for i in range(0, n, 250):
-            batch = await asyncio.gather(*(_open_raw(http, url) for _ in range(min(250, n - i))))
-            await asyncio.gather(*(ws.send_str(json.dumps({"secret": servers.SECRET})) for ws in batch))
-            for ws in batch:
-                sessions.append(_Session(json.loads((await ws.receive()).data)))
-            old += batch
+        for ws, connected in await _open_authenticated(http, url, n):
+            sessions.append(_Session(connected))
+            old.append(ws)
         spare: list[aiohttp.ClientWebSocketResponse] = []
         if preconnect:  # handshakes done now; the server waits auth_timeout (10 s) for their first frame
             for i in range(0, n, 250):
@@ -260,12 +270,7 @@ async def _floor_client(url: str, n: int, barrier: Any) -> list[float]:
     """The baseline's burst: ``n`` connections each send one message at once; seconds to each first reply."""
     async with loadgen._session() as http:
         conns: list[aiohttp.ClientWebSocketResponse] = []
-        for i in range(0, n, 250):
-            batch = await asyncio.gather(*(_open_raw(http, url) for _ in range(min(250, n - i))))
-            await asyncio.gather(*(ws.send_str(json.dumps({"secret": servers.SECRET})) for ws in batch))
-            for ws in batch:
-                await ws.receive()  # connected
-            conns += batch
+        conns += [ws for ws, _ in await _open_authenticated(http, url, n)]
         frame = json.dumps({"message": "x"})
         await asyncio.to_thread(barrier.wait, 120)
 
