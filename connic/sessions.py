@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
-from connic.errors import ConnicError
+from connic.errors import ConnicError, StoreUnavailable
 from connic.metrics import Metrics
 from connic.pipeline import TurnChain
 from connic.session import ChatSession, SessionState
@@ -140,10 +140,23 @@ class Sessions:
         record = await self.store.take(session_id, wait, follow, last_seq, label=self.label, token=token)
         if record is None:
             return None
-        session = ChatSession.restore(self, record)
+        # This process owns the session now: if it cannot be rebuilt, the store must let it
+        # go, or its lease is renewed for ever with no session here and no other process can
+        # ever take it.
+        try:
+            session = ChatSession.restore(self, record)
+            await self.store.add(session)
+        except asyncio.CancelledError:
+            self.store.abandon(session_id, "cancelled")
+            raise
+        except StoreUnavailable as exc:
+            self.store.abandon(session_id, exc.message)
+            raise
+        except Exception as exc:  # a record the store read but that does not fit a session (not connic's own data)
+            self.store.abandon(session_id, f"its record cannot be rebuilt: {exc!r}")
+            raise StoreUnavailable("this session's record in the store cannot be read") from exc
         self.live.add(session)
         self.metrics.sessions_open.inc(self.label)
-        await self.store.add(session)
         if record.lost:
             # Replies the dead owner left unfinished (an untargeted message: every agent answers it
             # when there are several; whether it named one is not in the log).

@@ -186,6 +186,15 @@ class SessionStore:
         """
         return None
 
+    def abandon(self, session_id: str, why: str) -> None:
+        """Taking the session over failed after :meth:`take` returned its record: stop owning it at once.
+
+        The session stays in the store as it is, for any process (this one too) to take
+        again; ``why`` says what failed, for the log. Called when rebuilding the session from
+        its record fails or is cancelled, before :meth:`add`. The default (a store whose
+        :meth:`take` never returns a record) has nothing to let go.
+        """
+
     def cancel(self, session_id: str, message_id: MessageId) -> None:
         """Pass a ``cancel`` to the process answering the session (a client following it from here).
 

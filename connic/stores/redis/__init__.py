@@ -62,6 +62,7 @@ log = logging.getLogger("connic.stores.redis")
 
 _POLL = 0.05  # seconds between attempts to take a session another process still owns
 _FOLLOW_WAIT = 0.2  # seconds a follower waits for frames before trying again to take the session
+_UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)  # what a record or frame that does not decode raises
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -189,6 +190,23 @@ class RedisStore(Limits, Cancels, SessionStore):
             self._releases[sid] = (owned[0], encode(record), record.history, window)
             self._kick()
 
+    def abandon(self, session_id: str, why: str) -> None:
+        """Taking the session over failed after the claim: stop owning it, and let it go in Redis (in the background).
+
+        Its renewal stops at once, so that its lease runs out within ``producer_timeout`` even
+        when letting it go fails too (Redis itself being what failed); nothing of it is written.
+        """
+        self._live.pop(session_id, None)
+        self._logs.pop(session_id, None)
+        self._dirty_logs.pop(session_id, None)
+        self._dirty.discard(session_id)
+        self._saved.pop(session_id, None)
+        owned = self._fences.pop(session_id, None)
+        if owned is not None:
+            log.warning("session %s: taking it over failed (%s): let go", session_id, why)
+            self._abandons[session_id] = owned[0]
+            self._kick()
+
     async def load(self, session_id: str) -> SessionRecord | None:
         """The session's record as Redis has it (after writing what this process queued), without its history.
 
@@ -254,7 +272,15 @@ class RedisStore(Limits, Cancels, SessionStore):
                     return None
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
-                    return await self._taken(session_id, result[1], int(result[2]), result[3])
+                    try:
+                        return await self._taken(session_id, result[1], int(result[2]), result[3])
+                    except asyncio.CancelledError:
+                        self.abandon(session_id, "cancelled")
+                        raise
+                    except Exception as exc:
+                        cause = exc.__cause__  # what did not decode, for the log (the client is told less)
+                        self.abandon(session_id, f"{exc}: {cause}" if cause is not None else str(exc))
+                        raise
             if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
@@ -283,9 +309,13 @@ class RedisStore(Limits, Cancels, SessionStore):
     async def _taken(self, session_id: str, data: str, newest: int, entries: list[str]) -> SessionRecord:
         """The record of a session just taken over, with the replies its owner left unfinished if it died.
 
-        ``data`` and ``entries`` are its record and history list as the claim read them.
+        ``data`` and ``entries`` are its record and history list as the claim read them:
+        StoreUnavailable when they, or its log, do not decode (the session stays in Redis as it is).
         """
-        record, listed = decode(data, entries)
+        try:
+            record, listed = decode(data, entries)
+        except _UNREADABLE as exc:
+            raise StoreUnavailable("this session's record in the store cannot be read") from exc
         if listed:  # the list holds the session's entries: the next save appends to it
             self._saved[session_id] = record.history[-1] if record.history else None
         else:  # a record written with its history inline: the next save writes the list whole
@@ -294,8 +324,11 @@ class RedisStore(Limits, Cancels, SessionStore):
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
-            logged = entries_of(await self._shared("XRANGE", self._keys(session_id)[3], "-", "+"))
-            lost = unfinished([fields["f"] for _, fields in logged])
+            raw = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
+            try:
+                lost = unfinished([fields["f"] for _, fields in entries_of(raw)])
+            except _UNREADABLE as exc:
+                raise StoreUnavailable("this session's replay log in the store cannot be read") from exc
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
 
     def replay_log(self, session_id: str, capacity: int) -> ReplayLog:

@@ -1,9 +1,10 @@
 """The ``redis`` store's background writing: queued appends, saves and releases, and lease renewal.
 
 Appends, saves, releases and deletions are queued by the session core's synchronous
-calls and written by one task, one pipeline for what every session queued meanwhile, so
-a streamed reply never waits on a round trip per chunk. Appends and saves wait up to
-``BATCH_DELAY`` to share a pipeline: many sessions streaming at an LLM's pace would
+calls (and letting go of a session whose take failed, by :meth:`RedisStore.abandon
+<connic.stores.redis.RedisStore.abandon>`) and written by one task, one pipeline for
+what every session queued meanwhile, so a streamed reply never waits on a round trip per
+chunk. Appends and saves wait up to ``BATCH_DELAY`` to share a pipeline: many sessions streaming at an LLM's pace would
 otherwise cost a pipeline (a connection taken from the pool, a send, a wake-up for the
 replies) per chunk. A frame that may end a reply, releases, deletions and
 :meth:`Writer.flush` are written at once.
@@ -59,6 +60,7 @@ class Writer(Connection):
         # for the sessions whose list is known to hold exactly their entries up to that one.
         self._saved: dict[str, HistoryEntry | None] = {}
         self._deletes: dict[str, int] = {}  # session id: fence
+        self._abandons: dict[str, int] = {}  # session id: fence (taken, then failed to rebuild: let go as it is)
         self._waiters: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None  # wakes the writer BATCH_DELAY after an append or save
@@ -67,7 +69,7 @@ class Writer(Connection):
 
     async def flush(self) -> None:
         """Wait until everything queued so far is written; StoreUnavailable if it could not be."""
-        pending = self._dirty_logs or self._dirty or self._releases or self._deletes
+        pending = self._dirty_logs or self._dirty or self._releases or self._deletes or self._abandons
         if not (pending or self._writing) or self._wake is None:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -152,6 +154,8 @@ class Writer(Connection):
             args = [fence, record, record_ttl, *self._history(sid, entries)]
             commands += [(sid, "SAVE", args), (sid, "RELEASE", [fence])]
         self._releases = {}
+        commands += [(sid, "RELEASE", [fence]) for sid, fence in self._abandons.items()]
+        self._abandons = {}
         commands += [(sid, "DELETE", [fence]) for sid, fence in self._deletes.items()]
         self._deletes = {}
         waiters, self._waiters = self._waiters, []
