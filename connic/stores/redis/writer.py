@@ -3,11 +3,12 @@
 Appends, saves, releases and deletions are queued by the session core's synchronous
 calls (and letting go of a session whose take failed, by :meth:`RedisStore.abandon
 <connic.stores.redis.RedisStore.abandon>`) and written by one task, one pipeline for
-what every session queued meanwhile, so a streamed reply never waits on a round trip per
-chunk. Appends and saves wait up to ``BATCH_DELAY`` to share a pipeline: many sessions streaming at an LLM's pace would
-otherwise cost a pipeline (a connection taken from the pool, a send, a wake-up for the
-replies) per chunk. A frame that may end a reply, releases, deletions and
-:meth:`Writer.flush` are written at once.
+what every session queued meanwhile, so a streamed reply never waits on a round trip
+per chunk. Appends and saves wait up to ``BATCH_DELAY`` to share a pipeline: many
+sessions streaming at an LLM's pace would otherwise cost a pipeline (a connection taken
+from the pool, a send, a wake-up for the replies) per chunk. A frame that may end a
+reply, releases, deletions and :meth:`Writer.flush` are written at once.
+
 Another task renews this process's leases every third of a lease. A write that fails
 ends the session's connection with ``store_unavailable`` (1011); a write refused for a
 lost lease stops this copy of the session at once (another process owns it now).
