@@ -25,7 +25,7 @@ PACE_CHUNKS, PACE_DELAY = 20, 0.05
 
 
 def build_prompt(history: list[tuple[str, str]], message: str) -> str:
-    """As benchmarks/pace_agent.py (copied: this baseline must not import connic)."""
+    """As benchmarks/pace_agent.py, over (role, text) pairs (copied: this baseline must not import connic)."""
     lines = [f"{role}: {text}" for role, text in history]
     lines.append(f"user: {message}")
     return "\n".join(lines)

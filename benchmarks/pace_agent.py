@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Iterable
 
 import attrs
 
-from connic.agent import Agent, Turn, Usage
+from connic.agent import Agent, HistoryEntry, Turn, Usage
 
 
-def build_prompt(history: Iterable[tuple[str, str]], message: str) -> str:
-    """Every (role, text) of the conversation and the new message, one line each."""
-    lines = [f"{role}: {text}" for role, text in history]
+def build_prompt(history: Iterable[HistoryEntry], message: str) -> str:
+    """Every entry of the conversation (its role and text) and the new message, one line each."""
+    lines = [f"{entry.role}: {entry.text}" for entry in history]
     lines.append(f"user: {message}")
     return "\n".join(lines)
 
@@ -43,7 +43,7 @@ class HistoryPaceAgent(Agent):
 
     async def respond(self, turn: Turn) -> AsyncIterator[str | Usage]:
         """Build the prompt from the history, then yield the chunks ``delay`` apart."""
-        prompt = build_prompt(((entry.role, entry.text) for entry in turn.session.history), turn.message)
+        prompt = build_prompt(turn.session.history, turn.message)
         delay = 0.0 if turn.context.get("fast") else self.options.delay
         for index in range(self.options.chunks):
             if delay:
