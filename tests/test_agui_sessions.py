@@ -98,6 +98,34 @@ async def test_an_agui_thread_continues_on_another_process_with_redis(
     assert turn["number"] == 2
 
 
+async def test_an_agui_thread_whose_record_does_not_decode_is_refused_with_503_until_repaired(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # A record the store cannot read is the store failing for that thread: 503 and Retry-After,
+    # never a 500, and the record stays as it is, so the thread goes on once it is repaired.
+    import redis.asyncio as aioredis
+
+    start = with_store(start_server, redis_server.url)
+    one = await start(agui_config(agents=AGENTS), registry=agui_registry())
+    two = await start(agui_config(agents=AGENTS), registry=agui_registry())
+    status, _ = await post_run(one.http + "/agui", run_input("thread-bad", "on process one"))
+    assert status == 200
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = "connic:{thread-bad}:record"
+        kept = await client.get(key)
+        await client.set(key, "not json", keepttl=True)
+        status, text = await post_run(two.http + "/agui", run_input("thread-bad", "on process two"))
+        assert status == 503 and "cannot be read" in str(text), (status, text)
+        await client.set(key, kept, keepttl=True)
+    finally:
+        await client.aclose()
+    status, events = await post_run(two.http + "/agui", run_input("thread-bad", "on process two"))
+    assert status == 200, events
+    turn = seen(events)
+    assert turn["history"][0]["text"] == "on process one"
+
+
 async def test_an_attached_websocket_is_taken_over(start_server: StartServer, connect: Connect) -> None:
     server = await start_server(config(), registry=agui_registry())
     ws = await connect(server.url("/ws"), secret=SECRET)

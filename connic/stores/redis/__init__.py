@@ -211,10 +211,17 @@ class RedisStore(Limits, Cancels, SessionStore):
         """The session's record as Redis has it (after writing what this process queued), without its history.
 
         Only its label and token are wanted (to check a resume); :meth:`take` reads the rest.
+        StoreUnavailable when the record does not decode (it stays in Redis as it is).
         """
         await self.flush()
         data = await self._shared("GET", self._keys(session_id)[2])
-        return decode(data, ())[0] if data is not None else None
+        if data is None:
+            return None
+        try:
+            return decode(data, ())[0]
+        except _UNREADABLE as exc:
+            log.warning("session %s: its record in Redis does not decode: %s", session_id, exc)
+            raise StoreUnavailable("this session's record in the store cannot be read") from exc
 
     async def take(
         self,
