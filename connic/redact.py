@@ -7,6 +7,10 @@ traceback that quotes the raw line, and echoed in the 400 body; its access log
 request line with its query string. :func:`install_log_redaction` puts a
 :class:`RedactingFilter` on aiohttp's and gunicorn's loggers; :func:`hide_bad_request_echo`
 makes an application answer malformed requests with a fixed 400 body.
+
+connic's own errors and logs name things configured with secrets in them: :func:`safe_url`
+and :func:`safe_command` give a URL and a command line (an MCP server's) fit for them, and
+:func:`scrub` a line a child process wrote.
 """
 
 from __future__ import annotations
