@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import select
+import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -514,3 +515,36 @@ async def test_a_stdio_servers_stderr_is_logged_at_debug_only(caplog: pytest.Log
     assert any(m.endswith('" stderr: line two') for m in debug), debug
     above = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
     assert not any("line one" in m or "line two" in m for m in above), above
+
+
+ARG_SECRET = "sk-test-SECRET123"
+
+
+async def test_a_token_in_args_stays_out_of_errors_logs_and_task_names(caplog: pytest.LogCaptureFixture) -> None:
+    """A stdio server is named by its command line, the value of a secret option hidden, its stderr too."""
+    caplog.set_level("DEBUG", logger="connic.agents.mcp")
+    label = f"{sys.executable} {SERVER} --api-key [redacted]"
+    servers = McpServers.from_config(
+        [{"command": sys.executable, "args": [SERVER, "--api-key", ARG_SECRET]}], agent="bot"
+    )
+    try:
+        tools = by_name(await servers.start())
+        task_names = [task.get_name() for task in asyncio.all_tasks()]
+        with pytest.raises(McpToolError) as died:
+            await asyncio.wait_for(tools["die"].call({}), 10)
+    finally:
+        await servers.close()
+    # A server that fails to start, saying why with the key it was given (its stderr is quoted).
+    echo = ["-c", "import sys; sys.exit('invalid API key: ' + sys.argv[-1])", "--api-key", ARG_SECRET]
+    with pytest.raises(ConfigError) as failed:
+        await McpServers.from_config([{"command": sys.executable, "args": echo}], agent="bot").start()
+    shown = [str(died.value), str(failed.value), caplog.text, *task_names]
+    assert not [text for text in shown if ARG_SECRET in text], shown
+    # The command is still there to tell servers apart.
+    assert f'MCP server "{label}": 7 tools: ' in caplog.text
+    assert str(died.value).startswith(f'MCP server "{label}": the server closed the connection')
+    assert f"mcp server {label}" in task_names
+    assert str(failed.value) == (
+        f'MCP server "{sys.executable} -c {shlex.quote(echo[1])} --api-key [redacted]" (agents.bot.mcp_servers[0]) '
+        "failed to start: the server closed the connection (it exited); its stderr said: invalid API key: [redacted]"
+    )

@@ -28,6 +28,7 @@ import attrs
 from connic.agents.mcp_config import McpServerSpec, parse
 from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError
+from connic.redact import scrub
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -77,8 +78,9 @@ def _reason(exc: BaseException, spec: McpServerSpec) -> str:
 class _StderrTail:
     """A stdio server's stderr: each line logged at DEBUG, the last few kept for a start-up error."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, secrets: Sequence[str]) -> None:
         self.label = label
+        self.secrets = secrets  # hidden in every line, with token-like words (connic.redact.scrub)
         self.lines: deque[str] = deque(maxlen=3)
         read_fd, write_fd = os.pipe()
         self.child_end = os.fdopen(write_fd, "w")
@@ -101,7 +103,7 @@ class _StderrTail:
             transport.close()
 
     def _line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()
+        line = scrub(raw.decode("utf-8", "replace").rstrip(), self.secrets)
         if line:
             # DEBUG: a server's stderr may echo the arguments it was called with (message text).
             log.debug('MCP server "%s" stderr: %s', self.label, line)
@@ -207,7 +209,7 @@ class _Server:
         from connic import __version__
 
         if self.spec.command is not None:
-            self._stderr = _StderrTail(self.spec.label)
+            self._stderr = _StderrTail(self.spec.label, self.spec.secrets)
         try:
             with anyio.CancelScope() as self._scope:
                 if self._stop.is_set():  # closed before this task first ran

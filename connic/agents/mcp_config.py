@@ -8,7 +8,6 @@ stdio, or ``url`` (with ``headers``) for one reached over streamable HTTP; both 
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import attrs
 
 from connic.errors import ConfigError
-from connic.redact import safe_url
+from connic.redact import command_secrets, safe_command, safe_url, secret_name
 from connic.registry import REFERENCE_BASE
 
 __all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse"]
@@ -47,10 +46,25 @@ class McpServerSpec:
 
     @property
     def label(self) -> str:
-        """How errors and logs name the server: its command line, or its url."""
+        """How errors, logs and task names name the server: its command line or its url, secrets hidden.
+
+        Tokens often travel in ``args`` (``--api-key sk-...``) and in a url's credentials or
+        query: :func:`~connic.redact.safe_command` and :func:`~connic.redact.safe_url` keep
+        what tells servers apart and hide those.
+        """
         if self.url is not None:
             return safe_url(self.url)
-        return shlex.join([self.command or "", *self.args])
+        return safe_command([self.command or "", *self.args])
+
+    @property
+    def secrets(self) -> list[str]:
+        """What a stdio server's stderr must not show: the secrets in ``args``, and ``env``'s secret-named values.
+
+        A server that fails to start often says why with the key it was given (``invalid API
+        key: sk-...``), and its last stderr line is quoted in the start-up error.
+        """
+        env = self.env or {}
+        return [*command_secrets(self.args), *(value for name, value in env.items() if secret_name(name))]
 
 
 def _strings(value: object, where: str, what: str) -> None:
