@@ -76,11 +76,12 @@ class ConnectionGate:
             return 429
         if not authenticated and self.max_unauthenticated and self.unauthenticated >= self.max_unauthenticated:
             oldest = next(iter(self._waiting), None)
-            if oldest is None or oldest.evict is None:
+            push_out = oldest.evict if oldest is not None else None
+            if oldest is None or push_out is None:
                 return 503
             self._settle(oldest)  # its slot is the newcomer's now; it still counts in total until it leaves
             self.evicted += 1
-            oldest.evict()
+            push_out()
         slot = Slot(ip, not authenticated, evict)
         self.total += 1
         self.per_ip[ip] += 1
@@ -105,5 +106,6 @@ class ConnectionGate:
 
     def _settle(self, slot: Slot) -> None:
         slot.unauthenticated = False
+        slot.evict = None  # never evicted now: the callback need not live as long as the connection
         self.unauthenticated -= 1
         del self._waiting[slot]

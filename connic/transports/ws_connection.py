@@ -153,9 +153,6 @@ class Connection:
         path = self.transport.connector.path
         metrics.connections.inc(path)
         metrics.connections_open.inc(path)
-        task = asyncio.current_task()
-        if task is not None:
-            task.add_done_callback(release_cancellation)
         self.heartbeat.start()
         try:
             if await self._authenticate(handshake_secret):
@@ -169,6 +166,11 @@ class Connection:
     async def _cleanup(self) -> None:
         # The handler may itself be cancelled here (aiohttp's handler_cancellation),
         # so what must happen does not wait on anything first.
+        task = asyncio.current_task()
+        if task is not None:
+            # Added as the connection ends rather than as it starts: a callback list on
+            # every idle connection's task costs memory for a task that is rarely cancelled.
+            task.add_done_callback(release_cancellation)
         self.phase = Phase.CLOSED
         self.heartbeat.stop()
         if self._receiving is not None:
