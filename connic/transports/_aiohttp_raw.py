@@ -125,11 +125,17 @@ class Socket(web.WebSocketResponse):
     buffer large frames.
     """
 
-    sent_code: int | None = None
+    # Slots, not the instance dict: aiohttp's own attributes nearly fill the keys a dict may
+    # share with its class's other instances (30 in CPython 3.11), and one more turns every
+    # connection's dict into one of its own, some 1.3 KB larger (docs/performance.md, M).
+    __slots__ = ("_auth_bound", "_auth_frame_bytes", "_frame_bytes", "_transport", "sent_code")
+
+    sent_code: int | None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
     def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
         super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self.sent_code = None
         self._frame_bytes = max_msg_size
         self._auth_frame_bytes = auth_frame_bytes
         self._auth_bound: AuthBound | None = None
