@@ -35,11 +35,12 @@ import attrs
 from prometheus_client import multiprocess
 
 from connic.app import Runtime, build_runtime, create_app
-from connic.cli import print_banner, serve
+from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.logs import configure_logging
 from connic.metrics import MULTIPROC_ENV
+from connic.serving import serve
 
 __all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
