@@ -1,49 +1,38 @@
-"""The command line: ``python -m connic run | plugins | check | new``."""
+"""The command line: ``python -m connic run | plugins | check | new``.
+
+It parses the arguments and makes the configuration; serving it is
+:mod:`connic.serving`'s (``serve``, re-exported here).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import errno
-import gc
 import logging
 import os
 import secrets
 import shlex
-import signal
-import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-from aiohttp import web
 
 from connic import __version__
-from connic.app import RUNTIME, build_runtime, create_app, drain
+from connic.app import build_runtime, create_app
 from connic.banner import print_banner
 from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError, PluginError
 from connic.logs import FORMATS, configure_logging
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
 from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
+from connic.serving import GC_YOUNG_THRESHOLD, SLOW_CALLBACK, Listening, serve
 from connic.starter import write_starter
 
-__all__ = ["main", "print_banner", "serve"]  # print_banner: re-exported from connic.banner
-
-_SLOW_CALLBACK = 0.1
-"""With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-GC_YOUNG_THRESHOLD = 10_000
-"""The collector's first threshold in a served process (CPython's default: 700 allocations).
-
-Under S7's load (1,000 sessions, a turn in flight in each) the young collections that
-CPython's default triggers were some 40 µs of every turn, 6-10% of the server's CPU, for
-no cyclic garbage collected; at 10,000 they were some 5 µs (docs/performance.md). The
-older generations keep their thresholds.
-"""
+# Re-exported: print_banner from connic.banner; serve, Listening and GC_YOUNG_THRESHOLD from connic.serving.
+__all__ = ["GC_YOUNG_THRESHOLD", "Listening", "main", "print_banner", "serve"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--debug",
         action="store_true",
-        help=f"asyncio debug mode: log every callback that blocks the event loop over {_SLOW_CALLBACK:g} s",
+        help=f"asyncio debug mode: log every callback that blocks the event loop over {SLOW_CALLBACK:g} s",
     )
 
     commands.add_parser("plugins", help="list installed plugins", description="List installed plugins.")
@@ -193,132 +182,6 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
     return attrs.evolve(config, connectors=tuple(connectors)), generated
 
 
-async def _resolve(host: str, port: int, key: str) -> None:
-    """Fail with one line naming ``key`` if ``host`` does not resolve, before anything starts.
-
-    Without this, an unknown name surfaces as asyncio's bare ``Name or service not
-    known`` (a gaierror), and a malformed one (an empty label, a label over 63
-    characters) as a traceback from the idna codec.
-    """
-    if not host:
-        return  # asyncio binds every interface for "", without a lookup
-    try:
-        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"{key}: cannot resolve {host!r}: {exc.strerror}") from None
-    except ValueError as exc:  # UnicodeError from the idna codec; ValueError for a NUL
-        raise ConfigError(f"{key}: {host!r} is not a valid host name ({exc})") from None
-
-
-def _stop_at_once(signum: int) -> None:
-    """A second SIGINT/SIGTERM: give up the drain and exit now, with 128 + the signal number.
-
-    uvicorn's convention. Nothing is awaited any more, on purpose: whatever made the
-    drain slow (a long reply, an agent's close()) would make a polite exit slow too.
-    os._exit skips asyncio.run's cancel-and-wait of every task for the same reason.
-    """
-    print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
-    logging.shutdown()
-    sys.stderr.flush()
-    os._exit(128 + signum)
-
-
-Listening = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
-"""What a worker does once it listens, instead of printing the banner: it may set the stop event."""
-
-
-async def serve(
-    app: web.Application,
-    host: str,
-    port: int,
-    host_key: str,
-    *,
-    generated: str | None = None,
-    reuse_port: bool = False,
-    listening: Listening | None = None,
-    name: str = "connic",
-    restartable: bool = False,
-) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM (or ``listening`` sets the stop event), then drain.
-
-    Alone, this prints the banner; as one of ``--workers`` (``reuse_port``) it calls
-    ``listening`` instead, and the supervising parent prints the banner once.
-    ``name`` starts the shutdown line. ``restartable`` (the child of ``--reload``): SIGHUP
-    stops too, closing connections 1012 (service restart) instead of 1001, since the
-    server is back in a moment.
-    """
-    runtime = app[RUNTIME]
-    grace = runtime.config.server.shutdown_grace
-    # Signals are ours before anything starts: until then asyncio.run's own SIGINT handler
-    # would cancel this task, and a Ctrl+C that lands while the site starts could be lost.
-    # A signal during start-up now lets the start finish, then shuts down at once.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    if loop.get_debug():
-        loop.slow_callback_duration = _SLOW_CALLBACK
-        logging.getLogger("asyncio").addFilter(_SlowCallbackHint())
-    for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    restarting = False
-    if restartable:
-
-        def restart() -> None:
-            nonlocal restarting
-            restarting = True
-            stop.set()
-
-        loop.add_signal_handler(signal.SIGHUP, restart)
-    await _resolve(host, port, host_key)
-    # keepalive_timeout also bounds how long a new TCP connection may take to send its
-    # request: without it a silent connection would hold a socket for aiohttp's hour.
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=grace + 5,
-        access_log=None,
-        keepalive_timeout=runtime.config.server.handshake_timeout,
-    )
-    await runner.setup()
-    # What start-up made (the modules, the agents' SDKs, the application) lives as long as
-    # the process. Frozen, the collector stops scanning it in every full collection, which
-    # a server allocating per frame runs often: with OpenTelemetry's API loaded, that scan
-    # was some 8% of an S7 turn's instructions (docs/performance.md).
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-    watcher: asyncio.Task[None] | None = None
-    try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-        await site.start()
-        if listening is None:
-            bound_host, bound_port = runner.addresses[0][:2]
-            print_banner(runtime, str(bound_host), bound_port, generated)
-        else:
-            watcher = asyncio.create_task(listening(stop))
-        await stop.wait()
-        # From here on (the drain, then the agents' close()) a second signal stops at once.
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, _stop_at_once, sig)
-        print(f"{name}: {'restarting' if restarting else 'shutting down'}", flush=True)
-        # Drain before aiohttp's cleanup, which stops reading every connection.
-        await drain(app, restart=restarting)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        await runner.cleanup()
-
-
-class _SlowCallbackHint(logging.Filter):
-    """With ``--debug``: asyncio's "Executing <Task ...> took 2.003 seconds" says what, not why."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith("Executing ") and " took " in record.msg:
-            record.msg += (
-                ": the event loop was blocked, every connection waited"
-                " (a blocking call in an agent? see 'Blocking calls' in docs/writing-agents.md)"
-            )
-        return True
-
-
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     level = args.log_level.upper()
     if level not in logging.getLevelNamesMapping():
@@ -339,7 +202,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
     if args.workers > 1:
-        # Imported here: the supervisor's workers import this module.
+        # Imported here: only --workers needs the supervisor.
         from connic.workers import Supervisor
 
         supervisor = Supervisor(config, args.workers, generated=generated, host_key=host_key)

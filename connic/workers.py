@@ -8,11 +8,10 @@ the configuration once, reserves the port (binding, not listening, with
 while a worker restarts), starts the workers, prints the banner once all of them
 listen, restarts a worker that dies, and on SIGTERM/SIGINT has every worker drain.
 
-Each worker's standard input is one end of a socket pair whose other end the parent
-holds: the parent writes the worker's configuration into it (pickled: it is the
-parent's own, generated secret included, so every worker accepts the same secret),
-the worker answers ``ready`` once it listens, and end-of-file tells a worker that
-its parent is gone (so it drains instead of serving on as an orphan).
+The worker's side, and the link between the two (a socket pair on the worker's
+standard input: its configuration one way, ``ready`` the other, end-of-file when the
+parent is gone), is :mod:`connic.worker`; ``WorkerSpec`` and ``worker_main`` are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -34,32 +31,18 @@ from collections.abc import Callable
 import attrs
 from prometheus_client import multiprocess
 
-from connic.app import Runtime, build_runtime, create_app
-from connic.cli import print_banner, serve
+from connic.app import Runtime, build_runtime
+from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
-from connic.logs import configure_logging
 from connic.metrics import MULTIPROC_ENV
+from connic.worker import READY, WorkerSpec, pack_spec, worker_main
 
 __all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
-_READY = b"ready\n"
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@attrs.frozen
-class WorkerSpec:
-    """What the parent hands a worker: everything ``connic run`` decided before serving."""
-
-    config: Config
-    index: int
-    host: str
-    port: int
-    host_key: str
-    log_level: str
-    debug: bool
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -244,7 +227,7 @@ class Supervisor:
     async def _start(self, spec: WorkerSpec) -> _Worker:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
-        data = pickle.dumps(spec)
+        data = pack_spec(spec)
         try:
             # A process group of its own: a Ctrl+C in the terminal reaches the parent only,
             # which forwards one SIGTERM; two signals would make a worker stop at once.
@@ -259,7 +242,7 @@ class Supervisor:
         # Sent once the worker runs: a configuration larger than the pair's buffer would block.
         # An OSError: the worker died at once, and _watch sees it exit.
         with contextlib.suppress(OSError):
-            await asyncio.get_running_loop().sock_sendall(ours, struct.pack("!I", len(data)) + data)
+            await asyncio.get_running_loop().sock_sendall(ours, data)
         worker = _Worker(spec.index, process, ours)
         self._live[spec.index] = worker
         worker.watch = asyncio.create_task(self._watch(worker))
@@ -268,7 +251,7 @@ class Supervisor:
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         try:
-            if await loop.sock_recv(worker.link, len(_READY)) == _READY:
+            if await loop.sock_recv(worker.link, len(READY)) == READY:
                 worker.ready = True
                 if self._started:
                     print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
@@ -334,75 +317,6 @@ class Supervisor:
         os._exit(128 + signum)
 
 
-# --- the worker ----------------------------------------------------------------------------
-
-
-def _read_spec(link: socket.socket) -> WorkerSpec:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            more = link.recv(n - len(data))
-            if not more:
-                raise EOFError("the parent closed the link before sending the configuration")
-            data += more
-        return data
-
-    (size,) = struct.unpack("!I", exactly(4))
-    spec = pickle.loads(exactly(size))  # from our own parent, over a private socket pair
-    if not isinstance(spec, WorkerSpec):
-        raise TypeError(f"expected a WorkerSpec, got {type(spec).__name__}")
-    return spec
-
-
-def worker_main() -> int:
-    """One worker (``python -m connic.workers``, standard input linked to the parent)."""
-    try:
-        link = socket.socket(fileno=0)
-        spec = _read_spec(link)
-    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
-        print(
-            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
-            file=sys.stderr,
-        )
-        return 2
-    name = f"connic: worker {spec.index} (pid {os.getpid()})"
-    configure_logging(
-        spec.log_level,
-        spec.config.server.log_format,
-        text_format=f"%(asctime)s %(levelname)s %(name)s [worker {spec.index} pid %(process)d]: %(message)s",
-        worker=spec.index,
-        pid=os.getpid(),
-    )
-
-    async def listening(stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        link.setblocking(False)
-        await loop.sock_sendall(link, _READY)
-        # The parent never writes again: end-of-file (or an error) means it is gone.
-        try:
-            while await loop.sock_recv(link, 1):
-                pass
-        except OSError:
-            pass
-        if not stop.is_set():
-            print(f"{name}: the supervising parent is gone", flush=True)
-            stop.set()
-
-    try:
-        app = create_app(spec.config)
-        coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
-        asyncio.run(coro, debug=spec.debug or None)
-    except ConfigError as exc:
-        print(f"connic: error: {exc.message}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    # Run the copy importable as connic.workers: what the parent pickled names its classes.
-    from connic.workers import worker_main as _main
-
-    sys.exit(_main())
+    # A worker (the parent starts `python -m connic.workers`): connic.worker is its code.
+    sys.exit(worker_main())

@@ -1,9 +1,9 @@
 """One WebSocket connection: it authenticates, attaches to a session and reads.
 
 The connection only orchestrates. The handler's task is its one reader for its
-whole life: it authenticates the client (or resumes its session, PROTOCOL.md
-§7, :mod:`.ws_resume`), then reads frames and hands them to the session core
-(:mod:`connic.session`), whose own task answers messages, so pings, pongs and
+whole life: it authenticates the client (:mod:`.ws_auth`; or resumes its session,
+PROTOCOL.md §7, :mod:`.ws_resume`), then reads frames and hands them to the session
+core (:mod:`connic.session`), whose own task answers messages, so pings, pongs and
 cancels get through while an agent works. The session sends its frames back
 through the connection's :class:`~connic.transports.ws_writer.Writer`. When
 the socket ends, the session ends with it only if the client closed with 1000;
@@ -20,20 +20,16 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMessage, WSMsgType, web
 
 from connic.errors import (
-    AuthTimeout,
     ConnicError,
     ProtocolError,
     ServerRestarting,
     ServerShuttingDown,
     StoreUnavailable,
-    Unauthorized,
     UnsupportedFrame,
 )
 from connic.flow import Flag
 from connic.frames import (
-    AuthFrame,
     CancelFrame,
-    ClientFrame,
     Connected,
     ErrorFrame,
     HistoryRequest,
@@ -46,7 +42,8 @@ from connic.frames import (
 )
 from connic.message import release_cancellation
 from connic.session import ChatSession
-from connic.transports._aiohttp_raw import Socket, limit_read_size, raw_transport, write_control
+from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
+from connic.transports.ws_auth import authenticate
 from connic.transports.ws_keepalive import Heartbeat
 from connic.transports.ws_resume import resume, resume_instead
 from connic.transports.ws_writer import Writer
@@ -155,7 +152,7 @@ class Connection:
         metrics.connections_open.inc(path)
         self.heartbeat.start()
         try:
-            if await self._authenticate(handshake_secret):
+            if await authenticate(self, handshake_secret):
                 self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 await self._read()
         except StoreUnavailable as exc:
@@ -236,65 +233,7 @@ class Connection:
         except TimeoutError:
             self.writer.abort(error.close_code or 1001, error.code)
 
-    # --- authenticating -------------------------------------------------------
-
-    async def _authenticate(self, handshake_secret: str | None) -> bool:
-        """Authenticate and attach to a session (new or resumed); False if the connection must end."""
-        transport = self.transport
-        opts = transport.options
-        if not opts.require_auth or handshake_secret is not None:
-            if opts.require_auth and not transport.check_secret(handshake_secret):
-                self.close(Unauthorized("wrong secret"))
-                return False
-            # Authenticated already: a fresh session now; a resume may still come as the first frame.
-            await self._open_fresh(None)
-            return True
-        frame = await self._first_frame()
-        if frame is None:
-            return False
-        if isinstance(frame, AuthFrame | ResumeFrame) and transport.check_secret(frame.secret):
-            self._lift_auth_bound()
-            if isinstance(frame, ResumeFrame):
-                await self._resume(frame)
-            else:
-                await self._open_fresh(None)
-            return True
-        secret = frame.secret if isinstance(frame, AuthFrame | ResumeFrame) else None
-        if isinstance(frame, AuthFrame | ResumeFrame):
-            self.close(Unauthorized("wrong secret" if secret else "missing secret"))
-        else:
-            self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
-        return False
-
-    def _lift_auth_bound(self) -> None:
-        # Frames up to max_frame_bytes from now on (until now: max_auth_frame_bytes).
-        if isinstance(self.ws, Socket):
-            self.ws.authenticated()
-
-    async def _first_frame(self) -> ClientFrame | None:
-        """The client's first frame, within ``auth_timeout``; None when the connection must end."""
-        timeout = self.transport.options.auth_timeout
-        try:
-            # One deadline for the whole wait: pings and pongs come through receive(), and a
-            # per-receive timeout would restart with each of them.
-            async with asyncio.timeout(timeout):
-                msg = await self.ws.receive()
-                self.heartbeat.last_seen = self._loop.time()
-                while msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
-                    self._control(msg.type, msg.data)
-                    msg = await self.ws.receive()
-                    self.heartbeat.last_seen = self._loop.time()
-        except TimeoutError:
-            self.close(AuthTimeout(f"no authentication within {timeout:g} s"))
-            return None
-        if msg.type is WSMsgType.TEXT:
-            try:
-                return parse_client_frame(msg.data)
-            except ProtocolError:
-                pass
-        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            self.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
-        return None
+    # --- attaching to a session (once authenticated: connic/transports/ws_auth.py) ---
 
     async def _open_fresh(self, resumed: bool | None) -> None:
         """Attach to a new session and say so (``resumed: false`` after a failed resume)."""

@@ -1,0 +1,117 @@
+"""One worker process of ``connic run --workers N``, and the link to its supervising parent.
+
+Kept apart from :mod:`connic.workers`, the parent that starts, restarts and drains
+the workers, because this is the other end: what runs in the worker process (started
+as ``python -m connic.workers``, whose ``__main__`` calls :func:`worker_main`), and
+the format of the link, which both ends use. The worker's standard input is one end
+of a socket pair: the parent writes the :class:`WorkerSpec` into it
+(:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
+configuration, generated secret included, so every worker accepts the same secret),
+the worker answers :data:`READY` once it listens, and end-of-file tells the worker
+that its parent is gone, so it drains instead of serving on as an orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import socket
+import struct
+import sys
+
+import attrs
+
+from connic.app import create_app
+from connic.config import Config
+from connic.errors import ConfigError
+from connic.logs import configure_logging
+from connic.serving import serve
+
+__all__ = ["READY", "WorkerSpec", "pack_spec", "worker_main"]
+
+READY = b"ready\n"
+"""What a worker writes to its parent once it listens."""
+
+
+@attrs.frozen
+class WorkerSpec:
+    """What the parent hands a worker: everything ``connic run`` decided before serving."""
+
+    config: Config
+    index: int
+    host: str
+    port: int
+    host_key: str
+    log_level: str
+    debug: bool
+
+
+def pack_spec(spec: WorkerSpec) -> bytes:
+    """``spec`` as the parent writes it to the worker's link: its length (4 bytes, big-endian), then its pickle."""
+    data = pickle.dumps(spec)
+    return struct.pack("!I", len(data)) + data
+
+
+def _read_spec(link: socket.socket) -> WorkerSpec:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = link.recv(n - len(data))
+            if not more:
+                raise EOFError("the parent closed the link before sending the configuration")
+            data += more
+        return data
+
+    (size,) = struct.unpack("!I", exactly(4))
+    spec = pickle.loads(exactly(size))  # from our own parent, over a private socket pair
+    if not isinstance(spec, WorkerSpec):
+        raise TypeError(f"expected a WorkerSpec, got {type(spec).__name__}")
+    return spec
+
+
+def worker_main() -> int:
+    """One worker (``python -m connic.workers``, standard input linked to the parent)."""
+    try:
+        link = socket.socket(fileno=0)
+        spec = _read_spec(link)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError):
+        print(
+            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
+            file=sys.stderr,
+        )
+        return 2
+    name = f"connic: worker {spec.index} (pid {os.getpid()})"
+    configure_logging(
+        spec.log_level,
+        spec.config.server.log_format,
+        text_format=f"%(asctime)s %(levelname)s %(name)s [worker {spec.index} pid %(process)d]: %(message)s",
+        worker=spec.index,
+        pid=os.getpid(),
+    )
+
+    async def listening(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        link.setblocking(False)
+        await loop.sock_sendall(link, READY)
+        # The parent never writes again: end-of-file (or an error) means it is gone.
+        try:
+            while await loop.sock_recv(link, 1):
+                pass
+        except OSError:
+            pass
+        if not stop.is_set():
+            print(f"{name}: the supervising parent is gone", flush=True)
+            stop.set()
+
+    try:
+        app = create_app(spec.config)
+        coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
+        asyncio.run(coro, debug=spec.debug or None)
+    except ConfigError as exc:
+        print(f"connic: error: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
