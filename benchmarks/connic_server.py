@@ -37,6 +37,7 @@ from pace_agent import HistoryPaceAgent
 import connic
 from connic.app import RUNTIME
 from connic.cli import serve  # it serves exactly as `connic run` does
+from connic.stores.memory import MemoryReplayLog
 from connic.transports.websocket import WebSocketTransport
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -89,11 +90,13 @@ def session_stats(app: web.Application) -> dict[str, Any]:
             count, size = session.log.stats()
             frames += count
             encoded += size
-            # What the memory store's log costs in this process: its buffer and its frames'
-            # offsets (private attributes; this is a benchmark, not connic's API).
-            for part in ("_data", "_ends"):
-                if hasattr(session.log, part):
-                    in_memory += sys.getsizeof(getattr(session.log, part))
+            # What the memory store's log costs in this process: its sealed blocks (their UTF-8
+            # and offsets) and its newest frames as sent (private attributes: this is a
+            # benchmark, not connic's API).
+            if isinstance(session.log, MemoryReplayLog):
+                for data, ends in session.log._blocks:
+                    in_memory += sys.getsizeof(data) + sys.getsizeof(ends)
+                in_memory += sys.getsizeof(session.log._recent) + sum(map(sys.getsizeof, session.log._recent))
     return {
         "states": dict(states),
         "sessions": sum(states.values()),
