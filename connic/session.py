@@ -152,7 +152,7 @@ class ChatSession:
             # none yet), it would be held here, and owned in the store, for ever.
             if self._held is held:
                 self._held = None
-                self._unattached()
+                self.resume_failed()
             raise
         if self._held is not held or self.state is SessionState.ENDED:
             return None
@@ -170,8 +170,13 @@ class ChatSession:
         self.state = SessionState.ATTACHED
         arm(self)
 
-    def _unattached(self) -> None:
-        """A resume failed before attaching: the session goes on detached, as a connection's end leaves it."""
+    def resume_failed(self) -> None:
+        """A resume found the session but attached nothing: it goes on detached, as a connection's end leaves it.
+
+        A session a resume took over from a shared store has no timer yet: without this it
+        would be held by this process, and owned in the store, for ever. A no-op while a
+        connection is attached.
+        """
         if self.sink is not None or self.state is SessionState.ENDED:
             return
         if self.state is SessionState.ATTACHED or not self._detached_at:
