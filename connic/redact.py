@@ -231,7 +231,9 @@ _WORDS = re.compile(r"[-_.]+")
 _OPTION = re.compile(r"-{1,2}(?P<name>[A-Za-z][\w.-]*[A-Za-z0-9])")
 # NAME=value, --name=value, and the header forms "Name: value" and "Name:value".
 _ASSIGNMENT = re.compile(r"(?P<name>-{0,2}[A-Za-z][\w.-]*)(?P<sep>=|[ \t]*:[ \t]*)(?P<value>.+)", re.DOTALL)
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S+")
+# A scheme is at most 32 characters: unbounded, a long run of "a.a.a..." before a "://" made
+# every position in it scan to its end (quadratic), and scrub runs on the event loop.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{0,31}://\S+")
 # Token prefixes of well-known services: OpenAI and Anthropic (sk-), Stripe (sk_, rk_), GitHub
 # (ghp_ gho_ ghu_ ghs_ ghr_ github_pat_), GitLab (glpat-), Slack (xoxb- xoxp- ... xapp-),
 # Google (AIza), Hugging Face (hf_), npm (npm_), PyPI (pypi-), AWS key ids (AKIA, ASIA), JWTs (eyJ).
@@ -311,6 +313,11 @@ def _redact_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         elif assignment and secret_name(assignment.group("name")):
             shown.append(assignment.group("name") + assignment.group("sep") + _MARK)
             hidden.append(assignment.group("value"))
+        elif assignment and (inner := _ASSIGNMENT.fullmatch(assignment.group("value"))) and secret_name(inner["name"]):
+            # An option given a secret's assignment in the same argument: --env=DB_PASSWORD=VALUE,
+            # --header=Authorization: VALUE (as -e DB_PASSWORD=VALUE is when they are two).
+            shown.append(assignment.group("name") + assignment.group("sep") + inner["name"] + inner["sep"] + _MARK)
+            hidden.append(inner["value"])
         else:
             shown.append(_hide_words(arg, hidden))
     return shown, hidden
@@ -323,7 +330,8 @@ def safe_command(argv: Sequence[str]) -> str:
 
     - the value of an option whose name is secret-bearing (:func:`secret_name`), in the
       forms ``--api-key VALUE``, ``--api-key=VALUE``, ``-token VALUE``, ``API_KEY=VALUE``
-      (as given to ``docker run -e``) and ``Authorization: VALUE`` (a header for ``--header``);
+      (as given to ``docker run -e``) and ``Authorization: VALUE`` (a header for ``--header``),
+      also given to an option in the same argument (``--env=DB_PASSWORD=VALUE``);
       in the first form the next argument is the value unless it starts with ``--``;
     - in a URL, the credentials, query and fragment, as :func:`safe_url` does;
     - a word that looks like a token: a well-known prefix (``sk-``, ``ghp_``, ``xoxb-``,

@@ -144,7 +144,16 @@ class ChatSession:
             old.end(SessionTakenOver("another connection resumed this session"), True)
         held: list[tuple[int, str]] = []
         self._held = held
-        frames = await self.log.since(last_seq) if self.log is not None else None
+        try:
+            frames = await self.log.since(last_seq) if self.log is not None else None
+        except BaseException:
+            # A shared store's log could not be read, or the resuming connection went away: nothing
+            # attaches. Left resuming, with no timer (a session a resume took over from the store has
+            # none yet), it would be held here, and owned in the store, for ever.
+            if self._held is held:
+                self._held = None
+                self.resume_failed()
+            raise
         if self._held is not held or self.state is SessionState.ENDED:
             return None
         if frames is None:
@@ -160,6 +169,22 @@ class ChatSession:
         self.sink = sink
         self.state = SessionState.ATTACHED
         arm(self)
+
+    def resume_failed(self) -> None:
+        """A resume found the session but attached nothing: it goes on detached, as a connection's end leaves it.
+
+        A session a resume took over from a shared store has no timer yet: without this it
+        would be held by this process, and owned in the store, for ever. A no-op while a
+        connection is attached.
+        """
+        if self.sink is not None or self.state is SessionState.ENDED:
+            return
+        if self.state is SessionState.ATTACHED or not self._detached_at:
+            # Its connection was taken over by the failed resume, or it was just rebuilt from the store.
+            self._detached_at = self._loop.time()
+            self.state = SessionState.DETACHED
+        arm(self)
+        self.sessions.store.save(self)  # a shared store lets it go once it is idle
 
     def detach(self, sink: Sink) -> None:
         """``sink``'s connection ended without ending the session (PROTOCOL.md §7)."""

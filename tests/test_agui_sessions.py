@@ -243,3 +243,28 @@ async def test_a_run_arriving_as_the_thread_lock_is_handed_on_waits_its_turn() -
     await asyncio.wait_for(asyncio.gather(*later), 5)
     assert most == 1, "two runs looked the thread up at once"
     assert not threads._finding  # and the lock went with the last of them
+
+
+async def test_a_websocket_resume_past_a_taken_threads_seq_lets_the_thread_go(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # Process two takes the thread over from the store to check the resume, then refuses it
+    # (lastSeq is past the thread's seq): it must let the thread go, not own it for ever.
+    import websockets
+    from test_agui_support import AUTH
+    from test_redis_store import wait_until_let_go
+
+    start = with_store(start_server, redis_server.url)
+    one = await start(agui_config(agents=AGENTS), registry=agui_registry())
+    two = await start(agui_config(agents=AGENTS), registry=agui_registry())
+    status, _ = await post_run(one.http + "/agui", run_input("thread-far", "on process one"))
+    assert status == 200
+    await wait_until_let_go(redis_server.url, "thread-far")
+    async with websockets.connect(two.base + "/agui/ws", additional_headers=AUTH) as ws:
+        await ws.send(json.dumps({"type": "resume", "threadId": "thread-far", "lastSeq": 10**6}))
+        error = json.loads(await ws.recv())
+        assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_resume", error
+    await wait_until_let_go(redis_server.url, "thread-far")
+    status, events = await post_run(one.http + "/agui", run_input("thread-far", "on process one again"))
+    assert status == 200, events
+    assert seen(events)["history"][0]["text"] == "on process one"

@@ -7,6 +7,8 @@ args are where tokens go; tests/test_mcp.py checks the label end to end, in erro
 from __future__ import annotations
 
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +77,31 @@ HIDDEN = [
 @pytest.mark.parametrize(("argv", "label"), HIDDEN, ids=lambda value: str(value)[:40])
 def test_secrets_are_hidden_and_the_rest_kept(argv: list[str], label: str) -> None:
     assert safe_command(argv) == label
+
+
+OPTION_GIVEN_AN_ASSIGNMENT = [
+    (["docker", "run", "--env=DB_PASSWORD=hunter2", "img"], f"docker run --env=DB_PASSWORD={R} img", "hunter2"),
+    (["mcp-remote", "--header=Authorization: Bearer abc"], f"mcp-remote '--header=Authorization: {R}'", "Bearer abc"),
+    (["srv", "--set=auth.password=hunter2"], f"srv --set=auth.password={R}", "hunter2"),
+]
+
+
+@pytest.mark.parametrize(("argv", "label", "secret"), OPTION_GIVEN_AN_ASSIGNMENT, ids=lambda value: str(value)[:40])
+def test_an_option_given_a_secret_named_assignment_in_one_argument_hides_its_value(
+    argv: list[str], label: str, secret: str
+) -> None:
+    # The option's own name says nothing (--env, --header, --set): the assignment it is given does,
+    # as when the two are separate arguments (-e DB_PASSWORD=hunter2).
+    assert safe_command(argv) == label
+    assert command_secrets(argv) == [secret]
+
+
+def test_a_long_line_of_dotted_words_is_handled_in_linear_time() -> None:
+    # A URL's scheme is searched for before each "://": a run of "a.a.a..." ahead of one made
+    # each position scan to its end (quadratic: 400,000 characters took some 40 s, blocking the
+    # event loop while an MCP server's stderr line was scrubbed). Bounded: killed after 20 s.
+    code = "from connic.redact import safe_command, scrub; s = 'a.' * 200_000 + ' ://'; scrub(s); safe_command([s])"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=20)
 
 
 def test_the_hidden_values_are_returned_for_scrubbing() -> None:

@@ -233,3 +233,59 @@ async def test_a_take_whose_log_read_fails_lets_the_session_go(
     await wait_until_let_go(redis_server.url, session.session_id)
     assert_warned_once(caplog, session)
     await resumes_whole(session, b.url())
+
+
+@pytest.mark.parametrize("seq", [None, "7"])
+async def test_a_record_whose_seq_is_no_number_fails_the_resume_and_lets_the_session_go(
+    redis_server: RedisServer,
+    redis: Any,
+    start_server: StartServer,
+    clients: Clients,
+    caplog: pytest.LogCaptureFixture,
+    seq: Any,
+) -> None:
+    # The record decodes, but its seq is no number: the take compares it with the log's
+    # newest frame, after the claim and outside the decoding. Still store_unavailable
+    # (1011, said in an error frame), not an unhandled exception, and the session let go.
+    a = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    b = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    session = await let_go_on(a.url(), clients, redis_server.url)
+    kept = await redis.get(key(session, "record"))
+    record = json.loads(kept)
+    record["seq"] = seq
+    await redis.set(key(session, "record"), json.dumps(record), keepttl=True)
+    caplog.clear()
+    code, frames = await resume_refused(session, b.url())
+    assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
+    await wait_until_let_go(redis_server.url, session.session_id)
+    assert_warned_once(caplog, session)
+    await redis.set(key(session, "record"), kept, keepttl=True)
+    await resumes_whole(session, b.url())
+
+
+@pytest.mark.parametrize("how", ["timeout", "client_gone"])
+async def test_a_resume_whose_replay_fails_after_the_take_lets_the_session_go(
+    redis_server: RedisServer,
+    stalling: Stalling,
+    start_server: StartServer,
+    clients: Clients,
+    how: str,
+) -> None:
+    # The take succeeds (its claim reads the log in its script; the owner did not die mid-reply,
+    # so no XRANGE); the replay that follows reads the log with XRANGE, which stalls. The session
+    # was rebuilt here but never attached: it must not stay owned by B for ever.
+    a = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    b = await process(start_server, f"redis://127.0.0.1:{stalling.port}/0", connector=LONG_LEASE)
+    session = await let_go_on(a.url(), clients, redis_server.url)
+    stalling.stalling = True
+    conn = await session.clients.open(b.url(), Transcript())
+    await conn.send(session.resume_frame(secret=session.secret))
+    await asyncio.wait_for(stalling.stalled.wait(), 10)
+    if how == "timeout":
+        code, frames = await conn.closed(timeout=15)
+        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
+    else:
+        conn.drop()
+    stalling.stalling = False
+    await wait_until_let_go(redis_server.url, session.session_id)
+    await resumes_whole(session, a.url())  # another process takes it

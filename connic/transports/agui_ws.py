@@ -316,6 +316,8 @@ class WSBinding(Outbox[str]):
             self._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
             return
         if found is None or last_seq > found[0].seq or last_seq < 0:
+            if found is not None:
+                found[0].resume_failed()  # it may have been taken over from the store for this resume
             # Not a thread connic knows (nothing is opened for it), or not that far.
             self._failed_resume(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
             return

@@ -287,7 +287,10 @@ class RedisStore(Limits, Cancels, SessionStore):
                     except Exception as exc:
                         cause = exc.__cause__  # what did not decode, for the log (the client is told less)
                         self.abandon(session_id, f"{exc}: {cause}" if cause is not None else str(exc))
-                        raise
+                        if isinstance(exc, StoreUnavailable):
+                            raise
+                        # A record that decodes but does not fit (a seq that is no number): as unreadable.
+                        raise StoreUnavailable("this session's record in the store cannot be read") from exc
             if follow is None and time.monotonic() >= deadline:
                 log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
                 return None
