@@ -60,8 +60,11 @@ LOGGERS = (
 BAD_REQUEST_BODY = "400 Bad Request: malformed HTTP request\n"
 
 # name=value in a query string (also inside a quoted request line): the name is checked
-# after percent-decoding, as aiohttp decodes it before connic looks it up.
-_PARAM = re.compile(r"""(?P<name>[^\s?&;=#'"/]+)=(?P<value>[^\s&;#'"]*)""")
+# after percent-decoding, as aiohttp decodes it before connic looks it up. At most 64
+# characters of name (the secret's, percent-encoded throughout, are 45): unbounded, a long
+# run of name characters that ends in no "=" made every position in it scan to its end, and
+# a malformed request line of 8 KB (logged through this) held the event loop for 0.2 s.
+_PARAM = re.compile(r"""(?P<name>[^\s?&;=#'"/]{1,64})=(?P<value>[^\s&;#'"]*)""")
 # The header, as a raw line, in a repr or in a dict: everything after it on the line goes.
 _HEADER = re.compile(r"""(?i)(x-connic-secret['"]?\s*:\s*)[^\r\n]+""")
 # A JSON or repr'd "secret": "value" (an auth frame quoted in an error).
