@@ -35,6 +35,7 @@ from tcp_proxy import TcpProxy
 from test_redis_store import chat, history, process, wait_until_let_go
 
 from conftest import StartServer
+from connic.app import RUNTIME
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -287,5 +288,42 @@ async def test_a_resume_whose_replay_fails_after_the_take_lets_the_session_go(
     else:
         conn.drop()
     stalling.stalling = False
+    await wait_until_let_go(redis_server.url, session.session_id)
+    await resumes_whole(session, a.url())  # another process takes it
+
+
+async def test_a_resume_cancelled_as_its_take_completes_lets_the_session_go(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    # A resume's handler awaits the find (the take from the store) in a task of its own while it
+    # reads the socket (ws_resume._reading_meanwhile). Cancelled (aiohttp cancels a handler whose
+    # client went away, or at shutdown) in the very step in which that task completes with the
+    # session it took over, the session was neither replayed nor attached: it must be let go, not
+    # owned by B for ever. The step is made exact by cancelling the handler from inside B's find
+    # as it returns; the find, the take and Redis are real.
+    a = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    b = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    session = await let_go_on(a.url(), clients, redis_server.url)
+    sessions = b.server.app[RUNTIME].transports[0].sessions
+    find = sessions.find
+    taken: list[Any] = []
+
+    def find_then_cancel(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        handler = asyncio.current_task()  # the call is made in the handler's task
+        assert handler is not None
+
+        async def finding() -> Any:
+            found = await find(*args, **kwargs)
+            taken.append(found)
+            handler.cancel()
+            return found
+
+        return finding()
+
+    sessions.find = find_then_cancel
+    conn = await session.clients.open(b.url(), Transcript())
+    await conn.send(session.resume_frame(secret=session.secret))
+    await conn.closed(timeout=15)
+    assert taken and taken[0] is not None and taken[0].id == session.session_id, taken  # B took it over
     await wait_until_let_go(redis_server.url, session.session_id)
     await resumes_whole(session, a.url())  # another process takes it

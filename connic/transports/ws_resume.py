@@ -142,6 +142,13 @@ async def _reading_meanwhile(
                 else:
                     conn._inbox.append(msg)
         return task.result()
+    except BaseException:
+        # The resume goes no further (its handler is cancelled): a session the find took over
+        # from the store, in this very step or before its own cancellation lands, is let go.
+        # Left as it was rebuilt, never replayed nor attached, it would have no timer and stay
+        # owned here for ever.
+        task.add_done_callback(_let_go)
+        raise
     finally:
         task.cancel()
 
@@ -161,6 +168,16 @@ def _parsed(data: str) -> ClientFrame | None:
         return parse_client_frame(data)
     except ProtocolError:
         return None
+
+
+def _let_go(task: asyncio.Future[ChatSession | None]) -> None:
+    # What a find abandoned by its resume gives: a session no connection attaches to (unless
+    # another resume of it is under way, whose own end settles it) goes on detached.
+    if task.cancelled() or task.exception() is not None:
+        return
+    session = task.result()
+    if session is not None and not session.resuming:
+        session.resume_failed()
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
