@@ -249,6 +249,10 @@ _PREFIXED = re.compile(
 # A long run of letters and digits mixing both: no word, name or path component looks like that.
 _RUN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9]{24,}(?![A-Za-z0-9])")
 _MARK = "\x00"  # stands for REDACTED until the arguments are quoted (no argument can hold a NUL)
+# A JSON member with a string value ({"password": "VALUE"}, a config given as one argument, or
+# echoed on stderr): the value goes when the name is secret-bearing. The name is at most 64
+# characters, and a value that never ends is scanned once: linear in the text.
+_JSON_MEMBER = re.compile(r'"(?P<name>[A-Za-z][\w.-]{0,63})"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)"')
 
 
 def secret_name(name: str) -> bool:
@@ -268,7 +272,10 @@ def secret_name(name: str) -> bool:
 
 
 def _hide_words(text: str, hidden: list[str]) -> str:
-    """``text`` with its URLs made safe and its token-like words marked; what was hidden goes in ``hidden``."""
+    """``text`` with its URLs made safe, its token-like words and secret JSON members marked.
+
+    What was hidden goes in ``hidden``.
+    """
 
     def token(match: re.Match[str]) -> str:
         if match.re is _PREFIXED:
@@ -281,6 +288,14 @@ def _hide_words(text: str, hidden: list[str]) -> str:
         hidden.append(match.group())
         return _MARK
 
+    def member(match: re.Match[str]) -> str:
+        if not match["value"] or not secret_name(match["name"]):
+            return match.group()
+        hidden.append(match["value"])
+        return match.group()[: match.start("value") - match.start()] + _MARK + '"'
+
+    if '"' in text:
+        text = _JSON_MEMBER.sub(member, text)
     if "://" in text:
         text = _URL.sub(lambda m: safe_url(m.group()).replace(REDACTED, _MARK), text)
     return _RUN.sub(token, _PREFIXED.sub(token, text))

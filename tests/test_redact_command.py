@@ -30,6 +30,7 @@ KEPT = [
     ["pip", "install", "scikit-learn==1.5.0", "sk-learn-helpers", "hf_transfer"],
     ["server", "--id", "123e4567-e89b-12d3-a456-426614174000", "--when", "2024-01-01T12:00:00Z"],
     ["server", "-k", "short", "-p", "5432", "-t"],
+    ["server", '{"max_tokens":"4096","author":"Ann","token_file":"/run/t"}'],
 ]
 
 
@@ -71,6 +72,8 @@ HIDDEN = [
     (["srv", "--id=3f2a9c8d7e6b5a4f3e2d1c0b9a8f7e6d"], f"srv --id={R}"),
     (["srv", "REDACTED", "--token", "REDACTED"], f"srv REDACTED --token {R}"),  # the stand-in is not confused
     (["srv", "a b", "--token", "x y"], f"srv 'a b' --token {R}"),
+    (["srv", '{"password":"hunter22","host":"db"}'], f'srv \'{{"password":"{R}","host":"db"}}\''),
+    (["srv", '--config={"apiKey": "abc", "port": 8080}'], f'srv \'--config={{"apiKey": "{R}", "port": 8080}}\''),
 ]
 
 
@@ -174,6 +177,7 @@ def test_scrub_hides_known_secrets_urls_and_tokens_in_a_line() -> None:
     assert scrub("a pw here", ["pw"]) == "a pw here"  # too short to look for: it would blank out words
     assert scrub("nothing to hide: 1.5 s, /srv/data") == "nothing to hide: 1.5 s, /srv/data"
     assert scrub("nul\x00byte") == "nul\ufffdbyte"  # not taken for a hidden part
+    assert scrub('config {"client_secret": "zz-9", "user": "me"}') == f'config {{"client_secret": "{R}", "user": "me"}}'
 
 
 def test_safe_url_of_an_unparsable_url_hides_it_all() -> None:
