@@ -101,6 +101,12 @@ def _middleware(
     return fn
 
 
+# aiohttp reads braces in a route's path as a pattern: "/a/{x}" served every "/a/..." and
+# "/a/{x" raised ValueError out of the server's start, a traceback where `check` said ok.
+_PATTERN_MARKS = frozenset("{}")
+_PATTERN_PROBLEM = "must not contain '{' or '}' (aiohttp would read a route pattern)"
+
+
 def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     """Resolve the plugins a configuration names and build agents and transports."""
     registry = registry if registry is not None else load_registry()
@@ -123,12 +129,16 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     server = config.server
     if server.metrics and not server.metrics_path.startswith("/"):
         raise ConfigError(f"{where}: server.metrics_path: must start with '/', got {server.metrics_path!r}")
+    if server.metrics and _PATTERN_MARKS & set(server.metrics_path):
+        raise ConfigError(f"{where}: server.metrics_path: {_PATTERN_PROBLEM}, got {server.metrics_path!r}")
     transports: list[Transport] = []
     paths: dict[str, str] = {}
     for index, connector in enumerate(config.connectors):
         key = f"connectors[{index}]"
         if not connector.path.startswith("/"):
             raise ConfigError(f"{where}: {key}.path: must start with '/', got {connector.path!r}")
+        if _PATTERN_MARKS & set(connector.path):
+            raise ConfigError(f"{where}: {key}.path: {_PATTERN_PROBLEM}, got {connector.path!r}")
         if connector.path in paths:
             raise ConfigError(f"{where}: {key}.path: {connector.path!r} is already used by {paths[connector.path]}")
         if server.metrics and server.metrics_port == 0 and connector.path == server.metrics_path:
