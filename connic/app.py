@@ -22,6 +22,7 @@ from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
 from connic.redact import hide_bad_request_echo, install_log_redaction
 from connic.registry import REFERENCE_BASE, Registry, load_registry
+from connic.routes import install_routes
 from connic.stores import SessionStore
 from connic.stores.memory import MemoryStore
 from connic.telemetry import configure as configure_telemetry
@@ -248,12 +249,9 @@ def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "
     app[RUNTIME] = runtime
     install_log_redaction()  # aiohttp logs request lines, which may carry a secret
     configure_telemetry(runtime.config.server, runtime.metrics, app, where=runtime.config.where)
-    for transport in runtime.transports:
-        transport.install(app)
+    install_routes(app, runtime, _metrics_handler(runtime))  # the transports', then /metrics on the main port
     server = runtime.config.server
-    if server.metrics and server.metrics_port == 0:
-        app.router.add_get(server.metrics_path, _metrics_handler(runtime))
-    elif server.metrics:
+    if server.metrics and server.metrics_port:
         app.cleanup_ctx.append(partial(_metrics_site, runtime))
     if server.playground:
         install_playground(app, runtime, path=playground_path)

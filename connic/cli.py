@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from aiohttp import web
 
 from connic import __version__
 from connic.app import build_runtime, create_app
@@ -28,6 +29,7 @@ from connic.errors import ConfigError, ConnicError, PluginError
 from connic.logs import FORMATS, configure_logging
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
 from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
+from connic.routes import install_routes
 from connic.serving import GC_YOUNG_THRESHOLD, SLOW_CALLBACK, Listening, serve
 from connic.starter import write_starter
 
@@ -232,6 +234,7 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     config, generated = _generate_secrets(config)
     runtime = build_runtime(config)
+    install_routes(web.Application(), runtime, None)  # a route another's would hide is an error here too
     paths = ", ".join(t.connector.path for t in runtime.transports)
     print(f"{args.config}: ok ({len(runtime.agents)} agent(s); connectors at {paths})")
     if generated:
