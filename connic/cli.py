@@ -145,6 +145,11 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
         agents = _cli_agents(args.agent)
     overrides: dict[str, Any] = {}
     if args.secret:
+        for secret in args.secret:
+            try:
+                secret.encode()
+            except UnicodeEncodeError:  # argv bytes that are not UTF-8 (Python decodes them to surrogates)
+                raise ConfigError("--secret: not valid UTF-8 text") from None
         overrides["secrets"] = list(args.secret)
     if args.no_auth:
         overrides["require_auth"] = False
