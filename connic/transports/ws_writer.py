@@ -1,7 +1,8 @@
 """The outgoing side of one WebSocket connection: a bounded outbox written in batches.
 
 Frames queue in the outbox; a callback scheduled once per burst writes
-everything queued in one system call. While the client is behind (the
+everything queued in one system call (up to about ``HIGH_WATER`` characters;
+a writer task writes the rest as the client reads). While the client is behind (the
 transport's buffer above its high-water mark) or compression is on, a writer
 task takes over and waits on flow control. Reply frames wait for room in the
 outbox for up to ``send_timeout``; control frames (acks, pongs, errors) never
