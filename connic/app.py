@@ -22,6 +22,7 @@ from connic.middleware import MiddlewareFunc
 from connic.playground import install_playground
 from connic.redact import hide_bad_request_echo, install_log_redaction
 from connic.registry import REFERENCE_BASE, Registry, load_registry
+from connic.routes import install_routes
 from connic.stores import SessionStore
 from connic.stores.memory import MemoryStore
 from connic.telemetry import configure as configure_telemetry
@@ -101,6 +102,12 @@ def _middleware(
     return fn
 
 
+# aiohttp reads braces in a route's path as a pattern: "/a/{x}" served every "/a/..." and
+# "/a/{x" raised ValueError out of the server's start, a traceback where `check` said ok.
+_PATTERN_MARKS = frozenset("{}")
+_PATTERN_PROBLEM = "must not contain '{' or '}' (aiohttp would read a route pattern)"
+
+
 def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     """Resolve the plugins a configuration names and build agents and transports."""
     registry = registry if registry is not None else load_registry()
@@ -123,12 +130,16 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
     server = config.server
     if server.metrics and not server.metrics_path.startswith("/"):
         raise ConfigError(f"{where}: server.metrics_path: must start with '/', got {server.metrics_path!r}")
+    if server.metrics and _PATTERN_MARKS & set(server.metrics_path):
+        raise ConfigError(f"{where}: server.metrics_path: {_PATTERN_PROBLEM}, got {server.metrics_path!r}")
     transports: list[Transport] = []
     paths: dict[str, str] = {}
     for index, connector in enumerate(config.connectors):
         key = f"connectors[{index}]"
         if not connector.path.startswith("/"):
             raise ConfigError(f"{where}: {key}.path: must start with '/', got {connector.path!r}")
+        if _PATTERN_MARKS & set(connector.path):
+            raise ConfigError(f"{where}: {key}.path: {_PATTERN_PROBLEM}, got {connector.path!r}")
         if connector.path in paths:
             raise ConfigError(f"{where}: {key}.path: {connector.path!r} is already used by {paths[connector.path]}")
         if server.metrics and server.metrics_port == 0 and connector.path == server.metrics_path:
@@ -238,12 +249,9 @@ def _install(app: web.Application, runtime: Runtime, *, playground_path: str = "
     app[RUNTIME] = runtime
     install_log_redaction()  # aiohttp logs request lines, which may carry a secret
     configure_telemetry(runtime.config.server, runtime.metrics, app, where=runtime.config.where)
-    for transport in runtime.transports:
-        transport.install(app)
+    install_routes(app, runtime, _metrics_handler(runtime))  # the transports', then /metrics on the main port
     server = runtime.config.server
-    if server.metrics and server.metrics_port == 0:
-        app.router.add_get(server.metrics_path, _metrics_handler(runtime))
-    elif server.metrics:
+    if server.metrics and server.metrics_port:
         app.cleanup_ctx.append(partial(_metrics_site, runtime))
     if server.playground:
         install_playground(app, runtime, path=playground_path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from aiohttp import web
 
 from connic import __version__
 from connic.app import build_runtime, create_app
@@ -28,6 +29,7 @@ from connic.errors import ConfigError, ConnicError, PluginError
 from connic.logs import FORMATS, configure_logging
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
 from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
+from connic.routes import install_routes
 from connic.serving import GC_YOUNG_THRESHOLD, SLOW_CALLBACK, Listening, serve
 from connic.starter import write_starter
 
@@ -143,6 +145,11 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
         agents = _cli_agents(args.agent)
     overrides: dict[str, Any] = {}
     if args.secret:
+        for secret in args.secret:
+            try:
+                secret.encode()
+            except UnicodeEncodeError:  # argv bytes that are not UTF-8 (Python decodes them to surrogates)
+                raise ConfigError("--secret: not valid UTF-8 text") from None
         overrides["secrets"] = list(args.secret)
     if args.no_auth:
         overrides["require_auth"] = False
@@ -232,6 +239,7 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     config, generated = _generate_secrets(config)
     runtime = build_runtime(config)
+    install_routes(web.Application(), runtime, None)  # a route another's would hide is an error here too
     paths = ", ".join(t.connector.path for t in runtime.transports)
     print(f"{args.config}: ok ({len(runtime.agents)} agent(s); connectors at {paths})")
     if generated:

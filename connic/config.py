@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -217,6 +218,11 @@ def _describe(exc: BaseException, type_: type[Any] | None) -> str:
         return "required key is missing"
     if isinstance(exc, (TypeError, ValueError)) and str(exc):
         return str(exc)
+    # An optional table (rate_limit) is the union "RateLimit | None": named by its Python path,
+    # the message told a TOML user nothing.
+    options = [t for t in typing.get_args(type_) if t is not type(None)] or [type_]
+    if len(options) == 1 and attrs.has(options[0]):
+        return "expected a table ({ key = value, ... })"
     name = getattr(type_, "__name__", str(type_))
     return f"invalid value, expected {name}"
 

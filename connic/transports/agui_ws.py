@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 
 from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound
-from connic.frames import sequenced
+from connic.frames import MAX_DEPTH, sequenced, too_deep
 from connic.session import ChatSession, SessionState
 from connic.transports.agui_outbox import Outbox, shown
 
@@ -193,9 +193,14 @@ class WSBinding(Outbox[str]):
 
         from connic.transports.agui_events import BadInput, message_of
 
+        # As a POSTed run's body is: json's parser recurses once per level, and a deep frame
+        # raised RecursionError out of this reader, ending the connection with no error.
+        if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(text):
+            self._error(InvalidMessage(f"the frame nests arrays and objects deeper than {MAX_DEPTH} levels"))
+            return
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a deep frame on an already deep stack
             self._error(InvalidMessage("the frame is not valid JSON"))
             return
         kind = data.get("type") if isinstance(data, dict) else None

@@ -53,6 +53,12 @@ class SessionTransport(Transport):
         secrets = [*opts.secrets, *([env_secret] if env_secret else [])]
         if any(not s for s in secrets):
             raise ConfigError(f"{where}: {key}.secrets: a secret must not be empty")
+        # os.environ decodes bytes that are not UTF-8 to lone surrogates, which str.encode
+        # refused with a traceback from run and check; a dict config may hold them too.
+        if env_secret and not _encodable(env_secret):
+            raise ConfigError(f"CONNIC_SECRET: the environment variable is not valid UTF-8 text ({key}.secrets)")
+        if not all(_encodable(s) for s in opts.secrets):
+            raise ConfigError(f"{where}: {key}.secrets: a secret must be valid Unicode text (no lone surrogates)")
         if opts.require_auth and not secrets:
             raise ConfigError(
                 f"{where}: {key}.secrets: require_auth is on but no secret is configured "
@@ -151,3 +157,12 @@ def local_origin(origin: str, host: str | None) -> bool:
     if address.is_loopback:
         return True
     return host is not None and netloc == host.strip().lower()
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode text: it encodes as UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

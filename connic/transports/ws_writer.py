@@ -1,7 +1,8 @@
 """The outgoing side of one WebSocket connection: a bounded outbox written in batches.
 
 Frames queue in the outbox; a callback scheduled once per burst writes
-everything queued in one system call. While the client is behind (the
+everything queued in one system call (up to about ``HIGH_WATER`` characters;
+a writer task writes the rest as the client reads). While the client is behind (the
 transport's buffer above its high-water mark) or compression is on, a writer
 task takes over and waits on flow control. Reply frames wait for room in the
 outbox for up to ``send_timeout``; control frames (acks, pongs, errors) never
@@ -154,6 +155,24 @@ class Writer:
             self._room.set()
         return items
 
+    def _batch(self) -> list[str | Close]:
+        """What one write takes: everything queued, or the first items up to about ``HIGH_WATER`` characters.
+
+        Written all at once, a queue of large frames was copied whole into the transport's
+        buffer (and once more joined), whatever the client read: 300 history frames of 3.6 MB
+        asked for in 5 KB held 1.8 GB. The rest waits for the client to catch up (:meth:`_write_loop`).
+        """
+        size = 0
+        for index, item in enumerate(self.items):
+            if isinstance(item, str):
+                size += len(item)
+                if size > HIGH_WATER and index:
+                    batch, self.items = self.items[:index], self.items[index:]
+                    if self._room is not None:
+                        self._room.set()
+                    return batch
+        return self._taken()
+
     # --- closing --------------------------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
@@ -237,11 +256,13 @@ class Writer:
             return
         if close is not None:
             self._task = asyncio.create_task(self._close_socket(close))
+        elif self.items:
+            self._task = asyncio.create_task(self._write_loop())  # more than one write's worth was queued
 
     def _write_now(self, transport: asyncio.Transport) -> Close | None:
-        """Write everything queued in one call; return a close met on the way (nothing after it is sent)."""
+        """Write one batch (:meth:`_batch`) in one call; return a close met on the way (nothing after it is sent)."""
         texts: list[str] = []
-        for item in self._taken():
+        for item in self._batch():
             if isinstance(item, Close):
                 if texts:
                     write_texts(transport, texts)
