@@ -14,7 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -142,3 +142,28 @@ def redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
     """A private ``redis-server`` for one test, on a free loopback port in ``tmp_path``; stopped after it."""
     with running_redis(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture(name="redis")
+async def redis_client_fixture(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A redis-py client of the test's ``redis-server`` (replies decoded); closed after the test."""
+    import redis.asyncio as aioredis  # the tests that use it skip without redis-py
+
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(name="store")
+async def redis_store_fixture(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A started :class:`connic.stores.redis.RedisStore` on the test's ``redis-server``; closed after the test."""
+    from connic.stores.redis import RedisStore
+
+    started = RedisStore(RedisStore.Options(url=redis_server.url))
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()

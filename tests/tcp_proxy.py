@@ -90,11 +90,16 @@ class TcpProxy:
             client_writer.transport.abort()
             upstream_writer.transport.abort()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def passes(self, data: bytes) -> bool:
+        """Whether ``data`` is forwarded; False ends that direction there (a subclass stalls a peer so)."""
+        return True
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # One direction; an orderly end on one side is passed on (half-close), any error ends both.
         try:
             while data := await reader.read(65536):
+                if not self.passes(data):
+                    return  # neither this nor anything after it is forwarded
                 writer.write(data)
                 await writer.drain()
             if writer.can_write_eof():

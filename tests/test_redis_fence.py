@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from redis_server import (
     RedisServer,
+    redis_client_fixture,  # noqa: F401  (a fixture)
     redis_server_fixture,  # noqa: F401  (a fixture)
 )
 from resume_helpers import (
@@ -40,15 +41,6 @@ from connic.app import RUNTIME
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 LONG_LEASE = {"producer_timeout": 30}
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def key(session: ResumeSession, name: str) -> str:
@@ -171,18 +163,11 @@ class Stalling(TcpProxy):
         self.stalling = False
         self.stalled = asyncio.Event()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:  # type: ignore[override]
-        try:
-            while data := await reader.read(65536):
-                if self.stalling and b"XRANGE" in data:
-                    self.stalled.set()
-                    return  # neither this nor anything after it reaches Redis
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (ConnectionError, OSError):
-            writer.transport.abort()
+    def passes(self, data: bytes) -> bool:
+        if self.stalling and b"XRANGE" in data:
+            self.stalled.set()
+            return False  # neither this nor anything after it reaches Redis
+        return True
 
 
 @pytest.fixture
@@ -200,6 +185,23 @@ async def died_mid_reply(redis: Any, session: ResumeSession) -> None:
     record = json.loads(await redis.get(key(session, "record")))
     record["busy"] = True
     await redis.set(key(session, "record"), json.dumps(record), keepttl=True)
+
+
+async def resume_stalled(session: ResumeSession, url: str, stalling: Stalling, how: str) -> None:
+    """Resume at ``url`` until its ``XRANGE`` stalls; then, by ``how``, its store call times out or the client drops.
+
+    "timeout": no answer within the store's timeout (2 s): store_unavailable (1011).
+    "client_gone": the client drops while it is in flight. The proxy forwards again after.
+    """
+    conn = await session.clients.open(url, Transcript())
+    await conn.send(session.resume_frame(secret=session.secret))
+    await asyncio.wait_for(stalling.stalled.wait(), 10)
+    if how == "timeout":
+        code, frames = await conn.closed(timeout=15)
+        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
+    else:
+        conn.drop()
+    stalling.stalling = False
 
 
 @pytest.mark.parametrize("how", ["timeout", "client_gone"])
@@ -222,15 +224,7 @@ async def test_a_take_whose_log_read_fails_lets_the_session_go(
     await died_mid_reply(redis, session)
     stalling.stalling = True
     caplog.clear()
-    conn = await session.clients.open(b.url(), Transcript())
-    await conn.send(session.resume_frame(secret=session.secret))
-    await asyncio.wait_for(stalling.stalled.wait(), 10)
-    if how == "timeout":
-        code, frames = await conn.closed(timeout=15)
-        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
-    else:
-        conn.drop()
-    stalling.stalling = False
+    await resume_stalled(session, b.url(), stalling, how)
     await wait_until_let_go(redis_server.url, session.session_id)
     assert_warned_once(caplog, session)
     await resumes_whole(session, b.url())
@@ -279,15 +273,7 @@ async def test_a_resume_whose_replay_fails_after_the_take_lets_the_session_go(
     b = await process(start_server, f"redis://127.0.0.1:{stalling.port}/0", connector=LONG_LEASE)
     session = await let_go_on(a.url(), clients, redis_server.url)
     stalling.stalling = True
-    conn = await session.clients.open(b.url(), Transcript())
-    await conn.send(session.resume_frame(secret=session.secret))
-    await asyncio.wait_for(stalling.stalled.wait(), 10)
-    if how == "timeout":
-        code, frames = await conn.closed(timeout=15)
-        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
-    else:
-        conn.drop()
-    stalling.stalling = False
+    await resume_stalled(session, b.url(), stalling, how)
     await wait_until_let_go(redis_server.url, session.session_id)
     await resumes_whole(session, a.url())  # another process takes it
 

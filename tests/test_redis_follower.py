@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis_server import (
     RedisServer,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    redis_store_fixture,  # noqa: F401  (a fixture)
 )
 
 from connic.stores.redis import RedisStore
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 syncredis = pytest.importorskip("redis")
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    started = RedisStore(RedisStore.Options(url=redis_server.url))
-    await started.start()
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def blocked_in_xread(url: str) -> None:

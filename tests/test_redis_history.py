@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from redis_server import (
     RedisServer,
+    redis_client_fixture,  # noqa: F401  (a fixture)
     redis_server_fixture,  # noqa: F401  (a fixture)
 )
 from resume_helpers import (
@@ -62,15 +63,6 @@ async def let_go(redis: Any, session: ResumeSession) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the session was never let go")
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> Any:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def received(redis: Any) -> int:

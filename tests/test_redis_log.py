@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 import websockets
 from redis_server import (
     RedisServer,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    redis_store_fixture,  # noqa: F401  (a fixture)
     with_store,
 )
 from resume_helpers import Clients, ResumeSession
@@ -19,16 +19,6 @@ from connic.stores.redis import RedisStore
 from connic.stores.redis.log import RedisReplayLog
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
-
-
-@pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
-    started = RedisStore(RedisStore.Options(url=redis_server.url))
-    await started.start()
-    try:
-        yield started
-    finally:
-        await started.close()
 
 
 async def test_since_is_not_spoiled_by_frames_numbered_while_it_reads(

@@ -160,15 +160,20 @@ class RedisStore(Limits, Cancels, SessionStore):
 
     def discard(self, session_id: str) -> None:
         """The session ended for good: delete it from Redis (in the background)."""
+        fence = self._forget(session_id)
+        if fence is not None:
+            self._deletes[session_id] = fence
+            self._kick()
+
+    def _forget(self, session_id: str) -> int | None:
+        """Drop all this process holds of the session, nothing of it written; its fence if it owned it."""
         self._live.pop(session_id, None)
         self._logs.pop(session_id, None)
         self._dirty_logs.pop(session_id, None)
         self._dirty.discard(session_id)
         self._saved.pop(session_id, None)
         owned = self._fences.pop(session_id, None)
-        if owned is not None:
-            self._deletes[session_id] = owned[0]
-            self._kick()
+        return owned[0] if owned is not None else None
 
     def save(self, session: ChatSession) -> None:
         """Queue writing the session's record (and letting it go when it is detached and idle)."""
@@ -196,15 +201,10 @@ class RedisStore(Limits, Cancels, SessionStore):
         Its renewal stops at once, so that its lease runs out within ``producer_timeout`` even
         when letting it go fails too (Redis itself being what failed); nothing of it is written.
         """
-        self._live.pop(session_id, None)
-        self._logs.pop(session_id, None)
-        self._dirty_logs.pop(session_id, None)
-        self._dirty.discard(session_id)
-        self._saved.pop(session_id, None)
-        owned = self._fences.pop(session_id, None)
-        if owned is not None:
+        fence = self._forget(session_id)
+        if fence is not None:
             log.warning("session %s: taking it over failed (%s): let go", session_id, why)
-            self._abandons[session_id] = owned[0]
+            self._abandons[session_id] = fence
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:
