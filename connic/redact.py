@@ -253,6 +253,11 @@ _MARK = "\x00"  # stands for REDACTED until the arguments are quoted (no argumen
 # echoed on stderr): the value goes when the name is secret-bearing. The name is at most 64
 # characters, and a value that never ends is scanned once: linear in the text.
 _JSON_MEMBER = re.compile(r'"(?P<name>[A-Za-z][\w.-]{0,63})"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)"')
+# A header option (curl's and mcp-remote's -H, --header; --headers), any case, alone or with
+# "=NAME" after it: it may be given the header's name and its value as two arguments.
+_HEADER_OPTION = re.compile(r"(?i)(?:-h|--headers?)(?:=(?P<name>.*))?", re.DOTALL)
+# A header name alone (an HTTP token, RFC 9110), as the first of those two arguments.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def secret_name(name: str) -> bool:
@@ -316,6 +321,7 @@ def _redact_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     shown: list[str] = []
     hidden: list[str] = []
     hide_next = False
+    header_next = False  # the argument after a bare header option: perhaps a header's name
     for arg in argv:
         if hide_next and not arg.startswith("--"):
             shown.append(_MARK)
@@ -323,6 +329,22 @@ def _redact_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             hide_next = False
             continue
         hide_next = False
+        if header_next and _HEADER_NAME.fullmatch(arg) and not arg.startswith("-"):
+            # --header NAME VALUE: the value is the next argument when the name is a secret's.
+            header_next = False
+            hide_next = secret_name(arg)
+            shown.append(arg)
+            continue
+        header_next = False
+        header = _HEADER_OPTION.fullmatch(arg)
+        if header and header["name"] is None:
+            header_next = True
+            shown.append(arg)
+            continue
+        if header and _HEADER_NAME.fullmatch(header["name"]) and secret_name(header["name"]):
+            hide_next = True  # --header=NAME VALUE
+            shown.append(arg)
+            continue
         option = _OPTION.fullmatch(arg)
         assignment = None if option else _ASSIGNMENT.fullmatch(arg)
         if option and secret_name(option.group("name")):
@@ -351,6 +373,9 @@ def safe_command(argv: Sequence[str]) -> str:
       (as given to ``docker run -e``) and ``Authorization: VALUE`` (a header for ``--header``),
       also given to an option in the same argument (``--env=DB_PASSWORD=VALUE``);
       in the first form the next argument is the value unless it starts with ``--``;
+    - the value of a header with such a name given to a header option (``--header``,
+      ``--headers``, ``-H``, any case) as two arguments: ``--header Authorization VALUE``
+      and ``--header=Authorization VALUE`` show the name and hide ``VALUE``;
     - in a URL, the credentials, query and fragment, as :func:`safe_url` does;
     - a word that looks like a token: a well-known prefix (``sk-``, ``ghp_``, ``xoxb-``,
       ``AIza``...) and at least 8 more characters with a digit or a capital among them; or a
