@@ -437,7 +437,11 @@ def mcp_server_keys() -> list[tuple[str, Any]]:
     """Every key of an ``mcp_servers`` entry, with its default where it has one."""
     from connic.agents import mcp_config
 
-    defaults = {"start_timeout": mcp_config.START_TIMEOUT, "call_timeout": mcp_config.CALL_TIMEOUT}
+    defaults = {
+        "start_timeout": mcp_config.START_TIMEOUT,
+        "call_timeout": mcp_config.CALL_TIMEOUT,
+        "max_result_bytes": mcp_config.MAX_RESULT_BYTES,
+    }
     return [(key, defaults.get(key)) for key in mcp_config.KEYS]
 
 

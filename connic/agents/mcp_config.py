@@ -2,7 +2,7 @@
 
 Each entry is one table: ``command`` (with ``args``, ``env``, ``cwd``) for a server run over
 stdio, or ``url`` (with ``headers``) for one reached over streamable HTTP; both take
-``start_timeout`` and ``call_timeout``. See docs/mcp.md.
+``start_timeout``, ``call_timeout`` and ``max_result_bytes``. See docs/mcp.md.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from connic.errors import ConfigError
 from connic.redact import command_secrets, safe_command, safe_url, secret_name
 from connic.registry import REFERENCE_BASE
 
-__all__ = ["CALL_TIMEOUT", "KEYS", "START_TIMEOUT", "McpServerSpec", "parse"]
+__all__ = ["CALL_TIMEOUT", "KEYS", "MAX_RESULT_BYTES", "START_TIMEOUT", "McpServerSpec", "parse"]
 
 START_TIMEOUT = 30.0
 CALL_TIMEOUT = 120.0
+MAX_RESULT_BYTES = 1024 * 1024
+"""A tool result is cut to this many bytes of UTF-8 by default (``max_result_bytes``): 1 MiB, as ``max_frame_bytes``."""
 _STDIO_KEYS = ("command", "args", "env", "cwd")
 _HTTP_KEYS = ("url", "headers")
-_COMMON_KEYS = ("start_timeout", "call_timeout")
+_COMMON_KEYS = ("start_timeout", "call_timeout", "max_result_bytes")
 _ALL_KEYS = (*_STDIO_KEYS, *_HTTP_KEYS, *_COMMON_KEYS)
 KEYS = _ALL_KEYS
 """Every key an ``mcp_servers`` entry may have (docs/mcp.md documents each)."""
@@ -43,6 +45,7 @@ class McpServerSpec:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     start_timeout: float = START_TIMEOUT
     call_timeout: float = CALL_TIMEOUT
+    max_result_bytes: int = MAX_RESULT_BYTES
 
     @property
     def label(self) -> str:
@@ -92,6 +95,12 @@ def _timeout(value: object, where: str) -> float:
     return float(value)
 
 
+def _byte_count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: expected a whole number of bytes, at least 1, got {value!r}")
+    return value
+
+
 def _one(entry: object, where: str) -> McpServerSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a table, got {type(entry).__name__}")
@@ -107,7 +116,8 @@ def _one(entry: object, where: str) -> McpServerSpec:
     fields: dict[str, Any] = {"where": where}
     for key in _COMMON_KEYS:
         if key in entry:
-            fields[key] = _timeout(entry[key], f"{where}.{key}")
+            check = _byte_count if key == "max_result_bytes" else _timeout
+            fields[key] = check(entry[key], f"{where}.{key}")
     if "command" in entry:
         command = entry["command"]
         if not isinstance(command, str) or not command.strip():
