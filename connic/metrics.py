@@ -27,15 +27,56 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from connic.errors import ConnicError
 from connic.metrics_series import DEFAULT_BUCKETS, Counter, Gauge, Histogram
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "MULTIPROC_ENV", "Counter", "Gauge", "Histogram", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_BUCKETS",
+    "MULTIPROC_ENV",
+    "OTHER_CLOSE_CODE",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "Metrics",
+    "close_code_label",
+]
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 """The ``Content-Type`` of :meth:`Metrics.exposition`."""
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """The environment variable that turns multiprocess mode on (prometheus-client reads it)."""
+
+OTHER_CLOSE_CODE = "other"
+"""The ``code`` label of ``connic_closes_total`` for a close code neither standard nor connic's."""
+
+# RFC 6455 §7.4.1 and the IANA registry: 1000-1015 (a client may send some, the rest stand
+# for what happened, such as 1006). A bounded set: each keeps its number.
+_STANDARD_CLOSE_CODES = range(1000, 1016)
+
+
+def _connic_close_codes(cls: type[ConnicError] = ConnicError) -> set[int]:
+    """The close codes connic's errors close with, a plugin's own ConnicError subclasses included."""
+    codes = {cls.close_code} if cls.close_code is not None else set()
+    for sub in cls.__subclasses__():
+        codes |= _connic_close_codes(sub)
+    return codes
+
+
+def close_code_label(code: int | None) -> str:
+    """The ``code`` label a close is counted under: its number, or :data:`OTHER_CLOSE_CODE`.
+
+    A client chooses the code it closes with, 3000-4999 are all valid, and each label value is
+    a series kept for good: counted as they came, one client could make 2,000 series per
+    connector. The standard codes and connic's own keep their number; any other is "other"
+    (its number is in the connection's ``close`` log line).
+    """
+    if code is None or code in _STANDARD_CLOSE_CODES:
+        return str(code)
+    # Walked only for a code outside 1000-1015 (a plugin's errors may be imported late).
+    return str(code) if code in _connic_close_codes() else OTHER_CLOSE_CODE
+
 
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -94,7 +135,7 @@ class Metrics:
         )
         self.closes = Counter(
             "connic_closes_total",
-            "Closed connections, by close code.",
+            "Closed connections, by close code (one neither standard nor connic's: other).",
             ["connector", "code"],
             registry,
             multiprocess=mp,

@@ -24,6 +24,7 @@ from connic.config import ConnectorConfig, at_least_one, in_range, non_negative,
 from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
 from connic.flow import Flag
 from connic.frames import MessageFrame
+from connic.metrics import close_code_label
 from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
@@ -308,7 +309,7 @@ class AguiTransport(SessionTransport):
                 sink.close_code = 1006
             self.threads.leave(session, runs, run.run_id, sink)
             self.metrics.connections_open.dec(path)
-            self.metrics.closes.inc(path, str(sink.close_code))
+            self.metrics.closes.inc(path, close_code_label(sink.close_code))
             log.info(
                 "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
                 session.id,

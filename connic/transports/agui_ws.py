@@ -20,6 +20,7 @@ from aiohttp import WSMsgType, web
 
 from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound
 from connic.frames import MAX_DEPTH, sequenced, too_deep
+from connic.metrics import close_code_label
 from connic.session import ChatSession, SessionState
 from connic.transports.agui_outbox import Outbox, shown
 
@@ -152,7 +153,7 @@ class WSBinding(Outbox[str]):
                 # slow consumer's is once dropped): the connection is over either way.
                 writer.cancel()
                 metrics.connections_open.dec(path)
-                metrics.closes.inc(path, str(self.close_code))
+                metrics.closes.inc(path, close_code_label(self.close_code))
                 log.info(
                     "close session=%s peer=%s connector=%s code=%s authenticated=True duration=%.3fs",
                     session.id if session is not None else "-",

@@ -41,6 +41,7 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.message import release_cancellation
+from connic.metrics import close_code_label
 from connic.session import ChatSession
 from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
 from connic.transports.ws_auth import authenticate
@@ -199,7 +200,7 @@ class Connection:
         metrics = self.transport.metrics
         path = self.transport.connector.path
         metrics.connections_open.dec(path)
-        metrics.closes.inc(path, str(code))
+        metrics.closes.inc(path, close_code_label(code))
         session = self.session
         # One line per connection; never secrets, never message text.
         log.info(
