@@ -344,6 +344,14 @@ class ChatSession:
             self._held.append((seq, data))
         return data
 
+    def number_from(self, seq: int) -> None:
+        """Number the next frame ``seq + 1``: a session taken over from a process that died ahead of the store.
+
+        Its log in the store has a hole where that process's unlogged frames were: a resume
+        from inside it is not recovered, as from an evicted frame (PROTOCOL.md §7).
+        """
+        self.seq = max(self.seq, seq)
+
     def _send_nowait(self, data: str) -> None:
         data = self.number(data)
         if self.sink is not None:

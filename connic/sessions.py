@@ -157,14 +157,16 @@ class Sessions:
             raise StoreUnavailable("this session's record in the store cannot be read") from exc
         self.live.add(session)
         self.metrics.sessions_open.inc(self.label)
+        if last_seq > session.seq:
+            # The client saw frames its last process numbered but never got into the store: that
+            # process died between sending them and its next write. The session goes on, numbered
+            # from the client's (a seq used twice would be dropped by the client as a duplicate).
+            session.number_from(last_seq)
         if record.lost:
             # Replies the dead owner left unfinished (an untargeted message: every agent answers it
             # when there are several; whether it named one is not in the log).
             names = self.agent_names
             session.producer_lost([(mid, agent) for mid, name in record.lost for agent in ((name,) if name else names)])
-        if last_seq > session.seq:
-            session.leave()  # not this session's frames: let it go again
-            return None
         return session
 
     async def shutdown(self, grace: float) -> None:

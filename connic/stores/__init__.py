@@ -67,7 +67,13 @@ class ReplayLog(abc.ABC):
 
     @abc.abstractmethod
     def append(self, seq: int, data: str) -> None:
-        """Log the encoded frame numbered ``seq`` (one more than the last); evict the oldest past capacity."""
+        """Log the encoded frame numbered ``seq``; evict the oldest past capacity.
+
+        ``seq`` is one more than the last, except for a log's first frame: a session taken
+        over from a process that died ahead of the store numbers on from its client's
+        ``last_seq`` (:meth:`~connic.session.ChatSession.number_from`), and :meth:`since`
+        then finds the numbers it skipped missing, as if evicted.
+        """
 
     @abc.abstractmethod
     async def since(self, seq: int) -> list[str] | None:

@@ -44,7 +44,7 @@ class RedisReplayLog(ReplayLog):
         self._sizes: collections.deque[int] = collections.deque(maxlen=capacity)
 
     def append(self, seq: int, data: str) -> None:
-        """Queue frame ``seq`` (one more than the last); the store's writer sends it with the next pipeline.
+        """Queue frame ``seq`` (see :meth:`ReplayLog.append`); the store's writer sends it with the next pipeline.
 
         Called for every frame of every reply: the log is queued for the writer with its
         first pending frame only (later ones wake it only when they may end a reply).
