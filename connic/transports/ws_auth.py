@@ -85,4 +85,6 @@ async def _first_frame(conn: Connection) -> ClientFrame | None:
             pass
     if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
         conn.close(Unauthorized('the first frame must authenticate: {"secret": "..."}'))
+    elif msg.type is WSMsgType.CLOSE:
+        conn.client_close = msg.data  # the client left before authenticating: its code is counted
     return None

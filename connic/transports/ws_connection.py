@@ -191,8 +191,12 @@ class Connection:
             self.closed.set()
 
     def _account_close(self) -> None:
-        # What connic decided, else the first code the socket sent, else what the client sent.
+        # What connic decided, else the code of a close the client began (1000 ends its session,
+        # any other detaches it: aiohttp's answer to it would say 1000 for both), else the first
+        # code the socket sent, else what the client sent.
         code = self.writer.close_code
+        if code is None:
+            code = self.client_close
         if code is None:
             code = getattr(self.ws, "sent_code", None)
         if code is None:
