@@ -15,6 +15,7 @@ process sharing it (as in tests/test_redis_fence.py), clients real ``websockets`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,13 +28,17 @@ from redis_server import (
 from resume_helpers import (
     Clients,
     ResumeSession,
+    Transcript,
     clients_fixture,  # noqa: F401  (a fixture)
     wait_turns,
 )
-from test_redis_fence import LONG_LEASE, Stalling, resume_stalled
-from test_redis_store import Gated, process
+from tcp_proxy import TcpProxy
+from test_redis_fence import LONG_LEASE, Stalling, key, let_go_on, resume_stalled, resumes_whole
+from test_redis_store import Gated, config, process, registry, wait_until_let_go
 
 from conftest import StartServer
+from connic.app import RUNTIME
+from connic.stores.redis import scripts
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -82,3 +87,80 @@ async def test_a_failed_resume_that_took_over_a_connection_applies_on_disconnect
     await again.until_ended({"m1": ["assistant"]})
     end = session.transcript.end("m1", "assistant")
     assert end is not None and end["finish_reason"] == "cancelled" and end["full_response"] == "before ", end
+
+
+CLAIM_SHA = hashlib.sha1(scripts.CLAIM.encode()).hexdigest().encode()  # what an EVALSHA of CLAIM carries
+
+
+class HoldingClaims(TcpProxy):
+    """A proxy to Redis that holds each ``CLAIM`` it carries, while :attr:`holding`, until :attr:`release` is set.
+
+    Held, the claim has not run yet; released after its caller gave up, Redis runs it (the session
+    gets an owner) and its reply comes back to a process no longer waiting for it.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.holding = False
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.holding and CLAIM_SHA in data:
+                    self.held.set()
+                    await self.release.wait()
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+
+@pytest.fixture(name="holding")
+async def holding_fixture(redis_server: RedisServer) -> AsyncIterator[HoldingClaims]:
+    proxy = HoldingClaims(redis_server.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.release.set()
+        await proxy.close()
+
+
+async def test_a_claim_whose_reply_comes_after_the_resume_gave_up_lets_the_session_go_at_once(
+    redis_server: RedisServer, redis: Any, holding: HoldingClaims, start_server: StartServer, clients: Clients
+) -> None:
+    # B's claim is held on its way to Redis while B's client drops (the test server cancels the
+    # resume's handler), then goes through: Redis makes B the owner, with a fence B never sees.
+    # It must let the session go at once, not leave the owner key for producer_timeout (30 s).
+    a = await process(start_server, redis_server.url, connector=LONG_LEASE)
+    config_b = config(f"redis://127.0.0.1:{holding.port}/0", LONG_LEASE)
+    config_b["store"]["timeout"] = 10  # the held claim's pipeline is not cut short by the store's own bound
+    b = await start_server(config_b, registry=registry())
+    session = await let_go_on(a.url(), clients, redis_server.url)
+    holding.holding = True
+    conn = await session.clients.open(b.url(), Transcript())
+    await conn.send(session.resume_frame(secret=session.secret))
+    await asyncio.wait_for(holding.held.wait(), 10)
+    conn.drop()
+    connections = b.server.app[RUNTIME].transports[0].connections
+    for _ in range(200):  # until B's resume was cancelled and its connection cleaned up
+        if not connections:
+            break
+        await asyncio.sleep(0.02)
+    assert not connections
+    fence = key(session, "fence")
+    before = int(await redis.get(fence))
+    assert await redis.get(key(session, "owner")) is None  # the claim has not run yet
+    holding.holding = False
+    holding.release.set()
+    for _ in range(200):  # until it ran: B owns the session in Redis (bounded: 4 s)
+        if int(await redis.get(fence)) > before:
+            break
+        await asyncio.sleep(0.02)
+    assert int(await redis.get(fence)) == before + 1
+    await wait_until_let_go(redis_server.url, session.session_id)  # within 4 s, not producer_timeout's 30
+    await resumes_whole(session, a.url())  # another process takes it at once
