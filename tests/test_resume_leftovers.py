@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from redis_server import (
     RedisServer,
     redis_client_fixture,  # noqa: F401  (a fixture)
@@ -34,8 +36,9 @@ from resume_helpers import (
 )
 from tcp_proxy import TcpProxy
 from test_redis_fence import LONG_LEASE, Stalling, key, let_go_on, resume_stalled, resumes_whole
-from test_redis_store import Gated, config, process, registry, wait_until_let_go
+from test_redis_store import Gated, chat, config, process, registry, wait_until_let_go
 
+import connic
 from conftest import StartServer
 from connic.app import RUNTIME
 from connic.stores.redis import scripts
@@ -164,3 +167,71 @@ async def test_a_claim_whose_reply_comes_after_the_resume_gave_up_lets_the_sessi
     assert int(await redis.get(fence)) == before + 1
     await wait_until_let_go(redis_server.url, session.session_id)  # within 4 s, not producer_timeout's 30
     await resumes_whole(session, a.url())  # another process takes it at once
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[tuple[web.Application, str]]]]:
+    """Serve connic apps as ``connic run`` does: a handler is not cancelled when its client goes away."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(data: dict[str, Any]) -> tuple[web.Application, str]:
+        app = connic.create_app(data, registry=registry())
+        runner = web.AppRunner(app, handler_cancellation=False, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return app, f"ws://127.0.0.1:{runner.addresses[0][1]}/ws"
+
+    yield serve
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("how", ["drop", "close 1001"])
+async def test_a_resume_following_another_process_stops_as_soon_as_its_client_is_gone(
+    redis_server: RedisServer,
+    start_server: StartServer,
+    served: Callable[[dict[str, Any]], Awaitable[tuple[web.Application, str]]],
+    clients: Clients,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    # A answers (its reply waits on the gate); the client resumes on B, which follows A's log,
+    # sends a message B holds meanwhile, then goes away. B must stop following at once (its
+    # handler ends, its follower reads nothing more), not when A's reply ends.
+    Gated.gate = asyncio.Event()
+    try:
+        a = await process(start_server, redis_server.url, connector=LONG_LEASE, agents=GATED)
+        app_b, url_b = await served(config(redis_server.url, LONG_LEASE, GATED))
+        session = ResumeSession(clients, a.url())
+        await replying(session)
+        session.drop()
+        conn = await session.resume(url=url_b)
+        assert conn.connected["resumed"] is True, conn.connected
+        assert await conn.barrier() == []  # B follows A: its frames come through B
+        # Held by B until it owns the session (a ping after it would be held too): never acked.
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": "held"}})
+        caplog.clear()
+        if how == "drop":
+            conn.drop()
+        else:
+            await conn.ws.close(1001)
+        runtime = app_b[RUNTIME]
+        connections = runtime.transports[0].connections
+        for _ in range(200):  # bounded: 4 s, while A's reply goes on until the gate opens
+            if not connections:
+                break
+            await asyncio.sleep(0.02)
+        assert not connections, "B still follows A's reply for a client that is gone"
+        assert not runtime.store._follower._follows  # no blocking read of A's log any more
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        Gated.gate.set()
+    # The session went on on A, untouched: its reply ends there, and a resume gets all of it.
+    again = await session.resume(url=url_b)
+    assert again.connected["resumed"] is True, again.connected
+    await again.until_ended({"m1": ["assistant"]})
+    session.transcript.assert_complete()
+    assert session.transcript.end("m1", "assistant")["full_response"] == "before after"  # type: ignore[index]
+    assert not session.transcript.of("m2")  # never accepted: its client never saw an ack
+    await chat(again, "m3", "next")  # B serves the session now
