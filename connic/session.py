@@ -180,9 +180,9 @@ class ChatSession:
         if self.sink is not None or self.state is SessionState.ENDED:
             return
         if self.state is SessionState.ATTACHED or not self._detached_at:
-            # Its connection was taken over by the failed resume, or it was just rebuilt from the store.
-            self._detached_at = self._loop.time()
-            self.state = SessionState.DETACHED
+            # Its connection was taken over by the failed resume (whose detach then did nothing:
+            # the session had moved on), or it was just rebuilt from the store: it detaches now.
+            self._went_detached()
         arm(self)
         self.sessions.store.save(self)  # a shared store lets it go once it is idle
 
@@ -191,17 +191,20 @@ class ChatSession:
         if self.sink is not sink or self.state is SessionState.ENDED:
             return  # taken over: the session has moved on
         self.sink = None
-        opts = self.sessions.options
         if self.token is None:
             self.end()
             return
-        self.state = SessionState.DETACHED
-        self._detached_at = self._loop.time()
-        if opts.on_disconnect == "cancel":
-            self.queue.clear()
-            self._cancel_current()
+        self._went_detached()
         arm(self)
         self.sessions.store.save(self)
+
+    def _went_detached(self) -> None:
+        """No connection is attached any more: the resume window starts, and ``on_disconnect`` applies."""
+        self.state = SessionState.DETACHED
+        self._detached_at = self._loop.time()
+        if self.sessions.options.on_disconnect == "cancel":
+            self.queue.clear()
+            self._cancel_current()
 
     def leave(self) -> None:
         """This process lets the session go without ending it: the store keeps it for any process to take.

@@ -313,7 +313,8 @@ class Connection:
 
     async def _on_text(self, data: str) -> None:
         session = self.session
-        assert session is not None
+        if session is None:
+            return  # a resume that attached nothing ended the connection (ws_resume): what comes after is dropped
         try:
             frame = parse_client_frame(data)
         except ProtocolError as exc:

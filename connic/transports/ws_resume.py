@@ -61,7 +61,8 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         # that ended for good is gone from the store too: the second find says so.
     if following and (session is None or replay is None):
         # connected said resumed: the session is still in the store, to be resumed again.
-        conn.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
+        if not _gone(conn):
+            conn.close(StoreUnavailable("the process answering this session did not let it go; resume again"))
         return False
     if session is None or replay is None:
         sessions.metrics.resumes.inc(sessions.label, "failed")
@@ -120,7 +121,7 @@ async def _reading_meanwhile(
     task = asyncio.ensure_future(finding)
     try:
         while not task.done():
-            if conn._receiving is None and not (conn._inbox and conn._inbox[-1].type not in _DATA):
+            if conn._receiving is None and not _gone(conn):
                 conn._receiving = asyncio.ensure_future(conn.ws.receive())
                 conn._receiving.add_done_callback(_consume)
             waiting: set[asyncio.Future[Any]] = {task} if conn._receiving is None else {task, conn._receiving}
@@ -141,6 +142,12 @@ async def _reading_meanwhile(
                     conn.transport.sessions.store.cancel(session_id, parsed.id)
                 else:
                     conn._inbox.append(msg)
+                    if following and msg.type not in _DATA:
+                        # The client is gone (its close, or the socket's end) while another process
+                        # answers: following that reply for nobody would hold a read of Redis, and
+                        # this process's shutdown, until it ends. The session stays there, detached.
+                        task.add_done_callback(_let_go)  # taken over in this very step: let go
+                        return None
         return task.result()
     except BaseException:
         # The resume goes no further (its handler is cancelled): a session the find took over
@@ -161,6 +168,11 @@ def _connected_following(conn: Connection, frame: ResumeFrame, last_seq: int, *,
 
 
 _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an error) nothing more is read
+
+
+def _gone(conn: Connection) -> bool:
+    # Whether the socket ended while a resume waited (what _reading_meanwhile read last says so).
+    return bool(conn._inbox) and conn._inbox[-1].type not in _DATA
 
 
 def _parsed(data: str) -> ClientFrame | None:

@@ -39,6 +39,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -273,7 +274,16 @@ class RedisStore(Limits, Cancels, SessionStore):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                result = await self._shared_script("CLAIM", keys, [lease, read, *check])
+                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check])
+                try:
+                    result = await self._call(asyncio.shield(claim_reply))
+                except BaseException:
+                    # Cancelled (the resume's client went away) or out of time with the claim sent:
+                    # Redis may run it all the same, and its owner key would then name this process,
+                    # which never learns its fence, so nobody renews or releases it and every resume
+                    # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
+                    claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
+                    raise
                 fence = int(result[0])
                 if fence == -1:
                     return None
@@ -315,6 +325,17 @@ class RedisStore(Limits, Cancels, SessionStore):
                     # The owner lets the session go only once a reply ended: until a frame that may
                     # end one comes, reading on is enough (half the round trips per followed frame).
                     claim = any(may_end(frame) for frame in frames)
+
+    def _claimed_unseen(self, session_id: str, reply: asyncio.Future[Any]) -> None:
+        """A claim's reply that came after its caller gave up: a session it took is let go at once (RELEASE)."""
+        if reply.cancelled() or reply.exception() is not None:
+            return  # not sent, or Redis failed: whatever it did, the lease runs out
+        fence = int(reply.result()[0])
+        if fence > 0:
+            log.warning("session %s: claimed after its resume gave up: let go", session_id)
+            # Fences only grow: a newer one queued for this session already is the one to release.
+            self._abandons[session_id] = max(fence, self._abandons.get(session_id, 0))
+            self._kick()
 
     async def _taken(self, session_id: str, data: str, newest: int, entries: list[str]) -> SessionRecord:
         """The record of a session just taken over, with the replies its owner left unfinished if it died.

@@ -173,11 +173,19 @@ class Connection:
         a resume's time on the other process, docs/performance.md R8). Bounded and failing as
         :meth:`_call` does.
         """
+        return await self._call(self._shared_reply(*command))
+
+    def _shared_reply(self, *command: Any) -> asyncio.Future[Any]:
+        """:meth:`_shared`'s reply to come, unbounded: it comes (or fails) even when its caller gave up.
+
+        For a call whose effect its caller must undo when it stops waiting (a claim): awaited
+        through :func:`asyncio.shield`, the reply still arrives after the caller was cancelled.
+        """
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._calls:
             asyncio.get_running_loop().call_soon(self._send_shared)
         self._calls.append((command, waiter))
-        return await self._call(waiter)
+        return waiter
 
     def _send_shared(self) -> None:
         calls, self._calls = self._calls, []
@@ -200,9 +208,9 @@ class Connection:
             else:
                 waiter.set_result(result)
 
-    def _shared_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Script ``name`` (EVALSHA) through :meth:`_shared`."""
-        return self._shared("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+    def _shared_script(self, name: str, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Script ``name`` (EVALSHA) through :meth:`_shared_reply`: its reply to come, unbounded."""
+        return self._shared_reply("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
 
     async def disconnect(self) -> None:
         """Close both clients."""
