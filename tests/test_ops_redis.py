@@ -6,6 +6,7 @@ Black-box: ``python -m connic run`` in a subprocess, against a real ``redis-serv
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,14 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401  (a fixture)
     store_plugin_env,
 )
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+)
+from test_redis_store import chat, process
 
-from conftest import ROOT
+from conftest import ROOT, StartServer
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -82,3 +89,17 @@ def test_a_database_number_in_the_path_or_the_query_still_starts(tmp_path: Path,
         finally:
             proc.terminate()
             proc.wait(20)
+
+
+async def test_the_first_sessions_after_redis_restarts_are_served(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    # redis-py 8 (RESP3 by default) hands out a pooled connection the old Redis closed without
+    # checking it: the first call on each failed, and with it a session (1011) or a handshake (503).
+    server = await process(start_server, redis_server.url)
+    for i in range(3):
+        await chat(await ResumeSession(clients, server.url()).start(), "m1", f"before {i}")
+    await asyncio.to_thread(redis_server.stop)  # the event loop runs on meanwhile, as in a served process
+    await asyncio.to_thread(redis_server.start)
+    for i in range(3):
+        await chat(await ResumeSession(clients, server.url()).start(), "m1", f"after {i}")

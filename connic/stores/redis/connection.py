@@ -62,6 +62,11 @@ class Connection:
                 encoding_errors="surrogatepass",  # JSON from a client may hold lone surrogates
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=opts.timeout,
+                # RESP2, redis-py's default before 8.0. With 8.x's RESP3 default its pool skips the
+                # check that a pooled connection is still open (redis-py issue 4128), so after Redis
+                # restarts the first call on each pooled connection failed, and a session with it.
+                # A URL's ?protocol=3 still wins (redis-py lets the query override these arguments).
+                protocol=2,
             )
             redis = aioredis.Redis(connection_pool=pool)
             redis.auto_close_connection_pool = True  # aclose() closes the pool too
