@@ -24,14 +24,20 @@ import attrs
 
 from connic.app import create_app
 from connic.config import Config
-from connic.errors import ConfigError
+from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import serve
 
-__all__ = ["READY", "WorkerSpec", "pack_spec", "worker_main"]
+__all__ = ["READY", "STORE_UNAVAILABLE", "WorkerSpec", "pack_spec", "worker_main"]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
+STORE_UNAVAILABLE = 3
+"""A worker's exit status when the session store cannot be reached as it starts.
+
+The parent tells this apart from a broken worker: once the server has started, such a worker
+is started again, later and later, until the store answers, and never counts towards giving up.
+"""
 
 
 @attrs.frozen
@@ -108,7 +114,10 @@ def worker_main() -> int:
         app = create_app(spec.config)
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
-    except ConfigError as exc:
+    except StoreUnavailable as exc:
+        print(f"connic: error: {exc.message}", file=sys.stderr)
+        return STORE_UNAVAILABLE
+    except ConnicError as exc:  # a ConfigError, or an agent's start failing (PluginError ...)
         print(f"connic: error: {exc.message}", file=sys.stderr)
         return 1
     except OSError as exc:

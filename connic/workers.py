@@ -36,12 +36,19 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.worker import READY, WorkerSpec, pack_spec, worker_main
+from connic.worker import READY, STORE_UNAVAILABLE, WorkerSpec, pack_spec, worker_main
 
-__all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
+__all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
+STORE_RETRY_MAX = 10.0
+"""At most this many seconds between two starts of a worker that could not reach the session store.
+
+Such a worker is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until the
+store answers: Redis being down is not the worker's fault, and giving up would take the
+other workers, which go on serving (and refusing new sessions with 503), down with it.
+"""
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -141,6 +148,9 @@ class Supervisor:
         self.host_key = host_key
         self._live: dict[int, _Worker] = {}
         self._exits: deque[float] = deque()
+        self._store_failures: dict[int, int] = {}  # worker index: its starts in a row that found no store
+        self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
+        self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
@@ -204,6 +214,10 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None:
                         continue
+                    if code == STORE_UNAVAILABLE and not worker.ready:
+                        self._forget(worker, counted=False)
+                        self._start_later(spec(worker.index), worker.process.pid)
+                        continue
                     self._forget(worker)
                     if not self._may_restart():
                         print(
@@ -248,11 +262,34 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
+    def _start_later(self, spec: WorkerSpec, pid: int | None) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while the store stays unreachable."""
+        failures = self._store_failures.get(spec.index, 0)
+        self._store_failures[spec.index] = failures + 1
+        delay = min(STORE_RETRY_MAX, 2.0**failures)
+        print(
+            f"connic: worker {spec.index} (pid {pid}) could not reach the session store; "
+            f"starting it again in {delay:g} s",
+            flush=True,
+        )
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(delay)
+                self._sleeping.discard(spec.index)  # starting: _stop_all waits for it, then stops it
+                await self._start(spec)
+            finally:
+                self._waiting.pop(spec.index, None)
+
+        self._sleeping.add(spec.index)
+        self._waiting[spec.index] = asyncio.create_task(later())
+
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         try:
             if await loop.sock_recv(worker.link, len(READY)) == READY:
                 worker.ready = True
+                self._store_failures.pop(worker.index, None)
                 if self._started:
                     print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
                 self._changed.set()
@@ -267,10 +304,12 @@ class Supervisor:
         changed.cancel()
         self._changed.clear()
 
-    def _forget(self, worker: _Worker) -> None:
+    def _forget(self, worker: _Worker, *, counted: bool = True) -> None:
+        """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
         del self._live[worker.index]
         worker.link.close()
-        self._exits.append(time.monotonic())
+        if counted:
+            self._exits.append(time.monotonic())
         if self._metrics_dir is not None:
             # Its open connections and sessions no longer count; its counters stay in the sums.
             _mark_process_dead(worker.process.pid, self._metrics_dir)
@@ -288,6 +327,10 @@ class Supervisor:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
             print("connic: shutting down", flush=True)
+        for index, waiting in list(self._waiting.items()):
+            if index in self._sleeping:
+                waiting.cancel()  # still in its delay: there is no process to stop
+        await asyncio.gather(*self._waiting.values(), return_exceptions=True)
         workers = list(self._live.values())
         for worker in workers:
             if worker.process.returncode is None:

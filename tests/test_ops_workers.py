@@ -1,0 +1,121 @@
+"""``--workers N`` on the ``redis`` store when Redis is down: at start, one line per worker and exit 1;
+while running, a worker that dies waits for Redis instead of taking the server down.
+
+Real ``python -m connic run --workers 2`` processes on a private ``redis-server``
+(tests/redis_server.py), real clients on loopback; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+)
+from test_cli import connic_cmd
+from test_redis_fleet import chat, status_within
+from test_workers import Output, exited, wait_exited, worker_pids
+
+from conftest import SECRET, CliServer, start_cli
+
+pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+
+
+def redis_config(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        f'[agents.assistant]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
+        f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = 1\n'
+    )
+    return path
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[CliServer]]:
+    """Servers a test starts; killed (with their workers) if the test left them running."""
+    servers: list[CliServer] = []
+    yield servers
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in worker_pids(server):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_redis_down_at_start_with_workers_is_one_line_per_worker_and_exit_1(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    config = redis_config(tmp_path, url)
+    done = connic_cmd("run", "--port", "0", "--workers", "2", "--config", str(config), env=store_plugin_env(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert all(line.startswith("connic: error: ") for line in lines), done.stderr
+    assert any("[store] url" in line and url in line for line in lines), done.stderr
+
+
+async def test_a_worker_that_dies_while_redis_is_down_waits_for_it_and_the_server_stays_up(
+    tmp_path: Path, redis_server: RedisServer, clients: Clients, started: list[CliServer]
+) -> None:
+    config = redis_config(tmp_path, redis_server.url)
+    env = store_plugin_env(tmp_path / "plugins")
+    server = await asyncio.to_thread(start_cli, "--config", str(config), "--workers", "2", env=env)
+    started.append(server)
+    first, second = worker_pids(server)
+    output = Output(server)
+    redis_server.stop()
+    os.kill(first, signal.SIGKILL)
+    # Restarted, it cannot reach Redis: started again later and later, as many times as it takes,
+    # never counted towards giving up (that was 3 exits within 10 s, and the whole server down).
+    for attempt in (1, 2, 4):
+        await output.wait_for(
+            rf"connic: worker 1 \(pid \d+\) could not reach the session store; starting it again in {attempt} s",
+            timeout=30,
+        )
+    assert server.proc.poll() is None, output.text()
+    assert not re.search(r"giving up", "\n".join(output.lines)), output.lines
+    assert not exited(second)  # the worker that never died serves on
+    redis_server.start()
+    m = await output.wait_for(r"connic: worker 1 \(pid (\d+)\) listening", timeout=30)
+    new = int(m.group(1))
+    assert await status_within(server.url, None, 10)
+    for _ in range(4):  # a few new sessions, wherever the kernel puts them
+        session = ResumeSession(clients, server.url)
+        assert (await chat(await session.start(), "m1", "back"))["full_response"] == "back"
+    code, _ = await asyncio.to_thread(server.stop)
+    assert code == 0, output.text()
+    await wait_exited([new, second])
+
+
+async def test_signal_while_a_worker_waits_for_redis_still_exits_0(
+    tmp_path: Path, redis_server: RedisServer, started: list[CliServer]
+) -> None:
+    config = redis_config(tmp_path, redis_server.url)
+    env = store_plugin_env(tmp_path / "plugins")
+    server = await asyncio.to_thread(start_cli, "--config", str(config), "--workers", "2", env=env)
+    started.append(server)
+    first, second = worker_pids(server)
+    output = Output(server)
+    redis_server.stop()
+    os.kill(first, signal.SIGKILL)
+    await output.wait_for(r"connic: worker 1 \(pid \d+\) could not reach the session store; starting it again in 1 s")
+    code, _ = await asyncio.to_thread(server.stop)
+    assert code == 0, output.text()
+    await wait_exited([second])
