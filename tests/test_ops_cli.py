@@ -43,3 +43,19 @@ def test_a_bad_flag_value_is_blamed_on_the_flag_not_the_file(tmp_path: Path, fla
     line = one_error_line(connic_cmd("run", "--port", "0", "--config", str(config), *flags))
     assert needle in line, line
     assert str(config) not in line, line
+
+
+# "bad host name" fails in the C library without a DNS query (tests/test_config_edges.py);
+# 192.0.2.1 (TEST-NET-1) is no address of this machine's.
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [("bad host name", "cannot resolve 'bad host name'"), ("192.0.2.1", "cannot listen on '192.0.2.1'")],
+)
+def test_reload_with_port_0_and_a_bad_host_names_the_host(tmp_path: Path, host: str, problem: str) -> None:
+    pytest.importorskip("watchfiles", reason="--reload needs watchfiles")
+    # --port 0 under --reload: the watching parent picks the port first, before any child says it better.
+    line = one_error_line(connic_cmd("run", "--reload", "--port", "0", "--host", host))
+    assert line.startswith(f"connic: error: --host: {problem}"), line
+    config = write(tmp_path / "connic.toml", f'[server]\nhost = "{host}"\n' + CONFIG)
+    line = one_error_line(connic_cmd("run", "--reload", "--port", "0", "--config", str(config)))
+    assert line.startswith(f"connic: error: {config}: server.host: {problem}"), line
