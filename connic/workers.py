@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from prometheus_client import multiprocess
@@ -108,6 +109,8 @@ def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             try:
+                if port != 0:
+                    _probe(family, kind, proto, address)
                 sock.bind(address)
             except OSError as exc:
                 why = (exc.strerror or str(exc)).lower()  # worded as asyncio words it without --workers
@@ -117,6 +120,21 @@ def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def _probe(family: int, kind: int, proto: int, address: tuple[Any, ...]) -> None:
+    """Bind ``address`` as a server without ``--workers`` would (SO_REUSEADDR, no SO_REUSEPORT), then let it go.
+
+    OSError (EADDRINUSE) when anything listens there. Our reserving socket alone would not
+    find out: SO_REUSEPORT lets every process of the same user bind the port, so a second
+    ``connic run --workers N`` on a port another one serves would start, and the kernel would
+    split new connections between the two servers.
+    """
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a restart is no conflict
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
 
 
 @attrs.define

@@ -12,6 +12,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +28,11 @@ from resume_helpers import (
     ResumeSession,
     clients_fixture,  # noqa: F401  (a fixture)
 )
-from test_cli import connic_cmd
+from test_cli import connic_cmd, one_error_line, write
 from test_redis_fleet import chat, status_within
 from test_workers import Output, exited, wait_exited, worker_pids
 
-from conftest import SECRET, CliServer, start_cli
+from conftest import ROOT, SECRET, CliServer, start_cli
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -119,3 +121,35 @@ async def test_signal_while_a_worker_waits_for_redis_still_exits_0(
     code, _ = await asyncio.to_thread(server.stop)
     assert code == 0, output.text()
     await wait_exited([second])
+
+
+def test_a_second_server_with_workers_on_the_same_port_is_refused(tmp_path: Path, started: list[CliServer]) -> None:
+    # SO_REUSEPORT lets any process of the same user bind the port: the second server used to
+    # start, and the kernel split new connections between two servers (two configurations,
+    # two generated secrets). Without --workers the second one is refused; so it is with them.
+    config = write(tmp_path / "connic.toml", '[agents.echo]\nuse = "echo"\n[[connectors]]\nresume_window = 0\n')
+    first = start_cli("--config", str(config), "--workers", "2", "--secret", "s")
+    started.append(first)
+    for workers in ("2", "1"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "connic",
+                "run",
+                "--port",
+                str(first.port),
+                "--config",
+                str(config),
+                "--workers",
+                workers,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        )
+        line = one_error_line(done)
+        assert "address already in use" in line and str(first.port) in line, line
+    assert first.proc.poll() is None  # the first server serves on
