@@ -7,8 +7,9 @@ the format of the link, which both ends use. The worker's standard input is one 
 of a socket pair: the parent writes the :class:`WorkerSpec` into it
 (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
-the worker answers :data:`READY` once it listens, and end-of-file tells the worker
-that its parent is gone, so it drains instead of serving on as an orphan.
+the worker answers :data:`READY` once it listens, the parent writes :data:`STOP` to
+have it drain, and end-of-file tells the worker that its parent is gone, so it drains
+instead of serving on as an orphan.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import serve
 
-__all__ = ["READY", "STORE_UNAVAILABLE", "WorkerSpec", "pack_spec", "worker_main"]
+__all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "pack_spec", "worker_main"]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
+STOP = b"stop\n"
+"""What the parent writes to a worker to have it drain and exit.
+
+Not a SIGTERM: a service manager that signals every process of the service at once (systemd's
+default ``KillMode=control-group``, ``pkill``) has already sent each worker one, and a second
+signal makes a worker stop at once, without draining.
+"""
 STORE_UNAVAILABLE = 3
 """A worker's exit status when the session store cannot be reached as it starts.
 
@@ -100,10 +108,11 @@ def worker_main() -> int:
         loop = asyncio.get_running_loop()
         link.setblocking(False)
         await loop.sock_sendall(link, READY)
-        # The parent never writes again: end-of-file (or an error) means it is gone.
+        # The parent writes only STOP; end-of-file (or an error) means it is gone.
         try:
-            while await loop.sock_recv(link, 1):
-                pass
+            if await loop.sock_recv(link, len(STOP)):
+                stop.set()  # serve() says "shutting down" and drains
+                return
         except OSError:
             pass
         if not stop.is_set():

@@ -37,7 +37,7 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.worker import READY, STORE_UNAVAILABLE, WorkerSpec, pack_spec, worker_main
+from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, pack_spec, worker_main
 
 __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
@@ -340,7 +340,7 @@ class Supervisor:
         return len(self._exits) <= self.workers
 
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
-        """SIGTERM every worker and wait for their drains; a second signal kills them at once."""
+        """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
@@ -352,11 +352,15 @@ class Supervisor:
         workers = list(self._live.values())
         for worker in workers:
             if worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
+                # Over the link, not a signal (connic.worker.STOP says why). One still starting
+                # reads it once it listens, then drains at once: it has nothing under way.
+                with contextlib.suppress(OSError):  # it has just exited: the wait below sees it
+                    await loop.sock_sendall(worker.link, STOP)
         for worker in workers:
             code = await worker.process.wait()
             worker.link.close()
-            # Killed by our SIGTERM before it could install its handler: it was not serving yet.
+            # Killed by a SIGTERM (a service manager signals every process) before it installed
+            # its handler: it was not serving yet.
             if code not in (0, -signal.SIGTERM) and status == 0:
                 print(
                     f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} "

@@ -30,9 +30,9 @@ from resume_helpers import (
 )
 from test_cli import connic_cmd, one_error_line, write
 from test_redis_fleet import chat, status_within
-from test_workers import Output, exited, wait_exited, worker_pids
+from test_workers import THIRTY_WORDS, Output, clients_on, config, exited, wait_exited, worker_pids
 
-from conftest import ROOT, SECRET, CliServer, start_cli
+from conftest import ROOT, SECRET, CliServer, Connect, start_cli
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -153,3 +153,29 @@ def test_a_second_server_with_workers_on_the_same_port_is_refused(tmp_path: Path
         line = one_error_line(done)
         assert "address already in use" in line and str(first.port) in line, line
     assert first.proc.poll() is None  # the first server serves on
+
+
+async def test_sigterm_to_every_process_at_once_still_drains_then_exit_0(
+    tmp_path: Path, started: list[CliServer], connect: Connect
+) -> None:
+    # What systemd's default KillMode=control-group (or `pkill`) does: SIGTERM to the parent and to
+    # every worker together. The parent's own SIGTERM to each worker used to be that worker's second
+    # signal: it stopped at once, cutting the replies under way (1006), and the parent exited 1.
+    server = start_cli("--config", str(config(tmp_path, delay=0.05)), "--workers", "2", "--secret", "s")
+    started.append(server)
+    pids = worker_pids(server)
+    output = Output(server)
+    clients = await clients_on(output, connect, server, set(pids), "s")
+    for client in clients.values():
+        await client.send({"id": "slow", "message": THIRTY_WORDS})
+    befores = {pid: await client.until("stream_chunk") for pid, client in clients.items()}
+    for pid in (server.proc.pid, *pids):
+        os.kill(pid, signal.SIGTERM)
+    for pid, client in clients.items():
+        code, after = await client.closed(timeout=20)
+        ends = [f for f in befores[pid] + after if f["type"] == "stream_end"]
+        assert [e["full_response"] for e in ends] == [THIRTY_WORDS], (pid, after)
+        assert code == 1001, (pid, after)
+    assert await asyncio.to_thread(server.proc.wait, 30) == 0, output.text()
+    assert "again, stopping at once" not in output.text()
+    await wait_exited(pids)
