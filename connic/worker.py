@@ -29,7 +29,7 @@ from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import serve
 
-__all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "pack_spec", "worker_main"]
+__all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
@@ -84,16 +84,23 @@ def _read_spec(link: socket.socket) -> WorkerSpec:
     return spec
 
 
+def error_line(text: str) -> None:
+    """``connic: error: TEXT`` on standard error, in one write.
+
+    The parent and every worker share standard error, and print() writes the newline
+    apart: two workers failing together made one line of two errors.
+    """
+    sys.stderr.write(f"connic: error: {text}\n")
+    sys.stderr.flush()
+
+
 def worker_main() -> int:
     """One worker (``python -m connic.workers``, standard input linked to the parent)."""
     try:
         link = socket.socket(fileno=0)
         spec = _read_spec(link)
     except (OSError, EOFError, pickle.UnpicklingError, TypeError):
-        print(
-            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
-            file=sys.stderr,
-        )
+        error_line("python -m connic.workers is a worker of `connic run --workers N`, not run by hand")
         return 2
     name = f"connic: worker {spec.index} (pid {os.getpid()})"
     configure_logging(
@@ -124,12 +131,12 @@ def worker_main() -> int:
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
     except StoreUnavailable as exc:
-        print(f"connic: error: {exc.message}", file=sys.stderr)
+        error_line(exc.message)
         return STORE_UNAVAILABLE
     except ConnicError as exc:  # a ConfigError, or an agent's start failing (PluginError ...)
-        print(f"connic: error: {exc.message}", file=sys.stderr)
+        error_line(exc.message)
         return 1
     except OSError as exc:
-        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
+        error_line(str(exc.strerror or exc))
         return 1
     return 0

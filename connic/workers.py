@@ -37,7 +37,7 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, pack_spec, worker_main
+from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
 __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
@@ -215,11 +215,9 @@ class Supervisor:
                 for worker in list(self._live.values()):
                     if worker.process.returncode is not None:
                         self._forget(worker)
-                        print(
-                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                        error_line(
+                            f"worker {worker.index} (pid {worker.process.pid}) exited with "
                             f"{_status(worker.process.returncode)} before it was listening",
-                            file=sys.stderr,
-                            flush=True,
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -238,12 +236,10 @@ class Supervisor:
                         continue
                     self._forget(worker)
                     if not self._may_restart():
-                        print(
-                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                        error_line(
+                            f"worker {worker.index} (pid {worker.process.pid}) exited with "
                             f"{_status(code)}: {len(self._exits)} workers exited within {RESTART_WINDOW:g} s, "
                             "giving up (see the errors above)",
-                            file=sys.stderr,
-                            flush=True,
                         )
                         return await self._stop_all(loop, 1)
                     new = await self._start(spec(worker.index))
@@ -362,11 +358,8 @@ class Supervisor:
             # Killed by a SIGTERM (a service manager signals every process) before it installed
             # its handler: it was not serving yet.
             if code not in (0, -signal.SIGTERM) and status == 0:
-                print(
-                    f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} "
-                    "while shutting down",
-                    file=sys.stderr,
-                    flush=True,
+                error_line(
+                    f"worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} while shutting down",
                 )
                 status = 1
         return status
