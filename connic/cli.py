@@ -27,6 +27,7 @@ from connic.banner import print_banner
 from connic.config import AgentConfig, Config, default_config, load_config
 from connic.errors import ConfigError, ConnicError, PluginError
 from connic.logs import FORMATS, configure_logging
+from connic.metrics import MULTIPROC_ENV
 from connic.registry import absolute_reference, is_reference, load_reference, load_registry, reference_name
 from connic.reload import CHILD_ENV, SECRET_ENV, run_reloading
 from connic.routes import install_routes
@@ -129,6 +130,33 @@ def _cli_agents(values: Sequence[str]) -> dict[str, AgentConfig]:
     return agents
 
 
+def _flag_value(flag: str, key: str, value: float) -> float:
+    """``value``, checked as the connectors' ``key`` is checked; a bad one is blamed on ``flag``.
+
+    Checked later, with the connectors' other options, the error would name the
+    configuration file and a key the user never wrote there.
+    """
+    from connic.transports.websocket import WebSocketTransport  # the agui transport checks these alike
+
+    changes: dict[str, Any] = {key: value}
+    try:
+        attrs.evolve(WebSocketTransport.Options(), **changes)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+    return value
+
+
+def _check_environment() -> None:
+    """Refuse, in one line, an environment variable that would otherwise fail with a traceback."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory is not None and not os.path.isdir(directory):
+        # connic.metrics refuses it too, but as a ValueError from deep inside create_app().
+        raise ConfigError(
+            f"{MULTIPROC_ENV}={directory!r}: the environment variable must name an existing directory "
+            "(prometheus-client's multiprocess mode), or be unset"
+        )
+
+
 def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     server = config.server
     if args.log_format is not None:
@@ -156,9 +184,9 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
     if args.no_streaming:
         overrides["streaming"] = False
     if args.session_timeout is not None:
-        overrides["session_timeout"] = args.session_timeout
+        overrides["session_timeout"] = _flag_value("--session-timeout", "session_timeout", args.session_timeout)
     if args.max_messages is not None:
-        overrides["max_messages"] = args.max_messages
+        overrides["max_messages"] = _flag_value("--max-messages", "max_messages", args.max_messages)
     connectors = tuple(
         attrs.evolve(
             c,
@@ -193,6 +221,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     level = args.log_level.upper()
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    _check_environment()
     config_file = args.config or os.environ.get("CONNIC_CONFIG") or None
     config = load_config(config_file) if config_file else default_config()
     configure_logging(level, args.log_format or config.server.log_format)
@@ -236,6 +265,7 @@ def _plugins() -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    _check_environment()
     config = load_config(args.config)
     config, generated = _generate_secrets(config)
     runtime = build_runtime(config)

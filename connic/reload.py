@@ -61,12 +61,26 @@ def watched_folders(config: str | None, agents: Sequence[str], cwd: Path) -> lis
     return folders or [cwd.resolve()]
 
 
-def _free_port(host: str) -> int:
-    """A port free on ``host`` now, for every child to bind in turn (``--port 0``)."""
-    infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+def _free_port(host: str, host_key: str) -> int:
+    """A port free on ``host`` now, for every child to bind in turn (``--port 0``).
+
+    A host that does not resolve, or is not this machine's, is a ConfigError naming
+    ``host_key``, as the server itself words it: here it came first, as a bare
+    "Name or service not known".
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{host_key}: cannot resolve {host!r}: {exc.strerror}") from None
+    except ValueError as exc:  # UnicodeError from the idna codec; ValueError for a NUL
+        raise ConfigError(f"{host_key}: {host!r} is not a valid host name ({exc})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
-        sock.bind(address)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise ConfigError(f"{host_key}: cannot listen on {host!r}: {why}") from None
         return int(sock.getsockname()[1])
 
 
@@ -79,11 +93,13 @@ def _status(code: int) -> str:
 class Reloader:
     """The parent of ``connic run --reload``: watches ``folders`` and runs ``argv`` as the server."""
 
-    def __init__(self, argv: Sequence[str], folders: Sequence[Path], *, host: str, port: int) -> None:
+    def __init__(
+        self, argv: Sequence[str], folders: Sequence[Path], *, host: str, port: int, host_key: str = "--host"
+    ) -> None:
         # The child's arguments: ours without --reload; a later --port wins in argparse.
         self.argv = [a for a in argv if a != "--reload"]
         if port == 0:
-            self.argv += ["--port", str(_free_port(host))]
+            self.argv += ["--port", str(_free_port(host, host_key))]
         self.folders = list(folders)
         self.env = dict(os.environ)
         self.env[CHILD_ENV] = "1"
@@ -185,6 +201,7 @@ def run_reloading(args: argparse.Namespace, argv: Sequence[str], config: Config,
     if importlib.util.find_spec("watchfiles") is None:
         raise ConfigError("--reload needs the watchfiles package: pip install 'connic[reload]'")
     host = args.host if args.host is not None else config.server.host
+    host_key = "--host" if args.host is not None else f"{config.where}: server.host"
     port = args.port if args.port is not None else config.server.port
     folders = watched_folders(config_file, args.agent or (), Path.cwd())
-    return Reloader(argv, folders, host=host, port=port).run()
+    return Reloader(argv, folders, host=host, port=port, host_key=host_key).run()

@@ -107,8 +107,20 @@ async def serve(
     if loop.get_debug():
         loop.slow_callback_duration = SLOW_CALLBACK
         logging.getLogger("asyncio").addFilter(_SlowCallbackHint())
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        # The second SIGINT/SIGTERM stops at once (the drain, the agents' close() included). Counted,
+        # rather than "any signal once stopping": when the stop came otherwise (SIGHUP, a worker's
+        # parent), a service manager that signals every process at once must not cut the drain short.
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            _stop_at_once(signum)
+        stop.set()
+
     for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     restarting = False
     if restartable:
 
@@ -145,9 +157,6 @@ async def serve(
         else:
             watcher = asyncio.create_task(listening(stop))
         await stop.wait()
-        # From here on (the drain, then the agents' close()) a second signal stops at once.
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, _stop_at_once, sig)
         print(f"{name}: {'restarting' if restarting else 'shutting down'}", flush=True)
         # Drain before aiohttp's cleanup, which stops reading every connection.
         await drain(app, restart=restarting)

@@ -7,8 +7,9 @@ the format of the link, which both ends use. The worker's standard input is one 
 of a socket pair: the parent writes the :class:`WorkerSpec` into it
 (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
-the worker answers :data:`READY` once it listens, and end-of-file tells the worker
-that its parent is gone, so it drains instead of serving on as an orphan.
+the worker answers :data:`READY` once it listens, the parent writes :data:`STOP` to
+have it drain, and end-of-file tells the worker that its parent is gone, so it drains
+instead of serving on as an orphan.
 """
 
 from __future__ import annotations
@@ -24,14 +25,27 @@ import attrs
 
 from connic.app import create_app
 from connic.config import Config
-from connic.errors import ConfigError
+from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import serve
 
-__all__ = ["READY", "WorkerSpec", "pack_spec", "worker_main"]
+__all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
+STOP = b"stop\n"
+"""What the parent writes to a worker to have it drain and exit.
+
+Not a SIGTERM: a service manager that signals every process of the service at once (systemd's
+default ``KillMode=control-group``, ``pkill``) has already sent each worker one, and a second
+signal makes a worker stop at once, without draining.
+"""
+STORE_UNAVAILABLE = 3
+"""A worker's exit status when the session store cannot be reached as it starts.
+
+The parent tells this apart from a broken worker: once the server has started, such a worker
+is started again, later and later, until the store answers, and never counts towards giving up.
+"""
 
 
 @attrs.frozen
@@ -70,16 +84,23 @@ def _read_spec(link: socket.socket) -> WorkerSpec:
     return spec
 
 
+def error_line(text: str) -> None:
+    """``connic: error: TEXT`` on standard error, in one write.
+
+    The parent and every worker share standard error, and print() writes the newline
+    apart: two workers failing together made one line of two errors.
+    """
+    sys.stderr.write(f"connic: error: {text}\n")
+    sys.stderr.flush()
+
+
 def worker_main() -> int:
     """One worker (``python -m connic.workers``, standard input linked to the parent)."""
     try:
         link = socket.socket(fileno=0)
         spec = _read_spec(link)
     except (OSError, EOFError, pickle.UnpicklingError, TypeError):
-        print(
-            "connic: error: python -m connic.workers is a worker of `connic run --workers N`, not run by hand",
-            file=sys.stderr,
-        )
+        error_line("python -m connic.workers is a worker of `connic run --workers N`, not run by hand")
         return 2
     name = f"connic: worker {spec.index} (pid {os.getpid()})"
     configure_logging(
@@ -94,10 +115,11 @@ def worker_main() -> int:
         loop = asyncio.get_running_loop()
         link.setblocking(False)
         await loop.sock_sendall(link, READY)
-        # The parent never writes again: end-of-file (or an error) means it is gone.
+        # The parent writes only STOP; end-of-file (or an error) means it is gone.
         try:
-            while await loop.sock_recv(link, 1):
-                pass
+            if await loop.sock_recv(link, len(STOP)):
+                stop.set()  # serve() says "shutting down" and drains
+                return
         except OSError:
             pass
         if not stop.is_set():
@@ -108,10 +130,13 @@ def worker_main() -> int:
         app = create_app(spec.config)
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
-    except ConfigError as exc:
-        print(f"connic: error: {exc.message}", file=sys.stderr)
+    except StoreUnavailable as exc:
+        error_line(exc.message)
+        return STORE_UNAVAILABLE
+    except ConnicError as exc:  # a ConfigError, or an agent's start failing (PluginError ...)
+        error_line(exc.message)
         return 1
     except OSError as exc:
-        print(f"connic: error: {exc.strerror or exc}", file=sys.stderr)
+        error_line(str(exc.strerror or exc))
         return 1
     return 0

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 from prometheus_client import multiprocess
@@ -36,12 +37,19 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.worker import READY, WorkerSpec, pack_spec, worker_main
+from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
-__all__ = ["RESTART_WINDOW", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
+__all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
+STORE_RETRY_MAX = 10.0
+"""At most this many seconds between two starts of a worker that could not reach the session store.
+
+Such a worker is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until the
+store answers: Redis being down is not the worker's fault, and giving up would take the
+other workers, which go on serving (and refusing new sessions with 503), down with it.
+"""
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -101,6 +109,8 @@ def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             try:
+                if port != 0:
+                    _probe(family, kind, proto, address)
                 sock.bind(address)
             except OSError as exc:
                 why = (exc.strerror or str(exc)).lower()  # worded as asyncio words it without --workers
@@ -110,6 +120,21 @@ def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def _probe(family: int, kind: int, proto: int, address: tuple[Any, ...]) -> None:
+    """Bind ``address`` as a server without ``--workers`` would (SO_REUSEADDR, no SO_REUSEPORT), then let it go.
+
+    OSError (EADDRINUSE) when anything listens there. Our reserving socket alone would not
+    find out: SO_REUSEPORT lets every process of the same user bind the port, so a second
+    ``connic run --workers N`` on a port another one serves would start, and the kernel would
+    split new connections between the two servers.
+    """
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a restart is no conflict
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind(address)
 
 
 @attrs.define
@@ -141,6 +166,9 @@ class Supervisor:
         self.host_key = host_key
         self._live: dict[int, _Worker] = {}
         self._exits: deque[float] = deque()
+        self._store_failures: dict[int, int] = {}  # worker index: its starts in a row that found no store
+        self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
+        self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
@@ -187,11 +215,9 @@ class Supervisor:
                 for worker in list(self._live.values()):
                     if worker.process.returncode is not None:
                         self._forget(worker)
-                        print(
-                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                        error_line(
+                            f"worker {worker.index} (pid {worker.process.pid}) exited with "
                             f"{_status(worker.process.returncode)} before it was listening",
-                            file=sys.stderr,
-                            flush=True,
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -204,14 +230,16 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None:
                         continue
+                    if code == STORE_UNAVAILABLE and not worker.ready:
+                        self._forget(worker, counted=False)
+                        self._start_later(spec(worker.index), worker.process.pid)
+                        continue
                     self._forget(worker)
                     if not self._may_restart():
-                        print(
-                            f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with "
+                        error_line(
+                            f"worker {worker.index} (pid {worker.process.pid}) exited with "
                             f"{_status(code)}: {len(self._exits)} workers exited within {RESTART_WINDOW:g} s, "
                             "giving up (see the errors above)",
-                            file=sys.stderr,
-                            flush=True,
                         )
                         return await self._stop_all(loop, 1)
                     new = await self._start(spec(worker.index))
@@ -248,11 +276,34 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
+    def _start_later(self, spec: WorkerSpec, pid: int | None) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while the store stays unreachable."""
+        failures = self._store_failures.get(spec.index, 0)
+        self._store_failures[spec.index] = failures + 1
+        delay = min(STORE_RETRY_MAX, 2.0**failures)
+        print(
+            f"connic: worker {spec.index} (pid {pid}) could not reach the session store; "
+            f"starting it again in {delay:g} s",
+            flush=True,
+        )
+
+        async def later() -> None:
+            try:
+                await asyncio.sleep(delay)
+                self._sleeping.discard(spec.index)  # starting: _stop_all waits for it, then stops it
+                await self._start(spec)
+            finally:
+                self._waiting.pop(spec.index, None)
+
+        self._sleeping.add(spec.index)
+        self._waiting[spec.index] = asyncio.create_task(later())
+
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
         try:
             if await loop.sock_recv(worker.link, len(READY)) == READY:
                 worker.ready = True
+                self._store_failures.pop(worker.index, None)
                 if self._started:
                     print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
                 self._changed.set()
@@ -267,10 +318,12 @@ class Supervisor:
         changed.cancel()
         self._changed.clear()
 
-    def _forget(self, worker: _Worker) -> None:
+    def _forget(self, worker: _Worker, *, counted: bool = True) -> None:
+        """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
         del self._live[worker.index]
         worker.link.close()
-        self._exits.append(time.monotonic())
+        if counted:
+            self._exits.append(time.monotonic())
         if self._metrics_dir is not None:
             # Its open connections and sessions no longer count; its counters stay in the sums.
             _mark_process_dead(worker.process.pid, self._metrics_dir)
@@ -283,25 +336,30 @@ class Supervisor:
         return len(self._exits) <= self.workers
 
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
-        """SIGTERM every worker and wait for their drains; a second signal kills them at once."""
+        """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
             print("connic: shutting down", flush=True)
+        for index, waiting in list(self._waiting.items()):
+            if index in self._sleeping:
+                waiting.cancel()  # still in its delay: there is no process to stop
+        await asyncio.gather(*self._waiting.values(), return_exceptions=True)
         workers = list(self._live.values())
         for worker in workers:
             if worker.process.returncode is None:
-                worker.process.send_signal(signal.SIGTERM)
+                # Over the link, not a signal (connic.worker.STOP says why). One still starting
+                # reads it once it listens, then drains at once: it has nothing under way.
+                with contextlib.suppress(OSError):  # it has just exited: the wait below sees it
+                    await loop.sock_sendall(worker.link, STOP)
         for worker in workers:
             code = await worker.process.wait()
             worker.link.close()
-            # Killed by our SIGTERM before it could install its handler: it was not serving yet.
+            # Killed by a SIGTERM (a service manager signals every process) before it installed
+            # its handler: it was not serving yet.
             if code not in (0, -signal.SIGTERM) and status == 0:
-                print(
-                    f"connic: error: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} "
-                    "while shutting down",
-                    file=sys.stderr,
-                    flush=True,
+                error_line(
+                    f"worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} while shutting down",
                 )
                 status = 1
         return status

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from connic.errors import StoreUnavailable
 from connic.redact import safe_url
@@ -21,7 +23,7 @@ from connic.stores.redis import scripts
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["SCRIPTS", "Connection", "ms", "ttl", "ttl_seconds"]
+__all__ = ["SCRIPTS", "Connection", "check_url", "ms", "ttl", "ttl_seconds"]
 
 SCRIPTS = tuple(name for name in scripts.__all__ if name.isupper())
 """The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
@@ -60,15 +62,26 @@ class Connection:
                 encoding_errors="surrogatepass",  # JSON from a client may hold lone surrogates
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=opts.timeout,
+                # RESP2, redis-py's default before 8.0. With 8.x's RESP3 default its pool skips the
+                # check that a pooled connection is still open (redis-py issue 4128), so after Redis
+                # restarts the first call on each pooled connection failed, and a session with it.
+                # A URL's ?protocol=3 still wins (redis-py lets the query override these arguments).
+                protocol=2,
             )
             redis = aioredis.Redis(connection_pool=pool)
             redis.auto_close_connection_pool = True  # aclose() closes the pool too
             return redis
 
         try:
+            check_url(opts.url)
             self._redis = client(opts.timeout)
-        except ValueError as exc:
-            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: {exc}") from None
+            # redis-py passes the URL's query on to every connection it makes: an unknown
+            # parameter would be a TypeError (a traceback) at the first call, so make one now.
+            pool = self._redis.connection_pool
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, TypeError) as exc:
+            await self.disconnect()
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: {_url_problem(exc)}") from None
         self._blocking = client(None)
         try:
             await self._call(self._redis.ping())
@@ -274,6 +287,25 @@ class Connection:
             raise StoreUnavailable(f"Redis failed: {exc}") from None
         self._down = False
         return result
+
+
+def check_url(url: str) -> None:
+    """Refuse (ValueError) a ``redis://`` or ``rediss://`` URL whose path is not a database number.
+
+    redis-py ignores such a path (``/sessions``: database 0) or reads its digits run
+    together (``/1/2``: database 12): the store would silently use another database.
+    """
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?[0-9]*", parts.path):
+        raise ValueError(f"the path {parts.path!r} is not a database number (redis://host:port/0)")
+
+
+def _url_problem(exc: ValueError | TypeError) -> str:
+    """What is wrong with the URL, for the one line that refuses it."""
+    unknown = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
+    if isinstance(exc, TypeError) and unknown:
+        return f"unknown query parameter {unknown.group(1)!r} (not a redis-py connection option)"
+    return str(exc)
 
 
 def _pack(command: Sequence[str | int]) -> bytes:
