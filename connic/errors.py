@@ -228,7 +228,20 @@ class ProducerLost(ConnicError):
 
 
 class StoreUnavailable(ConnicError):
-    """The shared session store cannot be reached."""
+    """The shared session store cannot be reached.
+
+    ``message`` is what a client is told; ``detail`` is what the store or its client library
+    said (it may name hosts, ports and scripts): for the server's log only (:attr:`why`).
+    """
 
     code = "store_unavailable"
     close_code = 1011
+
+    def __init__(self, message: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    @property
+    def why(self) -> str:
+        """The message and the store's own words: what the server logs."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message

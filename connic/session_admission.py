@@ -12,6 +12,7 @@ and acked.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["admit"]
 
+log = logging.getLogger("connic.session")
+
 
 async def admit(session: ChatSession, frame: MessageFrame) -> None:
     """Accept a message (ack it and queue it) or refuse it with a sequenced error frame."""
@@ -51,6 +54,7 @@ async def admit(session: ChatSession, frame: MessageFrame) -> None:
         try:
             wait = await session.bucket.acquire()  # a shared store's bucket answers over the network
         except StoreUnavailable as exc:
+            log.warning("session %s: the session store failed: %s", session.id, exc.why)
             if session.sink is not None:
                 session.sink.end(exc, True)  # not acked: the client sends it again once resumed
             return

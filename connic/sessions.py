@@ -150,7 +150,7 @@ class Sessions:
             self.store.abandon(session_id, "cancelled")
             raise
         except StoreUnavailable as exc:
-            self.store.abandon(session_id, exc.message)
+            self.store.abandon(session_id, exc.why)
             raise
         except Exception as exc:  # a record the store read but that does not fit a session (not connic's own data)
             self.store.abandon(session_id, f"its record cannot be rebuilt: {exc!r}")

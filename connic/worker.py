@@ -131,7 +131,7 @@ def worker_main() -> int:
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
     except StoreUnavailable as exc:
-        error_line(exc.message)
+        error_line(exc.why)
         return STORE_UNAVAILABLE
     except ConnicError as exc:  # a ConfigError, or an agent's start failing (PluginError ...)
         error_line(exc.message)

@@ -62,7 +62,37 @@ def test_a_mistyped_store_url_is_one_line_naming_store_url(
     assert done.returncode == 1, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("connic: error: [store] url ") and problem in lines[0], lines[0]
+    # Refused as the file is read (naming it: `connic check` refuses it too), or as the store starts.
+    named = (f"{tmp_path / 'connic.toml'}: store: url: ", "connic: error: [store] url ")
+    assert any(name in lines[0] for name in named) and problem in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:6379/0", "Redis URL must specify one of the following schemes"),
+        ("/sessions", "Redis URL must specify one of the following schemes"),
+        ("redis://127.0.0.1:6379/sessions", "the path '/sessions' is not a database number"),
+    ],
+)
+def test_check_refuses_a_store_url_that_run_would(tmp_path: Path, url: str, problem: str) -> None:
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        '[agents.assistant]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["s"]\n'
+        f'[store]\nuse = "redis"\nurl = "{url}"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "connic", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+        env=store_plugin_env(tmp_path / "plugins"),
+    )
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"connic: error: {path}: store: url: {lines[0].partition('store: url: ')[2]}"], done.stderr
+    assert problem in lines[0], lines[0]
 
 
 def test_a_database_number_in_the_path_or_the_query_still_starts(tmp_path: Path, redis_server: RedisServer) -> None:

@@ -259,6 +259,7 @@ class AguiTransport(SessionTransport):
             given = request.headers.get(TOKEN_HEADER) or forwarded_token(run)
             joined = await self.threads.join(run, given, request.remote or "unknown")
         except StoreUnavailable as exc:
+            log.warning("thread %s: the session store failed: %s", run.thread_id, exc.why)
             return self.refuse(503, exc.message, {"Retry-After": "5", **cors})
         if isinstance(joined, web.Response):
             return joined

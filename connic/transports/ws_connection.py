@@ -159,7 +159,10 @@ class Connection:
                 self.transport.authenticated(self)  # it stops counting against [server] max_unauthenticated
                 await self._read()
         except StoreUnavailable as exc:
-            self.close(exc)  # a shared store failed opening or resuming the session: 1011, try again later
+            # A shared store failed opening or resuming the session: 1011, try again later. The
+            # client is told what failed, the log also what the store said.
+            log.warning("session %s: the session store failed: %s", self.writer.name, exc.why)
+            self.close(exc)
         finally:
             await self._cleanup()
 

@@ -48,7 +48,7 @@ from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
 from connic.stores.redis.cancels import Cancels
-from connic.stores.redis.connection import ms, ttl
+from connic.stores.redis.connection import check_url, ms, ttl
 from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog, entries_of, frames_after, may_end, seq_of, unfinished
@@ -71,6 +71,20 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
         raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
+def _redis_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    # What start() would refuse, refused by `connic check` too. A query parameter redis-py does
+    # not know is found only by making a connection (start() does).
+    try:
+        check_url(value)
+        from redis.connection import parse_url
+
+        parse_url(value)  # type: ignore[no-untyped-call]  # ValueError: not redis://, rediss:// or unix://
+    except ImportError:
+        return  # start() says that redis-py is missing
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+
+
 class RedisStore(Limits, Cancels, SessionStore):
     """Sessions in Redis: durable, resumable on any process that shares the server."""
 
@@ -80,7 +94,7 @@ class RedisStore(Limits, Cancels, SessionStore):
     class Options:
         """The ``[store]`` keys of ``use = "redis"`` (docs/configuration.md)."""
 
-        url: str = "redis://127.0.0.1:6379/0"
+        url: str = attrs.field(default="redis://127.0.0.1:6379/0", validator=_redis_url)
         key_prefix: str = "connic:"
         timeout: float = attrs.field(default=2.0, validator=_positive)
         connection_lease: float = attrs.field(default=10.0, validator=_positive)
@@ -296,7 +310,8 @@ class RedisStore(Limits, Cancels, SessionStore):
                         raise
                     except Exception as exc:
                         cause = exc.__cause__  # what did not decode, for the log (the client is told less)
-                        self.abandon(session_id, f"{exc}: {cause}" if cause is not None else str(exc))
+                        why = exc.why if isinstance(exc, StoreUnavailable) else str(exc)
+                        self.abandon(session_id, f"{why}: {cause}" if cause is not None else why)
                         if isinstance(exc, StoreUnavailable):
                             raise
                         # A record that decodes but does not fit (a seq that is no number): as unreadable.

@@ -48,7 +48,7 @@ class Cancels(Writer):
             pipe.publish(scripts.cancel_channel(prefix), session_id)
             await self._call(pipe.execute())
         except StoreUnavailable as exc:
-            log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.message)
+            log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
 
     async def _listen(self) -> None:
         """Take the cancels other processes pass to the sessions live here as soon as they say so."""
@@ -82,7 +82,7 @@ class Cancels(Writer):
 
             results = await self._pipeline(build)
         except StoreUnavailable as exc:
-            log.warning("redis store: taking cancels failed: %s", exc.message)
+            log.warning("redis store: taking cancels failed: %s", exc.why)
             return
         for sid, ids in zip(session_ids, results, strict=True):
             session = self._live.get(sid)

@@ -87,7 +87,7 @@ class Connection:
             await self._call(self._redis.ping())
         except StoreUnavailable as exc:
             await self.disconnect()
-            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: cannot reach Redis ({exc.message})") from None
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: cannot reach Redis ({exc.why})") from None
         self._scripts = {name: self._redis.register_script(getattr(scripts, name)) for name in SCRIPTS}
 
         def load(pipe: Any) -> None:
@@ -98,9 +98,7 @@ class Connection:
             await self._pipeline(load)
         except StoreUnavailable as exc:
             await self.disconnect()
-            raise StoreUnavailable(
-                f"[store] url {safe_url(opts.url)!r}: cannot load the scripts ({exc.message})"
-            ) from None
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: cannot load the scripts ({exc.why})") from None
 
     def _queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         """Queue script ``name`` on ``pipe`` by its SHA (EVALSHA).
@@ -284,7 +282,7 @@ class Connection:
             self._down = not isinstance(exc, redis.exceptions.ResponseError)
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
-            raise StoreUnavailable(f"Redis failed: {exc}") from None
+            raise StoreUnavailable(f"Redis failed ({type(exc).__name__})", detail=str(exc)) from None
         self._down = False
         return result
 

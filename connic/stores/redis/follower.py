@@ -203,5 +203,5 @@ class Follower:
                 await self._store._call(self._store._client().execute_command("CLIENT", "UNBLOCK", client_id))
             except StoreUnavailable as exc:
                 # The read ends within BLOCK_MS anyway: the new logs' frames come that much later.
-                log.debug("redis store: CLIENT UNBLOCK failed: %s", exc.message)
+                log.debug("redis store: CLIENT UNBLOCK failed: %s", exc.why)
                 return

@@ -121,4 +121,4 @@ class Limits(Writer):
         try:
             await self._pipeline(build)
         except StoreUnavailable as exc:
-            log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.message)
+            log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.why)

@@ -177,7 +177,8 @@ class Writer(Connection):
                 results = [exc] * len(commands)
             for i, ((sid, name, _), result) in enumerate(zip(commands, results[: len(commands)], strict=True)):
                 if isinstance(result, Exception):
-                    log.warning("session %s: %s failed: %s", sid, name, result)
+                    why = result.why if isinstance(result, StoreUnavailable) else str(result)
+                    log.warning("session %s: %s failed: %s", sid, name, why)
                     # Whether the history was written is unknown: the next save writes it whole.
                     self._saved.pop(sid, None)
                     self._fail(sid)
@@ -249,7 +250,7 @@ class Writer(Connection):
             try:
                 results = await self._pipeline(build)
             except StoreUnavailable as exc:
-                log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.message)
+                log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.why)
                 continue
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
