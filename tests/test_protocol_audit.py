@@ -352,3 +352,55 @@ async def test_store_unavailable_closes_1011_and_the_session_resumes_once_the_st
     assert [e["text"] for e in history["entries"]][:2] == ["before", "before"]
     await again.send({"id": "m3", "message": "after"})
     await again.until(lambda f: f["type"] == "stream_end" and f["id"] == "m3", timeout=15)
+
+
+async def test_messages_sent_after_a_resume_on_another_process_are_answered_after_those_accepted_before(
+    any_store: StartServer, store_url: str | None, clients: Clients
+) -> None:
+    a, b = await shared_pair(any_store, store_url, {"assistant": {"use": "echo", "delay": 0.03}})
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"id": "m1", "message": words(30, "a")})
+    await conn.send({"id": "m2", "message": words(5, "b")})
+    await conn.until(lambda f: f["type"] == "ack" and f["id"] == "m2")
+    conn.drop()
+    again = await session.resume(url=b.url())  # A still answers m1, with m2 queued behind it
+    assert again.connected["resumed"] is True
+    await again.send({"id": "m3", "message": words(3, "c")})
+    expected = {"m1": ["assistant"], "m2": ["assistant"], "m3": ["assistant"]}
+    await again.until_ended(expected, timeout=20)
+    session.transcript.assert_complete()
+    replies = [f["id"] for f in session.transcript.ordered() if f["type"] != "ack"]
+    assert replies == ["m1"] * 32 + ["m2"] * 7 + ["m3"] * 5
+    acks = [(f["id"], f["message_number"]) for f in session.transcript.ordered() if f["type"] == "ack"]
+    assert acks == [("m1", 1), ("m2", 2), ("m3", 3)]
+
+
+async def test_cancel_on_another_process_drops_a_message_queued_on_the_first(
+    any_store: StartServer, store_url: str | None, clients: Clients
+) -> None:
+    agents = {"slow": {"use": "slow", "seconds": 30}, "echo": {"use": "echo"}}
+    a, b = await shared_pair(any_store, store_url, agents)
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "long", "agent": "slow"}})
+    await conn.send({"type": "message", "id": "m2", "payload": {"message": "queued", "agent": "slow"}})
+    while not (
+        any(f["type"] == "stream_chunk" for f in conn.frames)
+        and any(f["type"] == "ack" and f["id"] == "m2" for f in conn.frames)
+    ):
+        await conn.recv()
+    conn.drop()
+    again = await session.resume(url=b.url())
+    assert again.connected["resumed"] is True
+    await again.send({"type": "cancel", "id": "m2"})  # queued on A
+    await again.send({"type": "cancel", "id": "m1"})  # in flight on A
+    await again.until_ended({"m1": ["slow"]}, timeout=10)
+    end = session.transcript.end("m1", "slow")
+    assert end is not None and end["finish_reason"] == "cancelled" and end["full_response"] == "started "
+    # Answered in order: m3 ends within the wait only if m2 (30 s) was dropped.
+    await again.send({"type": "message", "id": "m3", "payload": {"message": "quick", "agent": "echo"}})
+    await again.until_ended({"m3": ["echo"]}, timeout=15)
+    assert [f["type"] for f in session.transcript.of("m2")] == ["ack"]
+    assert session.transcript.of("m3")[0]["message_number"] == 3
+    session.transcript.assert_complete()
