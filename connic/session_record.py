@@ -6,6 +6,7 @@ Part of :class:`~connic.session.ChatSession` (kept apart for size): the fields o
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from connic.stores import SessionRecord
@@ -27,6 +28,10 @@ def restore(session: ChatSession, record: SessionRecord) -> None:
     session.states = {name: dict(state) for name, state in record.states.items()}
     session.history.entries = list(record.history)
     session.history.size = record.history_size
+    if record.last_active is not None:
+        # session_timeout counts on across processes: a resume is not activity (PROTOCOL.md §7).
+        idle = max(0.0, time.time() - record.last_active)
+        session.last_activity = session.clock() - idle
 
 
 def record(session: ChatSession, *, history: bool = True) -> SessionRecord:
@@ -46,4 +51,5 @@ def record(session: ChatSession, *, history: bool = True) -> SessionRecord:
         history=tuple(session.history.entries) if history else (),
         history_size=session.history.size,
         busy=session.busy,
+        last_active=time.time() - (session.clock() - session.last_activity),
     )

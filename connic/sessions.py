@@ -157,6 +157,9 @@ class Sessions:
             raise StoreUnavailable("this session's record in the store cannot be read") from exc
         self.live.add(session)
         self.metrics.sessions_open.inc(self.label)
+        if not record.busy and session.clock() - session.last_activity >= self.options.session_timeout:
+            session.end()  # it expired while no process held it: gone for good, as on any process
+            return None
         if last_seq > session.seq:
             # The client saw frames its last process numbered but never got into the store: that
             # process died between sending them and its next write. The session goes on, numbered

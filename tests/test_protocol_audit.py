@@ -76,16 +76,7 @@ async def test_session_expired_ends_the_session_for_good(any_store: StartServer,
     assert again.connected["session_id"] != session.session_id
 
 
-async def test_session_timeout_runs_on_while_detached(
-    any_store: StartServer, store_url: str | None, clients: Clients, request: pytest.FixtureRequest
-) -> None:
-    if store_url is not None:
-        # A session the Redis store took back is rebuilt with its idle clock at zero (its record
-        # does not keep when it was last active): the resume succeeds, and session_timeout
-        # counts again from the resume. Strict: once that is fixed, this marker must go.
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="the Redis store restarts a session's idle clock on a resume")
-        )
+async def test_session_timeout_runs_on_while_detached(any_store: StartServer, clients: Clients) -> None:
     # The resume window is far longer than session_timeout: only the idle clock can end the session.
     server = await serve(any_store, {"session_timeout": 0.5, "resume_window": 60})
     session = ResumeSession(clients, server.url())

@@ -57,6 +57,8 @@ class SessionRecord:
     history: Sequence[HistoryEntry]
     history_size: int
     busy: bool = False  # a message was queued or being answered when the record was written
+    last_active: float | None = None
+    """When a message last came in or was answered (Unix time: any process reads it); None if unknown."""
     lost: Sequence[tuple[MessageId, str | None]] = ()
     """The agent replies (message id, agent) a process that died left unfinished, set by :meth:`SessionStore.take`
     (agent None: every agent that answers that message)."""

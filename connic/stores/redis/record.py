@@ -33,6 +33,7 @@ def encode(record: SessionRecord) -> str:
             "states": record.states,
             "history_size": record.history_size,
             "busy": record.busy,
+            "last_active": record.last_active,
         },
         separators=_COMPACT,
     )
@@ -66,5 +67,6 @@ def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:
         history=tuple(HistoryEntry(*item) for item in items),
         history_size=raw["history_size"],
         busy=raw.get("busy", False),  # records written before it was kept
+        last_active=raw.get("last_active"),  # the same
     )
     return record, inline is None
