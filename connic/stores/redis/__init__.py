@@ -27,7 +27,8 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
 background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
-across processes), :mod:`~connic.stores.redis.limits` (the rate limit and connections
+across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
+over the owner's connection), :mod:`~connic.stores.redis.limits` (the rate limit and connections
 per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON) and
 :mod:`~connic.stores.redis.scripts` (the Lua scripts).
@@ -47,12 +48,13 @@ import attrs
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
-from connic.stores.redis.cancels import Cancels
+from connic.stores.redis import scripts
 from connic.stores.redis.connection import check_url, ms, ttl
 from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog, entries_of, frames_after, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode, encode, encode_entry
+from connic.stores.redis.takeovers import Takeovers
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -85,7 +87,7 @@ def _redis_url(instance: object, attribute: attrs.Attribute[Any], value: str) ->
         raise ValueError(f"{attribute.name}: {exc}") from None
 
 
-class RedisStore(Limits, Cancels, SessionStore):
+class RedisStore(Limits, Takeovers, SessionStore):
     """Sessions in Redis: durable, resumable on any process that shares the server."""
 
     durable = True
@@ -111,7 +113,7 @@ class RedisStore(Limits, Cancels, SessionStore):
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, check that Redis answers, and start the writer, the lease renewer and the cancel listener."""
+        """Connect, check that Redis answers, and start the writer, the lease renewer and the pub/sub listener."""
         await self.connect()
         self._wake = asyncio.Event()
         self._tasks = [
@@ -133,7 +135,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
-        self._tasks[2].cancel()  # the cancel listener
+        self._tasks[2].cancel()  # the pub/sub listener (cancels and takeovers)
         self._tasks[3].cancel()  # the follower
         for task in self._cancelling:
             task.cancel()
@@ -256,6 +258,8 @@ class RedisStore(Limits, Cancels, SessionStore):
         as long as the owner holds it: its lease (``wait`` long, renewed while it lives) is
         what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
         round trip that reads the log: a resume costs one round trip before its first frame.
+        When they are given and that claim finds another owner, it tells the owner to end the
+        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per take.
         """
         await self.flush()
         check: list[str | int] = ["", ""]
@@ -278,7 +282,10 @@ class RedisStore(Limits, Cancels, SessionStore):
         followed: list[Following],
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
-        keys = self._keys(session_id)
+        prefix = self.options.key_prefix
+        keys = [*self._keys(session_id), scripts.takeover_key(prefix, session_id)]
+        # The first claim of a resume whose token it checks takes the owner's connection over.
+        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
         lease = ms(wait)
         deadline = time.monotonic() + wait
         cursor: int | None = None  # the seq handed to follow so far, once following
@@ -288,7 +295,8 @@ class RedisStore(Limits, Cancels, SessionStore):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check])
+                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal])
+                signal = ["", ""]  # once per take, not per attempt
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:

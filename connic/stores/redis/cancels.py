@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from connic.errors import StoreUnavailable
@@ -50,22 +50,28 @@ class Cancels(Writer):
         except StoreUnavailable as exc:
             log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
 
+    def _channels(self) -> dict[str, Callable[[str], Coroutine[Any, Any, None]]]:
+        """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
+        return {scripts.cancel_channel(self.options.key_prefix): lambda sid: self._take_cancels([sid])}
+
     async def _listen(self) -> None:
-        """Take the cancels other processes pass to the sessions live here as soon as they say so."""
+        """Act on what other processes publish for the sessions live here (:meth:`_channels`) as soon as they say so."""
         import redis.exceptions
 
-        channel = scripts.cancel_channel(self.options.key_prefix)
+        channels = self._channels()
         while True:
             pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                await pubsub.subscribe(*channels)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message["data"] in self._live:
-                        self._spawn(self._take_cancels([message["data"]]))
+                        act = channels.get(message["channel"])
+                        if act is not None:
+                            self._spawn(act(message["data"]))
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Redis went away: the renewer still takes the flags; listen again once it is back.
-                log.debug("redis store: cancel channel lost (%s)", exc)
+                log.debug("redis store: pub/sub channels lost (%s)", exc)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):

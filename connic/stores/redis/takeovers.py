@@ -1,0 +1,58 @@
+"""The ``redis`` store's takeovers across processes: a resume elsewhere closes the owner's connection (4011).
+
+PROTOCOL.md §7: resuming a session that still has a connection moves it to the new
+connection, and the old one gets ``session_taken_over`` (4011), across processes too.
+When a resume's claim (the ``CLAIM`` script, once per resume, after it checked the
+resume token) finds another process owning the session, it sets the session's takeover
+flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease) and publishes the
+session id on the store's takeover channel
+(:func:`~connic.stores.redis.scripts.takeover_channel`), to which every process listens.
+The owner takes the flag and ends the session's connection (:meth:`ChatSession.taken_over
+<connic.session.ChatSession.taken_over>`): the session, detached, is let go once it is
+idle, and the resume, following its frames meanwhile, takes it. The owner also takes the
+flag of each session it holds when it renews their leases (``RENEW``), in case the
+pub/sub message was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from connic.errors import StoreUnavailable
+from connic.stores.redis import scripts
+from connic.stores.redis.cancels import Cancels
+
+__all__ = ["Takeovers"]
+
+log = logging.getLogger("connic.stores.redis")
+
+
+class Takeovers(Cancels):
+    """What :class:`~connic.stores.redis.RedisStore` does with takeovers across processes (a base class of it)."""
+
+    def _channels(self) -> dict[str, Callable[[str], Coroutine[Any, Any, None]]]:
+        """The cancel channel, and the takeover channel."""
+        return {**super()._channels(), scripts.takeover_channel(self.options.key_prefix): self._take_takeover}
+
+    async def _take_takeover(self, session_id: str) -> None:
+        """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set.
+
+        Taking the flag (``DEL``) makes one of this message and the next renewal act on it, never both.
+        """
+        key = scripts.takeover_key(self.options.key_prefix, session_id)
+        try:
+            taken = await self._shared("DEL", key)
+        except StoreUnavailable as exc:
+            log.warning("session %s: taking its takeover flag failed: %s", session_id, exc.why)
+            return  # the flag stays: the renewer takes it
+        if taken:
+            self._taken_over(session_id)
+
+    def _taken_over(self, session_id: str) -> None:
+        """A resume on another process took the session over: its connection here ends with 4011."""
+        session = self._live.get(session_id)
+        if session is not None and session.sink is not None:
+            log.info("session %s: resumed on another process: its connection here is taken over", session_id)
+            session.taken_over()
