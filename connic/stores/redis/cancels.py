@@ -4,7 +4,9 @@ The follower adds the message id to the session's cancel set and publishes the s
 id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
 to which every process listens; the owner takes the set (the ``CANCELS`` script) and
 cancels the message. It also takes the set of its busy sessions when it renews their
-leases, in case the pub/sub message was lost.
+leases, in case the pub/sub message was lost. The one pub/sub listener of the store is
+here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
+(:mod:`~connic.stores.redis.takeovers` adds its own).
 """
 
 from __future__ import annotations
