@@ -258,8 +258,8 @@ class RedisStore(Limits, Takeovers, SessionStore):
         as long as the owner holds it: its lease (``wait`` long, renewed while it lives) is
         what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
         round trip that reads the log: a resume costs one round trip before its first frame.
-        When they are given and that claim finds another owner, it tells the owner to end the
-        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per take.
+        When they are given and a claim finds another owner, it tells the owner to end the
+        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per owner.
         """
         await self.flush()
         check: list[str | int] = ["", ""]
@@ -284,8 +284,10 @@ class RedisStore(Limits, Takeovers, SessionStore):
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         prefix = self.options.key_prefix
         keys = [*self._keys(session_id), scripts.takeover_key(prefix, session_id)]
-        # The first claim of a resume whose token it checks takes the owner's connection over.
+        # A resume whose token the claim checks takes the owner's connection over: the claim tells
+        # each owner it finds once (the first; another that took the session meanwhile).
         signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
+        told = ""  # the fence of the owner last told
         lease = ms(wait)
         deadline = time.monotonic() + wait
         cursor: int | None = None  # the seq handed to follow so far, once following
@@ -295,8 +297,7 @@ class RedisStore(Limits, Takeovers, SessionStore):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal])
-                signal = ["", ""]  # once per take, not per attempt
+                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal, told])
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:
@@ -309,6 +310,8 @@ class RedisStore(Limits, Takeovers, SessionStore):
                 fence = int(result[0])
                 if fence == -1:
                     return None
+                if fence == 0:
+                    told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
                     try:
@@ -330,7 +333,7 @@ class RedisStore(Limits, Takeovers, SessionStore):
             if follow is None:
                 await asyncio.sleep(_POLL)
             elif cursor is None:
-                entries = entries_of(result[1])
+                entries = entries_of(result[2])
                 frames = frames_after(entries, after)
                 cursor = seq_of(entries[-1][0]) if entries else after
                 follow(frames, cursor)

@@ -112,15 +112,17 @@ return fence
 
 # Take an existing session if nobody owns it. KEYS: the session's keys, then its takeover
 # flag (:func:`takeover_key`). ARGV: lease ms, a seq or '' (see below), the connector label
-# and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, and the
-# takeover channel or '' (see below). Returns {-1} when it is gone or the check fails
-# (nothing changed), {0} when another process owns it (with a seq: {0, the logged entries
-# after it}, so that a resume starts following the owner in the same round trip), else
-# {fence, record, the newest logged seq, the history's entries}. The token is compared by
-# its digest: how long the comparison takes tells nothing about the token itself. When
-# another process owns it, the token was checked and a channel is given, the owner is told
-# that its connection is taken over: the flag is set (for a lease: the owner also looks for
-# it when it renews its leases) and the session id published on the channel.
+# and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
+# takeover channel and the session id, or '' and '', and the owner last told or '' (see
+# below). Returns {-1} when it is gone or the check fails (nothing changed), {0, owner} when
+# another process owns it (with a seq: {0, owner, the logged entries after it}, so that a
+# resume starts following the owner in the same round trip), else {fence, record, the
+# newest logged seq, the history's entries}. The token is compared by its digest: how long
+# the comparison takes tells nothing about the token itself. When another process owns it,
+# the token was checked and a channel is given, an owner not told yet (its fence is not the
+# one last told) is told that its connection is taken over: the flag is set (for a lease:
+# the owner also looks for it when it renews its leases) and the session id published on
+# the channel.
 CLAIM = """
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
@@ -131,13 +133,14 @@ if ARGV[3] ~= '' then
         return {-1}
     end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    if ARGV[3] ~= '' and ARGV[5] ~= '' then
+local owner = redis.call('GET', KEYS[1])
+if owner then
+    if ARGV[3] ~= '' and ARGV[5] ~= '' and owner ~= ARGV[7] then
         redis.call('SET', KEYS[6], '1', 'PX', ARGV[1])
         redis.call('PUBLISH', ARGV[5], ARGV[6])
     end
-    if ARGV[2] ~= '' then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
-    return {0}
+    if ARGV[2] ~= '' then return {0, owner, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
+    return {0, owner}
 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[3]))

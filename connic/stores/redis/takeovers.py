@@ -2,8 +2,9 @@
 
 PROTOCOL.md §7: resuming a session that still has a connection moves it to the new
 connection, and the old one gets ``session_taken_over`` (4011), across processes too.
-When a resume's claim (the ``CLAIM`` script, once per resume, after it checked the
-resume token) finds another process owning the session, it sets the session's takeover
+When a resume's claim (the ``CLAIM`` script, after it checked the resume token) finds
+another process owning the session, and did not tell that owner yet (a resume tells the
+first owner it finds, and one that took the session meanwhile), it sets the session's takeover
 flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease) and publishes the
 session id on the store's takeover channel
 (:func:`~connic.stores.redis.scripts.takeover_channel`), to which every process listens.
