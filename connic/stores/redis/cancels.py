@@ -52,9 +52,14 @@ class Cancels(Writer):
         except StoreUnavailable as exc:
             log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
 
-    def _channels(self) -> dict[str, Callable[[str], Coroutine[Any, Any, None]]]:
+    def _channels(self) -> dict[str, Callable[[str], None]]:
         """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
-        return {scripts.cancel_channel(self.options.key_prefix): lambda sid: self._take_cancels([sid])}
+        return {scripts.cancel_channel(self.options.key_prefix): self._cancelled}
+
+    def _cancelled(self, session_id: str) -> None:
+        """A process passed a cancel to this session: take its cancels if it is live here."""
+        if session_id in self._live:
+            self._spawn(self._take_cancels([session_id]))
 
     async def _listen(self) -> None:
         """Act on what other processes publish for the sessions live here (:meth:`_channels`) as soon as they say so."""
@@ -67,10 +72,8 @@ class Cancels(Writer):
                 await pubsub.subscribe(*channels)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["data"] in self._live:
-                        act = channels.get(message["channel"])
-                        if act is not None:
-                            self._spawn(act(message["data"]))
+                    if message is not None and message["channel"] in channels:
+                        channels[message["channel"]](message["data"])
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Redis went away: the renewer still takes the flags; listen again once it is back.
                 log.debug("redis store: pub/sub channels lost (%s)", exc)

@@ -17,9 +17,9 @@ pub/sub message was lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from connic.errors import StoreUnavailable
 from connic.stores.redis import scripts
@@ -29,13 +29,24 @@ __all__ = ["Takeovers"]
 
 log = logging.getLogger("connic.stores.redis")
 
+_AGAIN = 0.02  # seconds before looking again for the connection of a session a resume here is attaching
+_TRIES = 150  # for at most 3 s: a resume reads the log and rebuilds the session within the store's timeout
+
 
 class Takeovers(Cancels):
     """What :class:`~connic.stores.redis.RedisStore` does with takeovers across processes (a base class of it)."""
 
-    def _channels(self) -> dict[str, Callable[[str], Coroutine[Any, Any, None]]]:
+    def _channels(self) -> dict[str, Callable[[str], None]]:
         """The cancel channel, and the takeover channel."""
-        return {**super()._channels(), scripts.takeover_channel(self.options.key_prefix): self._take_takeover}
+        return {**super()._channels(), scripts.takeover_channel(self.options.key_prefix): self._told}
+
+    def _told(self, session_id: str) -> None:
+        """A resume elsewhere took this session over: take its flag if this process owns it.
+
+        Owned, not only live: a resume here may have just claimed it, not rebuilt it yet.
+        """
+        if session_id in self._fences:
+            self._spawn(self._take_takeover(session_id))
 
     async def _take_takeover(self, session_id: str) -> None:
         """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set.
@@ -51,9 +62,16 @@ class Takeovers(Cancels):
         if taken:
             self._taken_over(session_id)
 
-    def _taken_over(self, session_id: str) -> None:
-        """A resume on another process took the session over: its connection here ends with 4011."""
+    def _taken_over(self, session_id: str, tries: int = _TRIES) -> None:
+        """A resume on another process took the session over: its connection here ends with 4011.
+
+        A session that a resume here took a moment ago (the other resume found this process
+        owning it) is not attached yet: the connection about to attach is the one taken over,
+        so this looks again soon, for a while (a resume that fails lets the session go).
+        """
         session = self._live.get(session_id)
         if session is not None and session.sink is not None:
             log.info("session %s: resumed on another process: its connection here is taken over", session_id)
             session.taken_over()
+        elif session_id in self._fences and (session is None or session.resuming) and tries > 0:
+            asyncio.get_running_loop().call_later(_AGAIN, self._taken_over, session_id, tries - 1)
