@@ -198,6 +198,25 @@ class ChatSession:
         arm(self)
         self.sessions.store.save(self)
 
+    def taken_over(self) -> None:
+        """A resume on another process took the session over: its connection here ends (4011), and it detaches.
+
+        As :meth:`replay` ends the connection a resume in this process takes over. The
+        session goes on here, detached, until it is idle: a shared store then lets it go and
+        the resume takes it (following the reply in flight meanwhile). That reply goes on
+        whatever ``on_disconnect`` says: the client did not go away. A no-op with no
+        connection attached.
+        """
+        sink = self.sink
+        if sink is None or self.state is not SessionState.ATTACHED:
+            return
+        self.sink = None
+        sink.end(SessionTakenOver("another connection resumed this session"), True)
+        self.state = SessionState.DETACHED
+        self._detached_at = self._loop.time()
+        arm(self)
+        self.sessions.store.save(self)  # a shared store lets it go once it is idle
+
     def _went_detached(self) -> None:
         """No connection is attached any more: the resume window starts, and ``on_disconnect`` applies."""
         self.state = SessionState.DETACHED

@@ -178,14 +178,6 @@ async def shared_pair(any_store: StartServer, store_url: str | None, agents: dic
     return await serve(any_store, agents=agents), await serve(any_store, agents=agents)
 
 
-CROSS_PROCESS_TAKEOVER = pytest.mark.xfail(
-    strict=True,
-    reason="a resume on another process follows the owner's log instead of taking the session over: "
-    "the old socket is never closed 4011 and the new one's messages wait while it lives",
-)
-
-
-@CROSS_PROCESS_TAKEOVER
 async def test_takeover_across_processes_closes_the_old_socket_4011(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:
@@ -206,7 +198,6 @@ async def test_takeover_across_processes_closes_the_old_socket_4011(
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
-@CROSS_PROCESS_TAKEOVER
 async def test_takeover_across_processes_mid_stream(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:

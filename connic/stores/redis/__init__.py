@@ -27,7 +27,8 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
 background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
-across processes), :mod:`~connic.stores.redis.limits` (the rate limit and connections
+across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
+over the owner's connection), :mod:`~connic.stores.redis.limits` (the rate limit and connections
 per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON) and
 :mod:`~connic.stores.redis.scripts` (the Lua scripts).
@@ -47,12 +48,13 @@ import attrs
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores import Follow, ReplayLog, SessionRecord, SessionStore
-from connic.stores.redis.cancels import Cancels
+from connic.stores.redis import scripts
 from connic.stores.redis.connection import check_url, ms, ttl
 from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog, entries_of, frames_after, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode, encode, encode_entry
+from connic.stores.redis.takeovers import Takeovers
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -63,6 +65,11 @@ log = logging.getLogger("connic.stores.redis")
 
 _POLL = 0.05  # seconds between attempts to take a session another process still owns
 _FOLLOW_WAIT = 0.2  # seconds a follower waits for frames before trying again to take the session
+# An owner just told that its connection is taken over lets an idle session go within a few
+# milliseconds: the follower's first reads after telling it wait this much less, so that the
+# new connection's first message does not wait a whole _FOLLOW_WAIT (a claim each: bounded).
+_TOLD_WAIT = 0.02
+_TOLD_TRIES = 5
 _UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)  # what a record or frame that does not decode raises
 
 
@@ -85,7 +92,7 @@ def _redis_url(instance: object, attribute: attrs.Attribute[Any], value: str) ->
         raise ValueError(f"{attribute.name}: {exc}") from None
 
 
-class RedisStore(Limits, Cancels, SessionStore):
+class RedisStore(Limits, Takeovers, SessionStore):
     """Sessions in Redis: durable, resumable on any process that shares the server."""
 
     durable = True
@@ -111,7 +118,7 @@ class RedisStore(Limits, Cancels, SessionStore):
     # --- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, check that Redis answers, and start the writer, the lease renewer and the cancel listener."""
+        """Connect, check that Redis answers, and start the writer, the lease renewer and the pub/sub listener."""
         await self.connect()
         self._wake = asyncio.Event()
         self._tasks = [
@@ -133,7 +140,7 @@ class RedisStore(Limits, Cancels, SessionStore):
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer
-        self._tasks[2].cancel()  # the cancel listener
+        self._tasks[2].cancel()  # the pub/sub listener (cancels and takeovers)
         self._tasks[3].cancel()  # the follower
         for task in self._cancelling:
             task.cancel()
@@ -256,6 +263,8 @@ class RedisStore(Limits, Cancels, SessionStore):
         as long as the owner holds it: its lease (``wait`` long, renewed while it lives) is
         what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
         round trip that reads the log: a resume costs one round trip before its first frame.
+        When they are given and a claim finds another owner, it tells the owner to end the
+        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per owner.
         """
         await self.flush()
         check: list[str | int] = ["", ""]
@@ -278,7 +287,13 @@ class RedisStore(Limits, Cancels, SessionStore):
         followed: list[Following],
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
-        keys = self._keys(session_id)
+        prefix = self.options.key_prefix
+        keys = [*self._keys(session_id), scripts.takeover_key(prefix, session_id)]
+        # A resume whose token the claim checks takes the owner's connection over: the claim tells
+        # each owner it finds once (the first; another that took the session meanwhile).
+        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
+        told = ""  # the fence of the owner last told
+        quick = 0  # follow reads left that wait _TOLD_WAIT
         lease = ms(wait)
         deadline = time.monotonic() + wait
         cursor: int | None = None  # the seq handed to follow so far, once following
@@ -288,7 +303,7 @@ class RedisStore(Limits, Cancels, SessionStore):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check])
+                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal, told])
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:
@@ -301,6 +316,10 @@ class RedisStore(Limits, Cancels, SessionStore):
                 fence = int(result[0])
                 if fence == -1:
                     return None
+                if fence == 0:
+                    if signal[0] and result[1] != told:  # this claim told the owner
+                        quick = _TOLD_TRIES
+                    told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
                     try:
@@ -322,13 +341,14 @@ class RedisStore(Limits, Cancels, SessionStore):
             if follow is None:
                 await asyncio.sleep(_POLL)
             elif cursor is None:
-                entries = entries_of(result[1])
+                entries = entries_of(result[2])
                 frames = frames_after(entries, after)
                 cursor = seq_of(entries[-1][0]) if entries else after
                 follow(frames, cursor)
                 followed.append(self._follower.follow(keys[3], cursor))
             else:
-                entries = await self._follower.next(followed[0], _FOLLOW_WAIT)
+                entries = await self._follower.next(followed[0], _TOLD_WAIT if quick else _FOLLOW_WAIT)
+                quick = max(0, quick - 1)
                 claim = True
                 if entries:
                     frames = frames_after(entries, cursor)

@@ -4,7 +4,9 @@ The follower adds the message id to the session's cancel set and publishes the s
 id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
 to which every process listens; the owner takes the set (the ``CANCELS`` script) and
 cancels the message. It also takes the set of its busy sessions when it renews their
-leases, in case the pub/sub message was lost.
+leases, in case the pub/sub message was lost. The one pub/sub listener of the store is
+here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
+(:mod:`~connic.stores.redis.takeovers` adds its own).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from connic.errors import StoreUnavailable
@@ -50,22 +52,31 @@ class Cancels(Writer):
         except StoreUnavailable as exc:
             log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
 
+    def _channels(self) -> dict[str, Callable[[str], None]]:
+        """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
+        return {scripts.cancel_channel(self.options.key_prefix): self._cancelled}
+
+    def _cancelled(self, session_id: str) -> None:
+        """A process passed a cancel to this session: take its cancels if it is live here."""
+        if session_id in self._live:
+            self._spawn(self._take_cancels([session_id]))
+
     async def _listen(self) -> None:
-        """Take the cancels other processes pass to the sessions live here as soon as they say so."""
+        """Act on what other processes publish for the sessions live here (:meth:`_channels`) as soon as they say so."""
         import redis.exceptions
 
-        channel = scripts.cancel_channel(self.options.key_prefix)
+        channels = self._channels()
         while True:
             pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                await pubsub.subscribe(*channels)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["data"] in self._live:
-                        self._spawn(self._take_cancels([message["data"]]))
+                    if message is not None and message["channel"] in channels:
+                        channels[message["channel"]](message["data"])
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Redis went away: the renewer still takes the flags; listen again once it is back.
-                log.debug("redis store: cancel channel lost (%s)", exc)
+                log.debug("redis store: pub/sub channels lost (%s)", exc)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):

@@ -26,6 +26,8 @@ __all__ = [
     "cancel_key",
     "rate_key",
     "session_keys",
+    "takeover_channel",
+    "takeover_key",
 ]
 
 
@@ -38,6 +40,11 @@ def session_keys(prefix: str, session_id: str) -> list[str]:
 def cancel_key(prefix: str, session_id: str) -> str:
     """The set of ``cancel`` ids (JSON) other processes passed to the session's owner."""
     return f"{prefix}{{{session_id}}}:cancel"
+
+
+def takeover_key(prefix: str, session_id: str) -> str:
+    """The flag a resume on another process sets for the session's owner: its connection is taken over."""
+    return f"{prefix}{{{session_id}}}:takeover"
 
 
 def rate_key(prefix: str, session_id: str) -> str:
@@ -53,6 +60,11 @@ def address_key(prefix: str, address: str) -> str:
 def cancel_channel(prefix: str) -> str:
     """The pub/sub channel telling every process which session has a cancel waiting (its id)."""
     return f"{prefix}cancel"
+
+
+def takeover_channel(prefix: str) -> str:
+    """The pub/sub channel telling every process which session a resume elsewhere took over (its id)."""
+    return f"{prefix}takeover"
 
 
 # The cancels waiting for a session, taken (the set is emptied). KEYS: the cancel set.
@@ -98,13 +110,19 @@ return fence
 """
 )
 
-# Take an existing session if nobody owns it. ARGV: lease ms, a seq or '' (see below), and
-# the connector label and SHA-1 (hex) of the resume token it must have, or '' and '' for no
-# check. Returns {-1} when it is gone or the check fails (nothing changed), {0} when another
-# process owns it (with a seq: {0, the logged entries after it}, so that a resume starts
-# following the owner in the same round trip), else {fence, record, the newest logged seq,
-# the history's entries}. The token is compared by its digest: how long the comparison takes
-# tells nothing about the token itself.
+# Take an existing session if nobody owns it. KEYS: the session's keys, then its takeover
+# flag (:func:`takeover_key`). ARGV: lease ms, a seq or '' (see below), the connector label
+# and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
+# takeover channel and the session id, or '' and '', and the owner last told or '' (see
+# below). Returns {-1} when it is gone or the check fails (nothing changed), {0, owner} when
+# another process owns it (with a seq: {0, owner, the logged entries after it}, so that a
+# resume starts following the owner in the same round trip), else {fence, record, the
+# newest logged seq, the history's entries}. The token is compared by its digest: how long
+# the comparison takes tells nothing about the token itself. When another process owns it,
+# the token was checked and a channel is given, an owner not told yet (its fence is not the
+# one last told) is told that its connection is taken over: the flag is set (for a lease:
+# the owner also looks for it when it renews its leases) and the session id published on
+# the channel.
 CLAIM = """
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
@@ -115,9 +133,14 @@ if ARGV[3] ~= '' then
         return {-1}
     end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    if ARGV[2] ~= '' then return {0, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
-    return {0}
+local owner = redis.call('GET', KEYS[1])
+if owner then
+    if ARGV[3] ~= '' and ARGV[5] ~= '' and owner ~= ARGV[7] then
+        redis.call('SET', KEYS[6], '1', 'PX', ARGV[1])
+        redis.call('PUBLISH', ARGV[5], ARGV[6])
+    end
+    if ARGV[2] ~= '' then return {0, owner, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
+    return {0, owner}
 end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], redis.call('PTTL', KEYS[3]))
@@ -165,10 +188,14 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# Keep owning the session for another lease. ARGV: fence, lease ms.
+# Keep owning the session for another lease. KEYS: the session's keys, then its takeover
+# flag. ARGV: fence, lease ms. Returns 0 when another process owns it, 2 when a resume
+# elsewhere took its connection over (the flag, taken: a pub/sub message may have been
+# lost), else 1.
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('DEL', KEYS[6]) == 1 then return 2 end
 return 1
 """
 

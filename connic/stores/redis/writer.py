@@ -9,7 +9,8 @@ sessions streaming at an LLM's pace would otherwise cost a pipeline (a connectio
 from the pool, a send, a wake-up for the replies) per chunk. A frame that may end a
 reply, releases, deletions and :meth:`Writer.flush` are written at once.
 
-Another task renews this process's leases every third of a lease. A write that fails
+Another task renews this process's leases every third of a lease (and takes the sessions'
+takeover flags, :mod:`~connic.stores.redis.takeovers`). A write that fails
 ends the session's connection with ``store_unavailable`` (1011); a write refused for a
 lost lease stops this copy of the session at once (another process owns it now).
 """
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
+from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
 from connic.stores.redis.record import encode, encode_entry
 
@@ -244,8 +246,10 @@ class Writer(Connection):
                 continue
 
             def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
+                prefix = self.options.key_prefix
                 for sid, (fence, lease) in owned:
-                    self._queue(pipe, "RENEW", self._keys(sid), [fence, lease])
+                    keys = [*self._keys(sid), scripts.takeover_key(prefix, sid)]
+                    self._queue(pipe, "RENEW", keys, [fence, lease])
 
             try:
                 results = await self._pipeline(build)
@@ -255,6 +259,8 @@ class Writer(Connection):
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
                     self._lost(sid)
+                elif result == 2:  # a takeover whose pub/sub message was lost (the channel reconnecting)
+                    self._taken_over(sid)
             # A cancel whose pub/sub message was lost (the channel reconnecting) is still taken.
             busy = [sid for sid, _ in owned if (s := self._live.get(sid)) is not None and s.busy]
             if busy:
@@ -262,6 +268,9 @@ class Writer(Connection):
 
     async def _take_cancels(self, session_ids: list[str]) -> None:
         """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
+
+    def _taken_over(self, session_id: str) -> None:
+        """A resume on another process took the session over (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
 
     def _fail(self, sid: str) -> None:
         """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""

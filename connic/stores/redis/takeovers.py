@@ -1,0 +1,77 @@
+"""The ``redis`` store's takeovers across processes: a resume elsewhere closes the owner's connection (4011).
+
+PROTOCOL.md §7: resuming a session that still has a connection moves it to the new
+connection, and the old one gets ``session_taken_over`` (4011), across processes too.
+When a resume's claim (the ``CLAIM`` script, after it checked the resume token) finds
+another process owning the session, and did not tell that owner yet (a resume tells the
+first owner it finds, and one that took the session meanwhile), it sets the session's takeover
+flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease) and publishes the
+session id on the store's takeover channel
+(:func:`~connic.stores.redis.scripts.takeover_channel`), to which every process listens.
+The owner takes the flag and ends the session's connection (:meth:`ChatSession.taken_over
+<connic.session.ChatSession.taken_over>`): the session, detached, is let go once it is
+idle, and the resume, following its frames meanwhile, takes it. The owner also takes the
+flag of each session it holds when it renews their leases (``RENEW``), in case the
+pub/sub message was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from connic.errors import StoreUnavailable
+from connic.stores.redis import scripts
+from connic.stores.redis.cancels import Cancels
+
+__all__ = ["Takeovers"]
+
+log = logging.getLogger("connic.stores.redis")
+
+_AGAIN = 0.02  # seconds before looking again for the connection of a session a resume here is attaching
+_TRIES = 150  # for at most 3 s: a resume reads the log and rebuilds the session within the store's timeout
+
+
+class Takeovers(Cancels):
+    """What :class:`~connic.stores.redis.RedisStore` does with takeovers across processes (a base class of it)."""
+
+    def _channels(self) -> dict[str, Callable[[str], None]]:
+        """The cancel channel, and the takeover channel."""
+        return {**super()._channels(), scripts.takeover_channel(self.options.key_prefix): self._told}
+
+    def _told(self, session_id: str) -> None:
+        """A resume elsewhere took this session over: take its flag if this process owns it.
+
+        Owned, not only live: a resume here may have just claimed it, not rebuilt it yet.
+        """
+        if session_id in self._fences:
+            self._spawn(self._take_takeover(session_id))
+
+    async def _take_takeover(self, session_id: str) -> None:
+        """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set.
+
+        Taking the flag (``DEL``) makes one of this message and the next renewal act on it, never both.
+        """
+        key = scripts.takeover_key(self.options.key_prefix, session_id)
+        try:
+            taken = await self._shared("DEL", key)
+        except StoreUnavailable as exc:
+            log.warning("session %s: taking its takeover flag failed: %s", session_id, exc.why)
+            return  # the flag stays: the renewer takes it
+        if taken:
+            self._taken_over(session_id)
+
+    def _taken_over(self, session_id: str, tries: int = _TRIES) -> None:
+        """A resume on another process took the session over: its connection here ends with 4011.
+
+        A session that a resume here took a moment ago (the other resume found this process
+        owning it) is not attached yet: the connection about to attach is the one taken over,
+        so this looks again soon, for a while (a resume that fails lets the session go).
+        """
+        session = self._live.get(session_id)
+        if session is not None and session.sink is not None:
+            log.info("session %s: resumed on another process: its connection here is taken over", session_id)
+            session.taken_over()
+        elif session_id in self._fences and (session is None or session.resuming) and tries > 0:
+            asyncio.get_running_loop().call_later(_AGAIN, self._taken_over, session_id, tries - 1)
