@@ -171,13 +171,17 @@ async def test_messages_sent_after_a_resume_are_answered_after_those_already_acc
 # --- §7 across processes ------------------------------------------------------------------------
 
 
+# Two processes share sessions only through a shared store: these tests run on Redis alone.
+SHARED_STORE_ONLY = pytest.mark.parametrize("store_url", ["redis"], indirect=True)
+
+
 async def shared_pair(any_store: StartServer, store_url: str | None, agents: dict[str, Any] | None = None) -> Any:
-    """Two servers sharing the Redis store (the memory store has nothing to share: skipped)."""
-    if store_url is None:
-        pytest.skip("two processes share sessions only through a shared store")
+    """Two servers sharing the Redis store."""
+    assert store_url is not None
     return await serve(any_store, agents=agents), await serve(any_store, agents=agents)
 
 
+@SHARED_STORE_ONLY
 async def test_takeover_across_processes_closes_the_old_socket_4011(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:
@@ -198,6 +202,7 @@ async def test_takeover_across_processes_closes_the_old_socket_4011(
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
+@SHARED_STORE_ONLY
 async def test_takeover_across_processes_mid_stream(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:
@@ -336,6 +341,7 @@ async def test_store_unavailable_closes_1011_and_the_session_resumes_once_the_st
     await again.until(lambda f: f["type"] == "stream_end" and f["id"] == "m3", timeout=15)
 
 
+@SHARED_STORE_ONLY
 async def test_messages_sent_after_a_resume_on_another_process_are_answered_after_those_accepted_before(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:
@@ -358,6 +364,7 @@ async def test_messages_sent_after_a_resume_on_another_process_are_answered_afte
     assert acks == [("m1", 1), ("m2", 2), ("m3", 3)]
 
 
+@SHARED_STORE_ONLY
 async def test_cancel_on_another_process_drops_a_message_queued_on_the_first(
     any_store: StartServer, store_url: str | None, clients: Clients
 ) -> None:
