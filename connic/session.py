@@ -212,16 +212,15 @@ class ChatSession:
             return
         self.sink = None
         sink.end(SessionTakenOver("another connection resumed this session"), True)
-        self.state = SessionState.DETACHED
-        self._detached_at = self._loop.time()
+        self._went_detached(client_left=False)
         arm(self)
         self.sessions.store.save(self)  # a shared store lets it go once it is idle
 
-    def _went_detached(self) -> None:
-        """No connection is attached any more: the resume window starts, and ``on_disconnect`` applies."""
+    def _went_detached(self, *, client_left: bool = True) -> None:
+        """No connection is attached now: the resume window starts; ``on_disconnect`` applies if the client left."""
         self.state = SessionState.DETACHED
         self._detached_at = self._loop.time()
-        if self.sessions.options.on_disconnect == "cancel":
+        if client_left and self.sessions.options.on_disconnect == "cancel":
             self.queue.clear()
             self._cancel_current()
 

@@ -167,17 +167,15 @@ class Writer:
         asked for in 5 KB held 1.8 GB. The rest waits for the client to catch up (:meth:`_write_loop`).
         """
         items = self.items
-        if len(items) < 2 or sum(map(len, items)) <= HIGH_WATER:
-            return self._taken()  # almost always: one write takes all (counted in C, not item by item)
-        size = 0
-        for index, item in enumerate(items):
-            if isinstance(item, str):
-                size += len(item)
+        if len(items) > 1 and sum(map(len, items)) > HIGH_WATER:  # rarely: almost always one write takes all
+            size = 0
+            for index, item in enumerate(items):
+                size += len(item)  # a Close counts 0
                 if size > HIGH_WATER and index:
-                    batch, self.items = self.items[:index], self.items[index:]
+                    self.items = items[index:]
                     if self._room is not None:
                         self._room.set()
-                    return batch
+                    return items[:index]
         return self._taken()
 
     # --- closing --------------------------------------------------------------
