@@ -10,6 +10,7 @@ each handshake until it answers again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -307,12 +308,35 @@ def _url_problem(exc: ValueError | TypeError) -> str:
 
 
 def _pack(command: Sequence[str | int]) -> bytes:
-    """One command in RESP (what redis-py sends), its str arguments as UTF-8 with lone surrogates kept."""
+    """One command in RESP (what redis-py sends), its str arguments as UTF-8 with lone surrogates kept.
+
+    By hiredis's packer when it is installed (the ``redis`` extra installs it): a batch of
+    streamed frames is packed in under half the time. It refuses a lone surrogate, which a
+    client's JSON may carry (``"\\ud800"``) and Redis stores as any bytes: such a command is
+    packed here.
+    """
+    c_pack = _c_packer()
+    if c_pack is not None:
+        try:
+            return c_pack(tuple(command))
+        except UnicodeEncodeError:
+            pass
     parts = [b"*%d\r\n" % len(command)]
     for arg in command:
         data = arg.encode("utf-8", "surrogatepass") if isinstance(arg, str) else b"%d" % arg
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+@functools.cache
+def _c_packer() -> Callable[[tuple[str | int, ...]], bytes] | None:
+    """hiredis's ``pack_command``, or None without hiredis (or one older than 2.1, which lacks it)."""
+    try:
+        import hiredis
+    except ImportError:
+        return None
+    packer: Callable[[tuple[str | int, ...]], bytes] | None = getattr(hiredis, "pack_command", None)
+    return packer
 
 
 def ms(seconds: float) -> int:
