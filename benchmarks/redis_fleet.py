@@ -284,7 +284,7 @@ def redis_memory(n: int, exchanges: int) -> dict[str, Any]:
         memory._detach_worker(ws, n, exchanges)
         grown = _settle(url) - base
         logs = [key for key in r.scan_iter("*:log", count=1000)]
-        frames = sum(r.xlen(key) for key in logs)
+        frames = sum(_frames(r, key) for key in logs)
         # The history lists those exchanges filled (every entry counted: SAMPLES 0).
         histories = [key for key in r.scan_iter("*:history", count=1000)]
         pipe = r.pipeline(transaction=False)
@@ -307,9 +307,14 @@ def redis_memory(n: int, exchanges: int) -> dict[str, Any]:
             "history_entries": entries,
             "history_bytes_per_entry": history_bytes / entries if entries else float("nan"),
             "bytes_per_frame_upper_bound": (grown - n * detached - history_bytes) / frames if frames else float("nan"),
-            "log_bytes_per_frame_memory_usage": logged_keys[log_key] / r.xlen(log_key),
+            "log_bytes_per_frame_memory_usage": logged_keys[log_key] / _frames(r, log_key),
             "detached_keys_sample": logged_keys,
         }
+
+
+def _frames(r: Any, log_key: str) -> int:
+    """The frames a replay log holds (an entry holds one write's frames, as seq, frame pairs)."""
+    return sum(len(fields) for _, fields in r.xrange(log_key))
 
 
 # --- all of them --------------------------------------------------------------------------

@@ -30,11 +30,13 @@ async def test_since_is_not_spoiled_by_frames_numbered_while_it_reads(
     log = RedisReplayLog(store, "s1", 100)
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        for seq in range(1, 6):
-            await client.xadd("connic:{s1}:log", {"f": f"frame {seq}"}, id=f"0-{seq}")
+        # Logged as two writes: an entry of frames 1 to 3, then one of frames 4 and 5.
+        await client.xadd("connic:{s1}:log", {str(seq): f"frame {seq}" for seq in (1, 2, 3)}, id="0-3")
+        await client.xadd("connic:{s1}:log", {str(seq): f"frame {seq}" for seq in (4, 5)}, id="0-5")
     finally:
         await client.aclose()
     log.last = 5
+    assert await log.since(1) == ["frame 2", "frame 3", "frame 4", "frame 5"]  # from inside an entry
     reading = asyncio.create_task(log.since(3))
     await asyncio.sleep(0)  # the read is under way (XRANGE sent)
     log.append(6, "frame 6")  # the reply goes on meanwhile: the session holds it for the resume
@@ -81,6 +83,7 @@ async def test_the_writer_loads_its_scripts_again_when_redis_restarted_empty(
         assert await conn.barrier() == []  # still open: its frames were written
         client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
-            assert await client.xlen(f"connic:{{{session.session_id}}}:log") == session.transcript.last_seq
+            entries = await client.xrange(f"connic:{{{session.session_id}}}:log")
+            assert sum(len(frames) for _, frames in entries) == session.transcript.last_seq
         finally:
             await client.aclose()

@@ -170,20 +170,37 @@ async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
     session = ResumeSession(clients, server.url())
     conn = await session.start()
     await chat(conn, "m1", words(6))  # ack, stream_start, 6 chunks, stream_end: seq 1..9
+    await chat(conn, "m2", words(6))  # seq 10..18: the first reply's entries hold none of the newest 5
     last = session.transcript.last_seq
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         entries = await client.xrange(f"connic:{{{session.session_id}}}:log")
     finally:
         await client.aclose()
-    assert [entry_id for entry_id, _ in entries] == [f"0-{seq}" for seq in range(last - 4, last + 1)]
-    assert [json.loads(fields["f"])["seq"] for _, fields in entries] == list(range(last - 4, last + 1))
+    # Each entry holds one write's frames by seq; its id is its newest frame's seq.
+    assert [entry_id for entry_id, _ in entries] == [f"0-{max(map(int, frames))}" for _, frames in entries]
+    held = [(int(seq), json.loads(frame)["seq"]) for _, frames in entries for seq, frame in frames.items()]
+    assert all(seq == numbered for seq, numbered in held)
+    seqs = [seq for seq, _ in held]
+    assert seqs == list(range(seqs[0], last + 1))
+    assert 9 < seqs[0] <= last - 4  # the newest 5 are held, and no entry without one of them
     session.drop()
     # From a seq still logged: the frames after it, no gap.
     resumed = await session.resume(last_seq=last - 2)
     assert resumed.connected["resumed"] is True and resumed.connected["recovered"] is True
     frames = [await resumed.recv() for _ in range(2)]
     assert [f["seq"] for f in frames] == [last - 1, last]
+    session.drop()
+    # From exactly replay_buffer frames back: all of them.
+    resumed = await session.resume(last_seq=last - 5)
+    assert resumed.connected["recovered"] is True
+    assert [(await resumed.recv())["seq"] for _ in range(5)] == list(range(last - 4, last + 1))
+    session.drop()
+    # One more is past replay_buffer, as with the memory store, though an entry may still hold it.
+    again = await session.resume(last_seq=last - 6)
+    assert again.connected["resumed"] is True and again.connected["recovered"] is False
+    await again.send({"type": "ping"})
+    assert (await again.recv()) == {"type": "pong"}
     session.drop()
     # From a seq whose successor was trimmed: recovered false and nothing replayed.
     again = await session.resume(last_seq=1)

@@ -12,8 +12,9 @@ under one hash tag (:func:`~connic.stores.redis.scripts.session_keys`):
   session and trims the list to the entries the session holds (the whole list is
   written only when what it holds is unknown), so that an exchange costs Redis and
   connic what it adds, not the whole conversation again; it expires with the record;
-- its **replay log**, a stream whose entry ids are ``0-<seq>``, trimmed to exactly
-  ``replay_buffer`` entries;
+- its **replay log**, a stream of one entry per write (its frames, each with its seq;
+  the entry's id ``0-<its newest seq>``), trimmed to the entries that hold the newest
+  ``replay_buffer`` frames (:mod:`~connic.stores.redis.log`);
 - its **owner**, a fencing token held with a lease of ``producer_timeout`` by the
   one process serving it, renewed while it is live there. Every write checks the
   token in the same Lua script, so a process that lost its lease writes nothing.
@@ -52,7 +53,7 @@ from connic.stores.redis import scripts
 from connic.stores.redis.connection import check_url, ms, ttl
 from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.limits import Limits
-from connic.stores.redis.log import RedisReplayLog, entries_of, frames_after, may_end, seq_of, unfinished
+from connic.stores.redis.log import RedisReplayLog, frames_after, logged, may_end, unfinished
 from connic.stores.redis.record import decode, encode, encode_entry
 from connic.stores.redis.takeovers import Takeovers
 
@@ -341,21 +342,21 @@ class RedisStore(Limits, Takeovers, SessionStore):
             if follow is None:
                 await asyncio.sleep(_POLL)
             elif cursor is None:
-                entries = entries_of(result[2])
-                frames = frames_after(entries, after)
-                cursor = seq_of(entries[-1][0]) if entries else after
+                read_frames = logged(result[2])
+                frames = frames_after(read_frames, after)
+                cursor = read_frames[-1][0] if read_frames else after
                 follow(frames, cursor)
                 followed.append(self._follower.follow(keys[3], cursor))
             else:
-                entries = await self._follower.next(followed[0], _TOLD_WAIT if quick else _FOLLOW_WAIT)
+                read_frames = await self._follower.next(followed[0], _TOLD_WAIT if quick else _FOLLOW_WAIT)
                 quick = max(0, quick - 1)
                 claim = True
-                if entries:
-                    frames = frames_after(entries, cursor)
+                if read_frames:
+                    frames = frames_after(read_frames, cursor)
                     if frames is None:
                         log.warning("session %s: frames trimmed before they could be followed", session_id)
                         return None  # never a gap
-                    cursor = seq_of(entries[-1][0])
+                    cursor = read_frames[-1][0]
                     follow(frames, cursor)
                     # The owner lets the session go only once a reply ended: until a frame that may
                     # end one comes, reading on is enough (half the round trips per followed frame).
@@ -392,7 +393,7 @@ class RedisStore(Limits, Takeovers, SessionStore):
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
             raw = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
             try:
-                lost = unfinished([fields["f"] for _, fields in entries_of(raw)])
+                lost = unfinished([frame for _, frame in logged(raw)])
             except _UNREADABLE as exc:
                 raise StoreUnavailable("this session's replay log in the store cannot be read") from exc
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))

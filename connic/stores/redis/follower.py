@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
 from connic.stores.redis.connection import _pack
-from connic.stores.redis.log import entries_of, seq_of
+from connic.stores.redis.log import Logged, logged
 
 if TYPE_CHECKING:
     from connic.stores.redis.connection import Connection
@@ -36,18 +36,16 @@ log = logging.getLogger("connic.stores.redis")
 BLOCK_MS = 200
 """The longest one ``XREAD`` blocks when no followed log grows (a new follower cuts it short)."""
 
-Entries = list[tuple[str, dict[str, str]]]  # stream entries: (id, fields)
-
 
 class Following:
-    """One followed log: the entries read for it and not yet taken (:meth:`Follower.next`)."""
+    """One followed log: the frames read for it and not yet taken (:meth:`Follower.next`)."""
 
-    __slots__ = ("cursor", "entries", "error", "key", "waiter")
+    __slots__ = ("cursor", "error", "frames", "key", "waiter")
 
     def __init__(self, key: str, cursor: int) -> None:
         self.key = key
-        self.cursor = cursor  # the seq of the newest entry read for it
-        self.entries: Entries = []
+        self.cursor = cursor  # the seq of the newest frame read for it
+        self.frames: Logged = []
         self.error: StoreUnavailable | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -86,12 +84,12 @@ class Follower:
             if not followers:
                 del self._follows[following.key]
 
-    async def next(self, following: Following, seconds: float) -> Entries:
-        """The entries read for ``following`` since the last call, waiting up to ``seconds`` for some.
+    async def next(self, following: Following, seconds: float) -> Logged:
+        """The frames read for ``following`` since the last call, waiting up to ``seconds`` for some.
 
         Raises StoreUnavailable when reading failed meanwhile.
         """
-        if not following.entries and following.error is None:
+        if not following.frames and following.error is None:
             following.waiter = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
@@ -100,8 +98,8 @@ class Follower:
         if following.error is not None:
             error, following.error = following.error, None
             raise error
-        entries, following.entries = following.entries, []
-        return entries
+        frames, following.frames = following.frames, []
+        return frames
 
     async def run(self) -> None:
         """Read every followed log, for as long as the store runs (a task)."""
@@ -130,13 +128,14 @@ class Follower:
                     followers = self._follows.get(key)
                     if not followers or not entries:
                         continue
-                    read = [(seq_of(entry_id), entry_id, fields) for entry_id, fields in entries_of(entries)]
+                    read = logged(entries)
                     for following in followers:
-                        # Only what follows its cursor: a read sent before it followed (the log
-                        # stopped and followed again meanwhile) may hold entries it has already.
-                        new = [(entry_id, fields) for seq, entry_id, fields in read if seq > following.cursor]
+                        # Only what follows its cursor: the entry holding its next frame holds older
+                        # ones too, and a read sent before it followed (the log stopped and followed
+                        # again meanwhile) may hold frames it has already.
+                        new = [(seq, frame) for seq, frame in read if seq > following.cursor]
                         if new:
-                            following.entries += new
+                            following.frames += new
                             following.cursor = read[-1][0]
                             following._wake()
         finally:

@@ -1,4 +1,11 @@
-"""The ``redis`` store's replay log: a session's sequenced frames in a Redis stream (ids ``0-<seq>``)."""
+"""The ``redis`` store's replay log: a session's sequenced frames in a Redis stream.
+
+Each stream entry holds the frames one write appended, as ``seq``, frame pairs, and its id
+is ``0-<the seq of its newest frame>``: an entry per write instead of one per frame costs
+Redis a quarter of the CPU for a streamed reply (one ``XADD`` for the batch, docs/
+performance.md R1). Reading from a seq starts at the entry that holds it (the first with a
+greater id) and skips the frames before it.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,13 @@ from connic.stores import ReplayLog
 if TYPE_CHECKING:
     from connic.stores.redis import RedisStore
 
-__all__ = ["RedisReplayLog", "frames_after", "may_end", "seq_of", "unfinished"]
+__all__ = ["Logged", "RedisReplayLog", "frames_after", "logged", "may_end", "unfinished"]
 
 _ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or one quoting one)
 _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py): most frames
+
+Logged = list[tuple[int, str]]
+"""Logged frames as read from the stream: (seq, frame), oldest first."""
 
 
 def may_end(frame: str) -> bool:
@@ -67,10 +77,10 @@ class RedisReplayLog(ReplayLog):
         last = self.last
         await store.flush()
         # In a pipeline shared with the other resumes of this round.
-        entries = entries_of(await store._shared("XRANGE", store._keys(self.session_id)[3], f"0-{seq + 1}", "+"))
-        frames = frames_after(entries, seq)  # None if trimmed, or a write lost while Redis was down
-        if frames is None or seq + len(frames) < last:
-            return None  # never a gap
+        raw = await store._shared("XRANGE", store._keys(self.session_id)[3], f"0-{seq + 1}", "+")
+        frames = frames_after(logged(raw), seq)  # None if trimmed, or a write lost while Redis was down
+        if frames is None or seq + len(frames) < last or last - seq > self._capacity:
+            return None  # never a gap; and what the stream holds past the capacity is not replayed
         return frames
 
     def stats(self) -> tuple[int, int]:
@@ -83,25 +93,25 @@ class RedisReplayLog(ReplayLog):
         return self._capacity
 
 
-def seq_of(entry_id: str) -> int:
-    """The seq of a log entry id ``0-<seq>``."""
-    return int(entry_id.partition("-")[2])
+def logged(raw: Any) -> Logged:
+    """The frames of stream entries as Redis sends them (``[id, [seq, frame, seq, frame ...]]``)."""
+    return [(int(pairs[i]), pairs[i + 1]) for _, pairs in raw for i in range(0, len(pairs), 2)]
 
 
-def entries_of(raw: Any) -> list[tuple[str, dict[str, str]]]:
-    """Stream entries as Redis sends them (``[id, [field, value, ...]]``) as (id, fields) pairs."""
-    return [(entry_id, dict(zip(kv[::2], kv[1::2], strict=True))) for entry_id, kv in raw]
+def frames_after(frames: Logged, seq: int) -> list[str] | None:
+    """The logged ``frames`` numbered above ``seq``, if they follow it with no gap, else None.
 
-
-def frames_after(entries: list[tuple[str, dict[str, str]]], seq: int) -> list[str] | None:
-    """The frames of stream ``entries`` if they follow ``seq`` with no gap, else None."""
-    frames = []
-    for entry_id, fields in entries:
+    Those up to ``seq`` are skipped: they share an entry with the first one wanted.
+    """
+    after = []
+    for number, frame in frames:
+        if number <= seq:
+            continue
         seq += 1
-        if seq_of(entry_id) != seq:
+        if number != seq:
             return None
-        frames.append(fields["f"])
-    return frames
+        after.append(frame)
+    return after
 
 
 def unfinished(frames: list[str]) -> list[tuple[MessageId, str | None]]:

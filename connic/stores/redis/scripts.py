@@ -151,17 +151,14 @@ if #newest > 0 then seq = tonumber(string.match(newest[1][1], '%-(%d+)$')) end
 return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1)}
 """
 
-# Append frames to the replay log, only while this fencing token owns the session.
-# ARGV: fence, maxlen, log ttl ms, the seq of the first frame, then the frames (numbered
-# on from it). XADD refuses an id not above the newest, which is the seq check: a frame
-# is never logged twice or out of order. The log is trimmed once, with the last frame.
+# Append frames to the replay log, as one entry, only while this fencing token owns the
+# session. ARGV: fence, the seq below which entries are trimmed (an entry's id is its newest
+# frame's seq), log ttl ms, the seq of the newest frame (the entry's id), then each frame's
+# seq and the frame. XADD refuses an id not above the newest, which is the seq check: a
+# batch is never logged twice, nor after a newer one.
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local seq = tonumber(ARGV[4]) - 5
-for i = 5, #ARGV - 1 do
-    redis.call('XADD', KEYS[4], '0-' .. (seq + i), 'f', ARGV[i])
-end
-redis.call('XADD', KEYS[4], 'MAXLEN', ARGV[2], '0-' .. (seq + #ARGV), 'f', ARGV[#ARGV])
+redis.call('XADD', KEYS[4], 'MINID', '0-' .. ARGV[2], '0-' .. ARGV[4], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 """

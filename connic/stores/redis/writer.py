@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from connic.session import ChatSession
     from connic.stores.redis.log import RedisReplayLog
 
-__all__ = ["BATCH_DELAY", "Writer"]
+__all__ = ["BATCH_DELAY", "ENTRY_FRAMES", "Writer"]
 
 log = logging.getLogger("connic.stores.redis")
 
@@ -45,6 +45,30 @@ a second (100 sessions at 20 chunks a second) a pipeline carries some ten of the
 of one or two, which cut connic's CPU per S7 turn with this store by more than half
 (docs/performance.md, R7). A resume on another process follows the frames this much later.
 """
+
+
+ENTRY_FRAMES = 1000
+"""The most frames one entry of a replay log holds: an ``APPEND`` passes each frame and its
+seq, and Lua's ``unpack`` takes some 8,000 values at most."""
+
+
+def _appends(
+    sid: str, fence: int, capacity: int, log_ttl: int, first: int, frames: list[str]
+) -> list[tuple[str, str, list[Any]]]:
+    """The APPENDs logging ``frames`` (numbered from ``first``): an entry for each ENTRY_FRAMES of them.
+
+    Each trims the entries older than the newest ``capacity`` frames: an entry stays while
+    it holds one of them.
+    """
+    commands: list[tuple[str, str, list[Any]]] = []
+    for start in range(0, len(frames), ENTRY_FRAMES):
+        batch = frames[start : start + ENTRY_FRAMES]
+        newest = first + start + len(batch) - 1
+        args: list[Any] = [fence, max(0, newest - capacity + 1), log_ttl, newest]
+        for seq, frame in enumerate(batch, first + start):
+            args += (seq, frame)
+        commands.append((sid, "APPEND", args))
+    return commands
 
 
 class Writer(Connection):
@@ -135,7 +159,7 @@ class Writer(Connection):
             frames, replay.pending = replay.pending, []
             if frames and replay.fence is not None:
                 log_ttl = ms(ttl_seconds(self._live.get(sid)))
-                commands.append((sid, "APPEND", [replay.fence, replay.capacity, log_ttl, replay.first, *frames]))
+                commands += _appends(sid, replay.fence, replay.capacity, log_ttl, replay.first, frames)
         self._dirty_logs = {}
         saves: dict[int, HistoryEntry | None] = {}  # index of a SAVE in commands: the newest entry it writes
         for sid in self._dirty:
