@@ -184,3 +184,46 @@ async def test_a_cancel_no_process_takes_gets_not_found_from_the_next_owner(laun
     await conn_b.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
     await conn_b.until_ended({"m2": ["assistant"]})
     assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+async def test_a_goodbye_whose_message_was_lost_is_taken_at_the_lease_renewal(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # producer_timeout = 1.5: the owner renews its leases, and takes the flags, every 0.5 s.
+    a = await launch("producer_timeout = 1.5")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
+    await conn.until_type("stream_chunk")
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # The flag a follower's goodbye sets, without its pub/sub message.
+        await redis.set(f"connic:{{{session.session_id}}}:end", "1", px=60_000)
+        code, frames = await conn.closed(timeout=5)
+        assert code == 4011 and frames[-1]["code"] == "session_taken_over", frames
+        await gone(redis, session.session_id, timeout=5)
+        assert not await redis.exists(f"connic:{{{session.session_id}}}:end")  # taken: acted on once
+    finally:
+        await redis.aclose()
+    again = await session.resume(url=a.url)
+    assert again.connected["resumed"] is False
+
+
+async def test_a_cancel_whose_message_was_lost_is_taken_at_the_lease_renewal_when_idle(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a = await launch("producer_timeout = 1.5")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "hello"}})
+    await conn.until_ended({"m1": ["assistant"]})
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # A cancel a follower passed, without its pub/sub message, for a session no longer busy.
+        await redis.sadd(f"connic:{{{session.session_id}}}:cancel", '"m1"')
+        frames = await conn.until(lambda f: f["type"] == "error", timeout=5)
+        assert (frames[-1]["code"], frames[-1]["id"]) == ("not_found", "m1"), frames
+        assert not await redis.exists(f"connic:{{{session.session_id}}}:cancel")
+    finally:
+        await redis.aclose()
+    session.transcript.assert_complete()

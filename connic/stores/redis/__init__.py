@@ -275,9 +275,12 @@ class RedisStore(Limits, Takeovers, SessionStore):
         if label is not None and token is not None:
             check = [label, hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()]
         followed: list[Following] = []
+        if follow is not None:
+            self._follow_leases[session_id] = ms(wait)
         try:
             return await self._take(session_id, wait, follow, after, check, followed)
         finally:
+            self._follow_leases.pop(session_id, None)
             for following in followed:
                 self._follower.stop(following)
 

@@ -38,6 +38,7 @@ class Cancels(Writer):
         super().__init__()
         self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
         self._cancels_waiting: set[str] = set()  # sessions taken over whose claim found cancels waiting
+        self._follow_leases: dict[str, int] = {}  # session id: the owner's lease (ms), while a resume follows it
 
     def cancel(self, session_id: str, message_id: MessageId) -> None:
         """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
@@ -50,7 +51,9 @@ class Cancels(Writer):
             pipe = self._client().pipeline(transaction=False)
             pipe.sadd(key, json.dumps(message_id))
             # Only for a while: a cancel the owner never took must not cancel a later message with that id.
-            pipe.pexpire(key, max((lease for _, lease in self._fences.values()), default=10_000))
+            # Long enough for the claim that follows a dead owner's last lease to find it.
+            lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
+            pipe.pexpire(key, 2 * max(lease, 10_000))
             pipe.publish(scripts.cancel_channel(prefix), session_id)
             await self._call(pipe.execute())
         except StoreUnavailable as exc:
