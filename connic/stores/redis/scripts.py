@@ -181,8 +181,9 @@ return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1), redis.call('EX
 # the session's keys, then its end flag. ARGV: the connector label and SHA-1 (hex) of the
 # resume token (checked as CLAIM checks them), the end channel and the session id. The
 # flag is set for as long as the record lives and the session id published on the
-# channel: the owner takes it (or finds it when it renews its lease) and ends the session;
-# if the owner died, the next CLAIM finds it and ends it. A session no process owns is
+# channel: the owner ends the session as soon as it hears it (or finds the flag when it
+# renews its lease; the flag goes with the session's DELETE); if the owner died, or let the
+# session go, the next CLAIM finds it and ends it. A session no process owns is
 # ended at once (its keys deleted). Returns 0 when it is gone or the check fails (nothing
 # changed), 1 when its owner was told, 2 when it was ended here.
 END = """
@@ -244,21 +245,24 @@ return 1
 # flag, its end flag and its cancel set. ARGV: fence, lease ms. Returns 0 when another
 # process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
 # flag, taken: a pub/sub message may have been lost), plus 4 when a client following it
-# elsewhere said goodbye (the end flag, taken), plus 8 when cancels wait for it.
+# elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
+# that a session this process lets go instead, a rebuild that failed, still ends at the
+# next claim), plus 8 when cancels wait for it.
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local result = 1
 if redis.call('DEL', KEYS[6]) == 1 then result = result + 2 end
-if redis.call('DEL', KEYS[7]) == 1 then result = result + 4 end
+if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
 return result
 """
 
-# The session ended for good: forget all of it. ARGV: fence.
+# The session ended for good: forget all of it. KEYS: the session's keys, then its end
+# flag (:func:`end_key`). ARGV: fence.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
 

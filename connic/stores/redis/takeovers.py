@@ -19,11 +19,13 @@ owner lets the session go: PROTOCOL.md §7 ends the session then, as on one proc
 follower (only once its claim checked the resume token, and checking it again) sets the
 session's end flag (:func:`~connic.stores.redis.scripts.end_key`, for as long as the
 record lives) and publishes the session id on the end channel
-(:func:`~connic.stores.redis.scripts.end_channel`): the owner takes the flag, or finds it
-when it renews the lease, and ends the session as its own client's 1000 close would
+(:func:`~connic.stores.redis.scripts.end_channel`): the owner, told so or finding the
+flag when it renews the lease, ends the session as its own client's 1000 close would
 (:meth:`ChatSession.end <connic.session.ChatSession.end>`: the reply stops, the session is
-deleted). If the owner died, the next claim finds the flag and ends the session instead of
-taking it (the ``CLAIM`` script); one no process owns is ended at once (``END``).
+deleted, its flag with it). If the owner died, or let the session go instead of ending it
+(a resume here that was rebuilding it failed), the next claim finds the flag and ends the
+session instead of taking it (the ``CLAIM`` script); one no process owns is ended at once
+(``END``).
 """
 
 from __future__ import annotations
@@ -112,22 +114,12 @@ class Takeovers(Cancels):
             log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
 
     def _told_end(self, session_id: str) -> None:
-        """A client following this session elsewhere said goodbye: take its end flag if this process owns it."""
-        if session_id in self._fences:
-            self._spawn(self._take_end(session_id))
+        """A client following this session elsewhere said goodbye (its pub/sub message): end it if this process owns it.
 
-    async def _take_end(self, session_id: str) -> None:
-        """Take the session's end flag (its pub/sub message came), and end the session if it was set.
-
-        Taking the flag (``DEL``) makes one of this message and the next renewal act on it, never both.
+        The flag is not taken here: it stays until the session's end deletes it with the
+        session, so that a copy this process lets go instead still ends at the next claim.
         """
-        key = scripts.end_key(self.options.key_prefix, session_id)
-        try:
-            taken = await self._shared("DEL", key)
-        except StoreUnavailable as exc:
-            log.warning("session %s: taking its end flag failed: %s", session_id, exc.why)
-            return  # the flag stays: the renewer takes it
-        if taken:
+        if session_id in self._fences:
             self._ended_elsewhere(session_id)
 
     def _ended_elsewhere(self, session_id: str, tries: int = _TRIES) -> None:

@@ -171,6 +171,8 @@ class Writer(Connection):
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
                 keys = self._keys(sid)
+                if name == "DELETE":  # its end flag too (a goodbye elsewhere: kept until the session is gone)
+                    keys.append(scripts.end_key(self.options.key_prefix, sid))
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
@@ -265,7 +267,7 @@ class Writer(Connection):
                 if not isinstance(result, int) or result <= 0:
                     continue
                 # What a pub/sub message lost (the channel reconnecting) would have said.
-                if result & 4:  # a client following it elsewhere said goodbye: it ends
+                if result & 4:  # a client following it elsewhere said goodbye: it ends (its flag goes with it)
                     self._ended_elsewhere(sid)
                 elif result & 2:  # a takeover
                     self._taken_over(sid)
