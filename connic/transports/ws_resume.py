@@ -48,10 +48,13 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
     sessions = conn.transport.sessions
     following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
+    began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
             _connected_following(conn, frame, last, recovered=frames is not None)
+            if not began.done():
+                began.set_result(None)
         conn.writer.extend(frames or [])
         following[:] = [last]
 
@@ -59,7 +62,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
         # Only a shared store may wait on another process: the memory store answers at once.
         if sessions.store.durable:
-            session = await _reading_meanwhile(conn, finding, frame, following)
+            session = await _reading_meanwhile(conn, finding, frame, following, began)
         else:
             session = await finding
         last_seq = following[0] if following else frame.last_seq
@@ -119,7 +122,11 @@ async def resume_instead(conn: Connection, frame: ResumeFrame) -> None:
 
 
 async def _reading_meanwhile(
-    conn: Connection, finding: Awaitable[ChatSession | None], frame: ResumeFrame, following: list[int]
+    conn: Connection,
+    finding: Awaitable[ChatSession | None],
+    frame: ResumeFrame,
+    following: list[int],
+    began: asyncio.Future[None],
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
@@ -134,19 +141,31 @@ async def _reading_meanwhile(
       behind held frames (its outcome, a cancelled reply's end or ``not_found``, comes back
       in the log; a cancel no process takes waits for the next owner, which answers it);
     - a close with 1000 ends the session there, as it would here (the client said goodbye).
+
+    ``began`` is done once the find follows another process (``following`` then holds
+    the seq followed to): what came before it (a cancel, the socket's end) is acted on then.
     """
-    assert frame.session_id is not None and frame.resume_token is not None
-    session_id = frame.session_id
+    assert frame.session_id is not None
     store = conn.transport.sessions.store
     held: dict[int, MessageId] = {}  # id() of each message held in the inbox that names its id: that id
+    cancels: dict[int, MessageId] = {}  # id() of each other cancel held before the find followed: its id
     task = asyncio.ensure_future(finding)
     try:
         while not task.done():
             if conn._receiving is None and not _gone(conn):
                 conn._receiving = asyncio.ensure_future(conn.ws.receive())
                 conn._receiving.add_done_callback(_consume)
-            waiting: set[asyncio.Future[Any]] = {task} if conn._receiving is None else {task, conn._receiving}
+            waiting: set[asyncio.Future[Any]] = {task}
+            if conn._receiving is not None:
+                waiting.add(conn._receiving)
+            if not began.done():
+                waiting.add(began)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if cancels and following:
+                # The find follows another process now: the cancels held till then go there.
+                for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
+                    store.cancel(frame.session_id, cancels.pop(id(msg)))
+                    conn._inbox.remove(msg)
             receiving = conn._receiving
             if receiving is not None and receiving.done():
                 conn._receiving = None
@@ -164,25 +183,16 @@ async def _reading_meanwhile(
                         conn._inbox.insert(at + 1, msg)
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
-                        store.cancel(session_id, parsed.id)
+                        store.cancel(frame.session_id, parsed.id)
                 else:
                     if isinstance(parsed, MessageFrame) and parsed.id is not None:
                         held[id(msg)] = parsed.id
+                    elif isinstance(parsed, CancelFrame):
+                        cancels[id(msg)] = parsed.id
                     conn._inbox.append(msg)
-                    if following and msg.type not in _DATA:
-                        # The client is gone (its close, or the socket's end) while another process
-                        # answers: following that reply for nobody would hold a read of Redis, and
-                        # this process's shutdown, until it ends. The claim checked the token:
-                        # following means it did.
-                        if msg.type is WSMsgType.CLOSE and msg.data == 1000 and not conn.writer.closing:
-                            # The client said goodbye: the session ends there (or here, if taken
-                            # over in this very step), as on one process.
-                            store.end(session_id, conn.transport.sessions.label, frame.resume_token)
-                            task.add_done_callback(_end)
-                        else:
-                            # The session stays there, detached.
-                            task.add_done_callback(_let_go)  # taken over in this very step: let go
-                        return None
+            if following and _gone(conn):
+                _leave(conn, task, frame)
+                return None
         return task.result()
     except BaseException:
         # The resume goes no further (its handler is cancelled): a session the find took over
@@ -193,6 +203,25 @@ async def _reading_meanwhile(
         raise
     finally:
         task.cancel()
+
+
+def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame) -> None:
+    """The client is gone (its close, or the socket's end) while another process answers.
+
+    Following that reply for nobody would hold a read of Redis, and this process's
+    shutdown, until it ends. The claim checked the token (following means it did).
+    """
+    assert frame.session_id is not None and frame.resume_token is not None
+    last = conn._inbox[-1]
+    if last.type is WSMsgType.CLOSE and last.data == 1000 and not conn.writer.closing:
+        # The client said goodbye: the session ends there (or here, if taken over in this very
+        # step), as on one process.
+        sessions = conn.transport.sessions
+        sessions.store.end(frame.session_id, sessions.label, frame.resume_token)
+        task.add_done_callback(_end)
+    else:
+        # The session stays there, detached.
+        task.add_done_callback(_let_go)  # taken over in this very step: let go
 
 
 def _held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> int | None:
