@@ -28,8 +28,9 @@ The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
 background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
 across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
-over the owner's connection), :mod:`~connic.stores.redis.limits` (the rate limit and connections
-per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
+over the owner's connection, or its client's goodbye ending the session there),
+:mod:`~connic.stores.redis.limits` (the rate limit and connections per address across
+processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON) and
 :mod:`~connic.stores.redis.scripts` (the Lua scripts).
 """
@@ -175,8 +176,8 @@ class RedisStore(Limits, Takeovers, SessionStore):
             replay.fence = self._fences[sid][0]
             replay.last = max(replay.last, session.seq)
             self._logs[sid] = replay
-        # After the caller's synchronous rest (a seq the client saw, the replies a dead owner
-        # left): a cancel its answer comes later than, numbered after those.
+        # In the background: their answers (not_found) come a round trip later, numbered after
+        # what the caller numbers first (from the client's last seq, a dead owner's lost replies).
         self._take_waiting_cancels(sid)
 
     async def get(self, session_id: str) -> ChatSession | None:
