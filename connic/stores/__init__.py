@@ -210,6 +210,13 @@ class SessionStore:
         (a session is never answered by another process).
         """
 
+    def end(self, session_id: str, label: str, token: str) -> None:
+        """End the session on the process answering it: the client of a resume following it from here closed with 1000.
+
+        ``label`` and ``token`` are the resume's, checked again by the store. Only a store
+        shared between processes has anything to do: the default does nothing.
+        """
+
     def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
         """The session's ``rate_limit`` bucket: ``messages`` tokens, refilled over ``per`` seconds.
 

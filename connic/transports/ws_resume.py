@@ -17,8 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType
 
-from connic.errors import InvalidResume, ProtocolError, StoreUnavailable
-from connic.frames import CancelFrame, ClientFrame, PingFrame, Pong, ResumeFrame, encode, parse_client_frame
+from connic.errors import InvalidResume, ProtocolError, SessionTakenOver, StoreUnavailable
+from connic.frames import (
+    CancelFrame,
+    ClientFrame,
+    MessageFrame,
+    MessageId,
+    PingFrame,
+    Pong,
+    ResumeFrame,
+    encode,
+    parse_client_frame,
+)
 from connic.session import ChatSession, SessionState
 
 if TYPE_CHECKING:
@@ -38,10 +48,13 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     assert frame.session_id is not None and frame.resume_token is not None and frame.last_seq is not None
     sessions = conn.transport.sessions
     following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
+    began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
             _connected_following(conn, frame, last, recovered=frames is not None)
+            if not began.done():
+                began.set_result(None)
         conn.writer.extend(frames or [])
         following[:] = [last]
 
@@ -49,7 +62,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
         # Only a shared store may wait on another process: the memory store answers at once.
         if sessions.store.durable:
-            session = await _reading_meanwhile(conn, finding, frame.session_id, following)
+            session = await _reading_meanwhile(conn, finding, frame, following, began)
         else:
             session = await finding
         last_seq = following[0] if following else frame.last_seq
@@ -109,45 +122,77 @@ async def resume_instead(conn: Connection, frame: ResumeFrame) -> None:
 
 
 async def _reading_meanwhile(
-    conn: Connection, finding: Awaitable[ChatSession | None], session_id: str, following: list[int]
+    conn: Connection,
+    finding: Awaitable[ChatSession | None],
+    frame: ResumeFrame,
+    following: list[int],
+    began: asyncio.Future[None],
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
     Finding a session another process answers can take as long as its reply: the
-    client's pings and pongs are answered meanwhile (the heartbeat sees it alive), a
-    ``cancel`` is passed to that process at once (when nothing is held before it), and
-    its other frames are held in order, to be handled once the session is taken over.
+    client's pings and pongs are answered meanwhile (the heartbeat sees it alive), and
+    its other frames are held in order, to be handled once the session is taken over,
+    but for what the client says to the session that cannot wait (PROTOCOL.md §5, §7):
+
+    - a ``cancel`` naming a message held here is held right behind it: admitted (acked)
+      and dropped at once, as a queued message's cancel drops it on one process;
+    - any other ``cancel`` is passed to the process answering the session at once, even
+      behind held frames (its outcome, a cancelled reply's end or ``not_found``, comes back
+      in the log; a cancel no process takes waits for the next owner, which answers it);
+    - a close with 1000 ends the session there, as it would here (the client said goodbye).
+
+    ``began`` is done once the find follows another process (``following`` then holds
+    the seq followed to): what came before it (a cancel, the socket's end) is acted on then.
     """
+    assert frame.session_id is not None
+    store = conn.transport.sessions.store
+    held: dict[int, MessageId] = {}  # id() of each message held in the inbox that names its id: that id
+    cancels: dict[int, MessageId] = {}  # id() of each other cancel held before the find followed: its id
     task = asyncio.ensure_future(finding)
     try:
         while not task.done():
             if conn._receiving is None and not _gone(conn):
                 conn._receiving = asyncio.ensure_future(conn.ws.receive())
                 conn._receiving.add_done_callback(_consume)
-            waiting: set[asyncio.Future[Any]] = {task} if conn._receiving is None else {task, conn._receiving}
+            waiting: set[asyncio.Future[Any]] = {task}
+            if conn._receiving is not None:
+                waiting.add(conn._receiving)
+            if not began.done():
+                waiting.add(began)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if cancels and following:
+                # The find follows another process now: the cancels held till then go there.
+                for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
+                    store.cancel(frame.session_id, cancels.pop(id(msg)))
+                    conn._inbox.remove(msg)
             receiving = conn._receiving
             if receiving is not None and receiving.done():
                 conn._receiving = None
                 msg = receiving.result()
                 conn.heartbeat.last_seen = conn._loop.time()
-                parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT and not conn._inbox else None
+                parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT else None
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
-                elif isinstance(parsed, PingFrame):
+                elif isinstance(parsed, PingFrame) and not conn._inbox:
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
-                elif isinstance(parsed, CancelFrame) and following:
-                    # Another process answers (this one follows its frames): the cancel goes there.
-                    # Its outcome (a cancelled reply's end, or not_found) comes back in the log.
-                    conn.transport.sessions.store.cancel(session_id, parsed.id)
+                elif isinstance(parsed, CancelFrame) and (following or _held_at(conn, held, parsed.id) is not None):
+                    at = _held_at(conn, held, parsed.id)
+                    if at is not None:
+                        del held[id(conn._inbox[at])]  # a second cancel of it is held in order (not_found)
+                        conn._inbox.insert(at + 1, msg)
+                    else:
+                        # Another process answers (this one follows its frames): the cancel goes there.
+                        store.cancel(frame.session_id, parsed.id)
                 else:
+                    if isinstance(parsed, MessageFrame) and parsed.id is not None:
+                        held[id(msg)] = parsed.id
+                    elif isinstance(parsed, CancelFrame):
+                        cancels[id(msg)] = parsed.id
                     conn._inbox.append(msg)
-                    if following and msg.type not in _DATA:
-                        # The client is gone (its close, or the socket's end) while another process
-                        # answers: following that reply for nobody would hold a read of Redis, and
-                        # this process's shutdown, until it ends. The session stays there, detached.
-                        task.add_done_callback(_let_go)  # taken over in this very step: let go
-                        return None
+            if following and _gone(conn):
+                _leave(conn, task, frame)
+                return None
         return task.result()
     except BaseException:
         # The resume goes no further (its handler is cancelled): a session the find took over
@@ -158,6 +203,38 @@ async def _reading_meanwhile(
         raise
     finally:
         task.cancel()
+
+
+def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame) -> None:
+    """The client is gone (its close, or the socket's end) while another process answers.
+
+    Following that reply for nobody would hold a read of Redis, and this process's
+    shutdown, until it ends. The claim checked the token (following means it did).
+    """
+    assert frame.session_id is not None and frame.resume_token is not None
+    last = conn._inbox[-1]
+    if last.type is WSMsgType.CLOSE and last.data == 1000 and not conn.writer.closing:
+        # The client said goodbye: the session ends there (or here, if taken over in this very
+        # step), as on one process.
+        sessions = conn.transport.sessions
+        sessions.store.end(frame.session_id, sessions.label, frame.resume_token)
+        task.add_done_callback(_end)
+    else:
+        # The session stays there, detached.
+        task.add_done_callback(_let_go)  # taken over in this very step: let go
+
+
+def _held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> int | None:
+    """Where in the inbox the first held message with ``message_id`` (not cancelled yet) is, if any."""
+    if not held:
+        return None
+    for at, msg in enumerate(conn._inbox):
+        if held.get(id(msg), _NONE) == message_id:
+            return at
+    return None
+
+
+_NONE = object()  # no message id (None is not one either)
 
 
 def _connected_following(conn: Connection, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:
@@ -190,6 +267,16 @@ def _let_go(task: asyncio.Future[ChatSession | None]) -> None:
     session = task.result()
     if session is not None and not session.resuming:
         session.resume_failed()
+
+
+def _end(task: asyncio.Future[ChatSession | None]) -> None:
+    # What a find abandoned by its resume's goodbye gives: a session taken over in that very
+    # step ends here, as the client's close 1000 ends it (the store's end reaches the owner else).
+    if task.cancelled() or task.exception() is not None:
+        return
+    session = task.result()
+    if session is not None:
+        session.end(SessionTakenOver("another connection resumed this session"))
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -29,8 +29,9 @@ The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
 background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
 across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
-over the owner's connection), :mod:`~connic.stores.redis.limits` (the rate limit and connections
-per address across processes), :mod:`~connic.stores.redis.log` (the replay log),
+over the owner's connection, or its client's goodbye ending the session there),
+:mod:`~connic.stores.redis.limits` (the rate limit and connections per address across
+processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON) and
 :mod:`~connic.stores.redis.scripts` (the Lua scripts).
 """
@@ -176,6 +177,9 @@ class RedisStore(Limits, Takeovers, SessionStore):
             replay.fence = self._fences[sid][0]
             replay.last = max(replay.last, session.seq)
             self._logs[sid] = replay
+        # In the background: their answers (not_found) come a round trip later, numbered after
+        # what the caller numbers first (from the client's last seq, a dead owner's lost replies).
+        self._take_waiting_cancels(sid)
 
     async def get(self, session_id: str) -> ChatSession | None:
         """The session if it is live in this process (else :meth:`load` and :meth:`take`)."""
@@ -195,6 +199,7 @@ class RedisStore(Limits, Takeovers, SessionStore):
         self._dirty_logs.pop(session_id, None)
         self._dirty.discard(session_id)
         self._saved.pop(session_id, None)
+        self._cancels_waiting.discard(session_id)
         owned = self._fences.pop(session_id, None)
         return owned[0] if owned is not None else None
 
@@ -272,9 +277,12 @@ class RedisStore(Limits, Takeovers, SessionStore):
         if label is not None and token is not None:
             check = [label, hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()]
         followed: list[Following] = []
+        if follow is not None:
+            self._follow_leases[session_id] = ms(wait)
         try:
             return await self._take(session_id, wait, follow, after, check, followed)
         finally:
+            self._follow_leases.pop(session_id, None)
             for following in followed:
                 self._follower.stop(following)
 
@@ -289,7 +297,8 @@ class RedisStore(Limits, Takeovers, SessionStore):
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         prefix = self.options.key_prefix
-        keys = [*self._keys(session_id), scripts.takeover_key(prefix, session_id)]
+        flags = [scripts.takeover_key(prefix, session_id), scripts.end_key(prefix, session_id)]
+        keys = [*self._keys(session_id), *flags, scripts.cancel_key(prefix, session_id)]
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
         # each owner it finds once (the first; another that took the session meanwhile).
         signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
@@ -315,6 +324,9 @@ class RedisStore(Limits, Takeovers, SessionStore):
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
                 fence = int(result[0])
+                if fence == -2:
+                    log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
+                    return None
                 if fence == -1:
                     return None
                 if fence == 0:
@@ -323,6 +335,8 @@ class RedisStore(Limits, Takeovers, SessionStore):
                     told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
+                    if int(result[4]):  # taken once the session is live here (add)
+                        self._cancels_waiting.add(session_id)
                     try:
                         return await self._taken(session_id, result[1], int(result[2]), result[3])
                     except asyncio.CancelledError:

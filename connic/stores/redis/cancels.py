@@ -2,9 +2,12 @@
 
 The follower adds the message id to the session's cancel set and publishes the session
 id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
-to which every process listens; the owner takes the set (the ``CANCELS`` script) and
-cancels the message. It also takes the set of its busy sessions when it renews their
-leases, in case the pub/sub message was lost. The one pub/sub listener of the store is
+to which every process listens; the owner takes the set (the ``CANCELS`` script, only
+while it owns the session) and cancels the message, or answers ``not_found``. Its lease
+renewal says when a set waits (a pub/sub message lost). A cancel no owner took (the owner
+let the session go, or died, before it could) waits in the set for the next owner: its
+claim says so, and it takes the set once the session is live there, so that every cancel
+gets its answer (PROTOCOL.md §5). The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
 (:mod:`~connic.stores.redis.takeovers` adds its own).
 """
@@ -34,6 +37,8 @@ class Cancels(Writer):
     def __init__(self) -> None:
         super().__init__()
         self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
+        self._cancels_waiting: set[str] = set()  # sessions taken over whose claim found cancels waiting
+        self._follow_leases: dict[str, int] = {}  # session id: the owner's lease (ms), while a resume follows it
 
     def cancel(self, session_id: str, message_id: MessageId) -> None:
         """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
@@ -46,7 +51,9 @@ class Cancels(Writer):
             pipe = self._client().pipeline(transaction=False)
             pipe.sadd(key, json.dumps(message_id))
             # Only for a while: a cancel the owner never took must not cancel a later message with that id.
-            pipe.pexpire(key, max((lease for _, lease in self._fences.values()), default=10_000))
+            # Long enough for the claim that follows a dead owner's last lease to find it.
+            lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
+            pipe.pexpire(key, 2 * max(lease, 10_000))
             pipe.publish(scripts.cancel_channel(prefix), session_id)
             await self._call(pipe.execute())
         except StoreUnavailable as exc:
@@ -83,24 +90,39 @@ class Cancels(Writer):
                     await pubsub.aclose()
 
     async def _take_cancels(self, session_ids: list[str]) -> None:
-        """Take the cancels waiting for these sessions and cancel their messages here."""
+        """Take the cancels waiting for these sessions (those this process owns) and cancel their messages here."""
         prefix = self.options.key_prefix
+        owned = [(sid, self._fences[sid][0]) for sid in session_ids if sid in self._fences]
+        if not owned:
+            return
         try:
 
             def build(pipe: Any) -> None:
-                for sid in session_ids:
-                    self._queue(pipe, "CANCELS", [scripts.cancel_key(prefix, sid)], [])
+                for sid, fence in owned:
+                    keys = [scripts.cancel_key(prefix, sid), self._keys(sid)[0]]
+                    self._queue(pipe, "CANCELS", keys, [fence])
 
             results = await self._pipeline(build)
         except StoreUnavailable as exc:
             log.warning("redis store: taking cancels failed: %s", exc.why)
             return
-        for sid, ids in zip(session_ids, results, strict=True):
+        for (sid, _), ids in zip(owned, results, strict=True):
+            if isinstance(ids, Exception):
+                continue
             session = self._live.get(sid)
-            if session is None or isinstance(ids, Exception):
+            if session is None or sid not in self._fences:
+                # Let go while the ids were on their way here: the next owner takes them.
+                for data in ids:
+                    self.cancel(sid, json.loads(data))
                 continue
             for data in ids:
                 session.cancel(json.loads(data))
+
+    def _take_waiting_cancels(self, session_id: str) -> None:
+        """The session, just taken over and live here, had cancels waiting when it was claimed: take them."""
+        if session_id in self._cancels_waiting:
+            self._cancels_waiting.discard(session_id)
+            self._spawn(self._take_cancels([session_id]))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

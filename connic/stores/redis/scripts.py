@@ -15,6 +15,7 @@ __all__ = [
     "CLAIM",
     "CREATE",
     "DELETE",
+    "END",
     "IP_ENTER",
     "IP_RENEW",
     "RELEASE",
@@ -24,6 +25,8 @@ __all__ = [
     "address_key",
     "cancel_channel",
     "cancel_key",
+    "end_channel",
+    "end_key",
     "rate_key",
     "session_keys",
     "takeover_channel",
@@ -47,6 +50,11 @@ def takeover_key(prefix: str, session_id: str) -> str:
     return f"{prefix}{{{session_id}}}:takeover"
 
 
+def end_key(prefix: str, session_id: str) -> str:
+    """The flag a resume on another process sets for the session's owner: its client said goodbye (close 1000)."""
+    return f"{prefix}{{{session_id}}}:end"
+
+
 def rate_key(prefix: str, session_id: str) -> str:
     """The session's token bucket (``rate_limit``): a hash of its tokens and when they were counted."""
     return f"{prefix}{{{session_id}}}:rate"
@@ -67,8 +75,16 @@ def takeover_channel(prefix: str) -> str:
     return f"{prefix}takeover"
 
 
-# The cancels waiting for a session, taken (the set is emptied). KEYS: the cancel set.
+def end_channel(prefix: str) -> str:
+    """The pub/sub channel telling every process which session a client following it elsewhere ended (its id)."""
+    return f"{prefix}end"
+
+
+# The cancels waiting for a session, taken (the set is emptied) by the process owning it.
+# KEYS: the cancel set, the ownership key. ARGV: fence. Nothing is taken by a process that
+# no longer owns it (it let the session go): the set waits for the next owner.
 CANCELS = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {} end
 local ids = redis.call('SMEMBERS', KEYS[1])
 if #ids > 0 then redis.call('DEL', KEYS[1]) end
 return ids
@@ -111,18 +127,22 @@ return fence
 )
 
 # Take an existing session if nobody owns it. KEYS: the session's keys, then its takeover
-# flag (:func:`takeover_key`). ARGV: lease ms, a seq or '' (see below), the connector label
+# flag (:func:`takeover_key`), its end flag (:func:`end_key`) and its cancel set
+# (:func:`cancel_key`). ARGV: lease ms, a seq or '' (see below), the connector label
 # and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
 # takeover channel and the session id, or '' and '', and the owner last told or '' (see
-# below). Returns {-1} when it is gone or the check fails (nothing changed), {0, owner} when
+# below). Returns {-1} when it is gone or the check fails (nothing changed), {-2} when a
+# client said goodbye to it while following it elsewhere (:data:`END`) and no process owns
+# it: it is ended here (its keys deleted, as its owner's DELETE would), {0, owner} when
 # another process owns it (with a seq: {0, owner, the logged entries after it}, so that a
 # resume starts following the owner in the same round trip), else {fence, record, the
-# newest logged seq, the history's entries}. The token is compared by its digest: how long
-# the comparison takes tells nothing about the token itself. When another process owns it,
-# the token was checked and a channel is given, an owner not told yet (its fence is not the
-# one last told) is told that its connection is taken over: the flag is set (for a lease:
-# the owner also looks for it when it renews its leases) and the session id published on
-# the channel.
+# newest logged seq, the history's entries, 1 if cancels wait for it else 0}. The token is
+# compared by its digest: how long the comparison takes tells nothing about the token
+# itself. When another process owns it, the token was checked and a channel is given, an
+# owner not told yet (its fence is not the one last told) is told that its connection is
+# taken over: the flag is set (for a lease: the owner also looks for it when it renews its
+# leases) and the session id published on the channel. A session whose end flag is set
+# while another process owns it is {-1}: that owner is ending it.
 CLAIM = """
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
@@ -134,6 +154,11 @@ if ARGV[3] ~= '' then
     end
 end
 local owner = redis.call('GET', KEYS[1])
+if redis.call('EXISTS', KEYS[7]) == 1 then
+    if owner then return {-1} end
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+    return {-2}
+end
 if owner then
     if ARGV[3] ~= '' and ARGV[5] ~= '' and owner ~= ARGV[7] then
         redis.call('SET', KEYS[6], '1', 'PX', ARGV[1])
@@ -148,7 +173,35 @@ redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
 local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 local seq = 0
 if #newest > 0 then seq = tonumber(string.match(newest[1][1], '%-(%d+)$')) end
-return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1)}
+return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1), redis.call('EXISTS', KEYS[8])}
+"""
+
+# A client that resumed the session on one process, and followed the reply its owner
+# answers, said goodbye (close 1000): the session ends for good, as on one process. KEYS:
+# the session's keys, then its end flag. ARGV: the connector label and SHA-1 (hex) of the
+# resume token (checked as CLAIM checks them), the end channel and the session id. The
+# flag is set for as long as the record lives and the session id published on the
+# channel: the owner ends the session as soon as it hears it (or finds the flag when it
+# renews its lease; the flag goes with the session's DELETE); if the owner died, or let the
+# session go, the next CLAIM finds it and ends it. A session no process owns is
+# ended at once (its keys deleted). Returns 0 when it is gone or the check fails (nothing
+# changed), 1 when its owner was told, 2 when it was ended here.
+END = """
+local record = redis.call('GET', KEYS[3])
+if not record then return 0 end
+local ok, fields = pcall(cjson.decode, record)
+if not ok or fields['label'] ~= ARGV[1] or type(fields['token']) ~= 'string'
+        or redis.sha1hex(fields['token']) ~= ARGV[2] then
+    return 0
+end
+if not redis.call('GET', KEYS[1]) then
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+    return 2
+end
+local ttl = redis.call('PTTL', KEYS[3])
+if ttl > 0 then redis.call('SET', KEYS[6], '1', 'PX', ttl) else redis.call('SET', KEYS[6], '1') end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
 """
 
 # Append frames to the replay log, as one entry, only while this fencing token owns the
@@ -186,20 +239,27 @@ return 1
 """
 
 # Keep owning the session for another lease. KEYS: the session's keys, then its takeover
-# flag. ARGV: fence, lease ms. Returns 0 when another process owns it, 2 when a resume
-# elsewhere took its connection over (the flag, taken: a pub/sub message may have been
-# lost), else 1.
+# flag, its end flag and its cancel set. ARGV: fence, lease ms. Returns 0 when another
+# process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
+# flag, taken: a pub/sub message may have been lost), plus 4 when a client following it
+# elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
+# that a session this process lets go instead, a rebuild that failed, still ends at the
+# next claim), plus 8 when cancels wait for it.
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if redis.call('DEL', KEYS[6]) == 1 then return 2 end
-return 1
+local result = 1
+if redis.call('DEL', KEYS[6]) == 1 then result = result + 2 end
+if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
+if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
+return result
 """
 
-# The session ended for good: forget all of it. ARGV: fence.
+# The session ended for good: forget all of it. KEYS: the session's keys, then its end
+# flag (:func:`end_key`). ARGV: fence.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 return 1
 """
 

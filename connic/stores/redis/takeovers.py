@@ -13,15 +13,29 @@ The owner takes the flag and ends the session's connection (:meth:`ChatSession.t
 idle, and the resume, following its frames meanwhile, takes it. The owner also takes the
 flag of each session it holds when it renews their leases (``RENEW``), in case the
 pub/sub message was lost.
+
+A client whose resume follows the owner's reply may say goodbye (close 1000) before the
+owner lets the session go: PROTOCOL.md §7 ends the session then, as on one process. The
+follower (only once its claim checked the resume token, and checking it again) sets the
+session's end flag (:func:`~connic.stores.redis.scripts.end_key`, for as long as the
+record lives) and publishes the session id on the end channel
+(:func:`~connic.stores.redis.scripts.end_channel`): the owner, told so or finding the
+flag when it renews the lease, ends the session as its own client's 1000 close would
+(:meth:`ChatSession.end <connic.session.ChatSession.end>`: the reply stops, the session is
+deleted, its flag with it). If the owner died, or let the session go instead of ending it
+(a resume here that was rebuilding it failed), the next claim finds the flag and ends the
+session instead of taking it (the ``CLAIM`` script); one no process owns is ended at once
+(``END``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 
-from connic.errors import StoreUnavailable
+from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.stores.redis import scripts
 from connic.stores.redis.cancels import Cancels
 
@@ -37,8 +51,13 @@ class Takeovers(Cancels):
     """What :class:`~connic.stores.redis.RedisStore` does with takeovers across processes (a base class of it)."""
 
     def _channels(self) -> dict[str, Callable[[str], None]]:
-        """The cancel channel, and the takeover channel."""
-        return {**super()._channels(), scripts.takeover_channel(self.options.key_prefix): self._told}
+        """The cancel channel, the takeover channel and the end channel."""
+        prefix = self.options.key_prefix
+        return {
+            **super()._channels(),
+            scripts.takeover_channel(prefix): self._told,
+            scripts.end_channel(prefix): self._told_end,
+        }
 
     def _told(self, session_id: str) -> None:
         """A resume elsewhere took this session over: take its flag if this process owns it.
@@ -75,3 +94,45 @@ class Takeovers(Cancels):
             session.taken_over()
         elif session_id in self._fences and (session is None or session.resuming) and tries > 0:
             asyncio.get_running_loop().call_later(_AGAIN, self._taken_over, session_id, tries - 1)
+
+    def end(self, session_id: str, label: str, token: str) -> None:
+        """A client following the session from here said goodbye (close 1000): its owner ends it, in the background."""
+        self._spawn(self._send_end(session_id, label, token))
+
+    async def _send_end(self, session_id: str, label: str, token: str) -> None:
+        prefix = self.options.key_prefix
+        keys = [*self._keys(session_id), scripts.end_key(prefix, session_id)]
+        digest = hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
+        args = [label, digest, scripts.end_channel(prefix), session_id]
+        try:
+            done = await self._call(self._shared_script("END", keys, args))
+        except StoreUnavailable as exc:
+            # The session stays resumable (detached), as it was before the goodbye.
+            log.warning("session %s: passing the client's goodbye to its owner failed: %s", session_id, exc.why)
+            return
+        if done == 2:
+            log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
+
+    def _told_end(self, session_id: str) -> None:
+        """A client following this session elsewhere said goodbye (its pub/sub message): end it if this process owns it.
+
+        The flag is not taken here: it stays until the session's end deletes it with the
+        session, so that a copy this process lets go instead still ends at the next claim.
+        """
+        if session_id in self._fences:
+            self._ended_elsewhere(session_id)
+
+    def _ended_elsewhere(self, session_id: str, tries: int = _TRIES) -> None:
+        """The client following the session on another process said goodbye: it ends here, for good.
+
+        As its own client's close 1000 would end it (PROTOCOL.md §7): its reply stops, its
+        queue is dropped, it is deleted from the store. A connection still attached (not yet
+        taken over) closes with 4011, as the resume took it over. A session that a resume
+        here claimed a moment ago and is still rebuilding is looked for again soon.
+        """
+        session = self._live.get(session_id)
+        if session is not None:
+            log.info("session %s: its client said goodbye on another process: ended", session_id)
+            session.end(SessionTakenOver("another connection resumed this session"))
+        elif session_id in self._fences and tries > 0:
+            asyncio.get_running_loop().call_later(_AGAIN, self._ended_elsewhere, session_id, tries - 1)

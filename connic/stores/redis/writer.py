@@ -10,7 +10,8 @@ from the pool, a send, a wake-up for the replies) per chunk. A frame that may en
 reply, releases, deletions and :meth:`Writer.flush` are written at once.
 
 Another task renews this process's leases every third of a lease (and takes the sessions'
-takeover flags, :mod:`~connic.stores.redis.takeovers`). A write that fails
+takeover and end flags, :mod:`~connic.stores.redis.takeovers`, and the cancels waiting for
+them, :mod:`~connic.stores.redis.cancels`, in case their pub/sub message was lost). A write that fails
 ends the session's connection with ``store_unavailable`` (1011); a write refused for a
 lost lease stops this copy of the session at once (another process owns it now).
 """
@@ -194,6 +195,8 @@ class Writer(Connection):
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
                 keys = self._keys(sid)
+                if name == "DELETE":  # its end flag too (a goodbye elsewhere: kept until the session is gone)
+                    keys.append(scripts.end_key(self.options.key_prefix, sid))
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
@@ -272,7 +275,8 @@ class Writer(Connection):
             def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
                 prefix = self.options.key_prefix
                 for sid, (fence, lease) in owned:
-                    keys = [*self._keys(sid), scripts.takeover_key(prefix, sid)]
+                    signals = [scripts.takeover_key(prefix, sid), scripts.end_key(prefix, sid)]
+                    keys = [*self._keys(sid), *signals, scripts.cancel_key(prefix, sid)]
                     self._queue(pipe, "RENEW", keys, [fence, lease])
 
             try:
@@ -280,21 +284,30 @@ class Writer(Connection):
             except StoreUnavailable as exc:
                 log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.why)
                 continue
+            cancels: list[str] = []
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
                     self._lost(sid)
-                elif result == 2:  # a takeover whose pub/sub message was lost (the channel reconnecting)
+                if not isinstance(result, int) or result <= 0:
+                    continue
+                # What a pub/sub message lost (the channel reconnecting) would have said.
+                if result & 4:  # a client following it elsewhere said goodbye: it ends (its flag goes with it)
+                    self._ended_elsewhere(sid)
+                elif result & 2:  # a takeover
                     self._taken_over(sid)
-            # A cancel whose pub/sub message was lost (the channel reconnecting) is still taken.
-            busy = [sid for sid, _ in owned if (s := self._live.get(sid)) is not None and s.busy]
-            if busy:
-                await self._take_cancels(busy)
+                if result & 8:  # cancels passed from elsewhere, whether it is busy or not
+                    cancels.append(sid)
+            if cancels:
+                await self._take_cancels(cancels)
 
     async def _take_cancels(self, session_ids: list[str]) -> None:
         """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
 
     def _taken_over(self, session_id: str) -> None:
         """A resume on another process took the session over (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
+
+    def _ended_elsewhere(self, session_id: str) -> None:
+        """A client following the session elsewhere said goodbye (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
 
     def _fail(self, sid: str) -> None:
         """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""
