@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from redis_server import (
@@ -25,7 +25,7 @@ from resume_helpers import (
     ResumeSession,
     clients_fixture,  # noqa: F401  (a fixture)
 )
-from test_redis_store import chat, config, history, registry
+from test_redis_store import Gated, chat, config, history, registry
 
 import connic
 from conftest import Server, StartServer
@@ -37,13 +37,21 @@ class Keeper(connic.Agent):
     """Keeps what it is told in its state, as the agent decides: answers with the state it had.
 
     ``"deep N"`` nests its state N levels deep (a linked list of turns, as an agent keeping
-    a chain of its exchanges would); anything else is appended to ``said``.
+    a chain of its exchanges would); ``"a set, then hold"`` keeps a set (which JSON cannot
+    encode) and waits for :attr:`hold` (never set: until it is cancelled); anything else is
+    appended to ``said``.
     """
+
+    hold: ClassVar[asyncio.Event]
 
     async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
         state = turn.session.state
         before = json.dumps({"said": state.get("said", []), "depth": _depth(state.get("chain"))})
-        if turn.message.startswith("deep "):
+        if turn.message == "a set, then hold":
+            state["set"] = {1, 2}
+            yield "holding "
+            await Keeper.hold.wait()
+        elif turn.message.startswith("deep "):
             chain: Any = None
             for _ in range(int(turn.message.split()[1])):
                 chain = {"prev": chain}
@@ -61,11 +69,15 @@ def _depth(chain: Any) -> int:
     return depth
 
 
-async def process(start_server: StartServer, url: str, connector: dict[str, Any] | None = None) -> Server:
-    """One connic "process" whose agent is a :class:`Keeper`."""
+async def process(
+    start_server: StartServer, url: str, connector: dict[str, Any] | None = None, **server: Any
+) -> Server:
+    """One connic "process" whose agent is a :class:`Keeper` (``server``: its ``[server]`` keys)."""
     reg = registry()
     reg.register("agents", "keeper", Keeper)
-    return await start_server(config(url, connector, {"assistant": {"use": "keeper"}}), registry=reg)
+    data = config(url, connector, {"assistant": {"use": "keeper"}})
+    data["server"] = server
+    return await start_server(data, registry=reg)
 
 
 async def told(conn: Any, session: ResumeSession, message_id: str, text: str) -> dict[str, Any]:
@@ -134,3 +146,65 @@ async def test_a_state_nested_too_deep_for_json_fails_its_own_session_not_the_pr
     assert conn_b.connected["resumed"] is True and conn_b.connected["recovered"] is True
     assert (await told(conn_b, other, "m3", "again"))["said"] == ["before", "after"]
     other.transcript.assert_complete()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RedisStore.release (stores/redis/__init__.py) encodes the record unguarded: its ValueError "
+    "escapes ChatSession.leave(), and Sessions.shutdown stops there (another helper's files)",
+)
+async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being_let_go_at_sigterm(
+    redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
+) -> None:
+    # A process stopping lets each session go (its record written, its ownership released),
+    # and closes its connections with 1001: on one process with the memory store, each ends.
+    # Letting go of a session whose state JSON cannot encode raised out of leave(): the
+    # stop went no further, the other sessions stayed owned by the stopped process (a resume
+    # elsewhere waits producer_timeout for the lease) and their connections got no 1001.
+    Keeper.hold = asyncio.Event()
+    a = await process(start_server, redis_server.url, {"producer_timeout": 60}, shutdown_grace=0.2)
+    good = ResumeSession(clients, a.url())
+    good_conn = await good.start()
+    await told(good_conn, good, "m1", "kept")
+    bad = ResumeSession(clients, a.url())
+    bad_conn = await bad.start()
+    await bad_conn.send({"type": "message", "id": "b1", "payload": {"message": "a set, then hold"}})
+    code, _ = await bad_conn.closed()
+    assert code == 1011  # its state cannot be saved: its connection ends (docs/deployment.md)
+    await a.server.close()  # SIGTERM: drain, then let every session go
+    code, _ = await good_conn.closed()
+    assert code == 1001
+    assert not await redis.exists(f"connic:{{{good.session_id}}}:owner")  # let go, not left to its lease
+
+
+# --- expiry -------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="connection.py:ttl_seconds is session_timeout + resume_window, but no save comes while a reply "
+    "runs (up to agent_timeout): the record and history expire under a live session (the lead's file)",
+)
+async def test_a_reply_longer_than_session_timeout_plus_resume_window_keeps_the_session_in_redis(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    # On one process a session never expires while it answers (PROTOCOL.md §7), and a reply
+    # may run for agent_timeout (default 300 s). Its record and history list in Redis expired
+    # session_timeout + resume_window after the save that started the reply: a resume on
+    # another process meanwhile got a fresh session, and the save at the reply's end wrote a
+    # history list holding only that reply.
+    Gated.gate = asyncio.Event()
+    short = {"session_timeout": 2, "resume_window": 1}
+    a = await start_server(config(redis_server.url, short, {"assistant": {"use": "gated"}}), registry=registry())
+    b = await start_server(config(redis_server.url, short, {"assistant": {"use": "gated"}}), registry=registry())
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "take your time"}})
+    while not session.transcript.chunks("m1", "assistant"):
+        await conn.recv()
+    await asyncio.sleep(3.5)  # past session_timeout + resume_window, the reply still running
+    conn_b = await session.resume(url=b.url())  # takes A's connection over, follows the reply
+    assert conn_b.connected["resumed"] is True and conn_b.connected["session_id"] == session.session_id
+    Gated.gate.set()
+    await conn_b.until_ended({"m1": ["assistant"]})
+    assert [entry["text"] for entry in await history(conn_b)] == ["take your time", "before after"]
