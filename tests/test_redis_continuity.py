@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -19,16 +21,18 @@ from redis_server import (
     RedisServer,
     redis_client_fixture,  # noqa: F401  (a fixture)
     redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
 )
 from resume_helpers import (
     Clients,
     ResumeSession,
     clients_fixture,  # noqa: F401  (a fixture)
+    words,
 )
 from test_redis_store import Gated, chat, config, history, registry
 
 import connic
-from conftest import Server, StartServer
+from conftest import SECRET, CliServer, Server, StartServer, start_cli
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -175,6 +179,60 @@ async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being
     code, _ = await good_conn.closed()
     assert code == 1001
     assert not await redis.exists(f"connic:{{{good.session_id}}}:owner")  # let go, not left to its lease
+
+
+# --- a process killed -----------------------------------------------------------------
+
+
+@pytest.fixture
+def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """Start ``python -m connic run`` processes sharing ``redis_server`` (``replay_buffer`` 8); killed at the end."""
+    config_file = tmp_path / "connic.toml"
+    config_file.write_text(
+        '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
+        f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 3\nreplay_buffer = 8\n'
+        f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
+    )
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start() -> CliServer:
+        server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def test_a_reply_longer_than_the_replay_buffer_ends_with_producer_lost_when_its_process_dies(
+    launch: Any, clients: Clients
+) -> None:
+    # PROTOCOL.md §7: when the process answering dies, each unfinished reply ends with
+    # producer_lost. Which replies did not end is read from the log, which holds the last
+    # replay_buffer frames: a reply longer than that had its stream_start (and ack) trimmed,
+    # was not found unfinished, and never ended for the client following it.
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(500)  # 500 chunks, 20 ms apart: about 10 s, far longer than the test waits
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    while len(session.transcript.chunks("m1", "assistant")) < 30:  # B follows A's reply live
+        await conn_b.recv()
+    a.proc.kill()  # kill -9 mid-reply: A's lease (producer_timeout = 3 s) runs out, B takes over
+    await asyncio.to_thread(a.proc.wait, 10)
+    frames = await conn_b.until(lambda f: f["type"] in ("error", "stream_end"), timeout=3 + 5)
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "producer_lost", frames[-1]
+    assert frames[-1]["id"] == "m1" and frames[-1]["agent"] == "assistant"
+    session.transcript.assert_complete()
+    await chat(conn_b, "m2", "after")  # the session goes on, on B
+    assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
 # --- expiry -------------------------------------------------------------------------------
