@@ -181,6 +181,57 @@ async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being
     assert not await redis.exists(f"connic:{{{good.session_id}}}:owner")  # let go, not left to its lease
 
 
+class Bursts(connic.Agent):
+    """Streams bursts of 40 chunks at once, each after waiting for :attr:`gate` (reset after each)."""
+
+    gate: ClassVar[asyncio.Event]
+
+    async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
+        for burst in range(3):
+            for word in range(40):
+                yield f"b{burst}w{word} "
+            await Bursts.gate.wait()
+            Bursts.gate.clear()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="APPEND (stores/redis/scripts.py) trims the log to replay_buffer after adding a batch, and the follower "
+    "(stores/redis/__init__.py _take) gives up on a gap: another helper's files",
+)
+async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_replay_buffer(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    # On one process a resumed client gets every frame of the reply in flight, live, whatever
+    # replay_buffer is. On another process it follows the first one's log: a burst of frames
+    # written in one batch and trimmed to replay_buffer before it is read was a gap, and the
+    # resumed connection was closed (1011, "resume again").
+    Bursts.gate = asyncio.Event()
+    small = {"replay_buffer": 8}
+    processes = []
+    for _ in range(2):
+        reg = registry()
+        reg.register("agents", "bursts", Bursts)
+        processes.append(
+            await start_server(config(redis_server.url, small, {"assistant": {"use": "bursts"}}), registry=reg)
+        )
+    a, b = processes
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "go"}})
+    while len(session.transcript.chunks("m1", "assistant")) < 40:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+    for _ in range(2):
+        await asyncio.sleep(0.2)  # B follows A's log meanwhile
+        Bursts.gate.set()
+    await conn_b.until_ended({"m1": ["assistant"]})
+    assert len(session.transcript.chunks("m1", "assistant")) == 120
+    session.transcript.assert_complete()
+
+
 # --- a process killed -----------------------------------------------------------------
 
 
