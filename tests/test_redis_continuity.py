@@ -245,16 +245,17 @@ SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n'
 def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     """Start ``python -m connic run`` processes sharing ``redis_server`` (``replay_buffer`` 8); killed at the end.
 
-    ``launch(agents)``: the agents' tables, in TOML (default :data:`ECHO`).
+    ``launch(agents, connector)``: the agents' tables (default :data:`ECHO`) and more keys of
+    the connector, in TOML.
     """
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start(agents: str = ECHO) -> CliServer:
+    async def start(agents: str = ECHO, connector: str = "") -> CliServer:
         config_file = tmp_path / f"connic-{len(started)}.toml"
         config_file.write_text(
             agents + f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 3\n'
-            f'replay_buffer = 8\n[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
+            f'replay_buffer = 8\n{connector}[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
         )
         server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
         started.append(server)
@@ -291,6 +292,33 @@ async def test_a_reply_longer_than_the_replay_buffer_ends_with_producer_lost_whe
     assert frames[-1]["id"] == "m1" and frames[-1]["agent"] == "assistant"
     session.transcript.assert_complete()
     await chat(conn_b, "m2", "after")  # the session goes on, on B
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+async def test_session_timeout_counts_from_the_end_of_a_reply_its_dead_process_left_unfinished(
+    launch: Any, clients: Clients
+) -> None:
+    # On one process session_timeout counts from the end of the last reply. A reply ended by
+    # producer_lost ends when the process taking the session over sends it; the session was
+    # rebuilt with the activity its dead process last saved (the message's arrival), and
+    # expired (4008) as soon as it was taken over when the reply had run session_timeout.
+    a = await launch(connector="session_timeout = 3\n")
+    b = await launch(connector="session_timeout = 3\n")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    while len(session.transcript.chunks("m1", "assistant")) < 60:  # B follows A's reply: over 1 s
+        await conn_b.recv()
+    a.proc.kill()  # its lease (producer_timeout = 3 s) runs out 2 to 3 s later: past session_timeout
+    await asyncio.to_thread(a.proc.wait, 10)
+    frames = await conn_b.until(lambda f: f["type"] in ("error", "stream_end"), timeout=3 + 5)
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "producer_lost", frames[-1]
+    await chat(conn_b, "m2", "after")  # within session_timeout of the reply's end: answered
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
