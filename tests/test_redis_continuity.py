@@ -22,6 +22,7 @@ from redis_server import (
     redis_client_fixture,  # noqa: F401  (a fixture)
     redis_server_fixture,  # noqa: F401  (a fixture)
     store_plugin_env,
+    with_store,
 )
 from resume_helpers import (
     Clients,
@@ -29,6 +30,7 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from test_agui_support import agui_config, agui_registry, post_run, run_input, text_of
 from test_redis_store import Gated, chat, config, history, registry
 
 import connic
@@ -231,6 +233,30 @@ async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_re
     await conn_b.until_ended({"m1": ["assistant"]})
     assert len(session.transcript.chunks("m1", "assistant")) == 120
     session.transcript.assert_complete()
+
+
+# --- AG-UI threads -----------------------------------------------------------------------
+
+
+async def test_two_first_runs_of_a_new_thread_on_two_processes_both_run(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # On one process two runs of one thread may overlap, the first run of a new thread too:
+    # the second is queued behind the first (docs/agui.md). On two processes both opened the
+    # thread, and the one whose store found it created already answered 503 ("exists already").
+    start = with_store(start_server, redis_server.url)
+    agents = {"look": {"use": "inspect"}}
+    one = await start(agui_config(agents=agents), registry=agui_registry())
+    two = await start(agui_config(agents=agents), registry=agui_registry())
+    for i in range(3):  # the two runs race: every round has one of them find the thread opened
+        runs = await asyncio.gather(
+            post_run(one.http + "/agui", run_input(f"thread-{i}", "to one")),
+            post_run(two.http + "/agui", run_input(f"thread-{i}", "to two")),
+        )
+        assert [status for status, _ in runs] == [200, 200], runs
+        turns = sorted((json.loads(text_of(events)) for _, events in runs), key=lambda turn: turn["number"])
+        assert [turn["number"] for turn in turns] == [1, 2]
+        assert [entry["text"] for entry in turns[1]["history"]][:1] == [turns[0]["message"]]
 
 
 # --- a process killed -----------------------------------------------------------------
