@@ -28,6 +28,11 @@ def restore(session: ChatSession, record: SessionRecord) -> None:
     session.states = {name: dict(state) for name, state in record.states.items()}
     session.history.entries = list(record.history)
     session.history.size = record.history_size
+    if record.busy:
+        # Its process stopped answering (it died, or let the session go mid-reply): the replies
+        # it left end now, with producer_lost, and a reply's end is activity, as on one process
+        # (last_activity is now, as for a new session). Its last save was the message's arrival.
+        return
     if record.last_active is not None:
         # session_timeout counts on across processes: a resume is not activity (PROTOCOL.md §7).
         idle = max(0.0, time.time() - record.last_active)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.session import ChatSession, SessionState
 from connic.sessions import Sessions, token_matches
@@ -122,21 +123,23 @@ class Threads:
     async def _thread(
         self, thread_id: str, given: str | None, peer: str, *, create: bool
     ) -> tuple[ChatSession, bool] | web.Response | None:
-        store = self.transport.store
-        live = await store.get(thread_id)
-        owner: Sessions | None = None
-        token: str | None = None
-        if live is not None:
-            owner, token = live.sessions, live.token
-        else:
-            record = await store.load(thread_id)
-            if record is not None:
-                owner, token = self._peer(record.label), record.token
-                if owner is None:
-                    why = f"thread {thread_id!r} is a session of connector {record.label!r}, not served here"
-                    return self.transport.refuse(409, why)
-        if owner is None:
-            return (await self.transport.sessions.open(thread_id), True) if create else None
+        known = await self._owner(thread_id)
+        if isinstance(known, web.Response):
+            return known
+        if known is None:
+            if not create:
+                return None
+            try:
+                return await self.transport.sessions.open(thread_id), True
+            except StoreUnavailable:
+                # A shared store refuses to open a thread another process opened meanwhile (two
+                # first runs of it at once): it is a known thread now, continued as one.
+                known = await self._owner(thread_id)
+                if known is None:
+                    raise
+                if isinstance(known, web.Response):
+                    return known
+        owner, token = known
         # A session another connector opened: its resume token proves the client's claim to it
         # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
         # authentication, so that tokens cannot be guessed faster than secrets.
@@ -153,6 +156,21 @@ class Threads:
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"
             )
         return session, False
+
+    async def _owner(self, thread_id: str) -> tuple[Sessions, str | None] | web.Response | None:
+        """The sessions of the connector that opened thread ``thread_id`` and its resume token; None if unknown."""
+        store = self.transport.store
+        live = await store.get(thread_id)
+        if live is not None:
+            return live.sessions, live.token
+        record = await store.load(thread_id)
+        if record is None:
+            return None
+        owner = self._peer(record.label)
+        if owner is None:
+            why = f"thread {thread_id!r} is a session of connector {record.label!r}, not served here"
+            return self.transport.refuse(409, why)
+        return owner, record.token
 
     def _peer(self, label: str) -> Sessions | None:
         if label == self.transport.connector.path:

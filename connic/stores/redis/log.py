@@ -23,6 +23,10 @@ __all__ = ["Logged", "RedisReplayLog", "frames_after", "logged", "may_end", "unf
 
 _ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or one quoting one)
 _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py): most frames
+# The frames of an agent's reply before its end (PROTOCOL.md §9: progress events come between
+# a reply's start and its end), and those that end it.
+_OPEN = frozenset({"stream_start", "stream_chunk", "tool_call", "tool_result", "progress"})
+_REPLY = _OPEN | {"stream_end", "response", "error"}
 
 Logged = list[tuple[int, str]]
 """Logged frames as read from the stream: (seq, frame), oldest first."""
@@ -117,10 +121,12 @@ def frames_after(frames: Logged, seq: int) -> list[str] | None:
 def unfinished(frames: list[str]) -> list[tuple[MessageId, str | None]]:
     """The agent replies that ``frames`` (a session's log, oldest first) leave unfinished.
 
-    A reply is unfinished when its ``stream_start`` has no ``stream_end`` nor error for
-    that agent; an acked message that got no frame from any agent is unfinished too (agent
-    None: each agent that answers it) if it came after the last message an agent answered:
-    it was being answered (streaming off, or before its first chunk) or queued behind.
+    A reply is unfinished when a frame of it (its ``stream_start``, a chunk, a progress
+    event) has no ``stream_end`` nor error for that agent after it: the log holds the last
+    ``replay_buffer`` frames only, and a reply longer than that has lost its start. An acked
+    message that got no frame from any agent is unfinished too (agent None: each agent that
+    answers it) if it came after the last message an agent answered: it was being answered
+    (streaming off, or before its first chunk) or queued behind.
     """
     acked: dict[Any, tuple[MessageId, int]] = {}  # key: (id, message number), in order
     started: dict[tuple[Any, str], MessageId] = {}
@@ -140,13 +146,13 @@ def unfinished(frames: list[str]) -> list[tuple[MessageId, str | None]]:
         if kind == "error" and agent is None:
             ended.add(key)
             continue
-        if agent is None or kind not in ("stream_start", "stream_chunk", "stream_end", "response", "error"):
-            continue  # progress events (§9) and the like: not an end
+        if agent is None or kind not in _REPLY:
+            continue
         answered.add(key)
         last_answered = max(last_answered, numbers.get(key, 0))
-        if kind == "stream_start":
+        if kind in _OPEN:
             started[(key, agent)] = message_id
-        elif kind in ("stream_end", "response", "error"):
+        else:
             started.pop((key, agent), None)
     lost: list[tuple[MessageId, str | None]] = [
         (mid, agent) for (key, agent), mid in started.items() if key not in ended

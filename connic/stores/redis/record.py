@@ -19,24 +19,37 @@ _COMPACT = (",", ":")
 
 
 def encode(record: SessionRecord) -> str:
-    """The record's scalars as JSON: everything but its history (:func:`encode_entry`)."""
-    return json.dumps(
-        {
-            "id": record.id,
-            "label": record.label,
-            "token": record.token,
-            "seq": record.seq,
-            "count": record.count,
-            "limit_reached": record.limit_reached,
-            "tokens_in": record.tokens_in,
-            "tokens_out": record.tokens_out,
-            "states": record.states,
-            "history_size": record.history_size,
-            "busy": record.busy,
-            "last_active": record.last_active,
-        },
-        separators=_COMPACT,
-    )
+    """The record's scalars as JSON: everything but its history (:func:`encode_entry`).
+
+    ValueError or TypeError when an agent's state does not encode as JSON (a set, an object;
+    nested deeper than JSON can encode): the session's write fails, not the others'.
+
+    Not ASCII-escaped: the claim's Lua reads the record with cjson, which refuses the escape
+    of a lone surrogate (``"\\ud800"``, which JSON lets a client send and an agent keep in its
+    state): such a session could be resumed nowhere. Sent as UTF-8 with the surrogate kept
+    (``surrogatepass``, as every argument to Redis is), it reaches cjson as bytes, which it
+    takes as they are.
+    """
+    fields = {
+        "id": record.id,
+        "label": record.label,
+        "token": record.token,
+        "seq": record.seq,
+        "count": record.count,
+        "limit_reached": record.limit_reached,
+        "tokens_in": record.tokens_in,
+        "tokens_out": record.tokens_out,
+        "states": record.states,
+        "history_size": record.history_size,
+        "busy": record.busy,
+        "last_active": record.last_active,
+    }
+    try:
+        return json.dumps(fields, separators=_COMPACT, ensure_ascii=False)
+    except RecursionError:
+        # Raised past its callers' handling of a state that does not encode, it failed the
+        # writer's whole batch: every session's frames and records, again at every batch after.
+        raise ValueError("an agent's state is nested too deeply to encode as JSON") from None
 
 
 def encode_entry(entry: HistoryEntry) -> str:
