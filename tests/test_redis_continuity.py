@@ -201,11 +201,6 @@ class Bursts(connic.Agent):
                 yield f"b{burst}w{word} "
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="APPEND (stores/redis/scripts.py) trims the log to replay_buffer after adding a batch, and the follower "
-    "(stores/redis/__init__.py _take) gives up on a gap: another helper's files",
-)
 async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_replay_buffer(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
@@ -489,11 +484,6 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
 # --- expiry -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.py:ttl_seconds is session_timeout + resume_window, but no save comes while a reply "
-    "runs (up to agent_timeout): the record and history expire under a live session (the lead's file)",
-)
 async def test_a_reply_longer_than_session_timeout_plus_resume_window_keeps_the_session_in_redis(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
@@ -519,11 +509,6 @@ async def test_a_reply_longer_than_session_timeout_plus_resume_window_keeps_the_
     assert [entry["text"] for entry in await history(conn_b)] == ["take your time", "before after"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a taken session is not saved when it becomes live (RedisStore.add, stores/redis/__init__.py, another "
-    "helper's file): its keys keep the let-go's resume_window expiry under the live session",
-)
 async def test_a_session_taken_over_and_kept_quiet_past_resume_window_keeps_its_history(
     redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
 ) -> None:

@@ -170,7 +170,8 @@ async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
     session = ResumeSession(clients, server.url())
     conn = await session.start()
     await chat(conn, "m1", words(6))  # ack, stream_start, 6 chunks, stream_end: seq 1..9
-    await chat(conn, "m2", words(6))  # seq 10..18: the first reply's entries hold none of the newest 5
+    await chat(conn, "m2", words(6))  # seq 10..18
+    await chat(conn, "m3", words(6))  # seq 19..27: the first reply's entries hold none of the newest 5 before it
     last = session.transcript.last_seq
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -183,7 +184,7 @@ async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
     assert all(seq == numbered for seq, numbered in held)
     seqs = [seq for seq, _ in held]
     assert seqs == list(range(seqs[0], last + 1))
-    assert 9 < seqs[0] <= last - 4  # the newest 5 are held, and no entry without one of them
+    assert 9 < seqs[0] <= last - 4  # the newest 5 are held, and no entry without one of the 5 before the last write
     session.drop()
     # From a seq still logged: the frames after it, no gap.
     resumed = await session.resume(last_seq=last - 2)

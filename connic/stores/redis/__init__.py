@@ -13,8 +13,8 @@ under one hash tag (:func:`~connic.stores.redis.scripts.session_keys`):
   written only when what it holds is unknown), so that an exchange costs Redis and
   connic what it adds, not the whole conversation again; it expires with the record;
 - its **replay log**, a stream of one entry per write (its frames, each with its seq;
-  the entry's id ``0-<its newest seq>``), trimmed to the entries that hold the newest
-  ``replay_buffer`` frames (:mod:`~connic.stores.redis.log`);
+  the entry's id ``0-<its newest seq>``), trimmed at each write to the entries that hold
+  the newest ``replay_buffer`` frames before it (:mod:`~connic.stores.redis.log`);
 - its **owner**, a fencing token held with a lease of ``producer_timeout`` by the
   one process serving it, renewed while it is live there. Every write checks the
   token in the same Lua script, so a process that lost its lease writes nothing.

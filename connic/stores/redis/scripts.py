@@ -239,7 +239,11 @@ return 1
 """
 
 # Keep owning the session for another lease. KEYS: the session's keys, then its takeover
-# flag, its end flag and its cancel set. ARGV: fence, lease ms. Returns 0 when another
+# flag, its end flag and its cancel set. ARGV: fence, lease ms, and the ttl ms its record,
+# history, log and fence are kept for while it is live here (0: left as they are: a session
+# still being taken over, whose record says nothing yet). Without it a reply longer than the
+# ttl, or a session taken over (its keys expiring a let-go's resume_window later) and kept
+# quiet, saw its keys expire under it, as no save comes meanwhile. Returns 0 when another
 # process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
 # flag, taken: a pub/sub message may have been lost), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
@@ -248,6 +252,9 @@ return 1
 RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] ~= '0' then
+    for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
 local result = 1
 if redis.call('DEL', KEYS[6]) == 1 then result = result + 2 end
 if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end

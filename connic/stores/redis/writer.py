@@ -58,14 +58,17 @@ def _appends(
 ) -> list[tuple[str, str, list[Any]]]:
     """The APPENDs logging ``frames`` (numbered from ``first``): an entry for each ENTRY_FRAMES of them.
 
-    Each trims the entries older than the newest ``capacity`` frames: an entry stays while
-    it holds one of them.
+    Each trims the entries that hold none of the newest ``capacity`` frames logged before
+    it: the log holds at most one write more than the capacity, so that a process following
+    it one read behind (a write of more than ``capacity`` frames while its read was on its
+    way) finds no gap. A replay from the log never goes back more than the capacity
+    (:meth:`RedisReplayLog.since <connic.stores.redis.log.RedisReplayLog.since>`).
     """
     commands: list[tuple[str, str, list[Any]]] = []
     for start in range(0, len(frames), ENTRY_FRAMES):
         batch = frames[start : start + ENTRY_FRAMES]
         newest = first + start + len(batch) - 1
-        args: list[Any] = [fence, max(0, newest - capacity + 1), log_ttl, newest]
+        args: list[Any] = [fence, max(0, first + start - capacity), log_ttl, newest]
         for seq, frame in enumerate(batch, first + start):
             args += (seq, frame)
         commands.append((sid, "APPEND", args))
@@ -277,7 +280,8 @@ class Writer(Connection):
                 for sid, (fence, lease) in owned:
                     signals = [scripts.takeover_key(prefix, sid), scripts.end_key(prefix, sid)]
                     keys = [*self._keys(sid), *signals, scripts.cancel_key(prefix, sid)]
-                    self._queue(pipe, "RENEW", keys, [fence, lease])
+                    session = self._live.get(sid)
+                    self._queue(pipe, "RENEW", keys, [fence, lease, ttl(session) if session is not None else 0])
 
             try:
                 results = await self._pipeline(build)
