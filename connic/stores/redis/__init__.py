@@ -297,8 +297,7 @@ class RedisStore(Limits, Takeovers, SessionStore):
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         prefix = self.options.key_prefix
-        flags = [scripts.takeover_key(prefix, session_id), scripts.end_key(prefix, session_id)]
-        keys = [*self._keys(session_id), *flags, scripts.cancel_key(prefix, session_id)]
+        keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
         # each owner it finds once (the first; another that took the session meanwhile).
         signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]

@@ -194,9 +194,8 @@ class Writer(Connection):
             sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
-                keys = self._keys(sid)
-                if name == "DELETE":  # its end flag too (a goodbye elsewhere: kept until the session is gone)
-                    keys.append(scripts.end_key(self.options.key_prefix, sid))
+                # A deletion deletes every key of the session: its flags, cancels and rate bucket too.
+                keys = scripts.every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
@@ -275,9 +274,7 @@ class Writer(Connection):
             def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
                 prefix = self.options.key_prefix
                 for sid, (fence, lease) in owned:
-                    signals = [scripts.takeover_key(prefix, sid), scripts.end_key(prefix, sid)]
-                    keys = [*self._keys(sid), *signals, scripts.cancel_key(prefix, sid)]
-                    self._queue(pipe, "RENEW", keys, [fence, lease])
+                    self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), [fence, lease])
 
             try:
                 results = await self._pipeline(build)
