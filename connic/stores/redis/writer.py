@@ -105,6 +105,16 @@ class Writer(Connection):
         self._kick()
         await waiter
 
+    def _forget(self, session_id: str) -> int | None:
+        """Drop all this process holds of the session, nothing of it written; its fence if it owned it."""
+        self._live.pop(session_id, None)
+        self._logs.pop(session_id, None)
+        self._dirty_logs.pop(session_id, None)
+        self._dirty.discard(session_id)
+        self._saved.pop(session_id, None)
+        owned = self._fences.pop(session_id, None)
+        return owned[0] if owned is not None else None
+
     def _log_dirty(self, replay: RedisReplayLog, ends: bool) -> None:
         """Queue the log's pending frames; at once when the last may end a reply (``ends``).
 
