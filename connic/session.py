@@ -10,8 +10,9 @@ connection that resumes reads the log from the client's ``last_seq`` and then
 goes on live. :mod:`connic.sessions` makes sessions; :mod:`connic.message` runs
 a message's agents. Parts of the session live in their own modules:
 :mod:`connic.session_admission` (admitting a message), :mod:`connic.session_answering`
-(its answering task), :mod:`connic.session_timer` (expiry), :mod:`connic.session_record`
-(what a shared store keeps of it).
+(its answering task), :mod:`connic.session_resume` (a connection taking it over: replay,
+then resume), :mod:`connic.session_timer` (expiry), :mod:`connic.session_record` (what a
+shared store keeps of it).
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from connic import session_admission, session_record
+from connic import session_admission, session_record, session_resume
 from connic.errors import (
     ConnicError,
     NotFound,
     ProducerLost,
     ServerShuttingDown,
-    SessionTakenOver,
 )
 from connic.flow import Flag
 from connic.frames import ErrorFrame, MessageId, encode, sequenced
@@ -130,61 +130,12 @@ class ChatSession:
         """Whether a connection is between :meth:`replay` and :meth:`resume`: about to attach."""
         return self._held is not None
 
-    async def replay(self, sink: Sink, last_seq: int) -> tuple[bool, list[str]] | None:
-        """Start resuming from ``last_seq``: whether the log still has every frame after it, and those frames.
-
-        The current connection, if any, is taken over (4011). Frames produced
-        meanwhile are held for :meth:`resume`, which the caller must call next,
-        without awaiting in between, once it has sent ``connected`` and the frames.
-        Returns None if another resume overtook this one.
-        """
-        old = self.sink
-        if old is not None:
-            self.sink = None
-            old.end(SessionTakenOver("another connection resumed this session"), True)
-        held: list[tuple[int, str]] = []
-        self._held = held
-        try:
-            frames = await self.log.since(last_seq) if self.log is not None else None
-        except BaseException:
-            # A shared store's log could not be read, or the resuming connection went away: nothing
-            # attaches. Left resuming, with no timer (a session a resume took over from the store has
-            # none yet), it would be held here, and owned in the store, for ever.
-            if self._held is held:
-                self._held = None
-                self.resume_failed()
-            raise
-        if self._held is not held or self.state is SessionState.ENDED:
-            return None
-        if frames is None:
-            return False, []
-        return True, frames
-
-    def resume(self, sink: Sink, replayed_to: int) -> None:
-        """Go live on ``sink`` after :meth:`replay`: send the frames held meanwhile that were not replayed."""
-        held, self._held = self._held or [], None
-        for seq, data in held:
-            if seq > replayed_to:
-                sink.send_nowait(data)
-        self.sink = sink
-        self.state = SessionState.ATTACHED
-        arm(self)
-
-    def resume_failed(self) -> None:
-        """A resume found the session but attached nothing: it goes on detached, as a connection's end leaves it.
-
-        A session a resume took over from a shared store has no timer yet: without this it
-        would be held by this process, and owned in the store, for ever. A no-op while a
-        connection is attached.
-        """
-        if self.sink is not None or self.state is SessionState.ENDED:
-            return
-        if self.state is SessionState.ATTACHED or not self._detached_at:
-            # Its connection was taken over by the failed resume (whose detach then did nothing:
-            # the session had moved on), or it was just rebuilt from the store: it detaches now.
-            self._went_detached()
-        arm(self)
-        self.sessions.store.save(self)  # a shared store lets it go once it is idle
+    # A connection taking the session over lives in connic/session_resume.py: each function is
+    # the method itself, as admit is.
+    replay = session_resume.replay
+    resume = session_resume.resume
+    resume_failed = session_resume.resume_failed
+    taken_over = session_resume.taken_over
 
     def detach(self, sink: Sink) -> None:
         """``sink``'s connection ended without ending the session (PROTOCOL.md §7)."""
@@ -197,24 +148,6 @@ class ChatSession:
         self._went_detached()
         arm(self)
         self.sessions.store.save(self)
-
-    def taken_over(self) -> None:
-        """A resume on another process took the session over: its connection here ends (4011), and it detaches.
-
-        As :meth:`replay` ends the connection a resume in this process takes over. The
-        session goes on here, detached, until it is idle: a shared store then lets it go and
-        the resume takes it (following the reply in flight meanwhile). That reply goes on
-        whatever ``on_disconnect`` says: the client did not go away. A no-op with no
-        connection attached.
-        """
-        sink = self.sink
-        if sink is None or self.state is not SessionState.ATTACHED:
-            return
-        self.sink = None
-        sink.end(SessionTakenOver("another connection resumed this session"), True)
-        self._went_detached(client_left=False)
-        arm(self)
-        self.sessions.store.save(self)  # a shared store lets it go once it is idle
 
     def _went_detached(self, *, client_left: bool = True) -> None:
         """No connection is attached now: the resume window starts; ``on_disconnect`` applies if the client left."""

@@ -227,3 +227,54 @@ async def test_a_cancel_whose_message_was_lost_is_taken_at_the_lease_renewal_whe
     finally:
         await redis.aclose()
     session.transcript.assert_complete()
+
+
+# rate_limit: the owner's admission of m1 takes a token, and the session's bucket (its ":rate" key)
+# would outlive it by ``per`` seconds were its end to forget it.
+_RATE = "rate_limit = { messages = 100, per = 600 }"
+
+
+async def session_keys(redis: Any, session_id: str) -> list[str]:
+    """Every key of the session left in Redis (they share its hash tag)."""
+    return sorted(await redis.keys(f"connic:{{{session_id}}}:*"))
+
+
+async def test_a_goodbye_while_following_leaves_no_key_of_the_session(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = await launch(_RATE), await launch(_RATE)
+    session = ResumeSession(clients, a.url)
+    conn_b = await following(session, a, b, words(500))
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await conn_b.send({"type": "cancel", "id": "m9"})  # a cancel passed to A (not_found): its set, taken
+        await conn_b.until(lambda f: f["type"] == "error" and f.get("code") == "not_found")
+        await conn_b.ws.close(1000)
+        await gone(redis, session.session_id, timeout=5)
+        # As a session's end on one process (DELETE): every key of it, not only what a resume reads.
+        assert await session_keys(redis, session.session_id) == []
+    finally:
+        await redis.aclose()
+
+
+async def test_a_goodbye_ended_at_the_next_claim_leaves_no_key_of_the_session(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = await launch("producer_timeout = 2", _RATE), await launch("producer_timeout = 2", _RATE)
+    session = ResumeSession(clients, a.url)
+    conn_b = await following(session, a, b, words(500))
+    a.proc.kill()
+    a.proc.wait(10)
+    await conn_b.ws.close(1000)
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        owner = f"connic:{{{session.session_id}}}:owner"
+        deadline = time.monotonic() + 10
+        while await redis.exists(owner):  # A's lease (2 s) runs out
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        again = await session.resume(url=b.url)  # the claim ends it (the CLAIM script deletes it)
+        assert again.connected["resumed"] is False
+        assert await session_keys(redis, session.session_id) == []
+    finally:
+        await redis.aclose()

@@ -40,6 +40,11 @@ class Cancels(Writer):
         self._cancels_waiting: set[str] = set()  # sessions taken over whose claim found cancels waiting
         self._follow_leases: dict[str, int] = {}  # session id: the owner's lease (ms), while a resume follows it
 
+    def _forget(self, session_id: str) -> int | None:
+        """As :meth:`Writer._forget`; the cancels its claim found waiting are left to the next owner."""
+        self._cancels_waiting.discard(session_id)
+        return super()._forget(session_id)
+
     def cancel(self, session_id: str, message_id: MessageId) -> None:
         """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
         self._spawn(self._send_cancel(session_id, message_id))

@@ -27,6 +27,7 @@ __all__ = [
     "cancel_key",
     "end_channel",
     "end_key",
+    "every_key",
     "rate_key",
     "session_keys",
     "takeover_channel",
@@ -38,6 +39,22 @@ def session_keys(prefix: str, session_id: str) -> list[str]:
     """The ownership key, fencing counter, record, replay log and history of one session."""
     tag = f"{prefix}{{{session_id}}}"
     return [f"{tag}:owner", f"{tag}:fence", f"{tag}:record", f"{tag}:log", f"{tag}:history"]
+
+
+def every_key(prefix: str, session_id: str) -> list[str]:
+    """Every key of one session: :func:`session_keys`, then its takeover flag, end flag, cancel set and rate bucket.
+
+    What a script that may end the session for good is given (``KEYS[6]`` to ``KEYS[9]``
+    are those four): it deletes them all, as nothing of an ended session may outlive it
+    (a session id the client names, AG-UI's threadId, may be opened again).
+    """
+    return [
+        *session_keys(prefix, session_id),
+        takeover_key(prefix, session_id),
+        end_key(prefix, session_id),
+        cancel_key(prefix, session_id),
+        rate_key(prefix, session_id),
+    ]
 
 
 def cancel_key(prefix: str, session_id: str) -> str:
@@ -126,14 +143,14 @@ return fence
 """
 )
 
-# Take an existing session if nobody owns it. KEYS: the session's keys, then its takeover
-# flag (:func:`takeover_key`), its end flag (:func:`end_key`) and its cancel set
-# (:func:`cancel_key`). ARGV: lease ms, a seq or '' (see below), the connector label
+# Take an existing session if nobody owns it. KEYS: every key of the session
+# (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
+# set). ARGV: lease ms, a seq or '' (see below), the connector label
 # and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
 # takeover channel and the session id, or '' and '', and the owner last told or '' (see
 # below). Returns {-1} when it is gone or the check fails (nothing changed), {-2} when a
 # client said goodbye to it while following it elsewhere (:data:`END`) and no process owns
-# it: it is ended here (its keys deleted, as its owner's DELETE would), {0, owner} when
+# it: it is ended here (every key of it deleted, as its owner's DELETE would), {0, owner} when
 # another process owns it (with a seq: {0, owner, the logged entries after it}, so that a
 # resume starts following the owner in the same round trip), else {fence, record, the
 # newest logged seq, the history's entries, 1 if cancels wait for it else 0}. The token is
@@ -156,7 +173,7 @@ end
 local owner = redis.call('GET', KEYS[1])
 if redis.call('EXISTS', KEYS[7]) == 1 then
     if owner then return {-1} end
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+    redis.call('DEL', unpack(KEYS))
     return {-2}
 end
 if owner then
@@ -178,14 +195,14 @@ return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1), redis.call('EX
 
 # A client that resumed the session on one process, and followed the reply its owner
 # answers, said goodbye (close 1000): the session ends for good, as on one process. KEYS:
-# the session's keys, then its end flag. ARGV: the connector label and SHA-1 (hex) of the
-# resume token (checked as CLAIM checks them), the end channel and the session id. The
-# flag is set for as long as the record lives and the session id published on the
-# channel: the owner ends the session as soon as it hears it (or finds the flag when it
-# renews its lease; the flag goes with the session's DELETE); if the owner died, or let the
-# session go, the next CLAIM finds it and ends it. A session no process owns is
-# ended at once (its keys deleted). Returns 0 when it is gone or the check fails (nothing
-# changed), 1 when its owner was told, 2 when it was ended here.
+# every key of the session (:func:`every_key`: KEYS[7] its end flag). ARGV: the connector
+# label and SHA-1 (hex) of the resume token (checked as CLAIM checks them), the end channel
+# and the session id. The flag is set for as long as the record lives and the session id
+# published on the channel: the owner ends the session as soon as it hears it (or finds the
+# flag when it renews its lease; the flag goes with the session's DELETE); if the owner
+# died, or let the session go, the next CLAIM finds it and ends it. A session no process
+# owns is ended at once (every key of it deleted). Returns 0 when it is gone or the check
+# fails (nothing changed), 1 when its owner was told, 2 when it was ended here.
 END = """
 local record = redis.call('GET', KEYS[3])
 if not record then return 0 end
@@ -195,11 +212,11 @@ if not ok or fields['label'] ~= ARGV[1] or type(fields['token']) ~= 'string'
     return 0
 end
 if not redis.call('GET', KEYS[1]) then
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+    redis.call('DEL', unpack(KEYS))
     return 2
 end
 local ttl = redis.call('PTTL', KEYS[3])
-if ttl > 0 then redis.call('SET', KEYS[6], '1', 'PX', ttl) else redis.call('SET', KEYS[6], '1') end
+if ttl > 0 then redis.call('SET', KEYS[7], '1', 'PX', ttl) else redis.call('SET', KEYS[7], '1') end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
@@ -238,12 +255,13 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# Keep owning the session for another lease. KEYS: the session's keys, then its takeover
-# flag, its end flag and its cancel set. ARGV: fence, lease ms, and the ttl ms its record,
-# history, log and fence are kept for while it is live here (0: left as they are: a session
-# still being taken over, whose record says nothing yet). Without it a reply longer than the
-# ttl, or a session taken over (its keys expiring a let-go's resume_window later) and kept
-# quiet, saw its keys expire under it, as no save comes meanwhile. Returns 0 when another
+# Keep owning the session for another lease. KEYS: every key of the session
+# (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
+# set). ARGV: fence, lease ms, and the ttl ms its record, history, log and fence are kept
+# for while it is live here (0: left as they are: a session still being taken over, whose
+# record says nothing yet). Without it a reply longer than the ttl, or a session taken over
+# (its keys expiring a let-go's resume_window later) and kept quiet, saw its keys expire
+# under it, as no save comes meanwhile. Returns 0 when another
 # process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
 # flag, taken: a pub/sub message may have been lost), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
@@ -262,11 +280,11 @@ if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
 return result
 """
 
-# The session ended for good: forget all of it. KEYS: the session's keys, then its end
-# flag (:func:`end_key`). ARGV: fence.
+# The session ended for good: forget all of it. KEYS: every key of the session
+# (:func:`every_key`). ARGV: fence.
 DELETE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', unpack(KEYS))
 return 1
 """
 

@@ -101,7 +101,7 @@ class Takeovers(Cancels):
 
     async def _send_end(self, session_id: str, label: str, token: str) -> None:
         prefix = self.options.key_prefix
-        keys = [*self._keys(session_id), scripts.end_key(prefix, session_id)]
+        keys = scripts.every_key(prefix, session_id)
         digest = hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
         args = [label, digest, scripts.end_channel(prefix), session_id]
         try:

@@ -108,6 +108,16 @@ class Writer(Connection):
         self._kick()
         await waiter
 
+    def _forget(self, session_id: str) -> int | None:
+        """Drop all this process holds of the session, nothing of it written; its fence if it owned it."""
+        self._live.pop(session_id, None)
+        self._logs.pop(session_id, None)
+        self._dirty_logs.pop(session_id, None)
+        self._dirty.discard(session_id)
+        self._saved.pop(session_id, None)
+        owned = self._fences.pop(session_id, None)
+        return owned[0] if owned is not None else None
+
     def _log_dirty(self, replay: RedisReplayLog, ends: bool) -> None:
         """Queue the log's pending frames; at once when the last may end a reply (``ends``).
 
@@ -197,9 +207,8 @@ class Writer(Connection):
             sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
-                keys = self._keys(sid)
-                if name == "DELETE":  # its end flag too (a goodbye elsewhere: kept until the session is gone)
-                    keys.append(scripts.end_key(self.options.key_prefix, sid))
+                # A deletion deletes every key of the session: its flags, cancels and rate bucket too.
+                keys = scripts.every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
             try:
@@ -278,10 +287,9 @@ class Writer(Connection):
             def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
                 prefix = self.options.key_prefix
                 for sid, (fence, lease) in owned:
-                    signals = [scripts.takeover_key(prefix, sid), scripts.end_key(prefix, sid)]
-                    keys = [*self._keys(sid), *signals, scripts.cancel_key(prefix, sid)]
                     session = self._live.get(sid)
-                    self._queue(pipe, "RENEW", keys, [fence, lease, ttl(session) if session is not None else 0])
+                    args = [fence, lease, ttl(session) if session is not None else 0]
+                    self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
 
             try:
                 results = await self._pipeline(build)

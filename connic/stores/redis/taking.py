@@ -1,0 +1,228 @@
+"""The ``redis`` store's taking over: a process owns a session another one let go, following its reply meanwhile.
+
+A resume that finds no live copy of its session here claims it (the ``CLAIM`` script:
+the resume token checked, the owner key set with a new fencing token, the record, history
+and newest logged seq read, in one round trip). While another process owns it, the claim
+reads the log after the client's ``last_seq`` instead, and the resume follows that owner's
+frames (:class:`~connic.stores.redis.follower.Follower`) between claims, until the owner lets
+the session go or its lease runs out (it died). The first claim that finds an owner tells
+it that its connection is taken over (:mod:`~connic.stores.redis.takeovers`); a claim that
+finds a goodbye said while following (the end flag) ends the session instead of taking it.
+A session taken over is rebuilt from what the claim read (:meth:`Taking._taken`: the replies
+a dead owner left unfinished are read from its log); if that fails it is let go at once
+(:meth:`Taking.abandon`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import attrs
+
+from connic.errors import StoreUnavailable
+from connic.frames import MessageId
+from connic.stores import Follow, SessionRecord
+from connic.stores.redis import scripts
+from connic.stores.redis.connection import ms
+from connic.stores.redis.follower import Follower, Following
+from connic.stores.redis.log import frames_after, logged, may_end, unfinished
+from connic.stores.redis.record import decode
+from connic.stores.redis.takeovers import Takeovers
+
+__all__ = ["UNREADABLE", "Taking"]
+
+log = logging.getLogger("connic.stores.redis")
+
+_POLL = 0.05  # seconds between attempts to take a session another process still owns
+_FOLLOW_WAIT = 0.2  # seconds a follower waits for frames before trying again to take the session
+# An owner just told that its connection is taken over lets an idle session go within a few
+# milliseconds: the follower's first reads after telling it wait this much less, so that the
+# new connection's first message does not wait a whole _FOLLOW_WAIT (a claim each: bounded).
+_TOLD_WAIT = 0.02
+_TOLD_TRIES = 5
+UNREADABLE = (ValueError, TypeError, KeyError, AttributeError)  # what a record or frame that does not decode raises
+
+
+class Taking(Takeovers):
+    """How :class:`~connic.stores.redis.RedisStore` takes a session over from another process (a base class of it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._follower = Follower(self)  # the logs of the sessions resumes here follow
+
+    async def take(
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None = None,
+        after: int = 0,
+        *,
+        label: str | None = None,
+        token: str | None = None,
+    ) -> SessionRecord | None:
+        """Own the session once its owner lets it go; its record then.
+
+        Without ``follow`` this polls, for up to ``wait`` seconds. With it, it reads the
+        log after ``after``, then follows it (:class:`~connic.stores.redis.follower.Follower`)
+        handing ``follow`` each new frame and trying to take the session between reads, for
+        as long as the owner holds it: its lease (``wait`` long, renewed while it lives) is
+        what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
+        round trip that reads the log: a resume costs one round trip before its first frame.
+        When they are given and a claim finds another owner, it tells the owner to end the
+        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per owner.
+        """
+        await self.flush()
+        check: list[str | int] = ["", ""]
+        if label is not None and token is not None:
+            check = [label, hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()]
+        followed: list[Following] = []
+        if follow is not None:
+            self._follow_leases[session_id] = ms(wait)
+        try:
+            return await self._take(session_id, wait, follow, after, check, followed)
+        finally:
+            self._follow_leases.pop(session_id, None)
+            for following in followed:
+                self._follower.stop(following)
+
+    async def _take(
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None,
+        after: int,
+        check: list[str | int],
+        followed: list[Following],
+    ) -> SessionRecord | None:
+        """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
+        prefix = self.options.key_prefix
+        keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
+        # A resume whose token the claim checks takes the owner's connection over: the claim tells
+        # each owner it finds once (the first; another that took the session meanwhile).
+        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
+        told = ""  # the fence of the owner last told
+        quick = 0  # follow reads left that wait _TOLD_WAIT
+        lease = ms(wait)
+        deadline = time.monotonic() + wait
+        cursor: int | None = None  # the seq handed to follow so far, once following
+        claim = True  # try to take it now (at first; then after a read that found no frame, or a reply's end)
+        result: Any = None
+        while True:
+            if claim:
+                # The first attempt of a resume that follows also reads the log after ``after``.
+                read: str | int = after if follow is not None and cursor is None else ""
+                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal, told])
+                try:
+                    result = await self._call(asyncio.shield(claim_reply))
+                except BaseException:
+                    # Cancelled (the resume's client went away) or out of time with the claim sent:
+                    # Redis may run it all the same, and its owner key would then name this process,
+                    # which never learns its fence, so nobody renews or releases it and every resume
+                    # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
+                    claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
+                    raise
+                fence = int(result[0])
+                if fence == -2:
+                    log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
+                    return None
+                if fence == -1:
+                    return None
+                if fence == 0:
+                    if signal[0] and result[1] != told:  # this claim told the owner
+                        quick = _TOLD_TRIES
+                    told = result[1]
+                if fence > 0:
+                    self._fences[session_id] = (fence, lease)
+                    if int(result[4]):  # taken once the session is live here (add)
+                        self._cancels_waiting.add(session_id)
+                    try:
+                        return await self._taken(session_id, result[1], int(result[2]), result[3])
+                    except asyncio.CancelledError:
+                        self.abandon(session_id, "cancelled")
+                        raise
+                    except Exception as exc:
+                        cause = exc.__cause__  # what did not decode, for the log (the client is told less)
+                        why = exc.why if isinstance(exc, StoreUnavailable) else str(exc)
+                        self.abandon(session_id, f"{why}: {cause}" if cause is not None else why)
+                        if isinstance(exc, StoreUnavailable):
+                            raise
+                        # A record that decodes but does not fit (a seq that is no number): as unreadable.
+                        raise StoreUnavailable("this session's record in the store cannot be read") from exc
+            if follow is None and time.monotonic() >= deadline:
+                log.warning("session %s: its owner did not let it go within %g s", session_id, wait)
+                return None
+            if follow is None:
+                await asyncio.sleep(_POLL)
+            elif cursor is None:
+                read_frames = logged(result[2])
+                frames = frames_after(read_frames, after)
+                cursor = read_frames[-1][0] if read_frames else after
+                follow(frames, cursor)
+                followed.append(self._follower.follow(keys[3], cursor))
+            else:
+                read_frames = await self._follower.next(followed[0], _TOLD_WAIT if quick else _FOLLOW_WAIT)
+                quick = max(0, quick - 1)
+                claim = True
+                if read_frames:
+                    frames = frames_after(read_frames, cursor)
+                    if frames is None:
+                        log.warning("session %s: frames trimmed before they could be followed", session_id)
+                        return None  # never a gap
+                    cursor = read_frames[-1][0]
+                    follow(frames, cursor)
+                    # The owner lets the session go only once a reply ended: until a frame that may
+                    # end one comes, reading on is enough (half the round trips per followed frame).
+                    claim = any(may_end(frame) for frame in frames)
+
+    def _claimed_unseen(self, session_id: str, reply: asyncio.Future[Any]) -> None:
+        """A claim's reply that came after its caller gave up: a session it took is let go at once (RELEASE)."""
+        if reply.cancelled() or reply.exception() is not None:
+            return  # not sent, or Redis failed: whatever it did, the lease runs out
+        fence = int(reply.result()[0])
+        if fence > 0:
+            log.warning("session %s: claimed after its resume gave up: let go", session_id)
+            # Fences only grow: a newer one queued for this session already is the one to release.
+            self._abandons[session_id] = max(fence, self._abandons.get(session_id, 0))
+            self._kick()
+
+    async def _taken(self, session_id: str, data: str, newest: int, entries: list[str]) -> SessionRecord:
+        """The record of a session just taken over, with the replies its owner left unfinished if it died.
+
+        ``data`` and ``entries`` are its record and history list as the claim read them:
+        StoreUnavailable when they, or its log, do not decode (the session stays in Redis as it is).
+        """
+        try:
+            record, listed = decode(data, entries)
+        except UNREADABLE as exc:
+            raise StoreUnavailable("this session's record in the store cannot be read") from exc
+        if listed:  # the list holds the session's entries: the next save appends to it
+            self._saved[session_id] = record.history[-1] if record.history else None
+        else:  # a record written with its history inline: the next save writes the list whole
+            self._saved.pop(session_id, None)
+        lost: list[tuple[MessageId, str | None]] = []
+        if record.busy or newest > record.seq:
+            # Its owner let it go answering, or logged frames after its last save: it died
+            # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
+            raw = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
+            try:
+                lost = unfinished([frame for _, frame in logged(raw)])
+            except UNREADABLE as exc:
+                raise StoreUnavailable("this session's replay log in the store cannot be read") from exc
+        return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
+
+    def abandon(self, session_id: str, why: str) -> None:
+        """Taking the session over failed after the claim: stop owning it, and let it go in Redis (in the background).
+
+        Its renewal stops at once, so that its lease runs out within ``producer_timeout`` even
+        when letting it go fails too (Redis itself being what failed); nothing of it is written.
+        """
+        fence = self._forget(session_id)
+        if fence is not None:
+            log.warning("session %s: taking it over failed (%s): let go", session_id, why)
+            self._abandons[session_id] = fence
+            self._kick()
