@@ -313,8 +313,8 @@ def redis_memory(n: int, exchanges: int) -> dict[str, Any]:
 
 
 def _frames(r: Any, log_key: str) -> int:
-    """The frames a replay log holds (an entry holds one write's frames, as seq, frame pairs)."""
-    return sum(len(fields) for _, fields in r.xrange(log_key))
+    """The frames a replay log holds (an entry holds one write's frames, joined by newlines)."""
+    return sum(fields["f"].count("\n") + 1 for _, fields in r.xrange(log_key))
 
 
 # --- all of them --------------------------------------------------------------------------

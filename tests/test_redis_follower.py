@@ -46,7 +46,7 @@ async def test_a_log_followed_again_never_gets_entries_a_read_sent_before_holds_
     client = syncredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         for seq in (1, 2):
-            client.xadd(key, {str(seq): f"frame {seq}"}, id=f"0-{seq}")
+            client.xadd(key, {"f": f"frame {seq}"}, id=f"0-{seq}")
     finally:
         client.close()
     new = follower.follow(key, 2)

@@ -12,7 +12,7 @@ under one hash tag (:func:`~connic.stores.redis.scripts.session_keys`):
   session and trims the list to the entries the session holds (the whole list is
   written only when what it holds is unknown), so that an exchange costs Redis and
   connic what it adds, not the whole conversation again; it expires with the record;
-- its **replay log**, a stream of one entry per write (its frames, each with its seq;
+- its **replay log**, a stream of one entry per write (its frames joined by newlines;
   the entry's id ``0-<its newest seq>``), trimmed at each write to the entries that hold
   the newest ``replay_buffer`` frames before it (:mod:`~connic.stores.redis.log`);
 - its **owner**, a fencing token held with a lease of ``producer_timeout`` by the

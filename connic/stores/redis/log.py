@@ -1,10 +1,11 @@
 """The ``redis`` store's replay log: a session's sequenced frames in a Redis stream.
 
-Each stream entry holds the frames one write appended, as ``seq``, frame pairs, and its id
-is ``0-<the seq of its newest frame>``: an entry per write instead of one per frame costs
-Redis a quarter of the CPU for a streamed reply (one ``XADD`` for the batch, docs/
-performance.md R1). Reading from a seq starts at the entry that holds it (the first with a
-greater id) and skips the frames before it.
+Each stream entry holds the frames one write appended, joined by newlines in its one field
+``f`` (a frame's JSON never holds a raw newline), and its id is ``0-<the seq of its newest
+frame>``: the frames of a write are numbered on without a gap, so each one's seq follows.
+An entry per write instead of one per frame costs Redis one ``XADD`` for the batch, not one
+each (docs/performance.md, R1 and RM). Reading from a seq starts at the entry that holds it
+(the first with a greater id) and skips the frames before it.
 """
 
 from __future__ import annotations
@@ -98,8 +99,13 @@ class RedisReplayLog(ReplayLog):
 
 
 def logged(raw: Any) -> Logged:
-    """The frames of stream entries as Redis sends them (``[id, [seq, frame, seq, frame ...]]``)."""
-    return [(int(pairs[i]), pairs[i + 1]) for _, pairs in raw for i in range(0, len(pairs), 2)]
+    """The frames of stream entries as Redis sends them (``[id, ["f", frames joined by newlines]]``)."""
+    frames: Logged = []
+    for entry_id, (_, joined) in raw:
+        held = joined.split("\n")
+        first = int(entry_id.partition("-")[2]) - len(held) + 1
+        frames += enumerate(held, first)
+    return frames
 
 
 def frames_after(frames: Logged, seq: int) -> list[str] | None:

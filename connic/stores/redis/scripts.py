@@ -223,12 +223,12 @@ return 1
 
 # Append frames to the replay log, as one entry, only while this fencing token owns the
 # session. ARGV: fence, the seq below which entries are trimmed (an entry's id is its newest
-# frame's seq), log ttl ms, the seq of the newest frame (the entry's id), then each frame's
-# seq and the frame. XADD refuses an id not above the newest, which is the seq check: a
-# batch is never logged twice, nor after a newer one.
+# frame's seq), log ttl ms, the seq of the newest frame (the entry's id), then the frames
+# joined by newlines (the entry's one field, ``f``). XADD refuses an id not above the
+# newest, which is the seq check: a write is never logged twice, nor after a newer one.
 APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[4], 'MINID', '0-' .. ARGV[2], '0-' .. ARGV[4], unpack(ARGV, 5))
+redis.call('XADD', KEYS[4], 'MINID', '0-' .. ARGV[2], '0-' .. ARGV[4], 'f', ARGV[5])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 """

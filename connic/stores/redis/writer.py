@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from connic.session import ChatSession
     from connic.stores.redis.log import RedisReplayLog
 
-__all__ = ["BATCH_DELAY", "ENTRY_FRAMES", "Writer"]
+__all__ = ["BATCH_DELAY", "ENTRY_CHARS", "Writer"]
 
 log = logging.getLogger("connic.stores.redis")
 
@@ -48,30 +48,35 @@ of one or two, which cut connic's CPU per S7 turn with this store by more than h
 """
 
 
-ENTRY_FRAMES = 1000
-"""The most frames one entry of a replay log holds: an ``APPEND`` passes each frame and its
-seq, and Lua's ``unpack`` takes some 8,000 values at most."""
+ENTRY_CHARS = 1 << 20
+"""About the most characters one entry of a replay log holds (more frames go in more entries):
+a write of huge frames stays well within what Redis takes in one argument (512 MB)."""
 
 
 def _appends(
     sid: str, fence: int, capacity: int, log_ttl: int, first: int, frames: list[str]
 ) -> list[tuple[str, str, list[Any]]]:
-    """The APPENDs logging ``frames`` (numbered from ``first``): an entry for each ENTRY_FRAMES of them.
+    """The APPENDs logging ``frames`` (numbered from ``first``): one entry, or more for more than ENTRY_CHARS.
 
-    Each trims the entries that hold none of the newest ``capacity`` frames logged before
-    it: the log holds at most one write more than the capacity, so that a process following
-    it one read behind (a write of more than ``capacity`` frames while its read was on its
-    way) finds no gap. A replay from the log never goes back more than the capacity
-    (:meth:`RedisReplayLog.since <connic.stores.redis.log.RedisReplayLog.since>`).
+    An entry's one value is its frames joined by newlines: a frame's JSON never holds a
+    raw one (JSON escapes it in a string). Each APPEND trims the entries that hold none of
+    the newest ``capacity`` frames logged before it: the log holds at most one write more
+    than the capacity, so that a process following it one read behind (a write of more
+    than ``capacity`` frames while its read was on its way) finds no gap. A replay from
+    the log never goes back more than the capacity (:meth:`RedisReplayLog.since
+    <connic.stores.redis.log.RedisReplayLog.since>`).
     """
     commands: list[tuple[str, str, list[Any]]] = []
-    for start in range(0, len(frames), ENTRY_FRAMES):
-        batch = frames[start : start + ENTRY_FRAMES]
-        newest = first + start + len(batch) - 1
-        args: list[Any] = [fence, max(0, first + start - capacity), log_ttl, newest]
-        for seq, frame in enumerate(batch, first + start):
-            args += (seq, frame)
+    start = 0
+    while start < len(frames):
+        end, size = start + 1, len(frames[start])
+        while end < len(frames) and size + len(frames[end]) <= ENTRY_CHARS:
+            size += len(frames[end])
+            end += 1
+        newest = first + end - 1
+        args = [fence, max(0, first + start - capacity), log_ttl, newest, "\n".join(frames[start:end])]
         commands.append((sid, "APPEND", args))
+        start = end
     return commands
 
 
