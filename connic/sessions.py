@@ -165,11 +165,12 @@ class Sessions:
             # process died between sending them and its next write. The session goes on, numbered
             # from the client's (a seq used twice would be dropped by the client as a duplicate).
             session.number_from(last_seq)
-        if record.lost:
-            # Replies the dead owner left unfinished (an untargeted message: every agent answers it
-            # when there are several; whether it named one is not in the log).
-            names = self.agent_names
-            session.producer_lost([(mid, agent) for mid, name in record.lost for agent in ((name,) if name else names)])
+        # Replies the dead owner left unfinished: every agent of the message but those that ended
+        # theirs, whether it had sent something or not (whether the message named one agent of
+        # several is not in the log: each of them is taken to answer it).
+        lost = [(mid, agent) for mid, ended in record.lost for agent in self.agent_names if agent not in ended]
+        if lost:
+            session.producer_lost(lost)
         return session
 
     async def shutdown(self, grace: float) -> None:

@@ -370,8 +370,8 @@ async def test_an_agui_websocket_resume_on_another_process_follows_the_run_in_fl
 
 
 ECHO = '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
-# A second agent slow to start: its first chunk comes after a minute.
-SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n'
+# A second agent slow to start (its first chunk comes after a minute) and a third done at once.
+SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n[agents.quick]\nuse = "echo"\ndelay = 0\n'
 
 
 @pytest.fixture
@@ -455,22 +455,18 @@ async def test_session_timeout_counts_from_the_end_of_a_reply_its_dead_process_l
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unfinished() (stores/redis/log.py) returns (id, agent) pairs and the caller (Sessions._take, "
-    "another helper's file) expands only agent None to every agent: an agent that had not started is missed",
-)
 async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process_dies(
     launch: Any, clients: Clients
 ) -> None:
-    # Two agents answer each message; one streams, the other has sent nothing yet when the
-    # process dies. Only the one whose stream_start was logged got producer_lost: the client
-    # waits for the other's end for ever.
+    # Three agents answer each message; one streams, one has sent nothing yet when the process
+    # dies, and one has ended its reply. Only the one whose stream_start was logged got
+    # producer_lost: the client waits for the silent one's end for ever. The one that ended
+    # its reply gets no second end.
     a, b = await launch(SLOW), await launch(SLOW)
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
-    while len(session.transcript.chunks("m1", "assistant")) < 10:
+    while len(session.transcript.chunks("m1", "assistant")) < 10 or session.transcript.end("m1", "quick") is None:
         await conn.recv()
     session.drop()
     conn_b = await session.resume(url=b.url)
@@ -481,7 +477,10 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
     for agent in ("assistant", "slow"):
         end = session.transcript.end("m1", agent)
         assert end is not None and end["type"] == "error" and end["code"] == "producer_lost", end
+    assert [f["type"] for f in session.transcript.of("m1", "quick") if f.get("agent") == "quick"][-1] == "stream_end"
     session.transcript.assert_complete()
+    await chat(conn_b, "m2", "after")  # the session goes on, on B: each agent answers it
+    assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
 # --- expiry -------------------------------------------------------------------------------

@@ -59,9 +59,9 @@ class SessionRecord:
     busy: bool = False  # a message was queued or being answered when the record was written
     last_active: float | None = None
     """When a message last came in or was answered (Unix time: any process reads it); None if unknown."""
-    lost: Sequence[tuple[MessageId, str | None]] = ()
-    """The agent replies (message id, agent) a process that died left unfinished, set by :meth:`SessionStore.take`
-    (agent None: every agent that answers that message)."""
+    lost: Sequence[tuple[MessageId, frozenset[str]]] = ()
+    """The messages a process that died left unfinished, set by :meth:`SessionStore.take`: (message id, the agents
+    whose reply to it ended). Every other agent that answers the message lost its reply."""
 
 
 class ReplayLog(abc.ABC):

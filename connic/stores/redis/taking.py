@@ -204,7 +204,7 @@ class Taking(Takeovers):
             self._saved[session_id] = record.history[-1] if record.history else None
         else:  # a record written with its history inline: the next save writes the list whole
             self._saved.pop(session_id, None)
-        lost: list[tuple[MessageId, str | None]] = []
+        lost: list[tuple[MessageId, frozenset[str]]] = []
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
