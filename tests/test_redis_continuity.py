@@ -272,11 +272,6 @@ async def test_history_is_answered_while_following_a_reply_on_another_process(
 # --- AG-UI threads -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Sessions._take (sessions.py) passes the token to RedisStore.take, whose claim then tells the owner "
-    "its connection is taken over: an AG-UI run is no resume of the other's stream (another helper's files)",
-)
 async def test_a_run_on_another_process_queues_behind_the_run_streaming_and_cuts_nothing(
     redis_server: RedisServer, start_server: StartServer
 ) -> None:
