@@ -39,6 +39,8 @@ from test_redis_store import Gated, chat, config, history, registry
 
 import connic
 from conftest import SECRET, CliServer, Server, StartServer, start_cli
+from connic.app import RUNTIME
+from connic.stores.redis import scripts
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -476,6 +478,71 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
     session.transcript.assert_complete()
     await chat(conn_b, "m2", "after")  # the session goes on, on B: each agent answers it
     assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+# --- cancels --------------------------------------------------------------------------------
+
+
+async def test_a_cancel_passed_while_the_session_is_being_taken_over_is_answered_once_it_is_live(
+    redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
+) -> None:
+    # A cancel another process passes on (its cancel set, then a message on the cancel channel)
+    # is taken at once by the process holding the session live. One arriving while this process
+    # had claimed the session but not rebuilt it yet was skipped, and waited for the next lease
+    # renewal (producer_timeout / 3: 20 s here) for its answer. The window is made exact by
+    # passing the cancel from inside B's store.add, the rebuilt session's hand-over to the store;
+    # the claim, the rebuild, the pub/sub listener and Redis are real. A second cancel, for a
+    # session live on B, passed after it on the same channel, shows that B's listener handled
+    # the first before the add goes on (it handles them in order).
+    a = await process(start_server, redis_server.url, {"producer_timeout": 60})
+    b = await process(start_server, redis_server.url, {"producer_timeout": 60})
+    live = ResumeSession(clients, b.url())
+    live_conn = await live.start()
+    await lease_renewed(redis, live)  # B's first renewal: its next one is 20 s away
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await told(conn, session, "m1", "before")
+    session.drop()
+    await owner_gone(redis, session)
+    store = b.server.app[RUNTIME].transports[0].sessions.store
+    add = store.add
+
+    async def pass_cancels(sid: str, message_id: str) -> None:
+        prefix = store.options.key_prefix
+        await redis.sadd(scripts.cancel_key(prefix, sid), json.dumps(message_id))
+        await redis.publish(scripts.cancel_channel(prefix), sid)
+
+    async def add_after_a_cancel(taken: Any) -> None:
+        if taken.id == session.session_id:
+            await pass_cancels(session.session_id, "m9")
+            await pass_cancels(live.session_id, "z9")
+            await live_conn.until(lambda f: f["type"] == "error" and f.get("id") == "z9", timeout=5)
+        await add(taken)
+
+    store.add = add_after_a_cancel
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+
+    def answered(frame: dict[str, Any]) -> bool:
+        return frame["type"] == "error" and frame.get("id") == "m9"
+
+    if not any(answered(frame) for frame in conn_b.frames):
+        await conn_b.until(answered, timeout=5)  # at once, not at the lease renewal 20 s later
+    assert [f["code"] for f in conn_b.frames if answered(f)] == ["not_found"]
+    assert (await told(conn_b, session, "m2", "after"))["said"] == ["before"]
+
+
+async def lease_renewed(redis: Any, session: ResumeSession) -> None:
+    """Until the lease of the session's owner is renewed once (its key's ttl goes back up): bounded."""
+    key = f"connic:{{{session.session_id}}}:owner"
+    low = await redis.pttl(key)
+    for _ in range(250):
+        await asyncio.sleep(0.02)
+        ttl = await redis.pttl(key)
+        if ttl > low:
+            return
+        low = ttl
+    raise AssertionError("the lease was never renewed")
 
 
 # --- expiry -------------------------------------------------------------------------------

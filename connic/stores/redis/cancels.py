@@ -69,9 +69,16 @@ class Cancels(Writer):
         return {scripts.cancel_channel(self.options.key_prefix): self._cancelled}
 
     def _cancelled(self, session_id: str) -> None:
-        """A process passed a cancel to this session: take its cancels if it is live here."""
+        """A process passed a cancel to this session: take its cancels if it is live here.
+
+        A session this process claimed but has not rebuilt yet (owned, not live) takes them
+        once it is live (:meth:`_take_waiting_cancels`, from ``add``), as those its claim found:
+        skipped, they waited for the next lease renewal (a third of ``producer_timeout``).
+        """
         if session_id in self._live:
             self._spawn(self._take_cancels([session_id]))
+        elif session_id in self._fences:
+            self._cancels_waiting.add(session_id)
 
     async def _listen(self) -> None:
         """Act on what other processes publish for the sessions live here (:meth:`_channels`) as soon as they say so."""
