@@ -6,7 +6,8 @@ to which every process listens; the owner takes the set (the ``CANCELS`` script,
 while it owns the session) and cancels the message, or answers ``not_found``. Its lease
 renewal says when a set waits (a pub/sub message lost). A cancel no owner took (the owner
 let the session go, or died, before it could) waits in the set for the next owner: its
-claim says so, and it takes the set once the session is live there, so that every cancel
+claim says so (or the channel, while it rebuilds the session), and it takes the set once
+the session is live there, so that every cancel
 gets its answer (PROTOCOL.md §5). The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
 (:mod:`~connic.stores.redis.takeovers` adds its own).
