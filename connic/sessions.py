@@ -109,18 +109,22 @@ class Sessions:
         return session
 
     async def find(
-        self, session_id: str, token: str, last_seq: int, follow: Follow | None = None
+        self, session_id: str, token: str, last_seq: int, follow: Follow | None = None, *, takeover: bool = True
     ) -> ChatSession | None:
         """The session a resume names, if it can be resumed with this token from ``last_seq``.
 
         When another process serves it, it is taken over once that process lets it go;
         meanwhile ``follow`` gets the frames that process logs (:meth:`SessionStore.take`).
+        With ``takeover`` that process is told its connection is taken over, so that it lets
+        the session go at once; an AG-UI run passes False: it is no resume of that process's
+        stream, and waits for it to let the session go (its runs over) as a second run of the
+        thread on one process waits behind the first.
         """
         started = time.perf_counter()
         session = await self.store.get(session_id)
         self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
         if session is None:
-            session = await self._take(session_id, token, last_seq, follow)  # may wait for another process
+            session = await self._take(session_id, token, last_seq, follow, takeover)  # may wait for another process
         if (
             session is None
             or session.sessions is not self
@@ -131,13 +135,17 @@ class Sessions:
             return None
         return session
 
-    async def _take(self, session_id: str, token: str, last_seq: int, follow: Follow | None) -> ChatSession | None:
+    async def _take(
+        self, session_id: str, token: str, last_seq: int, follow: Follow | None, takeover: bool
+    ) -> ChatSession | None:
         """A session a shared store keeps but no connection of this process serves: take it over and rebuild it."""
         if not self.store.durable:
             return None  # a store of this process's live sessions only: nothing to take over
         # Its owner may still be answering: wait for it to let go (never two copies at once).
         wait = self.options.producer_timeout
-        record = await self.store.take(session_id, wait, follow, last_seq, label=self.label, token=token)
+        record = await self.store.take(
+            session_id, wait, follow, last_seq, label=self.label, token=token, takeover=takeover
+        )
         if record is None:
             return None
         # This process owns the session now: if it cannot be rebuilt, the store must let it
@@ -165,11 +173,12 @@ class Sessions:
             # process died between sending them and its next write. The session goes on, numbered
             # from the client's (a seq used twice would be dropped by the client as a duplicate).
             session.number_from(last_seq)
-        if record.lost:
-            # Replies the dead owner left unfinished (an untargeted message: every agent answers it
-            # when there are several; whether it named one is not in the log).
-            names = self.agent_names
-            session.producer_lost([(mid, agent) for mid, name in record.lost for agent in ((name,) if name else names)])
+        # Replies the dead owner left unfinished: every agent of the message but those that ended
+        # theirs, whether it had sent something or not (whether the message named one agent of
+        # several is not in the log: each of them is taken to answer it).
+        lost = [(mid, agent) for mid, ended in record.lost for agent in self.agent_names if agent not in ended]
+        if lost:
+            session.producer_lost(lost)
         return session
 
     async def shutdown(self, grace: float) -> None:

@@ -39,6 +39,8 @@ from test_redis_store import Gated, chat, config, history, registry
 
 import connic
 from conftest import SECRET, CliServer, Server, StartServer, start_cli
+from connic.app import RUNTIME
+from connic.stores.redis import scripts
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -158,13 +160,12 @@ async def test_a_state_nested_too_deep_for_json_fails_its_own_session_not_the_pr
     other.transcript.assert_complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisStore.release (stores/redis/__init__.py) encodes the record unguarded: its ValueError "
-    "escapes ChatSession.leave(), and Sessions.shutdown stops there (another helper's files)",
-)
 async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being_let_go_at_sigterm(
-    redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
+    redis_server: RedisServer,
+    redis: Any,
+    start_server: StartServer,
+    clients: Clients,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A process stopping lets each session go (its record written, its ownership released),
     # and closes its connections with 1001: on one process with the memory store, each ends.
@@ -181,10 +182,14 @@ async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being
     await bad_conn.send({"type": "message", "id": "b1", "payload": {"message": "a set, then hold"}})
     code, _ = await bad_conn.closed()
     assert code == 1011  # its state cannot be saved: its connection ends (docs/deployment.md)
+    caplog.clear()
     await a.server.close()  # SIGTERM: drain, then let every session go
     code, _ = await good_conn.closed()
     assert code == 1001
     assert not await redis.exists(f"connic:{{{good.session_id}}}:owner")  # let go, not left to its lease
+    assert not await redis.exists(f"connic:{{{bad.session_id}}}:owner")  # let go as last saved
+    warned = [r.getMessage() for r in caplog.records if "let go as last saved" in r.getMessage()]
+    assert len(warned) == 1 and bad.session_id in warned[0], warned
 
 
 class Bursts(connic.Agent):
@@ -269,11 +274,6 @@ async def test_history_is_answered_while_following_a_reply_on_another_process(
 # --- AG-UI threads -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Sessions._take (sessions.py) passes the token to RedisStore.take, whose claim then tells the owner "
-    "its connection is taken over: an AG-UI run is no resume of the other's stream (another helper's files)",
-)
 async def test_a_run_on_another_process_queues_behind_the_run_streaming_and_cuts_nothing(
     redis_server: RedisServer, start_server: StartServer
 ) -> None:
@@ -367,8 +367,8 @@ async def test_an_agui_websocket_resume_on_another_process_follows_the_run_in_fl
 
 
 ECHO = '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
-# A second agent slow to start: its first chunk comes after a minute.
-SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n'
+# A second agent slow to start (its first chunk comes after a minute) and a third done at once.
+SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n[agents.quick]\nuse = "echo"\ndelay = 0\n'
 
 
 @pytest.fixture
@@ -452,22 +452,18 @@ async def test_session_timeout_counts_from_the_end_of_a_reply_its_dead_process_l
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="unfinished() (stores/redis/log.py) returns (id, agent) pairs and the caller (Sessions._take, "
-    "another helper's file) expands only agent None to every agent: an agent that had not started is missed",
-)
 async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process_dies(
     launch: Any, clients: Clients
 ) -> None:
-    # Two agents answer each message; one streams, the other has sent nothing yet when the
-    # process dies. Only the one whose stream_start was logged got producer_lost: the client
-    # waits for the other's end for ever.
+    # Three agents answer each message; one streams, one has sent nothing yet when the process
+    # dies, and one has ended its reply. Only the one whose stream_start was logged got
+    # producer_lost: the client waits for the silent one's end for ever. The one that ended
+    # its reply gets no second end.
     a, b = await launch(SLOW), await launch(SLOW)
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
-    while len(session.transcript.chunks("m1", "assistant")) < 10:
+    while len(session.transcript.chunks("m1", "assistant")) < 10 or session.transcript.end("m1", "quick") is None:
         await conn.recv()
     session.drop()
     conn_b = await session.resume(url=b.url)
@@ -478,7 +474,75 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
     for agent in ("assistant", "slow"):
         end = session.transcript.end("m1", agent)
         assert end is not None and end["type"] == "error" and end["code"] == "producer_lost", end
+    assert [f["type"] for f in session.transcript.of("m1", "quick") if f.get("agent") == "quick"][-1] == "stream_end"
     session.transcript.assert_complete()
+    await chat(conn_b, "m2", "after")  # the session goes on, on B: each agent answers it
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+# --- cancels --------------------------------------------------------------------------------
+
+
+async def test_a_cancel_passed_while_the_session_is_being_taken_over_is_answered_once_it_is_live(
+    redis_server: RedisServer, redis: Any, start_server: StartServer, clients: Clients
+) -> None:
+    # A cancel another process passes on (its cancel set, then a message on the cancel channel)
+    # is taken at once by the process holding the session live. One arriving while this process
+    # had claimed the session but not rebuilt it yet was skipped, and waited for the next lease
+    # renewal (producer_timeout / 3: 20 s here) for its answer. The window is made exact by
+    # passing the cancel from inside B's store.add, the rebuilt session's hand-over to the store;
+    # the claim, the rebuild, the pub/sub listener and Redis are real. A second cancel, for a
+    # session live on B, passed after it on the same channel, shows that B's listener handled
+    # the first before the add goes on (it handles them in order).
+    a = await process(start_server, redis_server.url, {"producer_timeout": 60})
+    b = await process(start_server, redis_server.url, {"producer_timeout": 60})
+    live = ResumeSession(clients, b.url())
+    live_conn = await live.start()
+    await lease_renewed(redis, live)  # B's first renewal: its next one is 20 s away
+    session = ResumeSession(clients, a.url())
+    conn = await session.start()
+    await told(conn, session, "m1", "before")
+    session.drop()
+    await owner_gone(redis, session)
+    store = b.server.app[RUNTIME].transports[0].sessions.store
+    add = store.add
+
+    async def pass_cancels(sid: str, message_id: str) -> None:
+        prefix = store.options.key_prefix
+        await redis.sadd(scripts.cancel_key(prefix, sid), json.dumps(message_id))
+        await redis.publish(scripts.cancel_channel(prefix), sid)
+
+    async def add_after_a_cancel(taken: Any) -> None:
+        if taken.id == session.session_id:
+            await pass_cancels(session.session_id, "m9")
+            await pass_cancels(live.session_id, "z9")
+            await live_conn.until(lambda f: f["type"] == "error" and f.get("id") == "z9", timeout=5)
+        await add(taken)
+
+    store.add = add_after_a_cancel
+    conn_b = await session.resume(url=b.url())
+    assert conn_b.connected["resumed"] is True
+
+    def answered(frame: dict[str, Any]) -> bool:
+        return frame["type"] == "error" and frame.get("id") == "m9"
+
+    if not any(answered(frame) for frame in conn_b.frames):
+        await conn_b.until(answered, timeout=5)  # at once, not at the lease renewal 20 s later
+    assert [f["code"] for f in conn_b.frames if answered(f)] == ["not_found"]
+    assert (await told(conn_b, session, "m2", "after"))["said"] == ["before"]
+
+
+async def lease_renewed(redis: Any, session: ResumeSession) -> None:
+    """Until the lease of the session's owner is renewed once (its key's ttl goes back up): bounded."""
+    key = f"connic:{{{session.session_id}}}:owner"
+    low = await redis.pttl(key)
+    for _ in range(250):
+        await asyncio.sleep(0.02)
+        ttl = await redis.pttl(key)
+        if ttl > low:
+            return
+        low = ttl
+    raise AssertionError("the lease was never renewed")
 
 
 # --- expiry -------------------------------------------------------------------------------

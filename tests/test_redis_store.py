@@ -128,19 +128,25 @@ def _frames(*frames: dict[str, Any]) -> list[str]:
 def test_unfinished_replies_read_from_the_log() -> None:
     ack = {"type": "ack", "id": "m1", "message_number": 1}
     start = {"type": "stream_start", "id": "m1"}
-    # Streaming: a stream_start without stream_end (nor error) for that agent.
-    assert unfinished(
-        _frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, {"type": "stream_end", "id": "m1", "agent": "a"})
-    ) == [("m1", "b")]
+    # The message answered last, with the agents that ended their reply: every other one lost it.
+    end_a = {"type": "stream_end", "id": "m1", "agent": "a"}
+    assert unfinished(_frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, end_a)) == [("m1", {"a"})]
     done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
-    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == []
+    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == [("m1", {"b"})]
+    assert unfinished(_frames(ack, {**start, "agent": "a"}, {"type": "error", "id": "m1", "code": "x"})) == []
     # Streaming off (or before the first chunk): acked, nothing from any agent since.
     answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
     queued = {"type": "ack", "id": 2, "message_number": 2}
-    assert unfinished(_frames(ack, queued, answered)) == [(2, None)]
-    assert unfinished(_frames(ack, answered)) == []
+    assert unfinished(_frames(ack, queued, answered)) == [("m1", {"a"}), (2, set())]
+    assert unfinished(_frames(ack)) == [("m1", set())]
+    # A message answered before the last one is finished, whatever its frames.
+    start_2 = {"type": "stream_start", "id": 2, "agent": "b"}
+    assert unfinished(_frames(ack, answered, queued, start_2)) == [(2, set())]
     # "1" and 1 are two messages.
-    assert unfinished(_frames(ack, {"type": "ack", "id": 1, "message_number": 2}, answered)) == [(1, None)]
+    assert unfinished(_frames(ack, {"type": "ack", "id": 1, "message_number": 2}, answered)) == [
+        ("m1", {"a"}),
+        (1, set()),
+    ]
 
 
 # --- one process -----------------------------------------------------------------

@@ -59,9 +59,9 @@ class SessionRecord:
     busy: bool = False  # a message was queued or being answered when the record was written
     last_active: float | None = None
     """When a message last came in or was answered (Unix time: any process reads it); None if unknown."""
-    lost: Sequence[tuple[MessageId, str | None]] = ()
-    """The agent replies (message id, agent) a process that died left unfinished, set by :meth:`SessionStore.take`
-    (agent None: every agent that answers that message)."""
+    lost: Sequence[tuple[MessageId, frozenset[str]]] = ()
+    """The messages a process that died left unfinished, set by :meth:`SessionStore.take`: (message id, the agents
+    whose reply to it ended). Every other agent that answers the message lost its reply."""
 
 
 class ReplayLog(abc.ABC):
@@ -179,6 +179,7 @@ class SessionStore:
         *,
         label: str | None = None,
         token: str | None = None,
+        takeover: bool = True,
     ) -> SessionRecord | None:
         """Become the one process serving the session, waiting for its owner to let go.
 
@@ -190,7 +191,10 @@ class SessionStore:
         None, with nothing changed (the token compared so that timing does not reveal it).
         Returns the record as it is once owned (None if the session is gone, the check
         failed or the wait ran out); the caller rebuilds the session from it and hands it to
-        :meth:`add`.
+        :meth:`add`. With ``takeover`` (and ``label`` and ``token``) the owner is told that a
+        resume takes its connection over, so that it lets the session go at once; without it
+        (an AG-UI run, which is no resume of the owner's stream) the owner is left to finish
+        what it answers and let the session go when it would.
         """
         return None
 

@@ -150,7 +150,13 @@ class Threads:
                 f"thread {thread_id!r} is a session of connector {owner.label!r}: "
                 f"send its resume_token in the {TOKEN_HEADER} header",
             )
-        session = await owner.find(thread_id, token or "", 0) if token is not None else None
+        # A run (``create``: the one lookup that may open the thread) of a thread this connector
+        # opened is no resume of the stream another process serves: that process's runs stream
+        # on, and this one waits for the thread to be let go (queued behind them, as on one
+        # process). A session of another connector is attached there to that connector's own
+        # connection, which a run takes over as on one process (closed with 4011).
+        takeover = not create or owner is not self.transport.sessions
+        session = await owner.find(thread_id, token or "", 0, takeover=takeover) if token is not None else None
         if session is None:
             return self.transport.refuse(
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"

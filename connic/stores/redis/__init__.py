@@ -186,7 +186,11 @@ class RedisStore(Limits, Taking, SessionStore):
             self._kick_soon()
 
     def release(self, session: ChatSession) -> None:
-        """Queue the session's last record and the end of this process's ownership."""
+        """Queue the session's last record and the end of this process's ownership.
+
+        Never raises: a session whose state JSON cannot encode is let go as it was last saved
+        (a warning names it), so that one agent's state never keeps the others from being let go.
+        """
         sid = session.id
         self._live.pop(sid, None)
         self._logs.pop(sid, None)
@@ -196,7 +200,16 @@ class RedisStore(Limits, Taking, SessionStore):
             window = ms(session.sessions.options.resume_window)
             # The history's entries are written by the writer, from what it last wrote of them.
             record = session.record()
-            self._releases[sid] = (owned[0], encode(record), record.history, window)
+            try:
+                data = encode(record)
+            except (TypeError, ValueError) as exc:
+                # Raised out of leave(), it stopped Sessions.shutdown letting the other sessions go:
+                # they stayed owned by a stopped process until their leases ran out. This one is
+                # let go as it was last saved (its record untouched, as a rebuild that failed is).
+                log.warning("session %s: its state cannot be saved as JSON (%s): let go as last saved", sid, exc)
+                self._abandons[sid] = owned[0]
+            else:
+                self._releases[sid] = (owned[0], data, record.history, window)
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:

@@ -6,7 +6,8 @@ to which every process listens; the owner takes the set (the ``CANCELS`` script,
 while it owns the session) and cancels the message, or answers ``not_found``. Its lease
 renewal says when a set waits (a pub/sub message lost). A cancel no owner took (the owner
 let the session go, or died, before it could) waits in the set for the next owner: its
-claim says so, and it takes the set once the session is live there, so that every cancel
+claim says so (or the channel, while it rebuilds the session), and it takes the set once
+the session is live there, so that every cancel
 gets its answer (PROTOCOL.md §5). The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
 (:mod:`~connic.stores.redis.takeovers` adds its own).
@@ -69,9 +70,16 @@ class Cancels(Writer):
         return {scripts.cancel_channel(self.options.key_prefix): self._cancelled}
 
     def _cancelled(self, session_id: str) -> None:
-        """A process passed a cancel to this session: take its cancels if it is live here."""
+        """A process passed a cancel to this session: take its cancels if it is live here.
+
+        A session this process claimed but has not rebuilt yet (owned, not live) takes them
+        once it is live (:meth:`_take_waiting_cancels`, from ``add``), as those its claim found:
+        skipped, they waited for the next lease renewal (a third of ``producer_timeout``).
+        """
         if session_id in self._live:
             self._spawn(self._take_cancels([session_id]))
+        elif session_id in self._fences:
+            self._cancels_waiting.add(session_id)
 
     async def _listen(self) -> None:
         """Act on what other processes publish for the sessions live here (:meth:`_channels`) as soon as they say so."""

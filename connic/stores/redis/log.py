@@ -124,46 +124,49 @@ def frames_after(frames: Logged, seq: int) -> list[str] | None:
     return after
 
 
-def unfinished(frames: list[str]) -> list[tuple[MessageId, str | None]]:
-    """The agent replies that ``frames`` (a session's log, oldest first) leave unfinished.
+def unfinished(frames: list[str]) -> list[tuple[MessageId, frozenset[str]]]:
+    """The messages whose replies ``frames`` (a session's log, oldest first) leave unfinished: (id, agents that ended).
 
-    A reply is unfinished when a frame of it (its ``stream_start``, a chunk, a progress
-    event) has no ``stream_end`` nor error for that agent after it: the log holds the last
-    ``replay_buffer`` frames only, and a reply longer than that has lost its start. An acked
-    message that got no frame from any agent is unfinished too (agent None: each agent that
-    answers it) if it came after the last message an agent answered: it was being answered
-    (streaming off, or before its first chunk) or queued behind.
+    Messages are answered one at a time, in order, each by every agent that answers it. The
+    message answered last (the last a reply frame in the log names: a ``stream_start``, a
+    chunk, a progress event, an end) is unfinished for each of its agents that has no
+    ``stream_end``, ``response`` nor error for it, whether it sent something or not: the
+    agents that ended it are returned with it, and the caller, which knows the connector's
+    agents, ends every other one (a message that named one agent of several looks the same:
+    the log does not say). The log holds the last ``replay_buffer`` frames only: a reply
+    longer than that has lost its start and ack, and is known by its chunks. An acked message
+    that got no frame from any agent is unfinished for every agent (no agent ended it) if it
+    came after the last message an agent answered: it was queued behind it, or being answered
+    (streaming off, or before its first chunk). A message an error without an agent ended is
+    finished for every agent.
     """
     acked: dict[Any, tuple[MessageId, int]] = {}  # key: (id, message number), in order
-    started: dict[tuple[Any, str], MessageId] = {}
+    ended: dict[Any, set[str]] = {}  # key: the agents whose reply to it ended
     answered: set[Any] = set()  # keys of messages some agent sent a frame for
-    ended: set[Any] = set()  # keys of messages ended for every agent (an error without an agent)
-    last_answered = 0
-    numbers: dict[Any, int] = {}  # the message number of an id, by its key
+    whole: set[Any] = set()  # keys of messages ended for every agent (an error without an agent)
+    current: tuple[Any, MessageId] | None = None  # the message an agent answered last (key, id)
     for data in frames:
         frame = json.loads(data)
         kind, message_id = frame.get("type"), frame.get("id")
         key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
         if kind == "ack":
             acked[key] = (message_id, frame["message_number"])
-            numbers[key] = frame["message_number"]
             continue
         agent = frame.get("agent")
         if kind == "error" and agent is None:
-            ended.add(key)
+            whole.add(key)
             continue
         if agent is None or kind not in _REPLY:
             continue
         answered.add(key)
-        last_answered = max(last_answered, numbers.get(key, 0))
-        if kind in _OPEN:
-            started[(key, agent)] = message_id
-        else:
-            started.pop((key, agent), None)
-    lost: list[tuple[MessageId, str | None]] = [
-        (mid, agent) for (key, agent), mid in started.items() if key not in ended
-    ]
+        current = (key, message_id)
+        if kind not in _OPEN:
+            ended.setdefault(key, set()).add(agent)
+    lost: list[tuple[MessageId, frozenset[str]]] = []
+    if current is not None and current[0] not in whole:
+        lost.append((current[1], frozenset(ended.get(current[0], ()))))
+    last_answered = max((acked[key][1] for key in answered if key in acked), default=0)
     for key, (message_id, number) in acked.items():
-        if key not in answered and key not in ended and number > last_answered:
-            lost.append((message_id, None))
+        if key not in answered and key not in whole and number > last_answered:
+            lost.append((message_id, frozenset()))
     return lost

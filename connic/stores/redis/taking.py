@@ -64,6 +64,7 @@ class Taking(Takeovers):
         *,
         label: str | None = None,
         token: str | None = None,
+        takeover: bool = True,
     ) -> SessionRecord | None:
         """Own the session once its owner lets it go; its record then.
 
@@ -74,7 +75,9 @@ class Taking(Takeovers):
         what ends the wait. ``label`` and ``token`` are checked by the first claim, in the same
         round trip that reads the log: a resume costs one round trip before its first frame.
         When they are given and a claim finds another owner, it tells the owner to end the
-        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per owner.
+        session's connection there (:mod:`~connic.stores.redis.takeovers`), once per owner,
+        unless ``takeover`` is false (an AG-UI run: no resume of the owner's stream, which it
+        must not cut; the token is checked all the same).
         """
         await self.flush()
         check: list[str | int] = ["", ""]
@@ -84,7 +87,7 @@ class Taking(Takeovers):
         if follow is not None:
             self._follow_leases[session_id] = ms(wait)
         try:
-            return await self._take(session_id, wait, follow, after, check, followed)
+            return await self._take(session_id, wait, follow, after, check, followed, takeover)
         finally:
             self._follow_leases.pop(session_id, None)
             for following in followed:
@@ -98,13 +101,14 @@ class Taking(Takeovers):
         after: int,
         check: list[str | int],
         followed: list[Following],
+        takeover: bool = True,
     ) -> SessionRecord | None:
         """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
         prefix = self.options.key_prefix
         keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
         # each owner it finds once (the first; another that took the session meanwhile).
-        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] else ["", ""]
+        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] and takeover else ["", ""]
         told = ""  # the fence of the owner last told
         quick = 0  # follow reads left that wait _TOLD_WAIT
         lease = ms(wait)
@@ -204,7 +208,7 @@ class Taking(Takeovers):
             self._saved[session_id] = record.history[-1] if record.history else None
         else:  # a record written with its history inline: the next save writes the list whole
             self._saved.pop(session_id, None)
-        lost: list[tuple[MessageId, str | None]] = []
+        lost: list[tuple[MessageId, frozenset[str]]] = []
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
