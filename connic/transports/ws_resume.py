@@ -73,6 +73,11 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
                 # this one followed its owner: as a connection taken over on one process.
                 conn.close(exc)
                 return False
+        if session is not None and session is here and sessions.store.durable:
+            # A resume following it on another process is taken over (its goodbye then ignored),
+            # as a connection here would be: before the client hears connected, and before the
+            # replay (which must not await between it and attaching).
+            await sessions.store.resumed(session.id)
         last_seq = following[0] if following else frame.last_seq
         replay = await session.replay(conn, last_seq) if session is not None else None
         if replay is not None or session is None or following or session.state is not SessionState.ENDED:
@@ -92,10 +97,6 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         conn.transport.throttle.failed(conn.peer or "unknown")
         await conn._open_fresh(False)
         return False
-    if session is here and sessions.store.durable:
-        # A resume following it on another process is taken over (its goodbye then ignored),
-        # as a connection here would be: before the client hears connected.
-        await sessions.store.resumed(session.id)
     recovered, frames = replay
     sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
     sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
