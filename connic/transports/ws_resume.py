@@ -207,6 +207,9 @@ async def _reading_meanwhile(
                         cancels[id(msg)] = parsed.id
                     conn._inbox.append(msg)
             if following and _gone(conn):
+                if task.done() and not task.cancelled() and isinstance(task.exception(), SessionTakenOver):
+                    # Taken over by a newer resume in this very step: its goodbye ends nothing.
+                    return task.result()
                 _leave(conn, task, frame, follow)
                 return None
         return task.result()
