@@ -27,6 +27,7 @@ from resume_helpers import (
     Clients,
     Conn,
     ResumeSession,
+    Transcript,
     clients_fixture,  # noqa: F401  (a fixture)
     wait_turns,
     words,
@@ -278,3 +279,80 @@ async def test_a_goodbye_ended_at_the_next_claim_leaves_no_key_of_the_session(
         assert await session_keys(redis, session.session_id) == []
     finally:
         await redis.aclose()
+
+
+# --- a newer resume takes a following resume over (PROTOCOL.md §7) ---------------------------
+
+# Where the client resumes again while B follows A's reply: on A itself, on a third process C,
+# or on B again (a second resume there, its first one's socket half-open).
+_AGAIN = ["owner", "another", "follower"]
+
+
+async def again_on(where: str, launch: Any, a: CliServer, b: CliServer) -> CliServer:
+    """The process of the client's next resume."""
+    return {"owner": a, "follower": b}.get(where) or await launch()
+
+
+async def assert_taken_over(conn: Conn) -> None:
+    """``conn`` ends with ``session_taken_over`` (4011) while the reply it followed still goes on."""
+    code, frames = await conn.closed(timeout=30)
+    assert code == 4011 and frames and frames[-1].get("code") == "session_taken_over", (code, frames[-3:])
+    # Told at once, not once the reply meant for the newer connection ended.
+    assert not [f for f in frames if f["type"] == "stream_end"], frames[-3:]
+
+
+@pytest.mark.parametrize("where", _AGAIN)
+async def test_a_newer_resume_takes_a_following_resume_over(launch: Any, clients: Clients, where: str) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    text = words(500)  # 500 chunks, 20 ms apart: the reply goes on through both resumes
+    conn_b = await following(session, a, b, text)
+    conn_b.transcript = Transcript()  # what B gets from now on is not the client's any more
+    again = await session.resume(url=(await again_on(where, launch, a, b)).url)
+    assert again.connected["resumed"] is True
+    await assert_taken_over(conn_b)
+    await again.until_ended({"m1": ["assistant"]}, timeout=30)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "stop" and end["full_response"] == text, end
+    session.transcript.assert_complete()
+    await again.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
+    await again.until_ended({"m2": ["assistant"]})
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+@pytest.mark.parametrize("where", _AGAIN)
+async def test_the_goodbye_of_a_following_resume_taken_over_ends_nothing(
+    launch: Any, clients: Clients, where: str
+) -> None:
+    # On one process a connection taken over says nothing more: its close 1000 ends nothing.
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    text = words(300)
+    conn_b = await following(session, a, b, text)
+    conn_b.transcript = Transcript()
+    again = await session.resume(url=(await again_on(where, launch, a, b)).url)
+    assert again.connected["resumed"] is True
+    await conn_b.ws.close(1000)  # at once: B may not have heard of the newer resume yet
+    await again.until_ended({"m1": ["assistant"]}, timeout=30)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "stop" and end["full_response"] == text, end
+    await again.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
+    await again.until_ended({"m2": ["assistant"]})
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+    assert again.ws.close_code is None
+    session.transcript.assert_complete()
+
+
+async def test_a_following_resume_whose_takeover_message_was_lost_finds_out_between_its_reads(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn_b = await following(session, a, b, words(500))
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # What a newer resume's claim leaves, without its pub/sub message.
+        await redis.set(f"connic:{{{session.session_id}}}:resumer", "newer", px=60_000)
+    finally:
+        await redis.aclose()
+    await assert_taken_over(conn_b)

@@ -536,12 +536,12 @@ async def test_store_failure_while_running_closes_1011_refuses_handshakes_503_th
     await chat(conn, "m1", "hello again")
 
 
-async def test_two_resumes_following_one_session_on_one_process_both_get_its_frames_live(
+async def test_a_second_resume_following_one_session_on_one_process_takes_the_first_over_and_gets_its_frames(
     redis_url: str, start_server: StartServer, clients: Clients
 ) -> None:
-    # A client whose first resume's socket is half-open resumes again on the same process: both
-    # resumes follow the owner's log (follower.py once kept one follower per log: the second
-    # replaced the first, which then got no frame while the owner answered).
+    # A client whose first resume's socket is half-open resumes again on the same process: the
+    # second takes the first over (4011, PROTOCOL.md §7) and gets the owner's frames live, the
+    # first following the same log a moment before (follower.py once kept one follower per log).
     Gated.gate = asyncio.Event()
     agents = {"assistant": {"use": "gated"}}
     a = await process(start_server, redis_url, agents=agents)
@@ -559,6 +559,7 @@ async def test_two_resumes_following_one_session_on_one_process_both_get_its_fra
     second = await session.resume(url=b.url())
     assert second.connected["resumed"] is True, second.connected
     assert await second.barrier() == []
-    Gated.gate.set()  # the rest of A's reply: each follower gets it live
-    for follower in (first, second):
-        await follower.until(lambda f: f.get("type") == "stream_end" and f.get("id") == "m1", timeout=5)
+    code, frames = await first.closed(timeout=5)
+    assert code == 4011 and frames[-1]["code"] == "session_taken_over", frames
+    Gated.gate.set()  # the rest of A's reply: the second resume gets it live
+    await second.until(lambda f: f.get("type") == "stream_end" and f.get("id") == "m1", timeout=5)

@@ -131,8 +131,8 @@ async def test_a_reply_goes_on_through_a_takeover_with_on_disconnect_cancel(
 async def test_of_two_resumes_on_other_processes_at_once_one_takes_the_session_and_the_other_is_taken_over(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:
-    # Both resumes signal the owner A. One takes the session once A lets it go and attaches;
-    # the other, still following, finds a new owner with a connection: it signals that one too.
+    # Both resumes signal the owner A. The newer one (its claim came second) takes the older one
+    # over at once, while both still follow A (as on one process), and takes the session.
     a, b, c = [await process(start_server, redis_server.url) for _ in range(3)]
     session = ResumeSession(clients, a.url())
     old = await session.start()
@@ -146,16 +146,16 @@ async def test_of_two_resumes_on_other_processes_at_once_one_takes_the_session_a
         assert connected["type"] == "connected" and connected["resumed"] is True, connected
     code, _ = await old.closed(timeout=5)
     assert code == 4011
-    for conn in conns:
-        await conn.send({"id": "m2", "message": "who has it"})
     closing = {asyncio.ensure_future(conn.closed(timeout=10)): conn for conn in conns}
     done, pending = await asyncio.wait(closing, timeout=10, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)  # the winner's reads stopped
     assert len(done) == 1, "neither resume was taken over"
     loser = closing[done.pop()]
     assert loser.ws.close_code == 4011
     winner = conns[1 - conns.index(loser)]
     assert winner.ws.close_code is None
+    await winner.send({"id": "m2", "message": "who has it"})
     await winner.until_ended({"m2": ["assistant"]})
     assert winner.transcript.of("m2")[0]["message_number"] == 2

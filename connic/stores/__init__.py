@@ -214,11 +214,21 @@ class SessionStore:
         (a session is never answered by another process).
         """
 
-    def end(self, session_id: str, label: str, token: str) -> None:
+    def end(self, session_id: str, label: str, token: str, follow: Follow | None = None) -> None:
         """End the session on the process answering it: the client of a resume following it from here closed with 1000.
 
-        ``label`` and ``token`` are the resume's, checked again by the store. Only a store
-        shared between processes has anything to do: the default does nothing.
+        ``label`` and ``token`` are the resume's, checked again by the store; ``follow`` is
+        the callback that resume gave :meth:`take` (which resume it is: one a newer resume
+        took over meanwhile ends nothing). Only a store shared between processes has
+        anything to do: the default does nothing.
+        """
+
+    async def resumed(self, session_id: str) -> None:
+        """A resume attached a connection to the session live in this process (not taken from another).
+
+        A resume of it following another process's reply (:meth:`take`'s ``follow``) is taken
+        over by it. Only a store shared between processes has anything to do: the default
+        does nothing.
         """
 
     def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:

@@ -30,6 +30,7 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.session import ChatSession, SessionState
+from connic.stores import Follow
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
@@ -59,12 +60,24 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         following[:] = [last]
 
     for _ in range(2):
+        here = await sessions.store.get(frame.session_id)  # live on this process: no claim
         finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
         # Only a shared store may wait on another process: the memory store answers at once.
-        if sessions.store.durable:
-            session = await _reading_meanwhile(conn, finding, frame, following, began)
-        else:
+        if not sessions.store.durable:
             session = await finding
+        else:
+            try:
+                session = await _reading_meanwhile(conn, finding, frame, following, began, follow)
+            except SessionTakenOver as exc:
+                # A newer resume (elsewhere, or on the owner itself) took the session over while
+                # this one followed its owner: as a connection taken over on one process.
+                conn.close(exc)
+                return False
+        if session is not None and session is here and sessions.store.durable:
+            # A resume following it on another process is taken over (its goodbye then ignored),
+            # as a connection here would be: before the client hears connected, and before the
+            # replay (which must not await between it and attaching).
+            await sessions.store.resumed(session.id)
         last_seq = following[0] if following else frame.last_seq
         replay = await session.replay(conn, last_seq) if session is not None else None
         if replay is not None or session is None or following or session.state is not SessionState.ENDED:
@@ -127,6 +140,7 @@ async def _reading_meanwhile(
     frame: ResumeFrame,
     following: list[int],
     began: asyncio.Future[None],
+    follow: Follow,
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
@@ -144,6 +158,8 @@ async def _reading_meanwhile(
 
     ``began`` is done once the find follows another process (``following`` then holds
     the seq followed to): what came before it (a cancel, the socket's end) is acted on then.
+    ``follow`` is the find's follow callback: which of this process's resumes says goodbye.
+    SessionTakenOver when a newer resume took the session over meanwhile.
     """
     assert frame.session_id is not None
     store = conn.transport.sessions.store
@@ -191,7 +207,10 @@ async def _reading_meanwhile(
                         cancels[id(msg)] = parsed.id
                     conn._inbox.append(msg)
             if following and _gone(conn):
-                _leave(conn, task, frame)
+                if task.done() and not task.cancelled() and isinstance(task.exception(), SessionTakenOver):
+                    # Taken over by a newer resume in this very step: its goodbye ends nothing.
+                    return task.result()
+                _leave(conn, task, frame, follow)
                 return None
         return task.result()
     except BaseException:
@@ -205,11 +224,12 @@ async def _reading_meanwhile(
         task.cancel()
 
 
-def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame) -> None:
+def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame, follow: Follow) -> None:
     """The client is gone (its close, or the socket's end) while another process answers.
 
     Following that reply for nobody would hold a read of Redis, and this process's
-    shutdown, until it ends. The claim checked the token (following means it did).
+    shutdown, until it ends. The claim checked the token (following means it did). A
+    goodbye of a resume that a newer one took over meanwhile is ignored (the store checks).
     """
     assert frame.session_id is not None and frame.resume_token is not None
     last = conn._inbox[-1]
@@ -217,7 +237,7 @@ def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: Re
         # The client said goodbye: the session ends there (or here, if taken over in this very
         # step), as on one process.
         sessions = conn.transport.sessions
-        sessions.store.end(frame.session_id, sessions.label, frame.resume_token)
+        sessions.store.end(frame.session_id, sessions.label, frame.resume_token, follow)
         task.add_done_callback(_end)
     else:
         # The session stays there, detached.

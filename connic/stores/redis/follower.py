@@ -40,7 +40,7 @@ BLOCK_MS = 200
 class Following:
     """One followed log: the frames read for it and not yet taken (:meth:`Follower.next`)."""
 
-    __slots__ = ("cursor", "error", "frames", "key", "waiter")
+    __slots__ = ("cursor", "error", "frames", "key", "told", "waiter")
 
     def __init__(self, key: str, cursor: int) -> None:
         self.key = key
@@ -48,6 +48,7 @@ class Following:
         self.frames: Logged = []
         self.error: StoreUnavailable | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.told = False  # a newer resume may have claimed the session: claim (and learn it) at once
 
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -75,6 +76,12 @@ class Follower:
         if self._reading is not None and key not in self._reading:
             self._unblock()
         return following
+
+    def tell(self, key: str) -> None:
+        """A newer resume may have claimed the session whose log is ``key``: its followers here claim again at once."""
+        for following in self._follows.get(key, ()):
+            following.told = True
+            following._wake()
 
     def stop(self, following: Following) -> None:
         """Stop following (the next read leaves the log out)."""

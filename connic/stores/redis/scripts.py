@@ -20,6 +20,7 @@ __all__ = [
     "IP_RENEW",
     "RELEASE",
     "RENEW",
+    "RESUMED",
     "SAVE",
     "TAKE",
     "address_key",
@@ -29,6 +30,7 @@ __all__ = [
     "end_key",
     "every_key",
     "rate_key",
+    "resumer_key",
     "session_keys",
     "takeover_channel",
     "takeover_key",
@@ -42,10 +44,10 @@ def session_keys(prefix: str, session_id: str) -> list[str]:
 
 
 def every_key(prefix: str, session_id: str) -> list[str]:
-    """Every key of one session: :func:`session_keys`, then its takeover flag, end flag, cancel set and rate bucket.
+    """Every key of one session: :func:`session_keys`, its takeover and end flags, cancel set, rate bucket, resumer.
 
-    What a script that may end the session for good is given (``KEYS[6]`` to ``KEYS[9]``
-    are those four): it deletes them all, as nothing of an ended session may outlive it
+    What a script that may end the session for good is given (``KEYS[6]`` to ``KEYS[10]``
+    are those five): it deletes them all, as nothing of an ended session may outlive it
     (a session id the client names, AG-UI's threadId, may be opened again).
     """
     return [
@@ -54,6 +56,7 @@ def every_key(prefix: str, session_id: str) -> list[str]:
         end_key(prefix, session_id),
         cancel_key(prefix, session_id),
         rate_key(prefix, session_id),
+        resumer_key(prefix, session_id),
     ]
 
 
@@ -77,6 +80,11 @@ def rate_key(prefix: str, session_id: str) -> str:
     return f"{prefix}{{{session_id}}}:rate"
 
 
+def resumer_key(prefix: str, session_id: str) -> str:
+    """The nonce of the session's newest resume that claimed it: a follower whose nonce it is not was taken over."""
+    return f"{prefix}{{{session_id}}}:resumer"
+
+
 def address_key(prefix: str, address: str) -> str:
     """The sorted set of the connections open from one client address, on every process, by lease deadline."""
     return f"{prefix}ip:{{{address}}}"
@@ -88,7 +96,11 @@ def cancel_channel(prefix: str) -> str:
 
 
 def takeover_channel(prefix: str) -> str:
-    """The pub/sub channel telling every process which session a resume elsewhere took over (its id)."""
+    """The pub/sub channel telling every process which session a resume elsewhere took over (its id).
+
+    Its owner's connection is taken over, and so is a resume following it whose nonce is no
+    longer the session's resumer (:func:`resumer_key`).
+    """
     return f"{prefix}takeover"
 
 
@@ -145,20 +157,26 @@ return fence
 
 # Take an existing session if nobody owns it. KEYS: every key of the session
 # (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
-# set). ARGV: lease ms, a seq or '' (see below), the connector label
+# set, KEYS[10] its resumer). ARGV: lease ms, a seq or '' (see below), the connector label
 # and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
-# takeover channel and the session id, or '' and '', and the owner last told or '' (see
-# below). Returns {-1} when it is gone or the check fails (nothing changed), {-2} when a
-# client said goodbye to it while following it elsewhere (:data:`END`) and no process owns
-# it: it is ended here (every key of it deleted, as its owner's DELETE would), {0, owner} when
-# another process owns it (with a seq: {0, owner, the logged entries after it}, so that a
-# resume starts following the owner in the same round trip), else {fence, record, the
-# newest logged seq, the history's entries, 1 if cancels wait for it else 0}. The token is
-# compared by its digest: how long the comparison takes tells nothing about the token
-# itself. When another process owns it, the token was checked and a channel is given, an
-# owner not told yet (its fence is not the one last told) is told that its connection is
-# taken over: the flag is set (for a lease: the owner also looks for it when it renews its
-# leases) and the session id published on the channel. A session whose end flag is set
+# takeover channel and the session id, or '' and '', the owner last told or '' (see
+# below), and the resume's nonce or '' (none) and '1' for its first claim or '' for the
+# next ones (see below). Returns {-1} when it is gone or the check fails (nothing changed),
+# {-2} when a client said goodbye to it while following it elsewhere (:data:`END`) and no
+# process owns it: it is ended here (every key of it deleted, as its owner's DELETE would),
+# {-3} when a newer resume claimed it (the session's resumer is no longer this resume's
+# nonce: its connection is taken over), {0, owner} when another process owns it (with a
+# seq: {0, owner, the logged entries after it}, so that a resume starts following the owner
+# in the same round trip), else {fence, record, the newest logged seq, the history's
+# entries, 1 if cancels wait for it else 0}. The token is compared by its digest: how long
+# the comparison takes tells nothing about the token itself. A resume's first claim makes
+# its nonce the session's resumer (for as long as the record lives; each next claim of it
+# keeps it as long); when it replaces another resume's, the session id is published on the
+# channel, so that a resume still following elsewhere learns it was taken over. When
+# another process owns it, the token was checked and a channel is given, an owner not told
+# yet (its fence is not the one last told) is told that its connection is taken over: the
+# flag is set (for a lease: the owner also looks for it when it renews its leases) and the
+# session id published on the channel (once per claim). A session whose end flag is set
 # while another process owns it is {-1}: that owner is ending it.
 CLAIM = """
 local record = redis.call('GET', KEYS[3])
@@ -170,6 +188,17 @@ if ARGV[3] ~= '' then
         return {-1}
     end
 end
+local published = false
+if ARGV[8] ~= '' then
+    local resumer = redis.call('GET', KEYS[10])
+    if ARGV[9] ~= '1' and resumer ~= ARGV[8] then return {-3} end
+    local ttl = redis.call('PTTL', KEYS[3])
+    if ttl > 0 then redis.call('SET', KEYS[10], ARGV[8], 'PX', ttl) else redis.call('SET', KEYS[10], ARGV[8]) end
+    if resumer and resumer ~= ARGV[8] and ARGV[5] ~= '' then
+        redis.call('PUBLISH', ARGV[5], ARGV[6])
+        published = true
+    end
+end
 local owner = redis.call('GET', KEYS[1])
 if redis.call('EXISTS', KEYS[7]) == 1 then
     if owner then return {-1} end
@@ -179,7 +208,7 @@ end
 if owner then
     if ARGV[3] ~= '' and ARGV[5] ~= '' and owner ~= ARGV[7] then
         redis.call('SET', KEYS[6], '1', 'PX', ARGV[1])
-        redis.call('PUBLISH', ARGV[5], ARGV[6])
+        if not published then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
     end
     if ARGV[2] ~= '' then return {0, owner, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
     return {0, owner}
@@ -196,12 +225,15 @@ return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1), redis.call('EX
 # A client that resumed the session on one process, and followed the reply its owner
 # answers, said goodbye (close 1000): the session ends for good, as on one process. KEYS:
 # every key of the session (:func:`every_key`: KEYS[7] its end flag). ARGV: the connector
-# label and SHA-1 (hex) of the resume token (checked as CLAIM checks them), the end channel
-# and the session id. The flag is set for as long as the record lives and the session id
-# published on the channel: the owner ends the session as soon as it hears it (or finds the
-# flag when it renews its lease; the flag goes with the session's DELETE); if the owner
-# died, or let the session go, the next CLAIM finds it and ends it. A session no process
-# owns is ended at once (every key of it deleted). Returns 0 when it is gone or the check
+# label and SHA-1 (hex) of the resume token (checked as CLAIM checks them), the end channel,
+# the session id, and the nonce of the resume that follows (or '': no check). A resume whose
+# nonce is no longer the session's resumer (KEYS[10]) was taken over by a newer one: its
+# goodbye is ignored (0), as a connection's is on one process once taken over. The flag is
+# set for as long as the record lives and the session id published on the channel: the
+# owner ends the session as soon as it hears it (or finds the flag when it renews its lease;
+# the flag goes with the session's DELETE); if the owner died, or let the session go, the
+# next CLAIM finds it and ends it. A session no process owns is ended at once (every key of
+# it deleted). Returns 0 when it is gone or the check
 # fails (nothing changed), 1 when its owner was told, 2 when it was ended here.
 END = """
 local record = redis.call('GET', KEYS[3])
@@ -211,6 +243,7 @@ if not ok or fields['label'] ~= ARGV[1] or type(fields['token']) ~= 'string'
         or redis.sha1hex(fields['token']) ~= ARGV[2] then
     return 0
 end
+if ARGV[5] and ARGV[5] ~= '' and redis.call('GET', KEYS[10]) ~= ARGV[5] then return 0 end
 if not redis.call('GET', KEYS[1]) then
     redis.call('DEL', unpack(KEYS))
     return 2
@@ -278,6 +311,14 @@ if redis.call('DEL', KEYS[6]) == 1 then result = result + 2 end
 if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
 return result
+"""
+
+# A resume on the process that owns the session attached a connection to it: a resume still
+# following it elsewhere was taken over (its resumer is none now). KEYS: its resumer.
+# ARGV: the takeover channel, the session id (published when there was a resumer).
+RESUMED = """
+if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return 1
 """
 
 # The session ended for good: forget all of it. KEYS: every key of the session

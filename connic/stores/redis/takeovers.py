@@ -26,6 +26,17 @@ deleted, its flag with it). If the owner died, or let the session go instead of 
 (a resume here that was rebuilding it failed), the next claim finds the flag and ends the
 session instead of taking it (the ``CLAIM`` script); one no process owns is ended at once
 (``END``).
+
+A resume is taken over by a newer one even while it only follows the owner's reply (it
+owns nothing to be told through the owner): each resume that follows claims with a nonce
+of its own, which its first claim makes the session's *resumer*
+(:func:`~connic.stores.redis.scripts.resumer_key`), and a resume on the owning process
+itself clears (:meth:`Takeovers.resumed`). Either publishes the session id on the takeover
+channel when it replaced another resumer: a follower here claims again at once (and at
+least every few tenths of a second between its reads, in case the message was lost), finds
+its nonce no longer the resumer (the ``CLAIM`` script's ``-3``) and ends its connection with
+``session_taken_over`` (4011), as on one process. Its goodbye meanwhile is ignored: ``END``
+checks the nonce too.
 """
 
 from __future__ import annotations
@@ -34,10 +45,15 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from connic.errors import SessionTakenOver, StoreUnavailable
+from connic.stores import Follow
 from connic.stores.redis import scripts
 from connic.stores.redis.cancels import Cancels
+
+if TYPE_CHECKING:
+    from connic.stores.redis.follower import Follower
 
 __all__ = ["Takeovers"]
 
@@ -49,6 +65,13 @@ _TRIES = 150  # for at most 3 s: a resume reads the log and rebuilds the session
 
 class Takeovers(Cancels):
     """What :class:`~connic.stores.redis.RedisStore` does with takeovers across processes (a base class of it)."""
+
+    _follower: Follower  # the reader of the logs followed here (set by Taking)
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The nonce of each resume following a session from here (by its follow callback): its goodbye's.
+        self._resumers: dict[Follow, str] = {}
 
     def _channels(self) -> dict[str, Callable[[str], None]]:
         """The cancel channel, the takeover channel and the end channel."""
@@ -63,9 +86,25 @@ class Takeovers(Cancels):
         """A resume elsewhere took this session over: take its flag if this process owns it.
 
         Owned, not only live: a resume here may have just claimed it, not rebuilt it yet.
+        A resume here that follows it claims again at once: it may be the one taken over.
         """
         if session_id in self._fences:
             self._spawn(self._take_takeover(session_id))
+        self._follower.tell(scripts.session_keys(self.options.key_prefix, session_id)[3])
+
+    async def resumed(self, session_id: str) -> None:
+        """A resume here attached a connection to the session live here: a resume following it elsewhere is taken over.
+
+        One round trip per such resume (``RESUMED``), awaited before the client hears
+        ``connected``: the follower's goodbye after it is ignored. Redis failing is only
+        logged: the session is live here, the resume goes on.
+        """
+        prefix = self.options.key_prefix
+        args = [scripts.takeover_channel(prefix), session_id]
+        try:
+            await self._call(self._shared_script("RESUMED", [scripts.resumer_key(prefix, session_id)], args))
+        except StoreUnavailable as exc:
+            log.warning("session %s: telling resumes following it elsewhere failed: %s", session_id, exc.why)
 
     async def _take_takeover(self, session_id: str) -> None:
         """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set.
@@ -95,15 +134,19 @@ class Takeovers(Cancels):
         elif session_id in self._fences and (session is None or session.resuming) and tries > 0:
             asyncio.get_running_loop().call_later(_AGAIN, self._taken_over, session_id, tries - 1)
 
-    def end(self, session_id: str, label: str, token: str) -> None:
-        """A client following the session from here said goodbye (close 1000): its owner ends it, in the background."""
-        self._spawn(self._send_end(session_id, label, token))
+    def end(self, session_id: str, label: str, token: str, follow: Follow | None = None) -> None:
+        """A client following the session from here said goodbye (close 1000): its owner ends it, in the background.
 
-    async def _send_end(self, session_id: str, label: str, token: str) -> None:
+        Unless a newer resume took it over meanwhile (``follow``'s nonce is no longer the session's resumer).
+        """
+        nonce = self._resumers.get(follow, "") if follow is not None else ""
+        self._spawn(self._send_end(session_id, label, token, nonce))
+
+    async def _send_end(self, session_id: str, label: str, token: str, nonce: str) -> None:
         prefix = self.options.key_prefix
         keys = scripts.every_key(prefix, session_id)
         digest = hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
-        args = [label, digest, scripts.end_channel(prefix), session_id]
+        args = [label, digest, scripts.end_channel(prefix), session_id, nonce]
         try:
             done = await self._call(self._shared_script("END", keys, args))
         except StoreUnavailable as exc:
@@ -112,6 +155,8 @@ class Takeovers(Cancels):
             return
         if done == 2:
             log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
+        elif done == 0 and nonce:
+            log.info("session %s: a goodbye from a resume a newer one took over: ignored", session_id)
 
     def _told_end(self, session_id: str) -> None:
         """A client following this session elsewhere said goodbye (its pub/sub message): end it if this process owns it.

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from functools import partial
 from typing import Any
 
 import attrs
 
-from connic.errors import StoreUnavailable
+from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.frames import MessageId
 from connic.stores import Follow, SessionRecord
 from connic.stores.redis import scripts
@@ -103,7 +104,32 @@ class Taking(Takeovers):
         followed: list[Following],
         takeover: bool = True,
     ) -> SessionRecord | None:
-        """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them)."""
+        """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them).
+
+        A resume that follows claims with a nonce of its own (:mod:`~connic.stores.redis.takeovers`):
+        SessionTakenOver once a newer resume claimed the session, or attached to it on its owner.
+        """
+        if follow is None or not check[0]:
+            return await self._claim(session_id, wait, follow, after, check, followed, "", takeover)
+        nonce = secrets.token_hex(8)
+        self._resumers[follow] = nonce  # for its goodbye (end)
+        try:
+            return await self._claim(session_id, wait, follow, after, check, followed, nonce, takeover)
+        finally:
+            del self._resumers[follow]
+
+    async def _claim(
+        self,
+        session_id: str,
+        wait: float,
+        follow: Follow | None,
+        after: int,
+        check: list[str | int],
+        followed: list[Following],
+        nonce: str,
+        takeover: bool,
+    ) -> SessionRecord | None:
+        """:meth:`_take`'s claims, with the resume's ``nonce`` ('': none); ``takeover`` as :meth:`take`'s."""
         prefix = self.options.key_prefix
         keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
@@ -115,12 +141,16 @@ class Taking(Takeovers):
         deadline = time.monotonic() + wait
         cursor: int | None = None  # the seq handed to follow so far, once following
         claim = True  # try to take it now (at first; then after a read that found no frame, or a reply's end)
+        first = "1"  # the first claim makes the nonce the session's resumer; the next ones check it still is
+        claimed = 0.0  # when the last claim was sent
         result: Any = None
         while True:
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                claim_reply = self._shared_script("CLAIM", keys, [lease, read, *check, *signal, told])
+                args = [lease, read, *check, *signal, told, nonce, first]
+                claim_reply = self._shared_script("CLAIM", keys, args)
+                claimed = time.monotonic()
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:
@@ -130,7 +160,11 @@ class Taking(Takeovers):
                     # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
+                first = ""
                 fence = int(result[0])
+                if fence == -3:
+                    log.info("session %s: a newer resume took it over while this one followed", session_id)
+                    raise SessionTakenOver("another connection resumed this session")
                 if fence == -2:
                     log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
                     return None
@@ -172,6 +206,9 @@ class Taking(Takeovers):
                 read_frames = await self._follower.next(followed[0], _TOLD_WAIT if quick else _FOLLOW_WAIT)
                 quick = max(0, quick - 1)
                 claim = True
+                # A newer resume may have claimed the session (the takeover channel said so), or did
+                # and its message was lost: claim again now, or a while after the last claim at most.
+                told_here, followed[0].told = followed[0].told, False
                 if read_frames:
                     frames = frames_after(read_frames, cursor)
                     if frames is None:
@@ -181,7 +218,8 @@ class Taking(Takeovers):
                     follow(frames, cursor)
                     # The owner lets the session go only once a reply ended: until a frame that may
                     # end one comes, reading on is enough (half the round trips per followed frame).
-                    claim = any(may_end(frame) for frame in frames)
+                    claim = told_here or time.monotonic() - claimed >= _FOLLOW_WAIT
+                    claim = claim or any(may_end(frame) for frame in frames)
 
     def _claimed_unseen(self, session_id: str, reply: asyncio.Future[Any]) -> None:
         """A claim's reply that came after its caller gave up: a session it took is let go at once (RELEASE)."""
