@@ -148,7 +148,9 @@ async def test_a_state_nested_too_deep_for_json_fails_its_own_session_not_the_pr
     await told(other_conn, other, "m1", "before")
     deep = ResumeSession(clients, a.url())
     deep_conn = await deep.start()
-    await deep_conn.send({"type": "message", "id": "d1", "payload": {"message": "deep 1200"}})
+    # Far deeper than any recursion limit this process may run under (Hypothesis raises it
+    # for its tests, and the suite runs them in this process).
+    await deep_conn.send({"type": "message", "id": "d1", "payload": {"message": "deep 20000"}})
     code, _ = await deep_conn.closed()
     assert code == 1011  # docs/deployment.md: a state JSON cannot encode ends its connection so
     assert (await told(other_conn, other, "m2", "after"))["said"] == ["before"]

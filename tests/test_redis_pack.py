@@ -26,7 +26,7 @@ from conftest import StartServer
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
-from connic.stores.redis.connection import _c_packer, _pack
+from connic.stores.redis.connection import _c_packer, _pack, too_old
 
 
 def _resp(*args: bytes) -> bytes:
@@ -73,3 +73,21 @@ async def test_a_lone_surrogate_streamed_is_replayed_from_redis_on_another_proce
     replayed = [f for f in conn_b.frames if "seq" in f]
     assert json.dumps(replayed) == json.dumps(sent)
     assert replayed[-1]["full_response"] == text
+
+
+@pytest.mark.parametrize(
+    ("version", "old"),
+    [
+        ("5.0.14", True),
+        ("6.0.16", True),
+        ("6.2.0", False),
+        ("7.0.15", False),
+        ("7.2.4", False),
+        ("10.1", False),
+        ("", False),
+        ("unknown", False),
+    ],
+)
+def test_a_redis_older_than_6_2_is_refused(version: str, old: bool) -> None:
+    # XADD MINID and GETDEL, which the scripts use, came with Redis 6.2.
+    assert too_old(version) is old

@@ -56,8 +56,9 @@ async def test_a_takeover_whose_message_was_lost_is_taken_at_the_lease_renewal(
     await chat(old, "m1", "hello")
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        # The flag a resume on another process sets, without its pub/sub message.
-        await client.set(f"connic:{{{session.session_id}}}:takeover", "1", px=5000)
+        # The flag a resume on another process sets (naming the owner's fence), without its pub/sub message.
+        fence = await client.get(f"connic:{{{session.session_id}}}:owner")
+        await client.set(f"connic:{{{session.session_id}}}:takeover", fence, px=5000)
         code, frames = await old.closed(timeout=5)
         assert code == 4011, frames
         assert [(f["type"], f["code"]) for f in frames] == [("error", "session_taken_over")]
@@ -66,6 +67,35 @@ async def test_a_takeover_whose_message_was_lost_is_taken_at_the_lease_renewal(
         await client.aclose()
     again = await session.resume()  # the session lives on, detached: resumable
     assert again.connected["resumed"] is True
+    await chat(again, "m2", "again")
+    assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+async def test_a_takeover_flag_set_for_an_earlier_owner_leaves_the_new_owner_alone(
+    redis_server: RedisServer, start_server: StartServer, clients: Clients
+) -> None:
+    # A resume that found a process owning the session flags its takeover; that process dies
+    # before taking the flag, and this one takes the session over while the flag lives. The
+    # flag was this connection's takeover at this process's next lease renewal, or at any
+    # message on the takeover channel (a resume here publishes one): a resume here was cut
+    # with 4011 as it attached.
+    server = await process(start_server, redis_server.url, {"producer_timeout": 1.5})
+    session = ResumeSession(clients, server.url())
+    conn = await session.start()
+    await chat(conn, "m1", "hello")
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        fence = int(await client.get(f"connic:{{{session.session_id}}}:owner"))
+        await client.set(f"connic:{{{session.session_id}}}:takeover", str(fence + 7), px=5000)  # not this owner's
+        await client.publish("connic:takeover", session.session_id)
+        await asyncio.sleep(1.2)  # two lease renewals
+        assert await conn.barrier() == []  # still open
+        assert await client.exists(f"connic:{{{session.session_id}}}:takeover") == 0  # taken, and ignored
+    finally:
+        await client.aclose()
+    session.drop()
+    again = await session.resume()
+    await asyncio.sleep(0.6)  # a renewal
     await chat(again, "m2", "again")
     assert session.transcript.of("m2")[0]["message_number"] == 2
 

@@ -24,7 +24,7 @@ from connic.stores.redis import scripts
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["SCRIPTS", "Connection", "check_url", "ms", "ttl", "ttl_seconds"]
+__all__ = ["SCRIPTS", "Connection", "check_url", "ms", "too_old", "ttl", "ttl_seconds"]
 
 SCRIPTS = tuple(name for name in scripts.__all__ if name.isupper())
 """The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
@@ -89,6 +89,15 @@ class Connection:
         except StoreUnavailable as exc:
             await self.disconnect()
             raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: cannot reach Redis ({exc.why})") from None
+        try:
+            version = (await self._call(self._redis.info("server"))).get("redis_version", "")
+        except StoreUnavailable:
+            version = ""  # INFO refused (a managed Redis may rename it): the scripts will tell
+        if too_old(version):
+            await self.disconnect()
+            raise StoreUnavailable(
+                f"[store] url {safe_url(opts.url)!r}: Redis {version} is too old (connic needs 6.2 or later, or Valkey)"
+            )
         self._scripts = {name: self._redis.register_script(getattr(scripts, name)) for name in SCRIPTS}
 
         def load(pipe: Any) -> None:
@@ -297,6 +306,20 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?[0-9]*", parts.path):
         raise ValueError(f"the path {parts.path!r} is not a database number (redis://host:port/0)")
+
+
+def too_old(version: str) -> bool:
+    """Whether a server reporting ``redis_version`` ``version`` lacks what the scripts use.
+
+    Redis 6.2 brought ``XADD ... MINID`` and ``GETDEL``.
+
+    Valkey reports the Redis version it is compatible with (7.2.4 for Valkey 7 and 8).
+    An unknown or unreadable version is given the benefit of the doubt.
+    """
+    parts = version.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return False
+    return (int(parts[0]), int(parts[1])) < (6, 2)
 
 
 def _url_problem(exc: ValueError | TypeError) -> str:

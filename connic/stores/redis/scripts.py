@@ -207,7 +207,7 @@ if redis.call('EXISTS', KEYS[7]) == 1 then
 end
 if owner then
     if ARGV[3] ~= '' and ARGV[5] ~= '' and owner ~= ARGV[7] then
-        redis.call('SET', KEYS[6], '1', 'PX', ARGV[1])
+        redis.call('SET', KEYS[6], owner, 'PX', ARGV[1])
         if not published then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
     end
     if ARGV[2] ~= '' then return {0, owner, redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+')} end
@@ -296,7 +296,8 @@ return 1
 # (its keys expiring a let-go's resume_window later) and kept quiet, saw its keys expire
 # under it, as no save comes meanwhile. Returns 0 when another
 # process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
-# flag, taken: a pub/sub message may have been lost), plus 4 when a client following it
+# flag, taken: a pub/sub message may have been lost; a flag naming an earlier owner's fence,
+# set for a process that died before taking it, is taken and ignored), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
 # that a session this process lets go instead, a rebuild that failed, still ends at the
 # next claim), plus 8 when cancels wait for it.
@@ -307,7 +308,7 @@ if ARGV[3] ~= '0' then
     for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 end
 local result = 1
-if redis.call('DEL', KEYS[6]) == 1 then result = result + 2 end
+if redis.call('GETDEL', KEYS[6]) == ARGV[1] then result = result + 2 end
 if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
 return result

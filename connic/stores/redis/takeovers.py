@@ -5,7 +5,7 @@ connection, and the old one gets ``session_taken_over`` (4011), across processes
 When a resume's claim (the ``CLAIM`` script, after it checked the resume token) finds
 another process owning the session, and did not tell that owner yet (a resume tells the
 first owner it finds, and one that took the session meanwhile), it sets the session's takeover
-flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease) and publishes the
+flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease, naming the owner's fence) and publishes the
 session id on the store's takeover channel
 (:func:`~connic.stores.redis.scripts.takeover_channel`), to which every process listens.
 The owner takes the flag and ends the session's connection (:meth:`ChatSession.taken_over
@@ -107,17 +107,21 @@ class Takeovers(Cancels):
             log.warning("session %s: telling resumes following it elsewhere failed: %s", session_id, exc.why)
 
     async def _take_takeover(self, session_id: str) -> None:
-        """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set.
+        """A resume elsewhere took this session over (its pub/sub message): take its flag, and act if it was set for it.
 
-        Taking the flag (``DEL``) makes one of this message and the next renewal act on it, never both.
+        Taking the flag (``GETDEL``) makes one of this message and the next renewal act on it,
+        never both. The flag names the fence of the owner it was set for: one set for an
+        earlier owner (a process that died before taking it; this one took the session over
+        since) is no takeover of this process's connection.
         """
         key = scripts.takeover_key(self.options.key_prefix, session_id)
         try:
-            taken = await self._shared("DEL", key)
+            flag = await self._shared("GETDEL", key)
         except StoreUnavailable as exc:
             log.warning("session %s: taking its takeover flag failed: %s", session_id, exc.why)
             return  # the flag stays: the renewer takes it
-        if taken:
+        owned = self._fences.get(session_id)
+        if flag is not None and owned is not None and flag == str(owned[0]):
             self._taken_over(session_id)
 
     def _taken_over(self, session_id: str, tries: int = _TRIES) -> None:
