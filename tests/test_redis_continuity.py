@@ -241,16 +241,6 @@ async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_re
     session.transcript.assert_complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not answerable from Redis alone: PROTOCOL §8's answer is the history as of the last seq sent; the "
-    "record read gives it as of its own seq S, and the owner's writer (writer.py) pipelines each session's APPEND "
-    "before its SAVE, not atomically, and the log does not mark where the history changed (frames carry no "
-    "message_number, ids may repeat, a turn ending in errors adds no entry): a follower past S cannot tell "
-    "whether the history changed after S (a reply's last end, the next user entry) with its SAVE still in flight. "
-    "Writing each session's SAVE before its APPEND (or both in one MULTI) makes (record, history) read in one "
-    "script exact for any follower at or past S (and after frame S otherwise); until then the request is held",
-)
 async def test_history_is_answered_while_following_a_reply_on_another_process(
     redis_server: RedisServer, start_server: StartServer, clients: Clients
 ) -> None:

@@ -170,6 +170,15 @@ class SessionStore:
         """
         return None
 
+    async def saved_history(self, session_id: str) -> tuple[int, int, Sequence[HistoryEntry]] | None:
+        """The session's saved history: its record's ``seq``, the newest seq its log holds, and its entries.
+
+        Read at one instant, for a resume that follows the session's owner on another process
+        to answer ``history`` (PROTOCOL.md §8) while that owner still answers. None when the
+        store keeps no history (the default: a store of live sessions only) or no record of it.
+        """
+        return None
+
     async def take(
         self,
         session_id: str,

@@ -20,8 +20,9 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -34,6 +35,9 @@ from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.log import frames_after, logged, may_end, unfinished
 from connic.stores.redis.record import decode
 from connic.stores.redis.takeovers import Takeovers
+
+if TYPE_CHECKING:
+    from connic.agent import HistoryEntry
 
 __all__ = ["UNREADABLE", "Taking"]
 
@@ -231,6 +235,29 @@ class Taking(Takeovers):
             # Fences only grow: a newer one queued for this session already is the one to release.
             self._abandons[session_id] = max(fence, self._abandons.get(session_id, 0))
             self._kick()
+
+    async def saved_history(self, session_id: str) -> tuple[int, int, Sequence[HistoryEntry]] | None:
+        """The record's ``seq``, the newest seq its log holds and its history, read at one instant (MULTI).
+
+        One SAVE script writes the record and its history, and the writer runs a session's SAVE
+        before the APPEND of the frames numbered after it (:mod:`~connic.stores.redis.writer`):
+        when the log holds a frame, every history change made before it was numbered is in what
+        is read with it. StoreUnavailable when the record does not decode.
+        """
+        keys = self._keys(session_id)
+        pipe = self._client().pipeline(transaction=True)
+        pipe.get(keys[2])
+        pipe.lrange(keys[4], 0, -1)
+        pipe.xrevrange(keys[3], "+", "-", count=1)
+        data, entries, newest = await self._call(pipe.execute())
+        if data is None:
+            return None
+        try:
+            record, _ = decode(data, entries)
+            logged = int(newest[0][0].partition("-")[2]) if newest else 0
+        except UNREADABLE as exc:
+            raise StoreUnavailable("this session's record in the store cannot be read") from exc
+        return record.seq, logged, record.history
 
     async def _taken(self, session_id: str, data: str, newest: int, entries: list[str]) -> SessionRecord:
         """The record of a session just taken over, with the replies its owner left unfinished if it died.

@@ -171,15 +171,13 @@ class Writer(Connection):
             # A session a connection is resuming is not idle: its replay awaits this very batch.
             if not session.resuming:
                 session.leave()  # calls release(): its record and release are queued below
-        # Everything queued is taken at once, before the first await, in each session's order:
-        # its frames, then its record, then its release or deletion.
+        # Everything queued is taken at once, before the first await. Each session's record (and
+        # history) goes before its frames, and its release or deletion after them: Redis runs the
+        # pipeline's scripts in order, so once a frame is in the log, every history change made
+        # before it was numbered is in Redis too (a save is queued when the history changes, so it
+        # is taken by this batch or an earlier one). A resume following the session on another
+        # process answers `history` from Redis on that (ws_resume, PROTOCOL.md §8).
         commands: list[tuple[str, str, list[Any]]] = []  # (session id, script, args)
-        for sid, replay in self._dirty_logs.items():
-            frames, replay.pending = replay.pending, []
-            if frames and replay.fence is not None:
-                log_ttl = ms(ttl_seconds(self._live.get(sid)))
-                commands += _appends(sid, replay.fence, replay.capacity, log_ttl, replay.first, frames)
-        self._dirty_logs = {}
         saves: dict[int, HistoryEntry | None] = {}  # index of a SAVE in commands: the newest entry it writes
         for sid in self._dirty:
             session = self._live.get(sid)
@@ -196,10 +194,16 @@ class Writer(Connection):
             saves[len(commands)] = held[-1] if held else None
             commands.append((sid, "SAVE", [owned[0], record, ttl(session), *self._history(sid, held)]))
         self._dirty = set()
-        for sid, (fence, record, entries, record_ttl) in self._releases.items():
-            args = [fence, record, record_ttl, *self._history(sid, entries)]
-            commands += [(sid, "SAVE", args), (sid, "RELEASE", [fence])]
-        self._releases = {}
+        releases, self._releases = self._releases, {}
+        for sid, (fence, record, entries, record_ttl) in releases.items():
+            commands.append((sid, "SAVE", [fence, record, record_ttl, *self._history(sid, entries)]))
+        for sid, replay in self._dirty_logs.items():
+            frames, replay.pending = replay.pending, []
+            if frames and replay.fence is not None:
+                log_ttl = ms(ttl_seconds(self._live.get(sid)))
+                commands += _appends(sid, replay.fence, replay.capacity, log_ttl, replay.first, frames)
+        self._dirty_logs = {}
+        commands += [(sid, "RELEASE", [fence]) for sid, (fence, *_) in releases.items()]
         commands += [(sid, "RELEASE", [fence]) for sid, fence in self._abandons.items()]
         self._abandons = {}
         commands += [(sid, "DELETE", [fence]) for sid, fence in self._deletes.items()]
