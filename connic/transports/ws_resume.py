@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMessage, WSMsgType
+from aiohttp import WSMsgType
 
-from connic.agent import HistoryEntry
 from connic.errors import InvalidResume, ProtocolError, SessionTakenOver, StoreUnavailable
 from connic.frames import (
     CancelFrame,
@@ -31,9 +30,9 @@ from connic.frames import (
     encode,
     parse_client_frame,
 )
-from connic.frames import History as HistoryFrame
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
+from connic.transports.ws_follow_history import FollowedHistory, consume
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
@@ -165,7 +164,8 @@ async def _reading_meanwhile(
       in the log; a cancel no process takes waits for the next owner, which answers it);
     - a close with 1000 ends the session there, as it would here (the client said goodbye);
     - a ``history`` request with nothing held before it is answered from the store, as the
-      owner would answer it (PROTOCOL.md §8), while the reply there goes on (:class:`_History`).
+      owner would answer it (PROTOCOL.md §8), while the reply there goes on
+      (:class:`~connic.transports.ws_follow_history.FollowedHistory`).
 
     ``began`` is done once the find follows another process (``following`` then holds
     the seq followed to): what came before it (a cancel, the socket's end) is acted on then.
@@ -178,12 +178,12 @@ async def _reading_meanwhile(
     held: dict[int, MessageId] = {}  # id() of each message held in the inbox that names its id: that id
     cancels: dict[int, MessageId] = {}  # id() of each other cancel held before the find followed: its id
     task = asyncio.ensure_future(finding)
-    history = _History(conn, frame.session_id, following, moves)
+    history = FollowedHistory(conn, frame.session_id, following, moves)
     try:
         while not task.done():
             if conn._receiving is None and not _gone(conn):
                 conn._receiving = asyncio.ensure_future(conn.ws.receive())
-                conn._receiving.add_done_callback(_consume)
+                conn._receiving.add_done_callback(consume)
             waiting: set[asyncio.Future[Any]] = {task}
             if conn._receiving is not None:
                 waiting.add(conn._receiving)
@@ -241,111 +241,6 @@ async def _reading_meanwhile(
     finally:
         task.cancel()
         history.stop()
-
-
-class _History:
-    """A ``history`` request answered from the store while the find follows another process (PROTOCOL.md §8).
-
-    The answer is the history as of the last frame this connection forwarded (seq F), as the
-    owner would have sent it then. The store reads at one instant the record's seq S, the
-    newest seq N its log holds and the history saved with the record; the owner's writer
-    writes a record before the frames numbered after it (:mod:`~connic.stores.redis.writer`).
-    The history read is the one as of F when S == F (saved while the owner was at F), or
-    when S < F <= N: the log holds frame F, so every change made before it was numbered is
-    in what was read, and none made after it (the record was saved before frame F + 1 was
-    numbered). Else it is read again: at once when F moved during the read, or once the
-    find follows further or the owner's next write may have come (the frames the client
-    got from the owner itself may not be logged yet). A store that keeps no history, fails
-    or finds no record leaves the request held in order, for the new owner here to answer.
-    """
-
-    def __init__(
-        self, conn: Connection, session_id: str, following: list[int], moves: list[asyncio.Future[None]]
-    ) -> None:
-        self.conn = conn
-        self.session_id = session_id
-        self.following = following
-        self.moves = moves
-        self.asked: WSMessage | None = None  # the request being answered
-        self.reading: asyncio.Future[tuple[int, int, Sequence[HistoryEntry]] | None] | None = None
-        self.read_at = 0  # the seq followed to when the read was sent
-        self.moved: asyncio.Future[None] | None = None  # done when the find follows further, or the wait is up
-        self.wait = _FIRST_WAIT  # before reading again when nothing moved
-
-    def ask(self, msg: WSMessage) -> None:
-        """Answer the request ``msg`` (nothing is held before it) once the store says how."""
-        self.asked = msg
-        self.wait = _FIRST_WAIT
-        self._read()
-
-    def waiting(self) -> set[asyncio.Future[Any]]:
-        """What answering waits for (to be awaited with the rest of what is read meanwhile)."""
-        if self.reading is not None:
-            return {self.reading}
-        if self.moved is not None:
-            return {self.moved}
-        return set()
-
-    def step(self) -> None:
-        """Act on a read that came back, or on the find following further (or the wait being up)."""
-        if self.moved is not None and self.moved.done():
-            self.moved = None
-            self._read()
-            return
-        reading = self.reading
-        if reading is None or not reading.done():
-            return
-        self.reading = None
-        failed = reading.cancelled() or reading.exception() is not None
-        saved = None if failed else reading.result()
-        if saved is None:
-            self.hold()
-            return
-        seq, logged, entries = saved
-        at = self.read_at
-        if at != self.following[0]:
-            self._read()  # frames came meanwhile: the history may have changed before them
-        elif seq == at or seq < at <= logged:
-            answer = HistoryFrame(tuple(entry.to_dict() for entry in entries), at)
-            self.conn.writer.send_nowait(encode(answer))
-            self.asked = None
-        else:
-            loop = self.conn._loop
-            moved = self.moved = loop.create_future()
-            self.moves.append(moved)
-            loop.call_later(self.wait, _done, moved)
-            self.wait = min(self.wait * 2, _LAST_WAIT)
-
-    def hold(self) -> None:
-        """Put the request back at the head of the inbox: held, answered in order once the session is here."""
-        if self.asked is not None:
-            self.conn._inbox.insert(0, self.asked)
-            self.asked = None
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop answering (the find is over)."""
-        for future in (self.reading, self.moved):
-            if future is not None:
-                future.add_done_callback(_consume)
-                future.cancel()
-        self.reading = self.moved = None
-
-    def _read(self) -> None:
-        self.read_at = self.following[0]
-        self.reading = asyncio.ensure_future(self.conn.transport.sessions.store.saved_history(self.session_id))
-
-
-# Seconds before reading the store again when what it held did not answer a history request
-# and the find did not follow further: the owner's next write is due within its batch delay
-# (5 ms), and a record ahead of the frames followed is followed by them. Doubling, up to the last.
-_FIRST_WAIT = 0.01
-_LAST_WAIT = 0.2
-
-
-def _done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame, follow: Follow) -> None:
@@ -421,9 +316,3 @@ def _end(task: asyncio.Future[ChatSession | None]) -> None:
     session = task.result()
     if session is not None:
         session.end(SessionTakenOver("another connection resumed this session"))
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A read abandoned by a closing connection: take its outcome so asyncio does not log it.
-    if not future.cancelled():
-        future.exception()
