@@ -203,12 +203,12 @@ async def _reading_meanwhile(
                 msg = receiving.result()
                 conn.heartbeat.last_seen = conn._loop.time()
                 parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT else None
+                at = _held_at(conn, held, parsed.id) if isinstance(parsed, CancelFrame) else None
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
                 elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
-                elif isinstance(parsed, CancelFrame) and (following or _held_at(conn, held, parsed.id) is not None):
-                    at = _held_at(conn, held, parsed.id)
+                elif isinstance(parsed, CancelFrame) and (following or at is not None):
                     if at is not None:
                         del held[id(conn._inbox[at])]  # a second cancel of it is held in order (not_found)
                         conn._inbox.insert(at + 1, msg)

@@ -20,7 +20,7 @@ from connic.stores import ReplayLog
 if TYPE_CHECKING:
     from connic.stores.redis import RedisStore
 
-__all__ = ["Logged", "RedisReplayLog", "frames_after", "logged", "may_end", "unfinished"]
+__all__ = ["Logged", "RedisReplayLog", "frames_after", "logged", "may_end", "seq_of", "unfinished"]
 
 _ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or one quoting one)
 _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py): most frames
@@ -98,12 +98,17 @@ class RedisReplayLog(ReplayLog):
         return self._capacity
 
 
+def seq_of(entry_id: str) -> int:
+    """The seq of a log entry's id ``0-<seq>``: its newest frame's."""
+    return int(entry_id.partition("-")[2])
+
+
 def logged(raw: Any) -> Logged:
     """The frames of stream entries as Redis sends them (``[id, ["f", frames joined by newlines]]``)."""
     frames: Logged = []
     for entry_id, (_, joined) in raw:
         held = joined.split("\n")
-        first = int(entry_id.partition("-")[2]) - len(held) + 1
+        first = seq_of(entry_id) - len(held) + 1
         frames += enumerate(held, first)
     return frames
 

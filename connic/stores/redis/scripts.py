@@ -9,6 +9,8 @@ fencing counter, record, replay log and history (:func:`session_keys`).
 
 from __future__ import annotations
 
+import hashlib
+
 __all__ = [
     "APPEND",
     "CANCELS",
@@ -34,7 +36,16 @@ __all__ = [
     "session_keys",
     "takeover_channel",
     "takeover_key",
+    "token_digest",
 ]
+
+
+def token_digest(token: str) -> str:
+    """The SHA-1 (hex) of a resume token, as the scripts compare it with the record's (``redis.sha1hex``).
+
+    Any string, even one that is not valid Unicode (a lone surrogate): it simply does not match.
+    """
+    return hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def session_keys(prefix: str, session_id: str) -> list[str]:

@@ -42,7 +42,6 @@ checks the nonce too.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -149,8 +148,7 @@ class Takeovers(Cancels):
     async def _send_end(self, session_id: str, label: str, token: str, nonce: str) -> None:
         prefix = self.options.key_prefix
         keys = scripts.every_key(prefix, session_id)
-        digest = hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
-        args = [label, digest, scripts.end_channel(prefix), session_id, nonce]
+        args = [label, scripts.token_digest(token), scripts.end_channel(prefix), session_id, nonce]
         try:
             done = await self._call(self._shared_script("END", keys, args))
         except StoreUnavailable as exc:

@@ -16,7 +16,6 @@ a dead owner left unfinished are read from its log); if that fails it is let go 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import time
@@ -32,7 +31,7 @@ from connic.stores import Follow, SessionRecord
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import ms
 from connic.stores.redis.follower import Follower, Following
-from connic.stores.redis.log import frames_after, logged, may_end, unfinished
+from connic.stores.redis.log import frames_after, logged, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode
 from connic.stores.redis.takeovers import Takeovers
 
@@ -87,14 +86,21 @@ class Taking(Takeovers):
         await self.flush()
         check: list[str | int] = ["", ""]
         if label is not None and token is not None:
-            check = [label, hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()]
+            check = [label, scripts.token_digest(token)]
         followed: list[Following] = []
+        # A resume that follows claims with a nonce of its own (:mod:`~connic.stores.redis.takeovers`):
+        # SessionTakenOver once a newer resume claimed the session, or attached to it on its owner.
+        nonce = secrets.token_hex(8) if follow is not None and check[0] else ""
         if follow is not None:
             self._follow_leases[session_id] = ms(wait)
+            if nonce:
+                self._resumers[follow] = nonce  # for its goodbye (end)
         try:
-            return await self._take(session_id, wait, follow, after, check, followed, takeover)
+            return await self._take(session_id, wait, follow, after, check, followed, nonce, takeover)
         finally:
             self._follow_leases.pop(session_id, None)
+            if follow is not None:
+                self._resumers.pop(follow, None)
             for following in followed:
                 self._follower.stop(following)
 
@@ -106,34 +112,10 @@ class Taking(Takeovers):
         after: int,
         check: list[str | int],
         followed: list[Following],
-        takeover: bool = True,
-    ) -> SessionRecord | None:
-        """:meth:`take`, the logs it follows put in ``followed`` (for it to stop following them).
-
-        A resume that follows claims with a nonce of its own (:mod:`~connic.stores.redis.takeovers`):
-        SessionTakenOver once a newer resume claimed the session, or attached to it on its owner.
-        """
-        if follow is None or not check[0]:
-            return await self._claim(session_id, wait, follow, after, check, followed, "", takeover)
-        nonce = secrets.token_hex(8)
-        self._resumers[follow] = nonce  # for its goodbye (end)
-        try:
-            return await self._claim(session_id, wait, follow, after, check, followed, nonce, takeover)
-        finally:
-            del self._resumers[follow]
-
-    async def _claim(
-        self,
-        session_id: str,
-        wait: float,
-        follow: Follow | None,
-        after: int,
-        check: list[str | int],
-        followed: list[Following],
         nonce: str,
         takeover: bool,
     ) -> SessionRecord | None:
-        """:meth:`_take`'s claims, with the resume's ``nonce`` ('': none); ``takeover`` as :meth:`take`'s."""
+        """:meth:`take`'s claims, with the resume's ``nonce`` ('': none); the logs it follows put in ``followed``."""
         prefix = self.options.key_prefix
         keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
@@ -254,7 +236,7 @@ class Taking(Takeovers):
             return None
         try:
             record, _ = decode(data, entries)
-            logged = int(newest[0][0].partition("-")[2]) if newest else 0
+            logged = seq_of(newest[0][0]) if newest else 0
         except UNREADABLE as exc:
             raise StoreUnavailable("this session's record in the store cannot be read") from exc
         return record.seq, logged, record.history
