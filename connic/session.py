@@ -156,6 +156,7 @@ class ChatSession:
         if client_left and self.sessions.options.on_disconnect == "cancel":
             self.queue.clear()
             self._cancel_current()
+            self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
 
     def leave(self) -> None:
         """This process lets the session go without ending it: the store keeps it for any process to take.
@@ -259,6 +260,7 @@ class ChatSession:
                 self.queue.remove(queued)
                 if not self.busy:
                     self.idle.set()
+                self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
                 return
         self.refuse(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 

@@ -90,5 +90,5 @@ async def admit(session: ChatSession, frame: MessageFrame) -> None:
         session._answering.add_done_callback(release_cancellation)
     elif session._wakeup is not None and not session._wakeup.done():
         session._wakeup.set_result(None)
-    session._send_nowait(encode(Ack(message_id, session.count)))
+    session._send_nowait(encode(Ack(message_id, session.count, frame.agent)))
     sessions.store.save(session)  # a shared store: the count holds even if this process dies next

@@ -56,5 +56,9 @@ def record(session: ChatSession, *, history: bool = True) -> SessionRecord:
         history=tuple(session.history.entries) if history else (),
         history_size=session.history.size,
         busy=session.busy,
+        pending=tuple(
+            (message.id, message.number, message.frame.agent)
+            for message in ([session.current] if session.current is not None else []) + session.queue
+        ),
         last_active=time.time() - (session.clock() - session.last_activity),
     )

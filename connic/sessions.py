@@ -173,10 +173,15 @@ class Sessions:
             # process died between sending them and its next write. The session goes on, numbered
             # from the client's (a seq used twice would be dropped by the client as a duplicate).
             session.number_from(last_seq)
-        # Replies the dead owner left unfinished: every agent of the message but those that ended
-        # theirs, whether it had sent something or not (whether the message named one agent of
-        # several is not in the log: each of them is taken to answer it).
-        lost = [(mid, agent) for mid, ended in record.lost for agent in self.agent_names if agent not in ended]
+        # Replies the dead owner left unfinished: every agent answering the message (the one it
+        # named, or each of the connector's) but those that ended theirs, whether it had sent
+        # something or not.
+        lost = [
+            (mid, agent)
+            for mid, ended, named in record.lost
+            for agent in ((named,) if named is not None else self.agent_names)
+            if agent not in ended
+        ]
         if lost:
             session.producer_lost(lost)
         return session

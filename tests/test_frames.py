@@ -30,7 +30,7 @@ usages = st.one_of(
     st.dictionaries(texts, st.integers(), max_size=3),
 )
 hand_encoded = st.one_of(
-    st.builds(Ack, id=ids, message_number=st.integers(1, 10_000)),
+    st.builds(Ack, id=ids, message_number=st.integers(1, 10_000), agent=st.none() | texts),
     st.builds(StreamStart, id=ids, agent=texts),
     st.builds(StreamChunk, id=ids, agent=texts, chunk=texts),
     st.builds(StreamEnd, id=ids, agent=texts, full_response=texts, token_usage=usages, finish_reason=texts),
@@ -56,7 +56,9 @@ frames = st.one_of(
 def wire_object(frame: ServerFrame) -> dict[str, Any]:
     """PROTOCOL.md's form of a frame: its type, then its fields in order (the per-turn frames),
     or its ``to_dict()`` (the frames with members that are not fields, or left out when unset)."""
-    if isinstance(frame, Ack | StreamStart | StreamChunk | StreamEnd | Response):
+    if isinstance(frame, Ack):  # its agent only when the message named one
+        return {"type": frame.type, **attrs.asdict(frame, filter=lambda field, value: value is not None)}
+    if isinstance(frame, StreamStart | StreamChunk | StreamEnd | Response):
         return {"type": frame.type, **attrs.asdict(frame)}
     return frame.to_dict()
 

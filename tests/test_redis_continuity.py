@@ -477,6 +477,67 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
     assert session.transcript.of("m2")[0]["message_number"] == 2
 
 
+async def test_messages_queued_behind_a_long_reply_end_with_producer_lost_when_its_process_dies(
+    launch: Any, clients: Clients
+) -> None:
+    # Which messages a dead process left unanswered was read from the log alone: their acks.
+    # Behind a reply longer than replay_buffer (8 here; 4096 by default, a long LLM answer
+    # streamed token by token) the acks of the messages queued behind it were trimmed, and
+    # those messages never got an end: the client waited for them for ever. The record lists
+    # the messages pending now.
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
+    await conn.send({"type": "message", "id": "m2", "payload": {"message": "queued"}})
+    await conn.send({"type": "message", "id": 3, "payload": {"message": "queued too"}})
+    while len(session.transcript.chunks("m1", "assistant")) < 20:  # the acks are far behind
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    a.proc.kill()
+    await asyncio.to_thread(a.proc.wait, 10)
+    await conn_b.until_ended({"m1": ["assistant"], "m2": ["assistant"], 3: ["assistant"]}, timeout=3 + 5)
+    for message_id in ("m1", "m2", 3):
+        end = session.transcript.end(message_id, "assistant")
+        assert end is not None and end["code"] == "producer_lost", end
+    session.transcript.assert_complete()
+    await chat(conn_b, "m4", "after")
+    assert session.transcript.of("m4")[0]["message_number"] == 4
+
+
+async def test_a_message_that_named_one_agent_loses_only_that_agents_reply_when_its_process_dies(
+    launch: Any, clients: Clients
+) -> None:
+    # PROTOCOL.md §7: each unfinished agent reply ends with producer_lost. A message that named
+    # one agent of several (payload.agent) is answered by that agent alone; the log did not say
+    # which one it named, and every agent of the connector got producer_lost for it: replies
+    # that never existed. Its ack now names the agent, and so does the log.
+    a, b = await launch(SLOW), await launch(SLOW)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500), "agent": "assistant"}})
+    ack = await conn.until(lambda f: f["type"] == "ack")
+    assert ack[-1]["agent"] == "assistant"
+    # Queued behind it, one message for another agent and one for every agent: unanswered when A dies.
+    await conn.send({"type": "message", "id": "m2", "payload": {"message": "x", "agent": "quick"}})
+    await conn.send({"type": "message", "id": "m3", "payload": {"message": "y"}})
+    while len(session.transcript.chunks("m1", "assistant")) < 10 or len(session.transcript.of("m3")) < 1:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    a.proc.kill()
+    await asyncio.to_thread(a.proc.wait, 10)
+    await conn_b.until_ended(
+        {"m1": ["assistant"], "m2": ["quick"], "m3": ["assistant", "slow", "quick"]}, timeout=3 + 5
+    )
+    lost = [(f["id"], f["agent"]) for f in session.transcript.ordered() if f.get("code") == "producer_lost"]
+    assert sorted(lost) == [("m1", "assistant"), ("m2", "quick"), ("m3", "assistant"), ("m3", "quick"), ("m3", "slow")]
+    session.transcript.assert_complete()
+
+
 # --- cancels --------------------------------------------------------------------------------
 
 

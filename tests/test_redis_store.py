@@ -130,23 +130,57 @@ def test_unfinished_replies_read_from_the_log() -> None:
     start = {"type": "stream_start", "id": "m1"}
     # The message answered last, with the agents that ended their reply: every other one lost it.
     end_a = {"type": "stream_end", "id": "m1", "agent": "a"}
-    assert unfinished(_frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, end_a)) == [("m1", {"a"})]
+    assert unfinished(_frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, end_a)) == [("m1", {"a"}, None)]
     done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
-    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == [("m1", {"b"})]
+    assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == [("m1", {"b"}, None)]
     assert unfinished(_frames(ack, {**start, "agent": "a"}, {"type": "error", "id": "m1", "code": "x"})) == []
     # Streaming off (or before the first chunk): acked, nothing from any agent since.
     answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
     queued = {"type": "ack", "id": 2, "message_number": 2}
-    assert unfinished(_frames(ack, queued, answered)) == [("m1", {"a"}), (2, set())]
-    assert unfinished(_frames(ack)) == [("m1", set())]
+    assert unfinished(_frames(ack, queued, answered)) == [("m1", {"a"}, None), (2, set(), None)]
+    assert unfinished(_frames(ack)) == [("m1", set(), None)]
     # A message answered before the last one is finished, whatever its frames.
     start_2 = {"type": "stream_start", "id": 2, "agent": "b"}
-    assert unfinished(_frames(ack, answered, queued, start_2)) == [(2, set())]
+    assert unfinished(_frames(ack, answered, queued, start_2)) == [(2, set(), None)]
     # "1" and 1 are two messages.
     assert unfinished(_frames(ack, {"type": "ack", "id": 1, "message_number": 2}, answered)) == [
-        ("m1", {"a"}),
-        (1, set()),
+        ("m1", {"a"}, None),
+        (1, set(), None),
     ]
+    # A message that named one agent: its ack says which (the answering one and a queued one).
+    named = {**ack, "agent": "b"}
+    assert unfinished(_frames(named, {**start, "agent": "b"})) == [("m1", set(), "b")]
+    assert unfinished(_frames(named, {**queued, "agent": "a"}, {**start, "agent": "b"})) == [
+        ("m1", set(), "b"),
+        (2, set(), "a"),
+    ]
+    # Its ack trimmed from the log (a reply longer than replay_buffer): taken to name none.
+    assert unfinished(_frames({**start, "agent": "b"})) == [("m1", set(), None)]
+
+
+def test_unfinished_replies_of_the_messages_a_record_lists_as_pending() -> None:
+    # The record lists the messages accepted and not answered: the log says which agents ended.
+    ack = {"type": "ack", "id": "m1", "message_number": 1}
+    chunk = {"type": "stream_chunk", "id": "m1", "chunk": "x"}
+    end_a = {"type": "stream_end", "id": "m1", "agent": "a"}
+    frames = _frames(ack, {**chunk, "agent": "a"}, {**chunk, "agent": "b"}, end_a)
+    assert unfinished(frames, [("m1", 1, None)]) == [("m1", {"a"}, None)]
+    assert unfinished(frames, [("m1", 1, "a")]) == []  # it named a, and a ended
+    # Queued messages whose acks the log lost behind a long reply: the record still has them.
+    long_reply = _frames(*[{**chunk, "agent": "b"}] * 5)
+    assert unfinished(long_reply, [("m1", 1, "b"), (2, 2, "a"), ("3", 3, None)]) == [
+        ("m1", set(), "b"),
+        (2, set(), "a"),
+        ("3", set(), None),
+    ]
+    # Only what follows its own ack counts: an earlier message of the same id ended before it.
+    again = {**ack, "message_number": 2}
+    assert unfinished(_frames(ack, end_a, again), [("m1", 2, None)]) == [("m1", set(), None)]
+    # An error without an agent ended it as a whole; "1" and 1 are two messages.
+    refused = {"type": "error", "id": 1, "code": "server_shutting_down"}
+    assert unfinished(_frames(refused), [(1, 4, None), ("1", 5, None)]) == [("1", set(), None)]
+    # Nothing pending: nothing unfinished, whatever the log holds.
+    assert unfinished(frames, []) == []
 
 
 # --- one process -----------------------------------------------------------------

@@ -67,11 +67,12 @@ class Connected:
 
 @attrs.define
 class Ack:
-    """A message was accepted; ``message_number`` counts from 1."""
+    """A message was accepted; ``message_number`` counts from 1; ``agent``: the one agent it named, if it did."""
 
     type: ClassVar[str] = "ack"
     id: MessageId
     message_number: int
+    agent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
@@ -308,7 +309,12 @@ def encode(frame: ServerFrame) -> str:
             f'"finish_reason":{_string(frame.finish_reason)}}}'
         )
     if type(frame) is Ack:
-        return f'{{"type":"ack","id":{_id(frame.id)},"message_number":{frame.message_number}}}'
+        if frame.agent is None:
+            return f'{{"type":"ack","id":{_id(frame.id)},"message_number":{frame.message_number}}}'
+        return (
+            f'{{"type":"ack","id":{_id(frame.id)},"message_number":{frame.message_number},'
+            f'"agent":{_string(frame.agent)}}}'
+        )
     if type(frame) is StreamStart:
         return f'{{"type":"stream_start","id":{_id(frame.id)},"agent":{_string(frame.agent)}}}'
     return _dumps(frame.to_dict())

@@ -59,9 +59,14 @@ class SessionRecord:
     busy: bool = False  # a message was queued or being answered when the record was written
     last_active: float | None = None
     """When a message last came in or was answered (Unix time: any process reads it); None if unknown."""
-    lost: Sequence[tuple[MessageId, frozenset[str]]] = ()
+    pending: Sequence[tuple[MessageId, int, str | None]] | None = None
+    """The messages accepted and not yet answered when the record was written, in order (the one being
+    answered first): (message id, message number, the one agent it named or None). None: not known (a
+    record of a store that does not keep it)."""
+    lost: Sequence[tuple[MessageId, frozenset[str], str | None]] = ()
     """The messages a process that died left unfinished, set by :meth:`SessionStore.take`: (message id, the agents
-    whose reply to it ended). Every other agent that answers the message lost its reply."""
+    whose reply to it ended, the one agent the message named or None). Every other agent that answers the message
+    (the one it named, or each of the connector's) lost its reply."""
 
 
 class ReplayLog(abc.ABC):

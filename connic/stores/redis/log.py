@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic.frames import MessageId
@@ -129,23 +130,62 @@ def frames_after(frames: Logged, seq: int) -> list[str] | None:
     return after
 
 
-def unfinished(frames: list[str]) -> list[tuple[MessageId, frozenset[str]]]:
-    """The messages whose replies ``frames`` (a session's log, oldest first) leave unfinished: (id, agents that ended).
+def unfinished(
+    frames: list[str], pending: Sequence[tuple[MessageId, int, str | None]] | None = None
+) -> list[tuple[MessageId, frozenset[str], str | None]]:
+    """The messages whose replies ``frames`` (a session's log, oldest first) leave unfinished.
 
-    Messages are answered one at a time, in order, each by every agent that answers it. The
-    message answered last (the last a reply frame in the log names: a ``stream_start``, a
-    chunk, a progress event, an end) is unfinished for each of its agents that has no
-    ``stream_end``, ``response`` nor error for it, whether it sent something or not: the
-    agents that ended it are returned with it, and the caller, which knows the connector's
-    agents, ends every other one (a message that named one agent of several looks the same:
-    the log does not say). The log holds the last ``replay_buffer`` frames only: a reply
-    longer than that has lost its start and ack, and is known by its chunks. An acked message
-    that got no frame from any agent is unfinished for every agent (no agent ended it) if it
-    came after the last message an agent answered: it was queued behind it, or being answered
-    (streaming off, or before its first chunk). A message an error without an agent ended is
-    finished for every agent.
+    Each as (id, the agents that ended their reply to it, the one agent it named or None);
+    the caller, which knows the connector's agents, ends each agent answering it (the one it
+    named, or every one) but those that ended. ``pending``: the messages the session's record
+    lists as accepted and not answered (:attr:`~connic.stores.SessionRecord.pending`), when it
+    does; each of them is unfinished for its agents with no end for it in the log after its
+    ``ack``. The log holds the last ``replay_buffer`` frames only: it may have lost the acks
+    of messages queued behind a long reply, which the record still lists. An error without
+    an agent (the message refused or dropped as a whole) ends a message for every agent.
     """
-    acked: dict[Any, tuple[MessageId, int]] = {}  # key: (id, message number), in order
+    if pending is not None:
+        decoded = [json.loads(data) for data in frames]
+        return [lost for lost in (_unfinished(decoded, *message) for message in pending) if lost is not None]
+    return _read_from_log(frames)
+
+
+def _unfinished(
+    decoded: list[dict[str, Any]], message_id: MessageId, number: int, named: str | None
+) -> tuple[MessageId, frozenset[str], str | None] | None:
+    """One pending message's unfinished replies: from the log's frames after its ack (all, if it was trimmed)."""
+    start = next((i for i, f in enumerate(decoded) if f.get("type") == "ack" and f.get("message_number") == number), -1)
+    key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
+    ended: set[str] = set()
+    for frame in decoded[start + 1 :]:
+        kind = frame.get("type")
+        if kind not in _REPLY or json.dumps(frame.get("id")) != key:
+            continue
+        agent = frame.get("agent")
+        if agent is None:
+            if kind == "error":
+                return None
+            continue
+        if kind not in _OPEN:
+            ended.add(agent)
+    if named is not None and named in ended:
+        return None
+    return message_id, frozenset(ended), named
+
+
+def _read_from_log(frames: list[str]) -> list[tuple[MessageId, frozenset[str], str | None]]:
+    """:func:`unfinished` for a record that does not list its pending messages: read from the log alone.
+
+    Messages are answered one at a time, in order. The message answered last (the last a
+    reply frame in the log names: a ``stream_start``, a chunk, a progress event, an end) is
+    unfinished for each of its agents that has no ``stream_end``, ``response`` nor error for
+    it, whether it sent something or not. A reply longer than the log has lost its start and
+    ack, is known by its chunks, and is taken to name no agent. An acked message that got no
+    frame from any agent is unfinished for every agent it names (no agent ended it) if it
+    came after the last message an agent answered: it was queued behind it, or being answered
+    (streaming off, or before its first chunk).
+    """
+    acked: dict[Any, tuple[MessageId, int, str | None]] = {}  # key: (id, message number, agent named), in order
     ended: dict[Any, set[str]] = {}  # key: the agents whose reply to it ended
     answered: set[Any] = set()  # keys of messages some agent sent a frame for
     whole: set[Any] = set()  # keys of messages ended for every agent (an error without an agent)
@@ -155,7 +195,7 @@ def unfinished(frames: list[str]) -> list[tuple[MessageId, frozenset[str]]]:
         kind, message_id = frame.get("type"), frame.get("id")
         key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
         if kind == "ack":
-            acked[key] = (message_id, frame["message_number"])
+            acked[key] = (message_id, frame["message_number"], frame.get("agent"))
             continue
         agent = frame.get("agent")
         if kind == "error" and agent is None:
@@ -167,11 +207,13 @@ def unfinished(frames: list[str]) -> list[tuple[MessageId, frozenset[str]]]:
         current = (key, message_id)
         if kind not in _OPEN:
             ended.setdefault(key, set()).add(agent)
-    lost: list[tuple[MessageId, frozenset[str]]] = []
+    lost: list[tuple[MessageId, frozenset[str], str | None]] = []
     if current is not None and current[0] not in whole:
-        lost.append((current[1], frozenset(ended.get(current[0], ()))))
+        key, message_id = current
+        named = acked[key][2] if key in acked else None
+        lost.append((message_id, frozenset(ended.get(key, ())), named))
     last_answered = max((acked[key][1] for key in answered if key in acked), default=0)
-    for key, (message_id, number) in acked.items():
+    for key, (message_id, number, named) in acked.items():
         if key not in answered and key not in whole and number > last_answered:
-            lost.append((message_id, frozenset()))
+            lost.append((message_id, frozenset(), named))
     return lost

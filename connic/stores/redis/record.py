@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from connic.agent import HistoryEntry
 from connic.stores import SessionRecord
@@ -30,7 +31,7 @@ def encode(record: SessionRecord) -> str:
     (``surrogatepass``, as every argument to Redis is), it reaches cjson as bytes, which it
     takes as they are.
     """
-    fields = {
+    fields: dict[str, Any] = {
         "id": record.id,
         "label": record.label,
         "token": record.token,
@@ -44,6 +45,8 @@ def encode(record: SessionRecord) -> str:
         "busy": record.busy,
         "last_active": record.last_active,
     }
+    if record.pending is not None:
+        fields["pending"] = record.pending
     try:
         return json.dumps(fields, separators=_COMPACT, ensure_ascii=False)
     except RecursionError:
@@ -67,6 +70,7 @@ def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:
     raw = json.loads(data)
     inline = raw.get("history")
     items = inline if inline is not None else [json.loads(entry) for entry in entries]
+    pending = raw.get("pending")
     record = SessionRecord(
         id=raw["id"],
         label=raw["label"],
@@ -81,5 +85,6 @@ def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:
         history_size=raw["history_size"],
         busy=raw.get("busy", False),  # records written before it was kept
         last_active=raw.get("last_active"),  # the same
+        pending=None if pending is None else tuple((m[0], m[1], m[2]) for m in pending),  # the same
     )
     return record, inline is None

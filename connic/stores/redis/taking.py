@@ -255,13 +255,13 @@ class Taking(Takeovers):
             self._saved[session_id] = record.history[-1] if record.history else None
         else:  # a record written with its history inline: the next save writes the list whole
             self._saved.pop(session_id, None)
-        lost: list[tuple[MessageId, frozenset[str]]] = []
+        lost: list[tuple[MessageId, frozenset[str], str | None]] = []
         if record.busy or newest > record.seq:
             # Its owner let it go answering, or logged frames after its last save: it died
             # mid-reply. Its log says which replies did not end (at most replay_buffer frames).
             raw = await self._shared("XRANGE", self._keys(session_id)[3], "-", "+")
             try:
-                lost = unfinished([frame for _, frame in logged(raw)])
+                lost = unfinished([frame for _, frame in logged(raw)], record.pending)
             except UNREADABLE as exc:
                 raise StoreUnavailable("this session's replay log in the store cannot be read") from exc
         return attrs.evolve(record, seq=max(record.seq, newest), lost=tuple(lost))
