@@ -6,7 +6,9 @@ runs one after another (or queued, ``max_queued``). Every event carries connic's
 the message's ``ack``). A client that lost its connection connects again and
 sends ``{"type": "resume", "threadId": ..., "lastSeq": N}`` first: the events
 after ``N`` come again from the thread's replay log, then live ones
-(PROTOCOL.md §7). ``{"type": "cancel", "runId": ...}`` cancels a run.
+(PROTOCOL.md §7); with a shared store, the runs another process still streams are
+followed meanwhile (:mod:`~connic.transports.agui_follow`). ``{"type": "cancel",
+"runId": ...}`` cancels a run.
 """
 
 from __future__ import annotations
