@@ -7,7 +7,7 @@ the message's ``ack``). A client that lost its connection connects again and
 sends ``{"type": "resume", "threadId": ..., "lastSeq": N}`` first: the events
 after ``N`` come again from the thread's replay log, then live ones
 (PROTOCOL.md §7); with a shared store, the runs another process still streams are
-followed meanwhile (:mod:`~connic.transports.agui_follow`). ``{"type": "cancel",
+followed meanwhile (:mod:`~connic.transports.agui_resume`). ``{"type": "cancel",
 "runId": ...}`` cancels a run.
 """
 
@@ -60,7 +60,7 @@ class WSBinding(Outbox[str]):
         self.agent = agent  # the agent every run of this connection goes to; None: all of them
         self.session: ChatSession | None = None
         self.runs: dict[Any, RunEvents] = {}  # connic message id (= runId) -> its events
-        # While a resume follows another process serving the thread (agui_follow.py): the
+        # While a resume follows another process serving the thread (agui_resume.py): the
         # thread's id and agents, the messages read meanwhile (handled after it, in order) and
         # the read under way.
         self.following: tuple[str, Sequence[str]] | None = None
@@ -246,7 +246,9 @@ class WSBinding(Outbox[str]):
             return
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "resume":
-            await self._resume(data)
+            from connic.transports.agui_resume import resume
+
+            await resume(self, data)
             return
         if kind == "cancel":
             self._cancel(data.get("runId"))
@@ -314,7 +316,7 @@ class WSBinding(Outbox[str]):
         not sent again, but they tell each run's events where it is (a text message already
         open, a step under way), so the client gets the rest of a run as if it had never left.
         ``followed``: the seq up to which a resume following another process had the log
-        (:mod:`~connic.transports.agui_follow`): the runs' events are where it left them, the
+        (:mod:`~connic.transports.agui_resume`): the runs' events are where it left them, the
         log is read on from there.
         """
         start = 0
@@ -337,73 +339,6 @@ class WSBinding(Outbox[str]):
             self._translate(data, silent=start + index + 1 <= last_seq)
         session.resume(self, start + len(frames))
         return True
-
-    async def _resume(self, data: dict[str, Any]) -> None:
-        from connic.transports.agui_events import THREAD_ID
-
-        thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
-        if self.session is not None:
-            self._error(InvalidResume("resume must be the first frame of a connection"))
-            return
-        peer = self.request.remote or "unknown"
-        throttle = self.transport.throttle
-        if throttle.retry_after(peer) is not None:
-            # Braked: no thread is looked at, so that ids and tokens cannot be tried meanwhile.
-            self._error(InvalidResume("too many failed authentications from your address; resume later"))
-            return
-        if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
-            self._failed_resume(InvalidResume("resume needs a string threadId and an integer lastSeq"), peer)
-            return
-        if THREAD_ID.fullmatch(thread_id) is None:
-            self._failed_resume(InvalidResume(f"threadId {shown(thread_id)} is not a thread id"), peer)
-            return
-        token = data.get("resumeToken")
-        given = token if isinstance(token, str) else None
-        store = self.transport.store
-        if store.durable and await store.get(thread_id) is None:
-            # Another process may be serving it: the resume follows its runs in flight meanwhile.
-            from connic.transports.agui_follow import resume_following
-
-            await resume_following(self, thread_id, given, last_seq, peer)
-            return
-        found = await self.transport.threads.thread(thread_id, given, peer, create=False)
-        await self.resumed(found, thread_id, last_seq, peer)
-
-    async def resumed(
-        self,
-        found: tuple[ChatSession, bool] | web.Response | None,
-        thread_id: str,
-        last_seq: int,
-        peer: str,
-        *,
-        followed: int | None = None,
-    ) -> None:
-        """Go on with a resume once the thread it names is looked up (``found``: what ``Threads.thread`` gave).
-
-        ``followed``: as :meth:`_take` has it.
-        """
-        if isinstance(found, web.Response):
-            # A wrong token was counted where it was compared; other refusals count here.
-            if found.status != 403:
-                self.transport.throttle.failed(peer)
-            self.metrics.resumes.inc(self.label, "failed")
-            self._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
-            return
-        if found is None or last_seq > found[0].seq or last_seq < 0:
-            self.runs.clear()  # what a resume following another process rebuilt (agui_follow.py)
-            if found is not None:
-                found[0].resume_failed()  # it may have been taken over from the store for this resume
-            # Not a thread connic knows (nothing is opened for it), or not that far.
-            self._failed_resume(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
-            return
-        self.session = found[0]
-        await self._take(found[0], last_seq, followed=followed)
-
-    def _failed_resume(self, error: InvalidResume, peer: str) -> None:
-        """A resume that fails counts as a failed authentication (PROTOCOL.md §7)."""
-        self.transport.throttle.failed(peer)
-        self.metrics.resumes.inc(self.label, "failed")
-        self._error(error)
 
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)  # the socket's end: nothing more is read

@@ -1,8 +1,9 @@
-"""AG-UI's WebSocket binding resuming a thread another process serves: following its runs in flight.
+"""AG-UI's WebSocket binding resuming a thread: ``{"type": "resume", "threadId": T, "lastSeq": N}``.
 
 Part of :class:`~connic.transports.agui_ws.WSBinding`, kept in its own module for size (as
-:mod:`~connic.transports.ws_resume` is for the Connic protocol's connection): the function
-here acts for the binding and uses its internals as its own method would.
+:mod:`~connic.transports.ws_resume` is for the Connic protocol's connection): the functions
+here act for the binding and use its internals as its own methods would. :func:`resume`
+checks the frame and finds the thread; the binding's ``_take`` then replays its log and goes live.
 
 With a shared store, a thread the resume finds live on no connection of this process is
 looked up with a follow (:meth:`Threads.thread <connic.transports.agui_threads.Threads.thread>`):
@@ -27,21 +28,90 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMessage, WSMsgType
+from aiohttp import WSMessage, WSMsgType, web
 
 from connic.errors import InvalidResume, SessionTakenOver, StoreUnavailable
 from connic.session import ChatSession
+from connic.transports.agui_outbox import shown
 
 if TYPE_CHECKING:
     from connic.sessions import Sessions
     from connic.stores import Follow
     from connic.transports.agui_ws import WSBinding
 
-__all__ = ["resume_following"]
+__all__ = ["resume"]
 
 log = logging.getLogger("connic.agui")
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)  # the socket is over
+
+
+async def resume(binding: WSBinding, data: dict[str, Any]) -> None:
+    """A ``resume`` frame: the thread it names taken, its events after ``lastSeq`` sent, then live ones."""
+    from connic.transports.agui_events import THREAD_ID
+
+    thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
+    if binding.session is not None:
+        binding._error(InvalidResume("resume must be the first frame of a connection"))
+        return
+    peer = binding.request.remote or "unknown"
+    if binding.transport.throttle.retry_after(peer) is not None:
+        # Braked: no thread is looked at, so that ids and tokens cannot be tried meanwhile.
+        binding._error(InvalidResume("too many failed authentications from your address; resume later"))
+        return
+    if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
+        _failed(binding, InvalidResume("resume needs a string threadId and an integer lastSeq"), peer)
+        return
+    if THREAD_ID.fullmatch(thread_id) is None:
+        _failed(binding, InvalidResume(f"threadId {shown(thread_id)} is not a thread id"), peer)
+        return
+    token = data.get("resumeToken")
+    given = token if isinstance(token, str) else None
+    store = binding.transport.store
+    if store.durable and await store.get(thread_id) is None:
+        # Another process may be serving it: the resume follows its runs in flight meanwhile.
+        await _following(binding, thread_id, given, last_seq, peer)
+        return
+    found = await binding.transport.threads.thread(thread_id, given, peer, create=False)
+    await _resumed(binding, found, thread_id, last_seq, peer)
+
+
+async def _resumed(
+    binding: WSBinding,
+    found: tuple[ChatSession, bool] | web.Response | None,
+    thread_id: str,
+    last_seq: int,
+    peer: str,
+    *,
+    followed: int | None = None,
+) -> None:
+    """Go on with a resume once the thread it names is looked up (``found``: what ``Threads.thread`` gave).
+
+    ``followed``: the seq a resume following another process had the log to (the binding's ``_take``).
+    """
+    if isinstance(found, web.Response):
+        # A wrong token was counted where it was compared; other refusals count here.
+        if found.status != 403:
+            binding.transport.throttle.failed(peer)
+        binding.metrics.resumes.inc(binding.label, "failed")
+        binding._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
+        return
+    if found is None or last_seq > found[0].seq or last_seq < 0:
+        binding.runs.clear()  # what a resume following another process rebuilt
+        if found is not None:
+            found[0].resume_failed()  # it may have been taken over from the store for this resume
+        # Not a thread connic knows (nothing is opened for it), or not that far.
+        _failed(binding, InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
+        return
+    binding.session = found[0]
+    await binding._take(found[0], last_seq, followed=followed)
+
+
+def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
+    """A resume that fails counts as a failed authentication (PROTOCOL.md §7)."""
+    binding.transport.throttle.failed(peer)
+    binding.metrics.resumes.inc(binding.label, "failed")
+    binding._error(error)
 
 
 class _Followed:
@@ -79,14 +149,14 @@ class _Followed:
         self.cursor = last
 
 
-async def resume_following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
+async def _following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
     """Resume ``thread_id`` from ``last_seq``, following the process that serves it meanwhile, if one does.
 
     ``given`` is the resume token the client sent; ``peer`` its address (the
     failed-authentication brake). The binding's ``session`` is set once the thread is taken.
     """
     if last_seq < 0:
-        binding._failed_resume(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
+        _failed(binding, InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
         return
     followed = _Followed(binding, thread_id, last_seq)
     transport = binding.transport
@@ -142,7 +212,7 @@ async def resume_following(binding: WSBinding, thread_id: str, given: str | None
         return
     if cursor is None or not isinstance(found, tuple):
         binding.runs.clear()  # nothing was followed: a resume as before following
-    await binding.resumed(found, thread_id, last_seq, peer, followed=cursor)
+    await _resumed(binding, found, thread_id, last_seq, peer, followed=cursor)
 
 
 def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
