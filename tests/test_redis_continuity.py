@@ -325,12 +325,6 @@ async def test_two_first_runs_of_a_new_thread_on_two_processes_both_run(
         assert [entry["text"] for entry in turns[1]["history"]][:1] == [turns[0]["message"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the binding's resume takes the thread without following (agui_ws.py: threads.thread -> Sessions.find "
-    "without follow): following needs the log's frames up to lastSeq too, to rebuild the run's state, and "
-    "SessionStore.take hands only those after it (a known limit in docs/agui.md and docs/deployment.md)",
-)
 async def test_an_agui_websocket_resume_on_another_process_follows_the_run_in_flight(
     redis_server: RedisServer, start_server: StartServer
 ) -> None:
@@ -420,6 +414,67 @@ async def test_a_reply_longer_than_the_replay_buffer_ends_with_producer_lost_whe
     session.transcript.assert_complete()
     await chat(conn_b, "m2", "after")  # the session goes on, on B
     assert session.transcript.of("m2")[0]["message_number"] == 2
+
+
+@pytest.fixture
+def launch_agui(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """Start ``python -m connic run`` processes serving an agui connector at /agui, sharing ``redis_server``.
+
+    Killed at the end. Its echo agent streams a chunk every 20 ms; ``producer_timeout`` is 3 s.
+    """
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start() -> CliServer:
+        config_file = tmp_path / f"connic-agui-{len(started)}.toml"
+        config_file.write_text(
+            ECHO + f'[[connectors]]\ntransport = "agui"\npath = "/agui"\nsecrets = ["{SECRET}"]\n'
+            f'producer_timeout = 3\non_disconnect = "continue"\n[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
+        )
+        server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def test_an_agui_run_followed_on_another_process_ends_with_producer_lost_when_its_process_dies(
+    launch_agui: Any,
+) -> None:
+    # docs/agui.md: a resume on another process follows the run in flight; when the process
+    # answering it dies, the run ends as a reply a dead process left unfinished does (a
+    # RUN_ERROR producer_lost, the text message closed first) and the thread goes on here.
+    a, b = await launch_agui(), await launch_agui()
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    text = words(500)  # 500 chunks, 20 ms apart: about 10 s, far longer than the test waits
+    ws = await websockets.connect(f"ws://127.0.0.1:{a.port}/agui/ws", additional_headers=auth)
+    await ws.send(json.dumps(run_input("t-dies", text, run_id="r1")))
+    seen = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(12)]  # started, text start, 10 chunks
+    ws.transport.abort()
+    async with websockets.connect(f"ws://127.0.0.1:{b.port}/agui/ws", additional_headers=auth) as again:
+        await again.send(json.dumps({"type": "resume", "threadId": "t-dies", "lastSeq": seen[-1]["seq"]}))
+        rest = [json.loads(await asyncio.wait_for(again.recv(), 10)) for _ in range(20)]  # followed live
+        a.proc.kill()  # kill -9 mid-run: its lease (producer_timeout = 3 s) runs out, B takes over
+        await asyncio.to_thread(a.proc.wait, 10)
+        while rest[-1]["type"] not in ("RUN_FINISHED", "RUN_ERROR"):
+            rest.append(json.loads(await asyncio.wait_for(again.recv(), 3 + 5)))
+        assert [e["type"] for e in rest[-2:]] == ["TEXT_MESSAGE_END", "RUN_ERROR"], rest[-3:]
+        assert rest[-1]["code"] == "producer_lost", rest[-1]
+        events = seen + rest
+        assert [e["seq"] for e in rest[:1]] == [seen[-1]["seq"] + 1]
+        assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+        assert text.startswith("".join(e.get("delta", "") for e in events if e["type"] == "TEXT_MESSAGE_CONTENT"))
+        assert [e["type"] for e in events].count("TEXT_MESSAGE_START") == 1
+        # The thread goes on, on B, on this very connection.
+        await again.send(json.dumps(run_input("t-dies", "after", run_id="r2")))
+        after = [json.loads(await asyncio.wait_for(again.recv(), 10))]
+        while after[-1]["type"] not in ("RUN_FINISHED", "RUN_ERROR"):
+            after.append(json.loads(await asyncio.wait_for(again.recv(), 10)))
+    assert after[0]["type"] == "RUN_STARTED" and after[0]["runId"] == "r2", after[0]
+    assert after[-1]["type"] == "RUN_FINISHED", after
+    assert "".join(e.get("delta", "") for e in after if e["type"] == "TEXT_MESSAGE_CONTENT") == "after"
 
 
 async def test_session_timeout_counts_from_the_end_of_a_reply_its_dead_process_left_unfinished(

@@ -154,6 +154,7 @@ class RunEvents:
         "agents",
         "announce",
         "announced",
+        "answered",
         "cancelled",
         "done",
         "message_id",
@@ -171,6 +172,7 @@ class RunEvents:
         self.message_id = run_id  # the connic message's id
         self.agents = set(agents)  # still answering
         self.done = False
+        self.answered = False  # an agent's frame came: the message is being answered (queued no more)
         self.cancelled = False
         self._open: dict[str, str] = {}  # agent -> the id of its text message being streamed
         self._parts: dict[str, int] = {}  # agent -> how many text messages it opened
@@ -189,6 +191,7 @@ class RunEvents:
         kind = frame.get("type")
         agent: Any = frame.get("agent")  # a str, except on a refusal (an error naming no agent)
         out: list[BaseEvent] = []
+        self.answered |= isinstance(agent, str)
         if not self.announced and (kind == "ack" or (kind == "error" and agent is None)):
             self.announced = True
             out.append(self.started())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.session import ChatSession, SessionState
 from connic.sessions import Sessions, token_matches
+from connic.stores import Follow
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -108,20 +109,35 @@ class Threads:
             return session, runs
 
     async def thread(
-        self, thread_id: str, given: str | None, peer: str, *, create: bool = True
+        self,
+        thread_id: str,
+        given: str | None,
+        peer: str,
+        *,
+        create: bool = True,
+        follow: Callable[[Sessions], Follow] | None = None,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         """The session ``thread_id`` names, and whether it is new; or the response refusing it.
 
         ``given`` is the resume token the client sent, which a session another connector
         opened needs; a wrong or missing one counts against ``peer`` as a failed
         authentication (PROTOCOL.md §7). With ``create`` false an unknown thread is not
-        opened: None.
+        opened: None. ``follow`` (a resume of the WebSocket binding) is given the sessions
+        of the thread's connector and says where the frames go that another process serving
+        the thread logs meanwhile (:meth:`Sessions.find <connic.sessions.Sessions.find>`):
+        the thread is read from the start of its log, which rebuilds its runs' events.
         """
         async with self._one_at_a_time(thread_id):
-            return await self._thread(thread_id, given, peer, create=create)
+            return await self._thread(thread_id, given, peer, create=create, follow=follow)
 
     async def _thread(
-        self, thread_id: str, given: str | None, peer: str, *, create: bool
+        self,
+        thread_id: str,
+        given: str | None,
+        peer: str,
+        *,
+        create: bool,
+        follow: Callable[[Sessions], Follow] | None = None,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         known = await self._owner(thread_id)
         if isinstance(known, web.Response):
@@ -156,7 +172,11 @@ class Threads:
         # process). A session of another connector is attached there to that connector's own
         # connection, which a run takes over as on one process (closed with 4011).
         takeover = not create or owner is not self.transport.sessions
-        session = await owner.find(thread_id, token or "", 0, takeover=takeover) if token is not None else None
+        session = None
+        if token is not None:
+            # From seq 0: what a follow gets first is the log from its start (None if trimmed).
+            handed = follow(owner) if follow is not None else None
+            session = await owner.find(thread_id, token, 0, handed, takeover=takeover)
         if session is None:
             return self.transport.refuse(
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"

@@ -6,17 +6,21 @@ runs one after another (or queued, ``max_queued``). Every event carries connic's
 the message's ``ack``). A client that lost its connection connects again and
 sends ``{"type": "resume", "threadId": ..., "lastSeq": N}`` first: the events
 after ``N`` come again from the thread's replay log, then live ones
-(PROTOCOL.md §7). ``{"type": "cancel", "runId": ...}`` cancels a run.
+(PROTOCOL.md §7); with a shared store, the runs another process still streams are
+followed meanwhile (:mod:`~connic.transports.agui_resume`). ``{"type": "cancel",
+"runId": ...}`` cancels a run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from connic.errors import ConnicError, InvalidMessage, InvalidResume, NotFound
 from connic.frames import MAX_DEPTH, sequenced, too_deep
@@ -38,7 +42,7 @@ log = logging.getLogger("connic.agui")
 class WSBinding(Outbox[str]):
     """One WebSocket connection of the binding: the sink of its thread's session, and its reader."""
 
-    __slots__ = ("agent", "runs", "session", "transport", "ws")
+    __slots__ = ("_receiving", "agent", "following", "held", "runs", "session", "transport", "ws")
 
     def __init__(
         self, transport: AguiTransport, ws: web.WebSocketResponse, request: web.Request, agent: str | None
@@ -56,6 +60,12 @@ class WSBinding(Outbox[str]):
         self.agent = agent  # the agent every run of this connection goes to; None: all of them
         self.session: ChatSession | None = None
         self.runs: dict[Any, RunEvents] = {}  # connic message id (= runId) -> its events
+        # While a resume follows another process serving the thread (agui_resume.py): the
+        # thread's id and agents, the messages read meanwhile (handled after it, in order) and
+        # the read under way.
+        self.following: tuple[str, Sequence[str]] | None = None
+        self.held: collections.deque[WSMessage] = collections.deque()
+        self._receiving: asyncio.Future[WSMessage] | None = None
 
     def end(self, error: ConnicError, notify: bool) -> None:
         """The session ended (expired, over its limit, taken over): every open run ends, then the socket."""
@@ -92,9 +102,13 @@ class WSBinding(Outbox[str]):
     def _events(self, run_id: str) -> RunEvents:
         from connic.transports.agui_events import RunEvents
 
-        assert self.session is not None
-        agents = (self.agent,) if self.agent is not None else self.session.sessions.agent_names
-        return RunEvents(self.session.id, run_id, agents, announce=True)
+        if self.session is None:
+            assert self.following is not None
+            thread_id, agents = self.following
+        else:
+            thread_id = self.session.id
+            agents = (self.agent,) if self.agent is not None else self.session.sessions.agent_names
+        return RunEvents(thread_id, run_id, agents, announce=True)
 
     @staticmethod
     def _entries(events: list[BaseEvent], seq: int | None) -> list[str]:
@@ -126,7 +140,10 @@ class WSBinding(Outbox[str]):
         started = loop.time()
         writer = asyncio.create_task(self._write())
         try:
-            async for msg in self.ws:
+            while True:
+                msg = await self.receive()
+                if msg.type in _ENDED:
+                    break
                 if msg.type is WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type is WSMsgType.BINARY:
@@ -152,6 +169,8 @@ class WSBinding(Outbox[str]):
                 # Counted even when aiohttp cancels this handler (its client is gone, as a
                 # slow consumer's is once dropped): the connection is over either way.
                 writer.cancel()
+                if self._receiving is not None:
+                    self._receiving.cancel()
                 metrics.connections_open.dec(path)
                 metrics.closes.inc(path, close_code_label(self.close_code))
                 log.info(
@@ -162,6 +181,27 @@ class WSBinding(Outbox[str]):
                     self.close_code,
                     loop.time() - started,
                 )
+
+    async def receive(self) -> WSMessage:
+        """The next message: one held while a resume followed another process, else the socket's next."""
+        if self.held:
+            return self.held.popleft()
+        receiving, self._receiving = self._receiving, None
+        return await (receiving if receiving is not None else self.ws.receive())
+
+    def receiving(self) -> asyncio.Future[WSMessage]:
+        """The socket's next message, read in the background (a resume awaits its store meanwhile)."""
+        if self._receiving is None:
+            self._receiving = asyncio.ensure_future(self.ws.receive())
+        return self._receiving
+
+    def received(self) -> WSMessage | None:
+        """The message :meth:`receiving` read, once it came (it is the caller's then)."""
+        receiving = self._receiving
+        if receiving is None or not receiving.done():
+            return None
+        self._receiving = None
+        return receiving.result()
 
     async def _write(self) -> None:
         while True:
@@ -206,7 +246,9 @@ class WSBinding(Outbox[str]):
             return
         kind = data.get("type") if isinstance(data, dict) else None
         if kind == "resume":
-            await self._resume(data)
+            from connic.transports.agui_resume import resume
+
+            await resume(self, data)
             return
         if kind == "cancel":
             self._cancel(data.get("runId"))
@@ -267,16 +309,23 @@ class WSBinding(Outbox[str]):
         self.session = session
         return await self._take(session, session.seq)
 
-    async def _take(self, session: ChatSession, last_seq: int) -> bool:
+    async def _take(self, session: ChatSession, last_seq: int, *, followed: int | None = None) -> bool:
         """Attach to a known session: the frames after ``last_seq`` from its log, then live ones.
 
         The log is read from its start when it still has it: the frames up to ``last_seq`` are
         not sent again, but they tell each run's events where it is (a text message already
         open, a step under way), so the client gets the rest of a run as if it had never left.
+        ``followed``: the seq up to which a resume following another process had the log
+        (:mod:`~connic.transports.agui_resume`): the runs' events are where it left them, the
+        log is read on from there.
         """
         start = 0
-        replay = await session.replay(self, 0) if last_seq else None
-        if replay is None or not replay[0]:
+        if followed is not None:
+            start = followed
+            replay = await session.replay(self, followed)
+        else:
+            replay = await session.replay(self, 0) if last_seq else None
+        if followed is None and (replay is None or not replay[0]):
             start = last_seq
             replay = await session.replay(self, last_seq)
         if replay is None or session.state is SessionState.ENDED:
@@ -285,56 +334,14 @@ class WSBinding(Outbox[str]):
             return False
         recovered, frames = replay
         if not recovered:
-            self._error(InvalidResume(f"the thread's log no longer holds every event after {last_seq}"))
+            self._error(InvalidResume(f"the thread's log no longer holds every event after {max(start, last_seq)}"))
         for index, data in enumerate(frames):
             self._translate(data, silent=start + index + 1 <= last_seq)
         session.resume(self, start + len(frames))
         return True
 
-    async def _resume(self, data: dict[str, Any]) -> None:
-        from connic.transports.agui_events import THREAD_ID
 
-        thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
-        if self.session is not None:
-            self._error(InvalidResume("resume must be the first frame of a connection"))
-            return
-        peer = self.request.remote or "unknown"
-        throttle = self.transport.throttle
-        if throttle.retry_after(peer) is not None:
-            # Braked: no thread is looked at, so that ids and tokens cannot be tried meanwhile.
-            self._error(InvalidResume("too many failed authentications from your address; resume later"))
-            return
-        if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
-            self._failed_resume(InvalidResume("resume needs a string threadId and an integer lastSeq"), peer)
-            return
-        if THREAD_ID.fullmatch(thread_id) is None:
-            self._failed_resume(InvalidResume(f"threadId {shown(thread_id)} is not a thread id"), peer)
-            return
-        token = data.get("resumeToken")
-        found = await self.transport.threads.thread(
-            thread_id, token if isinstance(token, str) else None, peer, create=False
-        )
-        if isinstance(found, web.Response):
-            # A wrong token was counted where it was compared; other refusals count here.
-            if found.status != 403:
-                throttle.failed(peer)
-            self.metrics.resumes.inc(self.label, "failed")
-            self._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
-            return
-        if found is None or last_seq > found[0].seq or last_seq < 0:
-            if found is not None:
-                found[0].resume_failed()  # it may have been taken over from the store for this resume
-            # Not a thread connic knows (nothing is opened for it), or not that far.
-            self._failed_resume(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
-            return
-        self.session = found[0]
-        await self._take(found[0], last_seq)
-
-    def _failed_resume(self, error: InvalidResume, peer: str) -> None:
-        """A resume that fails counts as a failed authentication (PROTOCOL.md §7)."""
-        self.transport.throttle.failed(peer)
-        self.metrics.resumes.inc(self.label, "failed")
-        self._error(error)
+_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)  # the socket's end: nothing more is read
 
 
 class _Close:

@@ -1,0 +1,263 @@
+"""AG-UI's WebSocket binding resuming a thread: ``{"type": "resume", "threadId": T, "lastSeq": N}``.
+
+Part of :class:`~connic.transports.agui_ws.WSBinding`, kept in its own module for size (as
+:mod:`~connic.transports.ws_resume` is for the Connic protocol's connection): the functions
+here act for the binding and use its internals as its own methods would. :func:`resume`
+checks the frame and finds the thread; the binding's ``_take`` then replays its log and goes live.
+
+With a shared store, a thread the resume finds live on no connection of this process is
+looked up with a follow (:meth:`Threads.thread <connic.transports.agui_threads.Threads.thread>`):
+while another process still serves it, that process's frames come here as it logs them, from
+the start of the thread's log, and each run's events are rebuilt from them. Those up to the
+client's ``lastSeq`` are not sent again, but they tell each run where it is (a text message
+already open, a step under way); the rest go out as they come, then, once that process lets
+the thread go (its runs over) or dies (its lease runs out: each reply it left unfinished
+ends with ``producer_lost``), the thread is taken over here and goes live. The socket is read
+meanwhile: its end stops following, a ``cancel`` of the run being answered there is passed to
+that process, and every other frame is held and handled afterwards, in order.
+
+Following needs the log from the thread's first frame (``replay_buffer`` frames). When it no
+longer has it, the resume waits for the other process to let the thread go, as it did before
+following, for up to ``producer_timeout``, and then fails with ``invalid_resume``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMessage, WSMsgType, web
+
+from connic.errors import InvalidResume, SessionTakenOver, StoreUnavailable
+from connic.session import ChatSession
+from connic.transports.agui_outbox import shown
+
+if TYPE_CHECKING:
+    from connic.sessions import Sessions
+    from connic.stores import Follow
+    from connic.transports.agui_ws import WSBinding
+
+__all__ = ["resume"]
+
+log = logging.getLogger("connic.agui")
+
+_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)  # the socket is over
+
+
+async def resume(binding: WSBinding, data: dict[str, Any]) -> None:
+    """A ``resume`` frame: the thread it names taken, its events after ``lastSeq`` sent, then live ones."""
+    from connic.transports.agui_events import THREAD_ID
+
+    thread_id, last_seq = data.get("threadId"), data.get("lastSeq")
+    if binding.session is not None:
+        binding._error(InvalidResume("resume must be the first frame of a connection"))
+        return
+    peer = binding.request.remote or "unknown"
+    if binding.transport.throttle.retry_after(peer) is not None:
+        # Braked: no thread is looked at, so that ids and tokens cannot be tried meanwhile.
+        binding._error(InvalidResume("too many failed authentications from your address; resume later"))
+        return
+    if not isinstance(thread_id, str) or isinstance(last_seq, bool) or not isinstance(last_seq, int):
+        _failed(binding, InvalidResume("resume needs a string threadId and an integer lastSeq"), peer)
+        return
+    if THREAD_ID.fullmatch(thread_id) is None:
+        _failed(binding, InvalidResume(f"threadId {shown(thread_id)} is not a thread id"), peer)
+        return
+    token = data.get("resumeToken")
+    given = token if isinstance(token, str) else None
+    store = binding.transport.store
+    if store.durable and await store.get(thread_id) is None:
+        # Another process may be serving it: the resume follows its runs in flight meanwhile.
+        await _following(binding, thread_id, given, last_seq, peer)
+        return
+    found = await binding.transport.threads.thread(thread_id, given, peer, create=False)
+    await _resumed(binding, found, thread_id, last_seq, peer)
+
+
+async def _resumed(
+    binding: WSBinding,
+    found: tuple[ChatSession, bool] | web.Response | None,
+    thread_id: str,
+    last_seq: int,
+    peer: str,
+    *,
+    followed: int | None = None,
+) -> None:
+    """Go on with a resume once the thread it names is looked up (``found``: what ``Threads.thread`` gave).
+
+    ``followed``: the seq a resume following another process had the log to (the binding's ``_take``).
+    """
+    if isinstance(found, web.Response):
+        # A wrong token was counted where it was compared; other refusals count here.
+        if found.status != 403:
+            binding.transport.throttle.failed(peer)
+        binding.metrics.resumes.inc(binding.label, "failed")
+        binding._error(InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"))
+        return
+    if found is None or last_seq > found[0].seq or last_seq < 0:
+        binding.runs.clear()  # what a resume following another process rebuilt
+        if found is not None:
+            found[0].resume_failed()  # it may have been taken over from the store for this resume
+        # Not a thread connic knows (nothing is opened for it), or not that far.
+        _failed(binding, InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
+        return
+    binding.session = found[0]
+    await binding._take(found[0], last_seq, followed=followed)
+
+
+def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
+    """A resume that fails counts as a failed authentication (PROTOCOL.md §7)."""
+    binding.transport.throttle.failed(peer)
+    binding.metrics.resumes.inc(binding.label, "failed")
+    binding._error(error)
+
+
+class _Followed:
+    """The frames another process logs for the thread, turned into the binding's events as they come."""
+
+    __slots__ = ("binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
+
+    def __init__(self, binding: WSBinding, thread_id: str, last_seq: int) -> None:
+        self.binding = binding
+        self.thread_id = thread_id
+        self.last_seq = last_seq  # the client's: the frames up to it are not sent again
+        self.cursor: int | None = None  # the seq of the newest frame handed here, once following
+        # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
+        self.blind = False
+        self.went_blind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def of(self, owner: Sessions) -> Follow:
+        """The follow callback for a thread of ``owner``'s connector (whose agents its runs have)."""
+        binding = self.binding
+        agents = (binding.agent,) if binding.agent is not None else owner.agent_names
+        binding.following = (self.thread_id, agents)
+        return self.frames
+
+    def frames(self, frames: list[str] | None, last: int) -> None:
+        """A batch of logged frames, the newest numbered ``last`` (the first batch: the log from seq 1)."""
+        if self.blind:
+            return
+        if frames is None:  # only ever the first batch: later, the store gives up rather than skip one
+            self.blind = True
+            self.went_blind.set_result(None)
+            return
+        binding = self.binding
+        for seq, data in enumerate(frames, last - len(frames) + 1):
+            binding._translate(data, silent=seq <= self.last_seq)
+        self.cursor = last
+
+
+async def _following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
+    """Resume ``thread_id`` from ``last_seq``, following the process that serves it meanwhile, if one does.
+
+    ``given`` is the resume token the client sent; ``peer`` its address (the
+    failed-authentication brake). The binding's ``session`` is set once the thread is taken.
+    """
+    if last_seq < 0:
+        _failed(binding, InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
+        return
+    followed = _Followed(binding, thread_id, last_seq)
+    transport = binding.transport
+    task = asyncio.ensure_future(transport.threads.thread(thread_id, given, peer, create=False, follow=followed.of))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + transport.sessions.options.producer_timeout
+    try:
+        while not task.done():
+            waiting: set[asyncio.Future[Any]] = {task, binding.receiving()}
+            if not followed.went_blind.done():
+                waiting.add(followed.went_blind)
+            timeout = max(0.0, deadline - loop.time()) if followed.blind else None
+            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            msg = binding.received()
+            if msg is not None and _meanwhile(binding, followed, msg):
+                _abandon(binding, task)  # the client is gone: the thread stays where it is
+                return
+            if followed.blind and not task.done() and loop.time() >= deadline:
+                _abandon(binding, task)
+                binding.metrics.resumes.inc(binding.label, "failed")
+                why = (
+                    f"thread {thread_id!r} has a run streaming on another process, and its log no longer "
+                    "holds the thread's first event, which following it needs (replay_buffer): resume once it has ended"
+                )
+                binding._error(InvalidResume(why))
+                return
+    except BaseException:
+        # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.
+        task.add_done_callback(_let_go)
+        task.cancel()
+        raise
+    try:
+        found = task.result()
+    except SessionTakenOver as exc:
+        # A newer resume (elsewhere, or on that process) took the thread over while this one followed.
+        binding.following = None
+        binding.end(exc, True)
+        return
+    except StoreUnavailable as exc:
+        binding.following = None
+        binding.runs.clear()
+        log.warning("thread %s: the session store failed: %s", thread_id, exc.why)
+        binding._error(exc)
+        return
+    binding.following = None
+    cursor = followed.cursor if not followed.blind else None
+    if cursor is not None and found is None:
+        # Following means the token was right: the thread ended there, or its log moved past
+        # what could be followed (never a gap). The client may resume again from what it got.
+        binding.runs.clear()
+        binding.metrics.resumes.inc(binding.label, "failed")
+        binding._error(InvalidResume(f"the process serving thread {thread_id!r} did not let it go; resume again"))
+        return
+    if cursor is None or not isinstance(found, tuple):
+        binding.runs.clear()  # nothing was followed: a resume as before following
+    await _resumed(binding, found, thread_id, last_seq, peer, followed=cursor)
+
+
+def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
+    """A message the client sent while the resume follows another process; whether the socket ended."""
+    if msg.type in _ENDED:
+        binding.held.append(msg)  # the binding's reader ends with it
+        return True
+    run_id = _cancelled(msg)
+    run = binding.runs.get(run_id) if run_id is not None else None
+    if run_id is not None and run is not None and run.answered and not run.done and followed.cursor is not None:
+        # The run that process answers (an agent's frame of it came): cancelled there, its end
+        # comes back in the log. A run still queued there is cancelled once the thread is here:
+        # that process drops a queued message without a frame saying so, which nobody would follow.
+        binding.transport.store.cancel(followed.thread_id, run_id)
+        return False
+    binding.held.append(msg)
+    return False
+
+
+def _cancelled(msg: WSMessage) -> str | None:
+    """The ``runId`` a ``cancel`` frame names; None for any other message."""
+    if msg.type is not WSMsgType.TEXT or '"cancel"' not in msg.data:
+        return None
+    try:
+        data = json.loads(msg.data)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(data, dict) and data.get("type") == "cancel" and isinstance(data.get("runId"), str):
+        run_id: str = data["runId"]
+        return run_id
+    return None
+
+
+def _abandon(binding: WSBinding, task: asyncio.Future[Any]) -> None:
+    binding.following = None
+    binding.runs.clear()
+    task.add_done_callback(_let_go)
+    task.cancel()
+
+
+def _let_go(task: asyncio.Future[Any]) -> None:
+    # What a find abandoned by its resume gives: a thread it took over (no connection attaches
+    # to it, unless another resume of it is under way) goes on detached, as a dropped one does.
+    if task.cancelled() or task.exception() is not None:
+        return
+    found = task.result()
+    if isinstance(found, tuple) and isinstance(found[0], ChatSession) and not found[0].resuming:
+        found[0].resume_failed()
