@@ -295,17 +295,13 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
 
 
 class _Doubts:
-    """The cancels of held messages whose id may also be that of a message the owner answers.
+    """Cancels of held messages whose id a message the owner answers may share (ids need not be unique).
 
-    Ids need not be unique; when several messages share one, a cancel stops the one in flight
-    (or drops the first queued) before any queued after it (docs/protocol.md, "Cancelling"):
-    the owner's message with that id comes before the one held here. Such a cancel is held
-    right behind the held message and passed to the owner (``held=True``), which stops or drops
-    its own message with that id, if it has one, and says nothing otherwise. The owner's
-    reply ending ``cancelled`` with that id after the cancel was passed means the owner took
-    it: the held cancel is then let go (the held message is answered), else it drops the held
-    message. The owner lets the session go only once its replies ended, so whatever it did is
-    in the log followed here before the session is taken over.
+    On one process the message in flight (or queued) with the id comes first (docs/protocol.md,
+    "Cancelling"): such a cancel, held right behind the held message, is passed to the owner too
+    (``held=True``), which acts on it only if it has a message with that id. Its reply with that
+    id ending ``cancelled`` after the pass (in the log, followed or replayed here before the
+    takeover) means it took it: the held cancel is let go, the held message answered.
     """
 
     __slots__ = ("passed", "pending", "stopped")
