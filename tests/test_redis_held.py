@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from resume_helpers import (
 
 from conftest import SECRET, CliServer, start_cli
 
-pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 Frame = dict[str, Any]
 
@@ -147,3 +148,47 @@ async def test_a_cancel_of_an_id_the_owner_answers_and_a_held_message_share_stop
     assert got[True] == got[False]
     for shared in (False, True):
         assert [reason for reason, _ in ends[shared]] == ["cancelled", "stop"] and ends[shared][1][1] == "again", shared
+
+
+async def test_a_held_cancel_left_by_a_dead_owner_is_settled_by_the_follower_alone(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The owner dies before taking the cancel passed to it ({"held": id} in the session's cancel
+    # set): the follower takes the session over once its lease runs out, and the set with it.
+    # The held message is dropped as a queued one (its ack); nobody answers the cancel not_found.
+    a, b = await launch("producer_timeout = 2"), await launch("producer_timeout = 2")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    await conn_b.until_type("stream_chunk")  # B follows A's reply
+    a.proc.kill()
+    a.proc.wait(10)
+    await conn_b.send({"type": "message", "id": "m1", "payload": {"message": "again"}})
+    await conn_b.send({"type": "cancel", "id": "m1"})
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        cancels = f"connic:{{{session.session_id}}}:cancel"
+        deadline = time.monotonic() + 5
+        while not await redis.exists(cancels):  # passed to A, which is dead
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await redis.smembers(cancels) == {'{"held": "m1"}'}
+    finally:
+        await redis.aclose()
+    await conn_b.until(lambda f: f["type"] == "ack" and f["message_number"] == 2, timeout=10)
+    await conn_b.send({"type": "message", "id": "m3", "payload": {"message": "after"}})
+    await conn_b.until_ended({"m3": ["assistant"]})
+    frames = [(f["type"], f.get("message_number"), f.get("code")) for f in session.transcript.of("m1")]
+    assert [f for f in frames if f[0] != "stream_chunk"] == [
+        ("ack", 1, None),
+        ("stream_start", None, None),
+        ("error", None, "producer_lost"),
+        ("ack", 2, None),
+    ], frames
+    assert session.transcript.of("m3")[0]["message_number"] == 3
+    session.transcript.assert_complete()
