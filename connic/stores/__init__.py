@@ -221,9 +221,12 @@ class SessionStore:
         :meth:`take` never returns a record) has nothing to let go.
         """
 
-    def cancel(self, session_id: str, message_id: MessageId) -> None:
+    def cancel(self, session_id: str, message_id: MessageId, *, held: bool = False) -> None:
         """Pass a ``cancel`` to the process answering the session (a client following it from here).
 
+        ``held``: a message with that id is held here too, which the cancel drops unless the
+        answering process has one with that id in flight or queued: that process then acts on
+        it only in that case (no ``not_found``), and a process taking the session over never.
         Only a store shared between processes has anything to do: the default does nothing
         (a session is never answered by another process).
         """

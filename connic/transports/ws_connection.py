@@ -46,7 +46,7 @@ from connic.session import ChatSession
 from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
 from connic.transports.ws_auth import authenticate
 from connic.transports.ws_keepalive import Heartbeat
-from connic.transports.ws_resume import resume, resume_instead
+from connic.transports.ws_resume import cancel_behind, resume, resume_instead
 from connic.transports.ws_writer import Writer
 
 if TYPE_CHECKING:
@@ -329,7 +329,12 @@ class Connection:
         if type(frame) is MessageFrame:
             self.fresh = False
             await session.admit(frame)
-            if session.queue_full:
+            cancelled = cancel_behind(self, frame)
+            if cancelled is not None:
+                # Held by a resume with its cancel right behind it: dropped (or not_found, if refused)
+                # before anything else runs, as on one process where it waited behind another reply.
+                session.cancel(cancelled)
+            elif session.queue_full:
                 # A client that pipelines messages: let the answering task take what it
                 # can without waiting (a quick agent answers them all) before reading on.
                 await asyncio.sleep(0)

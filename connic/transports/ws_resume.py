@@ -11,6 +11,7 @@ its internals as its own methods would.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,13 @@ from connic.frames import (
     parse_client_frame,
 )
 from connic.session import ChatSession, SessionState
-from connic.stores import Follow
+from connic.stores import Follow, SessionStore
 from connic.transports.ws_follow_history import FollowedHistory, consume
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
 
-__all__ = ["resume", "resume_instead"]
+__all__ = ["cancel_behind", "resume", "resume_instead"]
 
 log = logging.getLogger("connic.websocket")
 
@@ -53,12 +54,14 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
     began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
     moves: list[asyncio.Future[None]] = []  # done when the find follows further (_reading_meanwhile)
+    doubts = _Doubts()  # cancels of held messages passed to the owner too (_reading_meanwhile)
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
             _connected_following(conn, frame, last, recovered=frames is not None)
             if not began.done():
                 began.set_result(None)
+        doubts.seen(frames or [])
         conn.writer.extend(frames or [])
         following[:] = [last]
         for moved in moves:
@@ -74,7 +77,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
             session = await finding
         else:
             try:
-                session = await _reading_meanwhile(conn, finding, frame, following, began, follow, moves)
+                session = await _reading_meanwhile(conn, finding, frame, following, began, follow, moves, doubts)
             except SessionTakenOver as exc:
                 # A newer resume (elsewhere, or on the owner itself) took the session over while
                 # this one followed its owner: as a connection taken over on one process.
@@ -105,6 +108,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         await conn._open_fresh(False)
         return False
     recovered, frames = replay
+    doubts.settle(conn, frames)  # with the owner's last frames, not followed before it let the session go
     sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
     sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
     conn.session = session
@@ -149,6 +153,7 @@ async def _reading_meanwhile(
     began: asyncio.Future[None],
     follow: Follow,
     moves: list[asyncio.Future[None]],
+    doubts: _Doubts,
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
@@ -158,7 +163,11 @@ async def _reading_meanwhile(
     but for what the client says to the session that cannot wait (PROTOCOL.md §5, §7):
 
     - a ``cancel`` naming a message held here is held right behind it: admitted (acked)
-      and dropped at once, as a queued message's cancel drops it on one process;
+      and dropped at once (:func:`cancel_behind`), as a queued message's cancel drops it on
+      one process; but ids need not be unique, and the owner's message in flight (or queued)
+      with that id comes first (docs/protocol.md, "Cancelling"): the cancel is passed to the
+      owner too, which acts on it only then (without ``not_found`` else), and the held cancel
+      is let go if the owner's reply with that id ended cancelled meanwhile (:class:`_Doubts`);
     - any other ``cancel`` is passed to the process answering the session at once, even
       behind held frames (its outcome, a cancelled reply's end or ``not_found``, comes back
       in the log; a cancel no process takes waits for the next owner, which answers it);
@@ -197,6 +206,8 @@ async def _reading_meanwhile(
                 for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
                     store.cancel(frame.session_id, cancels.pop(id(msg)))
                     conn._inbox.remove(msg)
+            if following:
+                doubts.pass_on(store, frame.session_id)
             receiving = conn._receiving
             if receiving is not None and receiving.done():
                 conn._receiving = None
@@ -212,6 +223,9 @@ async def _reading_meanwhile(
                     if at is not None:
                         del held[id(conn._inbox[at])]  # a second cancel of it is held in order (not_found)
                         conn._inbox.insert(at + 1, msg)
+                        doubts.hold(msg, parsed.id)
+                        if following:
+                            doubts.pass_on(store, frame.session_id)
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
                         store.cancel(frame.session_id, parsed.id)
@@ -261,6 +275,73 @@ def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: Re
     else:
         # The session stays there, detached.
         task.add_done_callback(_let_go)  # taken over in this very step: let go
+
+
+def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
+    """The id of a message just read from the inbox whose cancel is held right behind it; that cancel taken.
+
+    :func:`_reading_meanwhile` holds a cancel of a held message right behind it. The two are
+    handled as one step: admitted, then dropped before the session's answering task (woken by
+    the admission) can start it, as a queued message's cancel drops it on one process
+    (PROTOCOL.md §5): nothing is sent for it but its ack. None (nothing taken) otherwise.
+    """
+    if frame.id is None or not conn._inbox or conn._inbox[0].type is not WSMsgType.TEXT:
+        return None
+    parsed = _parsed(conn._inbox[0].data)
+    if not isinstance(parsed, CancelFrame) or parsed.id != frame.id:
+        return None
+    del conn._inbox[0]
+    return frame.id
+
+
+class _Doubts:
+    """Cancels of held messages whose id a message the owner answers may share (ids need not be unique).
+
+    On one process the message in flight (or queued) with the id comes first (docs/protocol.md,
+    "Cancelling"): such a cancel, held right behind the held message, is passed to the owner too
+    (``held=True``), which acts on it only if it has a message with that id. Its reply with that
+    id ending ``cancelled`` after the pass (in the log, followed or replayed here before the
+    takeover) means it took it: the held cancel is let go, the held message answered.
+    """
+
+    __slots__ = ("passed", "pending", "stopped")
+
+    def __init__(self) -> None:
+        self.pending: dict[int, MessageId] = {}  # id() of a held cancel: its id, not passed yet (nobody followed)
+        self.passed: dict[int, MessageId] = {}  # id() of a held cancel: its id, passed to the owner
+        self.stopped: set[MessageId] = set()  # ids of the owner's replies that ended cancelled after a pass
+
+    def hold(self, msg: Any, message_id: MessageId) -> None:
+        """A cancel of a held message, held right behind it: passed to the owner once one is followed."""
+        self.pending[id(msg)] = message_id
+
+    def pass_on(self, store: SessionStore, session_id: str) -> None:
+        """The find follows the session's owner: the held cancels not passed yet go there too."""
+        for key, message_id in self.pending.items():
+            store.cancel(session_id, message_id, held=True)
+            self.passed[key] = message_id
+        self.pending.clear()
+
+    def seen(self, frames: list[str]) -> None:
+        """Frames followed from the owner's log: note its replies that ended cancelled."""
+        if not self.passed:
+            return
+        ids = set(self.passed.values())
+        for data in frames:
+            if '"cancelled"' not in data:  # most frames are chunks: not parsed
+                continue
+            end = json.loads(data)
+            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in ids:
+                self.stopped.add(end["id"])
+
+    def settle(self, conn: Connection, frames: list[str]) -> None:
+        """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
+        self.seen(frames)
+        if self.stopped:
+            conn._inbox[:] = [msg for msg in conn._inbox if self.passed.get(id(msg), _NONE) not in self.stopped]
+
+
+_ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
 
 
 def _held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> int | None:

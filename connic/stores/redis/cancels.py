@@ -8,7 +8,10 @@ renewal says when a set waits (a pub/sub message lost). A cancel no owner took (
 let the session go, or died, before it could) waits in the set for the next owner: its
 claim says so (or the channel, while it rebuilds the session), and it takes the set once
 the session is live there, so that every cancel
-gets its answer (PROTOCOL.md §5). The one pub/sub listener of the store is
+gets its answer (PROTOCOL.md §5). A cancel of an id the follower holds a message with too
+(``held``) is ``{"held": id}`` in the set: the owner acts on it only if it has a message with
+that id to stop or drop (:func:`_answers`), and a next owner never (the follower settles it).
+The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
 (:mod:`~connic.stores.redis.takeovers` adds its own).
 """
@@ -20,12 +23,15 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores.redis import scripts
 from connic.stores.redis.writer import Writer
+
+if TYPE_CHECKING:
+    from connic.session import ChatSession
 
 __all__ = ["Cancels"]
 
@@ -46,11 +52,11 @@ class Cancels(Writer):
         self._cancels_waiting.discard(session_id)
         return super()._forget(session_id)
 
-    def cancel(self, session_id: str, message_id: MessageId) -> None:
+    def cancel(self, session_id: str, message_id: MessageId, *, held: bool = False) -> None:
         """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
-        self._spawn(self._send_cancel(session_id, message_id))
+        self._spawn(self._send_cancel(session_id, {"held": message_id} if held else message_id))
 
-    async def _send_cancel(self, session_id: str, message_id: MessageId) -> None:
+    async def _send_cancel(self, session_id: str, message_id: MessageId | dict[str, MessageId]) -> None:
         prefix = self.options.key_prefix
         key = scripts.cancel_key(prefix, session_id)
         try:
@@ -102,8 +108,12 @@ class Cancels(Writer):
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    async def _take_cancels(self, session_ids: list[str]) -> None:
-        """Take the cancels waiting for these sessions (those this process owns) and cancel their messages here."""
+    async def _take_cancels(self, session_ids: list[str], *, claimed: bool = False) -> None:
+        """Take the cancels waiting for these sessions (those this process owns) and cancel their messages here.
+
+        ``claimed``: this process just took the sessions over; a ``held`` cancel left for their
+        previous owner is the follower's to settle (it drops its held message), never acted on here.
+        """
         prefix = self.options.key_prefix
         owned = [(sid, self._fences[sid][0]) for sid in session_ids if sid in self._fences]
         if not owned:
@@ -123,21 +133,35 @@ class Cancels(Writer):
             if isinstance(ids, Exception):
                 continue
             session = self._live.get(sid)
+            cancels = [json.loads(data) for data in ids]
             if session is None or sid not in self._fences:
-                # Let go while the ids were on their way here: the next owner takes them.
-                for data in ids:
-                    self.cancel(sid, json.loads(data))
+                # Let go while the ids were on their way here: the next owner takes them (not a held
+                # one's: this process had nothing to stop, its follower drops its held message).
+                for message_id in cancels:
+                    if not isinstance(message_id, dict):
+                        self.cancel(sid, message_id)
                 continue
-            for data in ids:
-                session.cancel(json.loads(data))
+            for message_id in cancels:
+                if not isinstance(message_id, dict):
+                    session.cancel(message_id)
+                elif not claimed and _answers(session, message_id["held"]):
+                    session.cancel(message_id["held"])
 
     def _take_waiting_cancels(self, session_id: str) -> None:
         """The session, just taken over and live here, had cancels waiting when it was claimed: take them."""
         if session_id in self._cancels_waiting:
             self._cancels_waiting.discard(session_id)
-            self._spawn(self._take_cancels([session_id]))
+            self._spawn(self._take_cancels([session_id], claimed=True))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._cancelling.add(task)
         task.add_done_callback(self._cancelling.discard)
+
+
+def _answers(session: ChatSession, message_id: MessageId) -> bool:
+    """Whether ``session.cancel(message_id)`` stops or drops a message (rather than answering ``not_found``)."""
+    current = session.current
+    if current is not None and current.id == message_id and any(not task.done() for task in current.tasks.values()):
+        return True
+    return any(queued.id == message_id for queued in session.queue)

@@ -1,0 +1,194 @@
+"""Messages a resume on process B *holds* while it follows a reply process A answers (PROTOCOL.md §5, §7).
+
+B holds what the client sends until it takes the session over (A's reply ended); a ``cancel``
+sent meanwhile must act as it would on one process: a cancelled queued message is dropped (its
+``ack``, nothing else: it never starts), and when a held message shares its id with A's message
+in flight, the cancel stops A's reply and the held message is answered after it. Each scenario
+runs twice with the same client frames: on one process (the built-in ``memory`` store, the
+client resuming on the same process) and on two ``python -m connic run`` processes sharing a
+real ``redis-server`` (the client resuming on B); what the client gets must be the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
+)
+from resume_helpers import (
+    Clients,
+    Conn,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+    words,
+)
+
+from conftest import SECRET, CliServer, start_cli
+
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+
+Frame = dict[str, Any]
+
+
+@pytest.fixture
+def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """Start ``python -m connic run`` processes (connector keys: TOML lines), sharing ``redis_server``
+    unless ``shared`` is false (the ``memory`` store); stopped after."""
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start(*connector: str, shared: bool = True) -> CliServer:
+        config = tmp_path / f"connic-{len(started)}.toml"
+        store = f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n' if shared else ""
+        config.write_text(
+            '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
+            + "".join(f"{line}\n" for line in connector)
+            + store
+        )
+        server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def resumed_mid_reply(launch: Any, clients: Clients, shared: bool, *connector: str) -> tuple[ResumeSession, Conn]:
+    """A session answering ``m1`` (80 chunks, 20 ms apart), its client dropped and resumed mid-reply.
+
+    ``shared``: on a second process sharing Redis, which follows the first one's reply (and
+    holds what the client sends meanwhile); else on the same process, the ``memory`` store.
+    """
+    a = await launch(*connector, shared=shared)
+    b = await launch(*connector) if shared else a
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(80)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    seen = len(session.transcript.chunks("m1", "assistant"))
+    while len(session.transcript.chunks("m1", "assistant")) < seen + 5:  # m1 still streams: m2 waits behind it
+        await conn_b.recv()
+    return session, conn_b
+
+
+def outline(session: ResumeSession) -> Counter[tuple[Any, ...]]:
+    """The frames the client got, without the chunks (how many a cancelled reply had is timing) and
+    in no order: B acks what it held once it took the session over, after the frames of m1."""
+    return Counter(
+        (f["type"], f.get("id"), f.get("message_number"), f.get("finish_reason"), f.get("code"))
+        for f in session.transcript.ordered()
+        if f["type"] != "stream_chunk"
+    )
+
+
+async def history(conn: Conn) -> list[tuple[Any, ...]]:
+    """The session's history (PROTOCOL.md §8): who said what, for which message."""
+    await conn.send({"type": "history"})
+    frames = await conn.until_type("history")
+    return [(e["role"], e["id"], e["message_number"]) for e in frames[-1]["entries"]]
+
+
+_QUEUED = {"default": (), "max_queued=1": ("max_queued = 1",)}
+
+
+@pytest.mark.parametrize("queued", _QUEUED)
+async def test_a_held_message_cancelled_behind_it_never_starts(launch: Any, clients: Clients, queued: str) -> None:
+    # PROTOCOL.md §5: a queued message's cancel drops it: its ack, no other frame; it is not in
+    # the history. B takes the session over once m1 ended, idle: m2 must not start meanwhile.
+    got = {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared, *_QUEUED[queued])
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": "dropped"}})
+        await conn.send({"type": "cancel", "id": "m2"})
+        await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+        await conn.send({"type": "message", "id": "m3", "payload": {"message": "after"}})
+        await conn.until_ended({"m3": ["assistant"]})
+        m2 = session.transcript.of("m2")
+        assert [(f["type"], f.get("message_number")) for f in m2] == [("ack", 2)], (shared, m2)
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+    assert got[True] == got[False]
+    assert got[True][1] == [("user", "m1", 1), ("agent", "m1", 1), ("user", "m3", 3), ("agent", "m3", 3)]
+
+
+async def test_a_cancel_of_an_id_the_owner_answers_and_a_held_message_share_stops_the_owners_reply(
+    launch: Any, clients: Clients
+) -> None:
+    # docs/protocol.md "Cancelling": ids need not be unique; when several messages share the id,
+    # the one in flight is cancelled (if its agents still run), the queued one is answered after it.
+    got, ends = {}, {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared)
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": "again"}})
+        await conn.send({"type": "cancel", "id": "m1"})
+        await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+        await conn.send({"type": "message", "id": "m3", "payload": {"message": "after"}})
+        await conn.until_ended({"m3": ["assistant"]})  # answered after any message before it
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+        ends[shared] = [
+            (f["finish_reason"], f["full_response"]) for f in session.transcript.of("m1") if f["type"] == "stream_end"
+        ]
+    assert got[True] == got[False]
+    for shared in (False, True):
+        assert [reason for reason, _ in ends[shared]] == ["cancelled", "stop"] and ends[shared][1][1] == "again", shared
+
+
+async def test_a_held_cancel_left_by_a_dead_owner_is_settled_by_the_follower_alone(
+    launch: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The owner dies before taking the cancel passed to it ({"held": id} in the session's cancel
+    # set): the follower takes the session over once its lease runs out, and the set with it.
+    # The held message is dropped as a queued one (its ack); nobody answers the cancel not_found.
+    a, b = await launch("producer_timeout = 2"), await launch("producer_timeout = 2")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    await conn_b.until_type("stream_chunk")  # B follows A's reply
+    a.proc.kill()
+    a.proc.wait(10)
+    await conn_b.send({"type": "message", "id": "m1", "payload": {"message": "again"}})
+    await conn_b.send({"type": "cancel", "id": "m1"})
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        cancels = f"connic:{{{session.session_id}}}:cancel"
+        deadline = time.monotonic() + 5
+        while not await redis.exists(cancels):  # passed to A, which is dead
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await redis.smembers(cancels) == {'{"held": "m1"}'}
+    finally:
+        await redis.aclose()
+    await conn_b.until(lambda f: f["type"] == "ack" and f["message_number"] == 2, timeout=10)
+    await conn_b.send({"type": "message", "id": "m3", "payload": {"message": "after"}})
+    await conn_b.until_ended({"m3": ["assistant"]})
+    frames = [(f["type"], f.get("message_number"), f.get("code")) for f in session.transcript.of("m1")]
+    assert [f for f in frames if f[0] != "stream_chunk"] == [
+        ("ack", 1, None),
+        ("stream_start", None, None),
+        ("error", None, "producer_lost"),
+        ("ack", 2, None),
+    ], frames
+    assert session.transcript.of("m3")[0]["message_number"] == 3
+    session.transcript.assert_complete()
