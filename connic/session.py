@@ -255,13 +255,13 @@ class ChatSession:
         current = self.current
         if current is not None and current.id == message_id and self._cancel_current():
             return
-        for queued in self.queue:
-            if queued.id == message_id:
-                self.queue.remove(queued)
-                if not self.busy:
-                    self.idle.set()
-                self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
-                return
+        kept = [queued for queued in self.queue if queued.id != message_id]
+        if len(kept) < len(self.queue):  # ids need not be unique: every queued one with it goes
+            self.queue[:] = kept
+            if not self.busy:
+                self.idle.set()
+            self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
+            return
         self.refuse(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 
     def _cancel_current(self) -> bool:

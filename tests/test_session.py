@@ -137,6 +137,25 @@ async def test_cancel_queued_drops_it(start_server: StartServer, connect: Connec
     assert ("ack", "b") in seen_ids and ("stream_start", "b") not in seen_ids
 
 
+async def test_cancel_drops_every_queued_message_with_its_id(start_server: StartServer, connect: Connect) -> None:
+    # Client ids need not be unique (docs/protocol.md, "Cancelling"): with no message of that id
+    # in flight, a cancel drops every queued one that has it, not only the first.
+    server = await start_server(make_config(agents={"e": {"use": "echo", "delay": 0.05}}))
+    client = await connect(server.url())
+    await client.send({"id": "a", "message": "one two three"})
+    await client.send({"id": "x", "message": "dropped"})
+    await client.send({"id": "c", "message": "kept"})
+    await client.send({"id": "x", "message": "dropped too"})
+    await client.send({"type": "cancel", "id": "x"})
+    await client.send({"id": "d", "message": "last"})
+    frames: list[dict] = []
+    while not (frames and frames[-1]["type"] == "stream_end" and frames[-1]["id"] == "d"):
+        frames.append(await client.recv())
+    ends = [f["id"] for f in frames if f["type"] == "stream_end"]
+    assert ends == ["a", "c", "d"], ends
+    assert [f["type"] for f in frames if f["id"] == "x"] == ["ack", "ack"]
+
+
 async def test_cancel_unknown_or_finished_is_not_found(server, connect: Connect) -> None:
     client = await connect(server.url())
     await client.reply({"id": "done", "message": "x"})
