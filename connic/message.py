@@ -2,8 +2,8 @@
 
 :func:`answer` runs a message's agents through their chains, one in the calling
 task or several in a task group; :class:`Message` receives their frames, keeps
-what the session needs (each agent's whole answer, the turn metrics) and hands
-them to the session to be numbered, logged and sent.
+what the session needs (each agent's whole answer, into the history as its reply
+ends; the turn metrics) and hands them to the session to be numbered, logged and sent.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import traceback
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from connic import telemetry
-from connic.agent import HistoryView, Session, Turn
+from connic.agent import HistoryEntry, HistoryView, Session, Turn
 from connic.frames import (
     ErrorFrame,
     MessageFrame,
@@ -37,8 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["Message", "answer", "release_cancellation"]
 
 
-async def answer(session: ChatSession, message: Message, history: HistoryView) -> Sequence[str]:
-    """Run every agent that answers ``message``; the names of those agents, in the connector's order.
+async def answer(session: ChatSession, message: Message, history: HistoryView) -> None:
+    """Run every agent that answers ``message``.
 
     One agent answers in the calling task (the session's answering task): a cancel of
     the message cancels that task, which takes its own cancellation back here. Several
@@ -57,7 +56,7 @@ async def answer(session: ChatSession, message: Message, history: HistoryView) -
         except asyncio.CancelledError:
             if not message.cancelled or task.uncancel() > 0:
                 raise
-        return (name,)
+        return
     try:
         async with asyncio.TaskGroup() as group:
             for name in sessions.agent_names:
@@ -69,7 +68,6 @@ async def answer(session: ChatSession, message: Message, history: HistoryView) -
         # a local: a reference cycle through the session's frames (CPython 3.11).
         traceback.clear_frames(exc.__traceback__)
         raise
-    return sessions.agent_names
 
 
 def _turn(session: ChatSession, message: Message, agent: str, history: HistoryView) -> Turn:
@@ -113,7 +111,6 @@ class Message:
         "handshake",
         "id",
         "number",
-        "results",
         "session",
         "streaming",
         "tasks",
@@ -126,7 +123,6 @@ class Message:
         self.number = number
         self.streaming = session.sessions.options.streaming
         self.tasks: dict[str, asyncio.Task[Any]] = {}
-        self.results: dict[str, str] = {}  # each agent's whole answer, for the history
         self.cancelled = False
         self.at = 0.0  # when answering began (the loop's clock)
         self.first_chunks: set[str] | None = None  # agents that sent a chunk
@@ -145,7 +141,15 @@ class Message:
                 first.add(frame.agent)
                 metrics.first_chunk.observe(session.clock() - self.at, frame.agent)
         elif isinstance(frame, Response | StreamEnd):
-            self.results[frame.agent] = frame.response if isinstance(frame, Response) else frame.full_response
+            text = frame.response if isinstance(frame, Response) else frame.full_response
+            if text:
+                # Into the history before the end frame is numbered, and saved with it: a client
+                # that has the end finds the reply in `history` (PROTOCOL.md §8), here at once and,
+                # through a shared store, on a process following this one (the store writes the
+                # history no later than the frame: ws_follow_history). Several agents' replies go
+                # in as they end, while the others still answer.
+                session.history.add(HistoryEntry("agent", text, frame.agent, self.id, self.number))
+                sessions.store.save(session)
             usage = frame.token_usage
             prompt, candidates = usage.get("prompt_tokens", 0), usage.get("candidates_tokens", 0)
             session.tokens_in += prompt

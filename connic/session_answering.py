@@ -59,14 +59,11 @@ async def _answer_queued(session: ChatSession) -> None:
         # mid-reply, the process taking the session over has it (PROTOCOL.md §7).
         session.sessions.store.save(session)
         try:
-            names = await answer(session, message, seen)
+            await answer(session, message, seen)
         finally:
             session.current = None
             session.last_activity = loop.time()
-        for name in names:
-            text = message.results.get(name)
-            if text:
-                history.add(HistoryEntry("agent", text, name, message.id, message.number))
+        # Each agent's answer went into the history as its reply ended (Message.emit).
         bound = session.sessions.options.max_history_bytes
         if history.size > bound:
             history.trim(bound, newest)

@@ -33,9 +33,11 @@ class FollowedHistory:
     The history read is the one as of F when S == F (saved while the owner was at F), or
     when S < F <= N: the log holds frame F, so every change made before it was numbered is
     in what was read, and none made after it (the record was saved before frame F + 1 was
-    numbered). Else it is read again: at once when F moved during the read, or once the
-    find follows further or the owner's next write may have come (the frames the client
-    got from the owner itself may not be logged yet). A store that keeps no history, fails
+    numbered). A reply goes into the history before its end frame is numbered
+    (:meth:`Message.emit <connic.message.Message.emit>`): the history as of that frame holds
+    it. Else it is read again: at once when F moved during the read, or once the find
+    follows further or the owner's next write may have come (the frames the client got
+    from the owner itself may not be logged yet). A store that keeps no history, fails
     or finds no record leaves the request held in order, for the new owner here to answer.
     """
 
