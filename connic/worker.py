@@ -27,7 +27,7 @@ from connic.app import create_app
 from connic.config import Config
 from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
-from connic.serving import serve
+from connic.serving import say, serve
 
 __all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
 
@@ -123,7 +123,7 @@ def worker_main() -> int:
         except OSError:
             pass
         if not stop.is_set():
-            print(f"{name}: the supervising parent is gone", flush=True)
+            say(f"{name}: the supervising parent is gone")
             stop.set()
 
     try:

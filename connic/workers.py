@@ -37,6 +37,7 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
+from connic.serving import say
 from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
 __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
@@ -243,10 +244,9 @@ class Supervisor:
                         )
                         return await self._stop_all(loop, 1)
                     new = await self._start(spec(worker.index))
-                    print(
+                    say(
                         f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
-                        f"restarted as pid {new.process.pid}",
-                        flush=True,
+                        f"restarted as pid {new.process.pid}"
                     )
             return await self._stop_all(loop, 0)
         finally:
@@ -281,10 +281,9 @@ class Supervisor:
         failures = self._store_failures.get(spec.index, 0)
         self._store_failures[spec.index] = failures + 1
         delay = min(STORE_RETRY_MAX, 2.0**failures)
-        print(
+        say(
             f"connic: worker {spec.index} (pid {pid}) could not reach the session store; "
-            f"starting it again in {delay:g} s",
-            flush=True,
+            f"starting it again in {delay:g} s"
         )
 
         async def later() -> None:
@@ -305,7 +304,7 @@ class Supervisor:
                 worker.ready = True
                 self._store_failures.pop(worker.index, None)
                 if self._started:
-                    print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
+                    say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
                 self._changed.set()
         except OSError:
             pass
@@ -340,7 +339,7 @@ class Supervisor:
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
-            print("connic: shutting down", flush=True)
+            say("connic: shutting down")
         for index, waiting in list(self._waiting.items()):
             if index in self._sleeping:
                 waiting.cancel()  # still in its delay: there is no process to stop
@@ -366,7 +365,7 @@ class Supervisor:
 
     def _kill_all(self, signum: int) -> None:
         """A second SIGINT/SIGTERM: kill every worker and exit now with 128 + the signal number."""
-        print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
+        say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
             if worker.process.returncode is None:
                 worker.process.kill()
