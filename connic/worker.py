@@ -114,9 +114,11 @@ def worker_main() -> int:
     async def listening(stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         link.setblocking(False)
-        await loop.sock_sendall(link, READY)
-        # The parent writes only STOP; end-of-file (or an error) means it is gone.
+        # The parent writes only STOP; end-of-file (or an error) means it is gone. So does a
+        # failing READY (EPIPE: it died while this worker started): else the worker served on,
+        # unsupervised, for ever.
         try:
+            await loop.sock_sendall(link, READY)
             if await loop.sock_recv(link, len(STOP)):
                 stop.set()  # serve() says "shutting down" and drains
                 return

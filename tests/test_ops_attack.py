@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,71 @@ def test_a_fleets_status_lines_are_each_written_whole(tmp_path: Path) -> None:
     assert any("restarted as pid" in r for r in after), after
     assert sum("shutting down" in r for r in after) == 3, after  # the parent and both workers
     assert all(r.endswith("\n") and r.count("\n") == 1 for r in after), after
+
+
+# --- the supervising parent killed while its workers start ---------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``, from /proc, oldest first."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _started_workers(pid: int, count: int, timeout: float = 30) -> list[int]:
+    """The ``count`` workers of the parent ``pid`` once each runs ``connic.workers`` (waiting ≤ ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = []
+        for child in _children(pid):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                if b"connic.workers" in cmdline.read():
+                    workers.append(child)
+        if len(workers) == count:
+            return workers
+        time.sleep(0.005)
+    raise AssertionError(f"no {count} workers of {pid} within {timeout} s")
+
+
+def test_workers_whose_parent_is_killed_before_they_listen_do_not_serve_on_as_orphans(tmp_path: Path) -> None:
+    # SIGKILL to the parent alone (the OOM killer, a service manager's KillMode=process) while the
+    # workers start. A worker learns that its parent is gone from its link: it told the parent it
+    # listened, and that write failed (EPIPE) outside the handling of the link's end-of-file. The
+    # worker then served on for ever, unsupervised, holding the port (no new server could bind it).
+    config = tmp_path / "connic.toml"
+    config.write_text('[agents.echo]\nuse = "echo"\n[[connectors]]\nresume_window = 0\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connic", "run", "--port", "0", "--workers", "2", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "CONNIC_SECRET": "s"},
+    )
+    workers: list[int] = []
+    try:
+        # Both started: the parent sent the first its configuration before starting the second,
+        # and the first is still importing connic, far from listening.
+        workers = _started_workers(proc.pid, 2)
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while not all(exited(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in workers if not exited(pid)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                if not exited(pid):
+                    os.kill(pid, signal.SIGKILL)
