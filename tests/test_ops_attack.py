@@ -34,6 +34,7 @@ from resume_helpers import (
     Clients,
     ResumeSession,
     clients_fixture,  # noqa: F401  (a fixture)
+    words,
 )
 from test_workers import exited
 
@@ -59,7 +60,7 @@ def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     async def start() -> CliServer:
         config = tmp_path / "connic.toml"
         config.write_text(
-            '[agents.assistant]\nuse = "echo"\n'
+            '[agents.assistant]\nuse = "echo"\ndelay = 0.01\n'
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {PRODUCER_TIMEOUT}\n'
             f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
         )
@@ -120,6 +121,24 @@ async def test_an_idle_session_whose_keys_redis_lost_is_not_told_it_was_taken_ov
     session, conn = await _idle_session(clients, server.url)
     flush(redis_server.url)
     await _not_taken_over(session, conn, lost=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="writer.py: an APPEND answering 0 because the session's keys are gone (no owner) is taken for a takeover",
+)
+async def test_a_streaming_session_whose_keys_redis_lost_is_not_told_it_was_taken_over(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The same, with a reply streaming: its next write to the replay log finds no owner.
+    server = await served()
+    _, conn = await _idle_session(clients, server.url)
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(400)}})
+    await conn.until(lambda f: f.get("type") == "stream_chunk")
+    flush(redis_server.url)
+    code, frames = await conn.closed(timeout=30)  # the reply ends within 4 s at the latest
+    errors = [f for f in frames if f.get("type") == "error"]
+    assert code == 1011 and [e["code"] for e in errors] == ["store_unavailable"], (code, errors)
 
 
 async def _not_taken_over(session: ResumeSession, conn: Any, *, lost: bool = False) -> None:
