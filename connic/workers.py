@@ -173,6 +173,7 @@ class Supervisor:
         self._started = False
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
 
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
@@ -182,6 +183,7 @@ class Supervisor:
         # multiprocess mode, in a directory of the workers' own unless the user gave one.
         given = os.environ.get(MULTIPROC_ENV)
         scratch = None if given else tempfile.TemporaryDirectory(prefix="connic-metrics-")
+        self._scratch = scratch
         self._metrics_dir = given or (scratch.name if scratch is not None else None)
         if scratch is not None:
             os.environ[MULTIPROC_ENV] = scratch.name
@@ -369,6 +371,10 @@ class Supervisor:
         for worker in self._live.values():
             if worker.process.returncode is None:
                 worker.process.kill()
+        if self._scratch is not None:
+            # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
+            with contextlib.suppress(OSError):
+                self._scratch.cleanup()
         logging.shutdown()
         sys.stderr.flush()
         os._exit(128 + signum)

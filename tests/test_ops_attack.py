@@ -36,7 +36,7 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
-from test_workers import exited
+from test_workers import Output, exited, worker_pids
 
 from conftest import ROOT, SECRET, CliServer, start_cli
 
@@ -308,3 +308,31 @@ def test_workers_whose_parent_is_killed_before_they_listen_do_not_serve_on_as_or
             with contextlib.suppress(ProcessLookupError):
                 if not exited(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_stop_at_once_leaves_no_metrics_directory_behind(tmp_path: Path) -> None:
+    # The parent of --workers keeps the workers' metrics in a temporary directory of its own,
+    # removed once they exited. A second signal (os._exit, nothing awaited) left it behind: one
+    # more /tmp/connic-metrics-* for each Ctrl+C pressed twice.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    config = tmp_path / "connic.toml"
+    config.write_text('[agents.echo]\nuse = "echo"\n[[connectors]]\nresume_window = 0\n')
+    env = {"TMPDIR": str(temp)}
+    server = await asyncio.to_thread(start_cli, "--config", str(config), "--workers", "2", "--secret", "s", env=env)
+    output = Output(server)
+    pids = worker_pids(server)
+    try:
+        assert [p.name[:15] for p in temp.iterdir()] == ["connic-metrics-"]
+        server.proc.send_signal(signal.SIGTERM)
+        await output.wait_for(r"^connic: shutting down")
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.proc.wait, 30) == 128 + signal.SIGTERM
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                if not exited(pid):
+                    os.kill(pid, signal.SIGKILL)
+    assert list(temp.iterdir()) == []
