@@ -36,6 +36,7 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from test_redis_fleet import chat, status_within
 from test_workers import Output, exited, worker_pids
 
 from conftest import ROOT, SECRET, CliServer, start_cli
@@ -84,6 +85,34 @@ async def _idle_session(clients: Clients, url: str) -> tuple[ResumeSession, Any]
     conn = await session.start()
     assert await conn.barrier() == []
     return session, conn
+
+
+async def test_redis_refusing_writes_for_a_while_gets_new_handshakes_503_then_serves_again(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # CLIENT PAUSE WRITE (what Redis's own FAILOVER does): reads, PING included, are answered, every
+    # write waits. Whether Redis was back was asked with a PING, which it answered: every new
+    # session was accepted, then closed 1011 a store timeout later, never refused with the 503
+    # (Retry-After) that keeps clients from hammering a store that cannot take sessions.
+    import redis.asyncio as aioredis
+
+    server = await served()
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        # The first session finds it out: its creation gets no answer.
+        first = ResumeSession(clients, server.url)
+        conn = await first.clients.open(server.url, first.transcript)
+        await conn.send({"secret": SECRET})
+        code, frames = await conn.closed(timeout=10)
+        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"]
+        assert await status_within(server.url, 503, 5), "new handshakes still accepted while Redis takes no write"
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+    assert await status_within(server.url, None, 10)
+    session = ResumeSession(clients, server.url)
+    assert (await chat(await session.start(), "m1", "back"))["full_response"] == "back"
 
 
 @pytest.mark.xfail(
