@@ -45,11 +45,13 @@ __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "che
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
 STORE_RETRY_MAX = 10.0
-"""At most this many seconds between two starts of a worker that could not reach the session store.
+"""At most this many seconds between two starts of a worker that could not start (once the server has).
 
-Such a worker is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until the
-store answers: Redis being down is not the worker's fault, and giving up would take the
-other workers, which go on serving (and refusing new sessions with 503), down with it.
+Such a worker (the session store unreachable, an agent's start() failing: a service it needs
+is down) is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until it starts:
+the configuration every worker started with is the same, so what fails now is not the worker's
+fault, and giving up would take the other workers, which go on serving (refusing new sessions
+with 503 while the store is down), down with it.
 """
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -167,7 +169,7 @@ class Supervisor:
         self.host_key = host_key
         self._live: dict[int, _Worker] = {}
         self._exits: deque[float] = deque()
-        self._store_failures: dict[int, int] = {}  # worker index: its starts in a row that found no store
+        self._start_failures: dict[int, int] = {}  # worker index: its starts in a row that failed
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
@@ -233,9 +235,11 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None:
                         continue
-                    if code == STORE_UNAVAILABLE and not worker.ready:
+                    if not worker.ready and code > 0:
+                        # It exited before it listened: it could not start (the store, an agent's
+                        # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
-                        self._start_later(spec(worker.index), worker.process.pid)
+                        self._start_later(spec(worker.index), worker.process.pid, code)
                         continue
                     self._forget(worker)
                     if not self._may_restart():
@@ -278,15 +282,13 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
-    def _start_later(self, spec: WorkerSpec, pid: int | None) -> None:
-        """Start worker ``spec.index`` again after a delay that grows while the store stays unreachable."""
-        failures = self._store_failures.get(spec.index, 0)
-        self._store_failures[spec.index] = failures + 1
+    def _start_later(self, spec: WorkerSpec, pid: int | None, code: int) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start."""
+        failures = self._start_failures.get(spec.index, 0)
+        self._start_failures[spec.index] = failures + 1
         delay = min(STORE_RETRY_MAX, 2.0**failures)
-        say(
-            f"connic: worker {spec.index} (pid {pid}) could not reach the session store; "
-            f"starting it again in {delay:g} s"
-        )
+        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
+        say(f"connic: worker {spec.index} (pid {pid}) {why}; starting it again in {delay:g} s")
 
         async def later() -> None:
             try:
@@ -304,7 +306,7 @@ class Supervisor:
         try:
             if await loop.sock_recv(worker.link, len(READY)) == READY:
                 worker.ready = True
-                self._store_failures.pop(worker.index, None)
+                self._start_failures.pop(worker.index, None)
                 if self._started:
                     say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
                 self._changed.set()

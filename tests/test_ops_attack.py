@@ -37,7 +37,7 @@ from resume_helpers import (
     words,
 )
 from test_redis_fleet import chat, status_within
-from test_workers import Output, exited, worker_pids
+from test_workers import Output, clients_on, exited, worker_pids
 
 from conftest import ROOT, SECRET, CliServer, start_cli
 
@@ -365,3 +365,65 @@ async def test_a_stop_at_once_leaves_no_metrics_directory_behind(tmp_path: Path)
                 if not exited(pid):
                     os.kill(pid, signal.SIGKILL)
     assert list(temp.iterdir()) == []
+
+
+# --- a worker restarted while an agent cannot start ----------------------------------------
+
+FLAKY_AGENT = '''
+import os
+
+import connic
+from connic.errors import ConfigError
+
+
+class Flaky(connic.Agent):
+    """Echoes; its start() fails while the file FLAKY_FLAG names exists (a service it needs is down)."""
+
+    async def start(self) -> None:
+        if os.path.exists(os.environ["FLAKY_FLAG"]):
+            raise ConfigError("flaky: the service it needs is down")
+
+    async def respond(self, turn):
+        yield turn.message
+'''
+
+
+async def test_a_worker_restarted_while_an_agent_cannot_start_waits_for_it_and_the_others_serve_on(
+    tmp_path: Path, connect: Any
+) -> None:
+    # A worker died (killed, out of memory) while a service its agent needs at start() was down (an
+    # MCP server, say): started again, it failed at once, again and again. Those exits were counted
+    # as a worker that cannot stay up: within a second the parent gave up and took the other
+    # workers, which were serving, down with it. As for the session store, such a worker is
+    # started again later and later until it starts.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "flaky_agent.py").write_text(FLAKY_AGENT)
+    flag = tmp_path / "down"
+    config = tmp_path / "connic.toml"
+    config.write_text('[agents.flaky]\nuse = "flaky_agent:Flaky"\n[[connectors]]\nresume_window = 0\n')
+    env = {"FLAKY_FLAG": str(flag), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    server = await asyncio.to_thread(start_cli, "--config", str(config), "--workers", "2", "--secret", "s", env=env)
+    output = Output(server)
+    pids = worker_pids(server)
+    try:
+        clients = await clients_on(output, connect, server, {pids[1]}, "s")
+        flag.write_text("")
+        os.kill(pids[0], signal.SIGKILL)
+        for delay in (1, 2, 4):  # more exits than workers within 10 s: the parent used to give up
+            await output.wait_for(rf"connic: worker 1 \(pid \d+\) could not start; starting it again in {delay} s")
+        assert server.proc.poll() is None
+        frames = await clients[pids[1]].reply({"message": "still here"})
+        assert frames[-1]["full_response"] == "still here"  # the worker that never died serves on
+        flag.unlink()
+        await output.wait_for(r"connic: worker 1 \(pid \d+\) listening", timeout=30)
+        server.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.proc.wait, 30) == 0, output.text()
+        assert "giving up" not in output.text()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                if not exited(pid):
+                    os.kill(pid, signal.SIGKILL)
