@@ -359,8 +359,11 @@ class Supervisor:
             code = await worker.process.wait()
             worker.link.close()
             # Killed by a SIGTERM (a service manager signals every process) before it installed
-            # its handler: it was not serving yet.
-            if code not in (0, -signal.SIGTERM) and status == 0:
+            # its handler: it was not serving yet. Nor was one started again once the server had
+            # started that never listened (it could not start: the store, an agent): it had no
+            # drain to fail, and its own error line says why it stopped.
+            could_not_start = self._started and not worker.ready
+            if code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
                 error_line(
                     f"worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} while shutting down",
                 )

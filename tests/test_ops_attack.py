@@ -427,3 +427,36 @@ async def test_a_worker_restarted_while_an_agent_cannot_start_waits_for_it_and_t
             with contextlib.suppress(ProcessLookupError):
                 if not exited(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_signal_while_a_worker_is_being_started_again_without_redis_still_exits_0(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # A worker died while Redis hangs; the one started in its place cannot reach Redis and will exit 3.
+    # SIGTERM arrives while it starts: it has served nothing, so there is nothing it failed to drain.
+    # Its exit, seen while shutting down, was "exited with status 3 while shutting down" and exit 1.
+    from test_ops_workers import redis_config
+
+    config = redis_config(tmp_path, redis_server.url)
+    env = store_plugin_env(tmp_path / "plugins")
+    server = await asyncio.to_thread(start_cli, "--config", str(config), "--workers", "2", env=env)
+    output = Output(server)
+    first, second = worker_pids(server)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)  # a connection opens, then no answer for `timeout`
+    restarted: list[int] = []
+    try:
+        os.kill(first, signal.SIGKILL)
+        m = await output.wait_for(r"connic: worker 1 \(pid \d+\) exited with .*; restarted as pid (\d+)")
+        restarted.append(int(m.group(1)))
+        server.proc.send_signal(signal.SIGTERM)  # it is still importing connic, far from Redis's answer
+        code = await asyncio.to_thread(server.proc.wait, 30)
+        assert code == 0, output.text()
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in (first, second, *restarted):
+            with contextlib.suppress(ProcessLookupError):
+                if not exited(pid):
+                    os.kill(pid, signal.SIGKILL)
