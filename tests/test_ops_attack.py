@@ -180,3 +180,40 @@ async def _not_taken_over(session: ResumeSession, conn: Any, *, lost: bool = Fal
     assert code == 1011 and [e["code"] for e in errors] == ["store_unavailable"], (code, frames)
     again = await session.resume()
     assert again.connected["resumed"] is not lost, again.connected
+
+
+# --- Redis closing idle connections ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="follower.py keeps its XREAD connection while it follows nothing: Redis's `timeout` closes it under it",
+)
+async def test_a_resume_following_another_process_after_an_idle_while_gets_the_reply_with_redis_timeout_set(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis's own `timeout` (close a client idle that many seconds; managed Redis often sets one).
+    # The connection a process reads the followed logs on was kept while it followed none: Redis
+    # closed it, and the next resume following a reply on another process failed at its first
+    # read (store_unavailable, 1011: "Connection closed by server"), every time after a quiet spell.
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin.config_set("timeout", 1)
+    finally:
+        await admin.aclose()
+    a, b = await served(), await served()
+    for text in (words(150, prefix="first"), words(150, prefix="second")):
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+        while len(session.transcript.chunks("m1", "assistant")) < 3:
+            await conn.recv()
+        session.drop()
+        conn = await session.resume(url=b.url)  # follows A's reply while A answers it
+        assert conn.connected["resumed"] is True, conn.connected
+        await conn.until_ended({"m1": ["assistant"]}, timeout=20)
+        end = session.transcript.end("m1", "assistant")
+        assert end is not None and end["full_response"] == text
+        await asyncio.sleep(3)  # B follows nothing, longer than Redis's timeout
