@@ -27,7 +27,7 @@ from connic.app import RUNTIME, drain
 from connic.banner import print_banner
 from connic.errors import ConfigError
 
-__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "serve"]
+__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve"]
 
 SLOW_CALLBACK = 0.1
 """With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
@@ -60,6 +60,18 @@ async def _resolve(host: str, port: int, key: str) -> None:
         raise ConfigError(f"{key}: {host!r} is not a valid host name ({exc})") from None
 
 
+def say(text: str) -> None:
+    """``text`` as one line on standard output, in one write.
+
+    A served process may share its standard output with others (the parent and the workers of
+    ``--workers``, the watcher of ``--reload``). Run unbuffered (``PYTHONUNBUFFERED=1``, usual in
+    containers), print() writes the text and its newline apart, and two workers saying
+    "shutting down" at once made one line of two and an empty one.
+    """
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
+
+
 def _stop_at_once(signum: int) -> None:
     """A second SIGINT/SIGTERM: give up the drain and exit now, with 128 + the signal number.
 
@@ -67,7 +79,7 @@ def _stop_at_once(signum: int) -> None:
     drain slow (a long reply, an agent's close()) would make a polite exit slow too.
     os._exit skips asyncio.run's cancel-and-wait of every task for the same reason.
     """
-    print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
+    say(f"connic: {signal.Signals(signum).name} again, stopping at once")
     logging.shutdown()
     sys.stderr.flush()
     os._exit(128 + signum)
@@ -157,7 +169,7 @@ async def serve(
         else:
             watcher = asyncio.create_task(listening(stop))
         await stop.wait()
-        print(f"{name}: {'restarting' if restarting else 'shutting down'}", flush=True)
+        say(f"{name}: {'restarting' if restarting else 'shutting down'}")
         # Drain before aiohttp's cleanup, which stops reading every connection.
         await drain(app, restart=restarting)
     finally:

@@ -27,7 +27,7 @@ from connic.app import create_app
 from connic.config import Config
 from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
-from connic.serving import serve
+from connic.serving import say, serve
 
 __all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
 
@@ -114,16 +114,18 @@ def worker_main() -> int:
     async def listening(stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         link.setblocking(False)
-        await loop.sock_sendall(link, READY)
-        # The parent writes only STOP; end-of-file (or an error) means it is gone.
+        # The parent writes only STOP; end-of-file (or an error) means it is gone. So does a
+        # failing READY (EPIPE: it died while this worker started): else the worker served on,
+        # unsupervised, for ever.
         try:
+            await loop.sock_sendall(link, READY)
             if await loop.sock_recv(link, len(STOP)):
                 stop.set()  # serve() says "shutting down" and drains
                 return
         except OSError:
             pass
         if not stop.is_set():
-            print(f"{name}: the supervising parent is gone", flush=True)
+            say(f"{name}: the supervising parent is gone")
             stop.set()
 
     try:

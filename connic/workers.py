@@ -37,6 +37,7 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
+from connic.serving import say
 from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
 __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
@@ -44,11 +45,13 @@ __all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "che
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
 STORE_RETRY_MAX = 10.0
-"""At most this many seconds between two starts of a worker that could not reach the session store.
+"""At most this many seconds between two starts of a worker that could not start (once the server has).
 
-Such a worker is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until the
-store answers: Redis being down is not the worker's fault, and giving up would take the
-other workers, which go on serving (and refusing new sessions with 503), down with it.
+Such a worker (the session store unreachable, an agent's start() failing: a service it needs
+is down) is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until it starts:
+the configuration every worker started with is the same, so what fails now is not the worker's
+fault, and giving up would take the other workers, which go on serving (refusing new sessions
+with 503 while the store is down), down with it.
 """
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -166,12 +169,13 @@ class Supervisor:
         self.host_key = host_key
         self._live: dict[int, _Worker] = {}
         self._exits: deque[float] = deque()
-        self._store_failures: dict[int, int] = {}  # worker index: its starts in a row that found no store
+        self._start_failures: dict[int, int] = {}  # worker index: its starts in a row that failed
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
 
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
@@ -181,6 +185,7 @@ class Supervisor:
         # multiprocess mode, in a directory of the workers' own unless the user gave one.
         given = os.environ.get(MULTIPROC_ENV)
         scratch = None if given else tempfile.TemporaryDirectory(prefix="connic-metrics-")
+        self._scratch = scratch
         self._metrics_dir = given or (scratch.name if scratch is not None else None)
         if scratch is not None:
             os.environ[MULTIPROC_ENV] = scratch.name
@@ -230,9 +235,11 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None:
                         continue
-                    if code == STORE_UNAVAILABLE and not worker.ready:
+                    if not worker.ready and code > 0:
+                        # It exited before it listened: it could not start (the store, an agent's
+                        # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
-                        self._start_later(spec(worker.index), worker.process.pid)
+                        self._start_later(spec(worker.index), worker.process.pid, code)
                         continue
                     self._forget(worker)
                     if not self._may_restart():
@@ -243,10 +250,9 @@ class Supervisor:
                         )
                         return await self._stop_all(loop, 1)
                     new = await self._start(spec(worker.index))
-                    print(
+                    say(
                         f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
-                        f"restarted as pid {new.process.pid}",
-                        flush=True,
+                        f"restarted as pid {new.process.pid}"
                     )
             return await self._stop_all(loop, 0)
         finally:
@@ -276,16 +282,13 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
-    def _start_later(self, spec: WorkerSpec, pid: int | None) -> None:
-        """Start worker ``spec.index`` again after a delay that grows while the store stays unreachable."""
-        failures = self._store_failures.get(spec.index, 0)
-        self._store_failures[spec.index] = failures + 1
+    def _start_later(self, spec: WorkerSpec, pid: int | None, code: int) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start."""
+        failures = self._start_failures.get(spec.index, 0)
+        self._start_failures[spec.index] = failures + 1
         delay = min(STORE_RETRY_MAX, 2.0**failures)
-        print(
-            f"connic: worker {spec.index} (pid {pid}) could not reach the session store; "
-            f"starting it again in {delay:g} s",
-            flush=True,
-        )
+        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
+        say(f"connic: worker {spec.index} (pid {pid}) {why}; starting it again in {delay:g} s")
 
         async def later() -> None:
             try:
@@ -303,9 +306,9 @@ class Supervisor:
         try:
             if await loop.sock_recv(worker.link, len(READY)) == READY:
                 worker.ready = True
-                self._store_failures.pop(worker.index, None)
+                self._start_failures.pop(worker.index, None)
                 if self._started:
-                    print(f"connic: worker {worker.index} (pid {worker.process.pid}) listening", flush=True)
+                    say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
                 self._changed.set()
         except OSError:
             pass
@@ -340,7 +343,7 @@ class Supervisor:
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
-            print("connic: shutting down", flush=True)
+            say("connic: shutting down")
         for index, waiting in list(self._waiting.items()):
             if index in self._sleeping:
                 waiting.cancel()  # still in its delay: there is no process to stop
@@ -356,8 +359,11 @@ class Supervisor:
             code = await worker.process.wait()
             worker.link.close()
             # Killed by a SIGTERM (a service manager signals every process) before it installed
-            # its handler: it was not serving yet.
-            if code not in (0, -signal.SIGTERM) and status == 0:
+            # its handler: it was not serving yet. Nor was one started again once the server had
+            # started that never listened (it could not start: the store, an agent): it had no
+            # drain to fail, and its own error line says why it stopped.
+            could_not_start = self._started and not worker.ready
+            if code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
                 error_line(
                     f"worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} while shutting down",
                 )
@@ -366,10 +372,14 @@ class Supervisor:
 
     def _kill_all(self, signum: int) -> None:
         """A second SIGINT/SIGTERM: kill every worker and exit now with 128 + the signal number."""
-        print(f"connic: {signal.Signals(signum).name} again, stopping at once", flush=True)
+        say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
             if worker.process.returncode is None:
                 worker.process.kill()
+        if self._scratch is not None:
+            # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
+            with contextlib.suppress(OSError):
+                self._scratch.cleanup()
         logging.shutdown()
         sys.stderr.flush()
         os._exit(128 + signum)

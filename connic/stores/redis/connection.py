@@ -3,8 +3,8 @@
 Every call to Redis goes through :meth:`Connection._call`: it is bounded by the store's
 ``timeout`` and turns any failure into :class:`~connic.errors.StoreUnavailable`, so a
 failing Redis never raises anything else into the session core. A failed call (other
-than an error reply) marks Redis down; :meth:`Connection.available` then pings before
-each handshake until it answers again.
+than an error reply) marks Redis down; :meth:`Connection.available` then probes it with
+a script, as sessions write, before each handshake until it answers again.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class Connection:
         self._redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK, pub/sub: no socket timeout (redis-py's would cut a block short)
         self._scripts: dict[str, Any] = {}
-        self._down = False  # the last call to Redis got no answer (available() then pings)
-        self._checking: asyncio.Task[bool] | None = None  # the one ping under way while down
+        self._down = False  # the last call to Redis got no answer (available() then probes)
+        self._checking: asyncio.Task[bool] | None = None  # the one probe under way while down
         self._calls: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []  # for the next shared pipeline
         self._sending: set[asyncio.Task[None]] = set()  # the shared pipelines under way
 
@@ -243,20 +243,25 @@ class Connection:
             await blocking.aclose()
 
     async def available(self) -> bool:
-        """True unless the last call to Redis failed and a ping (≤ 1 s) still gets no answer.
+        """True unless the last call to Redis failed and a probe (≤ 1 s) still gets no answer.
 
         While Redis is up this costs nothing; while it is down, handshakes arriving together
-        share one ping (a burst of them does not become a burst of pings).
+        share one probe (a burst of them does not become a burst of probes).
         """
         if not self._down:
             return True
         if self._checking is None or self._checking.done():
-            self._checking = asyncio.create_task(self._ping())
+            self._checking = asyncio.create_task(self._probe())
         return await asyncio.shield(self._checking)
 
-    async def _ping(self) -> bool:
+    async def _probe(self) -> bool:
+        # Not a PING: Redis refusing writes for a while (CLIENT PAUSE WRITE, as its FAILOVER does)
+        # answers one, and every handshake was let in to wait for its session's creation in vain.
+        # The RELEASE script, as every session's writes, waits then; it releases nothing (no owner
+        # holds the fence "").
+        release = self._scripts["RELEASE"](keys=self._keys("probe"), args=[""])
         try:
-            await self._call(self._client().ping(), min(self.options.timeout, 1.0))
+            await self._call(release, min(self.options.timeout, 1.0))
         except StoreUnavailable:
             return False
         return True
