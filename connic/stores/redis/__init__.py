@@ -209,7 +209,7 @@ class RedisStore(Limits, Taking, SessionStore):
                 log.warning("session %s: its state cannot be saved as JSON (%s): let go as last saved", sid, exc)
                 self._abandons[sid] = owned[0]
             else:
-                self._releases[sid] = (owned[0], data, record.history, window)
+                self._releases[sid] = (owned[0], data, record.history, window, owned[1])
             self._kick()
 
     async def load(self, session_id: str) -> SessionRecord | None:

@@ -114,6 +114,10 @@ class Follower:
         try:
             while True:
                 if not self._follows:
+                    # Not kept while nothing is followed: a Redis with an idle `timeout` (managed ones
+                    # often set one) closes it, and the next resume to follow would fail at its first read.
+                    await self._drop(conn)
+                    conn = None
                     self._changed.clear()
                     await self._changed.wait()
                     continue

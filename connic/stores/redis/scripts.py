@@ -151,6 +151,26 @@ local function history(replace, keep, first, ttl)
 end
 """
 
+# Whether the fencing token ARGV[1] owns the session (KEYS[1] the ownership key, KEYS[2] the
+# fencing counter, KEYS[3] the record): 1 if it does, 0 if another process does, -1 if nobody
+# does and it cannot be taken back. A lease that lapsed while Redis could not be reached (or was
+# paused) for longer than it, with no claim since (the counter still at this token) and the
+# record still there, is taken back for ``lease`` ms (0: not taken back): its owner lost nothing,
+# nobody took the session. After a claim since (the session was taken, and let go), or once
+# Redis lost the session's keys, it is -1: this copy of the session is gone from the store.
+_OWN = """
+local function own(lease)
+    local owner = redis.call('GET', KEYS[1])
+    if owner == ARGV[1] then return 1 end
+    if owner then return 0 end
+    if lease ~= '0' and redis.call('GET', KEYS[2]) == ARGV[1] and redis.call('EXISTS', KEYS[3]) == 1 then
+        redis.call('SET', KEYS[1], ARGV[1], 'PX', lease)
+        return 1
+    end
+    return -1
+end
+"""
+
 # A new session: ownership (a new fencing token), its record and its history.
 # ARGV: lease ms, record, record ttl ms, then the history's entries.
 CREATE = (
@@ -266,36 +286,46 @@ return 1
 """
 
 # Append frames to the replay log, as one entry, only while this fencing token owns the
-# session. ARGV: fence, the seq below which entries are trimmed (an entry's id is its newest
-# frame's seq), log ttl ms, the seq of the newest frame (the entry's id), then the frames
-# joined by newlines (the entry's one field, ``f``). XADD refuses an id not above the
-# newest, which is the seq check: a write is never logged twice, nor after a newer one.
-APPEND = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# session (:data:`_OWN`: its result). ARGV: fence, the seq below which entries are trimmed (an
+# entry's id is its newest frame's seq), log ttl ms, the seq of the newest frame (the entry's
+# id), the frames joined by newlines (the entry's one field, ``f``), then the lease ms. XADD
+# refuses an id not above the newest, which is the seq check: a write is never logged twice,
+# nor after a newer one.
+APPEND = (
+    _OWN
+    + """
+local owned = own(ARGV[6])
+if owned ~= 1 then return owned end
 redis.call('XADD', KEYS[4], 'MINID', '0-' .. ARGV[2], '0-' .. ARGV[4], 'f', ARGV[5])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 return 1
 """
+)
 
 # Save the record and the history (and keep the log as long), only while this fencing token
-# owns the session. ARGV: fence, record, ttl ms, replace (1: the list is rewritten, 0: the
-# entries are appended), the number of entries the session holds, then the entries to write.
+# owns the session (:data:`_OWN`: its result). ARGV: fence, record, ttl ms, replace (1: the
+# list is rewritten, 0: the entries are appended), the number of entries the session holds,
+# the lease ms, then the entries to write.
 SAVE = (
     _HISTORY
+    + _OWN
     + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local owned = own(ARGV[6])
+if owned ~= 1 then return owned end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-history(ARGV[4] == '1', tonumber(ARGV[5]), 6, ARGV[3])
+history(ARGV[4] == '1', tonumber(ARGV[5]), 7, ARGV[3])
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 )
 
-# Let the session go: any process may take it. ARGV: fence.
+# Let the session go: any process may take it. ARGV: fence. The fencing counter moves on, so
+# that this token can never take the session back (:data:`_OWN`) by a write of its own after it.
 RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('INCR', KEYS[2])
 return 1
 """
 
@@ -305,15 +335,19 @@ return 1
 # for while it is live here (0: left as they are: a session still being taken over, whose
 # record says nothing yet). Without it a reply longer than the ttl, or a session taken over
 # (its keys expiring a let-go's resume_window later) and kept quiet, saw its keys expire
-# under it, as no save comes meanwhile. Returns 0 when another
-# process owns it, else 1, plus 2 when a resume elsewhere took its connection over (the
+# under it, as no save comes meanwhile. Returns 0 when another process owns it, -1 when
+# nobody does and it cannot be taken back (:data:`_OWN`), else 1, plus 2 when a resume
+# elsewhere took its connection over (the
 # flag, taken: a pub/sub message may have been lost; a flag naming an earlier owner's fence,
 # set for a process that died before taking it, is taken and ignored), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
 # that a session this process lets go instead, a rebuild that failed, still ends at the
 # next claim), plus 8 when cancels wait for it.
-RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+RENEW = (
+    _OWN
+    + """
+local owned = own(ARGV[2])
+if owned ~= 1 then return owned end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 if ARGV[3] ~= '0' then
     for i = 2, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
@@ -324,6 +358,7 @@ if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
 return result
 """
+)
 
 # A resume on the process that owns the session attached a connection to it: a resume still
 # following it elsewhere was taken over (its resumer is none now). KEYS: its resumer.

@@ -54,7 +54,7 @@ a write of huge frames stays well within what Redis takes in one argument (512 M
 
 
 def _appends(
-    sid: str, fence: int, capacity: int, log_ttl: int, first: int, frames: list[str]
+    sid: str, fence: int, lease: int, capacity: int, log_ttl: int, first: int, frames: list[str]
 ) -> list[tuple[str, str, list[Any]]]:
     """The APPENDs logging ``frames`` (numbered from ``first``): one entry, or more for more than ENTRY_CHARS.
 
@@ -64,7 +64,8 @@ def _appends(
     than the capacity, so that a process following it one read behind (a write of more
     than ``capacity`` frames while its read was on its way) finds no gap. A replay from
     the log never goes back more than the capacity (:meth:`RedisReplayLog.since
-    <connic.stores.redis.log.RedisReplayLog.since>`).
+    <connic.stores.redis.log.RedisReplayLog.since>`). ``lease``: how long a lapsed lease is
+    taken back for (:data:`~connic.stores.redis.scripts.APPEND`; 0: not taken back).
     """
     commands: list[tuple[str, str, list[Any]]] = []
     start = 0
@@ -74,10 +75,16 @@ def _appends(
             size += len(frames[end])
             end += 1
         newest = first + end - 1
-        args = [fence, max(0, first + start - capacity), log_ttl, newest, "\n".join(frames[start:end])]
+        args = [fence, max(0, first + start - capacity), log_ttl, newest, "\n".join(frames[start:end]), lease]
         commands.append((sid, "APPEND", args))
         start = end
     return commands
+
+
+def _save(fence: int, record: str, record_ttl: int, lease: int, history: tuple[int, int, list[str]]) -> list[Any]:
+    """The arguments of a SAVE (:data:`~connic.stores.redis.scripts.SAVE`); ``history`` from :meth:`Writer._history`."""
+    replace, count, entries = history
+    return [fence, record, record_ttl, replace, count, lease, *entries]
 
 
 class Writer(Connection):
@@ -90,8 +97,8 @@ class Writer(Connection):
         self._logs: dict[str, RedisReplayLog] = {}
         self._dirty_logs: dict[str, RedisReplayLog] = {}
         self._dirty: set[str] = set()  # sessions to save
-        # session id: (fence, record, its history, ttl ms)
-        self._releases: dict[str, tuple[int, str, Sequence[HistoryEntry], int]] = {}
+        # session id: (fence, record, its history, ttl ms, lease ms)
+        self._releases: dict[str, tuple[int, str, Sequence[HistoryEntry], int, int]] = {}
         # Session id: the newest history entry its Redis list holds (None: the list is empty),
         # for the sessions whose list is known to hold exactly their entries up to that one.
         self._saved: dict[str, HistoryEntry | None] = {}
@@ -192,16 +199,18 @@ class Writer(Connection):
                 continue
             held = session.history.entries
             saves[len(commands)] = held[-1] if held else None
-            commands.append((sid, "SAVE", [owned[0], record, ttl(session), *self._history(sid, held)]))
+            commands.append((sid, "SAVE", _save(owned[0], record, ttl(session), owned[1], self._history(sid, held))))
         self._dirty = set()
         releases, self._releases = self._releases, {}
-        for sid, (fence, record, entries, record_ttl) in releases.items():
-            commands.append((sid, "SAVE", [fence, record, record_ttl, *self._history(sid, entries)]))
+        for sid, (fence, record, entries, record_ttl, lease) in releases.items():
+            commands.append((sid, "SAVE", _save(fence, record, record_ttl, lease, self._history(sid, entries))))
         for sid, replay in self._dirty_logs.items():
             frames, replay.pending = replay.pending, []
             if frames and replay.fence is not None:
                 log_ttl = ms(ttl_seconds(self._live.get(sid)))
-                commands += _appends(sid, replay.fence, replay.capacity, log_ttl, replay.first, frames)
+                owned = self._fences.get(sid)
+                lease = owned[1] if owned is not None and owned[0] == replay.fence else 0
+                commands += _appends(sid, replay.fence, lease, replay.capacity, log_ttl, replay.first, frames)
         self._dirty_logs = {}
         commands += [(sid, "RELEASE", [fence]) for sid, (fence, *_) in releases.items()]
         commands += [(sid, "RELEASE", [fence]) for sid, fence in self._abandons.items()]
@@ -232,8 +241,10 @@ class Writer(Connection):
                     # Whether the history was written is unknown: the next save writes it whole.
                     self._saved.pop(sid, None)
                     self._fail(sid)
-                elif not result and name in ("APPEND", "SAVE"):
+                elif result == 0 and name in ("APPEND", "SAVE"):
                     self._lost(sid)
+                elif result == -1 and name in ("APPEND", "SAVE"):
+                    self._gone(sid)
                 elif i in saves and (sid in self._fences or sid in self._releases):
                     # Still this process's (or to be let go with the next batch, which writes from here).
                     self._saved[sid] = saves[i]
@@ -246,7 +257,7 @@ class Writer(Connection):
                 else:
                     waiter.set_result(None)
 
-    def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> list[str | int]:
+    def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> tuple[int, int, list[str]]:
         """The history arguments of a SAVE of session ``sid`` holding ``entries``: replace, count, entries.
 
         Only the entries added since the last save written from here go, found by identity
@@ -267,7 +278,7 @@ class Writer(Connection):
                         break
         replace = start is None
         new = entries[start or 0 :]
-        return [1 if replace else 0, len(entries), *(encode_entry(entry) for entry in new)]
+        return (1 if replace else 0), len(entries), [encode_entry(entry) for entry in new]
 
     def _counted_out(self) -> list[tuple[str, str]]:
         """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
@@ -309,6 +320,8 @@ class Writer(Connection):
             for (sid, (fence, _)), result in zip(owned, results, strict=True):
                 if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
                     self._lost(sid)
+                elif result == -1 and self._fences.get(sid, (0, 0))[0] == fence:
+                    self._gone(sid)
                 if not isinstance(result, int) or result <= 0:
                     continue
                 # What a pub/sub message lost (the channel reconnecting) would have said.
@@ -336,6 +349,23 @@ class Writer(Connection):
         sink = session.sink if session is not None else None
         if sink is not None:
             sink.end(StoreUnavailable("the session store cannot be reached; resume later"), True)
+
+    def _gone(self, sid: str) -> None:
+        """Nobody owns the session and this process cannot take it back: Redis lost its keys (a restart
+        without its data, a FLUSHALL), or its lease lapsed and another process claimed it since. This
+        copy stops: its connection ends as a store failure would (store_unavailable, 1011), and a
+        resume finds what Redis has of it, or a fresh session. Not a takeover: nobody took it over.
+        """
+        self._fences.pop(sid, None)
+        self._saved.pop(sid, None)
+        session = self._live.get(sid)
+        if session is None:
+            return
+        log.warning("session %s: gone from the redis store (its keys lost, or claimed after its lease lapsed)", sid)
+        sink = session.sink
+        if sink is not None:
+            sink.end(StoreUnavailable("this session is gone from the session store; resume or start again"), True)
+        session.leave()
 
     def _lost(self, sid: str) -> None:
         """Another process owns the session now (this one's lease ran out): this copy stops at once."""
