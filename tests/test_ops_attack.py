@@ -109,10 +109,6 @@ async def test_redis_refusing_writes_for_a_while_gets_new_handshakes_503_then_se
     assert (await chat(await session.start(), "m1", "back"))["full_response"] == "back"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.py: a RENEW answering 0 because the lease lapsed (no other owner) is taken for a takeover (4011)",
-)
 async def test_an_idle_session_outliving_a_redis_pause_longer_than_its_lease_is_not_told_it_was_taken_over(
     served: Any, clients: Clients, redis_server: RedisServer
 ) -> None:
@@ -130,10 +126,6 @@ async def test_an_idle_session_outliving_a_redis_pause_longer_than_its_lease_is_
     await _not_taken_over(session, conn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.py: a RENEW answering 0 because the session's keys are gone (no owner) is taken for a takeover",
-)
 async def test_an_idle_session_whose_keys_redis_lost_is_not_told_it_was_taken_over(
     served: Any, clients: Clients, redis_server: RedisServer
 ) -> None:
@@ -146,10 +138,6 @@ async def test_an_idle_session_whose_keys_redis_lost_is_not_told_it_was_taken_ov
     await _not_taken_over(session, conn, lost=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="writer.py: an APPEND answering 0 because the session's keys are gone (no owner) is taken for a takeover",
-)
 async def test_a_streaming_session_whose_keys_redis_lost_is_not_told_it_was_taken_over(
     served: Any, clients: Clients, redis_server: RedisServer
 ) -> None:
@@ -185,10 +173,6 @@ async def _not_taken_over(session: ResumeSession, conn: Any, *, lost: bool = Fal
 # --- Redis closing idle connections ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="follower.py keeps its XREAD connection while it follows nothing: Redis's `timeout` closes it under it",
-)
 async def test_a_resume_following_another_process_after_an_idle_while_gets_the_reply_with_redis_timeout_set(
     served: Any, clients: Clients, redis_server: RedisServer
 ) -> None:
