@@ -139,7 +139,7 @@ async def test_progress_events_on_streams_the_frames_in_order_with_seq(
     frames = await client.reply({"id": "m1", "message": "hi there", "agent": "tooly"})
     seqs = [frame.pop("seq") for frame in frames]
     assert seqs == list(range(seqs[0], seqs[0] + len(frames)))  # every frame numbered, none skipped
-    assert frames[0] == {"type": "ack", "id": "m1", "message_number": 1}
+    assert frames[0] == {"type": "ack", "id": "m1", "message_number": 1, "agent": "tooly"}  # it named the agent
     assert frames[1:] == STREAMED
     # Neither the answer's text nor the history holds the events.
     assert await history_texts(client) == [("user", "hi there"), ("agent", "Hello world")]
