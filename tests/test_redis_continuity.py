@@ -13,6 +13,7 @@ reason names it): it passes, and so fails strict, once that fix lands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -362,6 +363,37 @@ ECHO = '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
 SLOW = ECHO + '[agents.slow]\nuse = "echo"\ndelay = 60\n[agents.quick]\nuse = "echo"\ndelay = 0\n'
 
 
+@contextlib.contextmanager
+def _launcher(tmp_path: Path, redis_server: RedisServer, name: str) -> Iterator[Any]:
+    """``start(config)``: ``python -m connic run`` with ``config`` (TOML) and a ``[store]`` table naming
+    ``redis_server``; every process started is killed at the end."""
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start(config: str) -> CliServer:
+        config_file = tmp_path / f"{name}-{len(started)}.toml"
+        config_file.write_text(config + f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n')
+        server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def resumed_on_b_then_a_killed(session: ResumeSession, a: CliServer, b: CliServer) -> Any:
+    """Drop the session's connection, resume it on ``b`` (following ``a``'s reply), then kill -9 ``a``."""
+    session.drop()
+    conn_b = await session.resume(url=b.url)
+    assert conn_b.connected["resumed"] is True
+    a.proc.kill()
+    await asyncio.to_thread(a.proc.wait, 10)
+    return conn_b
+
+
 @pytest.fixture
 def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     """Start ``python -m connic run`` processes sharing ``redis_server`` (``replay_buffer`` 8); killed at the end.
@@ -369,22 +401,15 @@ def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     ``launch(agents, connector)``: the agents' tables (default :data:`ECHO`) and more keys of
     the connector, in TOML.
     """
-    env = store_plugin_env(tmp_path / "plugins")
-    started: list[CliServer] = []
+    with _launcher(tmp_path, redis_server, "connic") as start:
 
-    async def start(agents: str = ECHO, connector: str = "") -> CliServer:
-        config_file = tmp_path / f"connic-{len(started)}.toml"
-        config_file.write_text(
-            agents + f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 3\n'
-            f'replay_buffer = 8\n{connector}[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
-        )
-        server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
-        started.append(server)
-        return server
+        async def launch(agents: str = ECHO, connector: str = "") -> CliServer:
+            return await start(
+                agents + f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 3\n'
+                f"replay_buffer = 8\n{connector}"
+            )
 
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+        yield launch
 
 
 async def test_a_reply_longer_than_the_replay_buffer_ends_with_producer_lost_when_its_process_dies(
@@ -422,22 +447,15 @@ def launch_agui(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
 
     Killed at the end. Its echo agent streams a chunk every 20 ms; ``producer_timeout`` is 3 s.
     """
-    env = store_plugin_env(tmp_path / "plugins")
-    started: list[CliServer] = []
+    with _launcher(tmp_path, redis_server, "connic-agui") as start:
 
-    async def start() -> CliServer:
-        config_file = tmp_path / f"connic-agui-{len(started)}.toml"
-        config_file.write_text(
-            ECHO + f'[[connectors]]\ntransport = "agui"\npath = "/agui"\nsecrets = ["{SECRET}"]\n'
-            f'producer_timeout = 3\non_disconnect = "continue"\n[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
-        )
-        server = await asyncio.to_thread(start_cli, "--config", str(config_file), env=env)
-        started.append(server)
-        return server
+        async def launch() -> CliServer:
+            return await start(
+                ECHO + f'[[connectors]]\ntransport = "agui"\npath = "/agui"\nsecrets = ["{SECRET}"]\n'
+                'producer_timeout = 3\non_disconnect = "continue"\n'
+            )
 
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+        yield launch
 
 
 async def test_an_agui_run_followed_on_another_process_ends_with_producer_lost_when_its_process_dies(
@@ -517,11 +535,7 @@ async def test_every_agent_of_a_message_ends_with_producer_lost_when_its_process
     await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})
     while len(session.transcript.chunks("m1", "assistant")) < 10 or session.transcript.end("m1", "quick") is None:
         await conn.recv()
-    session.drop()
-    conn_b = await session.resume(url=b.url)
-    assert conn_b.connected["resumed"] is True
-    a.proc.kill()
-    await asyncio.to_thread(a.proc.wait, 10)
+    conn_b = await resumed_on_b_then_a_killed(session, a, b)
     await conn_b.until_ended({"m1": ["assistant", "slow"]}, timeout=3 + 5)
     for agent in ("assistant", "slow"):
         end = session.transcript.end("m1", agent)
@@ -548,11 +562,7 @@ async def test_messages_queued_behind_a_long_reply_end_with_producer_lost_when_i
     await conn.send({"type": "message", "id": 3, "payload": {"message": "queued too"}})
     while len(session.transcript.chunks("m1", "assistant")) < 20:  # the acks are far behind
         await conn.recv()
-    session.drop()
-    conn_b = await session.resume(url=b.url)
-    assert conn_b.connected["resumed"] is True
-    a.proc.kill()
-    await asyncio.to_thread(a.proc.wait, 10)
+    conn_b = await resumed_on_b_then_a_killed(session, a, b)
     await conn_b.until_ended({"m1": ["assistant"], "m2": ["assistant"], 3: ["assistant"]}, timeout=3 + 5)
     for message_id in ("m1", "m2", 3):
         end = session.transcript.end(message_id, "assistant")
@@ -580,11 +590,7 @@ async def test_a_message_that_named_one_agent_loses_only_that_agents_reply_when_
     await conn.send({"type": "message", "id": "m3", "payload": {"message": "y"}})
     while len(session.transcript.chunks("m1", "assistant")) < 10 or len(session.transcript.of("m3")) < 1:
         await conn.recv()
-    session.drop()
-    conn_b = await session.resume(url=b.url)
-    assert conn_b.connected["resumed"] is True
-    a.proc.kill()
-    await asyncio.to_thread(a.proc.wait, 10)
+    conn_b = await resumed_on_b_then_a_killed(session, a, b)
     await conn_b.until_ended(
         {"m1": ["assistant"], "m2": ["quick"], "m3": ["assistant", "slow", "quick"]}, timeout=3 + 5
     )

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from connic.errors import SessionTakenOver, StoreUnavailable
+from connic.errors import ConnicError, SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
@@ -356,26 +356,24 @@ class Writer(Connection):
         copy stops: its connection ends as a store failure would (store_unavailable, 1011), and a
         resume finds what Redis has of it, or a fresh session. Not a takeover: nobody took it over.
         """
-        self._fences.pop(sid, None)
-        self._saved.pop(sid, None)
-        session = self._live.get(sid)
-        if session is None:
-            return
-        log.warning("session %s: gone from the redis store (its keys lost, or claimed after its lease lapsed)", sid)
-        sink = session.sink
-        if sink is not None:
-            sink.end(StoreUnavailable("this session is gone from the session store; resume or start again"), True)
-        session.leave()
+        error = StoreUnavailable("this session is gone from the session store; resume or start again")
+        self._stop_copy(sid, error, "gone from the redis store (its keys lost, or claimed after its lease lapsed)")
 
     def _lost(self, sid: str) -> None:
         """Another process owns the session now (this one's lease ran out): this copy stops at once."""
+        self._stop_copy(
+            sid, SessionTakenOver("the session moved to another process"), "ownership lost to another process"
+        )
+
+    def _stop_copy(self, sid: str, error: ConnicError, why: str) -> None:
+        """This process's copy of the session stops: its connection ends with ``error``; Redis's is left as it is."""
         self._fences.pop(sid, None)
         self._saved.pop(sid, None)
         session = self._live.get(sid)
         if session is None:
             return
-        log.warning("session %s: ownership lost to another process", sid)
+        log.warning("session %s: %s", sid, why)
         sink = session.sink
         if sink is not None:
-            sink.end(SessionTakenOver("the session moved to another process"), True)
+            sink.end(error, True)
         session.leave()
