@@ -101,8 +101,10 @@ class Sessions:
         """A new session, kept in the store; its id is ``session_id`` when the client names it (AG-UI's threadId)."""
         session = ChatSession(self, session_id if session_id is not None else str(uuid.uuid4()))
         started = time.perf_counter()
-        await self.store.add(session)
-        self.metrics.store_seconds.observe(time.perf_counter() - started, "add")
+        try:
+            await self.store.add(session)
+        finally:  # a call that failed (a store timing out) is counted too, at the time it took
+            self.metrics.store_seconds.observe(time.perf_counter() - started, "add")
         self.live.add(session)
         self.metrics.sessions.inc(self.label)
         self.metrics.sessions_open.inc(self.label)
@@ -121,8 +123,10 @@ class Sessions:
         thread on one process waits behind the first.
         """
         started = time.perf_counter()
-        session = await self.store.get(session_id)
-        self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
+        try:
+            session = await self.store.get(session_id)
+        finally:
+            self.metrics.store_seconds.observe(time.perf_counter() - started, "get")
         if session is None:
             session = await self._take(session_id, token, last_seq, follow, takeover)  # may wait for another process
         if (

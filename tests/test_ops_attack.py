@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from redis_server import (
     RedisServer,
@@ -73,6 +75,15 @@ def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
             server.proc.kill()
 
 
+async def store_calls(http: str, operation: str) -> float:
+    """``connic_store_seconds_count`` for ``operation``, scraped from ``http``/metrics."""
+    async with aiohttp.ClientSession() as session, session.get(http + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    found = re.search(rf'^connic_store_seconds_count\{{operation="{operation}"\}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 async def _idle_session(clients: Clients, url: str) -> tuple[ResumeSession, Any]:
     """A new session with nothing left to write (its creation is in Redis before ``connected``)."""
     session = ResumeSession(clients, url)
@@ -91,6 +102,8 @@ async def test_redis_refusing_writes_for_a_while_gets_new_handshakes_503_then_se
     import redis.asyncio as aioredis
 
     server = await served()
+    http = f"http://127.0.0.1:{server.port}"
+    added = await store_calls(http, "add")
     admin = aioredis.Redis.from_url(redis_server.url)
     try:
         await admin.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
@@ -100,6 +113,8 @@ async def test_redis_refusing_writes_for_a_while_gets_new_handshakes_503_then_se
         await conn.send({"secret": SECRET})
         code, frames = await conn.closed(timeout=10)
         assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"]
+        # The store latency histogram counts the creation that timed out (it counted successes only).
+        assert await store_calls(http, "add") == added + 1
         assert await status_within(server.url, 503, 5), "new handshakes still accepted while Redis takes no write"
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")
