@@ -46,7 +46,8 @@ PRODUCER_TIMEOUT = 1.0
 
 @pytest.fixture
 def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """``served()``: a ``python -m connic run`` on ``redis_server`` (echo agent); killed at the end.
+    """``served(connector)``: a ``python -m connic run`` on ``redis_server`` (echo agent; ``connector``: more
+    keys of its connector, in TOML); killed at the end.
 
     Redis is let run again (SIGCONT) first, whatever the test left it as.
     """
@@ -54,12 +55,12 @@ def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start() -> CliServer:
+    async def start(connector: str = "") -> CliServer:
         config = tmp_path / "connic.toml"
         config.write_text(
             '[agents.assistant]\nuse = "echo"\ndelay = 0.01\n'
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {PRODUCER_TIMEOUT}\n'
-            f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
+            f'{connector}[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
         )
         server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
         started.append(server)
@@ -150,6 +151,18 @@ async def test_an_idle_session_whose_keys_redis_lost_is_not_told_it_was_taken_ov
     server = await served()
     session, conn = await _idle_session(clients, server.url)
     flush(redis_server.url)
+    await _not_taken_over(session, conn, lost=True)
+
+
+async def test_a_message_to_a_rate_limited_session_whose_keys_redis_lost_is_not_told_it_was_taken_over(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The same, with a rate_limit: the message's first store call is the bucket's, whose script
+    # took "no owner" for "another owner" too, before any renewal or write could tell the two apart.
+    server = await served("rate_limit = { messages = 100, per = 60 }\n")
+    session, conn = await _idle_session(clients, server.url)
+    flush(redis_server.url)
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "hello"}})
     await _not_taken_over(session, conn, lost=True)
 
 

@@ -116,9 +116,9 @@ class Follower:
                 if not self._follows:
                     # Not kept while nothing is followed: a Redis with an idle `timeout` (managed ones
                     # often set one) closes it, and the next resume to follow would fail at its first read.
+                    self._changed.clear()  # before the drop's await: a follow meanwhile sets it again
                     await self._drop(conn)
                     conn = None
-                    self._changed.clear()
                     await self._changed.wait()
                     continue
                 try:

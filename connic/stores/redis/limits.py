@@ -66,17 +66,23 @@ class Limits(Writer):
         """Take a token from the session's bucket: 0.0, or the seconds until one is available.
 
         Only while this process owns the session; when it does not (any more), 0.0 and the
-        session is let go here, so its caller finds it ended (its connection is closed with
-        ``session_taken_over``). StoreUnavailable when Redis does not answer.
+        session is let go here, so its caller finds it ended: its connection is closed with
+        ``session_taken_over`` when another process owns it, ``store_unavailable`` when the
+        session is gone from Redis (a lapsed lease nobody claimed is taken back, as a write
+        does). StoreUnavailable when Redis does not answer.
         """
         owned = self._fences.get(session_id)
         if owned is None:
             return 0.0
-        keys = [self._keys(session_id)[0], scripts.rate_key(self.options.key_prefix, session_id)]
-        wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=[owned[0], messages, ms(per)])))
+        keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
+        args = [owned[0], messages, ms(per), owned[1]]
+        wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
         if wait < 0:
             if self._fences.get(session_id, (0, 0))[0] == owned[0]:
-                self._lost(session_id)
+                if wait == -1:
+                    self._lost(session_id)
+                else:
+                    self._gone(session_id)
             return 0.0
         return wait / 1000
 

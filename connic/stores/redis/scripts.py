@@ -377,28 +377,34 @@ return 1
 """
 
 
-# Take a token from the session's rate limit bucket, only while this fencing token owns the session.
-# KEYS: the ownership key, the bucket. ARGV: fence, capacity (messages), refill period ms.
-# Returns 0 when a token was taken, the ms until one is available, or -1 when another
-# process owns the session. The bucket is counted on Redis's clock (TIME), the same for
-# every process; a full bucket is no key at all (it expires once it would have refilled).
-TAKE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+# Take a token from the session's rate limit bucket, only while this fencing token owns the session
+# (:data:`_OWN`). KEYS: the ownership key, the fencing counter, the record, the bucket. ARGV: fence,
+# capacity (messages), refill period ms, lease ms. Returns 0 when a token was taken, the ms until
+# one is available, -1 when another process owns the session, or -2 when nobody does and it
+# cannot be taken back. The bucket is counted on Redis's clock (TIME), the same for every
+# process; a full bucket is no key at all (it expires once it would have refilled).
+TAKE = (
+    _OWN
+    + """
+local owned = own(ARGV[4])
+if owned == 0 then return -1 end
+if owned == -1 then return -2 end
 if redis.replicate_commands then redis.replicate_commands() end
 local capacity = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
 local tokens = capacity
-local state = redis.call('HMGET', KEYS[2], 'tokens', 'at')
+local state = redis.call('HMGET', KEYS[4], 'tokens', 'at')
 if state[1] and state[2] then
     tokens = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period)
 end
 if tokens < 1 then return math.max(1, math.ceil((1 - tokens) * period / capacity)) end
-redis.call('HSET', KEYS[2], 'tokens', string.format('%.17g', tokens - 1), 'at', string.format('%.17g', now))
-redis.call('PEXPIRE', KEYS[2], math.ceil(period))
+redis.call('HSET', KEYS[4], 'tokens', string.format('%.17g', tokens - 1), 'at', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[4], math.ceil(period))
 return 0
 """
+)
 
 # Count a connection from one address in, unless the address has ``limit`` open already.
 # KEYS: the address's set. ARGV: limit, lease ms, the connection's id. Entries whose
