@@ -164,7 +164,8 @@ async def test_a_claim_whose_reply_comes_after_the_resume_gave_up_lets_the_sessi
         if int(await redis.get(fence)) > before:
             break
         await asyncio.sleep(0.02)
-    assert int(await redis.get(fence)) == before + 1
+    # Its claim moved the fencing counter on, and its letting go (RELEASE), if it came already, once more.
+    assert int(await redis.get(fence)) in (before + 1, before + 2)
     await wait_until_let_go(redis_server.url, session.session_id)  # within 4 s, not producer_timeout's 30
     await resumes_whole(session, a.url())  # another process takes it at once
 
