@@ -264,6 +264,13 @@ class ChatSession:
             return
         self.refuse(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 
+    def cancels(self, message_id: MessageId) -> bool:
+        """Whether :meth:`cancel` of ``message_id`` would stop or drop a message (rather than answer ``not_found``)."""
+        current = self.current
+        if current is not None and current.id == message_id and any(not t.done() for t in current.tasks.values()):
+            return True
+        return any(queued.id == message_id for queued in self.queue)
+
     def _cancel_current(self) -> bool:
         current = self.current
         if current is None:

@@ -102,18 +102,23 @@ def test_a_fleets_status_lines_are_each_written_whole(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
         after = records.wait_ended()[banner_end:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                if not exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, *pids)
     assert any("restarted as pid" in r for r in after), after
     assert sum("shutting down" in r for r in after) == 3, after  # the parent and both workers
     assert all(r.endswith("\n") and r.count("\n") == 1 for r in after), after
 
 
 # --- the supervising parent killed while its workers start ---------------------------------
+
+
+def _kill_leftovers(proc: subprocess.Popen[str], *pids: int) -> None:
+    """At a test's end: kill ``proc`` (the parent) and each of ``pids`` (its workers) still running."""
+    if proc.poll() is None:
+        proc.kill()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:
@@ -173,12 +178,7 @@ def test_workers_whose_parent_is_killed_before_they_listen_do_not_serve_on_as_or
             time.sleep(0.1)
         assert [pid for pid in workers if not exited(pid)] == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                if not exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(proc, *workers)
 
 
 async def test_a_stop_at_once_leaves_no_metrics_directory_behind(tmp_path: Path) -> None:
@@ -200,12 +200,7 @@ async def test_a_stop_at_once_leaves_no_metrics_directory_behind(tmp_path: Path)
         server.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(server.proc.wait, 30) == 128 + signal.SIGTERM
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                if not exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(server.proc, *pids)
     assert list(temp.iterdir()) == []
 
 
@@ -263,12 +258,7 @@ async def test_a_worker_restarted_while_an_agent_cannot_start_waits_for_it_and_t
         assert await asyncio.to_thread(server.proc.wait, 30) == 0, output.text()
         assert "giving up" not in output.text()
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                if not exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(server.proc, *pids)
 
 
 async def test_a_signal_while_a_worker_is_being_started_again_without_redis_still_exits_0(
@@ -296,9 +286,4 @@ async def test_a_signal_while_a_worker_is_being_started_again_without_redis_stil
         assert code == 0, output.text()
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
-        if server.proc.poll() is None:
-            server.proc.kill()
-        for pid in (first, second, *restarted):
-            with contextlib.suppress(ProcessLookupError):
-                if not exited(pid):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(server.proc, first, second, *restarted)

@@ -10,7 +10,8 @@ claim says so (or the channel, while it rebuilds the session), and it takes the 
 the session is live there, so that every cancel
 gets its answer (PROTOCOL.md §5). A cancel of an id the follower holds a message with too
 (``held``) is ``{"held": id}`` in the set: the owner acts on it only if it has a message with
-that id to stop or drop (:func:`_answers`), and a next owner never (the follower settles it).
+that id to stop or drop (:meth:`ChatSession.cancels <connic.session.ChatSession.cancels>`), and
+a next owner never (the follower settles it).
 The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
 (:mod:`~connic.stores.redis.takeovers` adds its own).
@@ -23,15 +24,12 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores.redis import scripts
 from connic.stores.redis.writer import Writer
-
-if TYPE_CHECKING:
-    from connic.session import ChatSession
 
 __all__ = ["Cancels"]
 
@@ -144,7 +142,7 @@ class Cancels(Writer):
             for message_id in cancels:
                 if not isinstance(message_id, dict):
                     session.cancel(message_id)
-                elif not claimed and _answers(session, message_id["held"]):
+                elif not claimed and session.cancels(message_id["held"]):
                     session.cancel(message_id["held"])
 
     def _take_waiting_cancels(self, session_id: str) -> None:
@@ -157,11 +155,3 @@ class Cancels(Writer):
         task = asyncio.create_task(work)
         self._cancelling.add(task)
         task.add_done_callback(self._cancelling.discard)
-
-
-def _answers(session: ChatSession, message_id: MessageId) -> bool:
-    """Whether ``session.cancel(message_id)`` stops or drops a message (rather than answering ``not_found``)."""
-    current = session.current
-    if current is not None and current.id == message_id and any(not task.done() for task in current.tasks.values()):
-        return True
-    return any(queued.id == message_id for queued in session.queue)
