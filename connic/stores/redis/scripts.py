@@ -172,12 +172,25 @@ end
 """
 
 # A new session: ownership (a new fencing token), its record and its history.
-# ARGV: lease ms, record, record ttl ms, then the history's entries.
+# ARGV: lease ms, record, record ttl ms, then the history's entries. The fencing counter of an
+# id never goes backwards: a session id the client names (AG-UI's threadId) is opened again
+# after its session ended (DELETE) or expired, and a process still holding a token of the old
+# session (its lease lapsed unnoticed) must not pass the new one's fence. Nothing of the old
+# session is left to count on, so the new counter starts at Redis's clock in milliseconds,
+# above every token the old one handed out (it moves on once per claim or release of the
+# session: never a thousand times a second).
 CREATE = (
     _HISTORY
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local floor = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local fence = redis.call('INCR', KEYS[2])
+if fence < floor then
+    fence = floor
+    redis.call('SET', KEYS[2], fence)
+end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], fence, 'PX', ARGV[1])
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
@@ -368,13 +381,21 @@ if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) 
 return 1
 """
 
-# The session ended for good: forget all of it. KEYS: every key of the session
-# (:func:`every_key`). ARGV: fence.
-DELETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# The session ended for good: forget all of it, only while this fencing token owns it
+# (:data:`_OWN`: its result). KEYS: every key of the session (:func:`every_key`). ARGV: fence.
+# A lease that lapsed unnoticed (Redis paused longer than it, before the next renewal took it
+# back) is taken back to be deleted, as a write takes it back: the ended session was otherwise
+# left in Redis until its keys expired, and a resume with its token brought it back. A session
+# another process owns, or claimed since (the counter moved on), is left as it is.
+DELETE = (
+    _OWN
+    + """
+local owned = own('1')
+if owned ~= 1 then return owned end
 redis.call('DEL', unpack(KEYS))
 return 1
 """
+)
 
 
 # Take a token from the session's rate limit bucket, only while this fencing token owns the session
