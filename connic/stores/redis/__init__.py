@@ -62,6 +62,18 @@ __all__ = ["RedisReplayLog", "RedisStore"]
 
 log = logging.getLogger("connic.stores.redis")
 
+DELETE_RETRY_FIRST = 0.5
+"""Seconds before the first retry of an ended session's DELETE that failed; each next waits twice as long."""
+DELETE_RETRY_MAX = 30.0
+"""The longest wait between two retries of a DELETE."""
+DELETE_RETRY_FOR = 300.0
+"""Seconds after its first failure a DELETE is given up: the ended session's keys then live until they expire.
+
+Long beside a failover or a restart of Redis; a session still in Redis meanwhile can be
+resumed with its token (it is back), so the retries go on for as long as that is likely
+to be worth it, at most one small script per ended session every ``DELETE_RETRY_MAX``.
+"""
+
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value > 0:
@@ -103,6 +115,9 @@ class RedisStore(Limits, Taking, SessionStore):
         SessionStore.__init__(self, options if options is not None else RedisStore.Options())
         Limits.__init__(self)  # and, through it, every other base but SessionStore
         self._tasks: list[asyncio.Task[None]] = []
+        # Session id: (fence, retries so far, when its DELETE first failed, the next retry's timer)
+        self._undeleted: dict[str, tuple[int, int, float, asyncio.TimerHandle | None]] = {}
+        self._last_try = False  # closing: a DELETE failing now is given up
 
     # --- life cycle -------------------------------------------------------------
 
@@ -121,6 +136,12 @@ class RedisStore(Limits, Taking, SessionStore):
         """Write what is queued (bounded by ``timeout``), then disconnect."""
         if self._redis is None:
             return
+        # One last attempt at the DELETEs waiting for a retry, in the writes bounded below.
+        self._last_try = True
+        for sid, (fence, _, _, timer) in self._undeleted.items():
+            if timer is not None:
+                timer.cancel()
+            self._deletes[sid] = max(fence, self._deletes.get(sid, 0))
         try:
             async with asyncio.timeout(self.options.timeout):
                 await self.flush()
@@ -177,6 +198,58 @@ class RedisStore(Limits, Taking, SessionStore):
         fence = self._forget(session_id)
         if fence is not None:
             self._deletes[session_id] = fence
+            self._kick()
+
+    def _deleted(self, sid: str, fence: int, result: object) -> None:
+        """An ended session's DELETE that failed is retried in the background, with backoff, for a while.
+
+        Not retried, it left the session in Redis until its keys expired, and a resume with
+        its token brought it back. Nothing waits for it: not the connection's close, nor a
+        shutdown (which makes one last attempt, within the store's ``timeout``). One warning
+        when it first fails, one more if it is given up (``DELETE_RETRY_FOR``).
+        """
+        entry = self._undeleted.get(sid)
+        if entry is not None and entry[0] > fence:
+            return  # an older copy's DELETE: the retries of the newer one's go on
+        if entry is not None and entry[0] < fence:
+            # A newer copy of the session (taken again here, then ended): its DELETE settles the older's.
+            if entry[3] is not None:
+                entry[3].cancel()
+            self._undeleted.pop(sid, None)
+            entry = None
+        if not isinstance(result, Exception):
+            if entry is not None:
+                self._undeleted.pop(sid, None)
+                if result == 1:
+                    log.info("session %s: ended in Redis after %d retries", sid, entry[1])
+            if result != 1:  # another process owns it or claimed it since (or Redis lost it): left as it is
+                log.info("session %s: not deleted from Redis: another process claimed it since it ended here", sid)
+            return
+        why = result.why if isinstance(result, StoreUnavailable) else str(result)
+        loop = asyncio.get_running_loop()
+        tries, since = (0, loop.time()) if entry is None else (entry[1], entry[2])
+        if self._last_try or loop.time() - since >= DELETE_RETRY_FOR:
+            self._undeleted.pop(sid, None)
+            log.warning(
+                "session %s: ending it in Redis failed (%s), retried %d times: given up; its keys expire on their own",
+                sid,
+                why,
+                tries,
+            )
+            return
+        if entry is None:
+            log.warning("session %s: ending it in Redis failed (%s): retrying in the background", sid, why)
+        delay = min(DELETE_RETRY_MAX, DELETE_RETRY_FIRST * 2**tries)
+        timer = loop.call_later(delay, self._delete_again, sid)
+        self._undeleted[sid] = (fence, tries + 1, since, timer)
+
+    def _delete_again(self, sid: str) -> None:
+        """Queue the retry of the session's DELETE."""
+        entry = self._undeleted.get(sid)
+        if entry is not None:
+            fence, tries, since, _ = entry
+            self._undeleted[sid] = (fence, tries, since, None)
+            self._deletes[sid] = max(fence, self._deletes.get(sid, 0))
             self._kick()
 
     def save(self, session: ChatSession) -> None:

@@ -234,7 +234,10 @@ class Writer(Connection):
             except StoreUnavailable as exc:
                 error = exc
                 results = [exc] * len(commands)
-            for i, ((sid, name, _), result) in enumerate(zip(commands, results[: len(commands)], strict=True)):
+            for i, ((sid, name, args), result) in enumerate(zip(commands, results[: len(commands)], strict=True)):
+                if name == "DELETE":  # the session is over here: only whether Redis forgot it is left
+                    self._deleted(sid, int(args[0]), result)
+                    continue
                 if isinstance(result, Exception):
                     why = result.why if isinstance(result, StoreUnavailable) else str(result)
                     log.warning("session %s: %s failed: %s", sid, name, why)
@@ -248,7 +251,7 @@ class Writer(Connection):
                 elif i in saves and (sid in self._fences or sid in self._releases):
                     # Still this process's (or to be let go with the next batch, which writes from here).
                     self._saved[sid] = saves[i]
-                if name in ("RELEASE", "DELETE"):
+                if name == "RELEASE":
                     self._saved.pop(sid, None)  # another process may write its history from now on
         for waiter in waiters:
             if not waiter.done():
@@ -342,6 +345,12 @@ class Writer(Connection):
 
     def _ended_elsewhere(self, session_id: str) -> None:
         """A client following the session elsewhere said goodbye (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
+
+    def _deleted(self, sid: str, fence: int, result: object) -> None:
+        """What the DELETE of an ended session got: its script's result, or the exception it failed with.
+
+        :class:`~connic.stores.redis.RedisStore` retries a DELETE that failed.
+        """
 
     def _fail(self, sid: str) -> None:
         """A write of the session failed: its connection ends with store_unavailable (1011); it stays resumable."""
