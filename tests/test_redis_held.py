@@ -192,3 +192,69 @@ async def test_a_held_cancel_left_by_a_dead_owner_is_settled_by_the_follower_alo
     ], frames
     assert session.transcript.of("m3")[0]["message_number"] == 3
     session.transcript.assert_complete()
+
+
+# What the client sends while m1 streams: messages (id, agent named) and one cancel of m2 last.
+# m2 is refused when it names an agent the connector lacks (unknown_agent: never acked).
+_SHARING = {
+    "both accepted": [("m2", None), ("m3", None), ("m2", None)],
+    "first refused": [("m2", "nobody"), ("m3", None), ("m2", None)],
+    "second refused": [("m2", None), ("m3", None), ("m2", "nobody")],
+    "both refused": [("m2", "nobody"), ("m3", None), ("m2", "nobody")],
+}
+
+
+@pytest.mark.parametrize("sent", _SHARING)
+async def test_a_cancel_drops_every_held_message_with_its_id(launch: Any, clients: Clients, sent: str) -> None:
+    # docs/protocol.md "Cancelling": ids need not be unique; with no message of that id in flight,
+    # a cancel drops every queued message that has it (their acks, nothing else), and answers
+    # not_found only when none was queued (each one refused). B held the cancel right behind the
+    # first held m2 only: the second was answered, and a refused first one got not_found.
+    got = {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared)
+        for message_id, agent in _SHARING[sent]:
+            payload = {"message": f"{message_id} text"} | ({"agent": agent} if agent else {})
+            await conn.send({"type": "message", "id": message_id, "payload": payload})
+        await conn.send({"type": "cancel", "id": "m2"})
+        await conn.until_ended({"m1": ["assistant"], "m3": ["assistant"]}, timeout=15)
+        await conn.send({"type": "message", "id": "m4", "payload": {"message": "after"}})
+        await conn.until_ended({"m4": ["assistant"]})
+        m2 = [(f["type"], f.get("code")) for f in session.transcript.of("m2")]
+        assert ("stream_start", None) not in m2, (shared, m2)
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+    assert got[True] == got[False], sent
+    assert [entry[:2] for entry in got[True][1]] == [
+        ("user", "m1"),
+        ("agent", "m1"),
+        ("user", "m3"),
+        ("agent", "m3"),
+        ("user", "m4"),
+        ("agent", "m4"),
+    ]
+    not_found = got[True][0][("error", "m2", None, None, "not_found")]
+    assert not_found == (1 if sent == "both refused" else 0), got[True][0]
+
+
+async def test_a_cancel_the_owner_takes_leaves_every_held_message_with_its_id_to_be_answered(
+    launch: Any, clients: Clients
+) -> None:
+    # The one in flight comes first: the cancel stops the owner's m1, and neither held m1 (each
+    # with the cancel held behind it on B) is dropped: both are answered after it, as on one process.
+    got = {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared)
+        for text in ("again", "and again"):
+            await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+        await conn.send({"type": "cancel", "id": "m1"})
+        await conn.until(
+            lambda f: f["type"] == "stream_end" and f["id"] == "m1" and f["full_response"] == "and again", timeout=15
+        )
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+        ends = [
+            (f["finish_reason"], f["full_response"]) for f in session.transcript.of("m1") if f["type"] == "stream_end"
+        ]
+        assert [reason for reason, _ in ends] == ["cancelled", "stop", "stop"] and ends[1][1] == "again", (shared, ends)
+    assert got[True] == got[False]

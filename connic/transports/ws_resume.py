@@ -11,17 +11,15 @@ its internals as its own methods would.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType
 
-from connic.errors import InvalidResume, ProtocolError, SessionTakenOver, StoreUnavailable
+from connic.errors import InvalidResume, SessionTakenOver, StoreUnavailable
 from connic.frames import (
     CancelFrame,
-    ClientFrame,
     HistoryRequest,
     MessageFrame,
     MessageId,
@@ -29,16 +27,16 @@ from connic.frames import (
     Pong,
     ResumeFrame,
     encode,
-    parse_client_frame,
 )
 from connic.session import ChatSession, SessionState
-from connic.stores import Follow, SessionStore
+from connic.stores import Follow
 from connic.transports.ws_follow_history import FollowedHistory, consume
+from connic.transports.ws_held import Doubts, cancel_behind, held_at, hold_behind, parse_held
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
 
-__all__ = ["cancel_behind", "resume", "resume_instead"]
+__all__ = ["cancel_behind", "resume", "resume_instead"]  # cancel_behind: from .ws_held, for the connection
 
 log = logging.getLogger("connic.websocket")
 
@@ -54,7 +52,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
     began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
     moves: list[asyncio.Future[None]] = []  # done when the find follows further (_reading_meanwhile)
-    doubts = _Doubts()  # cancels of held messages passed to the owner too (_reading_meanwhile)
+    doubts = Doubts()  # cancels of held messages passed to the owner too (_reading_meanwhile)
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
@@ -153,7 +151,7 @@ async def _reading_meanwhile(
     began: asyncio.Future[None],
     follow: Follow,
     moves: list[asyncio.Future[None]],
-    doubts: _Doubts,
+    doubts: Doubts,
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
@@ -162,12 +160,13 @@ async def _reading_meanwhile(
     its other frames are held in order, to be handled once the session is taken over,
     but for what the client says to the session that cannot wait (PROTOCOL.md §5, §7):
 
-    - a ``cancel`` naming a message held here is held right behind it: admitted (acked)
-      and dropped at once (:func:`cancel_behind`), as a queued message's cancel drops it on
-      one process; but ids need not be unique, and the owner's message in flight (or queued)
-      with that id comes first (docs/protocol.md, "Cancelling"): the cancel is passed to the
-      owner too, which acts on it only then (without ``not_found`` else), and the held cancel
-      is let go if the owner's reply with that id ended cancelled meanwhile (:class:`_Doubts`);
+    - a ``cancel`` naming messages held here is held right behind each one with its id: each
+      admitted (acked) and dropped at once (:func:`cancel_behind`), as a cancel drops every
+      queued message with its id on one process; but ids need not be unique, and the owner's
+      message in flight (or queued) with that id comes first (docs/protocol.md, "Cancelling"):
+      the cancel is passed to the owner too, which acts on it only then (without ``not_found``
+      else), and the held cancel is let go if the owner's reply with that id ended cancelled
+      meanwhile (:class:`~connic.transports.ws_held.Doubts`);
     - any other ``cancel`` is passed to the process answering the session at once, even
       behind held frames (its outcome, a cancelled reply's end or ``not_found``, comes back
       in the log; a cancel no process takes waits for the next owner, which answers it);
@@ -213,17 +212,15 @@ async def _reading_meanwhile(
                 conn._receiving = None
                 msg = receiving.result()
                 conn.heartbeat.last_seen = conn._loop.time()
-                parsed = _parsed(msg.data) if msg.type is WSMsgType.TEXT else None
-                at = _held_at(conn, held, parsed.id) if isinstance(parsed, CancelFrame) else None
+                parsed = parse_held(msg.data) if msg.type is WSMsgType.TEXT else None
+                at = held_at(conn, held, parsed.id) if isinstance(parsed, CancelFrame) else []
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
                 elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
-                elif isinstance(parsed, CancelFrame) and (following or at is not None):
-                    if at is not None:
-                        del held[id(conn._inbox[at])]  # a second cancel of it is held in order (not_found)
-                        conn._inbox.insert(at + 1, msg)
-                        doubts.hold(msg, parsed.id)
+                elif isinstance(parsed, CancelFrame) and (following or at):
+                    if at:
+                        doubts.hold(hold_behind(conn, held, at, msg), parsed.id)
                         if following:
                             doubts.pass_on(store, frame.session_id)
                     else:
@@ -277,86 +274,6 @@ def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: Re
         task.add_done_callback(_let_go)  # taken over in this very step: let go
 
 
-def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
-    """The id of a message just read from the inbox whose cancel is held right behind it; that cancel taken.
-
-    :func:`_reading_meanwhile` holds a cancel of a held message right behind it. The two are
-    handled as one step: admitted, then dropped before the session's answering task (woken by
-    the admission) can start it, as a queued message's cancel drops it on one process
-    (PROTOCOL.md §5): nothing is sent for it but its ack. None (nothing taken) otherwise.
-    """
-    if frame.id is None or not conn._inbox or conn._inbox[0].type is not WSMsgType.TEXT:
-        return None
-    parsed = _parsed(conn._inbox[0].data)
-    if not isinstance(parsed, CancelFrame) or parsed.id != frame.id:
-        return None
-    del conn._inbox[0]
-    return frame.id
-
-
-class _Doubts:
-    """Cancels of held messages whose id a message the owner answers may share (ids need not be unique).
-
-    On one process the message in flight (or queued) with the id comes first (docs/protocol.md,
-    "Cancelling"): such a cancel, held right behind the held message, is passed to the owner too
-    (``held=True``), which acts on it only if it has a message with that id. Its reply with that
-    id ending ``cancelled`` after the pass (in the log, followed or replayed here before the
-    takeover) means it took it: the held cancel is let go, the held message answered.
-    """
-
-    __slots__ = ("passed", "pending", "stopped")
-
-    def __init__(self) -> None:
-        self.pending: dict[int, MessageId] = {}  # id() of a held cancel: its id, not passed yet (nobody followed)
-        self.passed: dict[int, MessageId] = {}  # id() of a held cancel: its id, passed to the owner
-        self.stopped: set[MessageId] = set()  # ids of the owner's replies that ended cancelled after a pass
-
-    def hold(self, msg: Any, message_id: MessageId) -> None:
-        """A cancel of a held message, held right behind it: passed to the owner once one is followed."""
-        self.pending[id(msg)] = message_id
-
-    def pass_on(self, store: SessionStore, session_id: str) -> None:
-        """The find follows the session's owner: the held cancels not passed yet go there too."""
-        for key, message_id in self.pending.items():
-            store.cancel(session_id, message_id, held=True)
-            self.passed[key] = message_id
-        self.pending.clear()
-
-    def seen(self, frames: list[str]) -> None:
-        """Frames followed from the owner's log: note its replies that ended cancelled."""
-        if not self.passed:
-            return
-        ids = set(self.passed.values())
-        for data in frames:
-            if '"cancelled"' not in data:  # most frames are chunks: not parsed
-                continue
-            end = json.loads(data)
-            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in ids:
-                self.stopped.add(end["id"])
-
-    def settle(self, conn: Connection, frames: list[str]) -> None:
-        """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
-        self.seen(frames)
-        if self.stopped:
-            conn._inbox[:] = [msg for msg in conn._inbox if self.passed.get(id(msg), _NONE) not in self.stopped]
-
-
-_ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
-
-
-def _held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> int | None:
-    """Where in the inbox the first held message with ``message_id`` (not cancelled yet) is, if any."""
-    if not held:
-        return None
-    for at, msg in enumerate(conn._inbox):
-        if held.get(id(msg), _NONE) == message_id:
-            return at
-    return None
-
-
-_NONE = object()  # no message id (None is not one either)
-
-
 def _connected_following(conn: Connection, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:
     # Another process still answers: resumed, following its frames until it lets the session go.
     assert frame.session_id is not None
@@ -370,13 +287,6 @@ _DATA = (WSMsgType.TEXT, WSMsgType.BINARY)  # after anything else (a close, an e
 def _gone(conn: Connection) -> bool:
     # Whether the socket ended while a resume waited (what _reading_meanwhile read last says so).
     return bool(conn._inbox) and conn._inbox[-1].type not in _DATA
-
-
-def _parsed(data: str) -> ClientFrame | None:
-    try:
-        return parse_client_frame(data)
-    except ProtocolError:
-        return None
 
 
 def _let_go(task: asyncio.Future[ChatSession | None]) -> None:

@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from connic.errors import ServerShuttingDown
 from connic.frames import MessageId
 from connic.stores import ReplayLog
 
@@ -29,6 +30,7 @@ _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.p
 # a reply's start and its end), and those that end it.
 _OPEN = frozenset({"stream_start", "stream_chunk", "tool_call", "tool_result", "progress"})
 _REPLY = _OPEN | {"stream_end", "response", "error"}
+_DRAINED = ServerShuttingDown.code  # the drain's refusal of a queued message (ChatSession.drain)
 
 Logged = list[tuple[int, str]]
 """Logged frames as read from the stream: (seq, frame), oldest first."""
@@ -142,7 +144,9 @@ def unfinished(
     does; each of them is unfinished for its agents with no end for it in the log after its
     ``ack``. The log holds the last ``replay_buffer`` frames only: it may have lost the acks
     of messages queued behind a long reply, which the record still lists. An error without
-    an agent (the message refused or dropped as a whole) ends a message for every agent.
+    an agent ends a pending message for every agent only when it is the drain's refusal of it
+    while queued (``server_shutting_down``, none of its agents started): any other refused a
+    new message that reused its id (read from the log alone, any error without an agent does).
     """
     if pending is not None:
         decoded = [json.loads(data) for data in frames]
@@ -157,15 +161,20 @@ def _unfinished(
     start = next((i for i, f in enumerate(decoded) if f.get("type") == "ack" and f.get("message_number") == number), -1)
     key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
     ended: set[str] = set()
+    started = False  # whether an agent sent a frame for it: it was being answered
     for frame in decoded[start + 1 :]:
         kind = frame.get("type")
         if kind not in _REPLY or json.dumps(frame.get("id")) != key:
             continue
         agent = frame.get("agent")
         if agent is None:
-            if kind == "error":
+            # Ids need not be unique: an error naming no agent mostly refused a NEW message with
+            # this id (rate_limited, queue_full, ...: never acked), which ends nothing else, as on
+            # one process. Only the drain refuses an accepted message, one still queued.
+            if kind == "error" and frame.get("code") == _DRAINED and not started:
                 return None
             continue
+        started = True
         if kind not in _OPEN:
             ended.add(agent)
     if named is not None and named in ended:

@@ -1,0 +1,156 @@
+"""The frames a resume holds while it follows another process's reply, and the cancels among them.
+
+Part of :mod:`~connic.transports.ws_resume` (kept apart for size): while a shared store waits
+for another process to let the session go, the resume holds what the client sends, in order
+(:func:`~connic.transports.ws_resume._reading_meanwhile`). A ``cancel`` of messages held there
+is held right behind each one with its id (:func:`hold_behind`), so that the connection drops
+each as it admits it (:func:`cancel_behind`), as a cancel drops every queued message with its
+id on one process (PROTOCOL.md §5); :class:`Doubts` lets such cancels go when the owner's own
+message with that id took them (docs/protocol.md, "Cancelling").
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMessage, WSMsgType
+
+from connic.errors import ProtocolError
+from connic.frames import CancelFrame, ClientFrame, MessageFrame, MessageId, parse_client_frame
+from connic.stores import SessionStore
+
+if TYPE_CHECKING:
+    from connic.transports.ws_connection import Connection
+
+__all__ = ["Doubts", "cancel_behind", "held_at", "hold_behind", "parse_held"]
+
+
+def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
+    """The id of a message just read from the inbox whose cancel is held right behind it; that cancel taken.
+
+    The resume holds a cancel of held messages right behind each one with its id
+    (:func:`hold_behind`). Each message and its cancel are handled as one step: admitted, then
+    dropped before the session's answering task (woken by the admission) can start it, as a
+    queued message's cancel drops it on one process (PROTOCOL.md §5): nothing is sent for it
+    but its ack. None when nothing was taken, or a quiet copy of the cancel found its message
+    refused.
+    """
+    if frame.id is None or not conn._inbox or conn._inbox[0].type is not WSMsgType.TEXT:
+        return None
+    parsed = parse_held(conn._inbox[0].data)
+    if not isinstance(parsed, CancelFrame) or parsed.id != frame.id:
+        return None
+    extra = conn._inbox.pop(0).extra
+    if not (isinstance(extra, str) and extra.startswith(_QUIET)):
+        return frame.id  # a cancel itself: it drops the message, or answers not_found
+    session = conn.session
+    if session is None or not session.cancels(frame.id):
+        return None  # a quiet copy behind a refused message: nothing to drop, nothing to say
+    # It drops a message: the cancel it was copied from, still held, answers no not_found.
+    mark = extra.removeprefix(_QUIET)
+    for at, msg in enumerate(conn._inbox):
+        if msg.extra == _LOUD + mark:
+            conn._inbox[at] = msg._replace(extra=_QUIET + mark)
+            break
+    return frame.id
+
+
+class Doubts:
+    """Cancels of held messages whose id a message the owner answers may share (ids need not be unique).
+
+    On one process the message in flight (or queued) with the id comes first (docs/protocol.md,
+    "Cancelling"): such a cancel, held right behind each held message with its id, is passed to
+    the owner too (once, ``held=True``), which acts on it only if it has a message with that id.
+    Its reply with that id ending ``cancelled`` after the pass (in the log, followed or replayed
+    here before the takeover) means it took it: the held cancel (each of its frames) is let go,
+    the held messages answered.
+    """
+
+    __slots__ = ("passed", "pending", "stopped")
+
+    def __init__(self) -> None:
+        # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
+        # frames (one behind each held message with its id, :func:`hold_behind`).
+        self.pending: list[tuple[MessageId, list[int]]] = []
+        self.passed: dict[int, MessageId] = {}  # id() of a held cancel's frame: its id, passed to the owner
+        self.stopped: set[MessageId] = set()  # ids of the owner's replies that ended cancelled after a pass
+
+    def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
+        """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
+        self.pending.append((message_id, [id(msg) for msg in held]))
+
+    def pass_on(self, store: SessionStore, session_id: str) -> None:
+        """The find follows the session's owner: the held cancels not passed yet go there too."""
+        for message_id, keys in self.pending:
+            store.cancel(session_id, message_id, held=True)
+            self.passed.update(dict.fromkeys(keys, message_id))
+        self.pending.clear()
+
+    def seen(self, frames: list[str]) -> None:
+        """Frames followed from the owner's log: note its replies that ended cancelled."""
+        if not self.passed:
+            return
+        ids = set(self.passed.values())
+        for data in frames:
+            if '"cancelled"' not in data:  # most frames are chunks: not parsed
+                continue
+            end = json.loads(data)
+            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in ids:
+                self.stopped.add(end["id"])
+
+    def settle(self, conn: Connection, frames: list[str]) -> None:
+        """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
+        self.seen(frames)
+        if self.stopped:
+            conn._inbox[:] = [msg for msg in conn._inbox if self.passed.get(id(msg), _NONE) not in self.stopped]
+
+
+_ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
+
+
+def held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> list[int]:
+    """Where in the inbox the held messages with ``message_id`` (not cancelled yet) are, in order."""
+    if not held:
+        return []
+    return [at for at, msg in enumerate(conn._inbox) if held.get(id(msg), _NONE) == message_id]
+
+
+def hold_behind(conn: Connection, held: dict[int, MessageId], at: list[int], cancel: WSMessage) -> list[WSMessage]:
+    """Hold ``cancel`` right behind each held message at ``at`` (its own behind the last); those held.
+
+    On one process a cancel drops every queued message with its id (PROTOCOL.md §5): here each
+    is dropped as it is admitted (:func:`cancel_behind`), before the answering task can start
+    it. The copies behind the earlier ones are quiet: one of them finding nothing to drop (its
+    message refused) answers nothing; only the cancel itself may answer ``not_found``, and only
+    when none of them dropped one. A later cancel of that id is held in order (``not_found``).
+    """
+    if len(at) == 1:
+        del held[id(conn._inbox[at[0]])]
+        conn._inbox.insert(at[0] + 1, cancel)
+        return [cancel]
+    mark = str(next(_groups))  # which cancel a copy came from (aiohttp's extra: None for a text frame)
+    group = [WSMessage(WSMsgType.TEXT, cancel.data, _LOUD + mark)]
+    for n, where in enumerate(reversed(at)):  # from the back: the positions before stay right
+        del held[id(conn._inbox[where])]
+        if n:
+            group.append(WSMessage(WSMsgType.TEXT, cancel.data, _QUIET + mark))
+        conn._inbox.insert(where + 1, group[-1])
+    return group
+
+
+_NONE = object()  # no message id (None is not one either)
+# A cancel held behind several held messages (hold_behind), marked in its inbox frames' extra:
+# the cancel itself, and its quiet copies (the same mark follows each).
+_LOUD = "connic held cancel: "
+_QUIET = "connic held cancel copy: "
+_groups = itertools.count(1)
+
+
+def parse_held(data: str) -> ClientFrame | None:
+    """The client frame a held text frame holds; None when it is not one (it is refused once handled)."""
+    try:
+        return parse_client_frame(data)
+    except ProtocolError:
+        return None
