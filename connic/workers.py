@@ -6,7 +6,7 @@ spreads new connections over the workers. The parent serves nothing. It validate
 the configuration once, reserves the port (binding, not listening, with
 ``SO_REUSEPORT``: this turns ``--port 0`` into one real port and keeps the port ours
 while a worker restarts), starts the workers, prints the banner once all of them
-listen, restarts a worker that dies, and on SIGTERM/SIGINT has every worker drain.
+listen, restarts a worker that dies, and on SIGTERM/SIGINT/SIGHUP has every worker drain.
 
 The worker's side, and the link between the two (a socket pair on the worker's
 standard input: its configuration one way, ``ready`` the other, end-of-file when the
@@ -38,9 +38,17 @@ from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.serving import say
-from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
+from connic.worker import FAILED, READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
-__all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
+__all__ = [
+    "GIVE_UP_STARTS",
+    "RESTART_WINDOW",
+    "STORE_RETRY_MAX",
+    "Supervisor",
+    "WorkerSpec",
+    "check_workers",
+    "worker_main",
+]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
@@ -51,9 +59,19 @@ Such a worker (the session store unreachable, an agent's start() failing: a serv
 is down) is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until it starts:
 the configuration every worker started with is the same, so what fails now is not the worker's
 fault, and giving up would take the other workers, which go on serving (refusing new sessions
-with 503 while the store is down), down with it.
+with 503 while the store is down), down with it. A worker whose process cannot even be made
+(``fork``/``exec`` failing: EAGAIN at a process limit, ENOMEM) is started again the same way.
 """
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GIVE_UP_STARTS = 5
+"""The parent gives up (exit 1) once every worker has failed this many starts in a row.
+
+Then no worker serves, and none is about to: the parent staying up, serving nothing and
+retrying every 10 s for ever, would hide the failure from a service manager (systemd's
+``Restart=``, a Kubernetes probe), which can only act on a process that exits. Five starts
+are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
+While any worker serves, one that cannot start is started again for ever.
+"""
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -146,7 +164,23 @@ class _Worker:
     process: asyncio.subprocess.Process
     link: socket.socket
     ready: bool = False
+    why: str = ""  # what it said it failed on (connic.worker.FAILED), if it could not start
     watch: asyncio.Task[None] | None = None
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: ``[Errno 11] Resource temporarily unavailable``."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc) or type(exc).__name__
+
+
+def _because(why: str) -> str:
+    """`` (WHY)``, what a worker said it failed on, or nothing if it said nothing."""
+    return f" ({why})" if why else ""
+
+
+def _exited(worker: _Worker) -> bool:
+    """``worker`` exited, and its watch has read all it said (why it failed, if it did)."""
+    return worker.watch is not None and worker.watch.done() and worker.process.returncode is not None
 
 
 def _status(code: int) -> str:
@@ -173,6 +207,8 @@ class Supervisor:
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
+        self._stopping = False
+        self._give_up: str | None = None  # set once every worker keeps failing to start: the error line
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
@@ -211,18 +247,23 @@ class Supervisor:
             return WorkerSpec(self.config, index, self.config.server.host, port, self.host_key, log_level, debug)
 
         for index in range(1, self.workers + 1):
-            await self._start(spec(index))
+            try:
+                await self._start(spec(index))
+            except OSError as exc:
+                error_line(f"worker {index} could not be started: {_os_error(exc)}")
+                return await self._stop_all(loop, 1)
         stopper = asyncio.create_task(stop.wait())
         try:
             # Start-up: the banner once every worker listens; a worker that fails now fails the start.
             while not stop.is_set() and not all(w.ready for w in self._live.values()):
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
-                    if worker.process.returncode is not None:
+                    code = worker.process.returncode
+                    if code is not None and _exited(worker):
                         self._forget(worker)
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(worker.process.returncode)} before it was listening",
+                            f"{_status(code)} before it was listening{_because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -233,13 +274,17 @@ class Supervisor:
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
                     code = worker.process.returncode
-                    if code is None:
+                    if code is None or not _exited(worker):
                         continue
                     if not worker.ready and code > 0:
                         # It exited before it listened: it could not start (the store, an agent's
                         # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
-                        self._start_later(spec(worker.index), worker.process.pid, code)
+                        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
+                        cause = worker.why or f"exited with {_status(code)}"
+                        self._start_later(
+                            spec(worker.index), f"worker {worker.index} (pid {worker.process.pid}) {why}", cause
+                        )
                         continue
                     self._forget(worker)
                     if not self._may_restart():
@@ -249,11 +294,19 @@ class Supervisor:
                             "giving up (see the errors above)",
                         )
                         return await self._stop_all(loop, 1)
-                    new = await self._start(spec(worker.index))
+                    try:
+                        new = await self._start(spec(worker.index))
+                    except OSError as exc:
+                        say(f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}")
+                        self._spawn_failed(spec(worker.index), exc)
+                        continue
                     say(
                         f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
                         f"restarted as pid {new.process.pid}"
                     )
+                if self._give_up is not None:
+                    error_line(self._give_up)
+                    return await self._stop_all(loop, 1)
             return await self._stop_all(loop, 0)
         finally:
             stopper.cancel()
@@ -282,36 +335,67 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
-    def _start_later(self, spec: WorkerSpec, pid: int | None, code: int) -> None:
-        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start."""
-        failures = self._start_failures.get(spec.index, 0)
-        self._start_failures[spec.index] = failures + 1
-        delay = min(STORE_RETRY_MAX, 2.0**failures)
-        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
-        say(f"connic: worker {spec.index} (pid {pid}) {why}; starting it again in {delay:g} s")
+    def _spawn_failed(self, spec: WorkerSpec, exc: OSError) -> None:
+        """The process of worker ``spec.index`` could not be made (fork/exec failed): a failed start."""
+        why = _os_error(exc)
+        self._start_later(spec, f"worker {spec.index} could not be started ({why})", why)
+
+    def _start_later(self, spec: WorkerSpec, failed: str, cause: str) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start.
+
+        ``failed`` says what failed (``worker 1 (pid 4250) could not start``), ``cause`` why, for
+        the line that gives up once every worker has failed :data:`GIVE_UP_STARTS` starts in a row.
+        """
+        if self._stopping:
+            return
+        failures = self._start_failures.get(spec.index, 0) + 1
+        self._start_failures[spec.index] = failures
+        every = range(1, self.workers + 1)
+        if all(self._start_failures.get(index, 0) >= GIVE_UP_STARTS for index in every):
+            say(f"connic: {failed}")
+            self._give_up = (
+                f"every worker failed its last {GIVE_UP_STARTS} starts in a row and none is listening, "
+                f"giving up (the last: {failed}: {cause})"
+            )
+            self._changed.set()
+            return
+        delay = min(STORE_RETRY_MAX, 2.0 ** (failures - 1))
+        say(f"connic: {failed}; starting it again in {delay:g} s")
 
         async def later() -> None:
             try:
                 await asyncio.sleep(delay)
                 self._sleeping.discard(spec.index)  # starting: _stop_all waits for it, then stops it
-                await self._start(spec)
+                try:
+                    await self._start(spec)
+                except OSError as exc:
+                    self._spawn_failed(spec, exc)
             finally:
-                self._waiting.pop(spec.index, None)
+                if self._waiting.get(spec.index) is task:  # not the next try _spawn_failed scheduled
+                    del self._waiting[spec.index]
 
         self._sleeping.add(spec.index)
-        self._waiting[spec.index] = asyncio.create_task(later())
+        task = asyncio.create_task(later())
+        self._waiting[spec.index] = task
 
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            if await loop.sock_recv(worker.link, len(READY)) == READY:
-                worker.ready = True
-                self._start_failures.pop(worker.index, None)
-                if self._started:
-                    say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
-                self._changed.set()
-        except OSError:
-            pass
+        line = b""
+        with contextlib.suppress(OSError):
+            # READY, or FAILED and why; a worker that dies at once says nothing (end-of-file).
+            while not line.endswith(b"\n") and len(line) < 4096:
+                more = await loop.sock_recv(worker.link, 4096)
+                if not more:
+                    break
+                line += more
+        if line == READY:
+            worker.ready = True
+            self._start_failures.pop(worker.index, None)
+            if self._started:
+                say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
+            self._changed.set()
+        elif line.startswith(FAILED):
+            worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
         await worker.process.wait()
         self._changed.set()
 
@@ -340,6 +424,7 @@ class Supervisor:
 
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
         """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
+        self._stopping = True
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
@@ -371,7 +456,7 @@ class Supervisor:
         return status
 
     def _kill_all(self, signum: int) -> None:
-        """A second SIGINT/SIGTERM: kill every worker and exit now with 128 + the signal number."""
+        """A second SIGINT/SIGTERM/SIGHUP: kill every worker and exit now with 128 + the signal number."""
         say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
             if worker.process.returncode is None:
