@@ -7,7 +7,8 @@ the format of the link, which both ends use. The worker's standard input is one 
 of a socket pair: the parent writes the :class:`WorkerSpec` into it
 (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
-the worker answers :data:`READY` once it listens, the parent writes :data:`STOP` to
+the worker answers :data:`READY` once it listens (or :data:`FAILED` and why, if it could
+not start), the parent writes :data:`STOP` to
 have it drain, and end-of-file tells the worker that its parent is gone, so it drains
 instead of serving on as an orphan.
 """
