@@ -35,7 +35,13 @@ from connic.serving import GC_YOUNG_THRESHOLD, SLOW_CALLBACK, Listening, serve
 from connic.starter import write_starter
 
 # Re-exported: print_banner from connic.banner; serve, Listening and GC_YOUNG_THRESHOLD from connic.serving.
-__all__ = ["GC_YOUNG_THRESHOLD", "Listening", "main", "print_banner", "serve"]
+__all__ = ["GC_YOUNG_THRESHOLD", "MAX_WORKERS", "Listening", "main", "print_banner", "serve"]
+
+MAX_WORKERS = 1024
+"""The most ``--workers`` accepts. A fixed bound, not one of ``os.cpu_count()``: a container sees
+the host's CPUs, not its own share. Each worker is a whole Python process (tens of MB): more
+than this is a typo (``--workers 100000`` had the parent start processes until the machine ran
+out of memory or of process slots)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="serve from N processes on one port (SO_REUSEPORT), under a supervising parent (default 1)",
+        help=(
+            f"serve from N processes (1 to {MAX_WORKERS}) on one port (SO_REUSEPORT), under a supervising parent"
+            " (default 1)"
+        ),
     )
     run.add_argument(
         "--reload",
@@ -218,6 +227,10 @@ def _generate_secrets(config: Config) -> tuple[Config, str | None]:
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.workers > MAX_WORKERS:
+        # Bad usage, as argparse's own refusals (exit 2), and before anything is loaded.
+        print(f"connic: error: --workers: at most {MAX_WORKERS}, got {args.workers}", file=sys.stderr)
+        return 2
     level = args.log_level.upper()
     if level not in logging.getLevelNamesMapping():
         raise ConfigError(f"--log-level: unknown level {args.log_level!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")

@@ -1,4 +1,4 @@
-"""Serving one application on its port until SIGINT/SIGTERM, then draining it.
+"""Serving one application on its port until SIGINT/SIGTERM/SIGHUP, then draining it.
 
 Kept apart from :mod:`connic.cli`, which parses the command line and makes the
 configuration, because three callers serve alike: ``connic run``, each worker of
@@ -31,7 +31,9 @@ __all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve"]
 
 SLOW_CALLBACK = 0.1
 """With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals that drain the server (SIGHUP as well: a closed terminal, or a service manager's
+``reload``, must not cut replies in flight off); the child of ``--reload`` takes SIGHUP as "restart"."""
 
 GC_YOUNG_THRESHOLD = 10_000
 """The collector's first threshold in a served process (CPython's default: 700 allocations).
@@ -73,7 +75,7 @@ def say(text: str) -> None:
 
 
 def _stop_at_once(signum: int) -> None:
-    """A second SIGINT/SIGTERM: give up the drain and exit now, with 128 + the signal number.
+    """A second SIGINT/SIGTERM/SIGHUP: give up the drain and exit now, with 128 + the signal number.
 
     uvicorn's convention. Nothing is awaited any more, on purpose: whatever made the
     drain slow (a long reply, an agent's close()) would make a polite exit slow too.
@@ -101,13 +103,13 @@ async def serve(
     name: str = "connic",
     restartable: bool = False,
 ) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM (or ``listening`` sets the stop event), then drain.
+    """Serve ``app`` until SIGINT/SIGTERM/SIGHUP (or ``listening`` sets the stop event), then drain.
 
     Alone, this prints the banner; as one of ``--workers`` (``reuse_port``) it calls
     ``listening`` instead, and the supervising parent prints the banner once.
-    ``name`` starts the shutdown line. ``restartable`` (the child of ``--reload``): SIGHUP
-    stops too, closing connections 1012 (service restart) instead of 1001, since the
-    server is back in a moment.
+    ``name`` starts the shutdown line. SIGHUP drains as SIGTERM does, but with ``restartable``
+    (the child of ``--reload``), where it means "restart": connections close 1012 (service
+    restart) instead of 1001, since the server is back in a moment.
     """
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
@@ -122,7 +124,7 @@ async def serve(
     signals = 0
 
     def on_signal(signum: int) -> None:
-        # The second SIGINT/SIGTERM stops at once (the drain, the agents' close() included). Counted,
+        # The second SIGINT/SIGTERM/SIGHUP stops at once (the drain, the agents' close() included). Counted,
         # rather than "any signal once stopping": when the stop came otherwise (SIGHUP, a worker's
         # parent), a service manager that signals every process at once must not cut the drain short.
         nonlocal signals
@@ -132,7 +134,8 @@ async def serve(
         stop.set()
 
     for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, on_signal, sig)
+        if not (restartable and sig == signal.SIGHUP):
+            loop.add_signal_handler(sig, on_signal, sig)
     restarting = False
     if restartable:
 

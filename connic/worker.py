@@ -7,7 +7,8 @@ the format of the link, which both ends use. The worker's standard input is one 
 of a socket pair: the parent writes the :class:`WorkerSpec` into it
 (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
-the worker answers :data:`READY` once it listens, the parent writes :data:`STOP` to
+the worker answers :data:`READY` once it listens (or :data:`FAILED` and why, if it could
+not start), the parent writes :data:`STOP` to
 have it drain, and end-of-file tells the worker that its parent is gone, so it drains
 instead of serving on as an orphan.
 """
@@ -15,6 +16,7 @@ instead of serving on as an orphan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import socket
@@ -29,10 +31,16 @@ from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import say, serve
 
-__all__ = ["READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
+__all__ = ["FAILED", "READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
+FAILED = b"failed "
+"""What a worker that could not start writes to its parent instead of :data:`READY`, then its error and a newline.
+
+So that the parent, giving up on workers that keep failing to start, names the cause in its
+own error line (the worker's line, above it on standard error, may be far up by then).
+"""
 STOP = b"stop\n"
 """What the parent writes to a worker to have it drain and exit.
 
@@ -133,12 +141,21 @@ def worker_main() -> int:
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
     except StoreUnavailable as exc:
-        error_line(exc.why)
+        _failed(link, exc.why)
         return STORE_UNAVAILABLE
     except ConnicError as exc:  # a ConfigError, or an agent's start failing (PluginError ...)
-        error_line(exc.message)
+        _failed(link, exc.message)
         return 1
     except OSError as exc:
-        error_line(str(exc.strerror or exc))
+        _failed(link, str(exc.strerror or exc))
         return 1
     return 0
+
+
+def _failed(link: socket.socket, text: str) -> None:
+    """Say why this worker stops: its error line, and :data:`FAILED` with the text to the parent (if it listens)."""
+    error_line(text)
+    line = FAILED + " ".join(text.split()).encode("utf-8", "replace") + b"\n"
+    with contextlib.suppress(OSError):  # the parent is gone, or read READY already and no longer reads
+        link.settimeout(1.0)
+        link.sendall(line)

@@ -6,7 +6,7 @@ spreads new connections over the workers. The parent serves nothing. It validate
 the configuration once, reserves the port (binding, not listening, with
 ``SO_REUSEPORT``: this turns ``--port 0`` into one real port and keeps the port ours
 while a worker restarts), starts the workers, prints the banner once all of them
-listen, restarts a worker that dies, and on SIGTERM/SIGINT has every worker drain.
+listen, restarts a worker that dies, and on SIGTERM/SIGINT/SIGHUP has every worker drain.
 
 The worker's side, and the link between the two (a socket pair on the worker's
 standard input: its configuration one way, ``ready`` the other, end-of-file when the
@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from prometheus_client import multiprocess
@@ -37,10 +36,19 @@ from connic.banner import print_banner
 from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
+from connic.reserve import reserve
 from connic.serving import say
-from connic.worker import READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
+from connic.worker import FAILED, READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
-__all__ = ["RESTART_WINDOW", "STORE_RETRY_MAX", "Supervisor", "WorkerSpec", "check_workers", "worker_main"]
+__all__ = [
+    "GIVE_UP_STARTS",
+    "RESTART_WINDOW",
+    "STORE_RETRY_MAX",
+    "Supervisor",
+    "WorkerSpec",
+    "check_workers",
+    "worker_main",
+]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
@@ -51,9 +59,19 @@ Such a worker (the session store unreachable, an agent's start() failing: a serv
 is down) is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until it starts:
 the configuration every worker started with is the same, so what fails now is not the worker's
 fault, and giving up would take the other workers, which go on serving (refusing new sessions
-with 503 while the store is down), down with it.
+with 503 while the store is down), down with it. A worker whose process cannot even be made
+(``fork``/``exec`` failing: EAGAIN at a process limit, ENOMEM) is started again the same way.
 """
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+GIVE_UP_STARTS = 5
+"""The parent gives up (exit 1) once every worker has failed this many starts in a row.
+
+Then no worker serves, and none is about to: the parent staying up, serving nothing and
+retrying every 10 s for ever, would hide the failure from a service manager (systemd's
+``Restart=``, a Kubernetes probe), which can only act on a process that exits. Five starts
+are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
+While any worker serves, one that cannot start is started again for ever.
+"""
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -87,66 +105,29 @@ def check_workers(runtime: Runtime, workers: int) -> None:
             )
 
 
-def _reserve(host: str, port: int, host_key: str) -> list[socket.socket]:
-    """Bind (without listening) every address ``host`` names, on one port, with SO_REUSEPORT.
-
-    Port 0 becomes the port the kernel picks for the first address. A socket that
-    is bound but not listening takes no connections; it only keeps the port from
-    anyone who does not set SO_REUSEPORT as our own user.
-    """
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"{host_key}: cannot resolve {host!r}: {exc.strerror}") from None
-    except ValueError as exc:  # UnicodeError from the idna codec; ValueError for a NUL
-        raise ConfigError(f"{host_key}: {host!r} is not a valid host name ({exc})") from None
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio binds it
-            if port == 0 and len(sockets) > 1:
-                address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            try:
-                if port != 0:
-                    _probe(family, kind, proto, address)
-                sock.bind(address)
-            except OSError as exc:
-                why = (exc.strerror or str(exc)).lower()  # worded as asyncio words it without --workers
-                raise OSError(exc.errno, f"error while attempting to bind on address {address[:2]!r}: {why}") from None
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _probe(family: int, kind: int, proto: int, address: tuple[Any, ...]) -> None:
-    """Bind ``address`` as a server without ``--workers`` would (SO_REUSEADDR, no SO_REUSEPORT), then let it go.
-
-    OSError (EADDRINUSE) when anything listens there. Our reserving socket alone would not
-    find out: SO_REUSEPORT lets every process of the same user bind the port, so a second
-    ``connic run --workers N`` on a port another one serves would start, and the kernel would
-    split new connections between the two servers.
-    """
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT left by a restart is no conflict
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        probe.bind(address)
-
-
 @attrs.define
 class _Worker:
     index: int
     process: asyncio.subprocess.Process
     link: socket.socket
     ready: bool = False
+    why: str = ""  # what it said it failed on (connic.worker.FAILED), if it could not start
     watch: asyncio.Task[None] | None = None
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: ``[Errno 11] Resource temporarily unavailable``."""
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc) or type(exc).__name__
+
+
+def _because(why: str) -> str:
+    """`` (WHY)``, what a worker said it failed on, or nothing if it said nothing."""
+    return f" ({why})" if why else ""
+
+
+def _exited(worker: _Worker) -> bool:
+    """``worker`` exited, and its watch has read all it said (why it failed, if it did)."""
+    return worker.watch is not None and worker.watch.done() and worker.process.returncode is not None
 
 
 def _status(code: int) -> str:
@@ -173,6 +154,8 @@ class Supervisor:
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
+        self._stopping = False
+        self._give_up: str | None = None  # set once every worker keeps failing to start: the error line
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
@@ -180,7 +163,7 @@ class Supervisor:
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
         server = self.config.server
-        sockets = _reserve(server.host, server.port, self.host_key)
+        sockets = reserve(server.host, server.port, self.host_key)
         # One scrape of any worker shows the sum over all of them: prometheus-client's
         # multiprocess mode, in a directory of the workers' own unless the user gave one.
         given = os.environ.get(MULTIPROC_ENV)
@@ -211,18 +194,23 @@ class Supervisor:
             return WorkerSpec(self.config, index, self.config.server.host, port, self.host_key, log_level, debug)
 
         for index in range(1, self.workers + 1):
-            await self._start(spec(index))
+            try:
+                await self._start(spec(index))
+            except OSError as exc:
+                error_line(f"worker {index} could not be started: {_os_error(exc)}")
+                return await self._stop_all(loop, 1)
         stopper = asyncio.create_task(stop.wait())
         try:
             # Start-up: the banner once every worker listens; a worker that fails now fails the start.
             while not stop.is_set() and not all(w.ready for w in self._live.values()):
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
-                    if worker.process.returncode is not None:
+                    code = worker.process.returncode
+                    if code is not None and _exited(worker):
                         self._forget(worker)
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(worker.process.returncode)} before it was listening",
+                            f"{_status(code)} before it was listening{_because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -233,13 +221,17 @@ class Supervisor:
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
                     code = worker.process.returncode
-                    if code is None:
+                    if code is None or not _exited(worker):
                         continue
                     if not worker.ready and code > 0:
                         # It exited before it listened: it could not start (the store, an agent's
                         # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
-                        self._start_later(spec(worker.index), worker.process.pid, code)
+                        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
+                        cause = worker.why or f"exited with {_status(code)}"
+                        self._start_later(
+                            spec(worker.index), f"worker {worker.index} (pid {worker.process.pid}) {why}", cause
+                        )
                         continue
                     self._forget(worker)
                     if not self._may_restart():
@@ -249,11 +241,19 @@ class Supervisor:
                             "giving up (see the errors above)",
                         )
                         return await self._stop_all(loop, 1)
-                    new = await self._start(spec(worker.index))
+                    try:
+                        new = await self._start(spec(worker.index))
+                    except OSError as exc:
+                        say(f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}")
+                        self._spawn_failed(spec(worker.index), exc)
+                        continue
                     say(
                         f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
                         f"restarted as pid {new.process.pid}"
                     )
+                if self._give_up is not None:
+                    error_line(self._give_up)
+                    return await self._stop_all(loop, 1)
             return await self._stop_all(loop, 0)
         finally:
             stopper.cancel()
@@ -282,36 +282,67 @@ class Supervisor:
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
-    def _start_later(self, spec: WorkerSpec, pid: int | None, code: int) -> None:
-        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start."""
-        failures = self._start_failures.get(spec.index, 0)
-        self._start_failures[spec.index] = failures + 1
-        delay = min(STORE_RETRY_MAX, 2.0**failures)
-        why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
-        say(f"connic: worker {spec.index} (pid {pid}) {why}; starting it again in {delay:g} s")
+    def _spawn_failed(self, spec: WorkerSpec, exc: OSError) -> None:
+        """The process of worker ``spec.index`` could not be made (fork/exec failed): a failed start."""
+        why = _os_error(exc)
+        self._start_later(spec, f"worker {spec.index} could not be started ({why})", why)
+
+    def _start_later(self, spec: WorkerSpec, failed: str, cause: str) -> None:
+        """Start worker ``spec.index`` again after a delay that grows while it keeps failing to start.
+
+        ``failed`` says what failed (``worker 1 (pid 4250) could not start``), ``cause`` why, for
+        the line that gives up once every worker has failed :data:`GIVE_UP_STARTS` starts in a row.
+        """
+        if self._stopping:
+            return
+        failures = self._start_failures.get(spec.index, 0) + 1
+        self._start_failures[spec.index] = failures
+        every = range(1, self.workers + 1)
+        if all(self._start_failures.get(index, 0) >= GIVE_UP_STARTS for index in every):
+            say(f"connic: {failed}")
+            self._give_up = (
+                f"every worker failed its last {GIVE_UP_STARTS} starts in a row and none is listening, "
+                f"giving up (the last: {failed}: {cause})"
+            )
+            self._changed.set()
+            return
+        delay = min(STORE_RETRY_MAX, 2.0 ** (failures - 1))
+        say(f"connic: {failed}; starting it again in {delay:g} s")
 
         async def later() -> None:
             try:
                 await asyncio.sleep(delay)
                 self._sleeping.discard(spec.index)  # starting: _stop_all waits for it, then stops it
-                await self._start(spec)
+                try:
+                    await self._start(spec)
+                except OSError as exc:
+                    self._spawn_failed(spec, exc)
             finally:
-                self._waiting.pop(spec.index, None)
+                if self._waiting.get(spec.index) is task:  # not the next try _spawn_failed scheduled
+                    del self._waiting[spec.index]
 
         self._sleeping.add(spec.index)
-        self._waiting[spec.index] = asyncio.create_task(later())
+        task = asyncio.create_task(later())
+        self._waiting[spec.index] = task
 
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            if await loop.sock_recv(worker.link, len(READY)) == READY:
-                worker.ready = True
-                self._start_failures.pop(worker.index, None)
-                if self._started:
-                    say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
-                self._changed.set()
-        except OSError:
-            pass
+        line = b""
+        with contextlib.suppress(OSError):
+            # READY, or FAILED and why; a worker that dies at once says nothing (end-of-file).
+            while not line.endswith(b"\n") and len(line) < 4096:
+                more = await loop.sock_recv(worker.link, 4096)
+                if not more:
+                    break
+                line += more
+        if line == READY:
+            worker.ready = True
+            self._start_failures.pop(worker.index, None)
+            if self._started:
+                say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
+            self._changed.set()
+        elif line.startswith(FAILED):
+            worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
         await worker.process.wait()
         self._changed.set()
 
@@ -340,6 +371,7 @@ class Supervisor:
 
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
         """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
+        self._stopping = True
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
@@ -371,7 +403,7 @@ class Supervisor:
         return status
 
     def _kill_all(self, signum: int) -> None:
-        """A second SIGINT/SIGTERM: kill every worker and exit now with 128 + the signal number."""
+        """A second SIGINT/SIGTERM/SIGHUP: kill every worker and exit now with 128 + the signal number."""
         say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
             if worker.process.returncode is None:

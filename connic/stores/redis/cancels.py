@@ -14,7 +14,12 @@ that id to stop or drop (:meth:`ChatSession.cancels <connic.session.ChatSession.
 a next owner never (the follower settles it).
 The one pub/sub listener of the store is
 here too (:meth:`Cancels._listen`): it follows the channels :meth:`Cancels._channels` names
-(:mod:`~connic.stores.redis.takeovers` adds its own).
+(:mod:`~connic.stores.redis.takeovers` adds its own). Its connection is checked: after
+:data:`LISTEN_PING` seconds without a word from Redis it sends a PING, and a PING unanswered
+within the store's ``timeout`` is a dead connection (a network that broke silently: no reset,
+no end-of-file, so no error ever comes). It then subscribes again on a new one and takes at
+once what was passed meanwhile (:meth:`Cancels._caught_up`), instead of leaving it to the
+next lease renewal.
 """
 
 from __future__ import annotations
@@ -31,9 +36,19 @@ from connic.frames import MessageId
 from connic.stores.redis import scripts
 from connic.stores.redis.writer import Writer
 
-__all__ = ["Cancels"]
+__all__ = ["LISTEN_PING", "Cancels"]
 
 log = logging.getLogger("connic.stores.redis")
+
+LISTEN_PING = 1.0
+"""Seconds without a message on the pub/sub connection after which the listener PINGs Redis.
+
+With the store's ``timeout`` (2 s by default) to answer, a connection that died silently is
+replaced within 6 s at most (3.0 to 3.8 s measured, docs/deployment.md), well within the lease renewal
+(a third of ``producer_timeout``) that would otherwise be the first to see a cancel sent
+meanwhile. One PING a second per process costs Redis nothing.
+"""
+_PING = "connic-listener"  # the PING's argument, so its answer is told from any other pong
 
 
 class Cancels(Writer):
@@ -90,14 +105,28 @@ class Cancels(Writer):
         import redis.exceptions
 
         channels = self._channels()
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*channels)
+                # Subscribed again after a loss: what was published meanwhile reached nobody.
+                self._spawn(self._caught_up())
+                heard, pinged = loop.time(), 0.0
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["channel"] in channels:
-                        channels[message["channel"]](message["data"])
+                    message = await pubsub.get_message(timeout=LISTEN_PING)
+                    now = loop.time()
+                    if message is not None:
+                        heard, pinged = now, 0.0
+                        if message["channel"] in channels:
+                            channels[message["channel"]](message["data"])
+                    elif pinged and now - pinged > self.options.timeout:
+                        raise redis.exceptions.TimeoutError(f"no answer to a PING within {self.options.timeout:g} s")
+                    elif not pinged and now - heard >= LISTEN_PING:
+                        # Written into the socket's buffer: on a dead connection this succeeds too,
+                        # and only the missing answer tells.
+                        await pubsub.ping(_PING)
+                        pinged = now
             except (redis.exceptions.RedisError, OSError) as exc:
                 # Redis went away: the renewer still takes the flags; listen again once it is back.
                 log.debug("redis store: pub/sub channels lost (%s)", exc)
@@ -105,6 +134,12 @@ class Cancels(Writer):
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _caught_up(self) -> None:
+        """The listener (re)subscribed: take the cancels passed to the sessions live here while it was not listening."""
+        live = [sid for sid in self._live if sid in self._fences]
+        if live:
+            await self._take_cancels(live)
 
     async def _take_cancels(self, session_ids: list[str], *, claimed: bool = False) -> None:
         """Take the cancels waiting for these sessions (those this process owns) and cancel their messages here.

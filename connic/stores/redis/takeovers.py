@@ -81,6 +81,12 @@ class Takeovers(Cancels):
             scripts.end_channel(prefix): self._told_end,
         }
 
+    async def _caught_up(self) -> None:
+        """As :meth:`Cancels._caught_up`, and the takeover flags set for the sessions owned here meanwhile."""
+        await super()._caught_up()
+        # One round trip: _shared sends the calls of one round of the event loop together.
+        await asyncio.gather(*(self._take_takeover(sid) for sid in list(self._fences)))
+
     def _told(self, session_id: str) -> None:
         """A resume elsewhere took this session over: take its flag if this process owns it.
 
