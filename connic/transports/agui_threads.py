@@ -116,6 +116,7 @@ class Threads:
         *,
         create: bool = True,
         follow: Callable[[Sessions], Follow] | None = None,
+        after: int = 0,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         """The session ``thread_id`` names, and whether it is new; or the response refusing it.
 
@@ -125,10 +126,16 @@ class Threads:
         opened: None. ``follow`` (a resume of the WebSocket binding) is given the sessions
         of the thread's connector and says where the frames go that another process serving
         the thread logs meanwhile (:meth:`Sessions.find <connic.sessions.Sessions.find>`):
-        the thread is read from the start of its log, which rebuilds its runs' events.
+        the thread is read from the log after seq ``after`` (its start rebuilds the runs' events).
         """
+        if follow is not None:
+            # A resume opens nothing, and taking turns would keep a second resume of the thread
+            # waiting for as long as the first follows another process (its runs). The store
+            # settles two resumes at once as the Connic protocol's: the newer takes the older
+            # over (SessionTakenOver), and a connection attached here is taken over by replay.
+            return await self._thread(thread_id, given, peer, create=create, follow=follow, after=after)
         async with self._one_at_a_time(thread_id):
-            return await self._thread(thread_id, given, peer, create=create, follow=follow)
+            return await self._thread(thread_id, given, peer, create=create)
 
     async def _thread(
         self,
@@ -138,6 +145,7 @@ class Threads:
         *,
         create: bool,
         follow: Callable[[Sessions], Follow] | None = None,
+        after: int = 0,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         known = await self._owner(thread_id)
         if isinstance(known, web.Response):
@@ -174,9 +182,9 @@ class Threads:
         takeover = not create or owner is not self.transport.sessions
         session = None
         if token is not None:
-            # From seq 0: what a follow gets first is the log from its start (None if trimmed).
+            # What a follow gets first is the log after ``after`` (None if trimmed).
             handed = follow(owner) if follow is not None else None
-            session = await owner.find(thread_id, token, 0, handed, takeover=takeover)
+            session = await owner.find(thread_id, token, after, handed, takeover=takeover)
         if session is None:
             return self.transport.refuse(
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"
