@@ -18,9 +18,9 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401  (a fixture)
     with_store,
 )
-from test_agui_support import AUTH, agui_config, agui_registry, run_input
+from test_agui_support import AUTH, SECRET, agui_config, agui_registry, run_input
 
-from conftest import Server, StartServer
+from conftest import Connect, Server, StartServer
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -229,3 +229,35 @@ async def test_a_second_resume_on_the_following_process_takes_the_first_over_at_
     assert [(e["type"], e.get("code")) for e in ended if e["type"] == "RUN_ERROR"] == [
         ("RUN_ERROR", "session_taken_over")
     ], ended
+
+
+async def test_a_resume_with_a_wrong_token_takes_no_resume_following_another_process_over(
+    redis_server: RedisServer, start_server: StartServer, connect: Connect
+) -> None:
+    # A session of the websocket connector is resumed over AG-UI with its resume token. A
+    # newer resume with a wrong one is refused (invalid_resume) and takes nothing over: the
+    # Connic protocol's claim checks the token before it takes an older resume over.
+    start = with_store(start_server, redis_server.url)
+    options = {"on_disconnect": "continue", "producer_timeout": 2}
+    cfg = agui_config(options, {"assistant": {"use": "echo", "delay": 0.05}}, websocket=options)
+    one = await start(cfg, registry=agui_registry())
+    two = await start(cfg, registry=agui_registry())
+    ws = await connect(one.url("/ws"), secret=SECRET)
+    session_id, token = ws.connected["session_id"], ws.connected["resume_token"]  # type: ignore[attr-defined]
+    await ws.send({"type": "message", "id": "m1", "payload": {"message": WORDS}})
+    frames = [await ws.recv() for _ in range(6)]  # ack, stream_start, chunks
+    await ws.ws.close(4000)  # not 1000: the session stays, its reply goes on there
+    last_seq = len(frames)  # a new session's frames are numbered from 1, each of these one
+    resume = {"type": "resume", "threadId": session_id, "lastSeq": last_seq}
+    async with websockets.connect(two.base + "/agui/ws", additional_headers=AUTH) as older:
+        await older.send(json.dumps({**resume, "resumeToken": token}))
+        first = json.loads(await asyncio.wait_for(older.recv(), 10))
+        assert first["type"] == "TEXT_MESSAGE_CONTENT" and first["seq"] == last_seq + 1, first
+        async with websockets.connect(two.base + "/agui/ws", additional_headers=AUTH) as newer:
+            await newer.send(json.dumps({**resume, "resumeToken": "wrong"}))
+            refused = json.loads(await asyncio.wait_for(newer.recv(), 10))
+        rest = await until_run_ends(older, "m1")
+    assert refused["type"] == "RUN_ERROR" and refused["code"] == "invalid_resume", refused
+    assert rest[-1]["type"] == "RUN_FINISHED", rest[-1]
+    said = "".join(f["chunk"] for f in frames if f["type"] == "stream_chunk") + text([first, *rest])
+    assert said == WORDS

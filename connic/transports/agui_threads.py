@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from connic.errors import StoreUnavailable
+from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.frames import MessageId
 from connic.session import ChatSession, SessionState
 from connic.sessions import Sessions, token_matches
@@ -41,6 +41,9 @@ class Threads:
         # thread id -> the lock of the runs looking it up, and how many hold it or wait for it
         self._finding: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.streaming: dict[str, ThreadRuns] = {}  # session id -> the sink its SSE runs share
+        # thread id -> the lookup of the resume following another process for it here, and
+        # whether a newer resume took it over
+        self._followers: dict[str, tuple[asyncio.Task[object], list[bool]]] = {}
 
     def leave(self, session: ChatSession, runs: ThreadRuns, run_id: str, sink: SSERun) -> None:
         """A run's stream is over (done, or its client gone): the thread goes on without it."""
@@ -128,14 +131,40 @@ class Threads:
         the thread logs meanwhile (:meth:`Sessions.find <connic.sessions.Sessions.find>`):
         the thread is read from the log after seq ``after`` (its start rebuilds the runs' events).
         """
-        if follow is not None:
-            # A resume opens nothing, and taking turns would keep a second resume of the thread
-            # waiting for as long as the first follows another process (its runs). The store
-            # settles two resumes at once as the Connic protocol's: the newer takes the older
-            # over (SessionTakenOver), and a connection attached here is taken over by replay.
-            return await self._thread(thread_id, given, peer, create=create, follow=follow, after=after)
-        async with self._one_at_a_time(thread_id):
-            return await self._thread(thread_id, given, peer, create=create)
+        if follow is None:
+            async with self._one_at_a_time(thread_id):
+                return await self._thread(thread_id, given, peer, create=create)
+        # A resume that follows another process holds the thread's turn for as long as that
+        # process serves it (its runs). A newer resume of the thread takes it over at once, as the
+        # Connic protocol's does (session_taken_over), rather than waiting for its turn behind it.
+        task = asyncio.current_task()
+        assert task is not None
+        older = self._followers.get(thread_id)
+        if older is not None:
+            # Only a resume that may have the thread takes another over (as the Connic protocol's
+            # claim checks the token first); one that may not is refused here, without waiting.
+            known = await self._owner(thread_id)
+            if not isinstance(known, tuple):
+                return known
+            refused = self._refused(thread_id, known, given, peer)
+            if refused is not None:
+                return refused
+            older = self._followers.get(thread_id)  # another may have come meanwhile
+            if older is not None:
+                older[1][0] = True
+                older[0].cancel()
+        mine = self._followers[thread_id] = (task, [False])
+        try:
+            async with self._one_at_a_time(thread_id):
+                return await self._thread(thread_id, given, peer, create=create, follow=follow, after=after)
+        except asyncio.CancelledError:
+            if not mine[1][0]:
+                raise
+            task.uncancel()
+            raise SessionTakenOver("another connection resumed this thread") from None
+        finally:
+            if self._followers.get(thread_id) is mine:
+                del self._followers[thread_id]
 
     async def _thread(
         self,
@@ -163,17 +192,10 @@ class Threads:
                     raise
                 if isinstance(known, web.Response):
                     return known
+        refused = self._refused(thread_id, known, given, peer)
+        if refused is not None:
+            return refused
         owner, token = known
-        # A session another connector opened: its resume token proves the client's claim to it
-        # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
-        # authentication, so that tokens cannot be guessed faster than secrets.
-        if owner is not self.transport.sessions and (given is None or not token_matches(token, given)):
-            self.transport.throttle.failed(peer)
-            return self.transport.refuse(
-                403,
-                f"thread {thread_id!r} is a session of connector {owner.label!r}: "
-                f"send its resume_token in the {TOKEN_HEADER} header",
-            )
         # A run (``create``: the one lookup that may open the thread) of a thread this connector
         # opened is no resume of the stream another process serves: that process's runs stream
         # on, and this one waits for the thread to be let go (queued behind them, as on one
@@ -190,6 +212,23 @@ class Threads:
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"
             )
         return session, False
+
+    def _refused(
+        self, thread_id: str, known: tuple[Sessions, str | None], given: str | None, peer: str
+    ) -> web.Response | None:
+        """The 403 for a thread of another connector without its resume token (``given``), or with a wrong one."""
+        owner, token = known
+        # A session another connector opened: its resume token proves the client's claim to it
+        # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
+        # authentication, so that tokens cannot be guessed faster than secrets.
+        if owner is self.transport.sessions or (given is not None and token_matches(token, given)):
+            return None
+        self.transport.throttle.failed(peer)
+        return self.transport.refuse(
+            403,
+            f"thread {thread_id!r} is a session of connector {owner.label!r}: "
+            f"send its resume_token in the {TOKEN_HEADER} header",
+        )
 
     async def _owner(self, thread_id: str) -> tuple[Sessions, str | None] | web.Response | None:
         """The sessions of the connector that opened thread ``thread_id`` and its resume token; None if unknown."""
