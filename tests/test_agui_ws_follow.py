@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -21,8 +22,10 @@ from redis_server import (
 from test_agui_support import AUTH, SECRET, agui_config, agui_registry, run_input
 
 from conftest import Connect, Server, StartServer
+from connic.stores.redis.log import seq_of
+from connic.stores.redis.scripts import session_keys
 
-pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 WORDS = " ".join(f"w{n}" for n in range(100))  # 100 chunks 50 ms apart: 5 s
 
@@ -157,6 +160,36 @@ async def test_a_resume_whose_log_lost_the_threads_start_follows_the_run_from_la
         assert WORDS.startswith(said) and len(said.split()) < 100, said  # no gap, nothing twice, cut short
         got[where is two] = outline(rest)
     assert got[True] == got[False]
+
+
+async def test_a_resume_whose_log_lost_even_the_events_after_last_seq_says_so_then_follows_the_run(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # As on one process, a RUN_ERROR invalid_resume says events after lastSeq are gone; the run
+    # is followed on from there (the events of the frames logged next), to its RUN_FINISHED.
+    one, two = await two_processes(redis_server, start_server, replay_buffer=8)
+    seen = await dropped_mid_run(one, "t-gone-too", count=5)
+    last_seq = seen[-1]["seq"]
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = session_keys("connic:", "t-gone-too")[3]  # the thread's log
+        deadline = time.monotonic() + 10
+        while True:  # until the log no longer holds the frame after last_seq
+            entries = await redis.xrange(key, count=1)
+            if entries and seq_of(entries[0][0]) - entries[0][1]["f"].count("\n") > last_seq + 1:
+                break
+            assert time.monotonic() < deadline, entries
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
+    async with await resumed(two, "t-gone-too", last_seq) as again:
+        error = json.loads(await asyncio.wait_for(again.recv(), 10))
+        rest = await until_run_ends(again, "r1")
+    assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_resume", error
+    assert f"no longer holds every event after {last_seq}" in error["message"], error
+    assert rest[-1]["type"] == "RUN_FINISHED" and rest[0]["seq"] > last_seq + 1, (rest[0], rest[-1])
+    said = text(rest)
+    assert said and WORDS.endswith(said), said  # from some word on, to the end: nothing twice
 
 
 async def dropped_with_one_queued(server: Server, thread_id: str, path: str) -> list[dict[str, Any]]:
