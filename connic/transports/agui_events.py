@@ -191,7 +191,8 @@ class RunEvents:
         kind = frame.get("type")
         agent: Any = frame.get("agent")  # a str, except on a refusal (an error naming no agent)
         out: list[BaseEvent] = []
-        self.answered |= isinstance(agent, str)
+        # An ack names the agent a connection's runs go to (not one answering yet): queued still.
+        self.answered |= isinstance(agent, str) and kind != "ack"
         if not self.announced and (kind == "ack" or (kind == "error" and agent is None)):
             self.announced = True
             out.append(self.started())

@@ -13,12 +13,15 @@ client's ``lastSeq`` are not sent again, but they tell each run where it is (a t
 already open, a step under way); the rest go out as they come, then, once that process lets
 the thread go (its runs over) or dies (its lease runs out: each reply it left unfinished
 ends with ``producer_lost``), the thread is taken over here and goes live. The socket is read
-meanwhile: its end stops following, a ``cancel`` of the run being answered there is passed to
-that process, and every other frame is held and handled afterwards, in order.
+meanwhile: its end stops following, a ``cancel`` of a run that process answers or queues is
+passed to it (a queued one is dropped here at once, as one process drops it), and every other
+frame is held and handled afterwards, in order. A newer resume of the thread takes this one
+over (``session_taken_over``), as the Connic protocol's does.
 
-Following needs the log from the thread's first frame (``replay_buffer`` frames). When it no
-longer has it, the resume waits for the other process to let the thread go, as it did before
-following, for up to ``producer_timeout``, and then fails with ``invalid_resume``.
+Rebuilding the runs' events needs the log from the thread's first frame (``replay_buffer``
+frames). When it no longer has it, the thread is followed from the client's ``lastSeq``
+instead, as a resume on one process then replays from there: a run begun before is taken up
+from its frames after ``lastSeq`` (a text message open then is started again, same id).
 """
 
 from __future__ import annotations
@@ -117,12 +120,13 @@ def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
 class _Followed:
     """The frames another process logs for the thread, turned into the binding's events as they come."""
 
-    __slots__ = ("binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
+    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
 
-    def __init__(self, binding: WSBinding, thread_id: str, last_seq: int) -> None:
+    def __init__(self, binding: WSBinding, thread_id: str, last_seq: int, after: int) -> None:
         self.binding = binding
         self.thread_id = thread_id
         self.last_seq = last_seq  # the client's: the frames up to it are not sent again
+        self.after = after  # the log is read after it: 0 (the runs' events rebuilt), or last_seq
         self.cursor: int | None = None  # the seq of the newest frame handed here, once following
         # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
         self.blind = False
@@ -136,14 +140,20 @@ class _Followed:
         return self.frames
 
     def frames(self, frames: list[str] | None, last: int) -> None:
-        """A batch of logged frames, the newest numbered ``last`` (the first batch: the log from seq 1)."""
+        """A batch of logged frames, the newest numbered ``last`` (the first batch: the log after ``after``)."""
         if self.blind:
             return
-        if frames is None:  # only ever the first batch: later, the store gives up rather than skip one
-            self.blind = True
-            self.went_blind.set_result(None)
-            return
         binding = self.binding
+        if frames is None:  # only ever the first batch: later, the store gives up rather than skip one
+            if self.after < self.last_seq:
+                self.blind = True  # followed again from last_seq (_following)
+                self.went_blind.set_result(None)
+                return
+            # Even the frames after the client's last_seq are gone: said as a resume on one process
+            # says it; the runs go on with the frames logged from now on.
+            binding._error(InvalidResume(f"the thread's log no longer holds every event after {self.last_seq}"))
+            self.cursor = last
+            return
         for seq, data in enumerate(frames, last - len(frames) + 1):
             binding._translate(data, silent=seq <= self.last_seq)
         self.cursor = last
@@ -158,31 +168,32 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
     if last_seq < 0:
         _failed(binding, InvalidResume(f"thread {thread_id!r} cannot be resumed from {last_seq}"), peer)
         return
-    followed = _Followed(binding, thread_id, last_seq)
-    transport = binding.transport
-    task = asyncio.ensure_future(transport.threads.thread(thread_id, given, peer, create=False, follow=followed.of))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + transport.sessions.options.producer_timeout
+    threads = binding.transport.threads
+
+    def find(followed: _Followed) -> asyncio.Future[tuple[ChatSession, bool] | web.Response | None]:
+        return asyncio.ensure_future(
+            threads.thread(thread_id, given, peer, create=False, follow=followed.of, after=followed.after)
+        )
+
+    followed = _Followed(binding, thread_id, last_seq, 0)
+    task = find(followed)
     try:
         while not task.done():
             waiting: set[asyncio.Future[Any]] = {task, binding.receiving()}
             if not followed.went_blind.done():
                 waiting.add(followed.went_blind)
-            timeout = max(0.0, deadline - loop.time()) if followed.blind else None
-            await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             msg = binding.received()
             if msg is not None and _meanwhile(binding, followed, msg):
                 _abandon(binding, task)  # the client is gone: the thread stays where it is
                 return
-            if followed.blind and not task.done() and loop.time() >= deadline:
+            if followed.blind and not task.done():
+                # The log no longer holds the thread's first frame, which rebuilding the runs'
+                # events needs: followed from the client's last_seq instead, at once, as a resume
+                # on one process whose log lost the thread's start replays from there.
                 _abandon(binding, task)
-                binding.metrics.resumes.inc(binding.label, "failed")
-                why = (
-                    f"thread {thread_id!r} has a run streaming on another process, and its log no longer "
-                    "holds the thread's first event, which following it needs (replay_buffer): resume once it has ended"
-                )
-                binding._error(InvalidResume(why))
-                return
+                followed = _Followed(binding, thread_id, last_seq, last_seq)
+                task = find(followed)
     except BaseException:
         # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.
         task.add_done_callback(_let_go)
@@ -191,7 +202,7 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
     try:
         found = task.result()
     except SessionTakenOver as exc:
-        # A newer resume (elsewhere, or on that process) took the thread over while this one followed.
+        # A newer resume (elsewhere, or on this process) took the thread over while this one followed.
         binding.following = None
         binding.end(exc, True)
         return
@@ -222,13 +233,20 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
         return True
     run_id = _cancelled(msg)
     run = binding.runs.get(run_id) if run_id is not None else None
-    if run_id is not None and run is not None and run.answered and not run.done and followed.cursor is not None:
-        # The run that process answers (an agent's frame of it came): cancelled there, its end
-        # comes back in the log. A run still queued there is cancelled once the thread is here:
-        # that process drops a queued message without a frame saying so, which nobody would follow.
-        binding.transport.store.cancel(followed.thread_id, run_id)
+    if run_id is None or run is None or run.done or followed.cursor is None:
+        binding.held.append(msg)  # not a run that process has (as far as the log followed says)
         return False
-    binding.held.append(msg)
+    # Passed to that process at once (or, should it let the thread go first, to the process
+    # taking it over, which acts on it then): a run it answers (an agent's frame of it came)
+    # is cancelled there, and its end comes back in the log, as on one process.
+    binding.transport.store.cancel(followed.thread_id, run_id)
+    if not run.answered:
+        # Queued there: it drops it without a frame saying so, so it is dropped here at once, as
+        # one process drops a queued run. Should it have begun meanwhile, it ends there cancelled,
+        # and the frames of it still to come are not the client's (it was told the run is over).
+        del binding.runs[run_id]
+        binding.dropped.add(run_id)
+        binding.urgent(binding._entries(run.dropped(), None))
     return False
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from connic.errors import StoreUnavailable
+from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.frames import MessageId
 from connic.session import ChatSession, SessionState
 from connic.sessions import Sessions, token_matches
@@ -41,6 +41,9 @@ class Threads:
         # thread id -> the lock of the runs looking it up, and how many hold it or wait for it
         self._finding: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self.streaming: dict[str, ThreadRuns] = {}  # session id -> the sink its SSE runs share
+        # thread id -> the lookup of the resume following another process for it here, and
+        # whether a newer resume took it over
+        self._followers: dict[str, tuple[asyncio.Task[object], list[bool]]] = {}
 
     def leave(self, session: ChatSession, runs: ThreadRuns, run_id: str, sink: SSERun) -> None:
         """A run's stream is over (done, or its client gone): the thread goes on without it."""
@@ -116,6 +119,7 @@ class Threads:
         *,
         create: bool = True,
         follow: Callable[[Sessions], Follow] | None = None,
+        after: int = 0,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         """The session ``thread_id`` names, and whether it is new; or the response refusing it.
 
@@ -125,10 +129,42 @@ class Threads:
         opened: None. ``follow`` (a resume of the WebSocket binding) is given the sessions
         of the thread's connector and says where the frames go that another process serving
         the thread logs meanwhile (:meth:`Sessions.find <connic.sessions.Sessions.find>`):
-        the thread is read from the start of its log, which rebuilds its runs' events.
+        the thread is read from the log after seq ``after`` (its start rebuilds the runs' events).
         """
-        async with self._one_at_a_time(thread_id):
-            return await self._thread(thread_id, given, peer, create=create, follow=follow)
+        if follow is None:
+            async with self._one_at_a_time(thread_id):
+                return await self._thread(thread_id, given, peer, create=create)
+        # A resume that follows another process holds the thread's turn for as long as that
+        # process serves it (its runs). A newer resume of the thread takes it over at once, as the
+        # Connic protocol's does (session_taken_over), rather than waiting for its turn behind it.
+        task = asyncio.current_task()
+        assert task is not None
+        older = self._followers.get(thread_id)
+        if older is not None:
+            # Only a resume that may have the thread takes another over (as the Connic protocol's
+            # claim checks the token first); one that may not is refused here, without waiting.
+            known = await self._owner(thread_id)
+            if not isinstance(known, tuple):
+                return known
+            refused = self._refused(thread_id, known, given, peer)
+            if refused is not None:
+                return refused
+            older = self._followers.get(thread_id)  # another may have come meanwhile
+            if older is not None:
+                older[1][0] = True
+                older[0].cancel()
+        mine = self._followers[thread_id] = (task, [False])
+        try:
+            async with self._one_at_a_time(thread_id):
+                return await self._thread(thread_id, given, peer, create=create, follow=follow, after=after)
+        except asyncio.CancelledError:
+            if not mine[1][0]:
+                raise
+            task.uncancel()
+            raise SessionTakenOver("another connection resumed this thread") from None
+        finally:
+            if self._followers.get(thread_id) is mine:
+                del self._followers[thread_id]
 
     async def _thread(
         self,
@@ -138,6 +174,7 @@ class Threads:
         *,
         create: bool,
         follow: Callable[[Sessions], Follow] | None = None,
+        after: int = 0,
     ) -> tuple[ChatSession, bool] | web.Response | None:
         known = await self._owner(thread_id)
         if isinstance(known, web.Response):
@@ -155,17 +192,10 @@ class Threads:
                     raise
                 if isinstance(known, web.Response):
                     return known
+        refused = self._refused(thread_id, known, given, peer)
+        if refused is not None:
+            return refused
         owner, token = known
-        # A session another connector opened: its resume token proves the client's claim to it
-        # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
-        # authentication, so that tokens cannot be guessed faster than secrets.
-        if owner is not self.transport.sessions and (given is None or not token_matches(token, given)):
-            self.transport.throttle.failed(peer)
-            return self.transport.refuse(
-                403,
-                f"thread {thread_id!r} is a session of connector {owner.label!r}: "
-                f"send its resume_token in the {TOKEN_HEADER} header",
-            )
         # A run (``create``: the one lookup that may open the thread) of a thread this connector
         # opened is no resume of the stream another process serves: that process's runs stream
         # on, and this one waits for the thread to be let go (queued behind them, as on one
@@ -174,14 +204,31 @@ class Threads:
         takeover = not create or owner is not self.transport.sessions
         session = None
         if token is not None:
-            # From seq 0: what a follow gets first is the log from its start (None if trimmed).
+            # What a follow gets first is the log after ``after`` (None if trimmed).
             handed = follow(owner) if follow is not None else None
-            session = await owner.find(thread_id, token, 0, handed, takeover=takeover)
+            session = await owner.find(thread_id, token, after, handed, takeover=takeover)
         if session is None:
             return self.transport.refuse(
                 409, f"thread {thread_id!r} cannot be continued now (ended, or served elsewhere)"
             )
         return session, False
+
+    def _refused(
+        self, thread_id: str, known: tuple[Sessions, str | None], given: str | None, peer: str
+    ) -> web.Response | None:
+        """The 403 for a thread of another connector without its resume token (``given``), or with a wrong one."""
+        owner, token = known
+        # A session another connector opened: its resume token proves the client's claim to it
+        # (PROTOCOL.md §7), as a resume over that connector would, and a wrong one is a failed
+        # authentication, so that tokens cannot be guessed faster than secrets.
+        if owner is self.transport.sessions or (given is not None and token_matches(token, given)):
+            return None
+        self.transport.throttle.failed(peer)
+        return self.transport.refuse(
+            403,
+            f"thread {thread_id!r} is a session of connector {owner.label!r}: "
+            f"send its resume_token in the {TOKEN_HEADER} header",
+        )
 
     async def _owner(self, thread_id: str) -> tuple[Sessions, str | None] | web.Response | None:
         """The sessions of the connector that opened thread ``thread_id`` and its resume token; None if unknown."""

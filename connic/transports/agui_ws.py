@@ -42,7 +42,7 @@ log = logging.getLogger("connic.agui")
 class WSBinding(Outbox[str]):
     """One WebSocket connection of the binding: the sink of its thread's session, and its reader."""
 
-    __slots__ = ("_receiving", "agent", "following", "held", "runs", "session", "transport", "ws")
+    __slots__ = ("_receiving", "agent", "dropped", "following", "held", "runs", "session", "transport", "ws")
 
     def __init__(
         self, transport: AguiTransport, ws: web.WebSocketResponse, request: web.Request, agent: str | None
@@ -66,6 +66,10 @@ class WSBinding(Outbox[str]):
         self.following: tuple[str, Sequence[str]] | None = None
         self.held: collections.deque[WSMessage] = collections.deque()
         self._receiving: asyncio.Future[WSMessage] | None = None
+        # The runs a resume following another process dropped while they were queued there: the
+        # frames of them still to come (one that began meanwhile, ending cancelled) are not sent,
+        # until an ack says a new run has that id.
+        self.dropped: set[Any] = set()
 
     def end(self, error: ConnicError, notify: bool) -> None:
         """The session ended (expired, over its limit, taken over): every open run ends, then the socket."""
@@ -87,6 +91,10 @@ class WSBinding(Outbox[str]):
         message_id = frame.get("id")
         if message_id is None:
             return  # not a run's frame
+        if message_id in self.dropped:
+            if frame.get("type") != "ack":
+                return
+            self.dropped.discard(message_id)
         run = self.runs.get(message_id)
         if run is None:
             # A run this connection did not start (begun before a resume): its events from here on.
