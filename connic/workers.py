@@ -327,14 +327,38 @@ class Supervisor:
 
     async def _watch(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
-        line = b""
-        with contextlib.suppress(OSError):
-            # READY, or FAILED and why; a worker that dies at once says nothing (end-of-file).
-            while not line.endswith(b"\n") and len(line) < 4096:
-                more = await loop.sock_recv(worker.link, 4096)
-                if not more:
-                    break
-                line += more
+        said = bytearray()
+        heard = loop.create_future()  # done once it said a whole line, or the link ended
+        link = worker.link
+
+        def readable() -> None:
+            # Read at once into `said` (no task to cancel, which could drop a read in flight).
+            try:
+                more = link.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                more = b""
+            said.extend(more)
+            if not more or said.endswith(b"\n") or len(said) >= 4096:
+                loop.remove_reader(link)
+                if not heard.done():
+                    heard.set_result(None)
+
+        exited = asyncio.ensure_future(worker.process.wait())
+        loop.add_reader(link, readable)
+        try:
+            # READY, or FAILED and why; a worker that dies at once says nothing. Its exit ends the
+            # wait too: the link's end-of-file may never come, for the link is the worker's standard
+            # input, which a process it started (an agent's helper) inherits and may keep open.
+            await asyncio.wait((heard, exited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(link)
+        said_before = -1
+        while not heard.done() and len(said) != said_before:  # what it said before it exited is in the link
+            said_before = len(said)
+            readable()
+        line = bytes(said)
         if line == READY:
             worker.ready = True
             self._start_failures.pop(worker.index, None)
@@ -343,7 +367,7 @@ class Supervisor:
             self._changed.set()
         elif line.startswith(FAILED):
             worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
-        await worker.process.wait()
+        await exited
         self._changed.set()
 
     async def _next_change(self, stopper: asyncio.Task[bool]) -> None:

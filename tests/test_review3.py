@@ -1,0 +1,103 @@
+"""Review of the morning's merges (life, ids, ops3, agleft): regressions found, pinned black-box.
+
+Real ``python -m connic run`` processes and real clients on loopback; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from test_cli import write
+
+from conftest import ROOT
+
+# --- --workers: a worker that dies before it listens, while a child of it holds its link ------
+
+HOLDING_AGENT = '''
+import os
+import signal
+import subprocess
+import sys
+
+import connic
+
+
+class Holding(connic.Agent):
+    """Its start() starts a helper process (standard input inherited, as Popen does by default), then dies."""
+
+    async def start(self) -> None:
+        helper = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with open(os.environ["HELPERS"], "a") as pids:
+            pids.write(f"{helper.pid}\\n")
+        os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, a segfault: nothing said to the parent
+
+    async def respond(self, turn):
+        yield turn.message
+'''
+
+
+def test_a_worker_killed_before_it_listens_while_its_child_holds_the_link_fails_the_start(tmp_path: Path) -> None:
+    # A worker's link to its parent is its standard input, which every process it starts inherits
+    # by default (an agent's helper, an MCP server started with Popen). Killed before it listened,
+    # it said nothing, and the parent waited for the link's end-of-file, which the helper kept
+    # from coming: it never saw the worker exit, and hung at start-up, serving nothing, silent.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "holding_agent.py").write_text(HOLDING_AGENT)
+    path = write(
+        tmp_path / "connic.toml", '[agents.holding]\nuse = "holding_agent:Holding"\n[[connectors]]\nresume_window = 0\n'
+    )
+    helpers = tmp_path / "helpers"
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HELPERS": str(helpers),
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "connic",
+                "run",
+                "--port",
+                "0",
+                "--workers",
+                "2",
+                "--secret",
+                "s",
+                "--config",
+                str(path),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for line in helpers.read_text().split() if helpers.exists() else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line), signal.SIGKILL)
+    text = log.read_text()
+    assert code == 1, f"the parent did not give up on a worker that died before listening:\n{text}"
+    assert "before it was listening" in text, text
+    assert "signal 9 (SIGKILL)" in text, text
