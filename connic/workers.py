@@ -37,7 +37,7 @@ from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.reserve import reserve
-from connic.serving import say
+from connic.serving import say, stop_signals
 from connic.worker import FAILED, READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
 
 __all__ = [
@@ -71,7 +71,6 @@ retrying every 10 s for ever, would hide the failure from a service manager (sys
 are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
 While any worker serves, one that cannot start is started again for ever.
 """
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -186,7 +185,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         stop = asyncio.Event()
-        for sig in _STOP_SIGNALS:
+        for sig in stop_signals():
             loop.add_signal_handler(sig, stop.set)
 
         def spec(index: int) -> WorkerSpec:
@@ -396,7 +395,7 @@ class Supervisor:
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
         """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
         self._stopping = True
-        for sig in _STOP_SIGNALS:
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
             say("connic: shutting down")

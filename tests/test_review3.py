@@ -5,16 +5,20 @@ Real ``python -m connic run`` processes and real clients on loopback; every wait
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_cli import write
+from test_workers import Output, config
 
-from conftest import ROOT
+from conftest import ROOT, CliServer, Connect
 
 # --- --workers: a worker that dies before it listens, while a child of it holds its link ------
 
@@ -101,3 +105,61 @@ def test_a_worker_killed_before_it_listens_while_its_child_holds_the_link_fails_
     assert code == 1, f"the parent did not give up on a worker that died before listening:\n{text}"
     assert "before it was listening" in text, text
     assert "signal 9 (SIGKILL)" in text, text
+
+
+# --- SIGHUP ignored (nohup): it stays ignored -------------------------------------------------
+
+
+def _start_ignoring_sighup(*args: str) -> CliServer:
+    """``python -m connic run --port 0 ARGS`` started as ``nohup`` starts it (SIGHUP ignored), past its banner."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connic", "run", "--port", "0", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup starts it
+    )
+    assert proc.stdout is not None
+    banner: list[str] = []
+    port = None
+    for line in proc.stdout:
+        banner.append(line.rstrip("\n"))
+        if m := re.search(r"listening on http://[^:]+:(\d+)", line):
+            port = int(m.group(1))
+        if line.startswith("Press Ctrl+C"):
+            break
+    if port is None:
+        proc.kill()
+        raise AssertionError("connic did not start:\n" + "\n".join(banner))
+    return CliServer(proc, port, "s", banner)
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "workers-parent"])
+async def test_a_server_started_with_sighup_ignored_keeps_serving_through_a_sighup(
+    tmp_path: Path, connect: Connect, workers: list[str]
+) -> None:
+    # `nohup connic run &` ignores SIGHUP so that the server outlives the terminal it was started
+    # from. connic took SIGHUP over regardless (to drain on it): closing that terminal shut the
+    # server down. An ignored SIGHUP stays ignored, as Python keeps an ignored SIGINT ignored.
+    server = await asyncio.to_thread(
+        _start_ignoring_sighup, "--config", str(config(tmp_path)), "--secret", "s", *workers
+    )
+    output = Output(server)
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        client = await connect(server.url, secret="s")
+        await client.send({"id": "after-hup", "message": "still here"})
+        frames = await client.until("stream_end")
+        assert frames[-1]["full_response"] == "still here", frames
+        # Had the SIGHUP begun a drain, this SIGTERM would be its second signal: stop at once, 143.
+        server.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.proc.wait, 30)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    text = output.text()
+    assert code == 0, text
+    assert text.count("connic: shutting down") == 1 and "again" not in text, text
