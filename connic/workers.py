@@ -38,7 +38,17 @@ from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.reserve import reserve
 from connic.serving import say, stop_signals
-from connic.worker import FAILED, READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
+from connic.worker import (
+    FAILED,
+    READY,
+    STOP,
+    STORE_UNAVAILABLE,
+    WorkerSpec,
+    error_line,
+    first_line,
+    pack_spec,
+    worker_main,
+)
 
 __all__ = [
     "GIVE_UP_STARTS",
@@ -325,39 +335,8 @@ class Supervisor:
         self._waiting[spec.index] = task
 
     async def _watch(self, worker: _Worker) -> None:
-        loop = asyncio.get_running_loop()
-        said = bytearray()
-        heard = loop.create_future()  # done once it said a whole line, or the link ended
-        link = worker.link
-
-        def readable() -> None:
-            # Read at once into `said` (no task to cancel, which could drop a read in flight).
-            try:
-                more = link.recv(4096)
-            except BlockingIOError:
-                return
-            except OSError:
-                more = b""
-            said.extend(more)
-            if not more or said.endswith(b"\n") or len(said) >= 4096:
-                loop.remove_reader(link)
-                if not heard.done():
-                    heard.set_result(None)
-
         exited = asyncio.ensure_future(worker.process.wait())
-        loop.add_reader(link, readable)
-        try:
-            # READY, or FAILED and why; a worker that dies at once says nothing. Its exit ends the
-            # wait too: the link's end-of-file may never come, for the link is the worker's standard
-            # input, which a process it started (an agent's helper) inherits and may keep open.
-            await asyncio.wait((heard, exited), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            loop.remove_reader(link)
-        said_before = -1
-        while not heard.done() and len(said) != said_before:  # what it said before it exited is in the link
-            said_before = len(said)
-            readable()
-        line = bytes(said)
+        line = await first_line(worker.link, exited)
         if line == READY:
             worker.ready = True
             self._start_failures.pop(worker.index, None)
