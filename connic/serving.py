@@ -27,13 +27,24 @@ from connic.app import RUNTIME, drain
 from connic.banner import print_banner
 from connic.errors import ConfigError
 
-__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve"]
+__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve", "stop_signals"]
 
 SLOW_CALLBACK = 0.1
 """With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """The signals that drain the server (SIGHUP as well: a closed terminal, or a service manager's
 ``reload``, must not cut replies in flight off); the child of ``--reload`` takes SIGHUP as "restart"."""
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the server: SIGINT, SIGTERM and SIGHUP, but SIGHUP not while it is ignored.
+
+    ``nohup connic run &`` ignores SIGHUP so that the server outlives the terminal it was
+    started from: taking SIGHUP over regardless, to drain on it, shut it down with that
+    terminal. Checked before the handlers are installed (they replace what it reads).
+    """
+    return tuple(s for s in _STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN)
+
 
 GC_YOUNG_THRESHOLD = 10_000
 """The collector's first threshold in a served process (CPython's default: 700 allocations).
@@ -133,7 +144,7 @@ async def serve(
             _stop_at_once(signum)
         stop.set()
 
-    for sig in _STOP_SIGNALS:
+    for sig in stop_signals():
         if not (restartable and sig == signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig)
     restarting = False

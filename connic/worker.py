@@ -31,7 +31,17 @@ from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
 from connic.serving import say, serve
 
-__all__ = ["FAILED", "READY", "STOP", "STORE_UNAVAILABLE", "WorkerSpec", "error_line", "pack_spec", "worker_main"]
+__all__ = [
+    "FAILED",
+    "READY",
+    "STOP",
+    "STORE_UNAVAILABLE",
+    "WorkerSpec",
+    "error_line",
+    "first_line",
+    "pack_spec",
+    "worker_main",
+]
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
@@ -90,6 +100,43 @@ def _read_spec(link: socket.socket) -> WorkerSpec:
     if not isinstance(spec, WorkerSpec):
         raise TypeError(f"expected a WorkerSpec, got {type(spec).__name__}")
     return spec
+
+
+async def first_line(link: socket.socket, exited: asyncio.Future[int]) -> bytes:
+    """What a worker says first on its (non-blocking) link, read by its parent: READY, or FAILED and why.
+
+    Empty when it dies at once without a word. Its exit (``exited``) ends the wait as the
+    link's end-of-file does: that end-of-file may never come, for the link is the worker's
+    standard input, which a process it started (an agent's helper) inherits and may keep open.
+    """
+    loop = asyncio.get_running_loop()
+    said = bytearray()
+    heard = loop.create_future()  # done once it said a whole line, or the link ended
+
+    def readable() -> None:
+        # Read at once into `said` (no task to cancel, which could drop a read in flight).
+        try:
+            more = link.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            more = b""
+        said.extend(more)
+        if not more or said.endswith(b"\n") or len(said) >= 4096:
+            loop.remove_reader(link)
+            if not heard.done():
+                heard.set_result(None)
+
+    loop.add_reader(link, readable)
+    try:
+        await asyncio.wait((heard, exited), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(link)
+    before = -1
+    while not heard.done() and len(said) != before:  # it exited: what it said is in the link already
+        before = len(said)
+        readable()
+    return bytes(said)
 
 
 def error_line(text: str) -> None:

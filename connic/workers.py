@@ -37,8 +37,18 @@ from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.reserve import reserve
-from connic.serving import say
-from connic.worker import FAILED, READY, STOP, STORE_UNAVAILABLE, WorkerSpec, error_line, pack_spec, worker_main
+from connic.serving import say, stop_signals
+from connic.worker import (
+    FAILED,
+    READY,
+    STOP,
+    STORE_UNAVAILABLE,
+    WorkerSpec,
+    error_line,
+    first_line,
+    pack_spec,
+    worker_main,
+)
 
 __all__ = [
     "GIVE_UP_STARTS",
@@ -71,7 +81,6 @@ retrying every 10 s for ever, would hide the failure from a service manager (sys
 are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
 While any worker serves, one that cannot start is started again for ever.
 """
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -186,7 +195,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         stop = asyncio.Event()
-        for sig in _STOP_SIGNALS:
+        for sig in stop_signals():
             loop.add_signal_handler(sig, stop.set)
 
         def spec(index: int) -> WorkerSpec:
@@ -326,15 +335,8 @@ class Supervisor:
         self._waiting[spec.index] = task
 
     async def _watch(self, worker: _Worker) -> None:
-        loop = asyncio.get_running_loop()
-        line = b""
-        with contextlib.suppress(OSError):
-            # READY, or FAILED and why; a worker that dies at once says nothing (end-of-file).
-            while not line.endswith(b"\n") and len(line) < 4096:
-                more = await loop.sock_recv(worker.link, 4096)
-                if not more:
-                    break
-                line += more
+        exited = asyncio.ensure_future(worker.process.wait())
+        line = await first_line(worker.link, exited)
         if line == READY:
             worker.ready = True
             self._start_failures.pop(worker.index, None)
@@ -343,7 +345,7 @@ class Supervisor:
             self._changed.set()
         elif line.startswith(FAILED):
             worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
-        await worker.process.wait()
+        await exited
         self._changed.set()
 
     async def _next_change(self, stopper: asyncio.Task[bool]) -> None:
@@ -372,7 +374,7 @@ class Supervisor:
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
         """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""
         self._stopping = True
-        for sig in _STOP_SIGNALS:
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self._kill_all, sig)
         if status == 0:
             say("connic: shutting down")

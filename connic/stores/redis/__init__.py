@@ -139,8 +139,9 @@ class RedisStore(Limits, Taking, SessionStore):
         # One last attempt at the DELETEs waiting for a retry, in the writes bounded below.
         self._last_try = True
         for sid, (fence, _, _, timer) in self._undeleted.items():
-            if timer is not None:
-                timer.cancel()
+            if timer is None:
+                continue  # its retry is queued or being written already: a second copy would find it gone
+            timer.cancel()
             self._deletes[sid] = max(fence, self._deletes.get(sid, 0))
         try:
             async with asyncio.timeout(self.options.timeout):
@@ -223,7 +224,7 @@ class RedisStore(Limits, Taking, SessionStore):
                 if result == 1:
                     log.info("session %s: ended in Redis after %d retries", sid, entry[1])
             if result != 1:  # another process owns it or claimed it since (or Redis lost it): left as it is
-                log.info("session %s: not deleted from Redis: another process claimed it since it ended here", sid)
+                log.info("session %s: not deleted from Redis: another process claimed it since, or it is gone", sid)
             return
         why = result.why if isinstance(result, StoreUnavailable) else str(result)
         loop = asyncio.get_running_loop()
