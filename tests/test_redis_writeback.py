@@ -11,6 +11,7 @@ and tests/test_redis_lifecycle.py a session that must stay ended.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import test_ops_attack
@@ -26,6 +27,7 @@ from resume_helpers import (
     words,
 )
 from test_redis_fleet import chat
+from websockets.exceptions import ConnectionClosed
 
 PRODUCER_TIMEOUT = test_ops_attack.PRODUCER_TIMEOUT
 served = test_ops_attack.served  # the fixture: python -m connic run on the test's redis-server
@@ -94,3 +96,43 @@ async def test_a_reply_streaming_when_redis_lost_its_data_ends_whole_and_the_ses
     again = await session.resume(url=b.url)
     assert again.connected["resumed"] is True, again.connected
     assert await _history(again) == [("user", text), ("agent", text), ("user", "next"), ("agent", "next")]
+
+
+async def test_a_resume_following_the_reply_on_another_process_when_redis_lost_its_data_is_told_of_the_gap(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client resumed on B while A answers: B follows A's replay log. The frames A wrote
+    # just before the loss are gone from the log A writes back: the client must never get
+    # what follows them as if nothing was missing. B's resume ends as a store failure (1011),
+    # and the client's next resume says `recovered: false` (PROTOCOL.md §7: frames are
+    # missing; `history` has the conversation); the reply still ends whole.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(300)  # 300 chunks 10 ms apart
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 3:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    while len(session.transcript.chunks("m1", "assistant")) < 20:
+        await conn.recv()
+    flush(redis_server.url)
+    told: list[int] = []  # the last_seq of each resume that said frames after it are missing
+    for _ in range(5):
+        try:
+            await conn.until_ended({"m1": ["assistant"]}, timeout=20)
+            break
+        except ConnectionClosed:
+            code, frames = await conn.closed(timeout=5)
+            assert code == 1011, (code, frames)
+            last_seq = session.transcript.last_seq
+            conn = await session.resume(url=b.url)
+            if conn.connected["recovered"] is False:
+                told.append(last_seq)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["full_response"] == text
+    seqs = [f["seq"] for f in session.transcript.ordered()]
+    gaps = [before for before, after in itertools.pairwise(seqs) if after != before + 1]
+    assert all(gap in told for gap in gaps), f"frames missing after seq {gaps}, resumes told of {told}"
