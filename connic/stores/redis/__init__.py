@@ -27,7 +27,8 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
-background writer and lease renewer), :mod:`~connic.stores.redis.cancels` (cancels
+background writer and lease renewer), :mod:`~connic.stores.redis.writeback` (creating
+sessions, and writing live ones back into a Redis that lost its data), :mod:`~connic.stores.redis.cancels` (cancels
 across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
 over the owner's connection, or its client's goodbye ending the session there),
 :mod:`~connic.stores.redis.taking` (taking a session over: the claim, following the
@@ -48,11 +49,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from connic.errors import StoreUnavailable
+from connic.redact import safe_url
 from connic.stores import ReplayLog, SessionRecord, SessionStore
-from connic.stores.redis.connection import check_url, ms, ttl
+from connic.stores.redis.connection import check_url, ms
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog
-from connic.stores.redis.record import decode, encode, encode_entry
+from connic.stores.redis.record import decode, encode
 from connic.stores.redis.taking import UNREADABLE, Taking
 
 if TYPE_CHECKING:
@@ -124,6 +126,10 @@ class RedisStore(Limits, Taking, SessionStore):
     async def start(self) -> None:
         """Connect, check that Redis answers, and start the writer, the lease renewer and the pub/sub listener."""
         await self.connect()
+        try:
+            await self._watch_epoch()
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"[store] url {safe_url(self.options.url)!r}: {exc.why}") from None
         self._wake = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._writer()),
@@ -153,7 +159,7 @@ class RedisStore(Limits, Taking, SessionStore):
         self._tasks[1].cancel()  # the renewer
         self._tasks[2].cancel()  # the pub/sub listener (cancels and takeovers)
         self._tasks[3].cancel()  # the follower
-        for task in self._cancelling:
+        for task in [*self._cancelling, *self._writing_back.values()]:
             task.cancel()
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
         _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)
@@ -168,18 +174,7 @@ class RedisStore(Limits, Taking, SessionStore):
         """Hold a session live here: a new one is created in Redis; a taken one is already owned."""
         sid = session.id
         if sid not in self._fences:
-            opts = session.sessions.options
-            lease = ms(opts.producer_timeout)
-            keys = self._keys(sid)
-            record = session.record()
-            entries = [encode_entry(entry) for entry in record.history]
-            fence = await self._call(
-                self._scripts["CREATE"](keys=keys, args=[lease, encode(record), ttl(session), *entries])
-            )
-            if not fence:
-                raise StoreUnavailable(f"session {sid} exists already in the store")
-            self._fences[sid] = (int(fence), lease)
-            self._saved[sid] = record.history[-1] if record.history else None
+            await self._create(session)
         self._live[sid] = session
         replay = session.log
         if isinstance(replay, RedisReplayLog):

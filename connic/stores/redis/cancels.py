@@ -34,7 +34,7 @@ from typing import Any
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
 from connic.stores.redis import scripts
-from connic.stores.redis.writer import Writer
+from connic.stores.redis.writeback import WriteBack
 
 __all__ = ["LISTEN_PING", "Cancels"]
 
@@ -51,7 +51,7 @@ meanwhile. One PING a second per process costs Redis nothing.
 _PING = "connic-listener"  # the PING's argument, so its answer is told from any other pong
 
 
-class Cancels(Writer):
+class Cancels(WriteBack):
     """What :class:`~connic.stores.redis.RedisStore` does with cancels (a base class of it)."""
 
     def __init__(self) -> None:

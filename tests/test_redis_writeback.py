@@ -1,0 +1,138 @@
+"""Redis losing its data under live sessions: the processes holding them write them back.
+
+A Redis restarted without its data (or a FLUSHALL) used to end every live session with
+``store_unavailable`` (1011): a resume then got a fresh session, and every conversation was
+lost although each process still held its sessions whole. Real ``python -m connic run``
+processes on a private ``redis-server`` (tests/redis_server.py), real ``websockets``
+clients; every wait is bounded. tests/test_ops_attack.py has the rest of Redis's failures,
+and tests/test_redis_lifecycle.py a session that must stay ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import test_ops_attack
+from redis_server import (
+    RedisServer,
+    flush,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+    words,
+)
+from test_redis_fleet import chat
+from websockets.exceptions import ConnectionClosed
+
+PRODUCER_TIMEOUT = test_ops_attack.PRODUCER_TIMEOUT
+served = test_ops_attack.served  # the fixture: python -m connic run on the test's redis-server
+
+
+async def _history(conn: Any) -> list[tuple[str, str]]:
+    """The session's history as (role, text) pairs, asked for on ``conn``."""
+    await conn.send({"type": "history"})
+    frames = await conn.until_type("history")
+    return [(entry["role"], entry["text"]) for entry in frames[-1]["entries"]]
+
+
+async def _keys(redis_url: str) -> int:
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        return int(await admin.dbsize())
+    finally:
+        await admin.aclose()
+
+
+async def test_an_idle_session_goes_on_with_its_conversation_after_redis_lost_its_data(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before the loss"))["full_response"] == "before the loss"
+    flush(redis_server.url)
+    # A few lease renewals: each finds the session gone from Redis.
+    await asyncio.sleep(PRODUCER_TIMEOUT * 2)
+    assert await _keys(redis_server.url) > 0, "nothing was written back"
+    # The connection goes on, and the conversation with it.
+    assert (await chat(conn, "m2", "after the loss"))["full_response"] == "after the loss"
+    expected = [
+        ("user", "before the loss"),
+        ("agent", "before the loss"),
+        ("user", "after the loss"),
+        ("agent", "after the loss"),
+    ]
+    assert await _history(conn) == expected
+    # Redis has it whole again: a resume on the other process finds it, history and all.
+    session.drop()
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == expected
+
+
+async def test_a_reply_streaming_when_redis_lost_its_data_ends_whole_and_the_session_goes_on(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(150)  # 150 chunks 10 ms apart
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    await conn.until(lambda f: f.get("type") == "stream_chunk")
+    flush(redis_server.url)
+    await conn.until_ended({"m1": ["assistant"]}, timeout=20)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["full_response"] == text
+    assert (await chat(conn, "m2", "next"))["full_response"] == "next"
+    # Resumed on the other process from the end: the frames after it are in the new log.
+    session.drop()
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == [("user", text), ("agent", text), ("user", "next"), ("agent", "next")]
+
+
+async def test_a_resume_following_the_reply_on_another_process_when_redis_lost_its_data_is_told_of_the_gap(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client resumed on B while A answers: B follows A's replay log. The frames A wrote
+    # just before the loss are gone from the log A writes back: the client must never get
+    # what follows them as if nothing was missing. B's resume ends as a store failure (1011),
+    # and the client's next resume says `recovered: false` (PROTOCOL.md §7: frames are
+    # missing; `history` has the conversation); the reply still ends whole.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(300)  # 300 chunks 10 ms apart
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 3:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    while len(session.transcript.chunks("m1", "assistant")) < 20:
+        await conn.recv()
+    flush(redis_server.url)
+    told: list[int] = []  # the last_seq of each resume that said frames after it are missing
+    for _ in range(5):
+        try:
+            await conn.until_ended({"m1": ["assistant"]}, timeout=20)
+            break
+        except ConnectionClosed:
+            code, frames = await conn.closed(timeout=5)
+            assert code == 1011, (code, frames)
+            last_seq = session.transcript.last_seq
+            conn = await session.resume(url=b.url)
+            if conn.connected["recovered"] is False:
+                told.append(last_seq)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["full_response"] == text
+    seqs = [f["seq"] for f in session.transcript.ordered()]
+    gaps = [before for before, after in itertools.pairwise(seqs) if after != before + 1]
+    assert all(gap in told for gap in gaps), f"frames missing after seq {gaps}, resumes told of {told}"
