@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from connic.errors import (
@@ -37,8 +38,12 @@ __all__ = ["admit"]
 log = logging.getLogger("connic.session")
 
 
-async def admit(session: ChatSession, frame: MessageFrame) -> None:
-    """Accept a message (ack it and queue it) or refuse it with a sequenced error frame."""
+async def admit(session: ChatSession, frame: MessageFrame, waiting: Callable[[], int] | None = None) -> None:
+    """Accept a message (ack it and queue it) or refuse it with a sequenced error frame.
+
+    ``waiting``: how many messages wait to be answered, for ``max_queued``, when not the queue's
+    length (messages a resume held behind another process's reply, :class:`~connic.transports.ws_held.Behind`).
+    """
     sessions = session.sessions
     opts = sessions.options
     if sessions.draining:
@@ -74,8 +79,9 @@ async def admit(session: ChatSession, frame: MessageFrame) -> None:
         names = ", ".join(sessions.agent_names)
         session.refuse(UnknownAgent(f"no agent {frame.agent!r} on this connector (agents: {names})"), frame.id)
         return
-    if len(session.queue) >= opts.max_queued:
-        session.refuse(QueueFull(f"{len(session.queue)} messages are already waiting to be answered"), frame.id)
+    queued = len(session.queue) if waiting is None else waiting()  # asked now: the admission may have waited
+    if queued >= opts.max_queued:
+        session.refuse(QueueFull(f"{queued} messages are already waiting to be answered"), frame.id)
         return
     session.count += 1
     sessions.metrics.messages.add(sessions.key)

@@ -258,3 +258,67 @@ async def test_a_cancel_the_owner_takes_leaves_every_held_message_with_its_id_to
         ]
         assert [reason for reason, _ in ends] == ["cancelled", "stop", "stop"] and ends[1][1] == "again", (shared, ends)
     assert got[True] == got[False]
+
+
+# What the client sends while m1 streams (m2's cancel: "-m2"); with max_queued = N, one process
+# queues N messages behind the reply in flight and refuses the rest with queue_full, and a cancel
+# of a queued message makes room again. B holds them until A's reply ended: it must refuse the
+# same ones, though its queue is empty when it takes the session over (the owner's reply counts).
+_BEHIND = {
+    "three": ["m2", "m3", "m4"],
+    "four": ["m2", "m3", "m4", "m5"],
+    "cancel makes room": ["m2", "-m2", "m3", "m4", "m5"],
+}
+_LIMITS = {
+    "max_queued=1": ("max_queued = 1",),
+    "max_queued=2": ("max_queued = 2",),
+    "max_queued=1 rate_limit": ("max_queued = 1", "rate_limit = { messages = 100, per = 1 }"),
+}
+
+
+@pytest.mark.parametrize("sent", _BEHIND)
+@pytest.mark.parametrize("limits", _LIMITS)
+async def test_held_messages_are_refused_queue_full_as_behind_the_owners_reply(
+    launch: Any, clients: Clients, limits: str, sent: str
+) -> None:
+    # PROTOCOL.md §5: max_queued counts the messages waiting behind the one answered. B admits
+    # what it held after A's reply ended: the ones that would not have fit behind it are refused.
+    # (A rate limit makes B's admission wait on Redis: its answering task runs meanwhile.)
+    got = {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared, *_LIMITS[limits])
+        for message_id in _BEHIND[sent]:
+            if message_id.startswith("-"):
+                await conn.send({"type": "cancel", "id": message_id[1:]})
+            else:
+                await conn.send({"type": "message", "id": message_id, "payload": {"message": f"{message_id} text"}})
+        await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+        cancelled = {message_id[1:] for message_id in _BEHIND[sent] if message_id.startswith("-")}
+        messages = [message_id for message_id in _BEHIND[sent] if not message_id.startswith("-")]
+        while not all(settled(session, message_id, message_id in cancelled) for message_id in messages):
+            await conn.recv()
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+    assert got[True] == got[False], (limits, sent)
+    refused = {key[1] for key in got[True][0] if key[4] == "queue_full"}
+    assert refused == behind_reply(_BEHIND[sent], int(limits[len("max_queued=")])), got[True][0]
+
+
+def behind_reply(sent: list[str], max_queued: int) -> set[str]:
+    """The messages refused queue_full when ``sent`` comes while a reply runs: room for ``max_queued``."""
+    queued: list[str] = []
+    refused = set()
+    for message_id in sent:
+        if message_id.startswith("-"):
+            queued.remove(message_id[1:])
+        elif len(queued) < max_queued:
+            queued.append(message_id)
+        else:
+            refused.add(message_id)
+    return refused
+
+
+def settled(session: ResumeSession, message_id: str, cancelled: bool) -> bool:
+    """Whether a message sent while m1 streamed is done with: refused, answered, or acked and ``cancelled``."""
+    kinds = [f["type"] for f in session.transcript.of(message_id)]
+    return "error" in kinds or "stream_end" in kinds or (cancelled and kinds == ["ack"])

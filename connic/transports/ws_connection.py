@@ -45,6 +45,7 @@ from connic.metrics import close_code_label
 from connic.session import ChatSession
 from connic.transports._aiohttp_raw import limit_read_size, raw_transport, write_control
 from connic.transports.ws_auth import authenticate
+from connic.transports.ws_held import Behind
 from connic.transports.ws_keepalive import Heartbeat
 from connic.transports.ws_resume import cancel_behind, resume, resume_instead
 from connic.transports.ws_writer import Writer
@@ -69,6 +70,7 @@ class Connection:
     """One client connection, attached to one session at a time."""
 
     __slots__ = (
+        "_behind",
         "_history",
         "_inbox",
         "_loop",
@@ -96,6 +98,7 @@ class Connection:
         self.client_close: int | None = None  # the code of a close the client started
         self.closed = Flag()  # set once the connection has cleaned up
         self._inbox: list[WSMessage] = []  # read while a resume waited (_reading_meanwhile), not yet handled
+        self._behind: Behind | None = None  # the inbox's messages, held behind another process's reply
         self._receiving: asyncio.Future[WSMessage] | None = None  # a read begun then, still under way
         self._history: tuple[object, int, int, str] | None = None  # see _history_frame
         self._loop = asyncio.get_running_loop()
@@ -309,6 +312,8 @@ class Connection:
                 self._control(kind, msg.data)
             else:  # CLOSING, CLOSED, ERROR: the socket is done
                 return
+            if not self._inbox:
+                self._behind = None  # what comes next was sent after the takeover
             # aiohttp hands over buffered frames without suspending; a client that sends
             # without reading must wait for its replies to go out before it is read again.
             if writer.full and not writer.closing and not await writer.wait_for_room(writer.send_timeout):
@@ -328,7 +333,10 @@ class Connection:
             return
         if type(frame) is MessageFrame:
             self.fresh = False
-            await session.admit(frame)
+            if self._behind is None:
+                await session.admit(frame)
+            else:
+                await self._behind.admit(frame)
             cancelled = cancel_behind(self, frame)
             if cancelled is not None:
                 # Held by a resume with its cancel right behind it: dropped (or not_found, if refused)

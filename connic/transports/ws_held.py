@@ -6,7 +6,8 @@ for another process to let the session go, the resume holds what the client send
 is held right behind each one with its id (:func:`hold_behind`), so that the connection drops
 each as it admits it (:func:`cancel_behind`), as a cancel drops every queued message with its
 id on one process (PROTOCOL.md §5); :class:`Doubts` lets such cancels go when the owner's own
-message with that id took them (docs/protocol.md, "Cancelling").
+message with that id took them (docs/protocol.md, "Cancelling"). The held messages are admitted
+as if behind the owner's reply (:class:`Behind`): ``max_queued`` refuses the same ones.
 """
 
 from __future__ import annotations
@@ -22,9 +23,41 @@ from connic.frames import CancelFrame, ClientFrame, MessageFrame, MessageId, par
 from connic.stores import SessionStore
 
 if TYPE_CHECKING:
+    from connic.message import Message
+    from connic.session import ChatSession
     from connic.transports.ws_connection import Connection
 
-__all__ = ["Doubts", "cancel_behind", "held_at", "hold_behind", "parse_held"]
+__all__ = ["Behind", "Doubts", "cancel_behind", "held_at", "hold_behind", "parse_held"]
+
+
+class Behind:
+    """Held messages admitted as they would have been behind the owner's reply, sent meanwhile.
+
+    On one process they came while that reply ran: ``max_queued`` of them wait behind it, the
+    rest are refused ``queue_full`` (PROTOCOL.md §5), and a cancel of a queued one makes room.
+    Here the reply ended before the session was taken over: its queue is empty, and the answering
+    task takes the first held message while the next ones are admitted (an admission waits on
+    the store's rate bucket; a full queue lets the task run). Each held message it took counts
+    as still queued until every held frame was handled (the connection then drops this).
+    """
+
+    __slots__ = ("admitted", "session")
+
+    def __init__(self, session: ChatSession) -> None:
+        self.session = session
+        self.admitted: list[Message] = []  # the held messages accepted, in order
+
+    async def admit(self, frame: MessageFrame) -> None:
+        """Admit a held message, the ones taken from the queue meanwhile counted as queued."""
+        session = self.session
+        count = session.count
+        await session.admit(frame, self.waiting)
+        if session.count > count:  # accepted: queued last, the answering task not run since
+            self.admitted.append(session.queue[-1])
+
+    def waiting(self) -> int:
+        """How many messages wait behind the owner's reply: the queue's, and the held ones begun since."""
+        return len(self.session.queue) + sum(1 for message in self.admitted if message.at)
 
 
 def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:

@@ -31,7 +31,7 @@ from connic.frames import (
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
 from connic.transports.ws_follow_history import FollowedHistory, consume
-from connic.transports.ws_held import Doubts, cancel_behind, held_at, hold_behind, parse_held
+from connic.transports.ws_held import Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
@@ -112,6 +112,9 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     conn.session = session
     conn.fresh = False
     conn.writer.name = session.id
+    if following and conn._inbox:
+        # What the client sent while the owner's reply ran waits behind it, as on one process.
+        conn._behind = Behind(session)
     if not following:
         conn._connected(session, resumed=True, recovered=recovered)
     conn.writer.extend(frames)
