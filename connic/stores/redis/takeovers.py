@@ -82,10 +82,29 @@ class Takeovers(Cancels):
         }
 
     async def _caught_up(self) -> None:
-        """As :meth:`Cancels._caught_up`, and the takeover flags set for the sessions owned here meanwhile."""
+        """As :meth:`Cancels._caught_up`, and the takeover flags set for the sessions owned here meanwhile.
+
+        A Redis that accepts ``SUBSCRIBE`` but refuses ``GETDEL`` (``-LOADING`` while it loads its
+        data after a restart, ``-READONLY`` on a replica) refuses every one: one warning for
+        them all, not one per owned session. Not retried here: the flags stay, and the next
+        lease renewal (``RENEW``, every third of the lease) takes each of them.
+        """
         await super()._caught_up()
+        owned = list(self._fences)
         # One round trip: _shared sends the calls of one round of the event loop together.
-        await asyncio.gather(*(self._take_takeover(sid) for sid in list(self._fences)))
+        taken = await asyncio.gather(*(self._takeover_flag(sid) for sid in owned), return_exceptions=True)
+        failed = [exc for exc in taken if isinstance(exc, StoreUnavailable)]
+        if failed:
+            log.warning(
+                "redis store: taking the takeover flags of %d of %d session(s) owned here failed: %s"
+                " (the lease renewals take them)",
+                len(failed),
+                len(owned),
+                failed[0].why,
+            )
+        for exc in taken:
+            if isinstance(exc, BaseException) and not isinstance(exc, StoreUnavailable):
+                raise exc
 
     def _told(self, session_id: str) -> None:
         """A resume elsewhere took this session over: take its flag if this process owns it.
@@ -119,12 +138,15 @@ class Takeovers(Cancels):
         earlier owner (a process that died before taking it; this one took the session over
         since) is no takeover of this process's connection.
         """
-        key = scripts.takeover_key(self.options.key_prefix, session_id)
         try:
-            flag = await self._shared("GETDEL", key)
+            await self._takeover_flag(session_id)
         except StoreUnavailable as exc:
             log.warning("session %s: taking its takeover flag failed: %s", session_id, exc.why)
-            return  # the flag stays: the renewer takes it
+            # the flag stays: the renewer takes it
+
+    async def _takeover_flag(self, session_id: str) -> None:
+        """:meth:`_take_takeover` without the warning: StoreUnavailable when Redis refuses (the flag stays)."""
+        flag = await self._shared("GETDEL", scripts.takeover_key(self.options.key_prefix, session_id))
         owned = self._fences.get(session_id)
         if flag is not None and owned is not None and flag == str(owned[0]):
             self._taken_over(session_id)
