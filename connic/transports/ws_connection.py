@@ -333,10 +333,10 @@ class Connection:
             return
         if type(frame) is MessageFrame:
             self.fresh = False
-            if self._behind is None:
-                await session.admit(frame)
+            if self._behind is not None and self._behind.session is session:
+                await self._behind.admit(frame)  # held by a resume while another process answered
             else:
-                await self._behind.admit(frame)
+                await session.admit(frame)
             cancelled = cancel_behind(self, frame)
             if cancelled is not None:
                 # Held by a resume with its cancel right behind it: dropped (or not_found, if refused)
