@@ -57,6 +57,7 @@ class Behind:
 
     def waiting(self) -> int:
         """How many messages wait behind the owner's reply: the queue's, and the held ones begun since."""
+        # A message's ``at`` is 0.0 until the answering task takes it; a dropped one never is.
         return len(self.session.queue) + sum(1 for message in self.admitted if message.at)
 
 
