@@ -9,6 +9,9 @@ starts a new child. A child that cannot start (a syntax error in the agent file)
 its one error line and exits; the parent says it waits for a change and tries again on
 the next one.
 
+SIGINT, SIGTERM and SIGHUP to the parent (a terminal closing, ``kill -HUP``) all stop it the
+same way: it has the child drain as a plain ``run`` does (close 1001), waits, and exits 0.
+
 What must not change between restarts is decided once, here: the generated secret
 (handed down in an environment variable the child reads) and the port (``--port 0``
 becomes one free port, picked here).
@@ -43,7 +46,9 @@ RESTART_WAIT = 5.0
 development, where a long reply is not worth waiting for."""
 WATCHED_SUFFIXES = (".py", ".toml", ".html", ".jinja", ".jinja2", ".j2")
 """What a change to restarts for: Python, the configuration, templates."""
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What stops the parent. SIGHUP as well, as for a plain ``run``: a closed terminal must not end
+the parent alone and leave its child (a process group of its own, so not hung up) serving on."""
 
 
 def watched_folders(config: str | None, agents: Sequence[str], cwd: Path) -> list[Path]:
@@ -115,7 +120,7 @@ class Reloader:
         return path
 
     def run(self) -> int:
-        """Serve until SIGINT/SIGTERM; the exit status of ``connic run --reload``."""
+        """Serve until SIGINT/SIGTERM/SIGHUP; the exit status of ``connic run --reload``."""
         return asyncio.run(self._supervise())
 
     async def _supervise(self) -> int:
@@ -148,6 +153,10 @@ class Reloader:
 
     @staticmethod
     def _forward(child: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+        # The child takes SIGHUP as "restart" (a drain again, not a stop at once): a second
+        # SIGHUP reaches it as SIGTERM, which it does take as "stop now".
+        if sig == signal.SIGHUP:
+            sig = signal.SIGTERM
         if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(sig)
