@@ -191,9 +191,7 @@ def child_processes(pid: int) -> set[int]:
     return found
 
 
-def test_sighup_to_the_parent_drains_the_child_and_exits_0(
-    tmp_path: Path, reloading: Callable[..., Reloading]
-) -> None:
+def test_sighup_to_the_parent_drains_the_child_and_exits_0(tmp_path: Path, reloading: Callable[..., Reloading]) -> None:
     """A closed terminal (SIGHUP to the parent) stops ``--reload`` as Ctrl+C does: the child drains
     (1001, not 1012: it is not coming back) and the parent exits 0. It used to die of it at once,
     leaving its child, in a process group of its own, serving on with no parent."""
