@@ -9,6 +9,9 @@ starts a new child. A child that cannot start (a syntax error in the agent file)
 its one error line and exits; the parent says it waits for a change and tries again on
 the next one.
 
+SIGINT, SIGTERM and SIGHUP to the parent (a terminal closing, ``kill -HUP``) all stop it the
+same way: it has the child drain as a plain ``run`` does (close 1001), waits, and exits 0.
+
 What must not change between restarts is decided once, here: the generated secret
 (handed down in an environment variable the child reads) and the port (``--port 0``
 becomes one free port, picked here).
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from connic.config import Config
 from connic.errors import ConfigError
+from connic.serving import stop_signals
 
 __all__ = ["CHILD_ENV", "RESTART_WAIT", "SECRET_ENV", "Reloader", "run_reloading", "watched_folders"]
 
@@ -43,7 +47,6 @@ RESTART_WAIT = 5.0
 development, where a long reply is not worth waiting for."""
 WATCHED_SUFFIXES = (".py", ".toml", ".html", ".jinja", ".jinja2", ".j2")
 """What a change to restarts for: Python, the configuration, templates."""
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def watched_folders(config: str | None, agents: Sequence[str], cwd: Path) -> list[Path]:
@@ -115,7 +118,7 @@ class Reloader:
         return path
 
     def run(self) -> int:
-        """Serve until SIGINT/SIGTERM; the exit status of ``connic run --reload``."""
+        """Serve until SIGINT/SIGTERM/SIGHUP; the exit status of ``connic run --reload``."""
         return asyncio.run(self._supervise())
 
     async def _supervise(self) -> int:
@@ -126,7 +129,10 @@ class Reloader:
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in _STOP_SIGNALS:
+        # SIGHUP too, as for a plain `run` (unless ignored: nohup): a closed terminal must not end the
+        # parent alone and leave its child (a process group of its own, so not hung up) serving on.
+        signals = stop_signals()
+        for sig in signals:
             loop.add_signal_handler(sig, stop.set)
         where = ", ".join(str(f) for f in self.folders)
         print(f"connic: reload: watching {where} for changes to {', '.join(WATCHED_SUFFIXES)}", flush=True)
@@ -141,13 +147,17 @@ class Reloader:
         finally:
             # A second signal while the child drains reaches it too: it then stops at once.
             child = self._child
-            for sig in _STOP_SIGNALS:
+            for sig in signals:
                 loop.add_signal_handler(sig, self._forward, child, sig)
             await self._stop(signal.SIGTERM)
         return 0
 
     @staticmethod
     def _forward(child: asyncio.subprocess.Process | None, sig: signal.Signals) -> None:
+        # The child takes SIGHUP as "restart" (a drain again, not a stop at once): a second
+        # SIGHUP reaches it as SIGTERM, which it does take as "stop now".
+        if sig == signal.SIGHUP:
+            sig = signal.SIGTERM
         if child is not None and child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(sig)

@@ -11,7 +11,8 @@ listen, restarts a worker that dies, and on SIGTERM/SIGINT/SIGHUP has every work
 The worker's side, and the link between the two (a socket pair on the worker's
 standard input: its configuration one way, ``ready`` the other, end-of-file when the
 parent is gone), is :mod:`connic.worker`; ``WorkerSpec`` and ``worker_main`` are
-re-exported here.
+re-exported here. When a worker is started again, and when the parent gives up, is
+:mod:`connic.restarts`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
-from collections import deque
 from collections.abc import Callable
 
 import attrs
@@ -37,6 +36,7 @@ from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.reserve import reserve
+from connic.restarts import GIVE_UP_STARTS, RESTART_WINDOW, STORE_RETRY_MAX, Restarts
 from connic.serving import say, stop_signals
 from connic.worker import (
     FAILED,
@@ -59,28 +59,6 @@ __all__ = [
     "check_workers",
     "worker_main",
 ]
-
-RESTART_WINDOW = 10.0
-"""Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
-STORE_RETRY_MAX = 10.0
-"""At most this many seconds between two starts of a worker that could not start (once the server has).
-
-Such a worker (the session store unreachable, an agent's start() failing: a service it needs
-is down) is started again 1 s after it exits, then 2, 4, 8, then every 10 s, until it starts:
-the configuration every worker started with is the same, so what fails now is not the worker's
-fault, and giving up would take the other workers, which go on serving (refusing new sessions
-with 503 while the store is down), down with it. A worker whose process cannot even be made
-(``fork``/``exec`` failing: EAGAIN at a process limit, ENOMEM) is started again the same way.
-"""
-GIVE_UP_STARTS = 5
-"""The parent gives up (exit 1) once every worker has failed this many starts in a row.
-
-Then no worker serves, and none is about to: the parent staying up, serving nothing and
-retrying every 10 s for ever, would hide the failure from a service manager (systemd's
-``Restart=``, a Kubernetes probe), which can only act on a process that exits. Five starts
-are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
-While any worker serves, one that cannot start is started again for ever.
-"""
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
@@ -158,8 +136,7 @@ class Supervisor:
         self.generated = generated
         self.host_key = host_key
         self._live: dict[int, _Worker] = {}
-        self._exits: deque[float] = deque()
-        self._start_failures: dict[int, int] = {}  # worker index: its starts in a row that failed
+        self._restarts = Restarts(workers)
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
         self._started = False
@@ -243,11 +220,11 @@ class Supervisor:
                         )
                         continue
                     self._forget(worker)
-                    if not self._may_restart():
+                    if not self._restarts.may_restart():
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(code)}: {len(self._exits)} workers exited within {RESTART_WINDOW:g} s, "
-                            "giving up (see the errors above)",
+                            f"{_status(code)}: {self._restarts.recent_exits} workers exited "
+                            f"within {RESTART_WINDOW:g} s, giving up (see the errors above)",
                         )
                         return await self._stop_all(loop, 1)
                     try:
@@ -304,10 +281,8 @@ class Supervisor:
         """
         if self._stopping:
             return
-        failures = self._start_failures.get(spec.index, 0) + 1
-        self._start_failures[spec.index] = failures
-        every = range(1, self.workers + 1)
-        if all(self._start_failures.get(index, 0) >= GIVE_UP_STARTS for index in every):
+        delay = self._restarts.start_failed(spec.index)
+        if delay is None:
             say(f"connic: {failed}")
             self._give_up = (
                 f"every worker failed its last {GIVE_UP_STARTS} starts in a row and none is listening, "
@@ -315,7 +290,6 @@ class Supervisor:
             )
             self._changed.set()
             return
-        delay = min(STORE_RETRY_MAX, 2.0 ** (failures - 1))
         say(f"connic: {failed}; starting it again in {delay:g} s")
 
         async def later() -> None:
@@ -339,7 +313,7 @@ class Supervisor:
         line = await first_line(worker.link, exited)
         if line == READY:
             worker.ready = True
-            self._start_failures.pop(worker.index, None)
+            self._restarts.listening(worker.index)
             if self._started:
                 say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
             self._changed.set()
@@ -359,17 +333,10 @@ class Supervisor:
         del self._live[worker.index]
         worker.link.close()
         if counted:
-            self._exits.append(time.monotonic())
+            self._restarts.exited()
         if self._metrics_dir is not None:
             # Its open connections and sessions no longer count; its counters stay in the sums.
             _mark_process_dead(worker.process.pid, self._metrics_dir)
-
-    def _may_restart(self) -> bool:
-        """At most N restarts in RESTART_WINDOW seconds: a worker that cannot stay up stops the server."""
-        now = time.monotonic()
-        while self._exits and self._exits[0] < now - RESTART_WINDOW:
-            self._exits.popleft()
-        return len(self._exits) <= self.workers
 
     async def _stop_all(self, loop: asyncio.AbstractEventLoop, status: int) -> int:
         """Have every worker drain (:data:`~connic.worker.STOP`) and wait; a second signal kills them at once."""

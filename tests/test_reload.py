@@ -181,6 +181,43 @@ def test_editing_the_agent_file_changes_the_next_answer(tmp_path: Path, reloadin
     assert server.stop() == 0
 
 
+def child_processes(pid: int) -> set[int]:
+    """``pid``'s child processes (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def test_sighup_to_the_parent_drains_the_child_and_exits_0(tmp_path: Path, reloading: Callable[..., Reloading]) -> None:
+    """A closed terminal (SIGHUP to the parent) stops ``--reload`` as Ctrl+C does: the child drains
+    (1001, not 1012: it is not coming back) and the parent exits 0. It used to die of it at once,
+    leaving its child, in a process group of its own, serving on with no parent."""
+    write_agent(tmp_path, "answer A")
+    server = reloading("--agent", "agents.py:Echoish", "--reload", "--port", "0")
+    port, secret = server.banner()
+    children = child_processes(server.proc.pid)
+    assert children
+    try:
+        with client(port, secret) as ws:
+            assert ask(ws) == "answer A"
+            server.proc.send_signal(signal.SIGHUP)
+            assert server.proc.wait(WAIT) == 0
+            code, frames = closed_with(ws)
+        assert code == 1001, (code, frames)
+        assert frames[-1]["code"] == "server_shutting_down", frames
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # reaped, not orphaned
+        server.expect(lambda s: s == "connic: shutting down")
+    finally:
+        # Had the parent died alone, its child would outlive the test, holding the port.
+        for pid in children:
+            with contextlib.suppress(OSError):
+                if b"connic" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_a_broken_file_waits_for_the_next_change(tmp_path: Path, reloading: Callable[..., Reloading]) -> None:
     write_agent(tmp_path, "answer A")
     server = reloading("--agent", "agents.py:Echoish", "--reload", "--port", "0")

@@ -58,6 +58,10 @@ class Taking(Takeovers):
     def __init__(self) -> None:
         super().__init__()
         self._follower = Follower(self)  # the logs of the sessions resumes here follow
+        # Session id: the owner's lease (ms) as each resume here that follows it gave it. Two may
+        # follow one session at once (a resume taken over by a newer one, AG-UI restarting a follow):
+        # each removes only its own, and _follow_leases (the cancels' TTL) holds while any is left.
+        self._follow_waits: dict[str, list[int]] = {}
 
     async def take(
         self,
@@ -92,17 +96,29 @@ class Taking(Takeovers):
         # SessionTakenOver once a newer resume claimed the session, or attached to it on its owner.
         nonce = secrets.token_hex(8) if follow is not None and check[0] else ""
         if follow is not None:
-            self._follow_leases[session_id] = ms(wait)
+            self._follow_waits.setdefault(session_id, []).append(ms(wait))
+            self._follow_leases[session_id] = max(self._follow_waits[session_id])
             if nonce:
                 self._resumers[follow] = nonce  # for its goodbye (end)
         try:
             return await self._take(session_id, wait, follow, after, check, followed, nonce, takeover)
         finally:
-            self._follow_leases.pop(session_id, None)
             if follow is not None:
+                self._unfollow(session_id, ms(wait))
                 self._resumers.pop(follow, None)
             for following in followed:
                 self._follower.stop(following)
+
+    def _unfollow(self, session_id: str, lease: int) -> None:
+        """A resume that followed the session with ``lease`` ends: the cancels' TTL counts on the others left."""
+        waits = self._follow_waits.get(session_id, [])
+        if lease in waits:
+            waits.remove(lease)
+        if waits:
+            self._follow_leases[session_id] = max(waits)
+        else:
+            self._follow_waits.pop(session_id, None)
+            self._follow_leases.pop(session_id, None)
 
     async def _take(
         self,
