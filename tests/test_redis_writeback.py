@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import test_ops_attack
 from redis_server import (
     RedisServer,
     flush,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
 )
 from resume_helpers import (
     Clients,
@@ -28,6 +35,8 @@ from resume_helpers import (
 )
 from test_redis_fleet import chat
 from websockets.exceptions import ConnectionClosed
+
+from conftest import SECRET, CliServer, start_cli
 
 PRODUCER_TIMEOUT = test_ops_attack.PRODUCER_TIMEOUT
 served = test_ops_attack.served  # the fixture: python -m connic run on the test's redis-server
@@ -136,3 +145,110 @@ async def test_a_resume_following_the_reply_on_another_process_when_redis_lost_i
     seqs = [f["seq"] for f in session.transcript.ordered()]
     gaps = [before for before, after in itertools.pairwise(seqs) if after != before + 1]
     assert all(gap in told for gap in gaps), f"frames missing after seq {gaps}, resumes told of {told}"
+
+
+async def _session_keys(redis_url: str, session_id: str) -> list[str]:
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return sorted(await admin.keys(f"connic:{{{session_id}}}:*"))
+    finally:
+        await admin.aclose()
+
+
+async def _until_no_keys(redis_url: str, session_id: str) -> None:
+    for _ in range(200):
+        if not await _session_keys(redis_url, session_id):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"session {session_id} still in Redis: {await _session_keys(redis_url, session_id)}")
+
+
+async def test_a_session_made_just_after_redis_lost_its_data_then_ended_elsewhere_stays_ended(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # A session created after a FLUSHALL but before its process read the epoch again was held as
+    # made under the epoch from before the loss. Later its lease lapsed unnoticed (the process
+    # stalled), a resume took it on the other process, and its client said goodbye there: the
+    # session ended for good. The stalled process then found it gone, saw "another epoch" and
+    # wrote it back: a session ended by its client's goodbye came back, its token resumable.
+    a, b = await served(), await served()
+    flush(redis_server.url)
+    session = ResumeSession(clients, a.url)  # at once: A reads the epoch again once a second
+    conn_a = await session.start()
+    assert await conn_a.barrier() == []
+    await asyncio.sleep(PRODUCER_TIMEOUT)  # A renews (and reads the epoch) a few times
+    os.kill(a.proc.pid, signal.SIGSTOP)  # A stalls: its lease lapses unnoticed
+    try:
+        await asyncio.sleep(PRODUCER_TIMEOUT * 2.5)
+        conn_b = await session.resume(url=b.url)
+        assert conn_b.connected["resumed"] is True, conn_b.connected
+        await conn_b.ws.close(1000)  # goodbye: the session ends for good
+        await _until_no_keys(redis_server.url, session.session_id)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    # A finds the session gone at its next renewals: it must stay so, and A's copy stops.
+    await asyncio.sleep(PRODUCER_TIMEOUT * 2)
+    assert await _session_keys(redis_server.url, session.session_id) == [], "the ended session came back"
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is False, again.connected
+    code, _ = await conn_a.closed(timeout=PRODUCER_TIMEOUT * 10)
+    assert code == 1011
+
+
+@pytest.fixture
+def slow(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """``slow()``: a ``python -m connic run`` on ``redis_server`` whose echo agent waits ``REPLY_DELAY`` before
+    each word, with a lease (60 s) renewed every 20 s: a reply's words are the session's only writes meanwhile.
+    """
+    pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start() -> CliServer:
+        config = tmp_path / "slow.toml"
+        config.write_text(
+            f'[agents.assistant]\nuse = "echo"\ndelay = {REPLY_DELAY}\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 60\n'
+            f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
+        )
+        server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
+        started.append(server)
+        threading.Thread(target=server.proc.communicate, daemon=True).start()  # a full pipe would stop it
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+REPLY_DELAY = 1.0
+"""Seconds the ``slow`` servers' echo agent waits before each word of a reply."""
+
+
+async def test_a_detached_session_whose_reply_ends_first_after_redis_lost_its_data_is_written_back(
+    slow: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client went away while a reply ran; Redis lost its data; the reply's last words are
+    # the session's first write since. Finding it gone, its process began writing it back; the
+    # reply's end let the (detached, idle) session go meanwhile, and the write-back then found
+    # it no longer live and dropped it: the conversation was lost, although the process held it
+    # whole, and a resume got a fresh session.
+    a, b = await slow(), await slow()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "one two"}})
+    await conn.until(lambda f: f.get("type") == "stream_chunk", timeout=10)  # "one ", then "two" a second later
+    session.drop()
+    await asyncio.sleep(REPLY_DELAY / 4)  # A saves the detached session (before the loss)
+    flush(redis_server.url)
+    # The reply ends (and the session is let go) within a second.
+    for _ in range(100):
+        if await _session_keys(redis_server.url, session.session_id):
+            break
+        await asyncio.sleep(0.05)
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == [("user", "one two"), ("agent", "one two")]

@@ -136,6 +136,7 @@ class Taking(Takeovers):
                 read: str | int = after if follow is not None and cursor is None else ""
                 args = [lease, read, *check, *signal, told, nonce, first]
                 claim_reply = self._shared_script("CLAIM", keys, args)
+                epoch = self._epoch_after()  # in the claim's pipeline: what it is taken under, if it is
                 claimed = time.monotonic()
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
@@ -162,7 +163,7 @@ class Taking(Takeovers):
                     told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
-                    self._owned(session_id)
+                    self._owned(session_id, epoch)
                     if int(result[4]):  # taken once the session is live here (add)
                         self._cancels_waiting.add(session_id)
                     try:
