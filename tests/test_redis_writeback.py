@@ -11,6 +11,7 @@ and tests/test_redis_lifecycle.py a session that must stay ended.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import signal
@@ -33,10 +34,12 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from tcp_proxy import TcpProxy
 from test_redis_fleet import chat
 from websockets.exceptions import ConnectionClosed
 
 from conftest import SECRET, CliServer, start_cli
+from connic.stores.redis import scripts
 
 PRODUCER_TIMEOUT = test_ops_attack.PRODUCER_TIMEOUT
 served = test_ops_attack.served  # the fixture: python -m connic run on the test's redis-server
@@ -198,20 +201,20 @@ async def test_a_session_made_just_after_redis_lost_its_data_then_ended_elsewher
 
 
 @pytest.fixture
-def slow(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """``slow()``: a ``python -m connic run`` on ``redis_server`` whose echo agent waits ``REPLY_DELAY`` before
-    each word, with a lease (60 s) renewed every 20 s: a reply's words are the session's only writes meanwhile.
+def connic_run(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """``connic_run(delay, producer_timeout, url=..., timeout=...)``: a ``python -m connic run`` whose echo
+    agent waits ``delay`` before each word, on ``url`` (default: ``redis_server``); killed at the end.
     """
     pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start() -> CliServer:
-        config = tmp_path / "slow.toml"
+    async def start(delay: float, producer_timeout: float, url: str = redis_server.url, timeout: float = 0.5) -> Any:
+        config = tmp_path / f"connic{len(started)}.toml"
         config.write_text(
-            f'[agents.assistant]\nuse = "echo"\ndelay = {REPLY_DELAY}\n'
-            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 60\n'
-            f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
+            f'[agents.assistant]\nuse = "echo"\ndelay = {delay}\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {producer_timeout}\n'
+            f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = {timeout}\n'
         )
         server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
         started.append(server)
@@ -225,18 +228,19 @@ def slow(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
 
 
 REPLY_DELAY = 1.0
-"""Seconds the ``slow`` servers' echo agent waits before each word of a reply."""
+"""Seconds the echo agent waits before each word of a reply, where a reply's words must be a session's only
+writes for a while (its lease, 60 s, is renewed every 20 s)."""
 
 
 async def test_a_detached_session_whose_reply_ends_first_after_redis_lost_its_data_is_written_back(
-    slow: Any, clients: Clients, redis_server: RedisServer
+    connic_run: Any, clients: Clients, redis_server: RedisServer
 ) -> None:
     # The client went away while a reply ran; Redis lost its data; the reply's last words are
     # the session's first write since. Finding it gone, its process began writing it back; the
     # reply's end let the (detached, idle) session go meanwhile, and the write-back then found
     # it no longer live and dropped it: the conversation was lost, although the process held it
     # whole, and a resume got a fresh session.
-    a, b = await slow(), await slow()
+    a, b = await connic_run(REPLY_DELAY, 60), await connic_run(REPLY_DELAY, 60)
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": "one two"}})
@@ -252,3 +256,58 @@ async def test_a_detached_session_whose_reply_ends_first_after_redis_lost_its_da
     again = await session.resume(url=b.url)
     assert again.connected["resumed"] is True, again.connected
     assert await _history(again) == [("user", "one two"), ("agent", "one two")]
+
+
+CREATE_SHA = hashlib.sha1(scripts.CREATE.encode()).hexdigest().encode()  # what an EVALSHA of CREATE carries
+
+
+class Delaying(TcpProxy):
+    """A proxy to Redis that, while :attr:`delay` is set, holds what carries a CREATE that long, then passes it on.
+
+    :attr:`delayed` is set once it holds one: the CREATE is on its way, not yet run.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.delay = 0.0
+        self.delayed = asyncio.Event()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.delay and CREATE_SHA in data:
+                    self.delayed.set()
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+
+async def test_a_session_whose_client_says_goodbye_while_it_is_written_back_stays_ended(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data; the process writing a session back has sent its CREATE when the
+    # client says goodbye: the session ends here. The CREATE ran all the same, and the write-back
+    # then held the ended session as owned: it lived on in Redis, its lease renewed for as long
+    # as the process ran, and a resume with its token found it (or waited on its owner).
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(0.01, PRODUCER_TIMEOUT, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, PRODUCER_TIMEOUT)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        assert await conn.barrier() == []
+        proxy.delay = 1.0
+        flush(redis_server.url)
+        await asyncio.wait_for(proxy.delayed.wait(), PRODUCER_TIMEOUT * 10)  # A's write-back sent its CREATE
+        await conn.ws.close(1000)  # goodbye: the session ends for good
+        await asyncio.sleep(proxy.delay)  # the CREATE runs
+        await _until_no_keys(redis_server.url, session.session_id)
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is False, again.connected
+    finally:
+        await proxy.close()
