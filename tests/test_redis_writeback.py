@@ -311,3 +311,35 @@ async def test_a_session_whose_client_says_goodbye_while_it_is_written_back_stay
         assert again.connected["resumed"] is False, again.connected
     finally:
         await proxy.close()
+
+
+async def test_a_detached_session_let_go_while_it_is_written_back_is_let_go_and_resumable(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client went away while a reply ran; Redis lost its data. The process writing the session
+    # back has sent its CREATE when the reply ends and the (detached, idle) session is let go. The
+    # write-back then held the let-go session as owned: nobody let it go in Redis, its lease was
+    # renewed for as long as the process ran, and a resume elsewhere waited on its owner in vain.
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(REPLY_DELAY / 2, 60, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, PRODUCER_TIMEOUT)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": "one two three"}})
+        await conn.until(lambda f: f.get("type") == "stream_chunk", timeout=10)  # the next words come 0.5 s apart
+        session.drop()
+        await asyncio.sleep(REPLY_DELAY / 10)  # A saves the detached session (before the loss)
+        proxy.delay = REPLY_DELAY * 2  # longer than the rest of the reply
+        flush(redis_server.url)
+        await asyncio.wait_for(proxy.delayed.wait(), 10)  # the next word found it gone: its CREATE is on its way
+        for _ in range(100):  # the CREATE runs, then the session is let go
+            if await _session_keys(redis_server.url, session.session_id):
+                break
+            await asyncio.sleep(0.05)
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is True, again.connected
+        assert await _history(again) == [("user", "one two three"), ("agent", "one two three")]
+    finally:
+        await proxy.close()
