@@ -343,3 +343,48 @@ async def test_a_detached_session_let_go_while_it_is_written_back_is_let_go_and_
         assert await _history(again) == [("user", "one two three"), ("agent", "one two three")]
     finally:
         await proxy.close()
+
+
+async def test_a_session_taken_just_before_redis_lost_its_data_is_written_back_by_its_taker(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The epoch a taken session is held under is read in its claim's round trip: a loss right
+    # after the take (before the taker's next renewal reads the epoch) is told from a session
+    # gone for good, and the taker writes it back.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    assert (await chat(conn, "m2", "taken"))["full_response"] == "taken"  # answered by B: B took it
+    flush(redis_server.url)  # at once: B renews (and reads the epoch) every third of a second
+    await asyncio.sleep(PRODUCER_TIMEOUT * 2)
+    assert (await chat(conn, "m3", "after"))["full_response"] == "after"
+    assert [text for _, text in await _history(conn)] == ["before", "before", "taken", "taken", "after", "after"]
+
+
+async def test_a_resume_following_a_session_let_go_as_redis_lost_its_data_is_not_told_it_was_taken_over(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client resumes on B as its connection to A drops; A lets the idle session go just as
+    # Redis loses its data, and writes it back (then lets it go). B's resume, following meanwhile,
+    # finds the session's resumer gone with the data: it was told `session_taken_over` (4011, which
+    # clients take as final) although nobody took it. A store failure it is (1011), and the next
+    # resume finds the conversation.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    session.drop()
+    conn = await session.resume(url=b.url)
+    flush(redis_server.url)
+    await asyncio.sleep(PRODUCER_TIMEOUT)  # B's resume settles: it took the session, or it failed
+    try:
+        await conn.barrier()
+    except ConnectionClosed:
+        assert conn.ws.close_code == 1011, conn.ws.close_code
+        conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    assert await _history(conn) == [("user", "before"), ("agent", "before")]

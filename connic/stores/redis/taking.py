@@ -34,6 +34,7 @@ from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.log import frames_after, logged, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode
 from connic.stores.redis.takeovers import Takeovers
+from connic.stores.redis.writeback import epoch_read
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -130,6 +131,7 @@ class Taking(Takeovers):
         first = "1"  # the first claim makes the nonce the session's resumer; the next ones check it still is
         claimed = 0.0  # when the last claim was sent
         result: Any = None
+        since: str | None = None  # the epoch read with the first claim
         while True:
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
@@ -147,8 +149,15 @@ class Taking(Takeovers):
                     # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
+                now = epoch_read(epoch)
+                since = now if first else since
                 first = ""
                 fence = int(result[0])
+                if fence == -3 and since is not None and now is not None and now != since:
+                    # Not a newer resume: Redis lost its data (the resumer with it) while this one
+                    # followed, and the owner wrote the session back. A store failure: resume again.
+                    log.info("session %s: Redis lost its data while a resume followed it", session_id)
+                    raise StoreUnavailable("the session store lost its data meanwhile; resume again")
                 if fence == -3:
                     log.info("session %s: a newer resume took it over while this one followed", session_id)
                     raise SessionTakenOver("another connection resumed this session")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from connic.agent import HistoryEntry
     from connic.session import ChatSession
 
-__all__ = ["WriteBack", "epoch_key"]
+__all__ = ["WriteBack", "epoch_key", "epoch_read"]
 
 log = logging.getLogger("connic.stores.redis")
 
@@ -47,6 +47,14 @@ log = logging.getLogger("connic.stores.redis")
 def epoch_key(prefix: str) -> str:
     """The key of the epoch: set once by the first process to find it missing, lost with Redis's data."""
     return f"{prefix}epoch"
+
+
+def epoch_read(reply: asyncio.Future[Any]) -> str | None:
+    """The epoch an :meth:`WriteBack._epoch_after` read found, if it came (None: not yet, or it failed)."""
+    if not reply.done() or reply.cancelled() or reply.exception() is not None:
+        return None
+    epoch = reply.result()
+    return epoch if isinstance(epoch, str) else None
 
 
 def _retrieved(reply: asyncio.Future[Any]) -> None:
@@ -113,7 +121,7 @@ class WriteBack(Writer):
         Without it (or a read that failed), as of the epoch the next read finds.
         """
         if isinstance(epoch, asyncio.Future):
-            epoch = epoch.result() if epoch.done() and not epoch.cancelled() and not epoch.exception() else None
+            epoch = epoch_read(epoch)
         if isinstance(epoch, str):
             self._epochs[session_id] = epoch
             self._unconfirmed.pop(session_id, None)
