@@ -13,12 +13,13 @@ taken and let go, by another process while this one's lease had lapsed unnoticed
 two are told apart by an *epoch*, a random value every process keeps under
 ``{key_prefix}epoch``: whoever finds it missing sets a new one. A session is written back
 only if the epoch changed since this process made or took it, i.e. Redis lost its data
-since; otherwise it is gone as before. The epoch a session is held under is the one read
-first *after* it was made or taken (not the one last read before: a session made between a
-loss and the next read would be held under the epoch from before the loss, and written back
-after it ended elsewhere). A Redis that loses its data before that read loses the session
-as well, which is then not written back (it ends, resumable to a fresh session): the safe way.
-Sessions found gone together share one read of the epoch, sent after they were found gone.
+since; otherwise it is gone as before. The epoch a session is held under is read in the
+round trip that made or took it, just after the CREATE or CLAIM (if that read fails, the next
+read's): not the one this process last read before, or a session made between a loss and the
+next read would be held under the epoch from before the loss, and written back after it ended
+elsewhere. A Redis that loses its data between the two loses the session as well, which is then
+not written back (it ends, resumable to a fresh session): the safe way. Sessions found gone
+together share one read of the epoch, sent after they were found gone.
 """
 
 from __future__ import annotations
