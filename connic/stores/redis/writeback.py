@@ -157,8 +157,8 @@ class WriteBack(Writer):
         return changed
 
     def _held(self, sid: str) -> bool:
-        """Whether this process owns the session, writes it back, or writes its release now."""
-        return sid in self._fences or sid in self._writing_back or sid in self._releasing
+        """Whether this process owns the session, writes it back, or is to write its release."""
+        return sid in self._fences or sid in self._writing_back or sid in self._releases or sid in self._releasing
 
     def _read_soon(self) -> asyncio.Task[bool]:
         """A read of the epoch sent after every session found gone so far: those found together share it.
