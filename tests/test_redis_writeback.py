@@ -11,14 +11,22 @@ and tests/test_redis_lifecycle.py a session that must stay ended.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import test_ops_attack
 from redis_server import (
     RedisServer,
     flush,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
 )
 from resume_helpers import (
     Clients,
@@ -26,8 +34,12 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from tcp_proxy import TcpProxy
 from test_redis_fleet import chat
 from websockets.exceptions import ConnectionClosed
+
+from conftest import SECRET, CliServer, start_cli
+from connic.stores.redis import scripts
 
 PRODUCER_TIMEOUT = test_ops_attack.PRODUCER_TIMEOUT
 served = test_ops_attack.served  # the fixture: python -m connic run on the test's redis-server
@@ -136,3 +148,243 @@ async def test_a_resume_following_the_reply_on_another_process_when_redis_lost_i
     seqs = [f["seq"] for f in session.transcript.ordered()]
     gaps = [before for before, after in itertools.pairwise(seqs) if after != before + 1]
     assert all(gap in told for gap in gaps), f"frames missing after seq {gaps}, resumes told of {told}"
+
+
+async def _session_keys(redis_url: str, session_id: str) -> list[str]:
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return sorted(await admin.keys(f"connic:{{{session_id}}}:*"))
+    finally:
+        await admin.aclose()
+
+
+async def _until_no_keys(redis_url: str, session_id: str) -> None:
+    for _ in range(200):
+        if not await _session_keys(redis_url, session_id):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"session {session_id} still in Redis: {await _session_keys(redis_url, session_id)}")
+
+
+async def test_a_session_made_just_after_redis_lost_its_data_then_ended_elsewhere_stays_ended(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # A session created after a FLUSHALL but before its process read the epoch again was held as
+    # made under the epoch from before the loss. Later its lease lapsed unnoticed (the process
+    # stalled), a resume took it on the other process, and its client said goodbye there: the
+    # session ended for good. The stalled process then found it gone, saw "another epoch" and
+    # wrote it back: a session ended by its client's goodbye came back, its token resumable.
+    a, b = await served(), await served()
+    flush(redis_server.url)
+    session = ResumeSession(clients, a.url)  # at once: A reads the epoch again once a second
+    conn_a = await session.start()
+    assert await conn_a.barrier() == []
+    await asyncio.sleep(PRODUCER_TIMEOUT)  # A renews (and reads the epoch) a few times
+    os.kill(a.proc.pid, signal.SIGSTOP)  # A stalls: its lease lapses unnoticed
+    try:
+        await asyncio.sleep(PRODUCER_TIMEOUT * 2.5)
+        conn_b = await session.resume(url=b.url)
+        assert conn_b.connected["resumed"] is True, conn_b.connected
+        await conn_b.ws.close(1000)  # goodbye: the session ends for good
+        await _until_no_keys(redis_server.url, session.session_id)
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    # A finds the session gone at its next renewals: it must stay so, and A's copy stops.
+    await asyncio.sleep(PRODUCER_TIMEOUT * 2)
+    assert await _session_keys(redis_server.url, session.session_id) == [], "the ended session came back"
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is False, again.connected
+    code, _ = await conn_a.closed(timeout=PRODUCER_TIMEOUT * 10)
+    assert code == 1011
+
+
+@pytest.fixture
+def connic_run(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """``connic_run(delay, producer_timeout, url=..., timeout=...)``: a ``python -m connic run`` whose echo
+    agent waits ``delay`` before each word, on ``url`` (default: ``redis_server``); killed at the end.
+    """
+    pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start(delay: float, producer_timeout: float, url: str = redis_server.url, timeout: float = 0.5) -> Any:
+        config = tmp_path / f"connic{len(started)}.toml"
+        config.write_text(
+            f'[agents.assistant]\nuse = "echo"\ndelay = {delay}\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {producer_timeout}\n'
+            f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = {timeout}\n'
+        )
+        server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
+        started.append(server)
+        threading.Thread(target=server.proc.communicate, daemon=True).start()  # a full pipe would stop it
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+REPLY_DELAY = 1.0
+"""Seconds the echo agent waits before each word of a reply, where a reply's words must be a session's only
+writes for a while (its lease, 60 s, is renewed every 20 s)."""
+
+
+async def test_a_detached_session_whose_reply_ends_first_after_redis_lost_its_data_is_written_back(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client went away while a reply ran; Redis lost its data; the reply's last words are
+    # the session's first write since. Finding it gone, its process began writing it back; the
+    # reply's end let the (detached, idle) session go meanwhile, and the write-back then found
+    # it no longer live and dropped it: the conversation was lost, although the process held it
+    # whole, and a resume got a fresh session.
+    a, b = await connic_run(REPLY_DELAY, 60), await connic_run(REPLY_DELAY, 60)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "one two"}})
+    await conn.until(lambda f: f.get("type") == "stream_chunk", timeout=10)  # "one ", then "two" a second later
+    session.drop()
+    await asyncio.sleep(REPLY_DELAY / 4)  # A saves the detached session (before the loss)
+    flush(redis_server.url)
+    # The reply ends (and the session is let go) within a second.
+    for _ in range(100):
+        if await _session_keys(redis_server.url, session.session_id):
+            break
+        await asyncio.sleep(0.05)
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == [("user", "one two"), ("agent", "one two")]
+
+
+CREATE_SHA = hashlib.sha1(scripts.CREATE.encode()).hexdigest().encode()  # what an EVALSHA of CREATE carries
+
+
+class Delaying(TcpProxy):
+    """A proxy to Redis that, while :attr:`delay` is set, holds what carries a CREATE that long, then passes it on.
+
+    :attr:`delayed` is set once it holds one: the CREATE is on its way, not yet run.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.delay = 0.0
+        self.delayed = asyncio.Event()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.delay and CREATE_SHA in data:
+                    self.delayed.set()
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+
+async def test_a_session_whose_client_says_goodbye_while_it_is_written_back_stays_ended(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data; the process writing a session back has sent its CREATE when the
+    # client says goodbye: the session ends here. The CREATE ran all the same, and the write-back
+    # then held the ended session as owned: it lived on in Redis, its lease renewed for as long
+    # as the process ran, and a resume with its token found it (or waited on its owner).
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(0.01, PRODUCER_TIMEOUT, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, PRODUCER_TIMEOUT)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        assert await conn.barrier() == []
+        proxy.delay = 1.0
+        flush(redis_server.url)
+        await asyncio.wait_for(proxy.delayed.wait(), PRODUCER_TIMEOUT * 10)  # A's write-back sent its CREATE
+        await conn.ws.close(1000)  # goodbye: the session ends for good
+        await asyncio.sleep(proxy.delay)  # the CREATE runs
+        await _until_no_keys(redis_server.url, session.session_id)
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is False, again.connected
+    finally:
+        await proxy.close()
+
+
+async def test_a_detached_session_let_go_while_it_is_written_back_is_let_go_and_resumable(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client went away while a reply ran; Redis lost its data. The process writing the session
+    # back has sent its CREATE when the reply ends and the (detached, idle) session is let go. The
+    # write-back then held the let-go session as owned: nobody let it go in Redis, its lease was
+    # renewed for as long as the process ran, and a resume elsewhere waited on its owner in vain.
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(REPLY_DELAY / 2, 60, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, PRODUCER_TIMEOUT)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": "one two three"}})
+        await conn.until(lambda f: f.get("type") == "stream_chunk", timeout=10)  # the next words come 0.5 s apart
+        session.drop()
+        await asyncio.sleep(REPLY_DELAY / 10)  # A saves the detached session (before the loss)
+        proxy.delay = REPLY_DELAY * 2  # longer than the rest of the reply
+        flush(redis_server.url)
+        await asyncio.wait_for(proxy.delayed.wait(), 10)  # the next word found it gone: its CREATE is on its way
+        for _ in range(100):  # the CREATE runs, then the session is let go
+            if await _session_keys(redis_server.url, session.session_id):
+                break
+            await asyncio.sleep(0.05)
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is True, again.connected
+        assert await _history(again) == [("user", "one two three"), ("agent", "one two three")]
+    finally:
+        await proxy.close()
+
+
+async def test_a_session_taken_just_before_redis_lost_its_data_is_written_back_by_its_taker(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The epoch a taken session is held under is read in its claim's round trip: a loss right
+    # after the take (before the taker's next renewal reads the epoch) is told from a session
+    # gone for good, and the taker writes it back.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    assert (await chat(conn, "m2", "taken"))["full_response"] == "taken"  # answered by B: B took it
+    flush(redis_server.url)  # at once: B renews (and reads the epoch) every third of a second
+    await asyncio.sleep(PRODUCER_TIMEOUT * 2)
+    assert (await chat(conn, "m3", "after"))["full_response"] == "after"
+    assert [text for _, text in await _history(conn)] == ["before", "before", "taken", "taken", "after", "after"]
+
+
+async def test_a_resume_following_a_session_let_go_as_redis_lost_its_data_is_not_told_it_was_taken_over(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # The client resumes on B as its connection to A drops; A lets the idle session go just as
+    # Redis loses its data, and writes it back (then lets it go). B's resume, following meanwhile,
+    # finds the session's resumer gone with the data: it was told `session_taken_over` (4011, which
+    # clients take as final) although nobody took it. A store failure it is (1011), and the next
+    # resume finds the conversation.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    session.drop()
+    conn = await session.resume(url=b.url)
+    flush(redis_server.url)
+    await asyncio.sleep(PRODUCER_TIMEOUT)  # B's resume settles: it took the session, or it failed
+    try:
+        await conn.barrier()
+    except ConnectionClosed:
+        assert conn.ws.close_code == 1011, conn.ws.close_code
+        conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    assert await _history(conn) == [("user", "before"), ("agent", "before")]

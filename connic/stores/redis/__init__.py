@@ -159,7 +159,7 @@ class RedisStore(Limits, Taking, SessionStore):
         self._tasks[1].cancel()  # the renewer
         self._tasks[2].cancel()  # the pub/sub listener (cancels and takeovers)
         self._tasks[3].cancel()  # the follower
-        for task in [*self._cancelling, *self._writing_back.values()]:
+        for task in [*self._cancelling, *self._write_back_tasks()]:
             task.cancel()
         # Bounded: a task that redis-py kept from seeing its cancellation must not hang the stop.
         _, pending = await asyncio.wait(self._tasks, timeout=self.options.timeout)

@@ -34,6 +34,7 @@ from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.log import frames_after, logged, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode
 from connic.stores.redis.takeovers import Takeovers
+from connic.stores.redis.writeback import epoch_read
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -146,12 +147,14 @@ class Taking(Takeovers):
         first = "1"  # the first claim makes the nonce the session's resumer; the next ones check it still is
         claimed = 0.0  # when the last claim was sent
         result: Any = None
+        since: str | None = None  # the epoch read with the first claim
         while True:
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
                 args = [lease, read, *check, *signal, told, nonce, first]
                 claim_reply = self._shared_script("CLAIM", keys, args)
+                epoch = self._epoch_after()  # in the claim's pipeline: what it is taken under, if it is
                 claimed = time.monotonic()
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
@@ -162,8 +165,15 @@ class Taking(Takeovers):
                     # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
+                now = epoch_read(epoch)
+                since = now if first else since
                 first = ""
                 fence = int(result[0])
+                if fence == -3 and since is not None and now is not None and now != since:
+                    # Not a newer resume: Redis lost its data (the resumer with it) while this one
+                    # followed, and the owner wrote the session back. A store failure: resume again.
+                    log.info("session %s: Redis lost its data while a resume followed it", session_id)
+                    raise StoreUnavailable("the session store lost its data meanwhile; resume again")
                 if fence == -3:
                     log.info("session %s: a newer resume took it over while this one followed", session_id)
                     raise SessionTakenOver("another connection resumed this session")
@@ -178,7 +188,7 @@ class Taking(Takeovers):
                     told = result[1]
                 if fence > 0:
                     self._fences[session_id] = (fence, lease)
-                    self._owned(session_id)
+                    self._owned(session_id, epoch)
                     if int(result[4]):  # taken once the session is live here (add)
                         self._cancels_waiting.add(session_id)
                     try:

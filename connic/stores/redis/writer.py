@@ -109,6 +109,7 @@ class Writer(Connection):
         self._wake: asyncio.Event | None = None
         self._timer: asyncio.TimerHandle | None = None  # wakes the writer BATCH_DELAY after an append or save
         self._writing = False  # a batch is being written
+        self._releasing: set[str] = set()  # the sessions whose release the batch being written holds
         self._closing = False
 
     async def flush(self) -> None:
@@ -203,6 +204,7 @@ class Writer(Connection):
             commands.append((sid, "SAVE", _save(owned[0], record, ttl(session), owned[1], self._history(sid, held))))
         self._dirty = set()
         releases, self._releases = self._releases, {}
+        self._releasing = set(releases)
         for sid, (fence, record, entries, record_ttl, lease) in releases.items():
             commands.append((sid, "SAVE", _save(fence, record, record_ttl, lease, self._history(sid, entries))))
         for sid, replay in self._dirty_logs.items():
@@ -247,6 +249,8 @@ class Writer(Connection):
                     self._fail(sid)
                 elif result == 0 and name in ("APPEND", "SAVE"):
                     self._lost(sid)
+                elif result == -1 and name == "SAVE" and i not in saves:
+                    self._gone_let_go(sid, releases[sid])
                 elif result == -1 and name in ("APPEND", "SAVE"):
                     self._gone(sid)
                 elif i in saves and (sid in self._fences or sid in self._releases):
@@ -254,6 +258,7 @@ class Writer(Connection):
                     self._saved[sid] = saves[i]
                 if name == "RELEASE":
                     self._saved.pop(sid, None)  # another process may write its history from now on
+        self._releasing = set()
         for waiter in waiters:
             if not waiter.done():
                 if error is not None:
@@ -374,6 +379,9 @@ class Writer(Connection):
         """
         error = StoreUnavailable("this session is gone from the session store; resume or start again")
         self._stop_copy(sid, error, "gone from the redis store (its keys lost, or claimed after its lease lapsed)")
+
+    def _gone_let_go(self, sid: str, release: tuple[int, str, Sequence[HistoryEntry], int, int]) -> None:
+        """The last save of a session let go here found it gone (:class:`~connic.stores.redis.writeback.WriteBack`)."""
 
     def _lost(self, sid: str) -> None:
         """Another process owns the session now (this one's lease ran out): this copy stops at once."""
