@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from redis_server import (
-    RedisServer,
     redis_server_fixture,  # noqa: F401  (a fixture)
-    store_plugin_env,
 )
 from resume_helpers import (
     Clients,
@@ -30,39 +25,13 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from test_redis_following import launch  # noqa: F401  (a fixture)
 
-from conftest import SECRET, CliServer, start_cli
 from connic.stores.redis.log import unfinished
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 PRODUCER_TIMEOUT = 3  # seconds: how long the killed process's lease outlives it
-
-
-@pytest.fixture
-def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """Start ``python -m connic run`` processes sharing ``redis_server`` (more connector keys: TOML lines).
-
-    An echo agent streaming a chunk every 20 ms; every process started is killed at the end.
-    """
-    env = store_plugin_env(tmp_path / "plugins")
-    started: list[CliServer] = []
-
-    async def start(*connector: str) -> CliServer:
-        config = tmp_path / f"connic-{len(started)}.toml"
-        config.write_text(
-            '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
-            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {PRODUCER_TIMEOUT}\n'
-            + "".join(f"{line}\n" for line in connector)
-            + f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
-        )
-        server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
 
 
 # Each case: more connector keys, the frames sent after m1 (the last one refused, with m1's id),
@@ -95,13 +64,16 @@ _REFUSALS: dict[str, tuple[tuple[str, ...], list[dict[str, Any]], str, list[str]
 
 @pytest.mark.parametrize("case", _REFUSALS)
 async def test_a_refused_message_reusing_a_pending_id_does_not_end_it_when_its_process_dies(
-    launch: Any, clients: Clients, case: str
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    case: str,
 ) -> None:
     # m1 is acked and streams on A; a second message with id m1 is refused (an error frame with
     # id m1 and no agent, logged). A dies mid-reply: B, which the client resumed on, must end
     # m1's reply (and any message queued behind it) with producer_lost, as for any reply A left.
     connector, sent, code, lost = _REFUSALS[case]
-    a, b = await launch(*connector), await launch(*connector)
+    lease = f"producer_timeout = {PRODUCER_TIMEOUT}"
+    a, b = await launch(lease, *connector), await launch(lease, *connector)
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": words(500)}})  # about 10 s
