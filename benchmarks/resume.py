@@ -187,8 +187,13 @@ async def _client(
                 "secret": servers.SECRET,
             }
             frames.append(json.dumps(resume_frame))
-        tasks = [resume(s, spare[i] if preconnect else None, frames[i]) for i, s in enumerate(sessions)]
-        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        tasks = [
+            asyncio.create_task(resume(s, spare[i] if preconnect else None, frames[i])) for i, s in enumerate(sessions)
+        ]
+        _, stuck = await asyncio.wait(tasks, timeout=60)
+        for task in stuck:  # reported below as problems, each with what its session got
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         for old_ws in old:
             await old_ws.close()
     connected = [s.connected["_at"] for s in sessions if s.connected]
@@ -201,7 +206,11 @@ async def _client(
             (replayed if s.connected.get("last_seq", 0) > s.resumed_from else live).append(elapsed)
     problems = [p for p in (s.check() for s in sessions) if p]
     complete = len(sessions) - len(problems)
-    problems += [repr(r) for r in results if isinstance(r, BaseException)]
+    problems[:0] = [
+        f"{r!r} after 60 s: connected {s.connected}, resumed from {s.resumed_from}, seqs {s.seqs[-3:]}"
+        for s, r in zip(sessions, results, strict=True)
+        if isinstance(r, BaseException)
+    ]
     return {
         "sessions": len(sessions),
         "complete": complete,
