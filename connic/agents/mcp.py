@@ -10,14 +10,14 @@ while an agent's ``start()`` and ``close()`` may run in different ones; so each 
 in a task of its own (:class:`_Server`) that enters the client, hands over its tools, waits
 to be told to stop, and exits the client itself. Tool calls are plain requests on the
 session, made from whichever task calls the tool: cancelling that task cancels the request
-(the SDK tells the server with ``notifications/cancelled``).
+(the SDK tells the server with ``notifications/cancelled``). What a call returns becomes the
+model's value in connic/agents/_mcp_results.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections import deque
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from connic.agents._mcp_results import McpToolError, tool_result
 from connic.agents.mcp_config import McpServerSpec, parse
 from connic.agents.tools import Tool, name_problem, shown_name
 from connic.errors import ConfigError
-from connic.redact import scrub
+from connic.redact_command import scrub
 
 if TYPE_CHECKING:
     from mcp import Client
@@ -42,10 +43,6 @@ log = logging.getLogger("connic.agents.mcp")
 _MAX_PAGES = 100
 # Bound on waiting for a stopped stdio server's last stderr lines (a grandchild may hold the pipe).
 _STDERR_GRACE = 1.0
-
-
-class McpToolError(Exception):
-    """An MCP tool failed; the message is meant for the model (and the client's ``tool_result``)."""
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -143,62 +140,6 @@ class McpTool:
     async def call(self, arguments: Mapping[str, Any]) -> Any:
         """Call the tool on its server (``tools/call``); raises :class:`McpToolError` when it fails."""
         return await self.server.call(self.name, arguments)
-
-
-def _cut(text: str, limit: int) -> tuple[str, int] | None:
-    """``text`` cut to its first ``limit`` bytes of UTF-8 with a marker, and its whole size; None when it fits.
-
-    The cut never falls inside a character: one that would straddle it is left out whole.
-    """
-    if len(text) <= limit // 4:  # no character is more than 4 bytes: it fits, without encoding it to tell
-        return None
-    # surrogatepass: a JSON string may hold a lone surrogate ("\ud800"), which strict UTF-8 refuses.
-    data = text.encode("utf-8", "surrogatepass")
-    if len(data) <= limit:
-        return None
-    end = limit
-    while end and data[end] & 0xC0 == 0x80:  # a continuation byte: its character began before the cut
-        end -= 1
-    return data[:end].decode("utf-8", "surrogatepass") + f"\n[truncated: {end} bytes of {len(data)}]", len(data)
-
-
-def _content(result: Any, name: str, spec: McpServerSpec) -> Any:
-    """A ``CallToolResult`` as a JSON-able value: structured content, else the text, else the content blocks.
-
-    A result (or an error's text) over ``max_result_bytes`` is cut to that many bytes, with a
-    marker the model sees: a server's 100 MB answer would otherwise go whole into the model's
-    context, the conversation's history and the client's ``tool_result`` frame.
-    """
-    blocks = list(result.content)
-    texts = [block.text for block in blocks if getattr(block, "type", None) == "text"]
-    if result.is_error:
-        message = "\n".join(texts) or f"tool {name!r} failed"
-        raise McpToolError(_bounded(message, message, name, spec))
-    if result.structured_content is not None:
-        value: Any = result.structured_content
-    elif len(texts) == len(blocks):
-        value = "\n".join(texts)
-    else:
-        value = [block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in blocks]
-    # A structure is measured, and cut, as the JSON text the provider would be sent.
-    return _bounded(value, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), name, spec)
-
-
-def _bounded(value: Any, text: str, name: str, spec: McpServerSpec) -> Any:
-    """``value`` when ``text`` (its text) fits ``max_result_bytes``; else ``text`` cut, and a warning logged."""
-    cut = _cut(text, spec.max_result_bytes)
-    if cut is None:
-        return value
-    shown, size = cut
-    # The server and the tool, never the content (issue 18: no message text above DEBUG).
-    log.warning(
-        'MCP server "%s": tool %r returned %d bytes, over max_result_bytes (%d); the model is given the start of it',
-        spec.label,
-        name,
-        size,
-        spec.max_result_bytes,
-    )
-    return shown
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -337,7 +278,7 @@ class _Server:
             raise McpToolError(f"{where}: tool {name!r} did not answer within {self.spec.call_timeout:g} s") from None
         except Exception as exc:
             raise McpToolError(f"{where}: {_reason(exc, self.spec)}") from None
-        return _content(result, name, self.spec)
+        return tool_result(result, name, self.spec)
 
     async def close(self) -> None:
         """Stop the server's task: exit the client (stopping a stdio process), or interrupt a connect."""
