@@ -20,7 +20,7 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.app import RUNTIME
-from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative
 from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
 from connic.flow import Flag
 from connic.frames import MessageFrame
@@ -28,8 +28,7 @@ from connic.metrics import close_code_label
 from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
-from connic.transports.session_transport import SessionTransport
-from connic.transports.websocket import RateLimit
+from connic.transports.session_transport import SessionTransport, SessionTransportOptions
 
 if TYPE_CHECKING:
     from ag_ui.core import RunAgentInput
@@ -48,29 +47,13 @@ class AguiTransport(SessionTransport):
     """AG-UI's HTTP binding: a ``RunAgentInput`` in, the run's events out as SSE."""
 
     @attrs.frozen
-    class Options:
-        """An agui connector's own keys (see docs/configuration.md); the same names mean the same as on websocket."""
+    class Options(SessionTransportOptions):
+        """An agui connector's keys (see docs/configuration.md): the shared ones and its own."""
 
-        streaming: bool = True
         progress_events: bool = True
-        require_auth: bool = True
-        secrets: tuple[str, ...] = ()
-        session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
-        max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
-        allowed_origins: tuple[str, ...] = ()
-        max_body_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
-        max_queued: int = attrs.field(default=10, validator=at_least_one)
-        agent_timeout: float = attrs.field(default=300.0, validator=positive)
-        send_queue: int = attrs.field(default=256, validator=at_least_one)
-        send_timeout: float = attrs.field(default=30.0, validator=positive)
-        rate_limit: RateLimit | None = None
         resume_window: float = attrs.field(default=3600.0, validator=[non_negative, in_range(0, 86400)])
-        replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
         on_disconnect: Literal["continue", "cancel"] = "cancel"
-        producer_timeout: float = attrs.field(default=10.0, validator=positive)
-        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=at_least_one)
-        max_auth_failures: int = attrs.field(default=10, validator=non_negative)
-        auth_failure_window: float = attrs.field(default=60.0, validator=positive)
+        max_body_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
 
     options: Options
 

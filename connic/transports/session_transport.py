@@ -4,10 +4,8 @@
 it checks the configured secrets at start-up, decides which browser origins may
 connect, builds one turn chain per agent, keeps the per-address brake on failed
 authentications, and makes the connector's :class:`~connic.sessions.Sessions` once
-the runtime has given the transport its store and metrics. Its ``Options`` must have
-the keys both transports share (``secrets``, ``require_auth``, ``allowed_origins``,
-``streaming``, ``agent_timeout``, ``progress_events``, ``max_auth_failures``,
-``auth_failure_window`` and the session keys :class:`~connic.sessions.Sessions` reads).
+the runtime has given the transport its store and metrics. Its ``Options`` derive
+from :class:`SessionTransportOptions`, the keys both transports share.
 """
 
 from __future__ import annotations
@@ -20,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
+
 from connic.agent import Agent
-from connic.config import ConnectorConfig
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
 from connic.errors import ConfigError
 from connic.middleware import MiddlewareFunc
 from connic.pipeline import TurnChain, build_turn_chain
@@ -29,7 +29,43 @@ from connic.sessions import Sessions
 from connic.throttle import AuthThrottle
 from connic.transport import Transport
 
-__all__ = ["SessionTransport", "local_origin"]
+__all__ = ["RateLimit", "SessionTransport", "SessionTransportOptions", "local_origin"]
+
+
+@attrs.frozen
+class RateLimit:
+    """A token bucket: at most ``messages`` messages per ``per`` seconds, refilled smoothly."""
+
+    messages: int = attrs.field(validator=at_least_one)
+    per: float = attrs.field(validator=positive)
+
+
+@attrs.frozen
+class SessionTransportOptions:
+    """The keys every session transport has, with one meaning and one default on each (docs/configuration.md).
+
+    A transport's ``Options`` derive from this and add the rest of what
+    :class:`~connic.sessions.SessionOptions` asks for (``progress_events``,
+    ``resume_window`` and ``on_disconnect``, whose defaults differ between transports),
+    then their own keys.
+    """
+
+    streaming: bool = True
+    require_auth: bool = True
+    secrets: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
+    max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
+    max_queued: int = attrs.field(default=10, validator=at_least_one)
+    agent_timeout: float = attrs.field(default=300.0, validator=positive)
+    send_queue: int = attrs.field(default=256, validator=at_least_one)
+    send_timeout: float = attrs.field(default=30.0, validator=positive)
+    rate_limit: RateLimit | None = None
+    replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
+    producer_timeout: float = attrs.field(default=10.0, validator=positive)
+    max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=at_least_one)
+    max_auth_failures: int = attrs.field(default=10, validator=non_negative)
+    auth_failure_window: float = attrs.field(default=60.0, validator=positive)
 
 
 class SessionTransport(Transport):

@@ -18,7 +18,7 @@ from connic.errors import StoreUnavailable, Unauthorized
 from connic.gate import Slot
 from connic.middleware import MiddlewareFunc
 from connic.transports._aiohttp_raw import Socket
-from connic.transports.session_transport import SessionTransport
+from connic.transports.session_transport import RateLimit, SessionTransport, SessionTransportOptions
 from connic.transports.ws_connection import Connection
 
 __all__ = ["RateLimit", "WebSocketTransport"]
@@ -45,45 +45,21 @@ class _Handshake:
 _HANDSHAKE: contextvars.ContextVar[_Handshake | None] = contextvars.ContextVar("connic_handshake", default=None)
 
 
-@attrs.frozen
-class RateLimit:
-    """A token bucket: at most ``messages`` messages per ``per`` seconds, refilled smoothly."""
-
-    messages: int = attrs.field(validator=at_least_one)
-    per: float = attrs.field(validator=positive)
-
-
 class WebSocketTransport(SessionTransport):
     """The Connic WebSocket connector: streaming chat with sessions."""
 
     @attrs.frozen
-    class Options:
-        """A websocket connector's own keys (see docs/configuration.md)."""
+    class Options(SessionTransportOptions):
+        """A websocket connector's keys (see docs/configuration.md): the shared ones and its own."""
 
-        streaming: bool = True
         progress_events: bool = False
-        require_auth: bool = True
-        secrets: tuple[str, ...] = ()
-        session_timeout: float = attrs.field(default=3600.0, validator=[positive, in_range(0, 86400)])
-        max_messages: int = attrs.field(default=100, validator=in_range(1, 10_000))
+        resume_window: float = attrs.field(default=120.0, validator=[non_negative, in_range(0, 86400)])
+        on_disconnect: Literal["continue", "cancel"] = "continue"
         auth_timeout: float = attrs.field(default=10.0, validator=positive)
-        allowed_origins: tuple[str, ...] = ()
         heartbeat: float = attrs.field(default=30.0, validator=non_negative)
         max_frame_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
-        max_queued: int = attrs.field(default=10, validator=at_least_one)
-        agent_timeout: float = attrs.field(default=300.0, validator=positive)
-        send_queue: int = attrs.field(default=256, validator=at_least_one)
-        send_timeout: float = attrs.field(default=30.0, validator=positive)
         compress: bool = False
-        rate_limit: RateLimit | None = None
-        resume_window: float = attrs.field(default=120.0, validator=[non_negative, in_range(0, 86400)])
-        replay_buffer: int = attrs.field(default=4096, validator=in_range(1, 1_000_000))
-        on_disconnect: Literal["continue", "cancel"] = "continue"
-        producer_timeout: float = attrs.field(default=10.0, validator=positive)
         max_auth_frame_bytes: int = attrs.field(default=16 * 1024, validator=at_least_one)
-        max_history_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=at_least_one)
-        max_auth_failures: int = attrs.field(default=10, validator=non_negative)
-        auth_failure_window: float = attrs.field(default=60.0, validator=positive)
 
     options: Options
 
