@@ -133,3 +133,51 @@ async def test_the_first_sessions_after_redis_restarts_are_served(
     await asyncio.to_thread(redis_server.start)
     for i in range(3):
         await chat(await ResumeSession(clients, server.url()).start(), "m1", f"after {i}")
+
+
+@pytest.mark.parametrize(
+    ("maxmemory", "policy", "warned"),
+    [
+        ("64mb", "allkeys-lru", True),
+        ("64mb", "volatile-ttl", True),  # session keys expire: a volatile policy may evict them too
+        ("64mb", "noeviction", False),
+        ("0", "allkeys-lru", False),  # no maxmemory: nothing is ever evicted
+    ],
+)
+def test_a_redis_that_may_evict_sessions_is_named_in_one_warning_at_start(
+    tmp_path: Path, redis_server: RedisServer, maxmemory: str, policy: str, warned: bool
+) -> None:
+    import redis
+
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        admin.config_set("maxmemory", maxmemory)
+        admin.config_set("maxmemory-policy", policy)
+    finally:
+        admin.close()
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        '[agents.assistant]\nuse = "echo"\n[[connectors]]\npath = "/ws"\nsecrets = ["s"]\n'
+        f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 1\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connic", "run", "--port", "0", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=store_plugin_env(tmp_path / "plugins"),
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the banner's first line once it listens (the check ran before)
+        assert "listening on" in first, (first, proc.stderr.read() if proc.poll() is not None else "")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    evicting = [line for line in err.splitlines() if "maxmemory-policy" in line]
+    if warned:
+        assert len(evicting) == 1, err
+        assert policy in evicting[0] and "noeviction" in evicting[0] and "[store] url" in evicting[0], evicting[0]
+    else:
+        assert evicting == [], err

@@ -130,6 +130,7 @@ class RedisStore(Limits, Taking, SessionStore):
             await self._watch_epoch()
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"[store] url {safe_url(self.options.url)!r}: {exc.why}") from None
+        await self._warn_if_evicting()
         self._wake = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._writer()),
@@ -137,6 +138,25 @@ class RedisStore(Limits, Taking, SessionStore):
             asyncio.create_task(self._listen()),
             asyncio.create_task(self._follower.run()),
         ]
+
+    async def _warn_if_evicting(self) -> None:
+        """One warning at start when Redis may evict connic's keys once it reaches its ``maxmemory``.
+
+        Eviction is silent: a session whose keys go is lost (its resume gets a fresh session),
+        and under an ``allkeys-*`` policy the epoch key going reads as Redis losing its data.
+        """
+        try:
+            memory = await self._call(self._client().info("memory"))
+        except StoreUnavailable:
+            return  # INFO refused (a managed Redis may rename it): nothing to go by
+        policy, limit = memory.get("maxmemory_policy", ""), memory.get("maxmemory", 0)
+        if policy and policy != "noeviction" and str(limit) not in ("", "0"):
+            log.warning(
+                "redis store: [store] url %r: Redis evicts keys at its maxmemory (maxmemory-policy %s): "
+                "a session whose keys it evicts is lost; set maxmemory-policy to noeviction",
+                safe_url(self.options.url),
+                policy,
+            )
 
     async def close(self) -> None:
         """Write what is queued (bounded by ``timeout``), then disconnect."""
