@@ -71,20 +71,26 @@ class Limits(Writer):
         session is gone from Redis (a lapsed lease nobody claimed is taken back, as a write
         does). StoreUnavailable when Redis does not answer.
         """
-        owned = self._fences.get(session_id)
-        if owned is None:
-            return 0.0
-        keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
-        args = [owned[0], messages, ms(per), owned[1]]
-        wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
-        if wait < 0:
-            if self._fences.get(session_id, (0, 0))[0] == owned[0]:
-                if wait == -1:
-                    self._lost(session_id)
-                else:
-                    self._gone(session_id)
-            return 0.0
-        return wait / 1000
+        # At most twice: found gone, the session may be written back (Redis lost its data), and the
+        # token is then taken from the bucket written back with it. Until its CREATE comes back it
+        # owns nothing here: a message arriving meanwhile waits for it rather than take no token.
+        for _ in range(2):
+            await self._written_back(session_id)
+            owned = self._fences.get(session_id)
+            if owned is None:
+                return 0.0
+            keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
+            args = [owned[0], messages, ms(per), owned[1]]
+            wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
+            if wait >= 0:
+                return wait / 1000
+            if self._fences.get(session_id, (0, 0))[0] != owned[0]:
+                continue  # found gone meanwhile (a renewal): written back, or stopped
+            if wait == -1:
+                self._lost(session_id)
+                return 0.0
+            self._gone(session_id)
+        return 0.0
 
     async def admit_connection(self, address: str, limit: int) -> str | None:
         """Count a connection from ``address`` in unless ``limit`` are open from it on all processes."""

@@ -181,6 +181,15 @@ class WriteBack(Writer):
         if not read.cancelled():
             read.exception()  # retrieved: every write-back waiting for it says how it failed
 
+    async def _written_back(self, session_id: str) -> None:
+        """Wait until the session is no longer being written back (whether that worked or not: never raises).
+
+        Until its CREATE comes back the session owns nothing here: a message arriving meanwhile
+        that took no token for it (a bucket is taken only by its owner) went past ``rate_limit``.
+        """
+        while (task := self._writing_back.get(session_id)) is not None:
+            await asyncio.wait([task])  # not the task itself: cancelled (the store closing), it must not cancel this
+
     def _write_back_tasks(self) -> list[asyncio.Task[Any]]:
         """The write-backs under way and the epoch reads they wait for (cancelled when the store closes)."""
         return [*self._writing_back.values(), *self._reads]

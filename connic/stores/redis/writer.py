@@ -349,6 +349,9 @@ class Writer(Connection):
         """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""
         return False
 
+    async def _written_back(self, session_id: str) -> None:
+        """Wait until the session is no longer being written back (:mod:`~connic.stores.redis.writeback`)."""
+
     async def _take_cancels(self, session_ids: list[str]) -> None:
         """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
 
