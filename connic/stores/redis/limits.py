@@ -8,7 +8,8 @@
   (:func:`~connic.stores.redis.scripts.address_key`) of connection ids scored by their
   lease deadline. The process holding a connection renews its lease (``connection_lease``)
   every third of it and removes it when the connection ends; a process that dies stops
-  renewing, so its connections stop counting within one lease.
+  renewing, so its connections stop counting within one lease. When Redis lost its data
+  (:mod:`~connic.stores.redis.writeback`'s epoch), each process adds its open ones again.
 
 ``max_messages`` needs nothing here: the count is in the session's record, saved when a
 message is accepted, and taken over with it.
@@ -57,6 +58,7 @@ class Limits(Writer):
         self._numbers = itertools.count(1)
         self._connections: dict[str, str] = {}  # connection id: its address's key
         self._closed: list[tuple[str, str]] = []  # (address key, connection id) to count out
+        self._count_again = False  # Redis lost its data: the connections open here are to be counted in again
 
     def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
         """The session's bucket in Redis, shared by whichever process serves it."""
@@ -117,10 +119,24 @@ class Limits(Writer):
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None
 
+    async def _watch_epoch(self) -> bool:
+        """Whether Redis lost its data since it was last asked; if so, count the connections open here in again.
+
+        Every process finds the loss at its next read of the epoch (every third of the shortest
+        lease it holds, or sooner when a write finds a session gone), and counts its own in.
+        """
+        changed = await super()._watch_epoch()
+        if changed and self._connections:
+            self._count_again = True
+            await self._renew_limits()
+        return changed
+
     async def _renew_limits(self) -> None:
-        """Renew the leases of the connections open here, one script call per address."""
+        """Renew the leases of the connections open here, one script call per address (added again after a loss)."""
         if not self._connections:
+            self._count_again = False
             return
+        again = self._count_again
         by_address: dict[str, list[str]] = {}
         for connection, key in self._connections.items():
             by_address.setdefault(key, []).append(connection)
@@ -128,9 +144,18 @@ class Limits(Writer):
 
         def build(pipe: Any) -> None:
             for key, connections in by_address.items():
-                self._queue(pipe, "IP_RENEW", [key], [lease, *connections])
+                self._queue(pipe, "IP_RENEW", [key], [lease, "1" if again else "0", *connections])
 
         try:
             await self._pipeline(build)
         except StoreUnavailable as exc:
+            # Added again or not, the next renewal tries again.
             log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.why)
+            return
+        if again:
+            self._count_again = False
+            # A connection that closed meanwhile may have been counted out before this added it again:
+            # counted out once more (else it counted until its lease ran out).
+            self._closed += [(key, c) for key, cs in by_address.items() for c in cs if c not in self._connections]
+            if self._closed:
+                self._kick()

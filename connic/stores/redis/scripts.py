@@ -442,13 +442,21 @@ return 1
 """
 
 # Renew the leases of this process's connections from one address. KEYS: the address's set.
-# ARGV: lease ms, then the connections' ids. An entry already dropped (its lease ran out
-# while Redis was unreachable) is not added again: a count may fall short, never stay high.
+# ARGV: lease ms, '1' to add the entries missing or '0' not to, then the connections' ids. An
+# entry dropped because its lease ran out (Redis unreachable or paused) is not added again: a
+# count may fall short, never stay high. Once Redis lost its data, every entry is missing, and
+# the connections still open are added again ('1'): they stopped counting, for as long as they stayed open.
 IP_RENEW = """
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
 local deadline = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i]) end
+for i = 3, #ARGV do
+    if ARGV[2] == '1' then
+        redis.call('ZADD', KEYS[1], deadline, ARGV[i])
+    else
+        redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+    end
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """
