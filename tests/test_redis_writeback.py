@@ -431,3 +431,54 @@ async def test_messages_sent_while_a_session_is_written_back_take_their_tokens_f
         assert set(answers.values()) <= {"ack", "rate_limited"}, answers
     finally:
         await proxy.close()
+
+
+async def test_a_process_stopping_while_it_writes_a_session_back_lets_it_go(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data; the process writing a session back stops (SIGTERM) while its CREATE is
+    # on its way. A normal stop lets every session go, so that a resume elsewhere takes it at once;
+    # the stop cancelled the write-back instead, the CREATE ran all the same, and the session was
+    # left owned by a stopped process for its whole lease (60 s here): a resume elsewhere waited.
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(0.01, 60, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, 60)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+        proxy.delay = 1.0
+        flush(redis_server.url)
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
+        await asyncio.wait_for(proxy.delayed.wait(), 10)  # its save found it gone: the CREATE is on its way
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(a.proc.wait, 20)
+        await asyncio.sleep(proxy.delay)  # whatever A sent has reached Redis
+        owner = f"connic:{{{session.session_id}}}:owner"
+        assert await _session_keys(redis_server.url, session.session_id), "the session was not written back"
+        assert owner not in await _session_keys(redis_server.url, session.session_id), "still owned by A"
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is True, again.connected
+        assert [text for _, text in await _history(again)][:2] == ["before", "before"]
+    finally:
+        await proxy.close()
+
+
+async def test_a_process_stopping_just_after_redis_lost_its_data_writes_its_sessions_back_and_lets_them_go(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data, then the process stops before anything found its idle session gone
+    # (its lease, 60 s, is renewed every 20 s). The stop's release found it gone and began writing
+    # it back, and the store's close cancelled that write-back: the conversation was lost, and a
+    # resume elsewhere got a fresh session.
+    a, b = await connic_run(0.01, 60), await connic_run(0.01, 60)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    flush(redis_server.url)
+    a.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(a.proc.wait, 20)
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == [("user", "before"), ("agent", "before")]

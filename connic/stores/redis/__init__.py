@@ -149,11 +149,7 @@ class RedisStore(Limits, Taking, SessionStore):
                 continue  # its retry is queued or being written already: a second copy would find it gone
             timer.cancel()
             self._deletes[sid] = max(fence, self._deletes.get(sid, 0))
-        try:
-            async with asyncio.timeout(self.options.timeout):
-                await self.flush()
-        except (TimeoutError, StoreUnavailable):
-            log.warning("redis store: could not write everything before closing")
+        await self._last_writes()  # the write-backs under way included
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer

@@ -190,6 +190,29 @@ class WriteBack(Writer):
         while (task := self._writing_back.get(session_id)) is not None:
             await asyncio.wait([task])  # not the task itself: cancelled (the store closing), it must not cancel this
 
+    async def _last_writes(self) -> None:
+        """Write what is queued before the store closes, the sessions being written back included (bounded).
+
+        Cancelled, a write-back whose CREATE was on its way left the session in Redis owned by a
+        stopped process until its lease ran out (a resume elsewhere waited that long, where a
+        normal stop lets it go at once), and one not sent yet lost the session. Each is let
+        finish, within the store's ``timeout``: it then lets its session go (or deletes it) as a
+        stop does. A second round for the releases the first found gone (Redis lost its data
+        just before the stop): they are written back, then let go.
+        """
+        for _ in range(2):
+            tasks = self._write_back_tasks()
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.options.timeout)
+            try:
+                async with asyncio.timeout(self.options.timeout):
+                    await self.flush()
+            except (TimeoutError, StoreUnavailable):
+                log.warning("redis store: could not write everything before closing")
+                return
+            if not self._writing_back:
+                return
+
     def _write_back_tasks(self) -> list[asyncio.Task[Any]]:
         """The write-backs under way and the epoch reads they wait for (cancelled when the store closes)."""
         return [*self._writing_back.values(), *self._reads]
