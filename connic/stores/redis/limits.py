@@ -26,7 +26,7 @@ from connic.errors import StoreUnavailable
 from connic.stores import RateBucket
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import ms
-from connic.stores.redis.writer import Writer
+from connic.stores.redis.renewer import Renewer
 
 __all__ = ["Limits", "RedisRateBucket"]
 
@@ -49,7 +49,7 @@ class RedisRateBucket:
         return await self._store.take_token(self.session_id, self.messages, self.per)
 
 
-class Limits(Writer):
+class Limits(Renewer):
     """What :class:`~connic.stores.redis.RedisStore` counts across processes (a base class of it)."""
 
     def __init__(self) -> None:

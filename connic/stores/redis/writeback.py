@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from connic.errors import StoreUnavailable
 from connic.stores.redis.connection import ms, ttl
 from connic.stores.redis.record import encode, encode_entry
-from connic.stores.redis.writer import Writer
+from connic.stores.redis.renewer import Renewer
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -63,7 +63,7 @@ def _retrieved(reply: asyncio.Future[Any]) -> None:
         reply.exception()
 
 
-class WriteBack(Writer):
+class WriteBack(Renewer):
     """Creating sessions in Redis: new ones, and live ones again once Redis lost its data (a store base class)."""
 
     def __init__(self) -> None:
@@ -309,7 +309,7 @@ class WriteBack(Writer):
         raise NotImplementedError
 
     def _forget(self, session_id: str) -> int | None:
-        """Drop all this process holds of the session (see :meth:`Writer._forget`)."""
+        """Drop all this process holds of the session (see :meth:`~connic.stores.redis.writer.Writer._forget`)."""
         self._epochs.pop(session_id, None)
         self._unconfirmed.pop(session_id, None)
         if session_id in self._writing_back:
