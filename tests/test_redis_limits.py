@@ -20,6 +20,7 @@ import pytest
 import websockets
 from redis_server import (
     RedisServer,
+    flush,
     redis_server_fixture,  # noqa: F401  (a fixture)
     store_plugin_env,
 )
@@ -179,6 +180,39 @@ async def test_max_connections_per_ip_counts_both_processes_and_frees_a_killed_o
         held.append(await open_ws(b.url))  # 3 now: A's dead one and two on B
         # Once A's lease has run out (it renews no more), its slot frees.
         assert await accepted_within(b.url, killed_at + lease + 5 - time.monotonic()), "still counted after its lease"
+    finally:
+        for ws in held:
+            await ws.close()
+
+
+async def refused_within(url: str, seconds: float) -> bool:
+    """Whether a handshake to ``url`` is refused (429) within ``seconds`` (tried every 0.2 s; accepted: closed)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await refused_status(url) == 429:
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def test_max_connections_per_ip_counts_the_open_connections_again_after_redis_lost_its_data(
+    fleet: Any, redis_server: RedisServer
+) -> None:
+    # Redis restarted without its data (or a FLUSHALL): the sets counting each address's connections
+    # were gone, and the renewals only renewed the entries still there (ZADD XX). The connections
+    # open on every process counted no more, for as long as they stayed open: an address got as
+    # many more as the limit again.
+    lease = 2.0
+    options = {"server": "max_connections_per_ip = 3", "store": f"connection_lease = {lease}"}
+    a = await fleet(**options)
+    b = await fleet(**options)
+    held = [await open_ws(a.url), await open_ws(a.url), await open_ws(b.url)]
+    try:
+        assert await refused_status(b.url) == 429
+        flush(redis_server.url)
+        # Each process finds the loss at its next renewal (every third of a lease) and counts its own in again.
+        assert await refused_within(b.url, lease * 5), "the connections open before the loss no longer count"
+        assert await refused_status(a.url) == 429
     finally:
         for ws in held:
             await ws.close()

@@ -202,18 +202,22 @@ async def test_a_session_made_just_after_redis_lost_its_data_then_ended_elsewher
 
 @pytest.fixture
 def connic_run(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """``connic_run(delay, producer_timeout, url=..., timeout=...)``: a ``python -m connic run`` whose echo
-    agent waits ``delay`` before each word, on ``url`` (default: ``redis_server``); killed at the end.
+    """``connic_run(delay, producer_timeout, url=..., timeout=..., connector=...)``: a ``python -m connic run``
+    whose echo agent waits ``delay`` before each word, on ``url`` (default: ``redis_server``), ``connector``
+    more keys of its connector (TOML lines); killed at the end.
     """
     pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start(delay: float, producer_timeout: float, url: str = redis_server.url, timeout: float = 0.5) -> Any:
+    async def start(
+        delay: float, producer_timeout: float, url: str = redis_server.url, timeout: float = 0.5, connector: str = ""
+    ) -> Any:
         config = tmp_path / f"connic{len(started)}.toml"
         config.write_text(
             f'[agents.assistant]\nuse = "echo"\ndelay = {delay}\n'
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {producer_timeout}\n'
+            f"{connector}"
             f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = {timeout}\n'
         )
         server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
@@ -388,3 +392,93 @@ async def test_a_resume_following_a_session_let_go_as_redis_lost_its_data_is_not
         conn = await session.resume(url=b.url)
     assert conn.connected["resumed"] is True, conn.connected
     assert await _history(conn) == [("user", "before"), ("agent", "before")]
+
+
+async def test_messages_sent_while_a_session_is_written_back_take_their_tokens_from_its_rate_bucket(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data; a message's token found the session gone and began writing it back.
+    # Until the write-back's CREATE came back, the session owned nothing here, and every message
+    # arriving meanwhile was let through without a token: a client sending as fast as it could
+    # got as many through as it sent in those round trips (here one second of them).
+    limit = 3
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(
+            0.01,
+            60,
+            url=f"redis://127.0.0.1:{proxy.port}/0",
+            timeout=5.0,
+            connector=f"rate_limit = {{ messages = {limit}, per = 600 }}\n",
+        )
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        assert await conn.barrier() == []
+        proxy.delay = 1.0
+        flush(redis_server.url)  # the bucket goes with it: full again, `limit` tokens
+        sent = [f"m{i}" for i in range(limit * 3)]
+        for message_id in sent:
+            await conn.send({"type": "message", "id": message_id, "payload": {"message": "hi"}})
+        answers: dict[str, str] = {}
+        while len(answers) < len(sent):
+            frame = await conn.recv(timeout=10)
+            if frame.get("id") in sent and frame["type"] in ("ack", "error"):
+                answers.setdefault(frame["id"], frame["type"] if frame["type"] == "ack" else frame["code"])
+        await asyncio.wait_for(proxy.delayed.wait(), 10)  # the session was written back
+        acked = [mid for mid in sent if answers[mid] == "ack"]
+        assert len(acked) <= limit, answers
+        assert set(answers.values()) <= {"ack", "rate_limited"}, answers
+    finally:
+        await proxy.close()
+
+
+async def test_a_process_stopping_while_it_writes_a_session_back_lets_it_go(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data; the process writing a session back stops (SIGTERM) while its CREATE is
+    # on its way. A normal stop lets every session go, so that a resume elsewhere takes it at once;
+    # the stop cancelled the write-back instead, the CREATE ran all the same, and the session was
+    # left owned by a stopped process for its whole lease (60 s here): a resume elsewhere waited.
+    proxy = Delaying(redis_server.port)
+    await proxy.start()
+    try:
+        a = await connic_run(0.01, 60, url=f"redis://127.0.0.1:{proxy.port}/0", timeout=5.0)
+        b = await connic_run(0.01, 60)
+        session = ResumeSession(clients, a.url)
+        conn = await session.start()
+        assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+        proxy.delay = 1.0
+        flush(redis_server.url)
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
+        await asyncio.wait_for(proxy.delayed.wait(), 10)  # its save found it gone: the CREATE is on its way
+        a.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(a.proc.wait, 20)
+        await asyncio.sleep(proxy.delay)  # whatever A sent has reached Redis
+        owner = f"connic:{{{session.session_id}}}:owner"
+        assert await _session_keys(redis_server.url, session.session_id), "the session was not written back"
+        assert owner not in await _session_keys(redis_server.url, session.session_id), "still owned by A"
+        again = await session.resume(url=b.url)
+        assert again.connected["resumed"] is True, again.connected
+        assert [text for _, text in await _history(again)][:2] == ["before", "before"]
+    finally:
+        await proxy.close()
+
+
+async def test_a_process_stopping_just_after_redis_lost_its_data_writes_its_sessions_back_and_lets_them_go(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis lost its data, then the process stops before anything found its idle session gone
+    # (its lease, 60 s, is renewed every 20 s). The stop's release found it gone and began writing
+    # it back, and the store's close cancelled that write-back: the conversation was lost, and a
+    # resume elsewhere got a fresh session.
+    a, b = await connic_run(0.01, 60), await connic_run(0.01, 60)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "before"))["full_response"] == "before"
+    flush(redis_server.url)
+    a.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(a.proc.wait, 20)
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _history(again) == [("user", "before"), ("agent", "before")]

@@ -27,7 +27,8 @@ event loop, so a streamed reply never waits on a round trip per chunk.
 
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
 bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
-background writer and lease renewer), :mod:`~connic.stores.redis.writeback` (creating
+background writer), :mod:`~connic.stores.redis.renewer` (the lease renewer),
+:mod:`~connic.stores.redis.writeback` (creating
 sessions, and writing live ones back into a Redis that lost its data), :mod:`~connic.stores.redis.cancels` (cancels
 across processes), :mod:`~connic.stores.redis.takeovers` (a resume elsewhere taking
 over the owner's connection, or its client's goodbye ending the session there),
@@ -36,8 +37,9 @@ owner's log meanwhile, the rebuild's record), :mod:`~connic.stores.redis.followe
 (reading the logs followed),
 :mod:`~connic.stores.redis.limits` (the rate limit and connections per address across
 processes), :mod:`~connic.stores.redis.log` (the replay log),
-:mod:`~connic.stores.redis.record` (the record's JSON) and
-:mod:`~connic.stores.redis.scripts` (the Lua scripts).
+:mod:`~connic.stores.redis.record` (the record's JSON),
+:mod:`~connic.stores.redis.scripts` (the sessions' Lua scripts, and every key's name) and
+:mod:`~connic.stores.redis.limit_scripts` (the limits' Lua scripts).
 """
 
 from __future__ import annotations
@@ -169,11 +171,7 @@ class RedisStore(Limits, Taking, SessionStore):
                 continue  # its retry is queued or being written already: a second copy would find it gone
             timer.cancel()
             self._deletes[sid] = max(fence, self._deletes.get(sid, 0))
-        try:
-            async with asyncio.timeout(self.options.timeout):
-                await self.flush()
-        except (TimeoutError, StoreUnavailable):
-            log.warning("redis store: could not write everything before closing")
+        await self._last_writes()  # the write-backs under way included
         self._closing = True
         self._kick()  # the writer ends after the batch it may be writing
         self._tasks[1].cancel()  # the renewer

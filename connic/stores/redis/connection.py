@@ -19,15 +19,18 @@ from urllib.parse import urlsplit
 
 from connic.errors import StoreUnavailable
 from connic.redact import safe_url
-from connic.stores.redis import scripts
+from connic.stores.redis import limit_scripts, scripts
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
 __all__ = ["SCRIPTS", "Connection", "check_url", "ms", "too_old", "ttl", "ttl_seconds"]
 
-SCRIPTS = tuple(name for name in scripts.__all__ if name.isupper())
-"""The Lua scripts (:mod:`~connic.stores.redis.scripts`) registered when the store starts."""
+SCRIPTS = {
+    name: getattr(module, name) for module in (scripts, limit_scripts) for name in module.__all__ if name.isupper()
+}
+"""The Lua scripts (:mod:`~connic.stores.redis.scripts`, :mod:`~connic.stores.redis.limit_scripts`) registered
+when the store starts, by name."""
 
 
 class Connection:
@@ -98,7 +101,7 @@ class Connection:
             raise StoreUnavailable(
                 f"[store] url {safe_url(opts.url)!r}: Redis {version} is too old (connic needs 6.2 or later, or Valkey)"
             )
-        self._scripts = {name: self._redis.register_script(getattr(scripts, name)) for name in SCRIPTS}
+        self._scripts = {name: self._redis.register_script(script) for name, script in SCRIPTS.items()}
 
         def load(pipe: Any) -> None:
             for script in self._scripts.values():

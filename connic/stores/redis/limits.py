@@ -8,7 +8,8 @@
   (:func:`~connic.stores.redis.scripts.address_key`) of connection ids scored by their
   lease deadline. The process holding a connection renews its lease (``connection_lease``)
   every third of it and removes it when the connection ends; a process that dies stops
-  renewing, so its connections stop counting within one lease.
+  renewing, so its connections stop counting within one lease. When Redis lost its data
+  (:mod:`~connic.stores.redis.writeback`'s epoch), each process adds its open ones again.
 
 ``max_messages`` needs nothing here: the count is in the session's record, saved when a
 message is accepted, and taken over with it.
@@ -25,7 +26,7 @@ from connic.errors import StoreUnavailable
 from connic.stores import RateBucket
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import ms
-from connic.stores.redis.writer import Writer
+from connic.stores.redis.renewer import Renewer
 
 __all__ = ["Limits", "RedisRateBucket"]
 
@@ -48,7 +49,7 @@ class RedisRateBucket:
         return await self._store.take_token(self.session_id, self.messages, self.per)
 
 
-class Limits(Writer):
+class Limits(Renewer):
     """What :class:`~connic.stores.redis.RedisStore` counts across processes (a base class of it)."""
 
     def __init__(self) -> None:
@@ -57,6 +58,7 @@ class Limits(Writer):
         self._numbers = itertools.count(1)
         self._connections: dict[str, str] = {}  # connection id: its address's key
         self._closed: list[tuple[str, str]] = []  # (address key, connection id) to count out
+        self._count_again = False  # Redis lost its data: the connections open here are to be counted in again
 
     def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
         """The session's bucket in Redis, shared by whichever process serves it."""
@@ -71,20 +73,26 @@ class Limits(Writer):
         session is gone from Redis (a lapsed lease nobody claimed is taken back, as a write
         does). StoreUnavailable when Redis does not answer.
         """
-        owned = self._fences.get(session_id)
-        if owned is None:
-            return 0.0
-        keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
-        args = [owned[0], messages, ms(per), owned[1]]
-        wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
-        if wait < 0:
-            if self._fences.get(session_id, (0, 0))[0] == owned[0]:
-                if wait == -1:
-                    self._lost(session_id)
-                else:
-                    self._gone(session_id)
-            return 0.0
-        return wait / 1000
+        # At most twice: found gone, the session may be written back (Redis lost its data), and the
+        # token is then taken from the bucket written back with it. Until its CREATE comes back it
+        # owns nothing here: a message arriving meanwhile waits for it rather than take no token.
+        for _ in range(2):
+            await self._written_back(session_id)
+            owned = self._fences.get(session_id)
+            if owned is None:
+                return 0.0
+            keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
+            args = [owned[0], messages, ms(per), owned[1]]
+            wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
+            if wait >= 0:
+                return wait / 1000
+            if self._fences.get(session_id, (0, 0))[0] != owned[0]:
+                continue  # found gone meanwhile (a renewal): written back, or stopped
+            if wait == -1:
+                self._lost(session_id)
+                return 0.0
+            self._gone(session_id)
+        return 0.0
 
     async def admit_connection(self, address: str, limit: int) -> str | None:
         """Count a connection from ``address`` in unless ``limit`` are open from it on all processes."""
@@ -111,10 +119,24 @@ class Limits(Writer):
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None
 
+    async def _watch_epoch(self) -> bool:
+        """Whether Redis lost its data since it was last asked; if so, count the connections open here in again.
+
+        Every process finds the loss at its next read of the epoch (every third of the shortest
+        lease it holds, or sooner when a write finds a session gone), and counts its own in.
+        """
+        changed = await super()._watch_epoch()
+        if changed and self._connections:
+            self._count_again = True
+            await self._renew_limits()
+        return changed
+
     async def _renew_limits(self) -> None:
-        """Renew the leases of the connections open here, one script call per address."""
+        """Renew the leases of the connections open here, one script call per address (added again after a loss)."""
         if not self._connections:
+            self._count_again = False
             return
+        again = self._count_again
         by_address: dict[str, list[str]] = {}
         for connection, key in self._connections.items():
             by_address.setdefault(key, []).append(connection)
@@ -122,9 +144,18 @@ class Limits(Writer):
 
         def build(pipe: Any) -> None:
             for key, connections in by_address.items():
-                self._queue(pipe, "IP_RENEW", [key], [lease, *connections])
+                self._queue(pipe, "IP_RENEW", [key], [lease, "1" if again else "0", *connections])
 
         try:
             await self._pipeline(build)
         except StoreUnavailable as exc:
+            # Added again or not, the next renewal tries again.
             log.warning("redis store: renewing %d connection lease(s) failed: %s", len(self._connections), exc.why)
+            return
+        if again:
+            self._count_again = False
+            # A connection that closed meanwhile may have been counted out before this added it again:
+            # counted out once more (else it counted until its lease ran out).
+            self._closed += [(key, c) for key, cs in by_address.items() for c in cs if c not in self._connections]
+            if self._closed:
+                self._kick()

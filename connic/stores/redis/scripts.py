@@ -1,10 +1,11 @@
-"""The Lua scripts of the ``redis`` store: each checks ownership and writes in one atomic step.
+"""The Lua scripts of the ``redis`` store's sessions: each checks ownership and writes in one atomic step.
 
 Every key a script touches belongs to one session and shares its hash tag
-(``{prefix}{<session id>}:...``), or to one client address (``IP_*``), so the
-scripts also run on Redis Cluster. Only commands Valkey also has are used. Unless
-a script says otherwise, ``KEYS`` are, in order, the session's ownership key,
-fencing counter, record, replay log and history (:func:`session_keys`).
+(``{prefix}{<session id>}:...``), so the scripts also run on Redis Cluster. Only commands
+Valkey also has are used. Unless a script says otherwise, ``KEYS`` are, in order, the
+session's ownership key, fencing counter, record, replay log and history
+(:func:`session_keys`). The limits' scripts are in :mod:`~connic.stores.redis.limit_scripts`;
+the names of every key and channel here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ __all__ = [
     "CREATE",
     "DELETE",
     "END",
-    "IP_ENTER",
-    "IP_RENEW",
     "RELEASE",
     "RENEW",
     "RESUMED",
     "SAVE",
-    "TAKE",
     "address_key",
     "cancel_channel",
     "cancel_key",
@@ -396,59 +394,3 @@ redis.call('DEL', unpack(KEYS))
 return 1
 """
 )
-
-
-# Take a token from the session's rate limit bucket, only while this fencing token owns the session
-# (:data:`_OWN`). KEYS: the ownership key, the fencing counter, the record, the bucket. ARGV: fence,
-# capacity (messages), refill period ms, lease ms. Returns 0 when a token was taken, the ms until
-# one is available, -1 when another process owns the session, or -2 when nobody does and it
-# cannot be taken back. The bucket is counted on Redis's clock (TIME), the same for every
-# process; a full bucket is no key at all (it expires once it would have refilled).
-TAKE = (
-    _OWN
-    + """
-local owned = own(ARGV[4])
-if owned == 0 then return -1 end
-if owned == -1 then return -2 end
-if redis.replicate_commands then redis.replicate_commands() end
-local capacity = tonumber(ARGV[2])
-local period = tonumber(ARGV[3])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
-local tokens = capacity
-local state = redis.call('HMGET', KEYS[4], 'tokens', 'at')
-if state[1] and state[2] then
-    tokens = math.min(capacity, tonumber(state[1]) + (now - tonumber(state[2])) * capacity / period)
-end
-if tokens < 1 then return math.max(1, math.ceil((1 - tokens) * period / capacity)) end
-redis.call('HSET', KEYS[4], 'tokens', string.format('%.17g', tokens - 1), 'at', string.format('%.17g', now))
-redis.call('PEXPIRE', KEYS[4], math.ceil(period))
-return 0
-"""
-)
-
-# Count a connection from one address in, unless the address has ``limit`` open already.
-# KEYS: the address's set. ARGV: limit, lease ms, the connection's id. Entries whose
-# lease ran out (their process died) are dropped first. Returns 1 if counted in, else 0.
-IP_ENTER = """
-if redis.replicate_commands then redis.replicate_commands() end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# Renew the leases of this process's connections from one address. KEYS: the address's set.
-# ARGV: lease ms, then the connections' ids. An entry already dropped (its lease ran out
-# while Redis was unreachable) is not added again: a count may fall short, never stay high.
-IP_RENEW = """
-if redis.replicate_commands then redis.replicate_commands() end
-local time = redis.call('TIME')
-local deadline = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i]) end
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 1
-"""

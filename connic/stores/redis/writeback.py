@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from connic.errors import StoreUnavailable
 from connic.stores.redis.connection import ms, ttl
 from connic.stores.redis.record import encode, encode_entry
-from connic.stores.redis.writer import Writer
+from connic.stores.redis.renewer import Renewer
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -63,7 +63,7 @@ def _retrieved(reply: asyncio.Future[Any]) -> None:
         reply.exception()
 
 
-class WriteBack(Writer):
+class WriteBack(Renewer):
     """Creating sessions in Redis: new ones, and live ones again once Redis lost its data (a store base class)."""
 
     def __init__(self) -> None:
@@ -181,6 +181,38 @@ class WriteBack(Writer):
         if not read.cancelled():
             read.exception()  # retrieved: every write-back waiting for it says how it failed
 
+    async def _written_back(self, session_id: str) -> None:
+        """Wait until the session is no longer being written back (whether that worked or not: never raises).
+
+        Until its CREATE comes back the session owns nothing here: a message arriving meanwhile
+        that took no token for it (a bucket is taken only by its owner) went past ``rate_limit``.
+        """
+        while (task := self._writing_back.get(session_id)) is not None:
+            await asyncio.wait([task])  # not the task itself: cancelled (the store closing), it must not cancel this
+
+    async def _last_writes(self) -> None:
+        """Write what is queued before the store closes, the sessions being written back included (bounded).
+
+        Cancelled, a write-back whose CREATE was on its way left the session in Redis owned by a
+        stopped process until its lease ran out (a resume elsewhere waited that long, where a
+        normal stop lets it go at once), and one not sent yet lost the session. Each is let
+        finish, within the store's ``timeout``: it then lets its session go (or deletes it) as a
+        stop does. A second round for the releases the first found gone (Redis lost its data
+        just before the stop): they are written back, then let go.
+        """
+        for _ in range(2):
+            tasks = self._write_back_tasks()
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.options.timeout)
+            try:
+                async with asyncio.timeout(self.options.timeout):
+                    await self.flush()
+            except (TimeoutError, StoreUnavailable):
+                log.warning("redis store: could not write everything before closing")
+                return
+            if not self._writing_back:
+                return
+
     def _write_back_tasks(self) -> list[asyncio.Task[Any]]:
         """The write-backs under way and the epoch reads they wait for (cancelled when the store closes)."""
         return [*self._writing_back.values(), *self._reads]
@@ -277,7 +309,7 @@ class WriteBack(Writer):
         raise NotImplementedError
 
     def _forget(self, session_id: str) -> int | None:
-        """Drop all this process holds of the session (see :meth:`Writer._forget`)."""
+        """Drop all this process holds of the session (see :meth:`~connic.stores.redis.writer.Writer._forget`)."""
         self._epochs.pop(session_id, None)
         self._unconfirmed.pop(session_id, None)
         if session_id in self._writing_back:

@@ -1,4 +1,4 @@
-"""The ``redis`` store's background writing: queued appends, saves and releases, and lease renewal.
+"""The ``redis`` store's background writing: queued appends, saves, releases and deletions.
 
 Appends, saves, releases and deletions are queued by the session core's synchronous
 calls (and letting go of a session whose take failed, by :meth:`RedisStore.abandon
@@ -9,17 +9,14 @@ sessions streaming at an LLM's pace would otherwise cost a pipeline (a connectio
 from the pool, a send, a wake-up for the replies) per chunk. A frame that may end a
 reply, releases, deletions and :meth:`Writer.flush` are written at once.
 
-Another task renews this process's leases every third of a lease (and takes the sessions'
-takeover and end flags, :mod:`~connic.stores.redis.takeovers`, and the cancels waiting for
-them, :mod:`~connic.stores.redis.cancels`, in case their pub/sub message was lost). A write that fails
-ends the session's connection with ``store_unavailable`` (1011); a write refused for a
-lost lease stops this copy of the session at once (another process owns it now).
+A write that fails ends the session's connection with ``store_unavailable`` (1011); a write
+refused for a lost lease stops this copy of the session at once (another process owns it
+now). The leases are renewed by :mod:`~connic.stores.redis.renewer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -293,70 +290,8 @@ class Writer(Connection):
         """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
         return []
 
-    def _limit_lease(self) -> int | None:
-        """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
-        return None
-
-    async def _renew_limits(self) -> None:
-        """Renew the leases of the limits' entries this process holds (none here)."""
-
-    async def _renewer(self) -> None:
-        """Renew the lease of every session and connection held here, every third of the shortest lease."""
-        while True:
-            leases = [lease for _, lease in self._fences.values()]
-            limit_lease = self._limit_lease()
-            if limit_lease is not None:
-                leases.append(limit_lease)
-            await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
-            await self._renew_limits()
-            with contextlib.suppress(StoreUnavailable):  # the renewals below say so
-                await self._watch_epoch()
-            owned = list(self._fences.items())
-            if not owned:
-                continue
-
-            def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
-                prefix = self.options.key_prefix
-                for sid, (fence, lease) in owned:
-                    session = self._live.get(sid)
-                    args = [fence, lease, ttl(session) if session is not None else 0]
-                    self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
-
-            try:
-                results = await self._pipeline(build)
-            except StoreUnavailable as exc:
-                log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.why)
-                continue
-            cancels: list[str] = []
-            for (sid, (fence, _)), result in zip(owned, results, strict=True):
-                if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
-                    self._lost(sid)
-                elif result == -1 and self._fences.get(sid, (0, 0))[0] == fence:
-                    self._gone(sid)
-                if not isinstance(result, int) or result <= 0:
-                    continue
-                # What a pub/sub message lost (the channel reconnecting) would have said.
-                if result & 4:  # a client following it elsewhere said goodbye: it ends (its flag goes with it)
-                    self._ended_elsewhere(sid)
-                elif result & 2:  # a takeover
-                    self._taken_over(sid)
-                if result & 8:  # cancels passed from elsewhere, whether it is busy or not
-                    cancels.append(sid)
-            if cancels:
-                await self._take_cancels(cancels)
-
-    async def _watch_epoch(self) -> bool:
-        """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""
-        return False
-
-    async def _take_cancels(self, session_ids: list[str]) -> None:
-        """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
-
-    def _taken_over(self, session_id: str) -> None:
-        """A resume on another process took the session over (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
-
-    def _ended_elsewhere(self, session_id: str) -> None:
-        """A client following the session elsewhere said goodbye (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
+    async def _written_back(self, session_id: str) -> None:
+        """Wait until the session is no longer being written back (:mod:`~connic.stores.redis.writeback`)."""
 
     def _deleted(self, sid: str, fence: int, result: object) -> None:
         """What the DELETE of an ended session got: its script's result, or the exception it failed with.

@@ -1,0 +1,94 @@
+"""The ``redis`` store's lease renewer: the leases of the sessions and connections held by this process.
+
+A task renews them every third of the shortest lease, in one pipeline, and reads the epoch
+(:mod:`~connic.stores.redis.writeback`: whether Redis lost its data) each time. A renewal
+also takes the sessions' takeover and end flags (:mod:`~connic.stores.redis.takeovers`) and
+tells of the cancels waiting for them (:mod:`~connic.stores.redis.cancels`), in case their
+pub/sub message was lost. A renewal refused for a lost lease stops this copy of the session
+at once (another process owns it now); a session gone from Redis is written back, or stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from connic.errors import StoreUnavailable
+from connic.stores.redis import scripts
+from connic.stores.redis.connection import ttl
+from connic.stores.redis.writer import Writer
+
+__all__ = ["Renewer"]
+
+log = logging.getLogger("connic.stores.redis")
+
+
+class Renewer(Writer):
+    """What :class:`~connic.stores.redis.RedisStore` renews in the background (a base class of it)."""
+
+    def _limit_lease(self) -> int | None:
+        """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
+        return None
+
+    async def _renew_limits(self) -> None:
+        """Renew the leases of the limits' entries this process holds (none here)."""
+
+    async def _renewer(self) -> None:
+        """Renew the lease of every session and connection held here, every third of the shortest lease."""
+        while True:
+            leases = [lease for _, lease in self._fences.values()]
+            limit_lease = self._limit_lease()
+            if limit_lease is not None:
+                leases.append(limit_lease)
+            await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
+            await self._renew_limits()
+            with contextlib.suppress(StoreUnavailable):  # the renewals below say so
+                await self._watch_epoch()
+            owned = list(self._fences.items())
+            if not owned:
+                continue
+
+            def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
+                prefix = self.options.key_prefix
+                for sid, (fence, lease) in owned:
+                    session = self._live.get(sid)
+                    args = [fence, lease, ttl(session) if session is not None else 0]
+                    self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
+
+            try:
+                results = await self._pipeline(build)
+            except StoreUnavailable as exc:
+                log.warning("redis store: renewing %d lease(s) failed: %s", len(owned), exc.why)
+                continue
+            cancels: list[str] = []
+            for (sid, (fence, _)), result in zip(owned, results, strict=True):
+                if result == 0 and self._fences.get(sid, (0, 0))[0] == fence:
+                    self._lost(sid)
+                elif result == -1 and self._fences.get(sid, (0, 0))[0] == fence:
+                    self._gone(sid)
+                if not isinstance(result, int) or result <= 0:
+                    continue
+                # What a pub/sub message lost (the channel reconnecting) would have said.
+                if result & 4:  # a client following it elsewhere said goodbye: it ends (its flag goes with it)
+                    self._ended_elsewhere(sid)
+                elif result & 2:  # a takeover
+                    self._taken_over(sid)
+                if result & 8:  # cancels passed from elsewhere, whether it is busy or not
+                    cancels.append(sid)
+            if cancels:
+                await self._take_cancels(cancels)
+
+    async def _watch_epoch(self) -> bool:
+        """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""
+        return False
+
+    async def _take_cancels(self, session_ids: list[str]) -> None:
+        """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
+
+    def _taken_over(self, session_id: str) -> None:
+        """A resume on another process took the session over (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
+
+    def _ended_elsewhere(self, session_id: str) -> None:
+        """A client following the session elsewhere said goodbye (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
