@@ -294,3 +294,46 @@ async def test_a_resume_with_a_wrong_token_takes_no_resume_following_another_pro
     assert rest[-1]["type"] == "RUN_FINISHED", rest[-1]
     said = "".join(f["chunk"] for f in frames if f["type"] == "stream_chunk") + text([first, *rest])
     assert said == WORDS
+
+
+async def logged_past(redis_server: RedisServer, thread_id: str, seq: int) -> None:
+    """Wait (bounded) until the thread's log in Redis holds a frame numbered above ``seq``."""
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = session_keys("connic:", thread_id)[3]  # the thread's log
+        deadline = time.monotonic() + 10
+        while not (entries := await redis.xrevrange(key, count=1)) or seq_of(entries[0][0]) <= seq:
+            assert time.monotonic() < deadline, entries
+            await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("replay_buffer", [4096, 16])
+async def test_a_cancel_sent_right_behind_the_resume_cancels_the_run_at_once_as_on_one_process(
+    redis_server: RedisServer, start_server: StartServer, replay_buffer: int
+) -> None:
+    # The client sends its cancel right behind its resume, before any event came back. On one
+    # process the run is cancelled at once. Following another process, the cancel came before
+    # the first frames did (the follow not begun yet): it was held until the thread was taken
+    # over, after the run's natural end (5 s), then answered not_found. With replay_buffer 16
+    # the log lost the thread's start: the follow begins again from lastSeq, the cancel the same
+    # (once the log holds a frame after lastSeq: the run in flight is known from it).
+    one, two = await two_processes(redis_server, start_server, replay_buffer=replay_buffer)
+    got = {}
+    for where, thread_id in ((one, "t-early-1"), (two, "t-early-2")):
+        seen = await dropped_mid_run(one, thread_id, count=30)
+        await logged_past(redis_server, thread_id, seen[-1]["seq"])
+        async with websockets.connect(where.base + "/agui/ws", additional_headers=AUTH) as again:
+            resume = {"type": "resume", "threadId": thread_id, "lastSeq": seen[-1]["seq"]}
+            await again.send(json.dumps(resume))
+            await again.send(json.dumps({"type": "cancel", "runId": "r1"}))
+            rest = await until_run_ends(again, "r1")
+        assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1].get("outcome") == {"type": "cancelled"}, (
+            where is two,
+            rest[-1],
+        )
+        said = text(seen + rest)
+        assert WORDS.startswith(said) and len(said.split()) < 100, said  # no gap, nothing twice, cut short
+        got[where is two] = outline(rest)
+    assert got[True] == got[False]

@@ -120,7 +120,7 @@ def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
 class _Followed:
     """The frames another process logs for the thread, turned into the binding's events as they come."""
 
-    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
+    __slots__ = ("after", "began", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
 
     def __init__(self, binding: WSBinding, thread_id: str, last_seq: int, after: int) -> None:
         self.binding = binding
@@ -131,6 +131,9 @@ class _Followed:
         # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
         self.blind = False
         self.went_blind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Done once the log is followed (``cursor`` set): the cancels the client sent before that
+        # were held, not knowing the runs yet (_early).
+        self.began: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def of(self, owner: Sessions) -> Follow:
         """The follow callback for a thread of ``owner``'s connector (whose agents its runs have)."""
@@ -152,11 +155,16 @@ class _Followed:
             # Even the frames after the client's last_seq are gone: said as a resume on one process
             # says it; the runs go on with the frames logged from now on.
             binding._error(InvalidResume(f"the thread's log no longer holds every event after {self.last_seq}"))
-            self.cursor = last
+            self._at(last)
             return
         for seq, data in enumerate(frames, last - len(frames) + 1):
             binding._translate(data, silent=seq <= self.last_seq)
+        self._at(last)
+
+    def _at(self, last: int) -> None:
         self.cursor = last
+        if not self.began.done():
+            self.began.set_result(None)
 
 
 async def _following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
@@ -177,12 +185,17 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
 
     followed = _Followed(binding, thread_id, last_seq, 0)
     task = find(followed)
+    early = False  # whether the cancels held before the follow began were looked at again
     try:
         while not task.done():
             waiting: set[asyncio.Future[Any]] = {task, binding.receiving()}
-            if not followed.went_blind.done():
-                waiting.add(followed.went_blind)
+            for started in (followed.went_blind, followed.began):
+                if not started.done():
+                    waiting.add(started)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if followed.began.done() and not early:
+                early = True
+                _early(binding, followed)
             msg = binding.received()
             if msg is not None and _meanwhile(binding, followed, msg):
                 _abandon(binding, task)  # the client is gone: the thread stays where it is
@@ -194,6 +207,7 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
                 _abandon(binding, task)
                 followed = _Followed(binding, thread_id, last_seq, last_seq)
                 task = find(followed)
+                early = False
     except BaseException:
         # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.
         task.add_done_callback(_let_go)
@@ -231,11 +245,29 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
     if msg.type in _ENDED:
         binding.held.append(msg)  # the binding's reader ends with it
         return True
+    if not _passed(binding, followed, msg):
+        binding.held.append(msg)
+    return False
+
+
+def _early(binding: WSBinding, followed: _Followed) -> None:
+    """The follow began: the cancels held before it (the runs unknown then) are looked at again.
+
+    A client may send its cancel right behind its resume, before the first frames came: held
+    till the thread was taken over, it stopped the run only after its natural end, where on
+    one process it stops it at once. Those of a run that process has go there now.
+    """
+    kept = [msg for msg in binding.held if not _passed(binding, followed, msg)]
+    binding.held.clear()
+    binding.held.extend(kept)
+
+
+def _passed(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
+    """Whether ``msg`` is a cancel of a run the process serving the thread has, passed to it (else it is held)."""
     run_id = _cancelled(msg)
     run = binding.runs.get(run_id) if run_id is not None else None
     if run_id is None or run is None or run.done or followed.cursor is None:
-        binding.held.append(msg)  # not a run that process has (as far as the log followed says)
-        return False
+        return False  # not a run that process has (as far as the log followed says)
     # Passed to that process at once (or, should it let the thread go first, to the process
     # taking it over, which acts on it then): a run it answers (an agent's frame of it came)
     # is cancelled there, and its end comes back in the log, as on one process.
@@ -247,7 +279,7 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
         del binding.runs[run_id]
         binding.dropped.add(run_id)
         binding.urgent(binding._entries(run.dropped(), None))
-    return False
+    return True
 
 
 def _cancelled(msg: WSMessage) -> str | None:
