@@ -120,7 +120,7 @@ def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
 class _Followed:
     """The frames another process logs for the thread, turned into the binding's events as they come."""
 
-    __slots__ = ("after", "began", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
+    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
 
     def __init__(self, binding: WSBinding, thread_id: str, last_seq: int, after: int) -> None:
         self.binding = binding
@@ -131,9 +131,6 @@ class _Followed:
         # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
         self.blind = False
         self.went_blind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # Done once the log is followed (``cursor`` set): the cancels the client sent before that
-        # were held, not knowing the runs yet (_early).
-        self.began: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def of(self, owner: Sessions) -> Follow:
         """The follow callback for a thread of ``owner``'s connector (whose agents its runs have)."""
@@ -163,8 +160,10 @@ class _Followed:
 
     def _at(self, last: int) -> None:
         self.cursor = last
-        if not self.began.done():
-            self.began.set_result(None)
+        if self.binding.held:
+            # The cancels held for a run not known then (sent before the follow began, or before
+            # a frame of that run was followed) go to that process now, if it is one of its runs.
+            _early(self.binding, self)
 
 
 async def _following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
@@ -185,17 +184,12 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
 
     followed = _Followed(binding, thread_id, last_seq, 0)
     task = find(followed)
-    early = False  # whether the cancels held before the follow began were looked at again
     try:
         while not task.done():
             waiting: set[asyncio.Future[Any]] = {task, binding.receiving()}
-            for started in (followed.went_blind, followed.began):
-                if not started.done():
-                    waiting.add(started)
+            if not followed.went_blind.done():
+                waiting.add(followed.went_blind)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if followed.began.done() and not early:
-                early = True
-                _early(binding, followed)
             msg = binding.received()
             if msg is not None and _meanwhile(binding, followed, msg):
                 _abandon(binding, task)  # the client is gone: the thread stays where it is
@@ -207,7 +201,6 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
                 _abandon(binding, task)
                 followed = _Followed(binding, thread_id, last_seq, last_seq)
                 task = find(followed)
-                early = False
     except BaseException:
         # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.
         task.add_done_callback(_let_go)
@@ -251,7 +244,7 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
 
 
 def _early(binding: WSBinding, followed: _Followed) -> None:
-    """The follow began: the cancels held before it (the runs unknown then) are looked at again.
+    """Frames were followed: the cancels held for runs not known then are looked at again.
 
     A client may send its cancel right behind its resume, before the first frames came: held
     till the thread was taken over, it stopped the run only after its natural end, where on
