@@ -350,3 +350,32 @@ async def test_a_cancel_sent_right_behind_the_resume_cancels_the_run_at_once_as_
         assert WORDS.startswith(said) and len(said.split()) < 100, said  # no gap, nothing twice, cut short
         got[where is two] = outline(rest)
     assert got[True] == got[False]
+
+
+async def test_a_cancel_right_behind_a_resume_from_the_newest_frame_cancels_the_run_as_on_one_process(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # The log lost the thread's start (replay_buffer 16) and the client resumes from the newest
+    # frame logged: the follow from lastSeq begins with no frame of the run in flight. Its
+    # cancel waits for the run's next frame there (then that process stops it), where it was
+    # held until the thread was taken over, after the run's natural end.
+    one, two = await two_processes(redis_server, start_server, replay_buffer=16)
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    got = {}
+    try:
+        for where, thread_id in ((one, "t-newest-1"), (two, "t-newest-2")):
+            await dropped_mid_run(one, thread_id, count=30)
+            newest = await redis.xrevrange(session_keys("connic:", thread_id)[3], count=1)
+            last_seq = seq_of(newest[0][0])  # the client is told no more than that: it had it all
+            async with await resumed(where, thread_id, last_seq) as again:
+                await again.send(json.dumps({"type": "cancel", "runId": "r1"}))
+                rest = await until_run_ends(again, "r1")
+            assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1].get("outcome") == {"type": "cancelled"}, (
+                where is two,
+                rest[-1],
+            )
+            assert rest[0]["seq"] > last_seq and len(rest) < 20, rest  # cut short: not 70 chunks more
+            got[where is two] = [e["type"] for e in rest if e["type"] != "TEXT_MESSAGE_CONTENT"]
+    finally:
+        await redis.aclose()
+    assert got[True] == got[False]
