@@ -15,7 +15,9 @@ the thread go (its runs over) or dies (its lease runs out: each reply it left un
 ends with ``producer_lost``), the thread is taken over here and goes live. The socket is read
 meanwhile: its end stops following, a ``cancel`` of a run that process answers or queues is
 passed to it (a queued one is dropped here at once, as one process drops it), and every other
-frame is held and handled afterwards, in order. A newer resume of the thread takes this one
+frame is held and handled afterwards, in order. A cancel of a run not known yet (sent before
+the first frames came, or before any frame of it after ``lastSeq``) is held, and looked at again
+with each batch followed: passed once that process's frames name the run. A newer resume of the thread takes this one
 over (``session_taken_over``), as the Connic protocol's does.
 
 Rebuilding the runs' events needs the log from the thread's first frame (``replay_buffer``
