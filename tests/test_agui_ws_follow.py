@@ -165,31 +165,44 @@ async def test_a_resume_whose_log_lost_the_threads_start_follows_the_run_from_la
 async def test_a_resume_whose_log_lost_even_the_events_after_last_seq_says_so_then_follows_the_run(
     redis_server: RedisServer, start_server: StartServer
 ) -> None:
-    # As on one process, a RUN_ERROR invalid_resume says events after lastSeq are gone; the run
-    # is followed on from there (the events of the frames logged next), to its RUN_FINISHED.
+    # PROTOCOL.md §7: a resume whose log lost frames after lastSeq gets none of the log (never a
+    # tail with a gap), only what comes from then on. So here, on one process and following
+    # another one alike: a RUN_ERROR invalid_resume first, saying events after lastSeq are gone,
+    # then the run's events from the frames logged next (its text message started again, same
+    # id), to its RUN_FINISHED; the same events, but for how many chunks each missed.
     one, two = await two_processes(redis_server, start_server, replay_buffer=8)
-    seen = await dropped_mid_run(one, "t-gone-too", count=5)
-    last_seq = seen[-1]["seq"]
+    got = {}
+    for where, thread_id in ((one, "t-gone-1"), (two, "t-gone-2")):
+        seen = await dropped_mid_run(one, thread_id, count=5)
+        last_seq = seen[-1]["seq"]
+        await log_lost(redis_server, thread_id, last_seq + 1)
+        async with await resumed(where, thread_id, last_seq) as again:
+            error = json.loads(await asyncio.wait_for(again.recv(), 10))
+            rest = await until_run_ends(again, "r1")
+        assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_resume", (where is two, error)
+        assert f"no longer holds every event after {last_seq}" in error["message"], error
+        assert rest[-1]["type"] == "RUN_FINISHED" and rest[0]["seq"] > last_seq + 1, (rest[0], rest[-1])
+        assert [e["seq"] for e in rest] == sorted(e["seq"] for e in rest), rest
+        said = text(rest)
+        assert said and WORDS.endswith(said), said  # from some word on, to the end: nothing twice
+        got[where is two] = outline([error, *rest])
+    assert got[True] == got[False]
+
+
+async def log_lost(redis_server: RedisServer, thread_id: str, seq: int) -> None:
+    """Wait (bounded) until the thread's log in Redis no longer holds frame ``seq``."""
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        key = session_keys("connic:", "t-gone-too")[3]  # the thread's log
+        key = session_keys("connic:", thread_id)[3]  # the thread's log
         deadline = time.monotonic() + 10
-        while True:  # until the log no longer holds the frame after last_seq
+        while True:  # an entry holds several frames, one a line, the newest numbered as the entry
             entries = await redis.xrange(key, count=1)
-            if entries and seq_of(entries[0][0]) - entries[0][1]["f"].count("\n") > last_seq + 1:
-                break
+            if entries and seq_of(entries[0][0]) - entries[0][1]["f"].count("\n") > seq:
+                return
             assert time.monotonic() < deadline, entries
             await asyncio.sleep(0.02)
     finally:
         await redis.aclose()
-    async with await resumed(two, "t-gone-too", last_seq) as again:
-        error = json.loads(await asyncio.wait_for(again.recv(), 10))
-        rest = await until_run_ends(again, "r1")
-    assert error["type"] == "RUN_ERROR" and error["code"] == "invalid_resume", error
-    assert f"no longer holds every event after {last_seq}" in error["message"], error
-    assert rest[-1]["type"] == "RUN_FINISHED" and rest[0]["seq"] > last_seq + 1, (rest[0], rest[-1])
-    said = text(rest)
-    assert said and WORDS.endswith(said), said  # from some word on, to the end: nothing twice
 
 
 async def dropped_with_one_queued(server: Server, thread_id: str, path: str) -> list[dict[str, Any]]:
@@ -294,3 +307,75 @@ async def test_a_resume_with_a_wrong_token_takes_no_resume_following_another_pro
     assert rest[-1]["type"] == "RUN_FINISHED", rest[-1]
     said = "".join(f["chunk"] for f in frames if f["type"] == "stream_chunk") + text([first, *rest])
     assert said == WORDS
+
+
+async def logged_past(redis_server: RedisServer, thread_id: str, seq: int) -> None:
+    """Wait (bounded) until the thread's log in Redis holds a frame numbered above ``seq``."""
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        key = session_keys("connic:", thread_id)[3]  # the thread's log
+        deadline = time.monotonic() + 10
+        while not (entries := await redis.xrevrange(key, count=1)) or seq_of(entries[0][0]) <= seq:
+            assert time.monotonic() < deadline, entries
+            await asyncio.sleep(0.01)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("replay_buffer", [4096, 16])
+async def test_a_cancel_sent_right_behind_the_resume_cancels_the_run_at_once_as_on_one_process(
+    redis_server: RedisServer, start_server: StartServer, replay_buffer: int
+) -> None:
+    # The client sends its cancel right behind its resume, before any event came back. On one
+    # process the run is cancelled at once. Following another process, the cancel came before
+    # the first frames did (the follow not begun yet): it was held until the thread was taken
+    # over, after the run's natural end (5 s), then answered not_found. With replay_buffer 16
+    # the log lost the thread's start: the follow begins again from lastSeq, the cancel the same
+    # (once the log holds a frame after lastSeq: the run in flight is known from it).
+    one, two = await two_processes(redis_server, start_server, replay_buffer=replay_buffer)
+    got = {}
+    for where, thread_id in ((one, "t-early-1"), (two, "t-early-2")):
+        seen = await dropped_mid_run(one, thread_id, count=30)
+        await logged_past(redis_server, thread_id, seen[-1]["seq"])
+        async with websockets.connect(where.base + "/agui/ws", additional_headers=AUTH) as again:
+            resume = {"type": "resume", "threadId": thread_id, "lastSeq": seen[-1]["seq"]}
+            await again.send(json.dumps(resume))
+            await again.send(json.dumps({"type": "cancel", "runId": "r1"}))
+            rest = await until_run_ends(again, "r1")
+        assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1].get("outcome") == {"type": "cancelled"}, (
+            where is two,
+            rest[-1],
+        )
+        said = text(seen + rest)
+        assert WORDS.startswith(said) and len(said.split()) < 100, said  # no gap, nothing twice, cut short
+        got[where is two] = outline(rest)
+    assert got[True] == got[False]
+
+
+async def test_a_cancel_right_behind_a_resume_from_the_newest_frame_cancels_the_run_as_on_one_process(
+    redis_server: RedisServer, start_server: StartServer
+) -> None:
+    # The log lost the thread's start (replay_buffer 16) and the client resumes from the newest
+    # frame logged: the follow from lastSeq begins with no frame of the run in flight. Its
+    # cancel waits for the run's next frame there (then that process stops it), where it was
+    # held until the thread was taken over, after the run's natural end.
+    one, two = await two_processes(redis_server, start_server, replay_buffer=16)
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    got = {}
+    try:
+        for where, thread_id in ((one, "t-newest-1"), (two, "t-newest-2")):
+            await dropped_mid_run(one, thread_id, count=30)
+            newest = await redis.xrevrange(session_keys("connic:", thread_id)[3], count=1)
+            last_seq = seq_of(newest[0][0])  # the client is told no more than that: it had it all
+            async with await resumed(where, thread_id, last_seq) as again:
+                await again.send(json.dumps({"type": "cancel", "runId": "r1"}))
+                rest = await until_run_ends(again, "r1")
+            assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1].get("outcome") == {"type": "cancelled"}, (
+                where is two,
+                rest[-1],
+            )
+            assert rest[0]["seq"] > last_seq and len(rest) < 20, rest  # cut short: not 70 chunks more
+            got[where is two] = [e["type"] for e in rest if e["type"] != "TEXT_MESSAGE_CONTENT"]
+    finally:
+        await redis.aclose()
+    assert got[True] == got[False]

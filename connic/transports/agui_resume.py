@@ -15,7 +15,9 @@ the thread go (its runs over) or dies (its lease runs out: each reply it left un
 ends with ``producer_lost``), the thread is taken over here and goes live. The socket is read
 meanwhile: its end stops following, a ``cancel`` of a run that process answers or queues is
 passed to it (a queued one is dropped here at once, as one process drops it), and every other
-frame is held and handled afterwards, in order. A newer resume of the thread takes this one
+frame is held and handled afterwards, in order. A cancel of a run not known yet (sent before
+the first frames came, or before any frame of it after ``lastSeq``) is held, and looked at again
+with each batch followed: passed once that process's frames name the run. A newer resume of the thread takes this one
 over (``session_taken_over``), as the Connic protocol's does.
 
 Rebuilding the runs' events needs the log from the thread's first frame (``replay_buffer``
@@ -27,6 +29,7 @@ from its frames after ``lastSeq`` (a text message open then is started again, sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -120,9 +123,16 @@ def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
 class _Followed:
     """The frames another process logs for the thread, turned into the binding's events as they come."""
 
-    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "went_blind")
+    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "waiting", "went_blind")
 
-    def __init__(self, binding: WSBinding, thread_id: str, last_seq: int, after: int) -> None:
+    def __init__(
+        self,
+        binding: WSBinding,
+        thread_id: str,
+        last_seq: int,
+        after: int,
+        waiting: dict[str, list[WSMessage]] | None = None,
+    ) -> None:
         self.binding = binding
         self.thread_id = thread_id
         self.last_seq = last_seq  # the client's: the frames up to it are not sent again
@@ -131,6 +141,9 @@ class _Followed:
         # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
         self.blind = False
         self.went_blind: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # runId -> the held cancels of a run the log followed did not name (yet): _early passes
+        # them once it does. Keyed, so that each batch costs a look-up per run, not a parse per frame held.
+        self.waiting: dict[str, list[WSMessage]] = waiting if waiting is not None else {}
 
     def of(self, owner: Sessions) -> Follow:
         """The follow callback for a thread of ``owner``'s connector (whose agents its runs have)."""
@@ -152,11 +165,18 @@ class _Followed:
             # Even the frames after the client's last_seq are gone: said as a resume on one process
             # says it; the runs go on with the frames logged from now on.
             binding._error(InvalidResume(f"the thread's log no longer holds every event after {self.last_seq}"))
-            self.cursor = last
+            self._at(last)
             return
         for seq, data in enumerate(frames, last - len(frames) + 1):
             binding._translate(data, silent=seq <= self.last_seq)
+        self._at(last)
+
+    def _at(self, last: int) -> None:
         self.cursor = last
+        if self.waiting:
+            # The cancels held for a run not known then (sent before the follow began, or before
+            # a frame of that run was followed) go to that process now, if it is one of its runs.
+            _early(self.binding, self)
 
 
 async def _following(binding: WSBinding, thread_id: str, given: str | None, last_seq: int, peer: str) -> None:
@@ -192,7 +212,7 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
                 # events needs: followed from the client's last_seq instead, at once, as a resume
                 # on one process whose log lost the thread's start replays from there.
                 _abandon(binding, task)
-                followed = _Followed(binding, thread_id, last_seq, last_seq)
+                followed = _Followed(binding, thread_id, last_seq, last_seq, followed.waiting)
                 task = find(followed)
     except BaseException:
         # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.
@@ -232,10 +252,32 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
         binding.held.append(msg)  # the binding's reader ends with it
         return True
     run_id = _cancelled(msg)
-    run = binding.runs.get(run_id) if run_id is not None else None
-    if run_id is None or run is None or run.done or followed.cursor is None:
-        binding.held.append(msg)  # not a run that process has (as far as the log followed says)
-        return False
+    if run_id is None or not _passed(binding, followed, run_id):
+        binding.held.append(msg)
+        if run_id is not None:
+            followed.waiting.setdefault(run_id, []).append(msg)
+    return False
+
+
+def _early(binding: WSBinding, followed: _Followed) -> None:
+    """Frames were followed: the cancels held for runs not known then are looked at again.
+
+    A client may send its cancel right behind its resume, before the first frames came: held
+    till the thread was taken over, it stopped the run only after its natural end, where on
+    one process it stops it at once. Those of a run that process has go there now.
+    """
+    for run_id in [run_id for run_id in followed.waiting if run_id in binding.runs]:
+        if _passed(binding, followed, run_id):
+            for msg in followed.waiting.pop(run_id):  # one pass answers each cancel of it
+                with contextlib.suppress(ValueError):  # read already: the resume is over
+                    binding.held.remove(msg)
+
+
+def _passed(binding: WSBinding, followed: _Followed, run_id: str) -> bool:
+    """Whether a cancel of ``run_id``, a run the process serving the thread has, was passed to it (else it is held)."""
+    run = binding.runs.get(run_id)
+    if run is None or run.done or followed.cursor is None:
+        return False  # not a run that process has (as far as the log followed says)
     # Passed to that process at once (or, should it let the thread go first, to the process
     # taking it over, which acts on it then): a run it answers (an agent's frame of it came)
     # is cancelled there, and its end comes back in the log, as on one process.
@@ -247,7 +289,7 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
         del binding.runs[run_id]
         binding.dropped.add(run_id)
         binding.urgent(binding._entries(run.dropped(), None))
-    return False
+    return True
 
 
 def _cancelled(msg: WSMessage) -> str | None:

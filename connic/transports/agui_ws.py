@@ -345,8 +345,24 @@ class WSBinding(Outbox[str]):
             self._error(InvalidResume(f"the thread's log no longer holds every event after {max(start, last_seq)}"))
         for index, data in enumerate(frames):
             self._translate(data, silent=start + index + 1 <= last_seq)
+        if start:
+            self._unseen(session)
         session.resume(self, start + len(frames))
         return True
+
+    def _unseen(self, session: ChatSession) -> None:
+        """Know the runs of ``session`` still under way that the log read gave no frame of.
+
+        Read from after ``lastSeq`` (the log lost the thread's start), the log says nothing of a
+        run begun before whose next frame has not come yet (an agent thinking, a run queued):
+        a ``cancel`` of it was ``not_found`` where it should stop or drop it. The client had its
+        ``RUN_STARTED`` (its ack is older than ``lastSeq``): its events go on from its next frame.
+        """
+        pending = [session.current] if session.current is not None else []
+        for message in [*pending, *session.queue]:
+            if message.id not in self.runs and session.cancels(message.id):
+                run = self.runs[message.id] = self._events(str(message.id))
+                run.announced = True
 
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)  # the socket's end: nothing more is read
