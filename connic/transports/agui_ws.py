@@ -27,6 +27,7 @@ from connic.frames import MAX_DEPTH, sequenced, too_deep
 from connic.metrics import close_code_label
 from connic.session import ChatSession, SessionState
 from connic.transports.agui_outbox import Outbox, shown
+from connic.transports.ws_writer import Close
 
 if TYPE_CHECKING:
     from ag_ui.core import BaseEvent, RunAgentInput
@@ -76,7 +77,7 @@ class WSBinding(Outbox[str]):
         entries: list[Any] = []
         for run in self.runs.values():
             entries += self._entries(run.failed(error.code, error.message), None)
-        self.urgent([*entries, _Close(error.close_code or 1000, error.code)])
+        self.urgent([*entries, Close(error.close_code or 1000, error.code)])
 
     # --- translating -----------------------------------------------------------------
 
@@ -222,7 +223,7 @@ class WSBinding(Outbox[str]):
             batch = self.take()
             try:
                 for item in batch:
-                    if isinstance(item, _Close):
+                    if isinstance(item, Close):
                         self.close_code = item.code
                         await self.ws.close(code=item.code, message=item.reason.encode())
                         return
@@ -366,11 +367,3 @@ class WSBinding(Outbox[str]):
 
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)  # the socket's end: nothing more is read
-
-
-class _Close:
-    __slots__ = ("code", "reason")
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
