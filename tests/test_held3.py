@@ -9,6 +9,8 @@ what the client gets must be the same. Here:
   when B admits what it held (B reads them from the session's record in Redis);
 - a session record written by an earlier version, which does not list its pending messages:
   the replies a dead owner left unfinished are read from the log alone, and end ``producer_lost``;
+- held messages that share an id, with a cancel of it held behind each: the room it makes comes
+  where the client sent it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
-from test_redis_held import behind_reply, history, launch, outline, settled  # noqa: F401  (launch: a fixture)
+from test_redis_held import (  # noqa: F401  (launch: a fixture)
+    behind_reply,
+    history,
+    launch,
+    outline,
+    resumed_mid_reply,
+    settled,
+)
 
 from connic.stores.redis.log import unfinished
 
@@ -181,3 +190,67 @@ def test_read_from_the_log_alone_only_the_drains_refusal_of_a_queued_message_end
     queued = {"type": "ack", "id": "m2", "message_number": 2}
     end = {"type": "stream_end", "id": "m1", "agent": "a", "finish_reason": "stop"}
     assert unfinished(_log(ack, queued, start, end, {**drained, "id": "m2"})) == [("m1", frozenset({"a"}), None)]
+
+
+# What the client sends to B while A's m1 streams (a cancel: "-id"): a cancel of a held message
+# after other messages came (some sharing its id). B holds the cancel right behind each held
+# message with its id, to drop it before it can start; the room it makes must come where the
+# client sent it, as on one process: the messages sent before it still count it as queued.
+_SHARED_IDS = {
+    "a cancel after another message": ["m2", "m3", "-m2"],
+    "two with its id": ["m2", "m2", "-m2"],
+    "two with its id, one between": ["m2", "m3", "m2", "-m2"],
+    "two with its id, a cancel between": ["m2", "-m2", "m2", "m3", "-m2", "m4"],
+}
+
+
+def one_process(sent: list[str], max_queued: int) -> tuple[list[str], list[str]]:
+    """The messages refused queue_full and those answered when ``sent`` comes while a reply runs."""
+    queued: list[str] = []
+    refused = []
+    for message_id in sent:
+        if message_id.startswith("-"):
+            queued = [queued_id for queued_id in queued if queued_id != message_id[1:]]
+        elif len(queued) < max_queued:
+            queued.append(message_id)
+        else:
+            refused.append(message_id)
+    return refused, queued
+
+
+def handled(session: ResumeSession, messages: int, answered: int) -> bool:
+    """Whether each of the ``messages`` sent while m1 streamed was acked or refused, and ``answered`` of them ended."""
+    got = [(f["type"], f.get("code")) for f in session.transcript.ordered() if f.get("id") != "m1"]
+    acked = got.count(("ack", None)) + got.count(("error", "queue_full"))
+    return acked == messages and got.count(("stream_end", None)) == answered
+
+
+@pytest.mark.parametrize("sent", _SHARED_IDS)
+@pytest.mark.parametrize("max_queued", [1, 2])
+async def test_held_messages_sharing_an_id_with_a_cancel_behind_them_are_refused_as_on_one_process(
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    max_queued: int,
+    sent: str,
+) -> None:
+    # PROTOCOL.md §5, docs/protocol.md "Cancelling": a cancel drops every queued message with its
+    # id; max_queued counts them as queued until then. B drops each held one as it admits it.
+    frames = _SHARED_IDS[sent]
+    refused, answered = one_process(frames, max_queued)
+    messages = [message_id for message_id in frames if not message_id.startswith("-")]
+    got = {}
+    for shared in (False, True):
+        session, conn = await resumed_mid_reply(launch, clients, shared, f"max_queued = {max_queued}")
+        for message_id in frames:
+            if message_id.startswith("-"):
+                await conn.send({"type": "cancel", "id": message_id[1:]})
+            else:
+                await conn.send({"type": "message", "id": message_id, "payload": {"message": f"{message_id} text"}})
+        await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+        while not handled(session, len(messages), len(answered)):
+            await conn.recv()
+        session.transcript.assert_complete()
+        got[shared] = (outline(session), await history(conn))
+    assert got[True] == got[False], (max_queued, sent)
+    assert sorted(key[1] for key in got[True][0].elements() if key[4] == "queue_full") == sorted(refused), got[True]
+    assert [entry[1] for entry in got[True][1] if entry[0] == "user"] == ["m1", *answered], got[True]

@@ -52,7 +52,7 @@ class Ahead:
     was read counts those the record lists, less the ones cancels sent before it dropped.
     """
 
-    __slots__ = ("agents", "cancels", "current", "ended", "frames", "loading", "queued", "snapshots")
+    __slots__ = ("agents", "arrived", "cancels", "current", "ended", "frames", "loading", "queued", "snapshots")
 
     def __init__(self, agents: tuple[str, ...]) -> None:
         self.agents = agents  # the connector's: those answering a message that names none
@@ -65,11 +65,13 @@ class Ahead:
         # Each held message (in order): how many the owner had queued when it came; or None, and
         # how many cancels were passed before it, when the record was not read yet.
         self.snapshots: list[tuple[int | None, int]] = []
+        self.arrived = 0  # how many messages were held so far
 
     def held(self) -> None:
         """A message is held: it comes behind the owner's messages queued now."""
         queued = self.queued
         self.snapshots.append((len(queued) if queued is not None else None, len(self.cancels)))
+        self.arrived += 1
 
     def follows(self, store: SessionStore, session_id: str) -> None:
         """The resume follows the owner: its record is read once a message is held (none else: no round trip)."""
@@ -175,34 +177,50 @@ class Behind:
 
     On one process they came while that reply ran: ``max_queued`` of them wait behind it (with
     the messages already queued behind it, :class:`Ahead`), the rest are refused ``queue_full``
-    (PROTOCOL.md §5), and a cancel of a queued one makes room. Here the owner's replies ended
-    before the session was taken over: its queue is empty, and the answering task takes the
-    first held message while the next ones are admitted (an admission waits on the store's rate
-    bucket; a full queue lets the task run). Each held message it took counts as still queued
-    until every held frame was handled (the connection then drops this).
+    (PROTOCOL.md §5), and a cancel of a queued one makes room where it came. Here the owner's
+    replies ended before the session was taken over: its queue is empty, and the answering task
+    takes the first held message while the next ones are admitted (an admission waits on the
+    store's rate bucket; a full queue lets the task run). Each held message it took counts as
+    still queued until every held frame was handled (the connection then drops this); one that
+    a held cancel dropped (:func:`cancel_behind`, right behind it) counts as queued for the held
+    messages that came before that cancel.
     """
 
-    __slots__ = ("admitted", "ahead", "owner", "session")
+    __slots__ = ("admitted", "ahead", "dropped", "held", "last", "owner", "session")
 
-    def __init__(self, session: ChatSession, ahead: Ahead | None = None) -> None:
+    def __init__(self, session: ChatSession, ahead: Ahead) -> None:
         self.session = session
         self.ahead = ahead  # the owner's queued messages, ahead of each held one
         self.owner = 0  # how many of them the message being admitted counts
         self.admitted: list[Message] = []  # the held messages accepted, in order
+        self.held = -1  # which held message is admitted (0 the first)
+        self.last: Message | None = None  # the one just accepted, if it was (None if refused)
+        self.dropped: list[int] = []  # for each held message a held cancel dropped: how many came before that cancel
 
     async def admit(self, frame: MessageFrame) -> None:
         """Admit a held message, the ones taken from the queue meanwhile counted as queued."""
         session = self.session
-        self.owner = await self.ahead.count() if self.ahead is not None else 0
+        self.owner = await self.ahead.count()
+        self.held += 1
+        self.last = None
         count = session.count
         await session.admit(frame, self.waiting)
         if session.count > count:  # accepted: queued last, the answering task not run since
-            self.admitted.append(session.queue[-1])
+            self.last = session.queue[-1]
+            self.admitted.append(self.last)
 
     def waiting(self) -> int:
         """How many messages wait behind the owner's reply: its queued ones, the queue's, the held ones begun since."""
         # A message's ``at`` is 0.0 until the answering task takes it; a dropped one never is.
-        return self.owner + len(self.session.queue) + sum(1 for message in self.admitted if message.at)
+        begun = sum(1 for message in self.admitted if message.at)
+        return self.owner + len(self.session.queue) + begun + sum(1 for came in self.dropped if self.held < came)
+
+    def dropping(self, message_id: MessageId, extra: object) -> None:
+        """A held cancel (its inbox frame's ``extra``) drops the message just admitted, if it has ``message_id``."""
+        last = self.last
+        if last is not None and last.id == message_id and isinstance(extra, str) and extra.startswith(_MARKS):
+            self.dropped.append(int(extra.rpartition(" ")[2]))
+            self.last = None
 
 
 def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
@@ -221,11 +239,16 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
     if not isinstance(parsed, CancelFrame) or parsed.id != frame.id:
         return None
     extra = conn._inbox.pop(0).extra
+    behind = conn._behind
     if not (isinstance(extra, str) and extra.startswith(_QUIET)):
+        if behind is not None:
+            behind.dropping(frame.id, extra)
         return frame.id  # a cancel itself: it drops the message, or answers not_found
     session = conn.session
     if session is None or not session.cancels(frame.id):
         return None  # a quiet copy behind a refused message: nothing to drop, nothing to say
+    if behind is not None:
+        behind.dropping(frame.id, extra)
     # It drops a message: the cancel it was copied from, still held, answers no not_found.
     mark = extra.removeprefix(_QUIET)
     for at, msg in enumerate(conn._inbox):
@@ -295,20 +318,21 @@ def held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId)
     return [at for at, msg in enumerate(conn._inbox) if held.get(id(msg), _NONE) == message_id]
 
 
-def hold_behind(conn: Connection, held: dict[int, MessageId], at: list[int], cancel: WSMessage) -> list[WSMessage]:
-    """Hold ``cancel`` right behind each held message at ``at`` (its own behind the last); those held.
+def hold_behind(
+    conn: Connection, held: dict[int, MessageId], at: list[int], cancel: WSMessage, arrived: int
+) -> list[WSMessage]:
+    """Hold ``cancel`` right behind each held message at ``at`` (itself behind the last); those held.
 
     On one process a cancel drops every queued message with its id (PROTOCOL.md §5): here each
     is dropped as it is admitted (:func:`cancel_behind`), before the answering task can start
     it. The copies behind the earlier ones are quiet: one of them finding nothing to drop (its
     message refused) answers nothing; only the cancel itself may answer ``not_found``, and only
     when none of them dropped one. A later cancel of that id is held in order (``not_found``).
+    Each is marked with ``arrived``, how many messages were held before the cancel came: the
+    ones it drops count as queued for those (:class:`Behind`), as on one process.
     """
-    if len(at) == 1:
-        del held[id(conn._inbox[at[0]])]
-        conn._inbox.insert(at[0] + 1, cancel)
-        return [cancel]
-    mark = str(next(_groups))  # which cancel a copy came from (aiohttp's extra: None for a text frame)
+    # Which cancel a copy came from, and when it came (aiohttp's extra: None for a text frame).
+    mark = f"{next(_groups)} {arrived}"
     group = [WSMessage(WSMsgType.TEXT, cancel.data, _LOUD + mark)]
     for n, where in enumerate(reversed(at)):  # from the back: the positions before stay right
         del held[id(conn._inbox[where])]
@@ -323,6 +347,7 @@ _NONE = object()  # no message id (None is not one either)
 # the cancel itself, and its quiet copies (the same mark follows each).
 _LOUD = "connic held cancel: "
 _QUIET = "connic held cancel copy: "
+_MARKS = (_LOUD, _QUIET)
 _groups = itertools.count(1)
 
 

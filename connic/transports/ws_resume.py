@@ -230,7 +230,7 @@ async def _reading_meanwhile(
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at:
-                        doubts.hold(hold_behind(conn, held, at, msg), parsed.id)
+                        doubts.hold(hold_behind(conn, held, at, msg, ahead.arrived), parsed.id)
                         if following:
                             _pass_on(doubts, ahead, store, frame.session_id)
                     else:
