@@ -169,7 +169,7 @@ _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.p
 _REPLY = frozenset(
     {"stream_start", "stream_chunk", "tool_call", "tool_result", "progress", "stream_end", "response", "error"}
 )
-_ENDED = frozenset({"stream_end", "response", "error"})
+_ENDED = frozenset({"stream_end", "response", "error"})  # the frames of an agent that end its reply
 
 
 class Behind:

@@ -29,7 +29,7 @@ from connic.frames import (
     encode,
 )
 from connic.session import ChatSession, SessionState
-from connic.stores import Follow, SessionStore
+from connic.stores import Follow
 from connic.transports.ws_follow_history import FollowedHistory, consume
 from connic.transports.ws_held import Ahead, Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
 
@@ -212,11 +212,10 @@ async def _reading_meanwhile(
             if cancels and following:
                 # The find follows another process now: the cancels held till then go there.
                 for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
-                    ahead.passed(cancels[id(msg)])
                     store.cancel(frame.session_id, cancels.pop(id(msg)))
                     conn._inbox.remove(msg)
             if following:
-                _pass_on(doubts, ahead, store, frame.session_id)
+                doubts.pass_on(store, frame.session_id)
             receiving = conn._receiving
             if receiving is not None and receiving.done():
                 conn._receiving = None
@@ -231,8 +230,9 @@ async def _reading_meanwhile(
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at:
                         doubts.hold(hold_behind(conn, held, at, msg, ahead.arrived), parsed.id)
+                        ahead.passed(parsed.id)  # where it came: the owner acts on it too (once the find follows it)
                         if following:
-                            _pass_on(doubts, ahead, store, frame.session_id)
+                            doubts.pass_on(store, frame.session_id)
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
                         ahead.passed(parsed.id)
@@ -246,6 +246,7 @@ async def _reading_meanwhile(
                         held[id(msg)] = parsed.id
                     elif isinstance(parsed, CancelFrame):
                         cancels[id(msg)] = parsed.id
+                        ahead.passed(parsed.id)  # where it came: it goes to the owner once the find follows it
                     conn._inbox.append(msg)
             if following:
                 ahead.follows(store, frame.session_id)
@@ -267,13 +268,6 @@ async def _reading_meanwhile(
     finally:
         task.cancel()
         history.stop()
-
-
-def _pass_on(doubts: Doubts, ahead: Ahead, store: SessionStore, session_id: str) -> None:
-    # The held cancels not passed to the owner yet go there: each drops what the owner queued with its id.
-    for message_id, _ in doubts.pending:
-        ahead.passed(message_id)
-    doubts.pass_on(store, session_id)
 
 
 def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: ResumeFrame, follow: Follow) -> None:
