@@ -31,7 +31,7 @@ from connic.frames import (
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
 from connic.transports.ws_follow_history import FollowedHistory, consume
-from connic.transports.ws_held import Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
+from connic.transports.ws_held import Ahead, Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
 
 if TYPE_CHECKING:
     from connic.transports.ws_connection import Connection
@@ -53,6 +53,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
     moves: list[asyncio.Future[None]] = []  # done when the find follows further (_reading_meanwhile)
     doubts = Doubts()  # cancels of held messages passed to the owner too (_reading_meanwhile)
+    ahead = Ahead(sessions.agent_names)  # the owner's queued messages, ahead of the held ones
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
@@ -60,6 +61,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
             if not began.done():
                 began.set_result(None)
         doubts.seen(frames or [])
+        ahead.seen(frames or [])
         conn.writer.extend(frames or [])
         following[:] = [last]
         for moved in moves:
@@ -75,7 +77,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
             session = await finding
         else:
             try:
-                session = await _reading_meanwhile(conn, finding, frame, following, began, follow, moves, doubts)
+                session = await _reading_meanwhile(conn, finding, frame, following, began, follow, moves, doubts, ahead)
             except SessionTakenOver as exc:
                 # A newer resume (elsewhere, or on the owner itself) took the session over while
                 # this one followed its owner: as a connection taken over on one process.
@@ -114,7 +116,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     conn.writer.name = session.id
     if following and conn._inbox:
         # What the client sent while the owner's reply ran waits behind it, as on one process.
-        conn._behind = Behind(session)
+        conn._behind = Behind(session, ahead)
     if not following:
         conn._connected(session, resumed=True, recovered=recovered)
     conn.writer.extend(frames)
@@ -155,6 +157,7 @@ async def _reading_meanwhile(
     follow: Follow,
     moves: list[asyncio.Future[None]],
     doubts: Doubts,
+    ahead: Ahead,
 ) -> ChatSession | None:
     """Await ``finding`` while still reading the socket.
 
@@ -181,7 +184,10 @@ async def _reading_meanwhile(
     ``began`` is done once the find follows another process (``following`` then holds
     the seq followed to): what came before it (a cancel, the socket's end) is acted on then.
     ``follow`` is the find's follow callback: which of this process's resumes says goodbye.
-    A future put in ``moves`` is done when the find follows further.
+    A future put in ``moves`` is done when the find follows further. ``ahead`` counts the
+    messages the owner queued ahead of each held message, for ``max_queued``
+    (:class:`~connic.transports.ws_held.Ahead`): it is told of each held message and of each
+    cancel passed to the owner.
     SessionTakenOver when a newer resume took the session over meanwhile.
     """
     assert frame.session_id is not None
@@ -223,20 +229,27 @@ async def _reading_meanwhile(
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at:
-                        doubts.hold(hold_behind(conn, held, at, msg), parsed.id)
+                        doubts.hold(hold_behind(conn, held, at, msg, ahead.arrived), parsed.id)
+                        ahead.passed(parsed.id)  # where it came: the owner acts on it too (once the find follows it)
                         if following:
                             doubts.pass_on(store, frame.session_id)
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
+                        ahead.passed(parsed.id)
                         store.cancel(frame.session_id, parsed.id)
                 elif isinstance(parsed, HistoryRequest) and following and not conn._inbox and history.asked is None:
                     history.ask(msg)
                 else:
+                    if type(parsed) is MessageFrame:  # admitted once taken over: behind what the owner queued now
+                        ahead.held()
                     if isinstance(parsed, MessageFrame) and parsed.id is not None:
                         held[id(msg)] = parsed.id
                     elif isinstance(parsed, CancelFrame):
                         cancels[id(msg)] = parsed.id
+                        ahead.passed(parsed.id)  # where it came: it goes to the owner once the find follows it
                     conn._inbox.append(msg)
+            if following:
+                ahead.follows(store, frame.session_id)
             if following and _gone(conn):
                 if task.done() and not task.cancelled() and isinstance(task.exception(), SessionTakenOver):
                     # Taken over by a newer resume in this very step: its goodbye ends nothing.

@@ -146,7 +146,7 @@ def unfinished(
     of messages queued behind a long reply, which the record still lists. An error without
     an agent ends a pending message for every agent only when it is the drain's refusal of it
     while queued (``server_shutting_down``, none of its agents started): any other refused a
-    new message that reused its id (read from the log alone, any error without an agent does).
+    new message that reused its id (read from the log alone too, :func:`_read_from_log`).
     """
     if pending is not None:
         decoded = [json.loads(data) for data in frames]
@@ -192,7 +192,9 @@ def _read_from_log(frames: list[str]) -> list[tuple[MessageId, frozenset[str], s
     ack, is known by its chunks, and is taken to name no agent. An acked message that got no
     frame from any agent is unfinished for every agent it names (no agent ended it) if it
     came after the last message an agent answered: it was queued behind it, or being answered
-    (streaming off, or before its first chunk).
+    (streaming off, or before its first chunk). An error without an agent ends a message for
+    every agent only when it is the drain's refusal of it while queued, as :func:`unfinished`
+    reads it: any other refused a new message that reused its id.
     """
     acked: dict[Any, tuple[MessageId, int, str | None]] = {}  # key: (id, message number, agent named), in order
     ended: dict[Any, set[str]] = {}  # key: the agents whose reply to it ended
@@ -208,7 +210,10 @@ def _read_from_log(frames: list[str]) -> list[tuple[MessageId, frozenset[str], s
             continue
         agent = frame.get("agent")
         if kind == "error" and agent is None:
-            whole.add(key)
+            # As for a listed message (_unfinished): only the drain's refusal of a message still
+            # queued ends it; any other such error refused a new message reusing its id (never acked).
+            if frame.get("code") == _DRAINED and key not in answered:
+                whole.add(key)
             continue
         if agent is None or kind not in _REPLY:
             continue
