@@ -95,4 +95,7 @@ class Full:
         # (503) would neither say that it is over nor write the releases it held back.
         while self.full and self._redis is not None:
             await asyncio.sleep(FULL_CHECK)
-            await self.available()
+            try:
+                await self.available()
+            except Exception:  # connic's own bug: keep checking, or handshakes got 503 for good
+                log.exception("redis store: checking whether Redis has room failed")
