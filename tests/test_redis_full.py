@@ -143,6 +143,8 @@ async def test_a_process_stopped_while_redis_is_full_stops(
     await asyncio.sleep(0.5)  # the reply ends (20 chunks, 10 ms apart): its session's release is held back
     server.server.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(server.server.proc.wait, 20) == 0
+    await asyncio.sleep(0.2)  # the reader thread takes the last lines
+    assert [line for line in server.lines if "Traceback" in line or " ERROR " in line] == []
 
 
 async def test_redis_full_under_streaming_sessions_is_logged_once_and_its_end_once(
