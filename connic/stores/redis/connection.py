@@ -5,6 +5,10 @@ Every call to Redis goes through :meth:`Connection._call`: it is bounded by the 
 failing Redis never raises anything else into the session core. A failed call (other
 than an error reply) marks Redis down; :meth:`Connection.available` then probes it with
 a script, as sessions write, before each handshake until it answers again.
+
+A Redis at its ``maxmemory`` with ``maxmemory-policy noeviction`` answers reads and refuses
+writes (``OOM``): the store is then *full* (:mod:`~connic.stores.redis.full`) until a write
+goes through again, and handshakes are refused (503) meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from urllib.parse import urlsplit
 from connic.errors import StoreUnavailable
 from connic.redact import safe_url
 from connic.stores.redis import limit_scripts, scripts
+from connic.stores.redis.full import Full, refused_full
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -33,12 +38,13 @@ SCRIPTS = {
 when the store starts, by name."""
 
 
-class Connection:
+class Connection(Full):
     """The clients and the bounded call every part of :class:`~connic.stores.redis.RedisStore` shares."""
 
     options: Any
 
     def __init__(self) -> None:
+        super().__init__()
         self._redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK, pub/sub: no socket timeout (redis-py's would cut a block short)
         self._scripts: dict[str, Any] = {}
@@ -165,6 +171,9 @@ class Connection:
                 load.script_load(script.script)
             await self._call(load.execute())
             results = await send()
+        refused = sum(1 for r in results if isinstance(r, redis.exceptions.OutOfMemoryError))
+        if refused:
+            self._filled(refused)
         return results
 
     async def _send(self, packed: bytes, replies: int) -> list[Any]:
@@ -238,6 +247,7 @@ class Connection:
 
     async def disconnect(self) -> None:
         """Close both clients."""
+        self._stop_full_check()
         redis, blocking = self._redis, self._blocking
         self._redis = self._blocking = None
         if redis is not None:
@@ -246,12 +256,12 @@ class Connection:
             await blocking.aclose()
 
     async def available(self) -> bool:
-        """True unless the last call to Redis failed and a probe (≤ 1 s) still gets no answer.
+        """True unless the last call to Redis failed, or Redis is full, and a probe (≤ 1 s) still says so.
 
-        While Redis is up this costs nothing; while it is down, handshakes arriving together
-        share one probe (a burst of them does not become a burst of probes).
+        While Redis is up this costs nothing; while it is down or full, handshakes arriving
+        together share one probe (a burst of them does not become a burst of probes).
         """
-        if not self._down:
+        if not self._down and not self.full:
             return True
         if self._checking is None or self._checking.done():
             self._checking = asyncio.create_task(self._probe())
@@ -262,11 +272,21 @@ class Connection:
         # answers one, and every handshake was let in to wait for its session's creation in vain.
         # The RELEASE script, as every session's writes, waits then; it releases nothing (no owner
         # holds the fence "").
-        release = self._scripts["RELEASE"](keys=self._keys("probe"), args=[""])
+        # Nor the RELEASE script alone when Redis is full: it writes nothing, so a Redis refusing
+        # writes for want of memory runs it, and every handshake was let in to have its session's
+        # creation refused (1011). LPUSHX of a key that never exists writes nothing either, but
+        # Redis refuses it when full (it may use memory), and it waits while writes are paused.
+        seconds = min(self.options.timeout, 1.0)
+        refusals = self._refusals
         try:
-            await self._call(release, min(self.options.timeout, 1.0))
+            if self.full:
+                await self._call(self._client().lpushx(self.options.key_prefix + "probe", "0"), seconds)
+            else:
+                await self._call(self._scripts["RELEASE"](keys=self._keys("probe"), args=[""]), seconds)
         except StoreUnavailable:
+            self._refusals = refusals  # the probe's own refusal is not one of the writes counted
             return False
+        self._has_room()
         return True
 
     def _client(self) -> Any:
@@ -298,6 +318,9 @@ class Connection:
                 raise asyncio.CancelledError from None
             # An error reply means Redis is up; anything else: handshakes are refused (503) till it answers.
             self._down = not isinstance(exc, redis.exceptions.ResponseError)
+            if refused_full(exc):
+                self._filled()
+                raise StoreUnavailable("Redis is full (its maxmemory reached): it refuses writes") from None
             if isinstance(exc, TimeoutError):
                 raise StoreUnavailable(f"no answer from Redis within {timeout:g} s") from None
             raise StoreUnavailable(f"Redis failed ({type(exc).__name__})", detail=str(exc)) from None

@@ -25,6 +25,7 @@ from connic.errors import ConnicError, SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
+from connic.stores.redis.full import refused_full
 from connic.stores.redis.record import encode, encode_entry
 
 if TYPE_CHECKING:
@@ -201,6 +202,11 @@ class Writer(Connection):
             commands.append((sid, "SAVE", _save(owned[0], record, ttl(session), owned[1], self._history(sid, held))))
         self._dirty = set()
         releases, self._releases = self._releases, {}
+        if self.full:
+            # Redis full runs a RELEASE (it frees memory) but refuses the SAVE before it: the session
+            # was let go as Redis last had it, and what this process held since (a reply that ended,
+            # a message acknowledged) was lost with nothing lost from Redis. Held until it has room.
+            releases, self._releases = {}, releases
         self._releasing = set(releases)
         for sid, (fence, record, entries, record_ttl, lease) in releases.items():
             commands.append((sid, "SAVE", _save(fence, record, record_ttl, lease, self._history(sid, entries))))
@@ -240,7 +246,8 @@ class Writer(Connection):
                     continue
                 if isinstance(result, Exception):
                     why = result.why if isinstance(result, StoreUnavailable) else str(result)
-                    log.warning("session %s: %s failed: %s", sid, name, why)
+                    if not refused_full(result):  # Redis full: said once, by the connection
+                        log.warning("session %s: %s failed: %s", sid, name, why)
                     # Whether the history was written is unknown: the next save writes it whole.
                     self._saved.pop(sid, None)
                     self._fail(sid)
@@ -262,6 +269,11 @@ class Writer(Connection):
                     waiter.set_exception(error)
                 else:
                     waiter.set_result(None)
+
+    def _room(self) -> None:
+        """Redis has room again: the releases held back while it was full are written now."""
+        if self._releases:
+            self._kick()
 
     def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> tuple[int, int, list[str]]:
         """The history arguments of a SAVE of session ``sid`` holding ``entries``: replace, count, entries.
