@@ -26,7 +26,8 @@ from conftest import StartServer
 
 pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
-from connic.stores.redis.connection import _c_packer, _pack, too_old
+from connic.stores.redis.checks import too_old
+from connic.stores.redis.connection import _c_packer, _pack
 
 
 def _resp(*args: bytes) -> bytes:

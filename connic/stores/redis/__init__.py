@@ -26,7 +26,9 @@ are queued and written by one background task, one pipeline per round of the
 event loop, so a streamed reply never waits on a round trip per chunk.
 
 The parts, one module each: :mod:`~connic.stores.redis.connection` (the clients,
-bounded calls, whether Redis is up), :mod:`~connic.stores.redis.writer` (the
+bounded calls, whether Redis is up), :mod:`~connic.stores.redis.full` (whether Redis
+is full), :mod:`~connic.stores.redis.checks` (the URL and the server's version checked
+before connecting), :mod:`~connic.stores.redis.writer` (the
 background writer), :mod:`~connic.stores.redis.renewer` (the lease renewer),
 :mod:`~connic.stores.redis.writeback` (creating
 sessions, and writing live ones back into a Redis that lost its data), :mod:`~connic.stores.redis.cancels` (cancels
@@ -53,7 +55,8 @@ import attrs
 from connic.errors import StoreUnavailable
 from connic.redact import safe_url
 from connic.stores import ReplayLog, SessionRecord, SessionStore
-from connic.stores.redis.connection import check_url, ms
+from connic.stores.redis.checks import check_url
+from connic.stores.redis.connection import ms
 from connic.stores.redis.limits import Limits
 from connic.stores.redis.log import RedisReplayLog
 from connic.stores.redis.record import decode, encode

@@ -16,20 +16,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from connic.errors import StoreUnavailable
 from connic.redact import safe_url
 from connic.stores.redis import limit_scripts, scripts
+from connic.stores.redis.checks import check_url, too_old, url_problem
 from connic.stores.redis.full import Full, refused_full
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
 
-__all__ = ["SCRIPTS", "Connection", "check_url", "ms", "too_old", "ttl", "ttl_seconds"]
+__all__ = ["SCRIPTS", "Connection", "ms", "ttl", "ttl_seconds"]
 
 SCRIPTS = {
     name: getattr(module, name) for module in (scripts, limit_scripts) for name in module.__all__ if name.isupper()
@@ -91,7 +90,7 @@ class Connection(Full):
             pool.connection_class(**pool.connection_kwargs)
         except (ValueError, TypeError) as exc:
             await self.disconnect()
-            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: {_url_problem(exc)}") from None
+            raise StoreUnavailable(f"[store] url {safe_url(opts.url)!r}: {url_problem(exc)}") from None
         self._blocking = client(None)
         try:
             await self._call(self._redis.ping())
@@ -326,39 +325,6 @@ class Connection(Full):
             raise StoreUnavailable(f"Redis failed ({type(exc).__name__})", detail=str(exc)) from None
         self._down = False
         return result
-
-
-def check_url(url: str) -> None:
-    """Refuse (ValueError) a ``redis://`` or ``rediss://`` URL whose path is not a database number.
-
-    redis-py ignores such a path (``/sessions``: database 0) or reads its digits run
-    together (``/1/2``: database 12): the store would silently use another database.
-    """
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?[0-9]*", parts.path):
-        raise ValueError(f"the path {parts.path!r} is not a database number (redis://host:port/0)")
-
-
-def too_old(version: str) -> bool:
-    """Whether a server reporting ``redis_version`` ``version`` lacks what the scripts use.
-
-    Redis 6.2 brought ``XADD ... MINID`` and ``GETDEL``.
-
-    Valkey reports the Redis version it is compatible with (7.2.4 for Valkey 7 and 8).
-    An unknown or unreadable version is given the benefit of the doubt.
-    """
-    parts = version.split(".")
-    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
-        return False
-    return (int(parts[0]), int(parts[1])) < (6, 2)
-
-
-def _url_problem(exc: ValueError | TypeError) -> str:
-    """What is wrong with the URL, for the one line that refuses it."""
-    unknown = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
-    if isinstance(exc, TypeError) and unknown:
-        return f"unknown query parameter {unknown.group(1)!r} (not a redis-py connection option)"
-    return str(exc)
 
 
 def _pack(command: Sequence[str | int]) -> bytes:
