@@ -117,13 +117,13 @@ class Limits(Renewer):
 
     def _counted_out(self) -> list[list[str | int]]:
         closed, self._closed = self._closed, []
-        leave = self._scripts["IP_LEAVE"].sha
-        lease = ms(self.options.connection_lease)
         # A plain ZREM, unless an IP_RENEW adding the connection again may run after it (one that
         # timed out here may still reach Redis): then IP_LEAVE, which keeps it from being added again.
         commands: list[list[str | int]] = []
         for key, ticket, adding in closed:
             if adding:
+                leave = self._scripts["IP_LEAVE"].sha
+                lease = ms(self.options.connection_lease)
                 commands.append(["EVALSHA", leave, 2, key, limit_scripts.closed_key(key), ticket, lease])
             else:
                 commands.append(["ZREM", key, ticket])
