@@ -1,9 +1,11 @@
 """The Lua scripts of the ``redis`` store's limits (:mod:`~connic.stores.redis.limits`).
 
 ``TAKE`` takes a token from a session's ``rate_limit`` bucket (its keys share the
-session's hash tag, :func:`~connic.stores.redis.scripts.rate_key`); ``IP_ENTER`` and
-``IP_RENEW`` count the connections from one client address (one key,
-:func:`~connic.stores.redis.scripts.address_key`), so they also run on Redis Cluster.
+session's hash tag, :func:`~connic.stores.redis.scripts.rate_key`); ``IP_ENTER``,
+``IP_RENEW`` and ``IP_LEAVE`` count the connections from one client address (its key,
+:func:`~connic.stores.redis.scripts.address_key`, and the connections counted out while
+they were being added again, :func:`closed_key`, in the same slot), so they also run on
+Redis Cluster.
 Registered with the session scripts (:mod:`~connic.stores.redis.scripts`) when the store starts.
 """
 
@@ -11,7 +13,12 @@ from __future__ import annotations
 
 from connic.stores.redis.scripts import _OWN
 
-__all__ = ["IP_ENTER", "IP_RENEW", "TAKE"]
+__all__ = ["IP_ENTER", "IP_LEAVE", "IP_RENEW", "TAKE", "closed_key"]
+
+
+def closed_key(address_key: str) -> str:
+    """The connections from one address counted out while they may be being added again (IP_LEAVE), by expiry."""
+    return f"{address_key}:closed"
 
 
 # Take a token from the session's rate limit bucket, only while this fencing token owns the session
@@ -57,22 +64,40 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# Renew the leases of this process's connections from one address. KEYS: the address's set.
-# ARGV: lease ms, '1' to add the entries missing or '0' not to, then the connections' ids. An
-# entry dropped because its lease ran out (Redis unreachable or paused) is not added again: a
-# count may fall short, never stay high. Once Redis lost its data, every entry is missing, and
-# the connections still open are added again ('1'): they stopped counting, for as long as they stayed open.
+# Renew the leases of this process's connections from one address. KEYS: the address's set, its
+# closed set (closed_key). ARGV: lease ms, '1' to add the entries missing or '0' not to, then the
+# connections' ids. An entry dropped because its lease ran out (Redis unreachable or paused) is
+# not added again: a count may fall short, never stay high. Once Redis lost its data, every entry
+# is missing, and the connections still open are added again ('1'): they stopped counting, for as
+# long as they stayed open. A call that timed out may still run later, after a connection it names
+# was counted out: one counted out by IP_LEAVE (in the closed set) is never added again.
 IP_RENEW = """
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
-local deadline = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + tonumber(ARGV[1])
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local deadline = now + tonumber(ARGV[1])
+if ARGV[2] == '1' then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
 for i = 3, #ARGV do
-    if ARGV[2] == '1' then
-        redis.call('ZADD', KEYS[1], deadline, ARGV[i])
-    else
+    if ARGV[2] ~= '1' then
         redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
+    elseif not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+        redis.call('ZADD', KEYS[1], deadline, ARGV[i])
     end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+# Count a connection out while an IP_RENEW adding it again may still run (it timed out, or has
+# not answered yet): removed, and kept in the closed set for a lease, so that it is not added
+# again. KEYS: the address's set, its closed set. ARGV: the connection's id, lease ms.
+IP_LEAVE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """

@@ -17,6 +17,7 @@ message is accepted, and taken over with it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import uuid
@@ -24,7 +25,7 @@ from typing import Any
 
 from connic.errors import StoreUnavailable
 from connic.stores import RateBucket
-from connic.stores.redis import scripts
+from connic.stores.redis import limit_scripts, scripts
 from connic.stores.redis.connection import ms
 from connic.stores.redis.renewer import Renewer
 
@@ -57,8 +58,10 @@ class Limits(Renewer):
         self._process = uuid.uuid4().hex  # the ids of this process's connections start with it
         self._numbers = itertools.count(1)
         self._connections: dict[str, str] = {}  # connection id: its address's key
-        self._closed: list[tuple[str, str]] = []  # (address key, connection id) to count out
+        # (address key, connection id, whether an IP_RENEW adding it again may still run) to count out
+        self._closed: list[tuple[str, str, bool]] = []
         self._count_again = False  # Redis lost its data: the connections open here are to be counted in again
+        self._adding_until = 0.0  # loop time until which an IP_RENEW adding connections again may still run
 
     def rate_bucket(self, session_id: str, messages: int, per: float) -> RateBucket:
         """The session's bucket in Redis, shared by whichever process serves it."""
@@ -109,12 +112,22 @@ class Limits(Renewer):
         """Count the connection out (in the background; if that write fails, its lease runs out)."""
         key = self._connections.pop(ticket, None)
         if key is not None:
-            self._closed.append((key, ticket))
+            self._closed.append((key, ticket, asyncio.get_running_loop().time() < self._adding_until))
             self._kick()
 
-    def _counted_out(self) -> list[tuple[str, str]]:
+    def _counted_out(self) -> list[list[str | int]]:
         closed, self._closed = self._closed, []
-        return closed
+        # A plain ZREM, unless an IP_RENEW adding the connection again may run after it (one that
+        # timed out here may still reach Redis): then IP_LEAVE, which keeps it from being added again.
+        commands: list[list[str | int]] = []
+        for key, ticket, adding in closed:
+            if adding:
+                leave = self._scripts["IP_LEAVE"].sha
+                lease = ms(self.options.connection_lease)
+                commands.append(["EVALSHA", leave, 2, key, limit_scripts.closed_key(key), ticket, lease])
+            else:
+                commands.append(["ZREM", key, ticket])
+        return commands
 
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None
@@ -144,8 +157,14 @@ class Limits(Renewer):
 
         def build(pipe: Any) -> None:
             for key, connections in by_address.items():
-                self._queue(pipe, "IP_RENEW", [key], [lease, "1" if again else "0", *connections])
+                keys = [key, limit_scripts.closed_key(key)]
+                self._queue(pipe, "IP_RENEW", keys, [lease, "1" if again else "0", *connections])
 
+        if again:
+            # A connection closing from now on may be counted out before this runs in Redis, even
+            # after it timed out here: counted out so that this does not add it again (IP_LEAVE).
+            loop = asyncio.get_running_loop()
+            self._adding_until = max(self._adding_until, loop.time() + self.options.connection_lease)
         try:
             await self._pipeline(build)
         except StoreUnavailable as exc:
@@ -154,8 +173,3 @@ class Limits(Renewer):
             return
         if again:
             self._count_again = False
-            # A connection that closed meanwhile may have been counted out before this added it again:
-            # counted out once more (else it counted until its lease ran out).
-            self._closed += [(key, c) for key, cs in by_address.items() for c in cs if c not in self._connections]
-            if self._closed:
-                self._kick()

@@ -234,7 +234,7 @@ class Writer(Connection):
                 # A deletion deletes every key of the session: its flags, cancels and rate bucket too.
                 keys = scripts.every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
-            packed += [["ZREM", key, member] for key, member in counted_out]  # last: failures are left to leases
+            packed += counted_out  # last: failures are left to leases
             try:
                 results = await self._execute(packed)
             except StoreUnavailable as exc:
@@ -298,8 +298,8 @@ class Writer(Connection):
         new = entries[start or 0 :]
         return (1 if replace else 0), len(entries), [encode_entry(entry) for entry in new]
 
-    def _counted_out(self) -> list[tuple[str, str]]:
-        """The (key, member) of sorted-set entries to remove with the next batch (none here)."""
+    def _counted_out(self) -> list[list[str | int]]:
+        """The commands removing sorted-set entries, sent last with the next batch (none here)."""
         return []
 
     async def _written_back(self, session_id: str) -> None:
