@@ -133,7 +133,13 @@ def test_unfinished_replies_read_from_the_log() -> None:
     assert unfinished(_frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, end_a)) == [("m1", {"a"}, None)]
     done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
     assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == [("m1", {"b"}, None)]
-    assert unfinished(_frames(ack, {**start, "agent": "a"}, {"type": "error", "id": "m1", "code": "x"})) == []
+    # An error naming no agent refused a new message reusing the id: it ends nothing being answered.
+    refused = {"type": "error", "id": "m1", "code": "rate_limited"}
+    assert unfinished(_frames(ack, {**start, "agent": "a"}, refused)) == [("m1", set(), None)]
+    # Only the drain refuses an accepted message, one still queued: that ends it for every agent.
+    drained = {"type": "error", "id": 2, "code": "server_shutting_down"}
+    queued_2 = {"type": "ack", "id": 2, "message_number": 2}
+    assert unfinished(_frames(ack, queued_2, {**start, "agent": "a"}, drained)) == [("m1", set(), None)]
     # Streaming off (or before the first chunk): acked, nothing from any agent since.
     answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
     queued = {"type": "ack", "id": 2, "message_number": 2}
