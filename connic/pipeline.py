@@ -18,6 +18,7 @@ body of the chain's own coroutine (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import types
 from collections.abc import Coroutine, Sequence
@@ -60,7 +61,9 @@ class _TimeLimit:
     Every deadline is ``seconds`` after its start, so the dict (insertion-ordered)
     is also deadline-ordered: one timer waits for the oldest, and when it fires,
     expires what is due and waits for the next. On the event loop's clock, like
-    the timer itself.
+    the timer itself. The timer runs in an empty context: armed from a turn, it would
+    keep that turn's context (its trace, message, session and history) until it fires,
+    and from its own callback again, for as long as turns keep running.
     """
 
     __slots__ = ("_handle", "_loop", "_running", "seconds")
@@ -83,7 +86,7 @@ class _TimeLimit:
         deadline.at = loop.time() + self.seconds
         self._running[deadline] = None
         if self._handle is None:
-            self._handle = loop.call_later(self.seconds, self._expire)
+            self._handle = loop.call_later(self.seconds, self._expire, context=contextvars.Context())
 
     def stop(self, deadline: _Deadline) -> None:
         """The turn ended (its timer, if it was the oldest, fires and finds it gone)."""
@@ -98,7 +101,7 @@ class _TimeLimit:
         while running:
             deadline = next(iter(running))
             if deadline.at > now:
-                self._handle = loop.call_later(deadline.at - now, self._expire)
+                self._handle = loop.call_later(deadline.at - now, self._expire, context=contextvars.Context())
                 return
             del running[deadline]
             deadline.expired = True

@@ -9,6 +9,7 @@ points (by agent or connector name).
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ import connic
 from conftest import SECRET, Connect, StartServer, make_config
 from connic import telemetry
 from connic.logs import JsonFormatter
+from connic.session import ChatSession
 from helpers import test_registry
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -370,3 +372,35 @@ async def test_sessions_and_resumes_are_observed(start_server: StartServer, conn
         (failed,) = points(sdk, "connic.resumes", **{"connic.connector": "/observed", "connic.resume.result": "failed"})
         assert failed.value == 1
     await client.ws.close()
+
+
+async def test_a_session_that_ended_is_freed_at_once_with_telemetry_on(
+    start_server: StartServer, connect: Connect, sdk: Sdk
+) -> None:
+    """The agent_timeout timer a chain's turns share must not keep the turn that armed it.
+
+    A timer keeps the context it was scheduled in; a turn's context holds its trace, and
+    through it the message, the session and the whole history. Armed by the first turn, then
+    again from its own callback, the timer kept that session for agent_timeout (300 s) after
+    it ended, and for as long as turns kept running.
+    """
+    srv = await start(start_server, {"use": "echo"}, {"path": "/freed"})
+    client = await connect(srv.url("/freed"))
+    await client.reply({"message": TEXT})
+    session_id = client.connected["session_id"]  # type: ignore[attr-defined]
+
+    def alive() -> list[ChatSession]:
+        return [o for o in gc.get_objects() if type(o) is ChatSession and o.id == session_id]
+
+    gc.collect()
+    gc.disable()  # freed by refcounting alone, as it ends
+    try:
+        await client.ws.close()  # 1000: the session ends for good
+        for _ in range(200):
+            if not alive():
+                break
+            await asyncio.sleep(0.01)
+        kept = alive()
+        assert not kept, [type(r).__name__ for r in gc.get_referrers(*kept)]
+    finally:
+        gc.enable()
