@@ -1,0 +1,95 @@
+"""Held messages and cancels on a follower (process B) against one process, for sequences the heldq tests left out.
+
+As tests/test_held3.py: the client's session answers m1 (80 chunks) on process A, the client
+drops (after A queued what ``pre`` names behind m1) and resumes on B, which follows A's reply
+and holds what the client sends meanwhile; the same client frames go to one process (the
+``memory`` store, resuming there). What the client gets (the frames, less the chunks, in no
+order) and the session's history must be the same.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from redis_server import redis_server_fixture  # noqa: F401  (a fixture)
+from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
+from test_redis_held import (  # noqa: F401  (launch: a fixture)
+    history,
+    launch,
+    outline,
+)
+
+pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+
+_LAST = "z"  # the ids of the message sent last, once everything before it settled (left out of the comparison)
+
+
+async def _run(a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str]) -> tuple[Any, ...]:
+    """What the client gets when ``sent`` (a cancel: "-id") goes to ``b`` while ``a`` answers m1 (``pre`` queued)."""
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(80)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    for message_id in pre:
+        await conn.send({"type": "message", "id": message_id, "payload": {"message": "queued on A"}})
+        await conn.until(lambda f, message_id=message_id: f["type"] == "ack" and f["id"] == message_id)
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True
+    seen = len(session.transcript.chunks("m1", "assistant"))
+    while len(session.transcript.chunks("m1", "assistant")) < seen + 5:  # m1 still streams
+        await conn.recv()
+    for item in sent:
+        if item.startswith("-"):
+            await conn.send({"type": "cancel", "id": item[1:]})
+        else:
+            await conn.send({"type": "message", "id": item, "payload": {"message": f"{item} text"}})
+    await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+    # Everything sent before is settled once a message sent last is answered (it may be refused
+    # queue_full while the held ones still wait: sent again then).
+    for n in range(1, 20):
+        last = f"{_LAST}{n}"
+        await conn.send({"type": "message", "id": last, "payload": {"message": "last"}})
+        got = await conn.until(lambda f, last=last: f.get("id") == last and f["type"] in ("ack", "error"), timeout=15)
+        if got[-1]["type"] == "ack":
+            await conn.until_ended({last: ["assistant"]}, timeout=15)
+            break
+    session.transcript.assert_complete()
+    frames = Counter({key: n for key, n in outline(session).items() if not str(key[1]).startswith(_LAST)})
+    entries = [entry for entry in await history(conn) if not str(entry[1]).startswith(_LAST)]
+    return frames, entries
+
+
+async def _compare(start: Any, clients: Clients, max_queued: int, pre: list[str], sent: list[str]) -> Counter[Any]:
+    one = await start(f"max_queued = {max_queued}", shared=False)
+    a, b = await start(f"max_queued = {max_queued}"), await start(f"max_queued = {max_queued}")
+    alone = await _run(one, one, clients, pre, sent)
+    shared = await _run(a, b, clients, pre, sent)
+    assert shared == alone, (max_queued, pre, sent)
+    frames: Counter[Any] = shared[0]
+    return frames
+
+
+# A message A queued (m2) and a held one sharing its id, the held one refused queue_full (A's
+# counts for max_queued), then a cancel of m2: on one process it drops A's queued m2, so it
+# answers no not_found (PROTOCOL.md §5). B held it behind its m2 and passed it to A, which
+# dropped its m2: the held cancel then found only a refused message, and said not_found.
+_OWNER_QUEUED = {
+    "refused right before": (["m2"], ["m2", "-m2"]),
+    "refused, others between": (["m2"], ["-m3", "m3", "m2", "-m2", "m4"]),
+}
+
+
+@pytest.mark.parametrize("case", _OWNER_QUEUED)
+async def test_a_held_cancel_that_drops_a_message_the_owner_queued_answers_no_not_found(
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    case: str,
+) -> None:
+    pre, sent = _OWNER_QUEUED[case]
+    frames = await _compare(launch, clients, 1, pre, sent)
+    assert frames[("error", "m2", None, None, "not_found")] == 0, frames
+    assert frames[("error", "m2", None, None, "queue_full")] == 1, frames
