@@ -10,6 +10,7 @@ order) and the session's history must be the same.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ from test_redis_held import (  # noqa: F401  (launch: a fixture)
     launch,
     outline,
 )
+
+from connic.stores.redis.log import unfinished
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -150,3 +153,82 @@ async def _passed_all(redis: Any, key: str) -> bool:
     if kind == "set":
         return bool(await redis.scard(key) == 2)
     return kind == "list" and bool(await redis.llen(key) == 3)
+
+
+# A session whose owner dies answering a message whose id an earlier message had, its record
+# written by an earlier version (no list of its pending messages, as tests/test_held3.py makes
+# it): the frames sent before the last, then what the client sent last, and how many of the
+# m1 replies the dead owner left unfinished (each ends producer_lost, PROTOCOL.md §7).
+_REUSED = {
+    "answered, then sent again": (["hi"], words(500), 1),
+    "sent again while it streams": ([words(500)], "again", 2),
+}
+
+
+@pytest.mark.parametrize("case", _REUSED)
+async def test_a_record_without_its_pending_messages_ends_a_message_reusing_an_answered_id(
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    redis_server: RedisServer,
+    case: str,
+) -> None:
+    # The log alone told the messages sharing an id apart by nothing: the first one's end made
+    # the one in flight (or queued) look ended, and its client waited for it for ever.
+    before, last, lost = _REUSED[case]
+    a, b = await launch("producer_timeout = 2"), await launch("producer_timeout = 2")
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    for text in before:
+        await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+        await conn.until(lambda f: f["type"] in ("stream_end", "stream_chunk") and f["id"] == "m1")
+    if before == ["hi"]:
+        await conn.until_ended({"m1": ["assistant"]})
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": last}})
+    await conn.until(lambda f: f["type"] == "ack" and f["message_number"] == 2)
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        keys = f"connic:{{{session.session_id}}}"
+        seq = session.transcript.last_seq
+        deadline = time.monotonic() + 5
+        while not (
+            len(json.loads(await redis.get(f"{keys}:record"))["pending"]) == lost
+            and await redis.xrange(f"{keys}:log", f"0-{seq}", "+")
+        ):
+            assert time.monotonic() < deadline, "A never wrote what its client got"
+            await asyncio.sleep(0.01)
+        session.drop()
+        a.proc.kill()
+        await asyncio.to_thread(a.proc.wait, 10)
+        record = json.loads(await redis.get(f"{keys}:record"))
+        del record["pending"]  # as an earlier version wrote it
+        assert await redis.set(f"{keys}:record", json.dumps(record), keepttl=True)
+    finally:
+        await redis.aclose()
+    conn = await session.resume(url=b.url)  # taken over once A's lease runs out
+    assert conn.connected["resumed"] is True
+    await conn.until(
+        lambda f: sum(1 for g in session.transcript.ordered() if g.get("code") == "producer_lost") == lost, timeout=10
+    )
+    await conn.send({"type": "message", "id": "m9", "payload": {"message": "after"}})  # the session goes on
+    await conn.until_ended({"m9": ["assistant"]})
+    assert [f["id"] for f in session.transcript.ordered() if f.get("code") == "producer_lost"] == ["m1"] * lost
+    session.transcript.assert_complete()
+
+
+def _log(*frames: dict[str, Any]) -> list[str]:
+    return [json.dumps({**frame, "seq": seq}) for seq, frame in enumerate(frames, 1)]
+
+
+def test_read_from_the_log_alone_messages_sharing_an_id_are_told_apart() -> None:
+    # What the takeover above reads (unfinished() without the record's pending list), one case more:
+    # the log lost the first m1's ack (its reply is longer than the log), a second m1 in flight.
+    first, second = ({"type": "ack", "id": "m1", "message_number": n} for n in (1, 2))
+    start = {"type": "stream_start", "id": "m1", "agent": "a"}
+    chunk = {"type": "stream_chunk", "id": "m1", "agent": "a", "delta": "w"}
+    end = {"type": "stream_end", "id": "m1", "agent": "a", "finish_reason": "stop"}
+    assert unfinished(_log(first, start, end, second, start, chunk)) == [("m1", frozenset(), None)]
+    assert unfinished(_log(first, start, second, chunk, end)) == [
+        ("m1", frozenset({"a"}), None),
+        ("m1", frozenset(), None),
+    ]
+    assert unfinished(_log(chunk, end, second, start)) == [("m1", frozenset(), None)]
