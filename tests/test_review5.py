@@ -66,6 +66,9 @@ async def _run(a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str]
         if got[-1]["type"] == "ack":
             await conn.until_ended({last: ["assistant"]}, timeout=15)
             break
+        await conn.until(lambda f: f["type"] == "stream_end", timeout=15)  # a queued one began: room again
+    else:
+        pytest.fail("the message sent last was never accepted")
     session.transcript.assert_complete()
     frames = Counter({key: n for key, n in outline(session).items() if not str(key[1]).startswith(_LAST)})
     entries = [entry for entry in await history(conn) if not str(entry[1]).startswith(_LAST)]
@@ -102,6 +105,28 @@ async def test_a_held_cancel_that_drops_a_message_the_owner_queued_answers_no_no
     frames = await _compare(launch, clients, 1, pre, sent)
     assert frames[("error", "m2", None, None, "not_found")] == 0, frames
     assert frames[("error", "m2", None, None, "queue_full")] == 1, frames
+
+
+# A cancel of the message A answers (m1) while A has messages queued behind it: on one process
+# the cancelled reply ends at once and the next queued one begins, so what the client sends
+# right after the cancel finds one message fewer queued (PROTOCOL.md §5). B counted the queued
+# ones until it followed m1's end from A's log, and refused queue_full what one process accepts.
+_IN_FLIGHT = {
+    "the queued one begins": (1, ["m2"], ["-m1", "m3"]),
+    "one with its id queued": (2, ["m1", "m2"], ["-m1", "m3", "m4"]),
+}
+
+
+@pytest.mark.parametrize("case", _IN_FLIGHT)
+async def test_a_cancel_of_the_owners_reply_makes_room_where_it_came(
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    case: str,
+) -> None:
+    max_queued, pre, sent = _IN_FLIGHT[case]
+    frames = await _compare(launch, clients, max_queued, pre, sent)
+    assert frames[("stream_end", "m1", None, "cancelled", None)] == 1, frames
+    assert frames[("error", "m3", None, None, "queue_full")] == 0, frames
 
 
 @pytest.mark.xfail(

@@ -64,6 +64,7 @@ class Ahead:
         "loading",
         "queued",
         "snapshots",
+        "stopping",
         "took",
     )
 
@@ -73,6 +74,9 @@ class Ahead:
         self.queued: list[Pending] | None = None  # the owner's queued messages, once its record was read
         self.current: Pending | None = None  # the owner's message in flight, as far as its log says
         self.ended: set[str] = set()  # the agents whose reply to it ended
+        # Messages in flight a cancel stopped (the next one began then): each one's id, and the agents
+        # whose end of it is still to come (its frames are not the next one's, which may share its id).
+        self.stopping: list[tuple[MessageId, set[str]]] = []
         self.frames: list[str] = []  # frames followed while the record was read (applied after it)
         # Cancels passed to the owner before its record was read: each one's id, and its held frame's mark.
         self.cancels: list[tuple[MessageId, str | None]] = []
@@ -122,6 +126,8 @@ class Ahead:
             if agent is None or frame.get("type") not in _REPLY:
                 continue
             message_id = frame.get("id")
+            if self._stopped(message_id, agent, frame["type"]):
+                continue
             current = self.current
             if current is not None and message_id == current[0]:
                 if frame["type"] in _ENDED:
@@ -177,11 +183,28 @@ class Ahead:
         self.current = self.queued.pop(0) if self.queued else None
         self.ended = set()
 
+    def _stopped(self, message_id: MessageId, agent: str, kind: str) -> bool:
+        # Whether a frame is of a message a cancel stopped (its end, coming after the next one began).
+        for stopped_id, agents in self.stopping:
+            if stopped_id == message_id and agent in agents:
+                if kind in _ENDED:
+                    agents.discard(agent)
+                    if not agents:
+                        self.stopping = [entry for entry in self.stopping if entry[1]]
+                return True
+        return False
+
     def _cancel(self, message_id: MessageId, mark: str | None) -> None:
         assert self.queued is not None
         current = self.current
         if current is not None and current[0] == message_id and not self.ended >= self._answering(current):
-            return  # the one in flight has it: that one is stopped, the queued ones stay (PROTOCOL.md §5)
+            # The one in flight has it: that one is stopped, the queued ones stay (PROTOCOL.md §5).
+            # On one process the next one begins then, the cancelled reply ending at once: the
+            # messages sent after the cancel no longer count it as queued (its end, followed
+            # later, is not taken for the next one's).
+            self.stopping.append((message_id, self._answering(current) - self.ended))
+            self._next()
+            return
         kept = [message for message in self.queued if message[0] != message_id]
         if len(kept) < len(self.queued) and mark is not None:
             self.took.add(mark)
