@@ -36,7 +36,7 @@ _LAST = "z"  # the ids of the message sent last, once everything before it settl
 
 
 async def _run(a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str]) -> tuple[Any, ...]:
-    """What the client gets when ``sent`` (a cancel: "-id") goes to ``b`` while ``a`` answers m1 (``pre`` queued)."""
+    """What the client gets when ``sent`` (a cancel: "-id", a ping: "?") goes to ``b`` while ``a`` answers m1."""
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": words(80)}})
@@ -52,7 +52,10 @@ async def _run(a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str]
     while len(session.transcript.chunks("m1", "assistant")) < seen + 5:  # m1 still streams
         await conn.recv()
     for item in sent:
-        if item.startswith("-"):
+        if item == "?":  # a round trip: what the server does with the frames before is under way
+            await conn.send({"type": "ping"})
+            await conn.until_type("pong")
+        elif item.startswith("-"):
             await conn.send({"type": "cancel", "id": item[1:]})
         else:
             await conn.send({"type": "message", "id": item, "payload": {"message": f"{item} text"}})
@@ -109,11 +112,12 @@ async def test_a_held_cancel_that_drops_a_message_the_owner_queued_answers_no_no
 
 # A cancel of the message A answers (m1) while A has messages queued behind it: on one process
 # the cancelled reply ends at once and the next queued one begins, so what the client sends
-# right after the cancel finds one message fewer queued (PROTOCOL.md §5). B counted the queued
-# ones until it followed m1's end from A's log, and refused queue_full what one process accepts.
+# once the cancel was handled (a ping's round trip after it) finds one message fewer queued
+# (PROTOCOL.md §5). B counted the queued ones until it followed m1's end from A's log (a
+# round trip through Redis, A and its log writer), and refused queue_full what one process accepts.
 _IN_FLIGHT = {
-    "the queued one begins": (1, ["m2"], ["-m1", "m3"]),
-    "one with its id queued": (2, ["m1", "m2"], ["-m1", "m3", "m4"]),
+    "the queued one begins": (1, ["m2"], ["-m1", "?", "m3"]),
+    "one with its id queued": (2, ["m1", "m2"], ["-m1", "?", "m3", "m4"]),
 }
 
 
