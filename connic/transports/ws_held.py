@@ -46,7 +46,8 @@ class Ahead:
     message (its pending messages: the one in flight, then those queued), and follows the
     owner through its log: the next queued message starts once every agent of the one in
     flight ended its reply (or when a reply to it comes); a cancel passed to the owner drops
-    its queued messages with that id unless the one in flight has it, as on one process.
+    its queued messages with that id unless the one in flight has it, as on one process (that
+    one is stopped then, and the next queued one begins at once).
     Each held message is counted with the owner's messages still queued when it came
     (:meth:`held`, then :meth:`count` when it is admitted). A message held before the record
     was read counts those the record lists, less the ones cancels sent before it dropped.
