@@ -133,7 +133,12 @@ def test_unfinished_replies_read_from_the_log() -> None:
     assert unfinished(_frames(ack, {**start, "agent": "a"}, {**start, "agent": "b"}, end_a)) == [("m1", {"a"}, None)]
     done = {"type": "error", "id": "m1", "agent": "b", "code": "agent_error"}
     assert unfinished(_frames(ack, {**start, "agent": "b"}, done)) == [("m1", {"b"}, None)]
-    assert unfinished(_frames(ack, {**start, "agent": "a"}, {"type": "error", "id": "m1", "code": "x"})) == []
+    # An error naming no agent refused a new message reusing the id (never acked): it ends nothing.
+    # Only the drain's refusal of a message still queued does (tests/test_held3.py).
+    assert unfinished(_frames(ack, {**start, "agent": "a"}, {"type": "error", "id": "m1", "code": "x"})) == [
+        ("m1", set(), None)
+    ]
+    assert unfinished(_frames(ack, {"type": "error", "id": "m1", "code": "server_shutting_down"})) == []
     # Streaming off (or before the first chunk): acked, nothing from any agent since.
     answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
     queued = {"type": "ack", "id": 2, "message_number": 2}
