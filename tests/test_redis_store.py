@@ -140,6 +140,7 @@ def test_unfinished_replies_read_from_the_log() -> None:
     drained = {"type": "error", "id": 2, "code": "server_shutting_down"}
     queued_2 = {"type": "ack", "id": 2, "message_number": 2}
     assert unfinished(_frames(ack, queued_2, {**start, "agent": "a"}, drained)) == [("m1", set(), None)]
+    assert unfinished(_frames(ack, {"type": "error", "id": "m1", "code": "server_shutting_down"})) == []
     # Streaming off (or before the first chunk): acked, nothing from any agent since.
     answered = {"type": "response", "id": "m1", "agent": "a", "response": "x"}
     queued = {"type": "ack", "id": 2, "message_number": 2}

@@ -46,13 +46,28 @@ class Ahead:
     message (its pending messages: the one in flight, then those queued), and follows the
     owner through its log: the next queued message starts once every agent of the one in
     flight ended its reply (or when a reply to it comes); a cancel passed to the owner drops
-    its queued messages with that id unless the one in flight has it, as on one process.
+    its queued messages with that id unless the one in flight has it, as on one process (that
+    one is stopped then, and the next queued one begins at once).
     Each held message is counted with the owner's messages still queued when it came
     (:meth:`held`, then :meth:`count` when it is admitted). A message held before the record
     was read counts those the record lists, less the ones cancels sent before it dropped.
+    A held cancel (:func:`hold_behind`) that drops a queued message of the owner's is noted
+    (:attr:`took`): it answers no ``not_found`` here, its held messages refused or not.
     """
 
-    __slots__ = ("agents", "arrived", "cancels", "current", "ended", "frames", "loading", "queued", "snapshots")
+    __slots__ = (
+        "agents",
+        "arrived",
+        "cancels",
+        "current",
+        "ended",
+        "frames",
+        "loading",
+        "queued",
+        "snapshots",
+        "stopping",
+        "took",
+    )
 
     def __init__(self, agents: tuple[str, ...]) -> None:
         self.agents = agents  # the connector's: those answering a message that names none
@@ -60,8 +75,15 @@ class Ahead:
         self.queued: list[Pending] | None = None  # the owner's queued messages, once its record was read
         self.current: Pending | None = None  # the owner's message in flight, as far as its log says
         self.ended: set[str] = set()  # the agents whose reply to it ended
+        # Messages in flight a cancel stopped (the next one began then): each one's id, and the agents
+        # whose end of it is still to come (its frames are not the next one's, which may share its id).
+        self.stopping: list[tuple[MessageId, set[str]]] = []
         self.frames: list[str] = []  # frames followed while the record was read (applied after it)
-        self.cancels: list[MessageId] = []  # cancels passed to the owner before its record was read
+        # Cancels passed to the owner before its record was read: each one's id, and its held frame's mark.
+        self.cancels: list[tuple[MessageId, str | None]] = []
+        # The marks (inbox ``extra``) of the held cancels that dropped a message the owner queued: on
+        # one process that cancel found a queued message, so it answers no not_found (cancel_behind).
+        self.took: set[str] = set()
         # Each held message (in order): how many the owner had queued when it came; or None, and
         # how many cancels were passed before it, when the record was not read yet.
         self.snapshots: list[tuple[int | None, int]] = []
@@ -79,12 +101,15 @@ class Ahead:
             self.loading = asyncio.ensure_future(store.load(session_id))
             self.loading.add_done_callback(self._read)
 
-    def passed(self, message_id: MessageId) -> None:
-        """A cancel of ``message_id`` went to the owner: it drops its queued messages with it (PROTOCOL.md §5)."""
+    def passed(self, message_id: MessageId, mark: str | None = None) -> None:
+        """A cancel of ``message_id`` went to the owner: it drops its queued messages with it (PROTOCOL.md §5).
+
+        ``mark``: the ``extra`` of the cancel's own frame, when it is held behind held messages too.
+        """
         if self.queued is None:
-            self.cancels.append(message_id)
+            self.cancels.append((message_id, mark))
         else:
-            self._cancel(message_id)
+            self._cancel(message_id, mark)
 
     def seen(self, frames: list[str]) -> None:
         """Frames followed from the owner's log: note which of its queued messages it began."""
@@ -102,6 +127,8 @@ class Ahead:
             if agent is None or frame.get("type") not in _REPLY:
                 continue
             message_id = frame.get("id")
+            if self._stopped(message_id, agent, frame["type"]):
+                continue
             current = self.current
             if current is not None and message_id == current[0]:
                 if frame["type"] in _ENDED:
@@ -137,9 +164,9 @@ class Ahead:
         self.current = pending[0] if pending else None
         self.queued = pending[1:]
         after: list[int] = []  # how many were queued after each cancel passed before the read (none: first)
-        for message_id in self.cancels:
+        for message_id, mark in self.cancels:
             after.append(len(self.queued))
-            self._cancel(message_id)
+            self._cancel(message_id, mark)
         after.append(len(self.queued))
         # A message held before the read counts what the record lists, less what the cancels before it dropped.
         self.snapshots = [(after[cancels] if count is None else count, cancels) for count, cancels in self.snapshots]
@@ -157,12 +184,32 @@ class Ahead:
         self.current = self.queued.pop(0) if self.queued else None
         self.ended = set()
 
-    def _cancel(self, message_id: MessageId) -> None:
+    def _stopped(self, message_id: MessageId, agent: str, kind: str) -> bool:
+        # Whether a frame is of a message a cancel stopped (its end, coming after the next one began).
+        for stopped_id, agents in self.stopping:
+            if stopped_id == message_id and agent in agents:
+                if kind in _ENDED:
+                    agents.discard(agent)
+                    if not agents:
+                        self.stopping = [entry for entry in self.stopping if entry[1]]
+                return True
+        return False
+
+    def _cancel(self, message_id: MessageId, mark: str | None) -> None:
         assert self.queued is not None
         current = self.current
         if current is not None and current[0] == message_id and not self.ended >= self._answering(current):
-            return  # the one in flight has it: that one is stopped, the queued ones stay (PROTOCOL.md §5)
-        self.queued[:] = [message for message in self.queued if message[0] != message_id]
+            # The one in flight has it: that one is stopped, the queued ones stay (PROTOCOL.md §5).
+            # On one process the next one begins then, the cancelled reply ending at once: the
+            # messages sent after the cancel no longer count it as queued (its end, followed
+            # later, is not taken for the next one's).
+            self.stopping.append((message_id, self._answering(current) - self.ended))
+            self._next()
+            return
+        kept = [message for message in self.queued if message[0] != message_id]
+        if len(kept) < len(self.queued) and mark is not None:
+            self.took.add(mark)
+        self.queued[:] = kept
 
 
 _CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py)
@@ -240,7 +287,10 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
         return None
     extra = conn._inbox.pop(0).extra
     behind = conn._behind
-    if not (isinstance(extra, str) and extra.startswith(_QUIET)):
+    # The cancel itself is quiet too when it dropped a message the owner queued (Ahead.took):
+    # on one process it found that one, and answers no not_found whatever became of the held ones.
+    took = behind is not None and isinstance(extra, str) and extra in behind.ahead.took
+    if not (isinstance(extra, str) and (extra.startswith(_QUIET) or took)):
         if behind is not None:
             behind.dropping(frame.id, extra)
         return frame.id  # a cancel itself: it drops the message, or answers not_found
@@ -250,7 +300,7 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
     if behind is not None:
         behind.dropping(frame.id, extra)
     # It drops a message: the cancel it was copied from, still held, answers no not_found.
-    mark = extra.removeprefix(_QUIET)
+    mark = extra.removeprefix(_QUIET).removeprefix(_LOUD)
     for at, msg in enumerate(conn._inbox):
         if msg.extra == _LOUD + mark:
             conn._inbox[at] = msg._replace(extra=_QUIET + mark)

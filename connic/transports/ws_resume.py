@@ -229,8 +229,10 @@ async def _reading_meanwhile(
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at:
-                        doubts.hold(hold_behind(conn, held, at, msg, ahead.arrived), parsed.id)
-                        ahead.passed(parsed.id)  # where it came: the owner acts on it too (once the find follows it)
+                        group = hold_behind(conn, held, at, msg, ahead.arrived)
+                        doubts.hold(group, parsed.id)
+                        # Where it came: the owner acts on it too (once the find follows it).
+                        ahead.passed(parsed.id, group[0].extra)
                         if following:
                             doubts.pass_on(store, frame.session_id)
                     else:

@@ -194,40 +194,62 @@ def _read_from_log(frames: list[str]) -> list[tuple[MessageId, frozenset[str], s
     came after the last message an agent answered: it was queued behind it, or being answered
     (streaming off, or before its first chunk). An error without an agent ends a message for
     every agent only when it is the drain's refusal of it while queued, as :func:`unfinished`
-    reads it: any other refused a new message that reused its id.
+    reads it: any other refused a new message that reused its id. Ids need not be unique: the
+    messages sharing one are told apart by their acks, in order, an agent's frame after its own
+    end for that id being the next one's (read by id alone, the first one's end made the next
+    one, in flight or queued, look ended: it never got its ``producer_lost``).
     """
-    acked: dict[Any, tuple[MessageId, int, str | None]] = {}  # key: (id, message number, agent named), in order
-    ended: dict[Any, set[str]] = {}  # key: the agents whose reply to it ended
-    answered: set[Any] = set()  # keys of messages some agent sent a frame for
-    whole: set[Any] = set()  # keys of messages ended for every agent (an error without an agent)
+    # Ids need not be unique: each id's acked messages, in order (their number and agent named), and
+    # which of them its agents answer now (an agent's frame after its own end for that id begins
+    # the next one: it sends nothing after its end, and messages are answered one at a time).
+    acked: dict[Any, list[tuple[int, str | None]]] = {}
+    order: list[tuple[Any, MessageId, int]] = []  # every ack: (key, id, its index among its id's)
+    at: dict[Any, int] = {}  # key: the index of the message of that id an agent answered last
+    ended: dict[Any, set[str]] = {}  # key: the agents whose reply to that message ended
+    whole: set[tuple[Any, int]] = set()  # messages refused by the drain while queued: (key, index)
     current: tuple[Any, MessageId] | None = None  # the message an agent answered last (key, id)
     for data in frames:
         frame = json.loads(data)
         kind, message_id = frame.get("type"), frame.get("id")
         key = json.dumps(message_id)  # ids are strings or numbers: "1" and 1 are two messages
         if kind == "ack":
-            acked[key] = (message_id, frame["message_number"], frame.get("agent"))
+            messages = acked.setdefault(key, [])
+            order.append((key, message_id, len(messages)))
+            messages.append((frame["message_number"], frame.get("agent")))
             continue
         agent = frame.get("agent")
         if kind == "error" and agent is None:
             # As for a listed message (_unfinished): only the drain's refusal of a message still
-            # queued ends it; any other such error refused a new message reusing its id (never acked).
-            if frame.get("code") == _DRAINED and key not in answered:
-                whole.add(key)
+            # queued ends it (the first of that id not answered yet); any other such error refused
+            # a new message reusing its id (never acked).
+            if frame.get("code") == _DRAINED:
+                queued = [
+                    index for index in range(at.get(key, -1) + 1, len(acked.get(key, ()))) if (key, index) not in whole
+                ]
+                if queued:
+                    whole.add((key, queued[0]))
             continue
         if agent is None or kind not in _REPLY:
             continue
-        answered.add(key)
+        if key not in at:
+            at[key] = 0 if key in acked else -1  # -1: a reply whose ack the log lost (it is longer than the log)
+        elif agent in ended.get(key, ()) and at[key] + 1 < len(acked.get(key, ())):
+            at[key] += 1  # a new reply of an agent that ended its last: the next message with this id
+            ended[key] = set()
         current = (key, message_id)
         if kind not in _OPEN:
             ended.setdefault(key, set()).add(agent)
     lost: list[tuple[MessageId, frozenset[str], str | None]] = []
-    if current is not None and current[0] not in whole:
+    if current is not None and (current[0], at[current[0]]) not in whole:
         key, message_id = current
-        named = acked[key][2] if key in acked else None
+        messages = acked.get(key, [])
+        named = messages[at[key]][1] if 0 <= at[key] < len(messages) else None
         lost.append((message_id, frozenset(ended.get(key, ())), named))
-    last_answered = max((acked[key][1] for key in answered if key in acked), default=0)
-    for key, (message_id, number, named) in acked.items():
-        if key not in answered and key not in whole and number > last_answered:
+    last_answered = max(
+        (acked[key][index][0] for key, index in at.items() if 0 <= index < len(acked.get(key, ()))), default=0
+    )
+    for key, message_id, index in order:
+        number, named = acked[key][index]
+        if index > at.get(key, -1) and (key, index) not in whole and number > last_answered:
             lost.append((message_id, frozenset(), named))
     return lost
