@@ -331,7 +331,7 @@ async def _pass_a_cancel(redis_url: str, session_id: str, message_id: str) -> No
 
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        await redis.sadd(scripts.cancel_key("connic:", session_id), f'"{message_id}"')
+        await redis.rpush(scripts.cancel_key("connic:", session_id), f'"{message_id}"')
         await redis.publish(scripts.cancel_channel("connic:"), session_id)
     finally:
         await redis.aclose()

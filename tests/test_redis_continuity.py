@@ -628,7 +628,7 @@ async def test_a_cancel_passed_while_the_session_is_being_taken_over_is_answered
 
     async def pass_cancels(sid: str, message_id: str) -> None:
         prefix = store.options.key_prefix
-        await redis.sadd(scripts.cancel_key(prefix, sid), json.dumps(message_id))
+        await redis.rpush(scripts.cancel_key(prefix, sid), json.dumps(message_id))
         await redis.publish(scripts.cancel_channel(prefix), sid)
 
     async def add_after_a_cancel(taken: Any) -> None:

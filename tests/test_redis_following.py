@@ -221,7 +221,7 @@ async def test_a_cancel_whose_message_was_lost_is_taken_at_the_lease_renewal_whe
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         # A cancel a follower passed, without its pub/sub message, for a session no longer busy.
-        await redis.sadd(f"connic:{{{session.session_id}}}:cancel", '"m1"')
+        await redis.rpush(f"connic:{{{session.session_id}}}:cancel", '"m1"')
         frames = await conn.until(lambda f: f["type"] == "error", timeout=5)
         assert (frames[-1]["code"], frames[-1]["id"]) == ("not_found", "m1"), frames
         assert not await redis.exists(f"connic:{{{session.session_id}}}:cancel")

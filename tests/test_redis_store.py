@@ -308,7 +308,8 @@ async def test_owner_takes_a_cancel_flag_whose_message_was_lost(
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         # The flag another process sets, without its pub/sub message: the lease renewal
-        # (every third of producer_timeout = 5 s) takes it.
+        # (every third of producer_timeout = 5 s) takes it. A set, as earlier code wrote it
+        # (a rolling upgrade from it): read all the same.
         await client.sadd(f"connic:{{{session.session_id}}}:cancel", json.dumps("m1"))
     finally:
         await client.aclose()

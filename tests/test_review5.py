@@ -133,11 +133,6 @@ async def test_a_cancel_of_the_owners_reply_makes_room_where_it_came(
     assert frames[("error", "m3", None, None, "queue_full")] == 0, frames
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stores/redis/cancels.py passes cancels to the owner in a Redis SET: cancels of one id that "
-    "wait there together are one (and a set has no order); not a file of this branch's, see the report",
-)
 async def test_each_cancel_passed_to_the_owner_gets_its_own_answer(
     launch: Any,  # noqa: F811  (the fixture imported above)
     clients: Clients,

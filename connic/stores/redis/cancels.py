@@ -1,15 +1,15 @@
 """The ``redis`` store's cancels across processes: a ``cancel`` sent to a follower reaches the owner.
 
-The follower adds the message id to the session's cancel set and publishes the session
+The follower adds the message id to the session's cancel list and publishes the session
 id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
-to which every process listens; the owner takes the set (the ``CANCELS`` script, only
+to which every process listens; the owner takes the list (the ``CANCELS`` script, only
 while it owns the session) and cancels the message, or answers ``not_found``. Its lease
-renewal says when a set waits (a pub/sub message lost). A cancel no owner took (the owner
-let the session go, or died, before it could) waits in the set for the next owner: its
-claim says so (or the channel, while it rebuilds the session), and it takes the set once
+renewal says when a list waits (a pub/sub message lost). A cancel no owner took (the owner
+let the session go, or died, before it could) waits in the list for the next owner: its
+claim says so (or the channel, while it rebuilds the session), and it takes the list once
 the session is live there, so that every cancel
 gets its answer (PROTOCOL.md §5). A cancel of an id the follower holds a message with too
-(``held``) is ``{"held": id}`` in the set: the owner acts on it only if it has a message with
+(``held``) is ``{"held": id}`` in the list: the owner acts on it only if it has a message with
 that id to stop or drop (:meth:`ChatSession.cancels <connic.session.ChatSession.cancels>`), and
 a next owner never (the follower settles it).
 The one pub/sub listener of the store is
@@ -74,7 +74,7 @@ class Cancels(WriteBack):
         key = scripts.cancel_key(prefix, session_id)
         try:
             pipe = self._client().pipeline(transaction=False)
-            pipe.sadd(key, json.dumps(message_id))
+            pipe.rpush(key, json.dumps(message_id))
             # Only for a while: a cancel the owner never took must not cancel a later message with that id.
             # Long enough for the claim that follows a dead owner's last lease to find it.
             lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)

@@ -118,12 +118,19 @@ def end_channel(prefix: str) -> str:
     return f"{prefix}end"
 
 
-# The cancels waiting for a session, taken (the set is emptied) by the process owning it.
-# KEYS: the cancel set, the ownership key. ARGV: fence. Nothing is taken by a process that
-# no longer owns it (it let the session go): the set waits for the next owner.
+# The cancels waiting for a session, in the order they were sent, taken (the list is emptied)
+# by the process owning it: a list, as every cancel gets its own answer (two of one id, two).
+# KEYS: the cancel list, the ownership key. ARGV: fence. Nothing is taken by a process that
+# no longer owns it (it let the session go): the list waits for the next owner. A set is
+# what earlier code left (a rolling upgrade from it): read all the same, in no order.
 CANCELS = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {} end
-local ids = redis.call('SMEMBERS', KEYS[1])
+local ids
+if redis.call('TYPE', KEYS[1])['ok'] == 'set' then
+  ids = redis.call('SMEMBERS', KEYS[1])
+else
+  ids = redis.call('LRANGE', KEYS[1], 0, -1)
+end
 if #ids > 0 then redis.call('DEL', KEYS[1]) end
 return ids
 """
