@@ -53,7 +53,7 @@ def session_keys(prefix: str, session_id: str) -> list[str]:
 
 
 def every_key(prefix: str, session_id: str) -> list[str]:
-    """Every key of one session: :func:`session_keys`, its takeover and end flags, cancel set, rate bucket, resumer.
+    """Every key of one session: :func:`session_keys`, its takeover and end flags, cancel list, rate bucket, resumer.
 
     What a script that may end the session for good is given (``KEYS[6]`` to ``KEYS[10]``
     are those five): it deletes them all, as nothing of an ended session may outlive it
