@@ -143,7 +143,7 @@ async def test_a_resume_whose_log_lost_the_threads_start_follows_the_run_from_la
 ) -> None:
     # Following rebuilds the runs' events from the thread's first frame: with replay_buffer 16
     # the log no longer has it. As on one process (a resume there whose log lost the thread's
-    # start), the run is followed from the client's lastSeq at once: the next event, no error,
+    # start), the run is followed from the oldest frame held at once: the next event, no error,
     # and live, so that a cancel sent now cuts it short (the run lasts 5 s; the resume used to
     # wait for it to end, then fail with invalid_resume past producer_timeout, 2 s).
     one, two = await two_processes(redis_server, start_server, replay_buffer=16)
@@ -154,7 +154,11 @@ async def test_a_resume_whose_log_lost_the_threads_start_follows_the_run_from_la
             first = json.loads(await asyncio.wait_for(again.recv(), 10))
             await again.send(json.dumps({"type": "cancel", "runId": "r1"}))
             rest = [first, *await until_run_ends(again, "r1")]
-        assert rest[0].get("seq") == seen[-1]["seq"] + 1 and rest[0]["type"] != "RUN_ERROR", (where is two, rest[0])
+        # The text message the client saw start goes on: not started again.
+        assert rest[0].get("seq") == seen[-1]["seq"] + 1 and rest[0]["type"] == "TEXT_MESSAGE_CONTENT", (
+            where is two,
+            rest[0],
+        )
         assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1]["outcome"] == {"type": "cancelled"}, rest[-1]
         said = text(seen + rest)
         assert WORDS.startswith(said) and len(said.split()) < 100, said  # no gap, nothing twice, cut short
@@ -356,9 +360,10 @@ async def test_a_cancel_right_behind_a_resume_from_the_newest_frame_cancels_the_
     redis_server: RedisServer, start_server: StartServer
 ) -> None:
     # The log lost the thread's start (replay_buffer 16) and the client resumes from the newest
-    # frame logged: the follow from lastSeq begins with no frame of the run in flight. Its
-    # cancel waits for the run's next frame there (then that process stops it), where it was
-    # held until the thread was taken over, after the run's natural end.
+    # frame logged (or one behind it: the log in Redis may lag the process writing it). Read
+    # from the oldest frame held, the run's text message is known open: the cancel is passed at
+    # once and the message ends (no START again, which read from lastSeq it would have been, nor
+    # a RUN_FINISHED leaving it open), on one process and following another one alike.
     one, two = await two_processes(redis_server, start_server, replay_buffer=16)
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     got = {}
@@ -375,7 +380,8 @@ async def test_a_cancel_right_behind_a_resume_from_the_newest_frame_cancels_the_
                 rest[-1],
             )
             assert rest[0]["seq"] > last_seq and len(rest) < 20, rest  # cut short: not 70 chunks more
-            got[where is two] = [e["type"] for e in rest if e["type"] != "TEXT_MESSAGE_CONTENT"]
+            got[where is two] = [(e["type"], e.get("messageId")) for e in rest if e["type"] != "TEXT_MESSAGE_CONTENT"]
     finally:
         await redis.aclose()
+    assert got[False] == [("TEXT_MESSAGE_END", "r1:assistant"), ("RUN_FINISHED", None)], got[False]
     assert got[True] == got[False]

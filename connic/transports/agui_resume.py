@@ -21,9 +21,11 @@ with each batch followed: passed once that process's frames name the run. A newe
 over (``session_taken_over``), as the Connic protocol's does.
 
 Rebuilding the runs' events needs the log from the thread's first frame (``replay_buffer``
-frames). When it no longer has it, the thread is followed from the client's ``lastSeq``
-instead, as a resume on one process then replays from there: a run begun before is taken up
-from its frames after ``lastSeq`` (a text message open then is started again, same id).
+frames). When it no longer has it, the thread is followed from the oldest frame it holds
+(frames up to ``lastSeq`` again not sent), as a resume on one process then replays from
+there: a run begun before is taken up where those frames say it is (a text message open
+goes on, not started again). Only when even the frames after ``lastSeq`` are gone is it
+followed from ``lastSeq`` (PROTOCOL.md §7: an ``invalid_resume`` first).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from aiohttp import WSMessage, WSMsgType, web
 from connic.errors import InvalidResume, SessionTakenOver, StoreUnavailable
 from connic.session import ChatSession
 from connic.transports.agui_outbox import shown
+from connic.transports.agui_ws import oldest_before
 
 if TYPE_CHECKING:
     from connic.sessions import Sessions
@@ -123,7 +126,18 @@ def _failed(binding: WSBinding, error: InvalidResume, peer: str) -> None:
 class _Followed:
     """The frames another process logs for the thread, turned into the binding's events as they come."""
 
-    __slots__ = ("after", "binding", "blind", "cursor", "last_seq", "thread_id", "waiting", "went_blind")
+    __slots__ = (
+        "after",
+        "binding",
+        "blind",
+        "capacity",
+        "cursor",
+        "last_seq",
+        "newest",
+        "thread_id",
+        "waiting",
+        "went_blind",
+    )
 
     def __init__(
         self,
@@ -136,7 +150,10 @@ class _Followed:
         self.binding = binding
         self.thread_id = thread_id
         self.last_seq = last_seq  # the client's: the frames up to it are not sent again
-        self.after = after  # the log is read after it: 0 (the runs' events rebuilt), or last_seq
+        # The log is read after it: 0 (the runs' events rebuilt), its oldest frame held, or last_seq.
+        self.after = after
+        self.capacity = 0  # the thread's replay_buffer, once following
+        self.newest = 0  # the newest seq logged, when the log had lost the frames after ``after``
         self.cursor: int | None = None  # the seq of the newest frame handed here, once following
         # The log no longer holds the thread's first frame: the runs' events cannot be rebuilt.
         self.blind = False
@@ -150,6 +167,7 @@ class _Followed:
         binding = self.binding
         agents = (binding.agent,) if binding.agent is not None else owner.agent_names
         binding.following = (self.thread_id, agents)
+        self.capacity = owner.options.replay_buffer
         return self.frames
 
     def frames(self, frames: list[str] | None, last: int) -> None:
@@ -159,7 +177,8 @@ class _Followed:
         binding = self.binding
         if frames is None:  # only ever the first batch: later, the store gives up rather than skip one
             if self.after < self.last_seq:
-                self.blind = True  # followed again from last_seq (_following)
+                self.blind = True  # followed again from further on (_following)
+                self.newest = last
                 self.went_blind.set_result(None)
                 return
             # Even the frames after the client's last_seq are gone: said as a resume on one process
@@ -209,10 +228,14 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
                 return
             if followed.blind and not task.done():
                 # The log no longer holds the thread's first frame, which rebuilding the runs'
-                # events needs: followed from the client's last_seq instead, at once, as a resume
-                # on one process whose log lost the thread's start replays from there.
+                # events needs: followed from its oldest frame held instead, at once, as a resume
+                # on one process whose log lost the thread's start replays from there. Should
+                # that be evicted too before it is read, from the client's last_seq.
                 _abandon(binding, task)
-                followed = _Followed(binding, thread_id, last_seq, last_seq, followed.waiting)
+                after = last_seq
+                if followed.after == 0:
+                    after = oldest_before(followed.newest, followed.capacity, last_seq)
+                followed = _Followed(binding, thread_id, last_seq, after, followed.waiting)
                 task = find(followed)
     except BaseException:
         # The handler is cancelled (shutdown): a thread the find took over in this very step is let go.

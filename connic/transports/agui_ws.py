@@ -324,6 +324,8 @@ class WSBinding(Outbox[str]):
         The log is read from its start when it still has it: the frames up to ``last_seq`` are
         not sent again, but they tell each run's events where it is (a text message already
         open, a step under way), so the client gets the rest of a run as if it had never left.
+        When it lost the start, it is read from its oldest frame held (if that is no later than
+        ``last_seq``), which tells as much as is left of that; else from ``last_seq``.
         ``followed``: the seq up to which a resume following another process had the log
         (:mod:`~connic.transports.agui_resume`): the runs' events are where it left them, the
         log is read on from there.
@@ -335,8 +337,11 @@ class WSBinding(Outbox[str]):
         else:
             replay = await session.replay(self, 0) if last_seq else None
         if followed is None and (replay is None or not replay[0]):
-            start = last_seq
-            replay = await session.replay(self, last_seq)
+            start = oldest_before(session.seq, session.sessions.options.replay_buffer, last_seq)
+            replay = await session.replay(self, start)
+            if start != last_seq and (replay is None or not replay[0]):
+                start = last_seq  # frames were evicted meanwhile
+                replay = await session.replay(self, last_seq)
         if replay is None or session.state is SessionState.ENDED:
             self.session = None
             self._error(InvalidResume("another connection took this thread over meanwhile"))
@@ -364,6 +369,17 @@ class WSBinding(Outbox[str]):
             if message.id not in self.runs and session.cancels(message.id):
                 run = self.runs[message.id] = self._events(str(message.id))
                 run.announced = True
+
+
+def oldest_before(newest: int, capacity: int, last_seq: int) -> int:
+    """Where to read a log that lost a thread's start: after its oldest frame held, or ``last_seq``.
+
+    A log of ``capacity`` frames whose newest is ``newest`` holds those after ``newest - capacity``.
+    Read from there, its frames up to ``last_seq`` (not sent again) say where each run is, which
+    read from ``last_seq`` they could not: a text message the client saw start would start again.
+    """
+    oldest = newest - capacity
+    return oldest if 0 < oldest < last_seq else last_seq
 
 
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)  # the socket's end: nothing more is read
