@@ -251,9 +251,15 @@ class ChatSession:
         log.warning("session %s: %d reply(s) lost with the process answering them", self.id, len(lost))
 
     def cancel(self, message_id: MessageId) -> None:
-        """Stop a message's agents, or drop it if it is queued (PROTOCOL.md §5)."""
+        """Stop a message's agents, or drop it if it is queued (PROTOCOL.md §5).
+
+        A message in flight that a cancel stopped already (its end on its way) is passed over:
+        a second cancel of its id drops the queued ones with it, as it would a moment later,
+        once the next one began; with none queued, it is absorbed (no ``not_found``).
+        """
         current = self.current
-        if current is not None and current.id == message_id and self._cancel_current():
+        ours = current is not None and current.id == message_id
+        if current is not None and ours and not current.cancelled and self._cancel_current():
             return
         kept = [queued for queued in self.queue if queued.id != message_id]
         if len(kept) < len(self.queue):  # ids need not be unique: every queued one with it goes
@@ -262,6 +268,8 @@ class ChatSession:
                 self.idle.set()
             self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
             return
+        if ours and self._cancel_current():
+            return  # stopped already, still running: a not_found would look like the session's end
         self.refuse(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 
     def cancels(self, message_id: MessageId) -> bool:

@@ -13,6 +13,7 @@ queued then (:class:`Ahead`): ``max_queued`` refuses the same ones.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 from typing import TYPE_CHECKING
@@ -99,6 +100,7 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
     if not isinstance(parsed, CancelFrame) or parsed.id != frame.id:
         return None
     extra = conn._inbox.pop(0).extra
+    _later_copies(conn, frame.id)
     behind = conn._behind
     # The cancel itself is quiet too when it dropped a message the owner queued (Ahead.took):
     # on one process it found that one, and answers no not_found whatever became of the held ones.
@@ -121,6 +123,17 @@ def cancel_behind(conn: Connection, frame: MessageFrame) -> MessageId | None:
     return frame.id
 
 
+def _later_copies(conn: Connection, message_id: MessageId) -> None:
+    # The quiet copies of later cancels of the id, held behind the same message while the first
+    # one's was in doubt (Doubts): the message is taken, so each found nothing to drop here, and a
+    # copy answers nothing (its cancel's own frame, behind another message, may drop that one).
+    while conn._inbox and isinstance(extra := conn._inbox[0].extra, str) and extra.startswith(_QUIET):
+        parsed = parse_held(conn._inbox[0].data)
+        if not isinstance(parsed, CancelFrame) or parsed.id != message_id:
+            return
+        conn._inbox.pop(0)
+
+
 class Doubts:
     """Cancels of held messages whose id a message the owner answers may share (ids need not be unique).
 
@@ -129,7 +142,9 @@ class Doubts:
     the owner too (once, ``held=True``), which acts on it only if it has a message with that id.
     Its reply with that id ending ``cancelled`` after the pass (in the log, followed or replayed
     here before the takeover) means it took it: the held cancel (each of its frames) is let go,
-    the held messages answered.
+    the held messages answered. One such end takes one cancel, the first passed: a second cancel
+    of the id, held behind the same messages while the first was in doubt, drops them then, as
+    on one process the first stops the reply in flight and the second the message queued next.
     """
 
     __slots__ = ("passed", "pending", "stopped")
@@ -138,8 +153,8 @@ class Doubts:
         # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
         # frames (one behind each held message with its id, :func:`hold_behind`).
         self.pending: list[tuple[MessageId, list[int]]] = []
-        self.passed: dict[int, MessageId] = {}  # id() of a held cancel's frame: its id, passed to the owner
-        self.stopped: set[MessageId] = set()  # ids of the owner's replies that ended cancelled after a pass
+        self.passed: list[tuple[MessageId, list[int]]] = []  # the held cancels passed to the owner, in order
+        self.stopped: collections.Counter[MessageId] = collections.Counter()  # its replies ended cancelled since
 
     def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
         """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
@@ -149,26 +164,33 @@ class Doubts:
         """The find follows the session's owner: the held cancels not passed yet go there too."""
         for message_id, keys in self.pending:
             store.cancel(session_id, message_id, held=True)
-            self.passed.update(dict.fromkeys(keys, message_id))
+            self.passed.append((message_id, keys))
         self.pending.clear()
 
     def seen(self, frames: list[str]) -> None:
         """Frames followed from the owner's log: note its replies that ended cancelled."""
         if not self.passed:
             return
-        ids = set(self.passed.values())
+        ids = {message_id for message_id, _ in self.passed}
         for data in frames:
             if '"cancelled"' not in data:  # most frames are chunks: not parsed
                 continue
             end = json.loads(data)
             if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in ids:
-                self.stopped.add(end["id"])
+                self.stopped[end["id"]] += 1
 
     def settle(self, conn: Connection, frames: list[str]) -> None:
         """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
         self.seen(frames)
-        if self.stopped:
-            conn._inbox[:] = [msg for msg in conn._inbox if self.passed.get(id(msg), _NONE) not in self.stopped]
+        if not self.stopped:
+            return
+        took = self.stopped.copy()
+        let_go: set[int] = set()
+        for message_id, keys in self.passed:
+            if took[message_id] > 0:
+                took[message_id] -= 1
+                let_go.update(keys)
+        conn._inbox[:] = [msg for msg in conn._inbox if id(msg) not in let_go]
 
 
 _ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
@@ -182,7 +204,12 @@ def held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId)
 
 
 def hold_behind(
-    conn: Connection, held: dict[int, MessageId], at: list[int], cancel: WSMessage, arrived: int
+    conn: Connection,
+    held: dict[int, MessageId],
+    doubtful: dict[int, MessageId],
+    at: list[int],
+    cancel: WSMessage,
+    arrived: int,
 ) -> list[WSMessage]:
     """Hold ``cancel`` right behind each held message at ``at`` (itself behind the last); those held.
 
@@ -190,19 +217,31 @@ def hold_behind(
     is dropped as it is admitted (:func:`cancel_behind`), before the answering task can start
     it. The copies behind the earlier ones are quiet: one of them finding nothing to drop (its
     message refused) answers nothing; only the cancel itself may answer ``not_found``, and only
-    when none of them dropped one. A later cancel of that id is held in order (``not_found``).
-    Each is marked with ``arrived``, how many messages were held before the cancel came: the
-    ones it drops count as queued for those (:class:`Behind`), as on one process.
+    when none of them dropped one. Each is marked with ``arrived``, how many messages were held
+    before the cancel came: the ones it drops count as queued for those (:class:`Behind`), as on
+    one process. A message with a cancel held behind it moves from ``held`` to ``doubtful``:
+    that cancel is the owner's should its own message with the id be cancelled by it
+    (:class:`Doubts`), so a later cancel of the id is held behind it too, after the first.
     """
     # Which cancel a copy came from, and when it came (aiohttp's extra: None for a text frame).
     mark = f"{next(_groups)} {arrived}"
     group = [WSMessage(WSMsgType.TEXT, cancel.data, _LOUD + mark)]
     for n, where in enumerate(reversed(at)):  # from the back: the positions before stay right
-        del held[id(conn._inbox[where])]
+        key = id(conn._inbox[where])
+        message_id = held.pop(key, None)
+        if message_id is not None:
+            doubtful[key] = message_id
         if n:
             group.append(WSMessage(WSMsgType.TEXT, cancel.data, _QUIET + mark))
-        conn._inbox.insert(where + 1, group[-1])
+        after = where + 1  # behind the cancels held there before
+        while after < len(conn._inbox) and _is_held_cancel(conn._inbox[after]):
+            after += 1
+        conn._inbox.insert(after, group[-1])
     return group
+
+
+def _is_held_cancel(msg: WSMessage) -> bool:
+    return isinstance(msg.extra, str) and msg.extra.startswith(_MARKS)
 
 
 _NONE = object()  # no message id (None is not one either)

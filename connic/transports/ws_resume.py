@@ -193,6 +193,7 @@ async def _reading_meanwhile(
     assert frame.session_id is not None
     store = conn.transport.sessions.store
     held: dict[int, MessageId] = {}  # id() of each message held in the inbox that names its id: that id
+    doubtful: dict[int, MessageId] = {}  # those of them with a held cancel behind (hold_behind)
     cancels: dict[int, MessageId] = {}  # id() of each other cancel held before the find followed: its id
     task = asyncio.ensure_future(finding)
     history = FollowedHistory(conn, frame.session_id, following, moves)
@@ -222,14 +223,16 @@ async def _reading_meanwhile(
                 msg = receiving.result()
                 conn.heartbeat.last_seen = conn._loop.time()
                 parsed = parse_held(msg.data) if msg.type is WSMsgType.TEXT else None
-                at = held_at(conn, held, parsed.id) if isinstance(parsed, CancelFrame) else []
+                at = []
+                if isinstance(parsed, CancelFrame):
+                    at = sorted(held_at(conn, held, parsed.id) + held_at(conn, doubtful, parsed.id))
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
                 elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at:
-                        group = hold_behind(conn, held, at, msg, ahead.arrived)
+                        group = hold_behind(conn, held, doubtful, at, msg, ahead.arrived)
                         doubts.hold(group, parsed.id)
                         # Where it came: the owner acts on it too (once the find follows it).
                         ahead.passed(parsed.id, group[0].extra)

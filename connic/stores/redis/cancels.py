@@ -70,19 +70,30 @@ class Cancels(WriteBack):
         self._spawn(self._send_cancel(session_id, {"held": message_id} if held else message_id))
 
     async def _send_cancel(self, session_id: str, message_id: MessageId | dict[str, MessageId]) -> None:
-        prefix = self.options.key_prefix
-        key = scripts.cancel_key(prefix, session_id)
+        data = json.dumps(message_id)
         try:
-            pipe = self._client().pipeline(transaction=False)
-            pipe.rpush(key, json.dumps(message_id))
-            # Only for a while: a cancel the owner never took must not cancel a later message with that id.
-            # Long enough for the claim that follows a dead owner's last lease to find it.
-            lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
-            pipe.pexpire(key, 2 * max(lease, 10_000))
-            pipe.publish(scripts.cancel_channel(prefix), session_id)
-            await self._call(pipe.execute())
+            try:
+                await self._pass_cancel(session_id, data, "RPUSH")
+            except StoreUnavailable as exc:
+                if "WRONGTYPE" not in exc.detail:  # redis-py puts the command before the error
+                    raise
+                # A set of cancels an earlier version passed still waits (a rolling upgrade from
+                # it): added to it, which the owner's CANCELS script takes as well, in no order.
+                await self._pass_cancel(session_id, data, "SADD")
         except StoreUnavailable as exc:
             log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
+
+    async def _pass_cancel(self, session_id: str, data: str, add: str) -> None:
+        prefix = self.options.key_prefix
+        key = scripts.cancel_key(prefix, session_id)
+        pipe = self._client().pipeline(transaction=False)
+        pipe.execute_command(add, key, data)
+        # Only for a while: a cancel the owner never took must not cancel a later message with that id.
+        # Long enough for the claim that follows a dead owner's last lease to find it.
+        lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
+        pipe.pexpire(key, 2 * max(lease, 10_000))
+        pipe.publish(scripts.cancel_channel(prefix), session_id)
+        await self._call(pipe.execute())
 
     def _channels(self) -> dict[str, Callable[[str], None]]:
         """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
