@@ -20,6 +20,30 @@ from aiohttp.test_utils import TestServer
 
 import connic
 
+# --- numbers the reliability tests report, printed in one table at the end of the run -----
+
+MEASURED: list[tuple[str, str]] = []
+"""(name, value) pairs, from tests/reliability/conftest.py's ``report``."""
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its numbers go to the controller
+        workeroutput["measured"] = [list(item) for item in MEASURED]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    MEASURED.extend((name, value) for name, value in getattr(node, "workeroutput", {}).get("measured", []))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MEASURED:
+        terminalreporter.section("reliability: measured")
+        for name, value in MEASURED:
+            terminalreporter.write_line(f"{name}: {value}")
+
+
 SECRET = "test-secret"
 ROOT = Path(__file__).resolve().parent.parent
 

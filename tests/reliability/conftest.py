@@ -22,23 +22,14 @@ import pytest
 from aiohttp import web
 
 import connic
-from conftest import CliServer, start_cli
+from conftest import MEASURED, CliServer, start_cli
 
 # --- numbers a test reports, collected into one table at the end of the run -------------
 
-MEASURED: list[tuple[str, str]] = []
-
 
 def report(name: str, value: str) -> None:
-    """Record a measured number; ``pytest -s tests/reliability`` prints them all at the end."""
+    """Record a measured number; the run prints them all at the end (tests/conftest.py)."""
     MEASURED.append((name, value))
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if MEASURED:
-        terminalreporter.section("reliability: measured")
-        for name, value in MEASURED:
-            terminalreporter.write_line(f"{name}: {value}")
 
 
 # --- metrics -----------------------------------------------------------------------------
