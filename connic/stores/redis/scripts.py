@@ -70,7 +70,7 @@ def every_key(prefix: str, session_id: str) -> list[str]:
 
 
 def cancel_key(prefix: str, session_id: str) -> str:
-    """The list of ``cancel`` ids (JSON) other processes passed to the session's owner (a set, from earlier versions)."""
+    """The list of ``cancel`` ids (JSON) passed to the session's owner (a set, from earlier versions)."""
     return f"{prefix}{{{session_id}}}:cancel"
 
 
