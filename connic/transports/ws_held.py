@@ -145,6 +145,7 @@ class Doubts:
     the held messages answered. One such end takes one cancel, the first passed: a second cancel
     of the id, held behind the same messages while the first was in doubt, drops them then, as
     on one process the first stops the reply in flight and the second the message queued next.
+    A cancel of the id passed at once (no held message had it then, :meth:`direct`) is first.
     """
 
     __slots__ = ("passed", "pending", "stopped")
@@ -153,12 +154,23 @@ class Doubts:
         # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
         # frames (one behind each held message with its id, :func:`hold_behind`).
         self.pending: list[tuple[MessageId, list[int]]] = []
-        self.passed: list[tuple[MessageId, list[int]]] = []  # the held cancels passed to the owner, in order
+        # The cancels passed to the owner, in order: held ones, and those of no held message (no frames).
+        self.passed: list[tuple[MessageId, list[int]]] = []
         self.stopped: collections.Counter[MessageId] = collections.Counter()  # its replies ended cancelled since
 
     def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
         """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
         self.pending.append((message_id, [id(msg) for msg in held]))
+
+    def direct(self, store: SessionStore, session_id: str, message_id: MessageId) -> None:
+        """Pass a cancel of no held message to the owner; a reply with its id that ends cancelled is its first.
+
+        Such a cancel comes before any held cancel of its id (it would be held else): the end of
+        the owner's message it stops is not a held one's, which then drops its held messages,
+        as on one process the second cancel of a message stopped already drops the queued ones.
+        """
+        store.cancel(session_id, message_id)
+        self.passed.append((message_id, []))
 
     def pass_on(self, store: SessionStore, session_id: str) -> None:
         """The find follows the session's owner: the held cancels not passed yet go there too."""

@@ -213,7 +213,7 @@ async def _reading_meanwhile(
             if cancels and following:
                 # The find follows another process now: the cancels held till then go there.
                 for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
-                    store.cancel(frame.session_id, cancels.pop(id(msg)))
+                    doubts.direct(store, frame.session_id, cancels.pop(id(msg)))
                     conn._inbox.remove(msg)
             if following:
                 doubts.pass_on(store, frame.session_id)
@@ -241,7 +241,7 @@ async def _reading_meanwhile(
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
                         ahead.passed(parsed.id)
-                        store.cancel(frame.session_id, parsed.id)
+                        doubts.direct(store, frame.session_id, parsed.id)
                 elif isinstance(parsed, HistoryRequest) and following and not conn._inbox and history.asked is None:
                     history.ask(msg)
                 else:
