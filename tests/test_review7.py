@@ -7,12 +7,23 @@ the same frames go to one process (the ``memory`` store).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
 from typing import Any
 
-from redis_server import redis_server_fixture  # noqa: F401  (a fixture)
-from resume_helpers import Clients, clients_fixture  # noqa: F401  (a fixture)
+import pytest
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+)
+from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
 from test_redis_held import launch  # noqa: F401  (a fixture)
 from test_review5 import _run
+
+aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
 
 async def test_a_second_cancel_behind_a_held_message_after_a_cancel_passed_at_once_drops_it(
@@ -28,3 +39,47 @@ async def test_a_second_cancel_behind_a_held_message_after_a_cancel_passed_at_on
         ends = {key[3]: n for key, n in frames.items() if key[:2] == ("stream_end", "m1")}
         assert frames[("error", "m1", None, None, "not_found")] == 0, (shared, frames)
         assert frames[("ack", "m1", 2, None, None)] == 1 and "stop" not in ends, (shared, frames)
+
+
+async def test_a_cancel_passed_into_an_earlier_versions_set_holding_its_id_gets_its_own_answer(
+    launch: Any,  # noqa: F811  (the fixture imported above)
+    clients: Clients,
+    redis_server: RedisServer,
+) -> None:
+    # PROTOCOL.md §5: each cancel of an id neither queued nor in flight answers not_found. An
+    # earlier version's follower left a cancel of m9 in a set (a rolling upgrade); the owner is slow
+    # to take it (stopped here for a moment), and this client's cancel of m9 is added to that set.
+    a, b = await launch(), await launch()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(200)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True
+    await conn.until(lambda f: f["type"] == "stream_chunk")  # B follows A's reply
+    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    key = f"connic:{{{session.session_id}}}:cancel"
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        await redis.sadd(key, json.dumps("m9"))  # what the earlier version's follower passed
+        await redis.pexpire(key, 20_000)
+        await conn.send({"type": "cancel", "id": "m9"})
+        await conn.send({"type": "cancel", "id": "m8"})
+        deadline = time.monotonic() + 5
+        while await redis.scard(key) < 2 or not await _passed_m8(redis, key):  # m8 passed after m9
+            assert time.monotonic() < deadline, "B never passed the cancels to A"
+            await asyncio.sleep(0.01)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        await redis.aclose()
+    await conn.until_ended({"m1": ["assistant"]}, timeout=15)
+    await conn.send({"type": "message", "id": "m2", "payload": {"message": "after"}})
+    await conn.until_ended({"m2": ["assistant"]})
+    not_found = Counter(f["id"] for f in session.transcript.ordered() if f.get("code") == "not_found")
+    assert not_found == {"m9": 2, "m8": 1}, not_found
+
+
+async def _passed_m8(redis: Any, key: str) -> bool:
+    return bool(await redis.sismember(key, json.dumps("m8")))

@@ -79,11 +79,16 @@ class Cancels(WriteBack):
                     raise
                 # A set of cancels an earlier version passed still waits (a rolling upgrade from
                 # it): added to it, which the owner's CANCELS script takes as well, in no order.
-                await self._pass_cancel(session_id, data, "SADD")
+                # A set holds a member once, and a cancel of the id may be there already: this
+                # one is added apart, its JSON padded with spaces (it reads the same), or it
+                # would never be answered.
+                while not await self._pass_cancel(session_id, data, "SADD"):
+                    data = " " + data
         except StoreUnavailable as exc:
             log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
 
-    async def _pass_cancel(self, session_id: str, data: str, add: str) -> None:
+    async def _pass_cancel(self, session_id: str, data: str, add: str) -> bool:
+        """Add ``data`` to the cancel key with ``add`` (RPUSH, SADD) and wake the owner; whether it was added."""
         prefix = self.options.key_prefix
         key = scripts.cancel_key(prefix, session_id)
         pipe = self._client().pipeline(transaction=False)
@@ -93,7 +98,8 @@ class Cancels(WriteBack):
         lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
         pipe.pexpire(key, 2 * max(lease, 10_000))
         pipe.publish(scripts.cancel_channel(prefix), session_id)
-        await self._call(pipe.execute())
+        added, *_ = await self._call(pipe.execute())
+        return bool(added)
 
     def _channels(self) -> dict[str, Callable[[str], None]]:
         """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
