@@ -330,16 +330,13 @@ class WSBinding(Outbox[str]):
         (:mod:`~connic.transports.agui_resume`): the runs' events are where it left them, the
         log is read on from there.
         """
-        start = 0
-        if followed is not None:
-            start = followed
-            replay = await session.replay(self, followed)
-        else:
-            replay = await session.replay(self, 0) if last_seq else None
-        if followed is None and (replay is None or not replay[0]):
+        start = followed if followed is not None else 0
+        replay = await session.replay(self, start)
+        # Read again only when the log lost frames: None is a newer resume that overtook this one.
+        if followed is None and last_seq and replay is not None and not replay[0]:
             start = oldest_before(session.seq, session.sessions.options.replay_buffer, last_seq)
             replay = await session.replay(self, start)
-            if start != last_seq and (replay is None or not replay[0]):
+            if start != last_seq and replay is not None and not replay[0]:
                 start = last_seq  # frames were evicted meanwhile
                 replay = await session.replay(self, last_seq)
         if replay is None or session.state is SessionState.ENDED:
