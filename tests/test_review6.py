@@ -8,14 +8,19 @@ real ``websockets`` clients. Every wait is bounded; no assertion is on a duratio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import signal
+import uuid
 from typing import Any
 
+import test_redis_limits
 import test_redis_writeback
 from redis_server import (
     RedisServer,
     flush,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    with_store,
 )
 from resume_helpers import (
     Clients,
@@ -24,9 +29,14 @@ from resume_helpers import (
     words,
 )
 from tcp_proxy import TcpProxy
+from test_agui_support import agui_config, agui_registry, kinds, post_run, run_input
+from test_redis_limits import open_ws, refused_status
+from websockets.exceptions import ConnectionClosed
 
+from conftest import StartServer
 from connic.stores.redis import scripts
 
+fleet = test_redis_limits.fleet  # the fixture: python -m connic run with extra TOML lines
 connic_run = test_redis_writeback.connic_run  # the fixture: python -m connic run, its echo agent's delay given
 
 APPEND_SHA = hashlib.sha1(scripts.APPEND.encode()).hexdigest().encode()  # what an EVALSHA of APPEND carries
@@ -86,3 +96,39 @@ async def test_a_write_sent_before_redis_lost_its_data_and_run_after_the_write_b
         await conn.until_ended({"m2": ["assistant"]}, timeout=10)
     finally:
         await proxy.close()
+
+
+async def test_a_rolling_restart_frees_the_connections_of_the_process_it_stopped(fleet: Any) -> None:
+    # max_connections_per_ip across the fleet: a process stopped (SIGTERM) closes its connections
+    # (1001); their clients reconnect to another process at once, as a rolling restart has them.
+    options = {"server": "max_connections_per_ip = 1", "store": "connection_lease = 60"}
+    a = await fleet(**options)
+    b = await fleet(**options)
+    ws = await open_ws(a.url)
+    a.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(a.proc.wait, 20)
+    with contextlib.suppress(ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 10)
+    assert await refused_status(b.url) is None, "the stopped process's connection still counts"
+
+
+async def test_two_agui_runs_at_once_on_one_thread_keep_max_messages_with_a_rate_limit_in_redis(
+    start_server: StartServer, redis_server: RedisServer
+) -> None:
+    # Two runs posted at once on one thread, max_messages = 1, and a rate_limit (its bucket in Redis:
+    # a round trip). Each was checked against max_messages before taking its token, and counted
+    # after: both passed the check while the other waited for Redis, and both were answered.
+    start = with_store(start_server, redis_server.url)
+    connector = {"max_messages": 2, "rate_limit": {"messages": 10, "per": 60}}
+    server = await start(agui_config(connector), registry=agui_registry())
+    url = server.http + "/agui"
+    thread = str(uuid.uuid4())
+    status, events = await post_run(url, run_input(thread, "first"))  # the thread exists from here
+    assert status == 200 and isinstance(events, list) and kinds(events)[-1] == "RUN_FINISHED", events
+    runs = await asyncio.gather(post_run(url, run_input(thread, "second")), post_run(url, run_input(thread, "third")))
+    endings = sorted(
+        (events[-1].code if kinds(events)[-1] == "RUN_ERROR" else "answered")
+        for status, events in runs
+        if status == 200 and isinstance(events, list)
+    )
+    assert endings == ["answered", "message_limit_reached"], runs
