@@ -11,15 +11,20 @@ import asyncio
 import contextlib
 import hashlib
 import signal
+import threading
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import test_redis_limits
 import test_redis_writeback
 from redis_server import (
     RedisServer,
     flush,
     redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
     with_store,
 )
 from resume_helpers import (
@@ -33,36 +38,42 @@ from test_agui_support import agui_config, agui_registry, kinds, post_run, run_i
 from test_redis_limits import open_ws, refused_status
 from websockets.exceptions import ConnectionClosed
 
-from conftest import StartServer
-from connic.stores.redis import scripts
+from conftest import SECRET, CliServer, StartServer, start_cli
+from connic.stores.redis import limit_scripts, scripts
 
 fleet = test_redis_limits.fleet  # the fixture: python -m connic run with extra TOML lines
 connic_run = test_redis_writeback.connic_run  # the fixture: python -m connic run, its echo agent's delay given
 
 APPEND_SHA = hashlib.sha1(scripts.APPEND.encode()).hexdigest().encode()  # what an EVALSHA of APPEND carries
+IP_ENTER_SHA = hashlib.sha1(limit_scripts.IP_ENTER.encode()).hexdigest().encode()
 
 
 class HoldingOnce(TcpProxy):
-    """A proxy to Redis that, once :attr:`hold` is set, holds the next write carrying an APPEND that long.
+    """A proxy to Redis that, once :attr:`hold` is set, holds the next write carrying script ``sha`` that long.
 
     Only that one write, on its one connection: the process's other calls go through meanwhile,
     as they do when one of its pooled connections is slow. :attr:`held` is set once it holds it.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, sha: bytes = APPEND_SHA) -> None:
         super().__init__(target_port)
+        self.sha = sha
         self.hold = 0.0
         self.held = asyncio.Event()
+        self.passed = asyncio.Event()  # set once the write it held is passed on
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
-                if self.hold and APPEND_SHA in data:
+                hold = 0.0
+                if self.hold and self.sha in data:
                     hold, self.hold = self.hold, 0.0
                     self.held.set()
                     await asyncio.sleep(hold)
                 writer.write(data)
                 await writer.drain()
+                if hold:
+                    self.passed.set()
             if writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError):
@@ -132,3 +143,52 @@ async def test_two_agui_runs_at_once_on_one_thread_keep_max_messages_with_a_rate
         if status == 200 and isinstance(events, list)
     )
     assert endings == ["answered", "message_limit_reached"], runs
+
+
+@pytest.fixture
+def run_on(tmp_path: Path) -> Iterator[Any]:
+    """``run_on(url, server=..., store=...)``: a ``python -m connic run`` on the Redis at ``url``; killed at the end."""
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[CliServer] = []
+
+    async def start(url: str, *, server: str = "", store: str = "") -> CliServer:
+        config = tmp_path / f"connic-run-{len(started)}.toml"
+        config.write_text(
+            f"[server]\n{server}\n"
+            '[agents.assistant]\nuse = "echo"\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
+            f'[store]\nuse = "redis"\nurl = "{url}"\n{store}\n'
+        )
+        process = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
+        started.append(process)
+        threading.Thread(target=process.proc.communicate, daemon=True).start()  # a full pipe would stop it
+        return process
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+
+
+async def test_a_handshake_whose_count_in_timed_out_is_not_counted_when_it_runs_late(
+    run_on: Any, redis_server: RedisServer
+) -> None:
+    # A slow Redis: a handshake's count-in (IP_ENTER) takes longer than the store's timeout, and the
+    # client gets 503. The script still runs, late: it counted in a connection that never opened,
+    # nobody renewed or removed it, and the address got 429 (too many connections) for a whole
+    # connection_lease with nothing open.
+    proxy = HoldingOnce(redis_server.port, IP_ENTER_SHA)
+    await proxy.start()
+    try:
+        a = await run_on(
+            f"redis://127.0.0.1:{proxy.port}/0",
+            server="max_connections_per_ip = 1",
+            store="timeout = 0.5\nconnection_lease = 60",
+        )
+        proxy.hold = 1.5
+        assert await refused_status(a.url) == 503  # no answer from Redis within its timeout
+        await asyncio.wait_for(proxy.passed.wait(), 10)  # the count-in reaches Redis now
+        await asyncio.sleep(0.2)  # and has run
+        assert await refused_status(a.url) is None, "a handshake that was refused still counts"
+    finally:
+        await proxy.close()
