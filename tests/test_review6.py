@@ -23,6 +23,7 @@ import test_redis_writeback
 from redis_server import (
     RedisServer,
     flush,
+    redis_client_fixture,  # noqa: F401  (a fixture)
     redis_server_fixture,  # noqa: F401  (a fixture)
     store_plugin_env,
     with_store,
@@ -35,7 +36,7 @@ from resume_helpers import (
 )
 from tcp_proxy import TcpProxy
 from test_agui_support import agui_config, agui_registry, kinds, post_run, run_input
-from test_redis_limits import open_ws, refused_status
+from test_redis_limits import open_ws, refused_status, refused_within
 from websockets.exceptions import ConnectionClosed
 
 from conftest import SECRET, CliServer, StartServer, start_cli
@@ -192,3 +193,32 @@ async def test_a_handshake_whose_count_in_timed_out_is_not_counted_when_it_runs_
         assert await refused_status(a.url) is None, "a handshake that was refused still counts"
     finally:
         await proxy.close()
+
+
+async def test_the_connections_open_while_redis_was_full_count_again_once_it_has_room(
+    run_on: Any, redis_server: RedisServer, redis: Any
+) -> None:
+    # Redis full (maxmemory, noeviction) for longer than connection_lease: it refused the renewals
+    # of the connections' entries (a ZADD needs room), so they lapsed. Once it had room, the
+    # renewals renewed only the entries still there: the connections open all along counted no
+    # more, for as long as they stayed open, and the address got as many more as the limit again.
+    lease = 1.5
+    options = {"server": "max_connections_per_ip = 2", "store": f"connection_lease = {lease}"}
+    a = await run_on(redis_server.url, **options)
+    b = await run_on(redis_server.url, **options)
+    held = [await open_ws(a.url), await open_ws(a.url)]
+    try:
+        assert await refused_status(b.url) == 429  # A's two count on B
+        await redis.config_set("maxmemory", 1)
+        key = scripts.address_key("connic:", "127.0.0.1")
+        for _ in range(200):  # their entries lapse: renewing them is refused
+            if not await redis.exists(key):
+                break
+            await asyncio.sleep(0.1)
+        assert not await redis.exists(key), "the renewals of the entries went through"
+        await redis.config_set("maxmemory", 0)
+        assert await refused_within(b.url, lease * 5), "the connections open while Redis was full no longer count"
+    finally:
+        await redis.config_set("maxmemory", 0)
+        for ws in held:
+            await ws.close()

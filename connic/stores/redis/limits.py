@@ -9,7 +9,8 @@
   lease deadline. The process holding a connection renews its lease (``connection_lease``)
   every third of it and removes it when the connection ends; a process that dies stops
   renewing, so its connections stop counting within one lease. When Redis lost its data
-  (:mod:`~connic.stores.redis.writeback`'s epoch), each process adds its open ones again.
+  (:mod:`~connic.stores.redis.writeback`'s epoch), or has room again after it was full
+  (:mod:`~connic.stores.redis.full`), each process adds its open ones again.
 
 ``max_messages`` needs nothing here: the count is in the session's record, saved when a
 message is accepted, and taken over with it.
@@ -136,6 +137,17 @@ class Limits(Renewer):
             else:
                 commands.append(["ZREM", key, ticket])
         return commands
+
+    def _room(self) -> None:
+        """Redis has room again after it was full: the connections open here are counted in again.
+
+        It refused their renewals meanwhile (a ZADD needs room): once it was full for longer than
+        ``connection_lease`` their entries had lapsed, and renewing only the entries still there
+        left them uncounted for as long as they stayed open.
+        """
+        super()._room()
+        if self._connections:
+            self._count_again = True
 
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None
