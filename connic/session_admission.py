@@ -49,11 +49,7 @@ async def admit(session: ChatSession, frame: MessageFrame, waiting: Callable[[],
     if sessions.draining:
         session.refuse(ServerShuttingDown("the server is shutting down"), frame.id)
         return
-    if session.limit_reached or session.count >= opts.max_messages:
-        session.refuse(MessageLimitReached(f"this session reached its limit of {opts.max_messages} messages"), frame.id)
-        session.limit_reached = True
-        if not session.busy:
-            session.end(MessageLimitReached(), notify=False)
+    if _over_limit(session, frame):
         return
     if session.bucket is not None:
         try:
@@ -67,6 +63,10 @@ async def admit(session: ChatSession, frame: MessageFrame, waiting: Callable[[],
             return  # ended (or moved to another process) meanwhile: its connection is closing
         if sessions.draining:
             session.refuse(ServerShuttingDown("the server is shutting down"), frame.id)
+            return
+        # Asked again: another message of the session (an AG-UI run posted at the same time) may
+        # have been accepted while this one waited for its token, and max_messages reached.
+        if _over_limit(session, frame):
             return
         if wait:
             sessions.metrics.rate_limited.inc(sessions.label)
@@ -98,3 +98,15 @@ async def admit(session: ChatSession, frame: MessageFrame, waiting: Callable[[],
         session._wakeup.set_result(None)
     session._send_nowait(encode(Ack(message_id, session.count, frame.agent)))
     sessions.store.save(session)  # a shared store: the count holds even if this process dies next
+
+
+def _over_limit(session: ChatSession, frame: MessageFrame) -> bool:
+    """Whether the session reached ``max_messages``: the message is then refused (and the session ends when idle)."""
+    limit = session.sessions.options.max_messages
+    if not (session.limit_reached or session.count >= limit):
+        return False
+    session.refuse(MessageLimitReached(f"this session reached its limit of {limit} messages"), frame.id)
+    session.limit_reached = True
+    if not session.busy:
+        session.end(MessageLimitReached(), notify=False)
+    return True

@@ -51,12 +51,15 @@ return 0
 )
 
 # Count a connection from one address in, unless the address has ``limit`` open already.
-# KEYS: the address's set. ARGV: limit, lease ms, the connection's id. Entries whose
-# lease ran out (their process died) are dropped first. Returns 1 if counted in, else 0.
+# KEYS: the address's set, its closed set (closed_key). ARGV: limit, lease ms, the connection's
+# id. Entries whose lease ran out (their process died) are dropped first. Returns 1 if counted
+# in, else 0. A call that timed out (its handshake refused) may still run later: its connection,
+# counted out by IP_LEAVE meanwhile (in the closed set), is not counted in.
 IP_ENTER = """
 if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if redis.call('ZSCORE', KEYS[2], ARGV[3]) then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
@@ -88,8 +91,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1
 return 1
 """
 
-# Count a connection out while an IP_RENEW adding it again may still run (it timed out, or has
-# not answered yet): removed, and kept in the closed set for a lease, so that it is not added
+# Count a connection out while an IP_RENEW adding it again, or the IP_ENTER counting it in, may still
+# run (it timed out, or has not answered yet): removed, and kept in the closed set for a lease, so that it is not added
 # again. KEYS: the address's set, its closed set. ARGV: the connection's id, lease ms.
 IP_LEAVE = """
 if redis.replicate_commands then redis.replicate_commands() end

@@ -9,7 +9,8 @@
   lease deadline. The process holding a connection renews its lease (``connection_lease``)
   every third of it and removes it when the connection ends; a process that dies stops
   renewing, so its connections stop counting within one lease. When Redis lost its data
-  (:mod:`~connic.stores.redis.writeback`'s epoch), each process adds its open ones again.
+  (:mod:`~connic.stores.redis.writeback`'s epoch), or has room again after it was full
+  (:mod:`~connic.stores.redis.full`), each process adds its open ones again.
 
 ``max_messages`` needs nothing here: the count is in the session's record, saved when a
 message is accepted, and taken over with it.
@@ -58,7 +59,7 @@ class Limits(Renewer):
         self._process = uuid.uuid4().hex  # the ids of this process's connections start with it
         self._numbers = itertools.count(1)
         self._connections: dict[str, str] = {}  # connection id: its address's key
-        # (address key, connection id, whether an IP_RENEW adding it again may still run) to count out
+        # (address key, connection id, whether a call adding it may still run: IP_RENEW or IP_ENTER) to count out
         self._closed: list[tuple[str, str, bool]] = []
         self._count_again = False  # Redis lost its data: the connections open here are to be counted in again
         self._adding_until = 0.0  # loop time until which an IP_RENEW adding connections again may still run
@@ -102,8 +103,16 @@ class Limits(Renewer):
         connection = f"{self._process}:{next(self._numbers)}"
         key = scripts.address_key(self.options.key_prefix, address)
         lease = ms(self.options.connection_lease)
-        # Counted in but never renewed (this handshake cancelled during the call): it expires with its lease.
-        if not await self._call(self._scripts["IP_ENTER"](keys=[key], args=[limit, lease, connection])):
+        keys = [key, limit_scripts.closed_key(key)]
+        try:
+            entered = await self._call(self._scripts["IP_ENTER"](keys=keys, args=[limit, lease, connection]))
+        except BaseException:
+            # Timed out or cancelled, the call may still run in Redis, later: it would count in a
+            # connection that never opened, and the address got 429 with nothing open, for a lease.
+            self._closed.append((key, connection, True))
+            self._kick()
+            raise
+        if not entered:
             return None
         self._connections[connection] = key
         return connection
@@ -117,7 +126,7 @@ class Limits(Renewer):
 
     def _counted_out(self) -> list[list[str | int]]:
         closed, self._closed = self._closed, []
-        # A plain ZREM, unless an IP_RENEW adding the connection again may run after it (one that
+        # A plain ZREM, unless an IP_RENEW or IP_ENTER adding the connection may run after it (one that
         # timed out here may still reach Redis): then IP_LEAVE, which keeps it from being added again.
         commands: list[list[str | int]] = []
         for key, ticket, adding in closed:
@@ -128,6 +137,17 @@ class Limits(Renewer):
             else:
                 commands.append(["ZREM", key, ticket])
         return commands
+
+    def _room(self) -> None:
+        """Redis has room again after it was full: the connections open here are counted in again.
+
+        It refused their renewals meanwhile (a ZADD needs room): once it was full for longer than
+        ``connection_lease`` their entries had lapsed, and renewing only the entries still there
+        left them uncounted for as long as they stayed open.
+        """
+        super()._room()
+        if self._connections:
+            self._count_again = True
 
     def _limit_lease(self) -> int | None:
         return ms(self.options.connection_lease) if self._connections else None

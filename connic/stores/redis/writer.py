@@ -252,11 +252,15 @@ class Writer(Connection):
                     self._saved.pop(sid, None)
                     self._fail(sid)
                 elif result == 0 and name in ("APPEND", "SAVE"):
-                    self._lost(sid)
+                    # Refused for a token this process no longer holds (a write sent before Redis lost
+                    # its data, run after the session was written back under a new one): nobody took it.
+                    if self._fences.get(sid, (0, 0))[0] == args[0]:
+                        self._lost(sid)
                 elif result == -1 and name == "SAVE" and i not in saves:
                     self._gone_let_go(sid, releases[sid])
                 elif result == -1 and name in ("APPEND", "SAVE"):
-                    self._gone(sid)
+                    if self._fences.get(sid, (0, 0))[0] == args[0]:
+                        self._gone(sid)
                 elif i in saves and (sid in self._fences or sid in self._releases):
                     # Still this process's (or to be let go with the next batch, which writes from here).
                     self._saved[sid] = saves[i]
