@@ -22,6 +22,7 @@ __all__ = ["Ahead", "Pending"]
 log = logging.getLogger("connic.websocket")
 
 Pending = tuple[MessageId, int, "str | None"]  # a message the owner accepted: its id, number, agent named
+_Stopping = tuple[MessageId, set[str]]  # a stopped message's id, and its agents whose end is still to come
 
 
 class Ahead:
@@ -40,6 +41,14 @@ class Ahead:
     was read counts those the record lists, less the ones cancels sent before it dropped.
     A held cancel (:func:`hold_behind`) that drops a queued message of the owner's is noted
     (:attr:`took`): it answers no ``not_found`` here, its held messages refused or not.
+
+    A cancel of the message begun here only (the owner's stop of the one before it not followed
+    yet) is in doubt: the owner may take it while that stop still runs, and then it passes over
+    the stopped message and drops every queued one with the id (docs/protocol.md, "Cancelling"),
+    the one begun here too, where it would have stopped that one and left those behind it. Which
+    one it did shows in its log (that message's frames, or those of a later one first): the
+    held messages that came after the cancel count what it left (:meth:`count`, once every
+    frame of the owner was followed: a message it never began was dropped).
     """
 
     __slots__ = (
@@ -47,8 +56,10 @@ class Ahead:
         "arrived",
         "cancels",
         "current",
+        "doubts",
         "ended",
         "frames",
+        "gone",
         "loading",
         "queued",
         "snapshots",
@@ -64,27 +75,35 @@ class Ahead:
         self.ended: set[str] = set()  # the agents whose reply to it ended
         # Messages in flight a cancel stopped (the next one began then): each one's id, and the agents
         # whose end of it is still to come (its frames are not the next one's, which may share its id).
-        self.stopping: list[tuple[MessageId, set[str]]] = []
+        self.stopping: list[_Stopping] = []
+        # Cancels that stopped a message begun here only (the stop before it not followed): each
+        # one's message, its stopping entry, the queued ones with its id it left, its held frame's mark.
+        self.doubts: list[tuple[Pending, _Stopping, list[Pending], str | None]] = []
+        # For each of them that the owner took as a drop: that message's number and those of the
+        # queued ones with its id it dropped too (gone from what each later held message counts).
+        self.gone: list[tuple[int, set[int]]] = []
         self.frames: list[str] = []  # frames followed while the record was read (applied after it)
         # Cancels passed to the owner before its record was read: each one's id, and its held frame's mark.
         self.cancels: list[tuple[MessageId, str | None]] = []
         # The marks (inbox ``extra``) of the held cancels that dropped a message the owner queued: on
         # one process that cancel found a queued message, so it answers no not_found (cancel_behind).
         self.took: set[str] = set()
-        # Each held message (in order): how many the owner had queued when it came; or None, and
-        # how many cancels were passed before it, when the record was not read yet.
-        self.snapshots: list[tuple[int | None, int]] = []
+        # Each held message (in order): the owner's messages in flight and queued when it came; or
+        # None, and how many cancels were passed before it, when the record was not read yet.
+        self.snapshots: list[tuple[tuple[Pending, ...] | None, int]] = []
         self.arrived = 0  # how many messages were held so far
 
     def held(self) -> None:
         """A message is held: it comes behind the owner's messages queued now."""
-        queued = self.queued
-        self.snapshots.append((len(queued) if queued is not None else None, len(self.cancels)))
+        self.snapshots.append((self._ahead() if self.queued is not None else None, len(self.cancels)))
         self.arrived += 1
 
     def follows(self, store: SessionStore, session_id: str) -> None:
-        """The resume follows the owner: its record is read once a message is held (none else: no round trip)."""
-        if self.loading is None and self.snapshots:
+        """The resume follows the owner: its record is read once a message is held or a cancel passed (none else).
+
+        Once it is read for, the frames followed are kept: a cancel in doubt is settled by them.
+        """
+        if self.loading is None and (self.snapshots or self.cancels):
             self.loading = asyncio.ensure_future(store.load(session_id))
             self.loading.add_done_callback(self._read)
 
@@ -105,7 +124,7 @@ class Ahead:
                 self.frames += [data for data in frames if not data.startswith(_CHUNK)]
             return
         for data in frames:
-            if not self.queued:
+            if not self.queued and not self.doubts:
                 return  # nothing queued is left to count: the rest need not be read
             if data.startswith(_CHUNK):
                 continue  # a chunk of a reply that began with a stream_start: never one's start or end
@@ -114,15 +133,20 @@ class Ahead:
             if agent is None or frame.get("type") not in _REPLY:
                 continue
             message_id = frame.get("id")
-            if self._stopped(message_id, agent, frame["type"]):
+            stopped = self._stopped(message_id, agent, frame["type"])
+            if stopped is not None:
+                # A message whose cancel was in doubt began: the owner stopped it in flight.
+                self.doubts = [doubt for doubt in self.doubts if doubt[1] is not stopped]
                 continue
+            if self.doubts and any(message[0] == message_id for message in self._ahead()):
+                self._dropped(message_id)  # a later message's frame: those in doubt (other ids) never began
             current = self.current
             if current is not None and message_id == current[0]:
                 if frame["type"] in _ENDED:
                     self.ended.add(agent)
                     if self.ended >= self._answering(current):
                         self._next()
-            elif message_id == self.queued[0][0]:
+            elif self.queued and message_id == self.queued[0][0]:
                 self._next()  # its reply began: the one before it ended, its end not seen here
                 if frame["type"] in _ENDED:
                     self.ended.add(agent)
@@ -134,7 +158,12 @@ class Ahead:
         if self.snapshots[0][0] is None and self.loading is not None:
             await asyncio.wait([self.loading])  # taken over before the read came back: it is awaited
             self._read(self.loading)
-        return self.snapshots.pop(0)[0] or 0
+        self._dropped()  # every frame of the owner was followed: a message it never began was dropped
+        ahead = list(self.snapshots.pop(0)[0] or ())
+        for number, numbers in self.gone:
+            if all(message[1] != number for message in ahead):  # it came after that cancel
+                ahead = [message for message in ahead if message[1] not in numbers]
+        return max(len(ahead) - 1, 0)  # the first is in flight
 
     def _read(self, task: asyncio.Future[SessionRecord | None]) -> None:
         # The owner's record was read: its messages in flight and queued, the cancels and frames since applied.
@@ -150,16 +179,21 @@ class Ahead:
         pending = list(record.pending or ()) if record is not None and record.busy else []
         self.current = pending[0] if pending else None
         self.queued = pending[1:]
-        after: list[int] = []  # how many were queued after each cancel passed before the read (none: first)
+        after: list[tuple[Pending, ...]] = []  # what was ahead after each cancel passed before the read (none: first)
         for message_id, mark in self.cancels:
-            after.append(len(self.queued))
+            after.append(self._ahead())
             self._cancel(message_id, mark)
-        after.append(len(self.queued))
+        after.append(self._ahead())
         # A message held before the read counts what the record lists, less what the cancels before it dropped.
         self.snapshots = [(after[cancels] if count is None else count, cancels) for count, cancels in self.snapshots]
         self.cancels.clear()
         frames, self.frames = self.frames, []
         self.seen(frames)
+
+    def _ahead(self) -> tuple[Pending, ...]:
+        # The owner's message in flight and those queued behind it, as far as its log says.
+        assert self.queued is not None
+        return (self.current, *self.queued) if self.current is not None else ()
 
     def _answering(self, message: Pending) -> set[str]:
         # The agents answering a message: the one it named, or each of the connector's.
@@ -171,16 +205,35 @@ class Ahead:
         self.current = self.queued.pop(0) if self.queued else None
         self.ended = set()
 
-    def _stopped(self, message_id: MessageId, agent: str, kind: str) -> bool:
-        # Whether a frame is of a message a cancel stopped (its end, coming after the next one began).
-        for stopped_id, agents in self.stopping:
-            if stopped_id == message_id and agent in agents:
+    def _stopped(self, message_id: MessageId, agent: str, kind: str) -> _Stopping | None:
+        # The stopped message a frame is of, if any (its end, coming after the next one began).
+        for entry in self.stopping:
+            if entry[0] == message_id and agent in entry[1]:
                 if kind in _ENDED:
-                    agents.discard(agent)
-                    if not agents:
+                    entry[1].discard(agent)
+                    if not entry[1]:
                         self.stopping = [entry for entry in self.stopping if entry[1]]
-                return True
-        return False
+                return entry
+        return None
+
+    def _dropped(self, later: MessageId | None = None) -> None:
+        # The messages whose cancel was in doubt never began: the owner dropped them, with the queued
+        # ones with their id (it took the cancel while the stop before them ran): gone from its queue.
+        # ``later``: the id of the later message whose frame says so (those in doubt with it wait).
+        doubts = [doubt for doubt in self.doubts if later is None or doubt[0][0] != later]
+        self.doubts = [doubt for doubt in self.doubts if doubt not in doubts]
+        for message, entry, kept, mark in doubts:
+            self.stopping = [stopping for stopping in self.stopping if stopping is not entry]
+            numbers = {queued[1] for queued in kept}
+            self.gone.append((message[1], numbers))
+            if mark is not None:
+                self.took.add(mark)  # it dropped queued messages: no not_found, as on one process
+            assert self.queued is not None
+            ahead = [queued for queued in self._ahead() if queued[1] not in numbers]
+            if ahead[:1] != [self.current]:
+                self.ended = set()
+            self.current = ahead[0] if ahead else None
+            self.queued[:] = ahead[1:]
 
     def _cancel(self, message_id: MessageId, mark: str | None) -> None:
         assert self.queued is not None
@@ -190,7 +243,11 @@ class Ahead:
             # On one process the next one begins then, the cancelled reply ending at once: the
             # messages sent after the cancel no longer count it as queued (its end, followed
             # later, is not taken for the next one's).
-            self.stopping.append((message_id, self._answering(current) - self.ended))
+            entry = (message_id, self._answering(current) - self.ended)
+            if self.stopping:  # the stop before it may still run when the owner takes this
+                kept = [queued for queued in self.queued if queued[0] == message_id]
+                self.doubts.append((current, entry, kept, mark))
+            self.stopping.append(entry)
             self._next()
             return
         kept = [message for message in self.queued if message[0] != message_id]

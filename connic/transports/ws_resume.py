@@ -109,6 +109,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         return False
     recovered, frames = replay
     doubts.settle(conn, frames)  # with the owner's last frames, not followed before it let the session go
+    ahead.seen(frames)  # and so does what the held messages count (Ahead.count)
     sessions.metrics.resumes.inc(sessions.label, "resumed" if recovered else "not_recovered")
     sessions.metrics.replayed_frames.inc(sessions.label, amount=len(frames))
     conn.session = session
