@@ -2,9 +2,10 @@
 
 A task renews them every third of the shortest lease, in one pipeline, and reads the epoch
 (:mod:`~connic.stores.redis.writeback`: whether Redis lost its data) each time. A renewal
-also checks that each session's history list is what this process last wrote: Redis
-restarted from an older snapshot keeps the epoch, and an idle session's list stayed older
-until its next save (:data:`~connic.stores.redis.scripts.SAVE` checks it too). A renewal
+also checks that each session's history list holds as many entries as this process last
+wrote: Redis restarted from an older snapshot keeps the epoch, and an idle session's list
+stayed older until its next save (:data:`~connic.stores.redis.scripts.SAVE` checks its last
+entry too). A renewal
 also takes the sessions' takeover and end flags (:mod:`~connic.stores.redis.takeovers`) and
 tells of the cancels waiting for them (:mod:`~connic.stores.redis.cancels`), in case their
 pub/sub message was lost. A renewal refused for a lost lease stops this copy of the session
@@ -63,8 +64,8 @@ class Renewer(Writer):
                 for sid, (fence, lease) in owned:
                     session = self._live.get(sid)
                     held = listed[sid]
-                    check = ["", ""] if held is None else [held.count, held.digest]
-                    args = [fence, lease, ttl(session) if session is not None else 0, *check]
+                    count = "" if held is None else held.count
+                    args = [fence, lease, ttl(session) if session is not None else 0, count]
                     self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
 
             try:

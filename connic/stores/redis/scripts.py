@@ -310,8 +310,8 @@ return 1
 # (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
 # set). ARGV: fence, lease ms, the ttl ms its record, history, log and fence are kept
 # for while it is live here (0: left as they are: a session still being taken over, whose
-# record says nothing yet), then its history list's count and digest as its owner last
-# wrote it ('' and '': unknown). Without the ttl a reply longer than it, or a session taken over
+# record says nothing yet), then how many entries its history list holds as its owner last
+# wrote it ('': unknown). Without the ttl a reply longer than it, or a session taken over
 # (its keys expiring a let-go's resume_window later) and kept quiet, saw its keys expire
 # under it, as no save comes meanwhile. Returns 0 when another process owns it, -1 when
 # nobody does and it cannot be taken back (:data:`_OWN`), else 1, plus 2 when a resume
@@ -320,12 +320,12 @@ return 1
 # set for a process that died before taking it, is taken and ignored), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
 # that a session this process lets go instead, a rebuild that failed, still ends at the
-# next claim), plus 8 when cancels wait for it, plus 16 when its history list is not what
-# its owner last wrote (:data:`_INTACT`: Redis came back older, and an idle session has no
-# save coming to find it).
+# next claim), plus 8 when cancels wait for it, plus 16 when its history list holds another
+# number of entries (Redis came back older, and an idle session has no save coming to find
+# it; only the length: hashing the last entry of every session at every renewal cost more
+# than a renewal, and a save compares that too, :data:`_INTACT`).
 RENEW = (
     _OWN
-    + _INTACT
     + """
 local owned = own(ARGV[2])
 if owned ~= 1 then return owned end
@@ -337,7 +337,7 @@ local result = 1
 if redis.call('GETDEL', KEYS[6]) == ARGV[1] then result = result + 2 end
 if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
-if ARGV[4] and ARGV[4] ~= '' and not intact(ARGV[4], ARGV[5]) then result = result + 16 end
+if ARGV[4] and ARGV[4] ~= '' and redis.call('LLEN', KEYS[5]) ~= tonumber(ARGV[4]) then result = result + 16 end
 return result
 """
 )
