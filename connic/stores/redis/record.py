@@ -7,14 +7,17 @@ sends the entries it added, not the whole conversation again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from connic.agent import HistoryEntry
 from connic.stores import SessionRecord
 
-__all__ = ["decode", "encode", "encode_entry"]
+__all__ = ["Listed", "decode", "encode", "encode_entry", "holding", "item_digest"]
 
 _COMPACT = (",", ":")
 
@@ -58,6 +61,35 @@ def encode(record: SessionRecord) -> str:
 def encode_entry(entry: HistoryEntry) -> str:
     """One history entry as a JSON array (an item of the session's history list)."""
     return json.dumps([entry.role, entry.text, entry.agent, entry.id, entry.message_number], separators=_COMPACT)
+
+
+def item_digest(item: str) -> str:
+    """The SHA-1 (hex) of one item of a history list, as the scripts compute it (``redis.sha1hex``)."""
+    return hashlib.sha1(item.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@attrs.frozen
+class Listed:
+    """What a session's history list in Redis holds, as this process last wrote or read it.
+
+    A save appends to the list only while it still holds that (:data:`~connic.stores.redis.scripts.SAVE`):
+    Redis restarted from an older snapshot, or a replica promoted behind its primary, holds an
+    older list, and appending to it left a hole in the conversation.
+    """
+
+    newest: HistoryEntry | None = attrs.field(eq=False)
+    """The newest entry (found by identity in the session's history: where the next save starts)."""
+    count: int
+    """How many items the list holds."""
+    digest: str
+    """The SHA-1 of its last item (:func:`item_digest`; '' when it is empty)."""
+
+
+def holding(entries: Sequence[HistoryEntry]) -> Listed:
+    """What a history list holding exactly ``entries`` holds."""
+    if not entries:
+        return Listed(None, 0, "")
+    return Listed(entries[-1], len(entries), item_digest(encode_entry(entries[-1])))
 
 
 def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:

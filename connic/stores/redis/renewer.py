@@ -2,6 +2,10 @@
 
 A task renews them every third of the shortest lease, in one pipeline, and reads the epoch
 (:mod:`~connic.stores.redis.writeback`: whether Redis lost its data) each time. A renewal
+also checks that each session's history list holds as many entries as this process last
+wrote: Redis restarted from an older snapshot keeps the epoch, and an idle session's list
+stayed older until its next save (:data:`~connic.stores.redis.scripts.SAVE` checks its last
+entry too). A renewal
 also takes the sessions' takeover and end flags (:mod:`~connic.stores.redis.takeovers`) and
 tells of the cancels waiting for them (:mod:`~connic.stores.redis.cancels`), in case their
 pub/sub message was lost. A renewal refused for a lost lease stops this copy of the session
@@ -18,6 +22,7 @@ from typing import Any
 from connic.errors import StoreUnavailable
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import ttl
+from connic.stores.redis.record import Listed
 from connic.stores.redis.writer import Writer
 
 __all__ = ["Renewer"]
@@ -50,11 +55,17 @@ class Renewer(Writer):
             if not owned:
                 continue
 
-            def build(pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned) -> None:
+            listed = {sid: self._saved.get(sid) for sid, _ in owned}  # what each renewal checks the list against
+
+            def build(
+                pipe: Any, owned: list[tuple[str, tuple[int, int]]] = owned, listed: dict[str, Listed | None] = listed
+            ) -> None:
                 prefix = self.options.key_prefix
                 for sid, (fence, lease) in owned:
                     session = self._live.get(sid)
-                    args = [fence, lease, ttl(session) if session is not None else 0]
+                    held = listed[sid]
+                    count = "" if held is None else held.count
+                    args = [fence, lease, ttl(session) if session is not None else 0, count]
                     self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
 
             try:
@@ -77,6 +88,11 @@ class Renewer(Writer):
                     self._taken_over(sid)
                 if result & 8:  # cancels passed from elsewhere, whether it is busy or not
                     cancels.append(sid)
+                # Unless a save of it was written meanwhile: that one changed the list on purpose
+                # (whether the renewal ran before or after it), and checks it itself.
+                held = listed[sid]
+                if result & 16 and not self._writing and held is not None and self._saved.get(sid) is held:
+                    self._rewrite(sid, True)
             if cancels:
                 await self._take_cancels(cancels)
 

@@ -5,12 +5,25 @@ Every key a script touches belongs to one session and shares its hash tag
 Valkey also has are used. Unless a script says otherwise, ``KEYS`` are, in order, the
 session's ownership key, fencing counter, record, replay log and history
 (:func:`session_keys`). The limits' scripts are in :mod:`~connic.stores.redis.limit_scripts`;
-the names of every key and channel here.
+the names of every key and channel in :mod:`~connic.stores.redis.keys` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
+from connic.stores.redis.keys import (
+    address_key,
+    cancel_channel,
+    cancel_key,
+    end_channel,
+    end_key,
+    every_key,
+    rate_key,
+    resumer_key,
+    session_keys,
+    takeover_channel,
+    takeover_key,
+    token_digest,
+)
 
 __all__ = [
     "APPEND",
@@ -36,86 +49,6 @@ __all__ = [
     "takeover_key",
     "token_digest",
 ]
-
-
-def token_digest(token: str) -> str:
-    """The SHA-1 (hex) of a resume token, as the scripts compare it with the record's (``redis.sha1hex``).
-
-    Any string, even one that is not valid Unicode (a lone surrogate): it simply does not match.
-    """
-    return hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def session_keys(prefix: str, session_id: str) -> list[str]:
-    """The ownership key, fencing counter, record, replay log and history of one session."""
-    tag = f"{prefix}{{{session_id}}}"
-    return [f"{tag}:owner", f"{tag}:fence", f"{tag}:record", f"{tag}:log", f"{tag}:history"]
-
-
-def every_key(prefix: str, session_id: str) -> list[str]:
-    """Every key of one session: :func:`session_keys`, its takeover and end flags, cancel list, rate bucket, resumer.
-
-    What a script that may end the session for good is given (``KEYS[6]`` to ``KEYS[10]``
-    are those five): it deletes them all, as nothing of an ended session may outlive it
-    (a session id the client names, AG-UI's threadId, may be opened again).
-    """
-    return [
-        *session_keys(prefix, session_id),
-        takeover_key(prefix, session_id),
-        end_key(prefix, session_id),
-        cancel_key(prefix, session_id),
-        rate_key(prefix, session_id),
-        resumer_key(prefix, session_id),
-    ]
-
-
-def cancel_key(prefix: str, session_id: str) -> str:
-    """The list of ``cancel`` ids (JSON) passed to the session's owner (a set, from earlier versions)."""
-    return f"{prefix}{{{session_id}}}:cancel"
-
-
-def takeover_key(prefix: str, session_id: str) -> str:
-    """The flag a resume on another process sets for the session's owner: its connection is taken over."""
-    return f"{prefix}{{{session_id}}}:takeover"
-
-
-def end_key(prefix: str, session_id: str) -> str:
-    """The flag a resume on another process sets for the session's owner: its client said goodbye (close 1000)."""
-    return f"{prefix}{{{session_id}}}:end"
-
-
-def rate_key(prefix: str, session_id: str) -> str:
-    """The session's token bucket (``rate_limit``): a hash of its tokens and when they were counted."""
-    return f"{prefix}{{{session_id}}}:rate"
-
-
-def resumer_key(prefix: str, session_id: str) -> str:
-    """The nonce of the session's newest resume that claimed it: a follower whose nonce it is not was taken over."""
-    return f"{prefix}{{{session_id}}}:resumer"
-
-
-def address_key(prefix: str, address: str) -> str:
-    """The sorted set of the connections open from one client address, on every process, by lease deadline."""
-    return f"{prefix}ip:{{{address}}}"
-
-
-def cancel_channel(prefix: str) -> str:
-    """The pub/sub channel telling every process which session has a cancel waiting (its id)."""
-    return f"{prefix}cancel"
-
-
-def takeover_channel(prefix: str) -> str:
-    """The pub/sub channel telling every process which session a resume elsewhere took over (its id).
-
-    Its owner's connection is taken over, and so is a resume following it whose nonce is no
-    longer the session's resumer (:func:`resumer_key`).
-    """
-    return f"{prefix}takeover"
-
-
-def end_channel(prefix: str) -> str:
-    """The pub/sub channel telling every process which session a client following it elsewhere ended (its id)."""
-    return f"{prefix}end"
 
 
 # The cancels waiting for a session, in the order they were sent, taken (the list is emptied)
@@ -320,38 +253,65 @@ return 1
 """
 )
 
+# Whether the history list (KEYS[5]) is what its owner last wrote: ``count`` items, the last
+# of SHA-1 ``digest`` (:class:`~connic.stores.redis.record.Listed`). Redis restarted from an
+# older snapshot (or a replica promoted behind its primary) holds an older list.
+_INTACT = """
+local function intact(count, digest)
+    if redis.call('LLEN', KEYS[5]) ~= tonumber(count) then return false end
+    return count == '0' or redis.sha1hex(redis.call('LINDEX', KEYS[5], -1)) == digest
+end
+"""
+
 # Save the record and the history (and keep the log as long), only while this fencing token
 # owns the session (:data:`_OWN`: its result). ARGV: fence, record, ttl ms, replace (1: the
 # list is rewritten, 0: the entries are appended), the number of entries the session holds,
-# the lease ms, then the entries to write.
+# the lease ms, the list's count and digest before (:data:`_INTACT`; for replace 0), then the
+# entries to write. A list that is not what they say is left as it is, the record written:
+# 2, and the next save writes the list whole (appended to, it had a hole).
 SAVE = (
     _HISTORY
     + _OWN
+    + _INTACT
     + """
 local owned = own(ARGV[6])
 if owned ~= 1 then return owned end
 redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
-history(ARGV[4] == '1', tonumber(ARGV[5]), 7, ARGV[3])
+local result = 1
+if ARGV[4] == '1' or intact(ARGV[7], ARGV[8]) then
+    history(ARGV[4] == '1', tonumber(ARGV[5]), 9, ARGV[3])
+else
+    result = 2
+    redis.call('PEXPIRE', KEYS[5], ARGV[3])
+end
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
+return result
 """
 )
 
-# Let the session go: any process may take it. ARGV: fence. The fencing counter moves on, so
-# that this token can never take the session back (:data:`_OWN`) by a write of its own after it.
-RELEASE = """
+# Let the session go: any process may take it. ARGV: fence, then, after a SAVE that appended,
+# the list's count and digest before that SAVE and after it (:data:`_INTACT`). A list that is
+# neither (that SAVE found it older and wrote none of it) is not let go (2): its owner writes
+# it whole first. The fencing counter moves on, so that this token can never take the session
+# back (:data:`_OWN`) by a write of its own after it.
+RELEASE = (
+    _INTACT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] and not intact(ARGV[2], ARGV[3]) and not intact(ARGV[4], ARGV[5]) then return 2 end
 redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[2])
 return 1
 """
+)
 
 # Keep owning the session for another lease. KEYS: every key of the session
 # (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
-# set). ARGV: fence, lease ms, and the ttl ms its record, history, log and fence are kept
+# set). ARGV: fence, lease ms, the ttl ms its record, history, log and fence are kept
 # for while it is live here (0: left as they are: a session still being taken over, whose
-# record says nothing yet). Without it a reply longer than the ttl, or a session taken over
+# record says nothing yet), then how many entries its history list holds as its owner last
+# wrote it ('': unknown). Without the ttl a reply longer than it, or a session taken over
 # (its keys expiring a let-go's resume_window later) and kept quiet, saw its keys expire
 # under it, as no save comes meanwhile. Returns 0 when another process owns it, -1 when
 # nobody does and it cannot be taken back (:data:`_OWN`), else 1, plus 2 when a resume
@@ -360,7 +320,10 @@ return 1
 # set for a process that died before taking it, is taken and ignored), plus 4 when a client following it
 # elsewhere said goodbye (the end flag: left for DELETE, which the session's end runs, so
 # that a session this process lets go instead, a rebuild that failed, still ends at the
-# next claim), plus 8 when cancels wait for it.
+# next claim), plus 8 when cancels wait for it, plus 16 when its history list holds another
+# number of entries (Redis came back older, and an idle session has no save coming to find
+# it; only the length: hashing the last entry of every session at every renewal cost more
+# than a renewal, and a save compares that too, :data:`_INTACT`).
 RENEW = (
     _OWN
     + """
@@ -374,6 +337,7 @@ local result = 1
 if redis.call('GETDEL', KEYS[6]) == ARGV[1] then result = result + 2 end
 if redis.call('EXISTS', KEYS[7]) == 1 then result = result + 4 end
 if redis.call('EXISTS', KEYS[8]) == 1 then result = result + 8 end
+if ARGV[4] and ARGV[4] ~= '' and redis.call('LLEN', KEYS[5]) ~= tonumber(ARGV[4]) then result = result + 16 end
 return result
 """
 )

@@ -32,7 +32,7 @@ from connic.stores.redis import scripts
 from connic.stores.redis.connection import ms
 from connic.stores.redis.follower import Follower, Following
 from connic.stores.redis.log import frames_after, logged, may_end, seq_of, unfinished
-from connic.stores.redis.record import decode
+from connic.stores.redis.record import decode, holding
 from connic.stores.redis.takeovers import Takeovers
 from connic.stores.redis.writeback import epoch_read
 
@@ -279,7 +279,7 @@ class Taking(Takeovers):
         except UNREADABLE as exc:
             raise StoreUnavailable("this session's record in the store cannot be read") from exc
         if listed:  # the list holds the session's entries: the next save appends to it
-            self._saved[session_id] = record.history[-1] if record.history else None
+            self._saved[session_id] = holding(record.history)
         else:  # a record written with its history inline: the next save writes the list whole
             self._saved.pop(session_id, None)
         lost: list[tuple[MessageId, frozenset[str], str | None]] = []

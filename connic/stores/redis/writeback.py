@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import StoreUnavailable
 from connic.stores.redis.connection import ms, ttl
-from connic.stores.redis.record import encode, encode_entry
+from connic.stores.redis.record import encode, encode_entry, holding
 from connic.stores.redis.renewer import Renewer
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class WriteBack(Renewer):
         fence, epoch = await self._create_raw(sid, lease, encode(record), ttl(session), entries)
         self._fences[sid] = (fence, lease)
         self._owned(sid, epoch)
-        self._saved[sid] = record.history[-1] if record.history else None
+        self._saved[sid] = holding(record.history)
 
     async def _create_raw(
         self, sid: str, lease: int, record: str, record_ttl: int, entries: list[str]

@@ -26,7 +26,7 @@ from connic.session import SessionState
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
 from connic.stores.redis.full import refused_full
-from connic.stores.redis.record import encode, encode_entry
+from connic.stores.redis.record import Listed, encode, encode_entry, item_digest
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -80,10 +80,25 @@ def _appends(
     return commands
 
 
-def _save(fence: int, record: str, record_ttl: int, lease: int, history: tuple[int, int, list[str]]) -> list[Any]:
+# What a SAVE writes of a history: what the list held before (None: unknown, it is written
+# whole), what it holds after, and the entries it appends.
+_History = tuple[Listed | None, Listed, list[str]]
+
+
+def _save(fence: int, record: str, record_ttl: int, lease: int, history: _History) -> list[Any]:
     """The arguments of a SAVE (:data:`~connic.stores.redis.scripts.SAVE`); ``history`` from :meth:`Writer._history`."""
-    replace, count, entries = history
-    return [fence, record, record_ttl, replace, count, lease, *entries]
+    before, _, entries = history
+    replace = 1 if before is None else 0
+    count, digest = (0, "") if before is None else (before.count, before.digest)
+    return [fence, record, record_ttl, replace, history[1].count, lease, count, digest, *entries]
+
+
+def _release(fence: int, history: _History) -> list[Any]:
+    """The arguments of the RELEASE after a SAVE of ``history`` (:data:`~connic.stores.redis.scripts.RELEASE`)."""
+    before, after, _ = history
+    if before is None:  # written whole: the list is what it says
+        return [fence]
+    return [fence, before.count, before.digest, after.count, after.digest]
 
 
 class Writer(Connection):
@@ -98,9 +113,9 @@ class Writer(Connection):
         self._dirty: set[str] = set()  # sessions to save
         # session id: (fence, record, its history, ttl ms, lease ms)
         self._releases: dict[str, tuple[int, str, Sequence[HistoryEntry], int, int]] = {}
-        # Session id: the newest history entry its Redis list holds (None: the list is empty),
-        # for the sessions whose list is known to hold exactly their entries up to that one.
-        self._saved: dict[str, HistoryEntry | None] = {}
+        # Session id: what its Redis list holds, for the sessions whose list is known to hold
+        # exactly their entries up to its newest.
+        self._saved: dict[str, Listed] = {}
         self._deletes: dict[str, int] = {}  # session id: fence
         self._abandons: dict[str, int] = {}  # session id: fence (taken, then failed to rebuild: let go as it is)
         self._waiters: list[asyncio.Future[None]] = []
@@ -185,7 +200,7 @@ class Writer(Connection):
         # is taken by this batch or an earlier one). A resume following the session on another
         # process answers `history` from Redis on that (ws_resume, PROTOCOL.md §8).
         commands: list[tuple[str, str, list[Any]]] = []  # (session id, script, args)
-        saves: dict[int, HistoryEntry | None] = {}  # index of a SAVE in commands: the newest entry it writes
+        saves: dict[int, Listed] = {}  # index of a SAVE in commands: what the list holds after it
         for sid in self._dirty:
             session = self._live.get(sid)
             owned = self._fences.get(sid)
@@ -197,9 +212,9 @@ class Writer(Connection):
                 log.error("session %s: its state cannot be saved as JSON (%s)", sid, exc)
                 self._fail(sid)
                 continue
-            held = session.history.entries
-            saves[len(commands)] = held[-1] if held else None
-            commands.append((sid, "SAVE", _save(owned[0], record, ttl(session), owned[1], self._history(sid, held))))
+            history = self._history(sid, session.history.entries)
+            saves[len(commands)] = history[1]
+            commands.append((sid, "SAVE", _save(owned[0], record, ttl(session), owned[1], history)))
         self._dirty = set()
         releases, self._releases = self._releases, {}
         if self.full:
@@ -208,8 +223,11 @@ class Writer(Connection):
             # a message acknowledged) was lost with nothing lost from Redis. Held until it has room.
             releases, self._releases = {}, releases
         self._releasing = set(releases)
+        let_go: list[tuple[str, str, list[Any]]] = []
         for sid, (fence, record, entries, record_ttl, lease) in releases.items():
-            commands.append((sid, "SAVE", _save(fence, record, record_ttl, lease, self._history(sid, entries))))
+            history = self._history(sid, entries)
+            commands.append((sid, "SAVE", _save(fence, record, record_ttl, lease, history)))
+            let_go.append((sid, "RELEASE", _release(fence, history)))
         for sid, replay in self._dirty_logs.items():
             frames, replay.pending = replay.pending, []
             if frames and replay.fence is not None:
@@ -218,7 +236,7 @@ class Writer(Connection):
                 lease = owned[1] if owned is not None and owned[0] == replay.fence else 0
                 commands += _appends(sid, replay.fence, lease, replay.capacity, log_ttl, replay.first, frames)
         self._dirty_logs = {}
-        commands += [(sid, "RELEASE", [fence]) for sid, (fence, *_) in releases.items()]
+        commands += let_go
         commands += [(sid, "RELEASE", [fence]) for sid, fence in self._abandons.items()]
         self._abandons = {}
         commands += [(sid, "DELETE", [fence]) for sid, fence in self._deletes.items()]
@@ -256,6 +274,11 @@ class Writer(Connection):
                     # its data, run after the session was written back under a new one): nobody took it.
                     if self._fences.get(sid, (0, 0))[0] == args[0]:
                         self._lost(sid)
+                elif result == 2 and name == "SAVE":
+                    self._rewrite(sid, i in saves)
+                elif result == 2 and name == "RELEASE":  # not let go: its history is written whole first
+                    self._releases.setdefault(sid, releases[sid])
+                    self._kick()
                 elif result == -1 and name == "SAVE" and i not in saves:
                     self._gone_let_go(sid, releases[sid])
                 elif result == -1 and name in ("APPEND", "SAVE"):
@@ -279,28 +302,46 @@ class Writer(Connection):
         if self._releases:
             self._kick()
 
-    def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> tuple[int, int, list[str]]:
-        """The history arguments of a SAVE of session ``sid`` holding ``entries``: replace, count, entries.
+    def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> _History:
+        """What a SAVE of session ``sid`` holding ``entries`` writes of its history (:data:`_History`).
 
         Only the entries added since the last save written from here go, found by identity
         from the end: entries are never changed, only appended, and trimming drops the
         oldest. When the newest saved entry is gone (trimmed past it), or what the list
-        holds is unknown (never saved from here, or a write that failed), the list is
-        written whole: never a gap.
+        holds is unknown (never saved from here, a write that failed, or a list Redis had
+        older than written), the list is written whole: never a gap.
         """
+        before = self._saved.get(sid)
         start: int | None = None
-        if sid in self._saved:
-            newest = self._saved[sid]
-            if newest is None:
+        if before is not None:
+            if before.newest is None:
                 start = 0
             else:
                 for i in range(len(entries) - 1, -1, -1):
-                    if entries[i] is newest:
+                    if entries[i] is before.newest:
                         start = i + 1
                         break
-        replace = start is None
-        new = entries[start or 0 :]
-        return (1 if replace else 0), len(entries), [encode_entry(entry) for entry in new]
+        if start is None:
+            before = None
+        new = [encode_entry(entry) for entry in entries[start or 0 :]]
+        if new:
+            after = Listed(entries[-1], len(entries), item_digest(new[-1]))
+        else:  # nothing added: the same newest item, or none
+            after = Listed(entries[-1] if entries else None, len(entries), before.digest if entries and before else "")
+        return before, after, new
+
+    def _rewrite(self, sid: str, live: bool) -> None:
+        """A SAVE (or a renewal) found the session's history list older than written from here: written whole.
+
+        Redis restarted from an older snapshot (its RDB file, after a crash), or a replica
+        promoted behind its primary: appended to, the list had a hole. A live session's next
+        save goes at once; a session let go was refused its RELEASE too, which is queued again.
+        """
+        log.warning("session %s: its history in Redis is older than written from here: written whole", sid)
+        self._saved.pop(sid, None)
+        if live:
+            self._dirty.add(sid)
+            self._kick()
 
     def _counted_out(self) -> list[list[str | int]]:
         """The commands removing sorted-set entries, sent last with the next batch (none here)."""

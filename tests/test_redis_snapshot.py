@@ -1,0 +1,132 @@
+"""Redis killed and restarted from its RDB snapshot under live sessions (real processes, a real redis-server).
+
+Redis's default persistence: killed (a crash, ``kill -9``), it comes back with its data as of
+its last snapshot, older than what the sessions wrote since, with nothing marking it as lost.
+What a client sees of a session must not change: a snapshot holding everything changes
+nothing, and an older one costs no exchange of the history (test_review6.py has the live
+session's save; here, the last save of a session let go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import test_redis_writeback
+import test_review6
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+)
+from test_redis_fleet import chat
+
+from connic.stores.redis import scripts
+
+connic_run = test_redis_writeback.connic_run  # the fixture: python -m connic run, its echo agent's delay given
+
+
+def _snapshot(redis_server: RedisServer) -> None:
+    assert test_review6._command(redis_server.port, b"SAVE\r\n").startswith(b"+OK")
+
+
+def _kill_and_restart(redis_server: RedisServer) -> None:
+    """``kill -9`` (nothing saved on the way out), then started on its port and directory: it loads its snapshot."""
+    assert redis_server.proc is not None
+    redis_server.proc.kill()
+    redis_server.proc.wait()
+    redis_server.proc = None
+    redis_server.start()
+
+
+async def _users(again: Any) -> list[str]:
+    await again.send({"type": "history"})
+    frames = await again.until_type("history")
+    return [entry["text"] for entry in frames[-1]["entries"] if entry["role"] == "user"]
+
+
+async def test_a_redis_restarted_from_a_snapshot_holding_everything_changes_nothing_a_client_sees(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    a = await connic_run(0.01, 1.0)
+    b = await connic_run(0.01, 1.0)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await chat(conn, "m1", "one")
+    await chat(conn, "m2", "two")
+    await test_review6._until_saved(redis_server.url, session.session_id, 4)
+    _snapshot(redis_server)  # everything the session wrote
+    _kill_and_restart(redis_server)
+    await test_review6._until_exists(redis_server.url, scripts.session_keys("connic:", session.session_id)[0])
+    end = await chat(conn, "m3", "three")  # the same connection: never ended
+    assert end["full_response"] == "three"
+    session.drop()
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _users(again) == ["one", "two", "three"]
+    assert (await chat(again, "m4", "four"))["full_response"] == "four"
+    assert await _users(again) == ["one", "two", "three", "four"]
+
+
+async def test_a_session_let_go_after_redis_restarted_from_an_older_snapshot_keeps_its_whole_history(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Its client gone, the session is let go with its last save: the first write of it since
+    # Redis came back older. Appended to, the list lost "two"; let go, nobody could write it again.
+    a = await connic_run(0.01, 1.0)
+    b = await connic_run(0.01, 1.0)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await chat(conn, "m1", "one")
+    await test_review6._until_saved(redis_server.url, session.session_id, 2)
+    _snapshot(redis_server)
+    await chat(conn, "m2", "two")
+    await test_review6._until_saved(redis_server.url, session.session_id, 4)
+    _kill_and_restart(redis_server)
+    owner = scripts.session_keys("connic:", session.session_id)[0]
+    await test_review6._until_exists(redis_server.url, owner)
+    session.drop()
+    await _until_let_go(redis_server.url, owner)  # by A: B's resume takes it, as it is in Redis
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _users(again) == ["one", "two"]
+
+
+async def test_an_idle_session_whose_history_redis_restored_older_has_it_written_whole(
+    connic_run: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # No save comes for an idle session to find its list older: its lease's renewal does, and a
+    # resume following it elsewhere (answered from Redis) gets its whole history.
+    a = await connic_run(0.01, 1.0)
+    b = await connic_run(0.01, 1.0)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await chat(conn, "m1", "one")
+    await test_review6._until_saved(redis_server.url, session.session_id, 2)
+    _snapshot(redis_server)
+    await chat(conn, "m2", "two")
+    await test_review6._until_saved(redis_server.url, session.session_id, 4)
+    _kill_and_restart(redis_server)
+    await test_review6._until_saved(redis_server.url, session.session_id, 4)  # "two" written again, from A
+    again = await session.resume(url=b.url)
+    assert again.connected["resumed"] is True, again.connected
+    assert await _users(again) == ["one", "two"]
+
+
+async def _until_let_go(url: str, owner: str) -> None:
+    """Wait (≤ 10 s) until nobody owns the session (its ownership key ``owner`` is gone)."""
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(url)
+    try:
+        for _ in range(100):
+            if not await admin.exists(owner):
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("the session was never let go")
+    finally:
+        await admin.aclose()
