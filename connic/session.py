@@ -258,8 +258,8 @@ class ChatSession:
         once the next one began; with none queued, it is absorbed (no ``not_found``).
         """
         current = self.current
-        ours = current is not None and current.id == message_id
-        if current is not None and ours and not current.cancelled and self._cancel_current():
+        ours = current if current is not None and current.id == message_id else None
+        if ours is not None and not ours.cancelled and self._cancel_current():
             return
         kept = [queued for queued in self.queue if queued.id != message_id]
         if len(kept) < len(self.queue):  # ids need not be unique: every queued one with it goes
@@ -268,7 +268,7 @@ class ChatSession:
                 self.idle.set()
             self.sessions.store.save(self)  # a shared store: no longer pending, should this process die
             return
-        if ours and self._cancel_current():
+        if ours is not None and self._cancel_current():
             return  # stopped already, still running: a not_found would look like the session's end
         self.refuse(NotFound(f"no queued or in-flight message has id {message_id!r}"), message_id)
 

@@ -19,18 +19,24 @@ __all__ = [
     "rate_key",
     "resumer_key",
     "session_keys",
+    "sha1hex",
     "takeover_channel",
     "takeover_key",
     "token_digest",
 ]
 
 
-def token_digest(token: str) -> str:
-    """The SHA-1 (hex) of a resume token, as the scripts compare it with the record's (``redis.sha1hex``).
+def sha1hex(text: str) -> str:
+    """The SHA-1 (hex) of ``text`` as UTF-8, as the scripts compute it (``redis.sha1hex``).
 
-    Any string, even one that is not valid Unicode (a lone surrogate): it simply does not match.
+    Any string, even one that is not valid Unicode (a lone surrogate), which Redis holds as it was sent.
     """
-    return hashlib.sha1(token.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def token_digest(token: str) -> str:
+    """The SHA-1 of a resume token, as the scripts compare it with the record's: a wrong one simply does not match."""
+    return sha1hex(token)
 
 
 def session_keys(prefix: str, session_id: str) -> list[str]:

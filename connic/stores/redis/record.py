@@ -7,7 +7,6 @@ sends the entries it added, not the whole conversation again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +15,9 @@ import attrs
 
 from connic.agent import HistoryEntry
 from connic.stores import SessionRecord
+from connic.stores.redis.keys import sha1hex
 
-__all__ = ["Listed", "decode", "encode", "encode_entry", "holding", "item_digest"]
+__all__ = ["Listed", "decode", "encode", "encode_entry", "holding"]
 
 _COMPACT = (",", ":")
 
@@ -63,11 +63,6 @@ def encode_entry(entry: HistoryEntry) -> str:
     return json.dumps([entry.role, entry.text, entry.agent, entry.id, entry.message_number], separators=_COMPACT)
 
 
-def item_digest(item: str) -> str:
-    """The SHA-1 (hex) of one item of a history list, as the scripts compute it (``redis.sha1hex``)."""
-    return hashlib.sha1(item.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 @attrs.frozen
 class Listed:
     """What a session's history list in Redis holds, as this process last wrote or read it.
@@ -82,14 +77,14 @@ class Listed:
     count: int
     """How many items the list holds."""
     digest: str
-    """The SHA-1 of its last item (:func:`item_digest`; '' when it is empty)."""
+    """The SHA-1 of its last item (:func:`~connic.stores.redis.keys.sha1hex`; '' when it is empty)."""
 
 
 def holding(entries: Sequence[HistoryEntry]) -> Listed:
     """What a history list holding exactly ``entries`` holds."""
     if not entries:
         return Listed(None, 0, "")
-    return Listed(entries[-1], len(entries), item_digest(encode_entry(entries[-1])))
+    return Listed(entries[-1], len(entries), sha1hex(encode_entry(entries[-1])))
 
 
 def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:

@@ -26,7 +26,8 @@ from connic.session import SessionState
 from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
 from connic.stores.redis.full import refused_full
-from connic.stores.redis.record import Listed, encode, encode_entry, item_digest
+from connic.stores.redis.keys import sha1hex
+from connic.stores.redis.record import Listed, encode, encode_entry
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -325,7 +326,7 @@ class Writer(Connection):
             before = None
         new = [encode_entry(entry) for entry in entries[start or 0 :]]
         if new:
-            after = Listed(entries[-1], len(entries), item_digest(new[-1]))
+            after = Listed(entries[-1], len(entries), sha1hex(new[-1]))
         else:  # nothing added: the same newest item, or none
             after = Listed(entries[-1] if entries else None, len(entries), before.digest if entries and before else "")
         return before, after, new
