@@ -17,7 +17,7 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401  (a fixture)
 )
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_redis_held import launch  # noqa: F401  (a fixture)
+from test_redis_held import following, launch  # noqa: F401  (launch: a fixture)
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -28,15 +28,7 @@ async def test_a_cancel_passed_while_an_earlier_versions_cancel_set_waits_reache
     redis_server: RedisServer,
 ) -> None:
     a, b = await launch(), await launch()
-    session = ResumeSession(clients, a.url)
-    conn = await session.start()
-    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(400)}})  # 8 s of chunks
-    while len(session.transcript.chunks("m1", "assistant")) < 5:
-        await conn.recv()
-    session.drop()
-    conn = await session.resume(url=b.url)
-    assert conn.connected["resumed"] is True
-    await conn.until(lambda f: f["type"] == "stream_chunk")  # B follows A's reply
+    session, conn = await following(a, b, clients, words(400))  # 8 s of chunks
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         key = f"connic:{{{session.session_id}}}:cancel"

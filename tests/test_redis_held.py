@@ -87,6 +87,21 @@ async def resumed_mid_reply(launch: Any, clients: Clients, shared: bool, *connec
     return session, conn_b
 
 
+async def following(a: Any, b: Any, clients: Clients, message: str) -> tuple[ResumeSession, Conn]:
+    """A session answering ``message`` as ``m1`` on ``a``, its client dropped after 5 chunks and
+    resumed on ``b``, which follows ``a``'s reply (a chunk of it came through ``b``)."""
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": message}})
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True
+    await conn.until(lambda f: f["type"] == "stream_chunk")  # B follows A's reply
+    return session, conn
+
+
 def outline(session: ResumeSession) -> Counter[tuple[Any, ...]]:
     """The frames the client got, without the chunks (how many a cancelled reply had is timing) and
     in no order: B acks what it held once it took the session over, after the frames of m1."""

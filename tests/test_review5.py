@@ -23,6 +23,7 @@ from redis_server import (
 )
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
 from test_redis_held import (  # noqa: F401  (launch: a fixture)
+    following,
     history,
     launch,
     outline,
@@ -142,15 +143,7 @@ async def test_each_cancel_passed_to_the_owner_gets_its_own_answer(
     # as on one process. B passes them to A, whose reply it follows; they wait for A together when
     # A is slow to take them (stopped here for a moment: a busy event loop, a long GC pause).
     a, b = await launch(), await launch()
-    session = ResumeSession(clients, a.url)
-    conn = await session.start()
-    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(200)}})
-    while len(session.transcript.chunks("m1", "assistant")) < 5:
-        await conn.recv()
-    session.drop()
-    conn = await session.resume(url=b.url)
-    assert conn.connected["resumed"] is True
-    await conn.until(lambda f: f["type"] == "stream_chunk")  # B follows A's reply
+    session, conn = await following(a, b, clients, words(200))
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     a.proc.send_signal(signal.SIGSTOP)
     try:

@@ -20,7 +20,7 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401  (a fixture)
 )
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_redis_held import launch  # noqa: F401  (a fixture)
+from test_redis_held import following, launch  # noqa: F401  (launch: a fixture)
 from test_review5 import _run
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
@@ -50,15 +50,7 @@ async def test_a_cancel_passed_into_an_earlier_versions_set_holding_its_id_gets_
     # earlier version's follower left a cancel of m9 in a set (a rolling upgrade); the owner is slow
     # to take it (stopped here for a moment), and this client's cancel of m9 is added to that set.
     a, b = await launch(), await launch()
-    session = ResumeSession(clients, a.url)
-    conn = await session.start()
-    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(200)}})
-    while len(session.transcript.chunks("m1", "assistant")) < 5:
-        await conn.recv()
-    session.drop()
-    conn = await session.resume(url=b.url)
-    assert conn.connected["resumed"] is True
-    await conn.until(lambda f: f["type"] == "stream_chunk")  # B follows A's reply
+    session, conn = await following(a, b, clients, words(200))
     redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     key = f"connic:{{{session.session_id}}}:cancel"
     a.proc.send_signal(signal.SIGSTOP)
