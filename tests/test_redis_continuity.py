@@ -196,15 +196,16 @@ async def test_a_state_json_cannot_encode_does_not_stop_the_other_sessions_being
 
 
 class Bursts(connic.Agent):
-    """Streams three bursts of 40 chunks at once, the second and third once :attr:`gate` is set (reset after)."""
+    """Streams three bursts of 40 chunks at once, the second and third each after one release of :attr:`gate`."""
 
-    gate: ClassVar[asyncio.Event]
+    # A semaphore, not an event: two releases that come before the agent gets to wait let out
+    # two bursts, where an event set twice lets out one and the reply never ends.
+    gate: ClassVar[asyncio.Semaphore]
 
     async def respond(self, turn: connic.Turn) -> AsyncIterator[str | connic.Usage]:
         for burst in range(3):
             if burst:
-                await Bursts.gate.wait()
-                Bursts.gate.clear()
+                await Bursts.gate.acquire()
             for word in range(40):
                 yield f"b{burst}w{word} "
 
@@ -216,7 +217,7 @@ async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_re
     # replay_buffer is. On another process it follows the first one's log: a burst of frames
     # written in one batch and trimmed to replay_buffer before it is read was a gap, and the
     # resumed connection was closed (1011, "resume again").
-    Bursts.gate = asyncio.Event()
+    Bursts.gate = asyncio.Semaphore(0)
     small = {"replay_buffer": 8}
     processes = []
     for _ in range(2):
@@ -236,7 +237,7 @@ async def test_a_reply_followed_on_another_process_arrives_whole_with_a_small_re
     assert conn_b.connected["resumed"] is True
     for _ in range(2):
         await asyncio.sleep(0.2)  # B follows A's log meanwhile
-        Bursts.gate.set()
+        Bursts.gate.release()
     await conn_b.until_ended({"m1": ["assistant"]})
     assert len(session.transcript.chunks("m1", "assistant")) == 120
     session.transcript.assert_complete()
