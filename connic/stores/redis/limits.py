@@ -115,6 +115,7 @@ class Limits(Renewer):
         if not entered:
             return None
         self._connections[connection] = key
+        self._leased(lease)
         return connection
 
     def release_connection(self, ticket: str) -> None:

@@ -1,7 +1,9 @@
 """The ``redis`` store's lease renewer: the leases of the sessions and connections held by this process.
 
 A task renews them every third of the shortest lease, in one pipeline, and reads the epoch
-(:mod:`~connic.stores.redis.writeback`: whether Redis lost its data) each time. A renewal
+(:mod:`~connic.stores.redis.writeback`: whether Redis lost its data) each time. A shorter
+lease taken while it sleeps (a connector with a shorter ``producer_timeout``) wakes it to
+plan a shorter sleep, or that lease would run out first. A renewal
 also checks that each session's history list holds as many entries as this process last
 wrote: Redis restarted from an older snapshot keeps the epoch, and an idle session's list
 stayed older until its next save (:data:`~connic.stores.redis.scripts.SAVE` checks its last
@@ -33,6 +35,27 @@ log = logging.getLogger("connic.stores.redis")
 class Renewer(Writer):
     """What :class:`~connic.stores.redis.RedisStore` renews in the background (a base class of it)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._due = 0.0  # loop time of the next renewal, while the renewer sleeps until it
+        self._sooner = asyncio.Event()  # set when a lease taken meanwhile moved _due earlier
+
+    def _hold(self, session_id: str, fence: int, lease: int) -> None:
+        """The session is owned here from now on, with ``fence`` and a lease of ``lease`` ms, renewed in time."""
+        self._fences[session_id] = (fence, lease)
+        self._leased(lease)
+
+    def _leased(self, lease: int) -> None:
+        """A lease of ``lease`` ms was just taken here: the next renewal comes a third of it from now at the latest.
+
+        The renewer planned its sleep from the leases held when it went to sleep: a shorter
+        one taken since (a connector with a shorter ``producer_timeout``) would run out first.
+        """
+        due = asyncio.get_running_loop().time() + lease / 3000
+        if due < self._due:
+            self._due = due
+            self._sooner.set()
+
     def _limit_lease(self) -> int | None:
         """The lease (ms) of the limits' entries this process holds, if it holds any (none here)."""
         return None
@@ -43,11 +66,7 @@ class Renewer(Writer):
     async def _renewer(self) -> None:
         """Renew the lease of every session and connection held here, every third of the shortest lease."""
         while True:
-            leases = [lease for _, lease in self._fences.values()]
-            limit_lease = self._limit_lease()
-            if limit_lease is not None:
-                leases.append(limit_lease)
-            await asyncio.sleep(min(leases) / 3000 if leases else 1.0)
+            await self._until_due()
             await self._renew_limits()
             with contextlib.suppress(StoreUnavailable):  # the renewals below say so
                 await self._watch_epoch()
@@ -95,6 +114,19 @@ class Renewer(Writer):
                     self._rewrite(sid, True)
             if cancels:
                 await self._take_cancels(cancels)
+
+    async def _until_due(self) -> None:
+        """Sleep a third of the shortest lease held (1 s when none is), or less if a shorter one is taken meanwhile."""
+        leases = [lease for _, lease in self._fences.values()]
+        limit_lease = self._limit_lease()
+        if limit_lease is not None:
+            leases.append(limit_lease)
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + min(leases, default=3000) / 3000
+        while (left := self._due - loop.time()) > 0:
+            self._sooner.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sooner.wait(), left)
 
     async def _watch_epoch(self) -> bool:
         """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""

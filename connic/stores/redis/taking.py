@@ -187,7 +187,7 @@ class Taking(Takeovers):
                         quick = _TOLD_TRIES
                     told = result[1]
                 if fence > 0:
-                    self._fences[session_id] = (fence, lease)
+                    self._hold(session_id, fence, lease)
                     self._owned(session_id, epoch)
                     if int(result[4]):  # taken once the session is live here (add)
                         self._cancels_waiting.add(session_id)

@@ -85,7 +85,7 @@ class WriteBack(Renewer):
         record = session.record()
         entries = [encode_entry(entry) for entry in record.history]
         fence, epoch = await self._create_raw(sid, lease, encode(record), ttl(session), entries)
-        self._fences[sid] = (fence, lease)
+        self._hold(sid, fence, lease)
         self._owned(sid, epoch)
         self._saved[sid] = holding(record.history)
 
