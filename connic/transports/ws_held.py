@@ -146,16 +146,21 @@ class Doubts:
     of the id, held behind the same messages while the first was in doubt, drops them then, as
     on one process the first stops the reply in flight and the second the message queued next.
     A cancel of the id passed at once (no held message had it then, :meth:`direct`) is first.
+
+    What settles a held cancel is only how many cancels of its id were passed before it: the
+    first ``n`` ends take the first ``n`` cancels. So a count per id is kept, not each cancel
+    passed, and a follow that passes the same id again and again keeps one number for it.
     """
 
-    __slots__ = ("passed", "pending", "stopped")
+    __slots__ = ("held", "passed", "pending", "stopped")
 
     def __init__(self) -> None:
         # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
         # frames (one behind each held message with its id, :func:`hold_behind`).
         self.pending: list[tuple[MessageId, list[int]]] = []
-        # The cancels passed to the owner, in order: held ones, and those of no held message (no frames).
-        self.passed: list[tuple[MessageId, list[int]]] = []
+        self.passed: dict[MessageId, int] = {}  # how many cancels of each id were passed to the owner
+        # The held cancels passed: each one's id, how many of its id were passed before it, its frames.
+        self.held: list[tuple[MessageId, int, list[int]]] = []
         self.stopped: collections.Counter[MessageId] = collections.Counter()  # its replies ended cancelled since
 
     def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
@@ -170,39 +175,37 @@ class Doubts:
         as on one process the second cancel of a message stopped already drops the queued ones.
         """
         store.cancel(session_id, message_id)
-        self.passed.append((message_id, []))
+        self.passed[message_id] = self.passed.get(message_id, 0) + 1
 
     def pass_on(self, store: SessionStore, session_id: str) -> None:
         """The find follows the session's owner: the held cancels not passed yet go there too."""
         for message_id, keys in self.pending:
             store.cancel(session_id, message_id, held=True)
-            self.passed.append((message_id, keys))
+            before = self.passed.get(message_id, 0)
+            self.passed[message_id] = before + 1
+            self.held.append((message_id, before, keys))
         self.pending.clear()
 
     def seen(self, frames: list[str]) -> None:
         """Frames followed from the owner's log: note its replies that ended cancelled."""
         if not self.passed:
             return
-        ids = {message_id for message_id, _ in self.passed}
         for data in frames:
             if '"cancelled"' not in data:  # most frames are chunks: not parsed
                 continue
             end = json.loads(data)
-            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in ids:
+            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in self.passed:
                 self.stopped[end["id"]] += 1
 
     def settle(self, conn: Connection, frames: list[str]) -> None:
         """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
         self.seen(frames)
-        if not self.stopped:
-            return
-        took = self.stopped.copy()
         let_go: set[int] = set()
-        for message_id, keys in self.passed:
-            if took[message_id] > 0:
-                took[message_id] -= 1
+        for message_id, before, keys in self.held:
+            if self.stopped[message_id] > before:
                 let_go.update(keys)
-        conn._inbox[:] = [msg for msg in conn._inbox if id(msg) not in let_go]
+        if let_go:
+            conn._inbox[:] = [msg for msg in conn._inbox if id(msg) not in let_go]
 
 
 _ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
