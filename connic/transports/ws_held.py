@@ -22,7 +22,7 @@ from aiohttp import WSMessage, WSMsgType
 
 from connic.errors import ProtocolError
 from connic.frames import CancelFrame, ClientFrame, MessageFrame, MessageId, parse_client_frame
-from connic.transports.ws_ahead import Ahead
+from connic.transports.ws_ahead import _CHUNK, Ahead
 
 if TYPE_CHECKING:
     from connic.message import Message
@@ -142,17 +142,18 @@ class Doubts:
     the owner too (once, ``held=True``), which acts on it only if it has a message with that id.
     Its reply with that id ending ``cancelled`` after the pass (in the log, followed or replayed
     here before the takeover) means it took it: the held cancel (each of its frames) is let go,
-    the held messages answered. One such end takes one cancel, the first passed: a second cancel
-    of the id, held behind the same messages while the first was in doubt, drops them then, as
-    on one process the first stops the reply in flight and the second the message queued next.
+    the held messages answered. One such message (however many of its agents end cancelled)
+    takes one cancel, the first passed: a second cancel of the id, held behind the same messages
+    while the first was in doubt, drops them then, as on one process the first stops the reply
+    in flight and the second the message queued next.
     A cancel of the id passed at once (no held message had it then, :meth:`direct`) is first.
 
     What settles a held cancel is only how many cancels of its id were passed before it: the
-    first ``n`` ends take the first ``n`` cancels. So a count per id is kept, not each cancel
-    passed, and a follow that passes the same id again and again keeps one number for it.
+    first ``n`` messages stopped take the first ``n`` cancels. So a count per id is kept, not
+    each cancel passed, and a follow that passes the same id again and again keeps one number.
     """
 
-    __slots__ = ("held", "passed", "pending", "stopped")
+    __slots__ = ("counted", "ended", "held", "passed", "pending", "stopped")
 
     def __init__(self) -> None:
         # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
@@ -161,7 +162,10 @@ class Doubts:
         self.passed: dict[MessageId, int] = {}  # how many cancels of each id were passed to the owner
         # The held cancels passed: each one's id, how many of its id were passed before it, its frames.
         self.held: list[tuple[MessageId, int, list[int]]] = []
-        self.stopped: collections.Counter[MessageId] = collections.Counter()  # its replies ended cancelled since
+        self.stopped: collections.Counter[MessageId] = collections.Counter()  # its messages stopped since
+        # For each id passed: the agents whose reply to its latest message ended, and whether it was stopped.
+        self.ended: dict[MessageId, set[str]] = {}
+        self.counted: set[MessageId] = set()
 
     def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
         """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
@@ -187,15 +191,26 @@ class Doubts:
         self.pending.clear()
 
     def seen(self, frames: list[str]) -> None:
-        """Frames followed from the owner's log: note its replies that ended cancelled."""
+        """Frames followed from the owner's log: note its messages stopped (once each, however many agents it had)."""
         if not self.passed:
             return
         for data in frames:
-            if '"cancelled"' not in data:  # most frames are chunks: not parsed
+            if data.startswith(_CHUNK):  # most frames are chunks: not parsed
                 continue
-            end = json.loads(data)
-            if end.get("type") in _ENDS and end.get("finish_reason") == "cancelled" and end.get("id") in self.passed:
-                self.stopped[end["id"]] += 1
+            frame = json.loads(data)
+            message_id, agent = frame.get("id"), frame.get("agent")
+            if agent is None or frame.get("type") not in _ENDED or message_id not in self.passed:
+                continue
+            ended = self.ended.setdefault(message_id, set())
+            if agent in ended:  # that agent ends a later message with the id: its agents start afresh
+                ended.clear()
+                self.counted.discard(message_id)
+            ended.add(agent)
+            # One stop per message: each of its agents still running ends cancelled, and counting
+            # each end took as many cancels, letting go a later one that dropped a held message.
+            if frame.get("finish_reason") == "cancelled" and message_id not in self.counted:
+                self.stopped[message_id] += 1
+                self.counted.add(message_id)
 
     def settle(self, conn: Connection, frames: list[str]) -> None:
         """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
@@ -208,7 +223,7 @@ class Doubts:
             conn._inbox[:] = [msg for msg in conn._inbox if id(msg) not in let_go]
 
 
-_ENDS = frozenset({"stream_end", "response"})  # the frames that end a reply cancelled
+_ENDED = frozenset({"stream_end", "response", "error"})  # the frames of an agent that end its reply
 
 
 def held_at(conn: Connection, held: dict[int, MessageId], message_id: MessageId) -> list[int]:
