@@ -285,6 +285,10 @@ def sequenced(data: str, seq: int) -> str:
     return f'{data[:-1]},"seq":{seq}}}'
 
 
+CHUNK_PREFIX = '{"type":"stream_chunk"'
+"""How :func:`encode` begins every ``stream_chunk``: readers of encoded frames skip chunks by it unparsed."""
+
+
 def encode(frame: ServerFrame) -> str:
     """The JSON text of a server frame: what ``json`` makes of ``frame.to_dict()``.
 
@@ -292,10 +296,7 @@ def encode(frame: ServerFrame) -> str:
     each in its fields' order after ``type``; tests/test_frames.py checks them against json.
     """
     if type(frame) is StreamChunk:
-        return (
-            f'{{"type":"stream_chunk","id":{_id(frame.id)},"agent":{_string(frame.agent)},'
-            f'"chunk":{_string(frame.chunk)}}}'
-        )
+        return f'{CHUNK_PREFIX},"id":{_id(frame.id)},"agent":{_string(frame.agent)},"chunk":{_string(frame.chunk)}}}'
     if type(frame) is Response:
         return (
             f'{{"type":"response","id":{_id(frame.id)},"agent":{_string(frame.agent)},'

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from connic.frames import MessageId
+from connic.frames.server import CHUNK_PREFIX
 
 if TYPE_CHECKING:
     from connic.stores import SessionRecord, SessionStore
@@ -121,12 +122,12 @@ class Ahead:
         """Frames followed from the owner's log: note which of its queued messages it began."""
         if self.queued is None:
             if self.loading is not None:  # the record may be older than these: applied after it
-                self.frames += [data for data in frames if not data.startswith(_CHUNK)]
+                self.frames += [data for data in frames if not data.startswith(CHUNK_PREFIX)]
             return
         for data in frames:
             if not self.queued and not self.doubts:
                 return  # nothing queued is left to count: the rest need not be read
-            if data.startswith(_CHUNK):
+            if data.startswith(CHUNK_PREFIX):
                 continue  # a chunk of a reply that began with a stream_start: never one's start or end
             frame = json.loads(data)
             agent = frame.get("agent")
@@ -256,7 +257,6 @@ class Ahead:
         self.queued[:] = kept
 
 
-_CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py)
 _REPLY = frozenset(
     {"stream_start", "stream_chunk", "tool_call", "tool_result", "progress", "stream_end", "response", "error"}
 )

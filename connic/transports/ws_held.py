@@ -22,7 +22,8 @@ from aiohttp import WSMessage, WSMsgType
 
 from connic.errors import ProtocolError
 from connic.frames import CancelFrame, ClientFrame, MessageFrame, MessageId, parse_client_frame
-from connic.transports.ws_ahead import _CHUNK, Ahead
+from connic.frames.server import CHUNK_PREFIX
+from connic.transports.ws_ahead import Ahead
 
 if TYPE_CHECKING:
     from connic.message import Message
@@ -195,7 +196,7 @@ class Doubts:
         if not self.passed:
             return
         for data in frames:
-            if data.startswith(_CHUNK):  # most frames are chunks: not parsed
+            if data.startswith(CHUNK_PREFIX):  # most frames are chunks: not parsed
                 continue
             frame = json.loads(data)
             message_id, agent = frame.get("id"), frame.get("agent")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import ServerShuttingDown
 from connic.frames import MessageId
+from connic.frames.server import CHUNK_PREFIX
 from connic.stores import ReplayLog
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["Logged", "RedisReplayLog", "frames_after", "logged", "may_end", "seq_of", "unfinished"]
 
 _ENDS = ('"stream_end"', '"response"', '"error"')  # in a frame that may end a reply (or one quoting one)
-_CHUNK = '{"type":"stream_chunk"'  # how connic encodes a chunk (frames/server.py): most frames
 # The frames of an agent's reply before its end (PROTOCOL.md §9: progress events come between
 # a reply's start and its end), and those that end it.
 _OPEN = frozenset({"stream_start", "stream_chunk", "tool_call", "tool_result", "progress"})
@@ -41,7 +41,7 @@ def may_end(frame: str) -> bool:
 
     Checked for every frame logged: a chunk is known by its first bytes, without scanning it.
     """
-    if frame.startswith(_CHUNK):
+    if frame.startswith(CHUNK_PREFIX):
         return False
     return any(marker in frame for marker in _ENDS)
 
