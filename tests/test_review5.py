@@ -157,13 +157,14 @@ _IN_FLIGHT = {
 }
 
 
-# With A's queued replies held back, two processes accept m4, which one process refuses
-# (queue_full: the second m1 answered, m2 and m3 queued), every run. Suspected, not confirmed:
-# B reads A's record once the cancel is passed and applies the cancel to it as if the record
-# were older; one A saved after taking it (the second m1 begun) gets it twice, stopping the
-# second m1 in B's count too. Not fixed yet: strict, so that the fix must say so.
+# With A's queued replies held back, one process always refuses m4 (queue_full: the second m1
+# answered, m2 and m3 queued); two processes refused it in 7 runs on a quiet machine but accepted
+# it in each of 3 runs beside two busy loops: B's count of A's queue depends on timing, a defect (not fixed
+# yet). Suspected: B reads A's record once the cancel is passed and applies the cancel to it as
+# if the record were older; one A saved after taking it (the second m1 begun) gets it twice.
+# Not strict, as the quiet runs pass: drop the mark with the fix.
 _B_COUNTS_THE_CANCEL_TWICE = pytest.mark.xfail(
-    strict=True, reason="two processes accept m4, one refuses it queue_full (B's count of A's queue)"
+    strict=False, reason="under load two processes accept m4, one refuses it queue_full (B's count of A's queue)"
 )
 
 
