@@ -41,7 +41,9 @@ _QUEUED = "queued on A"  # the text of the messages queued on A behind m1
 _GATED_AGENT = f"{Path(__file__).with_name('gated_agent.py')}:GatedEcho"
 
 
-async def _run(a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str], gate: Gate | None) -> tuple[Any, ...]:
+async def _run(
+    a: Any, b: Any, clients: Clients, pre: list[str], sent: list[str], gate: Gate | None = None
+) -> tuple[Any, ...]:
     """What the client gets when ``sent`` (a cancel: "-id", a ping: "?") goes to ``b`` while ``a`` answers m1.
 
     ``gate``: what the replies to the messages in ``pre`` wait for (:mod:`gated_agent`), opened
