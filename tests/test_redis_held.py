@@ -43,15 +43,16 @@ Frame = dict[str, Any]
 @pytest.fixture
 def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     """Start ``python -m connic run`` processes (connector keys: TOML lines), sharing ``redis_server``
-    unless ``shared`` is false (the ``memory`` store); stopped after."""
+    unless ``shared`` is false (the ``memory`` store); stopped after. ``agent``: the TOML lines of
+    its one agent, ``assistant`` (echo, 20 ms a word, by default)."""
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start(*connector: str, shared: bool = True) -> CliServer:
+    async def start(*connector: str, shared: bool = True, agent: str = 'use = "echo"\ndelay = 0.02') -> CliServer:
         config = tmp_path / f"connic-{len(started)}.toml"
         store = f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n' if shared else ""
         config.write_text(
-            '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
+            f"[agents.assistant]\n{agent}\n"
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
             + "".join(f"{line}\n" for line in connector)
             + store

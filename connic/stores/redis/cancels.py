@@ -59,6 +59,13 @@ class Cancels(WriteBack):
         self._cancelling: set[asyncio.Task[None]] = set()  # cancels being passed on or taken
         self._cancels_waiting: set[str] = set()  # sessions taken over whose claim found cancels waiting
         self._follow_leases: dict[str, int] = {}  # session id: the owner's lease (ms), while a resume follows it
+        # Session id: the cancels to pass to its owner after the one under way, in the order sent
+        # (one task a session: two at once, on two pooled connections, could reach Redis swapped).
+        self._passing: dict[str, list[str]] = {}
+        # Taken lists are acted on in the order Redis gave them out: two takes at once (two
+        # publishes, a renewal) could otherwise come back swapped, and a cancel sent after
+        # another act first (m1's stop beginning the queued m2 that the earlier cancel dropped).
+        self._taking = asyncio.Lock()
 
     def _forget(self, session_id: str) -> int | None:
         """As :meth:`Writer._forget`; the cancels its claim found waiting are left to the next owner."""
@@ -66,11 +73,28 @@ class Cancels(WriteBack):
         return super()._forget(session_id)
 
     def cancel(self, session_id: str, message_id: MessageId, *, held: bool = False) -> None:
-        """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once."""
-        self._spawn(self._send_cancel(session_id, {"held": message_id} if held else message_id))
+        """Pass a ``cancel`` to the session's owner: a flag it checks, and a message that wakes it at once.
 
-    async def _send_cancel(self, session_id: str, message_id: MessageId | dict[str, MessageId]) -> None:
-        data = json.dumps(message_id)
+        The session's cancels reach its list in the order they were passed (one after another).
+        """
+        data = json.dumps({"held": message_id} if held else message_id)
+        waiting = self._passing.get(session_id)
+        if waiting is not None:
+            waiting.append(data)
+            return
+        self._passing[session_id] = [data]
+        self._spawn(self._send_cancels(session_id))
+
+    async def _send_cancels(self, session_id: str) -> None:
+        waiting = self._passing[session_id]
+        try:
+            while waiting:
+                await self._send_cancel(session_id, waiting[0])
+                del waiting[0]
+        finally:
+            del self._passing[session_id]
+
+    async def _send_cancel(self, session_id: str, data: str) -> None:
         try:
             try:
                 await self._pass_cancel(session_id, data, "RPUSH")
@@ -164,6 +188,10 @@ class Cancels(WriteBack):
         ``claimed``: this process just took the sessions over; a ``held`` cancel left for their
         previous owner is the follower's to settle (it drops its held message), never acted on here.
         """
+        async with self._taking:
+            await self._take_now(session_ids, claimed)
+
+    async def _take_now(self, session_ids: list[str], claimed: bool) -> None:
         prefix = self.options.key_prefix
         owned = [(sid, self._fences[sid][0]) for sid in session_ids if sid in self._fences]
         if not owned:
