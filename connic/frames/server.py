@@ -203,7 +203,11 @@ class ProgressFrame:
 
 @attrs.define
 class ErrorFrame:
-    """An error; ``agent`` only when one agent failed, ``retry_after`` only for rate limits."""
+    """An error; ``agent`` only when one agent failed, ``retry_after`` only for rate limits.
+
+    ``message_id``: the id of a message a resume following another process refused at once
+    (the frame's own ``id`` is null then: only the owner numbers the session's frames).
+    """
 
     type: ClassVar[str] = "error"
     id: MessageId | None
@@ -211,6 +215,7 @@ class ErrorFrame:
     message: str
     agent: str | None = None
     retry_after: float | None = None
+    message_id: MessageId | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this frame."""
@@ -219,6 +224,8 @@ class ErrorFrame:
             data["agent"] = self.agent
         if self.retry_after is not None:
             data["retry_after"] = self.retry_after
+        if self.message_id is not None:
+            data["message_id"] = self.message_id
         return data
 
 

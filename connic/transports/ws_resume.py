@@ -30,6 +30,7 @@ from connic.frames import (
 )
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
+from connic.transports.ws_bound import Bound
 from connic.transports.ws_follow_history import FollowedHistory, consume
 from connic.transports.ws_held import Ahead, Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
 
@@ -198,6 +199,7 @@ async def _reading_meanwhile(
     cancels: dict[int, MessageId] = {}  # id() of each other cancel held before the find followed: its id
     task = asyncio.ensure_future(finding)
     history = FollowedHistory(conn, frame.session_id, following, moves)
+    bound = Bound(conn.transport.sessions.options.max_queued)  # what is held at most (ws_bound)
     try:
         while not task.done():
             if conn._receiving is None and not _gone(conn):
@@ -232,7 +234,9 @@ async def _reading_meanwhile(
                 elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
                     conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
                 elif isinstance(parsed, CancelFrame) and (following or at):
-                    if at:
+                    if at and bound.full(conn):
+                        bound.refuse(conn, f"{len(conn._inbox)} frames are held while another process answers", None)
+                    elif at:
                         group = hold_behind(conn, held, doubtful, at, msg, ahead.arrived)
                         doubts.hold(group, parsed.id)
                         # Where it came: the owner acts on it too (once the find follows it).
@@ -245,15 +249,15 @@ async def _reading_meanwhile(
                         doubts.direct(store, frame.session_id, parsed.id)
                 elif isinstance(parsed, HistoryRequest) and following and not conn._inbox and history.asked is None:
                     history.ask(msg)
-                else:
+                elif (kept := bound.hold(conn, msg, parsed)) is not None:
                     if type(parsed) is MessageFrame:  # admitted once taken over: behind what the owner queued now
                         ahead.held()
                     if isinstance(parsed, MessageFrame) and parsed.id is not None:
-                        held[id(msg)] = parsed.id
+                        held[id(kept)] = parsed.id
                     elif isinstance(parsed, CancelFrame):
-                        cancels[id(msg)] = parsed.id
+                        cancels[id(kept)] = parsed.id
                         ahead.passed(parsed.id)  # where it came: it goes to the owner once the find follows it
-                    conn._inbox.append(msg)
+                    conn._inbox.append(kept)
             if following:
                 ahead.follows(store, frame.session_id)
             if following and _gone(conn):
