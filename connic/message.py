@@ -106,6 +106,7 @@ class Message:
     __slots__ = (
         "at",
         "cancelled",
+        "ended",
         "first_chunks",
         "frame",
         "handshake",
@@ -124,6 +125,9 @@ class Message:
         self.streaming = session.sessions.options.streaming
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.cancelled = False
+        # The agents whose end frame (stream_end, response, an error) was numbered: a record written
+        # now says so (SessionRecord.ended), for a follower to know which ends its seq covers.
+        self.ended: set[str] = set()
         self.at = 0.0  # when answering began (the loop's clock)
         self.first_chunks: set[str] | None = None  # agents that sent a chunk
         self.handshake = telemetry.HANDSHAKE.get()  # the trace context of the connection that sent it
@@ -163,6 +167,8 @@ class Message:
             # stream_start and the §9 frames pass through as they are: numbered, logged, sent.
             raise TypeError(f"a reply cannot contain a {type(frame).__name__} frame")
         data = session.number(encode(frame))
+        if isinstance(frame, Response | StreamEnd | ErrorFrame) and frame.agent is not None:
+            self.ended.add(frame.agent)
         sink = session.sink
         if sink is not None and not sink.offer(data):
             await sink.send(data)  # the client is behind: wait for room (backpressure)

@@ -60,5 +60,6 @@ def record(session: ChatSession, *, history: bool = True) -> SessionRecord:
             (message.id, message.number, message.frame.agent)
             for message in ([session.current] if session.current is not None else []) + session.queue
         ),
+        ended=frozenset(session.current.ended) if session.current is not None else frozenset(),
         last_active=time.time() - (session.clock() - session.last_activity),
     )

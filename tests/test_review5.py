@@ -160,23 +160,10 @@ _IN_FLIGHT = {
 
 
 # With A's queued replies held back, one process always refuses m4 (queue_full: the second m1
-# answered, m2 and m3 queued); two processes refused it in 7 runs on a quiet machine but accepted
-# it in each of 3 runs beside two busy loops: B's count of A's queue depends on timing, a defect (not fixed
-# yet). Suspected: B reads A's record once the cancel is passed and applies the cancel to it as
-# if the record were older; one A saved after taking it (the second m1 begun) gets it twice.
-# Not strict, as the quiet runs pass: drop the mark with the fix.
-_B_COUNTS_THE_CANCEL_TWICE = pytest.mark.xfail(
-    strict=False, reason="under load two processes accept m4, one refuses it queue_full (B's count of A's queue)"
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, marks=_B_COUNTS_THE_CANCEL_TWICE) if case == "one with its id queued" else case
-        for case in _IN_FLIGHT
-    ],
-)
+# answered, m2 and m3 queued). B read A's record once the cancel was passed: under load one A
+# saved after taking it (the second m1 begun, or the first one's cancelled end numbered), and B
+# applied the cancel (and that end) to it again, stopping the second m1 too: it accepted m4.
+@pytest.mark.parametrize("case", _IN_FLIGHT)
 async def test_a_cancel_of_the_owners_reply_makes_room_where_it_came(
     launch: Any,  # noqa: F811  (the fixture imported above)
     clients: Clients,

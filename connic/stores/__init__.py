@@ -63,6 +63,9 @@ class SessionRecord:
     """The messages accepted and not yet answered when the record was written, in order (the one being
     answered first): (message id, message number, the one agent it named or None). None: not known (a
     record of a store that does not keep it)."""
+    ended: frozenset[str] = frozenset()
+    """The agents whose reply to the first of :attr:`pending` had ended (its end frame numbered ``seq`` or
+    before) when the record was written: the message may still be listed, its answer winding down."""
     lost: Sequence[tuple[MessageId, frozenset[str], str | None]] = ()
     """The messages a process that died left unfinished, set by :meth:`SessionStore.take`: (message id, the agents
     whose reply to it ended, the one agent the message named or None). Every other agent that answers the message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from connic.frames import MessageId
@@ -180,9 +181,30 @@ class Ahead:
         pending = list(record.pending or ()) if record is not None and record.busy else []
         self.current = pending[0] if pending else None
         self.queued = pending[1:]
+        # The record holds what the frames numbered up to its seq did, those followed meanwhile too:
+        # the ends of replies (the message it lists first may have ended, its answer winding down)
+        # and the cancels the owner took before (their messages' cancelled ends): applied again,
+        # a cancel stopped the next message with its id, an end ended it.
+        seq = record.seq if record is not None else 0
+        numbered = [(frame, _seq(frame)) for frame in self.frames]
+        taken = _cancelled(frame for frame, number in numbered if number <= seq)
+        self.frames = [frame for frame, number in numbered if number > seq]
+        if self.current is not None and record is not None:
+            self.ended = set(record.ended)
+            if self.ended >= self._answering(self.current):
+                self._next()
         after: list[tuple[Pending, ...]] = []  # what was ahead after each cancel passed before the read (none: first)
         for message_id, mark in self.cancels:
             after.append(self._ahead())
+            current = self.current
+            stops = taken.get(message_id)
+            if stops:
+                # Taken before the record: it acted on it; of its message it lists first, only if
+                # that one's cancelled reply is still winding down (those agents' ends are in it).
+                if current is not None and current[0] == message_id and self.ended and self.ended <= stops[0]:
+                    self._cancel(message_id, mark)
+                stops.pop(0)
+                continue
             self._cancel(message_id, mark)
         after.append(self._ahead())
         # A message held before the read counts what the record lists, less what the cancels before it dropped.
@@ -255,6 +277,26 @@ class Ahead:
         if len(kept) < len(self.queued) and mark is not None:
             self.took.add(mark)
         self.queued[:] = kept
+
+
+def _seq(data: str) -> int:
+    # A logged frame's seq (its last member, sequenced()).
+    number = json.loads(data).get("seq")
+    return number if isinstance(number, int) else 0
+
+
+def _cancelled(frames: Iterable[str]) -> dict[MessageId, list[set[str]]]:
+    # The replies stopped by a cancel among ``frames``: for each id, the agents whose cancelled
+    # end each stopped message of it has there (one message's agents end once each), in order.
+    stopped: dict[MessageId, list[set[str]]] = {}
+    for data in frames:
+        frame = json.loads(data)
+        if frame.get("type") in ("stream_end", "response") and frame.get("finish_reason") == "cancelled":
+            messages = stopped.setdefault(frame.get("id"), [])
+            if not messages or frame.get("agent") in messages[-1]:
+                messages.append(set())
+            messages[-1].add(frame.get("agent"))
+    return stopped
 
 
 _REPLY = frozenset(

@@ -50,6 +50,8 @@ def encode(record: SessionRecord) -> str:
     }
     if record.pending is not None:
         fields["pending"] = record.pending
+    if record.ended:
+        fields["ended"] = sorted(record.ended)
     try:
         return json.dumps(fields, separators=_COMPACT, ensure_ascii=False)
     except RecursionError:
@@ -113,5 +115,6 @@ def decode(data: str, entries: Sequence[str]) -> tuple[SessionRecord, bool]:
         busy=raw.get("busy", False),  # records written before it was kept
         last_active=raw.get("last_active"),  # the same
         pending=None if pending is None else tuple((m[0], m[1], m[2]) for m in pending),  # the same
+        ended=frozenset(raw.get("ended", ())),  # the same
     )
     return record, inline is None
