@@ -1,0 +1,98 @@
+"""What a follower counts when the owner's record it reads is newer than a cancel it passed (ws_ahead.Ahead).
+
+The follower (process B) reads the owner's record once it holds a message or passes a cancel;
+under load the owner (A) may take that cancel and save its record before B's read comes back
+(commit 4203729, seen in test_review5 under load). These drive :class:`Ahead` with such a
+record, deterministically: a black-box run cannot make B's read come back after A's save on
+demand. Each expected count is what one process counts (PROTOCOL.md §5: ``max_queued`` counts
+the messages queued behind the one answered when a message comes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from connic.stores import SessionRecord
+from connic.transports.ws_ahead import Ahead
+
+
+class _Store:
+    """A store whose record read comes back when the test says."""
+
+    def __init__(self) -> None:
+        self.record: asyncio.Future[SessionRecord | None] = asyncio.get_running_loop().create_future()
+
+    async def load(self, session_id: str) -> SessionRecord | None:
+        return await self.record
+
+
+def _record(seq: int, pending: list[tuple[str, int, str | None]], ended: frozenset[str] = frozenset()) -> SessionRecord:
+    return SessionRecord(
+        id="s",
+        label="/ws",
+        token=None,
+        seq=seq,
+        count=len(pending),
+        limit_reached=False,
+        tokens_in=0,
+        tokens_out=0,
+        states={},
+        history=(),
+        history_size=0,
+        busy=bool(pending),
+        pending=tuple(pending),
+        ended=ended,
+    )
+
+
+def _frames(start: int, *frames: dict[str, Any]) -> list[str]:
+    return [json.dumps({**frame, "seq": seq}) for seq, frame in enumerate(frames, start)]
+
+
+def _end(message_id: str, agent: str, reason: str) -> dict[str, Any]:
+    return {"type": "stream_end", "id": message_id, "agent": agent, "finish_reason": reason}
+
+
+async def _read(ahead: Ahead, store: _Store, record: SessionRecord) -> None:
+    store.record.set_result(record)
+    assert ahead.loading is not None
+    await asyncio.wait([ahead.loading])
+    await asyncio.sleep(0)  # the read's done callback (Ahead._read)
+
+
+async def test_a_message_held_before_a_cancel_the_newer_record_applied_counts_the_stopped_reply() -> None:
+    # A answers m1 with m2 queued (max_queued 1); the client sends m3 (held on B), then cancels m1.
+    # One process: m3 came while m1 ran and m2 waited: one queued, m3 refused queue_full.
+    # B's read of A's record comes back after A took the cancel: m1 stopped, m2 begun.
+    store, ahead = _Store(), Ahead(("assistant",))
+    ahead.held()  # m3
+    ahead.follows(store, "s")  # type: ignore[arg-type]
+    ahead.passed("m1")
+    ahead.seen(_frames(10, _end("m1", "assistant", "cancelled"), {"type": "stream_start", "id": "m2", "agent": "assistant"}))
+    await _read(ahead, store, _record(11, [("m2", 2, None)]))
+    assert await ahead.count() == 1
+
+
+async def test_a_later_message_sharing_the_stopped_id_is_not_taken_as_stopped() -> None:
+    # Agents a and b. A answers m1 (#1), then m1 (#2) and m3 queued. A cancel of m1 stops #1 (both
+    # agents end cancelled), #2 begins and a ends it normally; A's record, written then, lists
+    # #2 first with a ended. The cancel was passed before that record came back (a newer one).
+    # One process: a message sent now finds #2 in flight (b still answering) and m3 queued: one.
+    store, ahead = _Store(), Ahead(("a", "b"))
+    ahead.passed("m1")
+    ahead.follows(store, "s")  # type: ignore[arg-type]
+    ahead.seen(
+        _frames(
+            10,
+            _end("m1", "a", "cancelled"),
+            _end("m1", "b", "cancelled"),
+            {"type": "stream_start", "id": "m1", "agent": "a"},
+            {"type": "stream_start", "id": "m1", "agent": "b"},
+            _end("m1", "a", "stop"),
+        )
+    )
+    await _read(ahead, store, _record(14, [("m1", 2, None), ("m3", 3, None)], frozenset({"a"})))
+    ahead.held()  # m4
+    assert await ahead.count() == 1
