@@ -70,7 +70,9 @@ async def test_a_message_held_before_a_cancel_the_newer_record_applied_counts_th
     ahead.held()  # m3
     ahead.follows(store, "s")  # type: ignore[arg-type]
     ahead.passed("m1")
-    ahead.seen(_frames(10, _end("m1", "assistant", "cancelled"), {"type": "stream_start", "id": "m2", "agent": "assistant"}))
+    ahead.seen(
+        _frames(10, _end("m1", "assistant", "cancelled"), {"type": "stream_start", "id": "m2", "agent": "assistant"})
+    )
     await _read(ahead, store, _record(11, [("m2", 2, None)]))
     assert await ahead.count() == 1
 
