@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from connic.stores import SessionRecord
-from connic.transports.ws_ahead import Ahead
+from connic.transports.ws_ahead import AfterRead, Ahead
 
 
 class _Store:
@@ -23,9 +23,13 @@ class _Store:
 
     def __init__(self) -> None:
         self.record: asyncio.Future[SessionRecord | None] = asyncio.get_running_loop().create_future()
+        self.cancels: list[tuple[str, bool]] = []  # passed to the owner: each one's id, held or not
 
     async def load(self, session_id: str) -> SessionRecord | None:
         return await self.record
+
+    def cancel(self, session_id: str, message_id: str, *, held: bool = False) -> None:
+        self.cancels.append((message_id, held))
 
 
 def _record(seq: int, pending: list[tuple[str, int, str | None]], ended: frozenset[str] = frozenset()) -> SessionRecord:
@@ -98,3 +102,29 @@ async def test_a_later_message_sharing_the_stopped_id_is_not_taken_as_stopped() 
     await _read(ahead, store, _record(14, [("m1", 2, None), ("m3", 3, None)], frozenset({"a"})))
     ahead.held()  # m4
     assert await ahead.count() == 1
+
+
+async def test_cancels_reach_the_owner_only_once_its_record_was_read_in_the_order_passed() -> None:
+    # The record a newer cancel already changed cannot be told from an older one when the cancel
+    # dropped queued messages (no frame says so): A answers m1 with m2 queued (max_queued 1); the
+    # client sends m3 and m2 (held on B), then cancels m2 (held behind the held m2). One process:
+    # m3 and m2 refused queue_full, the cancel drops A's m2 (no not_found). Given a record that
+    # lists m1 alone (A dropped its m2 first), B counted none queued: so no cancel goes to A
+    # before B's read of A's record came back (AfterRead).
+    store, ahead = _Store(), Ahead(("assistant",))
+    owner = AfterRead(ahead, store)  # type: ignore[arg-type]
+    ahead.held()  # m3
+    ahead.follows(store, "s")  # type: ignore[arg-type]
+    ahead.held()  # m2
+    ahead.passed("m2", "x")
+    owner.cancel("s", "m2", held=True)
+    ahead.passed("m9")
+    owner.cancel("s", "m9")
+    assert store.cancels == []
+    await _read(ahead, store, _record(9, [("m1", 1, None), ("m2", 2, None)]))
+    assert store.cancels == [("m2", True), ("m9", False)]
+    assert [await ahead.count(), await ahead.count()] == [1, 1]
+    assert "x" in ahead.took
+    ahead.passed("m1")
+    owner.cancel("s", "m1")  # read: at once
+    assert store.cancels[-1] == ("m1", False)

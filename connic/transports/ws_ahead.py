@@ -19,7 +19,7 @@ from connic.frames.server import CHUNK_PREFIX
 if TYPE_CHECKING:
     from connic.stores import SessionRecord, SessionStore
 
-__all__ = ["Ahead", "Pending"]
+__all__ = ["Ahead", "AfterRead", "Pending"]
 
 log = logging.getLogger("connic.websocket")
 
@@ -292,6 +292,43 @@ class Ahead:
         if len(kept) < len(self.queued) and mark is not None:
             self.took.add(mark)
         self.queued[:] = kept
+
+
+class AfterRead:
+    """Passes a follow's cancels to the owner once :class:`Ahead`'s read of its record came back, in order.
+
+    The read begins when the first message is held or the first cancel passed; a cancel passed
+    meanwhile could be taken by the owner, and the record saved, before Redis answered the read
+    (under load: seen in test_review5). That record already has the cancel applied, and what it
+    dropped leaves no frame to tell: a message held before the cancel counted the owner's queue
+    without it (one process refuses it ``queue_full``), and a held cancel whose queued message
+    it dropped was not noted as taking it (``not_found`` where one process answers nothing).
+    Waiting costs each cancel passed before the read the rest of one round trip to Redis.
+    """
+
+    __slots__ = ("ahead", "store", "waiting")
+
+    def __init__(self, ahead: Ahead, store: SessionStore) -> None:
+        self.ahead = ahead
+        self.store = store
+        self.waiting: list[tuple[str, MessageId, bool]] = []  # cancels passed before the read came back
+
+    def cancel(self, session_id: str, message_id: MessageId, *, held: bool = False) -> None:
+        """As :meth:`SessionStore.cancel`, once the record's read (begun now if not yet) came back."""
+        self.ahead.follows(self.store, session_id)
+        loading = self.ahead.loading
+        if not self.waiting and (loading is None or loading.done()):
+            self.store.cancel(session_id, message_id, held=held)
+            return
+        assert loading is not None
+        if not self.waiting:  # after Ahead._read (added first): the record is applied before
+            loading.add_done_callback(self._pass)
+        self.waiting.append((session_id, message_id, held))
+
+    def _pass(self, _: object) -> None:
+        waiting, self.waiting = self.waiting, []
+        for session_id, message_id, held in waiting:
+            self.store.cancel(session_id, message_id, held=held)
 
 
 def _seq(data: str) -> int:
