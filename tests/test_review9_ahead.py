@@ -1,11 +1,13 @@
 """What a follower counts when the owner's record it reads is newer than a cancel it passed (ws_ahead.Ahead).
 
 The follower (process B) reads the owner's record once it holds a message or passes a cancel;
-under load the owner (A) may take that cancel and save its record before B's read comes back
-(commit 4203729, seen in test_review5 under load). These drive :class:`Ahead` with such a
-record, deterministically: a black-box run cannot make B's read come back after A's save on
-demand. Each expected count is what one process counts (PROTOCOL.md §5: ``max_queued`` counts
-the messages queued behind the one answered when a message comes).
+under load the owner (A) could take that cancel and save its record before B's read came back
+(commit 4203729, seen in test_review5 under load): a record with the cancel applied, which a
+cancel that dropped queued messages leaves no frame to tell. The cancels now reach A only once
+the read came back (:class:`AfterRead`). These drive :class:`Ahead` deterministically (a
+black-box run cannot make B's read come back after A's save on demand); each expected count is
+what one process counts (PROTOCOL.md §5: ``max_queued`` counts the messages queued behind the
+one answered when a message comes).
 """
 
 from __future__ import annotations
@@ -66,42 +68,18 @@ async def _read(ahead: Ahead, store: _Store, record: SessionRecord) -> None:
     await asyncio.sleep(0)  # the read's done callback (Ahead._read)
 
 
-async def test_a_message_held_before_a_cancel_the_newer_record_applied_counts_the_stopped_reply() -> None:
-    # A answers m1 with m2 queued (max_queued 1); the client sends m3 (held on B), then cancels m1.
-    # One process: m3 came while m1 ran and m2 waited: one queued, m3 refused queue_full.
-    # B's read of A's record comes back after A took the cancel: m1 stopped, m2 begun.
+async def test_frames_the_record_numbered_are_not_applied_to_it_again() -> None:
+    # A answers m1 with a second m1 and m2 queued; B holds m3 and reads A's record. Meanwhile the
+    # first m1 ends (stop) and the second begins, before A saves the record B reads (seq 11: the
+    # second m1 first). One process: m3 and m4 each find the second m1 in flight and m2 queued.
+    # Applied again, the first m1's end ended the second m1 too: m4 counted none queued.
     store, ahead = _Store(), Ahead(("assistant",))
     ahead.held()  # m3
     ahead.follows(store, "s")  # type: ignore[arg-type]
-    ahead.passed("m1")
-    ahead.seen(
-        _frames(10, _end("m1", "assistant", "cancelled"), {"type": "stream_start", "id": "m2", "agent": "assistant"})
-    )
-    await _read(ahead, store, _record(11, [("m2", 2, None)]))
-    assert await ahead.count() == 1
-
-
-async def test_a_later_message_sharing_the_stopped_id_is_not_taken_as_stopped() -> None:
-    # Agents a and b. A answers m1 (#1), then m1 (#2) and m3 queued. A cancel of m1 stops #1 (both
-    # agents end cancelled), #2 begins and a ends it normally; A's record, written then, lists
-    # #2 first with a ended. The cancel was passed before that record came back (a newer one).
-    # One process: a message sent now finds #2 in flight (b still answering) and m3 queued: one.
-    store, ahead = _Store(), Ahead(("a", "b"))
-    ahead.passed("m1")
-    ahead.follows(store, "s")  # type: ignore[arg-type]
-    ahead.seen(
-        _frames(
-            10,
-            _end("m1", "a", "cancelled"),
-            _end("m1", "b", "cancelled"),
-            {"type": "stream_start", "id": "m1", "agent": "a"},
-            {"type": "stream_start", "id": "m1", "agent": "b"},
-            _end("m1", "a", "stop"),
-        )
-    )
-    await _read(ahead, store, _record(14, [("m1", 2, None), ("m3", 3, None)], frozenset({"a"})))
+    ahead.seen(_frames(10, _end("m1", "assistant", "stop"), {"type": "stream_start", "id": "m1", "agent": "assistant"}))
+    await _read(ahead, store, _record(11, [("m1", 2, None), ("m2", 3, None)]))
     ahead.held()  # m4
-    assert await ahead.count() == 1
+    assert [await ahead.count(), await ahead.count()] == [1, 1]
 
 
 async def test_cancels_reach_the_owner_only_once_its_record_was_read_in_the_order_passed() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from connic.frames import MessageId
@@ -181,47 +180,21 @@ class Ahead:
         pending = list(record.pending or ()) if record is not None and record.busy else []
         self.current = pending[0] if pending else None
         self.queued = pending[1:]
-        # The record holds what the frames numbered up to its seq did, those followed meanwhile too:
-        # the ends of replies (the message it lists first may have ended, its answer winding down)
-        # and the cancels the owner took before (their messages' cancelled ends): applied again,
-        # a cancel stopped the next message with its id, an end ended it.
+        # The record holds what the frames numbered up to its seq did, those followed meanwhile too
+        # (the ends of replies: the message it lists first may have ended, its answer winding
+        # down): applied again, an end ended the next message with its id. The cancels passed
+        # before the read reach the owner after it (AfterRead): the record never has them.
         seq = record.seq if record is not None else 0
-        numbered = [(frame, _seq(frame)) for frame in self.frames]
-        ends = _ends(frame for frame, number in numbered if number <= seq)
-        self.frames = [frame for frame, number in numbered if number > seq]
+        self.frames = [frame for frame in self.frames if _seq(frame) > seq]
         if self.current is not None and record is not None:
             self.ended = set(record.ended)
             if self.ended >= self._answering(self.current):
                 self._next()
         after: list[tuple[Pending, ...]] = []  # what was ahead after each cancel passed before the read (none: first)
-        skipped: list[tuple[int, Pending]] = []  # each cancel the record applied: its place, the message it stopped
         for message_id, mark in self.cancels:
             after.append(self._ahead())
-            current = self.current
-            messages = ends.get(message_id, [])
-            stops = [message for message in messages if message[1]]
-            if stops:
-                # Taken before the record: it acted on it; of its message it lists first, only if
-                # that one's cancelled reply is still winding down (those agents' ends are in it):
-                # the last message with the id to end an agent's reply, not a later one with its id.
-                stop = stops[0]
-                if (
-                    current is not None
-                    and current[0] == message_id
-                    and self.ended
-                    and stop is messages[-1]
-                    and self.ended <= stop[0]
-                ):
-                    self._cancel(message_id, mark)
-                else:
-                    # The record has that message gone: it was ahead of the messages held before the cancel.
-                    skipped.append((len(after), (message_id, 0, None)))
-                messages.remove(stop)
-                continue
             self._cancel(message_id, mark)
         after.append(self._ahead())
-        for place, stopped in skipped:  # in flight when the messages held before that cancel came
-            after[:place] = [(stopped, *ahead) for ahead in after[:place]]
         # A message held before the read counts what the record lists, less what the cancels before it dropped.
         self.snapshots = [(after[cancels] if count is None else count, cancels) for count, cancels in self.snapshots]
         self.cancels.clear()
@@ -335,25 +308,6 @@ def _seq(data: str) -> int:
     # A logged frame's seq (its last member, sequenced()).
     number = json.loads(data).get("seq")
     return number if isinstance(number, int) else 0
-
-
-def _ends(frames: Iterable[str]) -> dict[MessageId, list[tuple[set[str], bool]]]:
-    # The replies ended among ``frames``: for each id, each of its messages in order (an agent
-    # ending again is a later message's), the agents that ended it and whether one was cancelled.
-    ends: dict[MessageId, list[tuple[set[str], bool]]] = {}
-    for data in frames:
-        frame = json.loads(data)
-        agent = frame.get("agent")
-        if agent is None or frame.get("type") not in _ENDED:
-            continue
-        messages = ends.setdefault(frame.get("id"), [])
-        if not messages or agent in messages[-1][0]:
-            messages.append((set(), False))
-        agents, cancelled = messages[-1]
-        agents.add(agent)
-        if frame.get("finish_reason") == "cancelled" and not cancelled:
-            messages[-1] = (agents, True)
-    return ends
 
 
 _REPLY = frozenset(
