@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from connic.frames import MessageId
@@ -19,7 +18,7 @@ from connic.frames.server import CHUNK_PREFIX
 if TYPE_CHECKING:
     from connic.stores import SessionRecord, SessionStore
 
-__all__ = ["Ahead", "Pending"]
+__all__ = ["Ahead", "AfterRead", "Pending"]
 
 log = logging.getLogger("connic.websocket")
 
@@ -181,14 +180,12 @@ class Ahead:
         pending = list(record.pending or ()) if record is not None and record.busy else []
         self.current = pending[0] if pending else None
         self.queued = pending[1:]
-        # The record holds what the frames numbered up to its seq did, those followed meanwhile too:
-        # the ends of replies (the message it lists first may have ended, its answer winding down)
-        # and the cancels the owner took before (their messages' cancelled ends): applied again,
-        # a cancel stopped the next message with its id, an end ended it.
+        # The record holds what the frames numbered up to its seq did, those followed meanwhile too
+        # (the ends of replies: the message it lists first may have ended, its answer winding
+        # down): applied again, an end ended the next message with its id. The cancels passed
+        # before the read reach the owner after it (AfterRead): the record never has them.
         seq = record.seq if record is not None else 0
-        numbered = [(frame, _seq(frame)) for frame in self.frames]
-        taken = _cancelled(frame for frame, number in numbered if number <= seq)
-        self.frames = [frame for frame, number in numbered if number > seq]
+        self.frames = [frame for frame in self.frames if _seq(frame) > seq]
         if self.current is not None and record is not None:
             self.ended = set(record.ended)
             if self.ended >= self._answering(self.current):
@@ -196,15 +193,6 @@ class Ahead:
         after: list[tuple[Pending, ...]] = []  # what was ahead after each cancel passed before the read (none: first)
         for message_id, mark in self.cancels:
             after.append(self._ahead())
-            current = self.current
-            stops = taken.get(message_id)
-            if stops:
-                # Taken before the record: it acted on it; of its message it lists first, only if
-                # that one's cancelled reply is still winding down (those agents' ends are in it).
-                if current is not None and current[0] == message_id and self.ended and self.ended <= stops[0]:
-                    self._cancel(message_id, mark)
-                stops.pop(0)
-                continue
             self._cancel(message_id, mark)
         after.append(self._ahead())
         # A message held before the read counts what the record lists, less what the cancels before it dropped.
@@ -279,24 +267,47 @@ class Ahead:
         self.queued[:] = kept
 
 
+class AfterRead:
+    """Passes a follow's cancels to the owner once :class:`Ahead`'s read of its record came back, in order.
+
+    The read begins when the first message is held or the first cancel passed; a cancel passed
+    meanwhile could be taken by the owner, and the record saved, before Redis answered the read
+    (under load: seen in test_review5). That record already has the cancel applied, and what it
+    dropped leaves no frame to tell: a message held before the cancel counted the owner's queue
+    without it (one process refuses it ``queue_full``), and a held cancel whose queued message
+    it dropped was not noted as taking it (``not_found`` where one process answers nothing).
+    Waiting costs each cancel passed before the read the rest of one round trip to Redis.
+    """
+
+    __slots__ = ("ahead", "store", "waiting")
+
+    def __init__(self, ahead: Ahead, store: SessionStore) -> None:
+        self.ahead = ahead
+        self.store = store
+        self.waiting: list[tuple[str, MessageId, bool]] = []  # cancels passed before the read came back
+
+    def cancel(self, session_id: str, message_id: MessageId, *, held: bool = False) -> None:
+        """As :meth:`SessionStore.cancel`, once the record's read (begun now if not yet) came back."""
+        self.ahead.follows(self.store, session_id)
+        loading = self.ahead.loading
+        if not self.waiting and (loading is None or loading.done()):
+            self.store.cancel(session_id, message_id, held=held)
+            return
+        assert loading is not None
+        if not self.waiting:  # after Ahead._read (added first): the record is applied before
+            loading.add_done_callback(self._pass)
+        self.waiting.append((session_id, message_id, held))
+
+    def _pass(self, _: object) -> None:
+        waiting, self.waiting = self.waiting, []
+        for session_id, message_id, held in waiting:
+            self.store.cancel(session_id, message_id, held=held)
+
+
 def _seq(data: str) -> int:
     # A logged frame's seq (its last member, sequenced()).
     number = json.loads(data).get("seq")
     return number if isinstance(number, int) else 0
-
-
-def _cancelled(frames: Iterable[str]) -> dict[MessageId, list[set[str]]]:
-    # The replies stopped by a cancel among ``frames``: for each id, the agents whose cancelled
-    # end each stopped message of it has there (one message's agents end once each), in order.
-    stopped: dict[MessageId, list[set[str]]] = {}
-    for data in frames:
-        frame = json.loads(data)
-        if frame.get("type") in ("stream_end", "response") and frame.get("finish_reason") == "cancelled":
-            messages = stopped.setdefault(frame.get("id"), [])
-            if not messages or frame.get("agent") in messages[-1]:
-                messages.append(set())
-            messages[-1].add(frame.get("agent"))
-    return stopped
 
 
 _REPLY = frozenset(

@@ -28,7 +28,7 @@ from connic.transports.ws_ahead import Ahead
 if TYPE_CHECKING:
     from connic.message import Message
     from connic.session import ChatSession
-    from connic.stores import SessionStore
+    from connic.transports.ws_ahead import AfterRead
     from connic.transports.ws_connection import Connection
 
 __all__ = ["Ahead", "Behind", "Doubts", "cancel_behind", "held_at", "hold_behind", "parse_held"]
@@ -172,7 +172,7 @@ class Doubts:
         """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
         self.pending.append((message_id, [id(msg) for msg in held]))
 
-    def direct(self, store: SessionStore, session_id: str, message_id: MessageId) -> None:
+    def direct(self, store: AfterRead, session_id: str, message_id: MessageId) -> None:
         """Pass a cancel of no held message to the owner; a reply with its id that ends cancelled is its first.
 
         Such a cancel comes before any held cancel of its id (it would be held else): the end of
@@ -182,7 +182,7 @@ class Doubts:
         store.cancel(session_id, message_id)
         self.passed[message_id] = self.passed.get(message_id, 0) + 1
 
-    def pass_on(self, store: SessionStore, session_id: str) -> None:
+    def pass_on(self, store: AfterRead, session_id: str) -> None:
         """The find follows the session's owner: the held cancels not passed yet go there too."""
         for message_id, keys in self.pending:
             store.cancel(session_id, message_id, held=True)

@@ -30,6 +30,7 @@ from connic.frames import (
 )
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
+from connic.transports.ws_ahead import AfterRead
 from connic.transports.ws_bound import Bound
 from connic.transports.ws_follow_history import FollowedHistory, consume
 from connic.transports.ws_held import Ahead, Behind, Doubts, cancel_behind, held_at, hold_behind, parse_held
@@ -200,6 +201,7 @@ async def _reading_meanwhile(
     task = asyncio.ensure_future(finding)
     history = FollowedHistory(conn, frame.session_id, following, moves)
     bound = Bound(conn.transport.sessions.options.max_queued)  # what is held at most (ws_bound)
+    owner = AfterRead(ahead, store)  # the cancels go to the owner once its record was read
     try:
         while not task.done():
             if conn._receiving is None and not _gone(conn):
@@ -216,10 +218,10 @@ async def _reading_meanwhile(
             if cancels and following:
                 # The find follows another process now: the cancels held till then go there.
                 for msg in [msg for msg in conn._inbox if id(msg) in cancels]:
-                    doubts.direct(store, frame.session_id, cancels.pop(id(msg)))
+                    doubts.direct(owner, frame.session_id, cancels.pop(id(msg)))
                     conn._inbox.remove(msg)
             if following:
-                doubts.pass_on(store, frame.session_id)
+                doubts.pass_on(owner, frame.session_id)
             receiving = conn._receiving
             if receiving is not None and receiving.done():
                 conn._receiving = None
@@ -242,11 +244,11 @@ async def _reading_meanwhile(
                         # Where it came: the owner acts on it too (once the find follows it).
                         ahead.passed(parsed.id, group[0].extra)
                         if following:
-                            doubts.pass_on(store, frame.session_id)
+                            doubts.pass_on(owner, frame.session_id)
                     else:
                         # Another process answers (this one follows its frames): the cancel goes there.
                         ahead.passed(parsed.id)
-                        doubts.direct(store, frame.session_id, parsed.id)
+                        doubts.direct(owner, frame.session_id, parsed.id)
                 elif isinstance(parsed, HistoryRequest) and following and not conn._inbox and history.asked is None:
                     history.ask(msg)
                 elif (kept := bound.hold(conn, msg, parsed)) is not None:
@@ -267,6 +269,10 @@ async def _reading_meanwhile(
                 _leave(conn, task, frame, follow)
                 return None
         history.hold()  # not answered yet: the session's new owner here answers it, in order
+        if ahead.loading is not None and not ahead.loading.done():
+            # The cancels waiting for the owner's record go to it before this process goes on
+            # as the session's owner (AfterRead passes them as the read comes back).
+            await asyncio.wait([ahead.loading])
         return task.result()
     except BaseException:
         # The resume goes no further (its handler is cancelled): a session the find took over

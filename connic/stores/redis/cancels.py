@@ -66,6 +66,9 @@ class Cancels(WriteBack):
         # publishes, a renewal) could otherwise come back swapped, and a cancel sent after
         # another act first (m1's stop beginning the queued m2 that the earlier cancel dropped).
         self._taking = asyncio.Lock()
+        # Sessions whose take (not a claim's) waits for that lock: it takes what is listed when it
+        # runs, so one more is not queued (a take hanging, publishes and renewals would pile up).
+        self._to_take: set[str] = set()
 
     def _forget(self, session_id: str) -> int | None:
         """As :meth:`Writer._forget`; the cancels its claim found waiting are left to the next owner."""
@@ -188,8 +191,25 @@ class Cancels(WriteBack):
         ``claimed``: this process just took the sessions over; a ``held`` cancel left for their
         previous owner is the follower's to settle (it drops its held message), never acted on here.
         """
-        async with self._taking:
-            await self._take_now(session_ids, claimed)
+        if not claimed:
+            session_ids = [sid for sid in session_ids if sid not in self._to_take]
+            if not session_ids:
+                return
+            self._to_take.update(session_ids)
+        entered = False
+        try:
+            async with self._taking:
+                entered = True
+                # From here what is listed meanwhile may be too late for this take: another one is due.
+                self._to_take.difference_update(session_ids if not claimed else ())
+                await self._take_now(session_ids, claimed)
+        finally:
+            if not entered and not claimed:  # cancelled while waiting (a shutdown)
+                self._to_take.difference_update(session_ids)
+
+    def _cancels_listed(self, session_ids: list[str]) -> None:
+        """A lease renewal said cancels wait for these sessions: take them in the background."""
+        self._spawn(self._take_cancels(session_ids))
 
     async def _take_now(self, session_ids: list[str], claimed: bool) -> None:
         prefix = self.options.key_prefix

@@ -113,7 +113,7 @@ class Renewer(Writer):
                 if result & 16 and not self._writing and held is not None and self._saved.get(sid) is held:
                     self._rewrite(sid, True)
             if cancels:
-                await self._take_cancels(cancels)
+                self._cancels_listed(cancels)
 
     async def _until_due(self) -> None:
         """Sleep a third of the shortest lease held (1 s when none is), or less if a shorter one is taken meanwhile."""
@@ -132,8 +132,12 @@ class Renewer(Writer):
         """Whether Redis lost its data since it was last asked (:class:`~connic.stores.redis.writeback.WriteBack`)."""
         return False
 
-    async def _take_cancels(self, session_ids: list[str]) -> None:
-        """Take the cancels other processes passed to these sessions (:class:`~connic.stores.redis.cancels.Cancels`)."""
+    def _cancels_listed(self, session_ids: list[str]) -> None:
+        """Cancels wait for these sessions: take them, in the background (none here).
+
+        Not awaited: takes wait for one another (acted on in the order taken), each up to the
+        store's ``timeout`` when Redis does not answer, and the next renewal would wait behind them.
+        """
 
     def _taken_over(self, session_id: str) -> None:
         """A resume on another process took the session over (:class:`~connic.stores.redis.takeovers.Takeovers`)."""
