@@ -124,6 +124,11 @@ class Follower:
                 try:
                     if conn is None:
                         conn = await self._connect()
+                        if not self._follows:
+                            # Every follow stopped while connecting (a slow handshake under load): an
+                            # XREAD naming no stream is a syntax error, which would fail the follows
+                            # added while it is under way (StoreUnavailable to their resumes).
+                            continue
                     reply = await self._read(conn)
                 except StoreUnavailable as exc:
                     await self._drop(conn)
