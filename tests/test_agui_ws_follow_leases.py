@@ -49,10 +49,13 @@ async def test_a_cancel_while_a_resume_follows_a_dead_process_from_last_seq_is_k
 ) -> None:
     lease = 30.0  # the owner's lease: longer than the 10 s floor, so that the two TTLs differ
     lines = ('transport = "agui"', f"producer_timeout = {lease:g}", "replay_buffer = 16", 'on_disconnect = "continue"')
-    a, b = await launch(*lines), await launch(*lines)
+    # 100 chunks 100 ms apart (10 s): read from the oldest frame held, the resume's second read of
+    # the log must come before that frame is evicted (one or two chunks later); 20 ms apart, a
+    # loaded machine missed that, and the text message was read from lastSeq (START again).
+    a, b = await launch(*lines, delay=0.1), await launch(*lines, delay=0.1)
     endpoint = "ws://127.0.0.1:{}/ws/ws"  # the agui connector at /ws: its WebSocket binding
     ws = await websockets.connect(endpoint.format(a.port), additional_headers=AUTH)
-    await ws.send(json.dumps(run_input("t-lease", words(500), run_id="r1")))  # 500 chunks 20 ms apart: 10 s
+    await ws.send(json.dumps(run_input("t-lease", words(100), run_id="r1")))
     seen = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(30)]  # the log keeps the last 16
     ws.transport.abort()
     async with websockets.connect(endpoint.format(b.port), additional_headers=AUTH) as again:

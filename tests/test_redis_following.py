@@ -44,10 +44,11 @@ def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start(*connector: str) -> CliServer:
+    async def start(*connector: str, delay: float = 0.02) -> CliServer:
+        """One process; ``delay``: the seconds between the echo agent's chunks."""
         config = tmp_path / f"connic-{len(started)}.toml"
         config.write_text(
-            '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n'
+            f'[agents.assistant]\nuse = "echo"\ndelay = {delay:g}\n'
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
             + "".join(f"{line}\n" for line in connector)
             + f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n'
