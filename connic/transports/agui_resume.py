@@ -229,12 +229,12 @@ async def _following(binding: WSBinding, thread_id: str, given: str | None, last
             if followed.blind and not task.done():
                 # The log no longer holds the thread's first frame, which rebuilding the runs'
                 # events needs: followed from its oldest frame held instead, at once, as a resume
-                # on one process whose log lost the thread's start replays from there. Should
-                # that be evicted too before it is read, from the client's last_seq.
+                # on one process whose log lost the thread's start replays from there. That frame
+                # is the next one evicted: should it go before it is read, from the oldest held
+                # then, which is later each time (the gap says newest - capacity > after), until
+                # that is the client's last_seq.
                 _abandon(binding, task)
-                after = last_seq
-                if followed.after == 0:
-                    after = oldest_before(followed.newest, followed.capacity, last_seq)
+                after = max(oldest_before(followed.newest, followed.capacity, last_seq), followed.after + 1)
                 followed = _Followed(binding, thread_id, last_seq, after, followed.waiting)
                 task = find(followed)
     except BaseException:

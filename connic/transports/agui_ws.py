@@ -333,12 +333,11 @@ class WSBinding(Outbox[str]):
         start = followed if followed is not None else 0
         replay = await session.replay(self, start)
         # Read again only when the log lost frames: None is a newer resume that overtook this one.
-        if followed is None and last_seq and replay is not None and not replay[0]:
-            start = oldest_before(session.seq, session.sessions.options.replay_buffer, last_seq)
+        # From its oldest frame held, the next one evicted: should it go before it is read, from
+        # the oldest held then (later each time), until that is last_seq.
+        while followed is None and last_seq and start != last_seq and replay is not None and not replay[0]:
+            start = max(oldest_before(session.seq, session.sessions.options.replay_buffer, last_seq), start + 1)
             replay = await session.replay(self, start)
-            if start != last_seq and replay is not None and not replay[0]:
-                start = last_seq  # frames were evicted meanwhile
-                replay = await session.replay(self, last_seq)
         if replay is None or session.state is SessionState.ENDED:
             self.session = None
             self._error(InvalidResume("another connection took this thread over meanwhile"))
