@@ -218,13 +218,29 @@ async def test_replay_log_is_a_stream_trimmed_to_replay_buffer(
     server = await process(start_server, redis_url, connector={"replay_buffer": 5})
     session = ResumeSession(clients, server.url())
     conn = await session.start()
-    await chat(conn, "m1", words(6))  # ack, stream_start, 6 chunks, stream_end: seq 1..9
-    await chat(conn, "m2", words(6))  # seq 10..18
-    await chat(conn, "m3", words(6))  # seq 19..27: the first reply's entries hold none of the newest 5 before it
-    last = session.transcript.last_seq
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    log = f"connic:{{{session.session_id}}}:log"
+
+    async def logged() -> None:
+        # The log is written behind the client's frames, in batches: each reply's frames are
+        # logged before the next message, so that no write holds two replies (one that did kept
+        # the first reply's entry, which holds 5 of the newest frames before it, as it should).
+        for _ in range(500):
+            newest = await client.xrevrange(log, count=1)
+            if newest and newest[0][0] == f"0-{session.transcript.last_seq}":
+                return
+            await asyncio.sleep(0.01)
+        pytest.fail(f"the log never held seq {session.transcript.last_seq}")
+
     try:
-        entries = await client.xrange(f"connic:{{{session.session_id}}}:log")
+        await chat(conn, "m1", words(6))  # ack, stream_start, 6 chunks, stream_end: seq 1..9
+        await logged()
+        await chat(conn, "m2", words(6))  # seq 10..18
+        await logged()
+        await chat(conn, "m3", words(6))  # seq 19..27: the first reply's entries hold none of the newest 5 before it
+        await logged()
+        last = session.transcript.last_seq
+        entries = await client.xrange(log)
     finally:
         await client.aclose()
     # Each entry holds one write's frames joined by newlines; its id is its newest frame's seq.
