@@ -120,6 +120,31 @@ async def history(conn: Conn) -> list[tuple[Any, ...]]:
     return [(e["role"], e["id"], e["message_number"]) for e in frames[-1]["entries"]]
 
 
+_LAST = "z"  # the ids of the messages sent last by :func:`settled_outline` (left out of what it returns)
+
+
+async def settled_outline(session: ResumeSession, conn: Conn) -> tuple[Counter[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """:func:`outline` and :func:`history`, once everything the client sent before settled.
+
+    Everything before is settled once a message sent last is answered (it may be refused
+    queue_full while held ones still wait: sent again then); the messages sent last are left out.
+    """
+    for n in range(1, 20):
+        last = f"{_LAST}{n}"
+        await conn.send({"type": "message", "id": last, "payload": {"message": "last"}})
+        got = await conn.until(lambda f, last=last: f.get("id") == last and f["type"] in ("ack", "error"), timeout=15)
+        if got[-1]["type"] == "ack":
+            await conn.until_ended({last: ["assistant"]}, timeout=15)
+            break
+        await conn.until(lambda f: f["type"] == "stream_end", timeout=15)  # a queued one began: room again
+    else:
+        pytest.fail("the message sent last was never accepted")
+    session.transcript.assert_complete()
+    frames = Counter({key: n for key, n in outline(session).items() if not str(key[1]).startswith(_LAST)})
+    entries = [entry for entry in await history(conn) if not str(entry[1]).startswith(_LAST)]
+    return frames, entries
+
+
 _QUEUED = {"default": (), "max_queued=1": ("max_queued = 1",)}
 
 

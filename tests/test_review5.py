@@ -26,16 +26,14 @@ from redis_server import (
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
 from test_redis_held import (  # noqa: F401  (launch: a fixture)
     following,
-    history,
     launch,
-    outline,
+    settled_outline,
 )
 
 from connic.stores.redis.log import unfinished
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
-_LAST = "z"  # the ids of the message sent last, once everything before it settled (left out of the comparison)
 _GATE = "gate"  # the id of the cancel whose not_found says what was sent before it is counted (_run)
 _QUEUED = "queued on A"  # the text of the messages queued on A behind m1
 _GATED_AGENT = f"{Path(__file__).with_name('gated_agent.py')}:GatedEcho"
@@ -79,22 +77,7 @@ async def _run(
         await conn.until(lambda f: f["type"] == "error" and f["id"] == _GATE and f["code"] == "not_found", timeout=15)
         gate.open()
     await conn.until_ended({"m1": ["assistant"]}, timeout=15)
-    # Everything sent before is settled once a message sent last is answered (it may be refused
-    # queue_full while the held ones still wait: sent again then).
-    for n in range(1, 20):
-        last = f"{_LAST}{n}"
-        await conn.send({"type": "message", "id": last, "payload": {"message": "last"}})
-        got = await conn.until(lambda f, last=last: f.get("id") == last and f["type"] in ("ack", "error"), timeout=15)
-        if got[-1]["type"] == "ack":
-            await conn.until_ended({last: ["assistant"]}, timeout=15)
-            break
-        await conn.until(lambda f: f["type"] == "stream_end", timeout=15)  # a queued one began: room again
-    else:
-        pytest.fail("the message sent last was never accepted")
-    session.transcript.assert_complete()
-    frames = Counter({key: n for key, n in outline(session).items() if not str(key[1]).startswith(_LAST)})
-    entries = [entry for entry in await history(conn) if not str(entry[1]).startswith(_LAST)]
-    return frames, entries
+    return await settled_outline(session, conn)
 
 
 async def _compare(

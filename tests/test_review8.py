@@ -25,14 +25,11 @@ from redis_server import (
 )
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
 from test_redis_held import (  # noqa: F401  (launch: a fixture)
-    history,
     launch,
-    outline,
+    settled_outline,
 )
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
-
-_LAST = "z"  # the ids of the message sent last, once everything before it settled (left out of the comparison)
 
 
 async def _run(a: Any, b: Any, clients: Clients, redis_url: str, pre: list[str], sent: list[str]) -> tuple[Any, ...]:
@@ -82,20 +79,7 @@ async def _run(a: Any, b: Any, clients: Clients, redis_url: str, pre: list[str],
         for message_id in messages:
             await conn.send({"type": "message", "id": message_id, "payload": {"message": f"{message_id} text"}})
     await conn.until_ended({"m1": ["assistant"]}, timeout=15)
-    for n in range(1, 20):  # everything before is settled once a message sent last is answered
-        last = f"{_LAST}{n}"
-        await conn.send({"type": "message", "id": last, "payload": {"message": "last"}})
-        got = await conn.until(lambda f, last=last: f.get("id") == last and f["type"] in ("ack", "error"), timeout=15)
-        if got[-1]["type"] == "ack":
-            await conn.until_ended({last: ["assistant"]}, timeout=15)
-            break
-        await conn.until(lambda f: f["type"] == "stream_end", timeout=15)  # a queued one began: room again
-    else:
-        pytest.fail("the message sent last was never accepted")
-    session.transcript.assert_complete()
-    frames = Counter({key: n for key, n in outline(session).items() if not str(key[1]).startswith(_LAST)})
-    entries = [entry for entry in await history(conn) if not str(entry[1]).startswith(_LAST)]
-    return frames, entries
+    return await settled_outline(session, conn)
 
 
 # The owner's queue behind m1 (``pre``), max_queued, and what the client sends once it resumed
