@@ -22,8 +22,8 @@ from redis_server import (
 from test_agui_support import AUTH, SECRET, agui_config, agui_registry, run_input
 
 from conftest import Connect, Server, StartServer
+from connic.stores.redis.keys import session_keys
 from connic.stores.redis.log import seq_of
-from connic.stores.redis.scripts import session_keys
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 

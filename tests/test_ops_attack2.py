@@ -327,12 +327,12 @@ async def _pass_a_cancel(redis_url: str, session_id: str, message_id: str) -> No
     """What a follower does to pass a cancel to the owner: the session's cancel set, then the channel."""
     import redis.asyncio as aioredis
 
-    from connic.stores.redis import scripts
+    from connic.stores.redis.keys import cancel_channel, cancel_key
 
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        await redis.rpush(scripts.cancel_key("connic:", session_id), f'"{message_id}"')
-        await redis.publish(scripts.cancel_channel("connic:"), session_id)
+        await redis.rpush(cancel_key("connic:", session_id), f'"{message_id}"')
+        await redis.publish(cancel_channel("connic:"), session_id)
     finally:
         await redis.aclose()
 
@@ -346,13 +346,13 @@ async def _idle_session(clients: Clients, server: CliServer, redis_url: str) -> 
     """
     import redis.asyncio as aioredis
 
-    from connic.stores.redis import scripts
+    from connic.stores.redis.keys import every_key
 
     session = ResumeSession(clients, server.url)
     conn = await session.start()
     await conn.send({"type": "message", "id": "m1", "payload": {"message": "hello"}})
     await conn.until_ended({"m1": ["assistant"]})
-    lease = scripts.every_key("connic:", session.session_id)[0]
+    lease = every_key("connic:", session.session_id)[0]
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         last = await redis.pttl(lease)

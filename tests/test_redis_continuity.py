@@ -41,7 +41,7 @@ from test_redis_store import Gated, chat, config, history, registry
 import connic
 from conftest import SECRET, CliServer, Server, StartServer, start_cli
 from connic.app import RUNTIME
-from connic.stores.redis import scripts
+from connic.stores.redis.keys import cancel_channel, cancel_key
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -629,8 +629,8 @@ async def test_a_cancel_passed_while_the_session_is_being_taken_over_is_answered
 
     async def pass_cancels(sid: str, message_id: str) -> None:
         prefix = store.options.key_prefix
-        await redis.rpush(scripts.cancel_key(prefix, sid), json.dumps(message_id))
-        await redis.publish(scripts.cancel_channel(prefix), sid)
+        await redis.rpush(cancel_key(prefix, sid), json.dumps(message_id))
+        await redis.publish(cancel_channel(prefix), sid)
 
     async def add_after_a_cancel(taken: Any) -> None:
         if taken.id == session.session_id:

@@ -42,6 +42,7 @@ import connic.stores.redis as redis_store
 from conftest import Server, StartServer
 from connic.app import RUNTIME
 from connic.stores.redis import RedisStore, scripts
+from connic.stores.redis.keys import session_keys
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
 
@@ -303,7 +304,7 @@ async def test_a_thread_opened_again_after_its_session_ended_gets_fences_above_t
     old = [await owned_during_a_run("one"), await owned_during_a_run("two")]
     await post_run(url, run_input(thread, "three"))  # over the limit: the session ends
     assert await gone(redis, thread), await redis.keys("*")
-    keys = scripts.session_keys("connic:", thread)
+    keys = session_keys("connic:", thread)
 
     async def stale_writes() -> None:
         # What a process still holding a token of the old session sends: an APPEND to the replay log.

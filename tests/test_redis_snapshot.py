@@ -25,7 +25,7 @@ from resume_helpers import (
 )
 from test_redis_fleet import chat
 
-from connic.stores.redis import scripts
+from connic.stores.redis.keys import session_keys
 
 connic_run = test_redis_writeback.connic_run  # the fixture: python -m connic run, its echo agent's delay given
 
@@ -61,7 +61,7 @@ async def test_a_redis_restarted_from_a_snapshot_holding_everything_changes_noth
     await test_review6._until_saved(redis_server.url, session.session_id, 4)
     _snapshot(redis_server)  # everything the session wrote
     _kill_and_restart(redis_server)
-    await test_review6._until_exists(redis_server.url, scripts.session_keys("connic:", session.session_id)[0])
+    await test_review6._until_exists(redis_server.url, session_keys("connic:", session.session_id)[0])
     end = await chat(conn, "m3", "three")  # the same connection: never ended
     assert end["full_response"] == "three"
     session.drop()
@@ -87,7 +87,7 @@ async def test_a_session_let_go_after_redis_restarted_from_an_older_snapshot_kee
     await chat(conn, "m2", "two")
     await test_review6._until_saved(redis_server.url, session.session_id, 4)
     _kill_and_restart(redis_server)
-    owner = scripts.session_keys("connic:", session.session_id)[0]
+    owner = session_keys("connic:", session.session_id)[0]
     await test_review6._until_exists(redis_server.url, owner)
     session.drop()
     await _until_let_go(redis_server.url, owner)  # by A: B's resume takes it, as it is in Redis

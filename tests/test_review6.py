@@ -44,6 +44,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import SECRET, CliServer, StartServer, start_cli
 from connic.stores.redis import limit_scripts, scripts
+from connic.stores.redis.keys import address_key, session_keys
 
 fleet = test_redis_limits.fleet  # the fixture: python -m connic run with extra TOML lines
 connic_run = test_redis_writeback.connic_run  # the fixture: python -m connic run, its echo agent's delay given
@@ -213,7 +214,7 @@ async def test_the_connections_open_while_redis_was_full_count_again_once_it_has
     try:
         assert await refused_status(b.url) == 429  # A's two count on B
         await redis.config_set("maxmemory", 1)
-        key = scripts.address_key("connic:", "127.0.0.1")
+        key = address_key("connic:", "127.0.0.1")
         for _ in range(200):  # their entries lapse: renewing them is refused
             if not await redis.exists(key):
                 break
@@ -248,7 +249,7 @@ async def test_a_redis_restarted_from_an_older_snapshot_keeps_the_whole_history_
     redis_server.proc.wait()
     redis_server.proc = None
     redis_server.start()  # the same port and directory: it loads the snapshot
-    await _until_exists(redis_server.url, scripts.session_keys("connic:", session.session_id)[0])
+    await _until_exists(redis_server.url, session_keys("connic:", session.session_id)[0])
     await chat(conn, "m3", "three")
     session.drop()
     again = await session.resume(url=b.url)
@@ -269,7 +270,7 @@ async def _until_saved(url: str, session_id: str, entries: int) -> None:
     """Wait (≤ 10 s) until the session's history list holds ``entries`` and its record says it is idle."""
     import redis.asyncio as aioredis
 
-    _, _, record, _, history = scripts.session_keys("connic:", session_id)
+    _, _, record, _, history = session_keys("connic:", session_id)
     admin = aioredis.Redis.from_url(url)
     try:
         for _ in range(100):

@@ -1,7 +1,7 @@
 """The ``redis`` store: sessions kept in Redis (or Valkey), shared by every connic process.
 
 ``[store] use = "redis"`` (``pip install 'connic[redis]'``). Each session has,
-under one hash tag (:func:`~connic.stores.redis.scripts.session_keys`):
+under one hash tag (:func:`~connic.stores.redis.keys.session_keys`):
 
 - its **record** (:class:`~connic.stores.SessionRecord`'s scalars as JSON), written
   when it is created, after every exchange, when it detaches and when this process
@@ -40,7 +40,8 @@ owner's log meanwhile, the rebuild's record), :mod:`~connic.stores.redis.followe
 :mod:`~connic.stores.redis.limits` (the rate limit and connections per address across
 processes), :mod:`~connic.stores.redis.log` (the replay log),
 :mod:`~connic.stores.redis.record` (the record's JSON),
-:mod:`~connic.stores.redis.scripts` (the sessions' Lua scripts, and every key's name) and
+:mod:`~connic.stores.redis.keys` (every key's and channel's name),
+:mod:`~connic.stores.redis.scripts` (the sessions' Lua scripts) and
 :mod:`~connic.stores.redis.limit_scripts` (the limits' Lua scripts).
 """
 

@@ -1,7 +1,7 @@
 """The ``redis`` store's cancels across processes: a ``cancel`` sent to a follower reaches the owner.
 
 The follower adds the message id to the session's cancel list and publishes the session
-id on the store's cancel channel (:func:`~connic.stores.redis.scripts.cancel_channel`),
+id on the store's cancel channel (:func:`~connic.stores.redis.keys.cancel_channel`),
 to which every process listens; the owner takes the list (the ``CANCELS`` script, only
 while it owns the session) and cancels the message, or answers ``not_found``. Its lease
 renewal says when a list waits (a pub/sub message lost). A cancel no owner took (the owner
@@ -33,7 +33,7 @@ from typing import Any
 
 from connic.errors import StoreUnavailable
 from connic.frames import MessageId
-from connic.stores.redis import scripts
+from connic.stores.redis.keys import cancel_channel, cancel_key
 from connic.stores.redis.writeback import WriteBack
 
 __all__ = ["LISTEN_PING", "Cancels"]
@@ -117,20 +117,20 @@ class Cancels(WriteBack):
     async def _pass_cancel(self, session_id: str, data: str, add: str) -> bool:
         """Add ``data`` to the cancel key with ``add`` (RPUSH, SADD) and wake the owner; whether it was added."""
         prefix = self.options.key_prefix
-        key = scripts.cancel_key(prefix, session_id)
+        key = cancel_key(prefix, session_id)
         pipe = self._client().pipeline(transaction=False)
         pipe.execute_command(add, key, data)
         # Only for a while: a cancel the owner never took must not cancel a later message with that id.
         # Long enough for the claim that follows a dead owner's last lease to find it.
         lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)
         pipe.pexpire(key, 2 * max(lease, 10_000))
-        pipe.publish(scripts.cancel_channel(prefix), session_id)
+        pipe.publish(cancel_channel(prefix), session_id)
         added, *_ = await self._call(pipe.execute())
         return bool(added)
 
     def _channels(self) -> dict[str, Callable[[str], None]]:
         """The pub/sub channels :meth:`_listen` follows: what to do with a session id published on each."""
-        return {scripts.cancel_channel(self.options.key_prefix): self._cancelled}
+        return {cancel_channel(self.options.key_prefix): self._cancelled}
 
     def _cancelled(self, session_id: str) -> None:
         """A process passed a cancel to this session: take its cancels if it is live here.
@@ -220,7 +220,7 @@ class Cancels(WriteBack):
 
             def build(pipe: Any) -> None:
                 for sid, fence in owned:
-                    keys = [scripts.cancel_key(prefix, sid), self._keys(sid)[0]]
+                    keys = [cancel_key(prefix, sid), self._keys(sid)[0]]
                     self._queue(pipe, "CANCELS", keys, [fence])
 
             results = await self._pipeline(build)

@@ -24,6 +24,7 @@ from connic.redact import safe_url
 from connic.stores.redis import limit_scripts, scripts
 from connic.stores.redis.checks import check_url, too_old, url_problem
 from connic.stores.redis.full import Full, refused_full
+from connic.stores.redis.keys import session_keys
 
 if TYPE_CHECKING:
     from connic.session import ChatSession
@@ -299,7 +300,7 @@ class Connection(Full):
         return self._blocking
 
     def _keys(self, session_id: str) -> list[str]:
-        return scripts.session_keys(self.options.key_prefix, session_id)
+        return session_keys(self.options.key_prefix, session_id)
 
     async def _call(self, call: Any, seconds: float | None = None) -> Any:
         """Await one Redis call within ``seconds`` (default: ``timeout``); any failure is StoreUnavailable."""

@@ -1,8 +1,7 @@
 """The names of the ``redis`` store's keys and channels, and how a resume token is compared.
 
 Every key of one session shares its hash tag (``{prefix}{<session id>}:...``), so that the
-scripts touching them (:mod:`~connic.stores.redis.scripts`, which re-exports these names)
-also run on Redis Cluster.
+scripts touching them (:mod:`~connic.stores.redis.scripts`) also run on Redis Cluster.
 """
 
 from __future__ import annotations

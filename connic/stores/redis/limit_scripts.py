@@ -1,9 +1,9 @@
 """The Lua scripts of the ``redis`` store's limits (:mod:`~connic.stores.redis.limits`).
 
 ``TAKE`` takes a token from a session's ``rate_limit`` bucket (its keys share the
-session's hash tag, :func:`~connic.stores.redis.scripts.rate_key`); ``IP_ENTER``,
+session's hash tag, :func:`~connic.stores.redis.keys.rate_key`); ``IP_ENTER``,
 ``IP_RENEW`` and ``IP_LEAVE`` count the connections from one client address (its key,
-:func:`~connic.stores.redis.scripts.address_key`, and the connections counted out while
+:func:`~connic.stores.redis.keys.address_key`, and the connections counted out while
 they were being added again, :func:`closed_key`, in the same slot), so they also run on
 Redis Cluster.
 Registered with the session scripts (:mod:`~connic.stores.redis.scripts`) when the store starts.

@@ -1,11 +1,11 @@
 """The ``redis`` store's limits across the fleet: a session's ``rate_limit`` and ``max_connections_per_ip``.
 
 - The **rate limit** is a token bucket in Redis, one per session under its hash tag
-  (:func:`~connic.stores.redis.scripts.rate_key`), taken by the ``TAKE`` script on
+  (:func:`~connic.stores.redis.keys.rate_key`), taken by the ``TAKE`` script on
   Redis's clock and only by the process owning the session: a session that moves to
   another process keeps the tokens it spent (a bucket in the process would start full).
 - **Connections per address** are a sorted set per address
-  (:func:`~connic.stores.redis.scripts.address_key`) of connection ids scored by their
+  (:func:`~connic.stores.redis.keys.address_key`) of connection ids scored by their
   lease deadline. The process holding a connection renews its lease (``connection_lease``)
   every third of it and removes it when the connection ends; a process that dies stops
   renewing, so its connections stop counting within one lease. When Redis lost its data
@@ -26,8 +26,9 @@ from typing import Any
 
 from connic.errors import StoreUnavailable
 from connic.stores import RateBucket
-from connic.stores.redis import limit_scripts, scripts
+from connic.stores.redis import limit_scripts
 from connic.stores.redis.connection import ms
+from connic.stores.redis.keys import address_key, rate_key
 from connic.stores.redis.renewer import Renewer
 
 __all__ = ["Limits", "RedisRateBucket"]
@@ -85,7 +86,7 @@ class Limits(Renewer):
             owned = self._fences.get(session_id)
             if owned is None:
                 return 0.0
-            keys = [*self._keys(session_id)[:3], scripts.rate_key(self.options.key_prefix, session_id)]
+            keys = [*self._keys(session_id)[:3], rate_key(self.options.key_prefix, session_id)]
             args = [owned[0], messages, ms(per), owned[1]]
             wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
             if wait >= 0:
@@ -101,7 +102,7 @@ class Limits(Renewer):
     async def admit_connection(self, address: str, limit: int) -> str | None:
         """Count a connection from ``address`` in unless ``limit`` are open from it on all processes."""
         connection = f"{self._process}:{next(self._numbers)}"
-        key = scripts.address_key(self.options.key_prefix, address)
+        key = address_key(self.options.key_prefix, address)
         lease = ms(self.options.connection_lease)
         keys = [key, limit_scripts.closed_key(key)]
         try:

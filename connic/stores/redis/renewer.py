@@ -22,8 +22,8 @@ import logging
 from typing import Any
 
 from connic.errors import StoreUnavailable
-from connic.stores.redis import scripts
 from connic.stores.redis.connection import ttl
+from connic.stores.redis.keys import every_key
 from connic.stores.redis.record import Listed
 from connic.stores.redis.writer import Writer
 
@@ -85,7 +85,7 @@ class Renewer(Writer):
                     held = listed[sid]
                     count = "" if held is None else held.count
                     args = [fence, lease, ttl(session) if session is not None else 0, count]
-                    self._queue(pipe, "RENEW", scripts.every_key(prefix, sid), args)
+                    self._queue(pipe, "RENEW", every_key(prefix, sid), args)
 
             try:
                 results = await self._pipeline(build)

@@ -4,26 +4,12 @@ Every key a script touches belongs to one session and shares its hash tag
 (``{prefix}{<session id>}:...``), so the scripts also run on Redis Cluster. Only commands
 Valkey also has are used. Unless a script says otherwise, ``KEYS`` are, in order, the
 session's ownership key, fencing counter, record, replay log and history
-(:func:`session_keys`). The limits' scripts are in :mod:`~connic.stores.redis.limit_scripts`;
-the names of every key and channel in :mod:`~connic.stores.redis.keys` (re-exported here).
+(:func:`~connic.stores.redis.keys.session_keys`). The limits' scripts are in
+:mod:`~connic.stores.redis.limit_scripts`; the names of every key and channel in
+:mod:`~connic.stores.redis.keys`.
 """
 
 from __future__ import annotations
-
-from connic.stores.redis.keys import (
-    address_key,
-    cancel_channel,
-    cancel_key,
-    end_channel,
-    end_key,
-    every_key,
-    rate_key,
-    resumer_key,
-    session_keys,
-    takeover_channel,
-    takeover_key,
-    token_digest,
-)
 
 __all__ = [
     "APPEND",
@@ -36,18 +22,6 @@ __all__ = [
     "RENEW",
     "RESUMED",
     "SAVE",
-    "address_key",
-    "cancel_channel",
-    "cancel_key",
-    "end_channel",
-    "end_key",
-    "every_key",
-    "rate_key",
-    "resumer_key",
-    "session_keys",
-    "takeover_channel",
-    "takeover_key",
-    "token_digest",
 ]
 
 
@@ -138,7 +112,7 @@ return fence
 )
 
 # Take an existing session if nobody owns it. KEYS: every key of the session
-# (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
+# (:func:`~connic.stores.redis.keys.every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
 # set, KEYS[10] its resumer). ARGV: lease ms, a seq or '' (see below), the connector label
 # and SHA-1 (hex) of the resume token it must have, or '' and '' for no check, then the
 # takeover channel and the session id, or '' and '', the owner last told or '' (see
@@ -206,7 +180,7 @@ return {fence, record, seq, redis.call('LRANGE', KEYS[5], 0, -1), redis.call('EX
 
 # A client that resumed the session on one process, and followed the reply its owner
 # answers, said goodbye (close 1000): the session ends for good, as on one process. KEYS:
-# every key of the session (:func:`every_key`: KEYS[7] its end flag). ARGV: the connector
+# every key of the session (:func:`~connic.stores.redis.keys.every_key`: KEYS[7] its end flag). ARGV: the connector
 # label and SHA-1 (hex) of the resume token (checked as CLAIM checks them), the end channel,
 # the session id, and the nonce of the resume that follows (or '': no check). A resume whose
 # nonce is no longer the session's resumer (KEYS[10]) was taken over by a newer one: its
@@ -307,7 +281,7 @@ return 1
 )
 
 # Keep owning the session for another lease. KEYS: every key of the session
-# (:func:`every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
+# (:func:`~connic.stores.redis.keys.every_key`: KEYS[6] its takeover flag, KEYS[7] its end flag, KEYS[8] its cancel
 # set). ARGV: fence, lease ms, the ttl ms its record, history, log and fence are kept
 # for while it is live here (0: left as they are: a session still being taken over, whose
 # record says nothing yet), then how many entries its history list holds as its owner last
@@ -351,7 +325,7 @@ return 1
 """
 
 # The session ended for good: forget all of it, only while this fencing token owns it
-# (:data:`_OWN`: its result). KEYS: every key of the session (:func:`every_key`). ARGV: fence.
+# (:data:`_OWN`: its result). KEYS: every key of the session (:func:`~connic.stores.redis.keys.every_key`). ARGV: fence.
 # A lease that lapsed unnoticed (Redis paused longer than it, before the next renewal took it
 # back) is taken back to be deleted, as a write takes it back: the ended session was otherwise
 # left in Redis until its keys expired, and a resume with its token brought it back. A session

@@ -5,9 +5,9 @@ connection, and the old one gets ``session_taken_over`` (4011), across processes
 When a resume's claim (the ``CLAIM`` script, after it checked the resume token) finds
 another process owning the session, and did not tell that owner yet (a resume tells the
 first owner it finds, and one that took the session meanwhile), it sets the session's takeover
-flag (:func:`~connic.stores.redis.scripts.takeover_key`, for a lease, naming the owner's fence) and publishes the
+flag (:func:`~connic.stores.redis.keys.takeover_key`, for a lease, naming the owner's fence) and publishes the
 session id on the store's takeover channel
-(:func:`~connic.stores.redis.scripts.takeover_channel`), to which every process listens.
+(:func:`~connic.stores.redis.keys.takeover_channel`), to which every process listens.
 The owner takes the flag and ends the session's connection (:meth:`ChatSession.taken_over
 <connic.session.ChatSession.taken_over>`): the session, detached, is let go once it is
 idle, and the resume, following its frames meanwhile, takes it. The owner also takes the
@@ -17,9 +17,9 @@ pub/sub message was lost.
 A client whose resume follows the owner's reply may say goodbye (close 1000) before the
 owner lets the session go: PROTOCOL.md §7 ends the session then, as on one process. The
 follower (only once its claim checked the resume token, and checking it again) sets the
-session's end flag (:func:`~connic.stores.redis.scripts.end_key`, for as long as the
+session's end flag (:func:`~connic.stores.redis.keys.end_key`, for as long as the
 record lives) and publishes the session id on the end channel
-(:func:`~connic.stores.redis.scripts.end_channel`): the owner, told so or finding the
+(:func:`~connic.stores.redis.keys.end_channel`): the owner, told so or finding the
 flag when it renews the lease, ends the session as its own client's 1000 close would
 (:meth:`ChatSession.end <connic.session.ChatSession.end>`: the reply stops, the session is
 deleted, its flag with it). If the owner died, or let the session go instead of ending it
@@ -30,7 +30,7 @@ session instead of taking it (the ``CLAIM`` script); one no process owns is ende
 A resume is taken over by a newer one even while it only follows the owner's reply (it
 owns nothing to be told through the owner): each resume that follows claims with a nonce
 of its own, which its first claim makes the session's *resumer*
-(:func:`~connic.stores.redis.scripts.resumer_key`), and a resume on the owning process
+(:func:`~connic.stores.redis.keys.resumer_key`), and a resume on the owning process
 itself clears (:meth:`Takeovers.resumed`). Either publishes the session id on the takeover
 channel when it replaced another resumer: a follower here claims again at once (and at
 least every few tenths of a second between its reads, in case the message was lost), finds
@@ -48,8 +48,16 @@ from typing import TYPE_CHECKING
 
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.stores import Follow
-from connic.stores.redis import scripts
 from connic.stores.redis.cancels import Cancels
+from connic.stores.redis.keys import (
+    end_channel,
+    every_key,
+    resumer_key,
+    session_keys,
+    takeover_channel,
+    takeover_key,
+    token_digest,
+)
 
 if TYPE_CHECKING:
     from connic.stores.redis.follower import Follower
@@ -77,8 +85,8 @@ class Takeovers(Cancels):
         prefix = self.options.key_prefix
         return {
             **super()._channels(),
-            scripts.takeover_channel(prefix): self._told,
-            scripts.end_channel(prefix): self._told_end,
+            takeover_channel(prefix): self._told,
+            end_channel(prefix): self._told_end,
         }
 
     async def _caught_up(self) -> None:
@@ -114,7 +122,7 @@ class Takeovers(Cancels):
         """
         if session_id in self._fences:
             self._spawn(self._take_takeover(session_id))
-        self._follower.tell(scripts.session_keys(self.options.key_prefix, session_id)[3])
+        self._follower.tell(session_keys(self.options.key_prefix, session_id)[3])
 
     async def resumed(self, session_id: str) -> None:
         """A resume here attached a connection to the session live here: a resume following it elsewhere is taken over.
@@ -124,9 +132,9 @@ class Takeovers(Cancels):
         logged: the session is live here, the resume goes on.
         """
         prefix = self.options.key_prefix
-        args = [scripts.takeover_channel(prefix), session_id]
+        args = [takeover_channel(prefix), session_id]
         try:
-            await self._call(self._shared_script("RESUMED", [scripts.resumer_key(prefix, session_id)], args))
+            await self._call(self._shared_script("RESUMED", [resumer_key(prefix, session_id)], args))
         except StoreUnavailable as exc:
             log.warning("session %s: telling resumes following it elsewhere failed: %s", session_id, exc.why)
 
@@ -146,7 +154,7 @@ class Takeovers(Cancels):
 
     async def _takeover_flag(self, session_id: str) -> None:
         """:meth:`_take_takeover` without the warning: StoreUnavailable when Redis refuses (the flag stays)."""
-        flag = await self._shared("GETDEL", scripts.takeover_key(self.options.key_prefix, session_id))
+        flag = await self._shared("GETDEL", takeover_key(self.options.key_prefix, session_id))
         owned = self._fences.get(session_id)
         if flag is not None and owned is not None and flag == str(owned[0]):
             self._taken_over(session_id)
@@ -175,8 +183,8 @@ class Takeovers(Cancels):
 
     async def _send_end(self, session_id: str, label: str, token: str, nonce: str) -> None:
         prefix = self.options.key_prefix
-        keys = scripts.every_key(prefix, session_id)
-        args = [label, scripts.token_digest(token), scripts.end_channel(prefix), session_id, nonce]
+        keys = every_key(prefix, session_id)
+        args = [label, token_digest(token), end_channel(prefix), session_id, nonce]
         try:
             done = await self._call(self._shared_script("END", keys, args))
         except StoreUnavailable as exc:

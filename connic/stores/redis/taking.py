@@ -28,9 +28,9 @@ import attrs
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.frames import MessageId
 from connic.stores import Follow, SessionRecord
-from connic.stores.redis import scripts
 from connic.stores.redis.connection import ms
 from connic.stores.redis.follower import Follower, Following
+from connic.stores.redis.keys import every_key, takeover_channel, token_digest
 from connic.stores.redis.log import frames_after, logged, may_end, seq_of, unfinished
 from connic.stores.redis.record import decode, holding
 from connic.stores.redis.takeovers import Takeovers
@@ -91,7 +91,7 @@ class Taking(Takeovers):
         await self.flush()
         check: list[str | int] = ["", ""]
         if label is not None and token is not None:
-            check = [label, scripts.token_digest(token)]
+            check = [label, token_digest(token)]
         followed: list[Following] = []
         # A resume that follows claims with a nonce of its own (:mod:`~connic.stores.redis.takeovers`):
         # SessionTakenOver once a newer resume claimed the session, or attached to it on its owner.
@@ -134,10 +134,10 @@ class Taking(Takeovers):
     ) -> SessionRecord | None:
         """:meth:`take`'s claims, with the resume's ``nonce`` ('': none); the logs it follows put in ``followed``."""
         prefix = self.options.key_prefix
-        keys = scripts.every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
+        keys = every_key(prefix, session_id)  # a goodbye elsewhere found: every key goes
         # A resume whose token the claim checks takes the owner's connection over: the claim tells
         # each owner it finds once (the first; another that took the session meanwhile).
-        signal: list[str | int] = [scripts.takeover_channel(prefix), session_id] if check[0] and takeover else ["", ""]
+        signal: list[str | int] = [takeover_channel(prefix), session_id] if check[0] and takeover else ["", ""]
         told = ""  # the fence of the owner last told
         quick = 0  # follow reads left that wait _TOLD_WAIT
         lease = ms(wait)

@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import ConnicError, SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
-from connic.stores.redis import scripts
 from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
 from connic.stores.redis.full import refused_full
-from connic.stores.redis.keys import sha1hex
+from connic.stores.redis.keys import every_key, sha1hex
 from connic.stores.redis.record import Listed, encode, encode_entry
 
 if TYPE_CHECKING:
@@ -251,7 +250,7 @@ class Writer(Connection):
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
                 # A deletion deletes every key of the session: its flags, cancels and rate bucket too.
-                keys = scripts.every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
+                keys = every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += counted_out  # last: failures are left to leases
             try:
