@@ -1,9 +1,9 @@
-"""Held cancels on a follower (process B) when the connector links two agents, against one process.
+"""Held cancels on a follower (process B) when the connector links one agent or two, against one process.
 
-As tests/test_review7.py: the session answers m1 on process A, the client resumes on B, which
-follows A's reply and holds what it sends meanwhile; the same frames go to one process (the
-``memory`` store). A message stopped ends ``cancelled`` once per agent: B counted each end as
-a cancel the owner took, and let go a later held cancel of the id that one process acts on.
+The session answers m1 on process A, the client resumes on B, which follows A's reply and holds
+what it sends meanwhile; the same frames go to one process (the ``memory`` store). With two
+agents a message stopped ends ``cancelled`` once per agent: B counted each end as a cancel the
+owner took, and let go a later held cancel of the id that one process acts on.
 Real ``python -m connic run`` processes, a real ``redis-server``, real ``websockets`` clients.
 """
 
@@ -26,19 +26,23 @@ from test_review5 import _run
 
 from conftest import SECRET, CliServer, start_cli
 
+TWO_AGENTS = ("assistant", "helper")
+
 
 @pytest.fixture
 def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """Start ``python -m connic run`` processes with two echo agents, sharing ``redis_server`` unless not ``shared``."""
+    """Start ``python -m connic run`` processes with echo agents (``agents``: their names, by default
+    ``assistant`` and ``helper``), sharing ``redis_server`` unless not ``shared``."""
     env = store_plugin_env(tmp_path / "plugins")
     started: list[CliServer] = []
 
-    async def start(shared: bool = True) -> CliServer:
+    async def start(shared: bool = True, agents: tuple[str, ...] = TWO_AGENTS) -> CliServer:
         config = tmp_path / f"connic-{len(started)}.toml"
         store = f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\n' if shared else ""
         config.write_text(
-            '[agents.assistant]\nuse = "echo"\ndelay = 0.02\n[agents.helper]\nuse = "echo"\ndelay = 0.02\n'
-            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n' + store
+            "".join(f'[agents.{agent}]\nuse = "echo"\ndelay = 0.02\n' for agent in agents)
+            + f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\n'
+            + store
         )
         server = await asyncio.to_thread(start_cli, "--config", str(config), env=env)
         started.append(server)
@@ -49,14 +53,16 @@ def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
         server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
 
 
-async def test_a_second_cancel_behind_a_held_message_drops_it_when_two_agents_answer(
-    launch: Any, clients: Clients
+@pytest.mark.parametrize("agents", [("assistant",), TWO_AGENTS], ids=["one_agent", "two_agents"])
+async def test_a_second_cancel_behind_a_held_message_after_a_cancel_passed_at_once_drops_it(
+    launch: Any, clients: Clients, agents: tuple[str, ...]
 ) -> None:
-    # PROTOCOL.md §5: the first cancel stops m1 in flight (both agents end cancelled); the second
-    # finds it stopped already and drops the m1 queued behind it (or stops it, had it begun).
+    # PROTOCOL.md §5: the first cancel stops m1 in flight (each agent ends cancelled); the second
+    # finds it stopped already and drops the m1 queued behind it (or stops it, had it begun): the
+    # second m1 never runs to its end.
     for shared in (False, True):
-        a = await launch(shared=shared)
-        b = await launch() if shared else a
+        a = await launch(shared=shared, agents=agents)
+        b = await launch(agents=agents) if shared else a
         frames, _ = await _run(a, b, clients, [], ["-m1", "m1", "-m1"])
         ends = {key[3]: n for key, n in frames.items() if key[:2] == ("stream_end", "m1")}
         assert frames[("error", "m1", None, None, "not_found")] == 0, (shared, frames)
