@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import signal
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -40,6 +38,7 @@ from tcp_proxy import TcpProxy
 from test_agui_support import agui_config, agui_registry, kinds, post_run, run_input
 from test_redis_fleet import chat
 from test_redis_limits import open_ws, refused_status, refused_within
+from test_redis_snapshot import restarted_from_snapshot, until_exists, users
 from websockets.exceptions import ConnectionClosed
 
 from conftest import SECRET, CliServer, StartServer, start_cli
@@ -235,66 +234,10 @@ async def test_a_redis_restarted_from_an_older_snapshot_keeps_the_whole_history_
     # the last snapshot, the epoch included, so nothing reads as lost. The session goes on on A, but
     # each save appends only the entries added since the last one, to a list that lost the ones
     # written after the snapshot: a resume on B gets a history with a hole (here, "two").
-    a = await connic_run(0.01, 1.0)
-    b = await connic_run(0.01, 1.0)
-    session = ResumeSession(clients, a.url)
-    conn = await session.start()
-    await chat(conn, "m1", "one")
-    assert _command(redis_server.port, b"SAVE\r\n").startswith(b"+OK")  # the snapshot
-    await chat(conn, "m2", "two")
-    # Killed with a write on its way, the session's connection ended (1011): its reply is in first.
-    await _until_saved(redis_server.url, session.session_id, 4)
-    assert redis_server.proc is not None
-    redis_server.proc.kill()  # kill -9: no snapshot on the way out
-    redis_server.proc.wait()
-    redis_server.proc = None
-    redis_server.start()  # the same port and directory: it loads the snapshot
-    await _until_exists(redis_server.url, session_keys("connic:", session.session_id)[0])
+    session, conn, b = await restarted_from_snapshot(connic_run, clients, redis_server)
+    await until_exists(redis_server.url, session_keys("connic:", session.session_id)[0])
     await chat(conn, "m3", "three")
     session.drop()
     again = await session.resume(url=b.url)
     assert again.connected["resumed"] is True, again.connected
-    await again.send({"type": "history"})
-    frames = await again.until_type("history")
-    users = [entry["text"] for entry in frames[-1]["entries"] if entry["role"] == "user"]
-    assert users == ["one", "two", "three"]
-
-
-def _command(port: int, line: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(line)
-        return sock.recv(64)
-
-
-async def _until_saved(url: str, session_id: str, entries: int) -> None:
-    """Wait (≤ 10 s) until the session's history list holds ``entries`` and its record says it is idle."""
-    import redis.asyncio as aioredis
-
-    _, _, record, _, history = session_keys("connic:", session_id)
-    admin = aioredis.Redis.from_url(url)
-    try:
-        for _ in range(100):
-            saved = await admin.get(record)
-            if saved is not None and not json.loads(saved)["busy"] and await admin.llen(history) == entries:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"the session's history never held {entries} entries")
-    finally:
-        await admin.aclose()
-
-
-async def _until_exists(url: str, key: str) -> None:
-    """Wait (≤ 10 s) until ``key`` is in Redis again: the session's owner renewed its lease there."""
-    import redis.asyncio as aioredis
-
-    admin = aioredis.Redis.from_url(url)
-    try:
-        for _ in range(100):
-            try:
-                if await admin.exists(key):
-                    return
-            except (OSError, aioredis.ConnectionError):
-                pass
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.aclose()
+    assert await users(again) == ["one", "two", "three"]
