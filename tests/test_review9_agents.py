@@ -8,14 +8,15 @@ stops the m1 in flight, the helper's m1 begins, the second cancel stops that one
 m1 is answered. B counts the messages A stopped from their cancelled ends, one stop a message:
 it took the helper's cancelled end for the assistant's message's (an agent that had not ended
 yet), counted one stop, and dropped the third m1 with the second cancel it thought A had not
-taken. Real ``python -m connic run`` processes, a real ``redis-server``, real ``websockets`` clients.
+taken. Which agents each of A's messages names is in A's record (read before the cancels reach
+A), so B tells the two apart (ws_held.Doubts). Real ``python -m connic run`` processes, a real
+``redis-server``, real ``websockets`` clients.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from redis_server import redis_server_fixture  # noqa: F401  (a fixture)
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
 from test_held_agents import launch  # noqa: F401  (a fixture)
@@ -27,9 +28,6 @@ def _ended(session: ResumeSession, agent: str, reason: str) -> int:
     return sum(1 for f in frames if f["type"] == "stream_end" and f["agent"] == agent and f["finish_reason"] == reason)
 
 
-# Not fixed (review9): Doubts.seen tells a later message with the id only by an agent ending
-# again; a message naming another agent never does. Two processes: the third m1 acked, never answered.
-@pytest.mark.xfail(strict=True, reason="Doubts counts one stop for two messages with the id naming different agents")
 async def test_a_second_messages_stop_is_counted_when_it_names_another_agent(
     launch: Any,  # noqa: F811  (the fixture imported above)
     clients: Clients,

@@ -28,6 +28,7 @@ from connic.transports.ws_ahead import Ahead
 if TYPE_CHECKING:
     from connic.message import Message
     from connic.session import ChatSession
+    from connic.stores import SessionRecord
     from connic.transports.ws_ahead import AfterRead
     from connic.transports.ws_connection import Connection
 
@@ -152,21 +153,28 @@ class Doubts:
     What settles a held cancel is only how many cancels of its id were passed before it: the
     first ``n`` messages stopped take the first ``n`` cancels. So a count per id is kept, not
     each cancel passed, and a follow that passes the same id again and again keeps one number.
+
+    Which message an agent's end is of comes from the owner's record, which the follow reads
+    before any cancel reaches the owner (:class:`~connic.transports.ws_ahead.AfterRead`): its
+    messages still pending then, each with the agents answering it (the one it named, or each
+    of the connector's). An end after the record's ``seq`` is the first of them with its id that
+    the agent answers and has not ended yet: a message naming another agent is another message,
+    even when the agent never ended one before. Ends up to that ``seq`` (or with no record)
+    are grouped by agent: one ending again begins the id's next message.
     """
 
-    __slots__ = ("counted", "ended", "held", "passed", "pending", "stopped")
+    __slots__ = ("ahead", "ends", "held", "passed", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, ahead: Ahead) -> None:
+        self.ahead = ahead  # its read of the owner's record says which message each end is of
         # Held cancels not passed yet (nobody followed): each one's id, and the id() of its inbox
         # frames (one behind each held message with its id, :func:`hold_behind`).
         self.pending: list[tuple[MessageId, list[int]]] = []
         self.passed: dict[MessageId, int] = {}  # how many cancels of each id were passed to the owner
         # The held cancels passed: each one's id, how many of its id were passed before it, its frames.
         self.held: list[tuple[MessageId, int, list[int]]] = []
-        self.stopped: collections.Counter[MessageId] = collections.Counter()  # its messages stopped since
-        # For each id passed: the agents whose reply to its latest message ended, and whether it was stopped.
-        self.ended: dict[MessageId, set[str]] = {}
-        self.counted: set[MessageId] = set()
+        # The ends of the owner's replies with an id passed, followed since: seq, id, agent, cancelled.
+        self.ends: list[tuple[int, MessageId, str, bool]] = []
 
     def hold(self, held: list[WSMessage], message_id: MessageId) -> None:
         """A cancel of held messages, ``held`` behind them: passed to the owner (once) when one is followed."""
@@ -192,36 +200,87 @@ class Doubts:
         self.pending.clear()
 
     def seen(self, frames: list[str]) -> None:
-        """Frames followed from the owner's log: note its messages stopped (once each, however many agents it had)."""
+        """Frames followed from the owner's log: note the ends of its replies with an id passed (for :meth:`settle`)."""
         if not self.passed:
             return
         for data in frames:
             if data.startswith(CHUNK_PREFIX):  # most frames are chunks: not parsed
                 continue
             frame = json.loads(data)
-            message_id, agent = frame.get("id"), frame.get("agent")
+            message_id, agent, seq = frame.get("id"), frame.get("agent"), frame.get("seq")
             if agent is None or frame.get("type") not in _ENDED or message_id not in self.passed:
                 continue
-            ended = self.ended.setdefault(message_id, set())
-            if agent in ended:  # that agent ends a later message with the id: its agents start afresh
-                ended.clear()
-                self.counted.discard(message_id)
-            ended.add(agent)
-            # One stop per message: each of its agents still running ends cancelled, and counting
-            # each end took as many cancels, letting go a later one that dropped a held message.
-            if frame.get("finish_reason") == "cancelled" and message_id not in self.counted:
-                self.stopped[message_id] += 1
-                self.counted.add(message_id)
+            cancelled = frame.get("finish_reason") == "cancelled"
+            self.ends.append((seq if isinstance(seq, int) else 0, message_id, agent, cancelled))
 
     def settle(self, conn: Connection, frames: list[str]) -> None:
         """The session is taken over here, ``frames`` replayed: let go the held cancels the owner took."""
         self.seen(frames)
+        stopped = self._stopped()
         let_go: set[int] = set()
         for message_id, before, keys in self.held:
-            if self.stopped[message_id] > before:
+            if stopped[message_id] > before:
                 let_go.update(keys)
         if let_go:
             conn._inbox[:] = [msg for msg in conn._inbox if id(msg) not in let_go]
+
+    def _stopped(self) -> collections.Counter[MessageId]:
+        # How many of the owner's messages with each id ended cancelled: once each, however many agents it had.
+        loading = self.ahead.loading
+        record = None
+        if loading is not None and loading.done() and not loading.cancelled() and loading.exception() is None:
+            record = loading.result()
+        upto = record.seq if record is not None and record.pending is not None else None
+        replies: dict[MessageId, list[_Reply]] = {}
+        stopped: collections.Counter[MessageId] = collections.Counter()
+        for seq, message_id, agent, cancelled in self.ends:
+            if upto is not None and record is not None and seq > upto:
+                upto = None  # the record's messages from here on (its frames are those up to its seq)
+                self._pending(replies, record)
+            group = replies.setdefault(message_id, [])
+            reply = next((reply for reply in group if reply.takes(agent)), None)
+            if reply is None:
+                # A message the record does not list: its agent ending again begins the next, and
+                # the one before is taken to have had the agents that ended it.
+                for before in group:
+                    if before.agents is None:
+                        before.agents = frozenset(before.ended)
+                reply = _Reply(None)
+                group.append(reply)
+            reply.ended.add(agent)
+            if cancelled and not reply.stopped:
+                reply.stopped = True
+                stopped[message_id] += 1
+        return stopped
+
+    def _pending(self, replies: dict[MessageId, list[_Reply]], record: SessionRecord) -> None:
+        # The owner's messages pending at the record's seq take the ends after it, in order. The
+        # first may have ended for some of its agents by then: their ends grouped before are its.
+        pending = list(record.pending or ()) if record.busy else []
+        earlier = {message_id: group[-1] for message_id, group in replies.items() if group}
+        replies.clear()
+        for at, (message_id, _, named) in enumerate(pending):
+            reply = _Reply(frozenset({named}) if named is not None else frozenset(self.ahead.agents))
+            if at == 0 and record.ended:
+                reply.ended |= record.ended
+                before = earlier.get(message_id)
+                reply.stopped = before is not None and before.stopped and bool(before.ended & record.ended)
+            replies.setdefault(message_id, []).append(reply)
+
+
+class _Reply:
+    """One of the owner's messages with an id, as its agents end their replies (:meth:`Doubts._stopped`)."""
+
+    __slots__ = ("agents", "ended", "stopped")
+
+    def __init__(self, agents: frozenset[str] | None) -> None:
+        self.agents = agents  # the agents answering it; None when not known (any)
+        self.ended: set[str] = set()  # those whose end was seen
+        self.stopped = False  # whether one of them ended cancelled (counted once)
+
+    def takes(self, agent: str) -> bool:
+        """Whether an end of ``agent`` with this message's id may be this message's."""
+        return agent not in self.ended and (self.agents is None or agent in self.agents)
 
 
 _ENDED = frozenset({"stream_end", "response", "error"})  # the frames of an agent that end its reply

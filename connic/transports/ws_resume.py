@@ -54,8 +54,8 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     following: list[int] = []  # the seq followed to, while another process answers (PROTOCOL.md §7)
     began: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done once following
     moves: list[asyncio.Future[None]] = []  # done when the find follows further (_reading_meanwhile)
-    doubts = Doubts()  # cancels of held messages passed to the owner too (_reading_meanwhile)
     ahead = Ahead(sessions.agent_names)  # the owner's queued messages, ahead of the held ones
+    doubts = Doubts(ahead)  # cancels of held messages passed to the owner too (_reading_meanwhile)
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
