@@ -161,6 +161,12 @@ class Doubts:
     the agent answers and has not ended yet: a message naming another agent is another message,
     even when the agent never ended one before. Ends up to that ``seq`` (or with no record)
     are grouped by agent: one ending again begins the id's next message.
+
+    The record still lists the queued messages a cancel passed later drops (a second cancel
+    while the first one's stop runs): they need not be told apart. A drop takes every queued
+    message with its id at once, and the owner queues none after the record (the client sends
+    here), so each end with that id after a drop is of a message listed before the dropped ones,
+    which takes it first (tests/test_review9_drops.py).
     """
 
     __slots__ = ("ahead", "ends", "held", "passed", "pending")
