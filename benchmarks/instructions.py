@@ -13,6 +13,12 @@ Instructions are not time (Python bytecode runs at fewer instructions per cycle 
 the kernel's share of sockets is not counted: use ``run.py`` for throughput. Needs valgrind
 (Debian: ``apt-get install valgrind``); a run takes about a minute per server.
 
+``--inprocess`` runs connic and the same client in one process and one event loop (the app
+``connic run`` builds, served by aiohttp's runner, with its collector settings): the count then
+includes the client's own work, but the order in which everything runs no longer depends on
+the machine's load, so it repeats to within a few hundred instructions even on a busy machine,
+where the two-process count moved by several thousand. For comparing two versions of connic.
+
 ``--pace`` counts an S7 turn instead (docs/performance.md): S7's history-reading agent
 (benchmarks/connic_server.py ``--agent pace``) against ``baseline_aiohttp.py --pace``, 20 chunks
 50 ms apart, each written on its own; 2 and then 6 turns on each of 20 connections (the
@@ -34,7 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run
@@ -116,12 +124,62 @@ def total_instructions(server: str, streaming: bool, turns: int, pace: bool = Fa
         return int(match.group(1))
 
 
+def inprocess_total(streaming: bool, turns: int) -> int:
+    """Instructions of connic and the client in one process (``--inprocess``) answering ``turns`` per connection."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        child = [sys.executable, __file__, "--serve-and-drive", str(turns)] + (["--stream"] if streaming else [])
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *child]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        match = re.search(rb"^(?:summary|totals): (\d+)", out.read_bytes(), re.MULTILINE)
+        if match is None:
+            raise RuntimeError("no instruction total in the in-process run's callgrind output")
+        return int(match.group(1))
+
+
+def serve_and_drive(streaming: bool, turns: int) -> None:
+    """The child of ``--inprocess``: connic from this checkout, and the clients, in one event loop."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's connic
+    from connic.config import load_config
+
+    port = run.free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "connic.toml"
+        path.write_text(run.connic_config(port, streaming))
+        config = load_config(path)
+    asyncio.run(_serve_and_drive(config, port, turns))
+
+
+async def _serve_and_drive(config: Any, port: int, turns: int) -> None:  # a connic.config.Config
+    import gc
+
+    from aiohttp import web
+
+    import connic
+    from connic.serving import GC_YOUNG_THRESHOLD
+
+    runner = web.AppRunner(connic.create_app(config))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    gc.freeze()  # as connic run does once started (connic/serving.py)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    await asyncio.gather(*(one_connection(port, turns) for _ in range(CONNECTIONS)))
+    await runner.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stream", action="store_true", help="streaming on (S1-like); default off (S2-like)")
     parser.add_argument("--pace", action="store_true", help="S7-like turns (connic and aiohttp only)")
+    parser.add_argument(
+        "--inprocess", action="store_true", help="connic and the client in one process: repeatable on a busy machine"
+    )
+    parser.add_argument("--serve-and-drive", type=int, metavar="TURNS", help=argparse.SUPPRESS)
     parser.add_argument("servers", nargs="*", metavar="server", help=f"any of {', '.join(run.SERVERS)} (default: all)")
     args = parser.parse_args()
+    if args.serve_and_drive is not None:
+        serve_and_drive(args.stream, args.serve_and_drive)
+        return
     unknown = set(args.servers) - set(run.SERVERS)
     if unknown:
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}; choose from {', '.join(run.SERVERS)}")
@@ -131,6 +189,14 @@ def main() -> None:
         parser.error("--pace: the websockets baseline has no S7 mode; choose from connic, aiohttp")
     kind = "S7-like (pace)" if args.pace else f"streaming {'on' if args.stream else 'off'}"
     print(f"machine: {run.machine()}; {kind}")
+    if args.inprocess:
+        if args.pace or set(args.servers) - {"connic"}:
+            parser.error("--inprocess: connic only, S1- or S2-like")
+        with ThreadPoolExecutor(2) as pool:  # the two runs side by side: their counts do not depend on the load
+            few, many = pool.map(lambda turns: inprocess_total(args.stream, turns), (FEW, MANY))
+        count = (many - few) / ((MANY - FEW) * CONNECTIONS)
+        print(f"connic, in one process with the client: {count / 1000:.1f}k instructions per turn")
+        return
     few_turns, many_turns = (PACE_FEW, PACE_MANY) if args.pace else (FEW, MANY)
     counts = {}
     for server in args.servers or (("connic", "aiohttp") if args.pace else run.SERVERS):

@@ -46,6 +46,7 @@ _READ_SIZE = 64 * 1024
 # buffer for every small frame (CPython issue 85451; docs/performance.md).
 
 _FIN = 0x80
+_TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
 
 
 def raw_transport(request: web.Request, compress: bool) -> asyncio.Transport | None:
@@ -106,13 +107,13 @@ def text_header(size: int) -> bytes:
     if size < 126:
         return _SMALL_HEADERS[size]
     if size < 65536:
-        return _HEADER16.pack(_FIN | WSMsgType.TEXT.value, 126, size)
-    return _HEADER64.pack(_FIN | WSMsgType.TEXT.value, 127, size)
+        return _HEADER16.pack(_TEXT_FIN, 126, size)
+    return _HEADER64.pack(_TEXT_FIN, 127, size)
 
 
 _HEADER16 = struct.Struct("!BBH")
 _HEADER64 = struct.Struct("!BBQ")
-_SMALL_HEADERS = tuple(bytes((_FIN | WSMsgType.TEXT.value, size)) for size in range(126))
+_SMALL_HEADERS = tuple(bytes((_TEXT_FIN, size)) for size in range(126))
 
 
 class Socket(web.WebSocketResponse):
