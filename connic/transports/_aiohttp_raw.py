@@ -80,10 +80,19 @@ def write_texts(transport: asyncio.Transport, texts: list[str]) -> None:
     transport.write(b"".join(batch))
 
 
-def write_control(transport: asyncio.Transport | None, kind: WSMsgType, payload: bytes) -> None:
-    """Write a ping or pong now: control frames may go between any two messages."""
-    # A client that sends pings but does not read gets no pongs (nor unbounded buffers).
-    if transport is not None and not transport.is_closing() and transport.get_write_buffer_size() <= HIGH_WATER:
+def write_control(
+    transport: asyncio.Transport | None, kind: WSMsgType, payload: bytes, *, behind: bool = False
+) -> None:
+    """Write a ping or pong now: control frames may go between any two messages.
+
+    Unless ``behind``, nothing is written while the client is behind on reading: a client that
+    sends pings but does not read gets no pongs (nor unbounded buffers). The heartbeat's own
+    ping passes ``behind=True``: one per interval is bounded, and a client busy reading a
+    backlog must get it (behind the backlog) to answer it.
+    """
+    if transport is None or transport.is_closing():
+        return
+    if behind or transport.get_write_buffer_size() <= HIGH_WATER:
         transport.write(bytes((_FIN | kind.value, len(payload))) + payload)
 
 

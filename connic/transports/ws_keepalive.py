@@ -63,6 +63,8 @@ class Heartbeat:
         if quiet < interval:
             self._handle = self._loop.call_later(interval - quiet, self._beat)
             return
+        # Written even while the client is behind on reading (a large reply in flight): a ping
+        # left unwritten would drop a client that reads steadily but has nothing to send.
         self._pinged = now
-        write_control(writer.transport, WSMsgType.PING, b"")
+        write_control(writer.transport, WSMsgType.PING, b"", behind=True)
         self._handle = self._loop.call_later(interval / 2, self._beat)

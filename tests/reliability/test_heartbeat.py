@@ -142,3 +142,49 @@ async def test_pings_get_pongs_with_their_payload(start_server: StartServer) -> 
     got = await ws.read_frame()
     assert (got.opcode, got.payload) == (PONG, b"x" * 125)
     await ws.aclose()
+
+
+async def test_client_behind_on_a_backlog_gets_the_ping_and_stays(start_server: StartServer) -> None:
+    """A client behind on reading a backlog, sending nothing meanwhile, gets the heartbeat's ping
+    behind the backlog, answers it, and keeps its connection.
+
+    The ping used to be skipped while the transport's buffer was above its high-water mark, yet
+    counted as sent: a client behind on a large download was dropped (1006, "no pong") though no
+    ping had reached it.
+    """
+    heartbeat = 4.0  # half of it must cover reading what the kernel buffers ahead of the ping (4 MiB)
+    server = await start_server(make_config({"heartbeat": heartbeat}))
+    ws = await open_raw(int(server.server.port), rcvbuf=4096)
+    await ws.send_json({"secret": SECRET})
+    assert (await ws.recv())["type"] == "connected"
+    await ws.send_json({"id": "big", "message": "x" * 200_000})  # echoed: a history of about 400 KB
+    await ws.until("stream_end")
+    requests = 40  # 16 MB: far more than the kernel's buffers, so the server's own stays full
+    ws.pause_reading()
+    for _ in range(requests):
+        await ws.send_json({"type": "history"})
+    quiet_since = time.monotonic()
+    await asyncio.sleep(heartbeat + 0.2)  # the beat finds the client behind; the ping is due
+    ws.resume_reading()
+    started = time.monotonic()
+    histories = pings = 0
+    while histories < requests:
+        got = await ws.read_frame(timeout=heartbeat)
+        if got.opcode == PING:
+            pings += 1
+            await ws.send_raw(frame(PONG, got.payload))
+        else:
+            assert got.opcode == TEXT and got.json()["type"] == "history", got
+            histories += 1
+    report(
+        "heartbeat: client behind on a backlog",
+        f"{requests} history frames read in {time.monotonic() - started:.2f} s after {heartbeat + 0.2} s "
+        f"without reading, {pings} pings (heartbeat {heartbeat} s)",
+    )
+    assert pings >= 1
+    # Past the deadline of a ping that went unanswered, the connection is still there.
+    await asyncio.sleep(max(0.0, quiet_since + 1.5 * heartbeat + 0.5 - time.monotonic()))
+    await ws.send_json({"id": "after", "message": "still here"})
+    assert (await ws.recv())["type"] == "ack"
+    assert not runtime(server.server.app).metrics.closes.values
+    await ws.aclose()
