@@ -3,9 +3,16 @@
 connic writes text frames straight to the asyncio transport in batches (one
 system call for a burst of chunks, where ``send_str`` makes one per frame),
 writes its own pings and pongs, waits on the protocol's flow control, and caps
-the transport's read size. Each of these reaches under aiohttp's public API;
-:func:`check` says at start-up whether this aiohttp still has what they need,
-and tests/test_aiohttp_raw.py pins them. Verified on aiohttp 3.14.
+the transport's read size. Each of these reaches under aiohttp's public API.
+With compression on, aiohttp frames the text messages and connic still writes
+the pings and pongs: control frames are never compressed, and aiohttp writes
+each frame within one step of the event loop (a large message is compressed
+first, then written), so a control frame written between steps lands between
+two frames. Verified on aiohttp 3.14; the black-box tests that pin this
+behaviour are tests/reliability/test_heartbeat.py (pings and pongs, with and
+without compression), tests/reliability/test_slow_client.py (flow control),
+tests/reliability/test_preauth.py (:class:`Socket`, compressed and not) and
+tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``).
 """
 
 from __future__ import annotations
@@ -49,10 +56,10 @@ _FIN = 0x80
 _TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
 
 
-def raw_transport(request: web.Request, compress: bool) -> asyncio.Transport | None:
-    """The asyncio transport frames can be written to directly, or None (compression on)."""
+def raw_transport(request: web.Request) -> asyncio.Transport | None:
+    """The connection's asyncio transport, which frames can be written to directly (None if it is not one)."""
     io = request.transport
-    return io if isinstance(io, asyncio.Transport) and not compress else None
+    return io if isinstance(io, asyncio.Transport) else None
 
 
 def limit_read_size(request: web.Request) -> None:

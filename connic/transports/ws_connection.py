@@ -108,7 +108,8 @@ class Connection:
         self.writer = Writer(
             ws,
             request,
-            raw_transport(request, opts.compress),
+            raw_transport(request),
+            compress=opts.compress,
             limit=opts.send_queue,
             send_timeout=opts.send_timeout,
             metrics=transport.metrics,
@@ -380,7 +381,7 @@ class Connection:
 
     def _control(self, kind: WSMsgType, payload: bytes) -> None:
         if kind is WSMsgType.PING:
-            write_control(self.writer.transport, WSMsgType.PONG, payload)
+            write_control(self.writer.io, WSMsgType.PONG, payload)
 
 
 def _number(value: float) -> float | int:

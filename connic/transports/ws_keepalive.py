@@ -66,5 +66,5 @@ class Heartbeat:
         # Written even while the client is behind on reading (a large reply in flight): a ping
         # left unwritten would drop a client that reads steadily but has nothing to send.
         self._pinged = now
-        write_control(writer.transport, WSMsgType.PING, b"", behind=True)
+        write_control(writer.io, WSMsgType.PING, b"", behind=True)
         self._handle = self._loop.call_later(interval / 2, self._beat)

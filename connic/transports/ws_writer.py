@@ -53,6 +53,7 @@ class Writer:
         "_scheduled",
         "_task",
         "close_code",
+        "io",
         "items",
         "label",
         "limit",
@@ -68,8 +69,9 @@ class Writer:
         self,
         ws: web.WebSocketResponse,
         request: web.Request,
-        transport: asyncio.Transport | None,
+        io: asyncio.Transport | None,
         *,
+        compress: bool,
         limit: int,
         send_timeout: float,
         metrics: Metrics,
@@ -77,7 +79,8 @@ class Writer:
     ) -> None:
         self.ws = ws
         self.request = request
-        self.transport = transport  # None: aiohttp frames each message (compression on)
+        self.io = io  # the connection's transport: pings, pongs and drops go through it, compressed or not
+        self.transport = None if compress else io  # None: aiohttp frames each message (compression on)
         self.limit = limit
         self.send_timeout = send_timeout
         self.metrics = metrics
@@ -206,8 +209,8 @@ class Writer:
         self.close_code = 1006
         if self._room is not None:
             self._room.set()
-        if self.transport is not None:
-            self.transport.abort()
+        if self.io is not None:
+            self.io.abort()
 
     def slow_consumer(self) -> None:
         """The client stopped reading: drop it with 4010."""
@@ -322,6 +325,6 @@ class Writer:
         finally:
             # A client that does not read would keep our unsent buffer, and the socket,
             # forever: asyncio's close() waits to flush it. Drop the connection instead.
-            raw = self.transport
+            raw = self.io
             if raw is not None and (not raw.is_closing() or raw.get_write_buffer_size()):
                 raw.abort()

@@ -3,16 +3,21 @@
 The server sends a ping ``heartbeat`` seconds after the last frame it received and drops the
 connection when nothing comes back within half of that, so a silent client goes after about
 1.5 intervals. It closes the TCP connection without a close frame (the client sees 1006).
-Pings the client sends get their pongs, before authentication too.
+Pings the client sends get their pongs, before authentication too. All of it holds with
+permessage-deflate on (``compress``), where aiohttp frames the messages and connic still
+writes the pings and pongs (control frames are never compressed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
+import aiohttp
 import websockets
+from aiohttp import WSMsgType
 
 from conftest import SECRET, StartServer, make_config
 
@@ -188,3 +193,116 @@ async def test_client_behind_on_a_backlog_gets_the_ping_and_stays(start_server: 
     assert (await ws.recv())["type"] == "ack"
     assert not runtime(server.server.app).metrics.closes.values
     await ws.aclose()
+
+
+# --- with permessage-deflate --------------------------------------------------------------
+
+
+async def _compressed(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+    """An authenticated client that negotiated permessage-deflate and answers no ping by itself."""
+    ws = await session.ws_connect(url, compress=15, autoping=False)
+    assert ws.compress == 15, "permessage-deflate was not negotiated"
+    await ws.send_json({"secret": SECRET})
+    assert (await ws.receive_json(timeout=5))["type"] == "connected"
+    return ws
+
+
+async def test_compressed_idle_client_gets_pings_and_stays(start_server: StartServer) -> None:
+    """An idle client with compression on gets the heartbeat's pings, answers them, and keeps its
+    connection well past the 1.5 intervals after which a silent one is dropped.
+
+    With compression on, the pings used to go nowhere (connic writes them itself, and had no
+    transport to write them to there) yet counted as sent: every idle browser tab was dropped.
+    """
+    server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": True}))
+    intervals = 4
+    async with aiohttp.ClientSession() as session:
+        ws = await _compressed(session, server.url())
+        pings = 0
+        deadline = time.monotonic() + intervals * HEARTBEAT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = await ws.receive(timeout=left)
+            except TimeoutError:
+                break
+            assert msg.type is WSMsgType.PING, msg
+            pings += 1
+            await ws.pong(msg.data)
+        report(
+            "heartbeat: idle compressed client",
+            f"{pings} pings in {intervals * HEARTBEAT:g} s (heartbeat {HEARTBEAT} s)",
+        )
+        assert pings >= intervals - 1
+        await ws.send_json({"id": "after", "message": "still here"})
+        while (msg := await ws.receive(timeout=5)).type is WSMsgType.PING:
+            await ws.pong(msg.data)  # a ping due as the loop ended
+        assert msg.type is WSMsgType.TEXT, msg
+        assert json.loads(msg.data) == {"type": "ack", "id": "after", "message_number": 1, "seq": 1}
+        assert not runtime(server.server.app).metrics.closes.values
+        await ws.close()
+
+
+async def test_compressed_silent_client_is_dropped(start_server: StartServer) -> None:
+    """With compression on, a client that reads but never answers a ping is dropped (1006) in time."""
+    server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": True}))
+    async with aiohttp.ClientSession() as session:
+        ws = await _compressed(session, server.url())
+        started = time.monotonic()
+        pings = 0
+        while (msg := await ws.receive(timeout=BOUND + 3)).type is WSMsgType.PING:
+            pings += 1
+        elapsed = time.monotonic() - started
+        assert msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR), msg
+        assert pings >= 1
+        assert elapsed < BOUND, elapsed
+    transport = runtime(server.server.app).transports[0]
+    assert await eventually(lambda: not transport.connections and not connic_tasks())
+    metrics = await scrape(server.http)
+    assert metrics['connic_closes_total{code="1006",connector="/ws"}'] == 1
+
+
+async def test_compressed_pings_get_pongs(start_server: StartServer) -> None:
+    """With compression on, every ping gets its pong: before and after authentication, while idle
+    and between the compressed frames of a reply (aiohttp's reader refuses a compressed pong)."""
+    agents = {"e": {"use": "echo", "delay": 0.05}}
+    server = await start_server(make_config({"heartbeat": 30, "compress": True}, agents))
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.url(), compress=15, autoping=False)
+        assert ws.compress == 15, "permessage-deflate was not negotiated"
+        await ws.ping(b"before auth")
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.PONG, b"before auth")
+        await ws.send_json({"secret": SECRET})
+        assert (await ws.receive_json(timeout=5))["type"] == "connected"
+        await ws.send_json({"id": "m", "message": "one two three four"})
+        await ws.ping(b"mid-reply")
+        seen: list[bytes | str] = []
+        while "stream_end" not in seen:
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (WSMsgType.PONG, WSMsgType.TEXT), msg
+            seen.append(msg.data if msg.type is WSMsgType.PONG else json.loads(msg.data)["type"])
+        assert b"mid-reply" in seen and seen.index(b"mid-reply") < seen.index("stream_end")
+        await ws.ping(b"x" * 125)  # the largest control payload
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (WSMsgType.PONG, b"x" * 125)
+        # History frames of some 100 KB, which aiohttp compresses off the event loop, with pings
+        # among them: each pong must land between two frames, not inside one.
+        big = os.urandom(25_000).hex()
+        await ws.send_json({"id": "big", "message": big})
+        while json.loads((await ws.receive(timeout=5)).data)["type"] != "stream_end":
+            pass
+        for n in range(5):
+            await ws.send_json({"type": "history"})
+            await ws.ping(b"%d" % n)
+        pongs: list[bytes] = []
+        histories = 0
+        while histories < 5 or len(pongs) < 5:
+            msg = await ws.receive(timeout=5)
+            if msg.type is WSMsgType.PONG:
+                pongs.append(msg.data)
+            else:
+                assert msg.type is WSMsgType.TEXT, msg
+                assert [entry["text"] for entry in json.loads(msg.data)["entries"]][2:] == [big, big]
+                histories += 1
+        assert pongs == [b"0", b"1", b"2", b"3", b"4"]
+        await ws.close()
