@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from deflate_client import RSV1, TAIL, Peer, connect, open_client, port_of, reset_clients
 from reliability.conftest import report, scrape
-from reliability.rawws import CLOSE, PING, PONG, TEXT, Closed, Frame, RawWS, close_frame, frame, open_raw, text
+from reliability.rawws import CLOSE, PING, PONG, TEXT, Closed, close_frame, frame, text
 
 from conftest import SECRET, StartServer, make_config
-
-_RSV1 = 4
-_TAIL = b"\x00\x00\xff\xff"  # what a deflate sender strips from the end of each message (RFC 7692)
 
 _PING_NOT_WRITTEN = (
     "write_control (connic/transports/_aiohttp_raw.py) returns without writing when the "
@@ -55,99 +53,7 @@ def _deflate(xfail: str | None = None) -> Any:
 PLAIN = pytest.param(False, id="plain")
 
 
-class Peer:
-    """A raw client that inflates the server's compressed messages (context takeover: one inflater)."""
-
-    def __init__(self, ws: RawWS, compress: bool) -> None:
-        self.ws = ws
-        self.compress = compress
-        self._inflater = zlib.decompressobj(-15)
-        self.pings = 0
-
-    def decode(self, got: Frame) -> dict[str, Any]:
-        """A text frame's JSON, inflated if it came compressed (RSV1)."""
-        payload = got.payload
-        if got.rsv & _RSV1:
-            payload = self._inflater.decompress(payload + _TAIL)
-        value: dict[str, Any] = json.loads(payload)
-        return value
-
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next JSON frame; pings are answered."""
-        while True:
-            got = await self.ws.read_frame(timeout)
-            if got.opcode == PING:
-                self.pings += 1
-                await self.ws.send_raw(frame(PONG, got.payload))
-                continue
-            assert got.opcode == TEXT, got
-            return self.decode(got)
-
-    async def until(self, kind: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """JSON frames up to and including the first of type ``kind``."""
-        frames = []
-        while True:
-            frames.append(await self.recv(timeout))
-            if frames[-1].get("type") == kind:
-                return frames
-
-    async def closed(self, timeout: float) -> tuple[int | None, list[dict[str, Any]]]:
-        """Read to the end: (the close frame's code, or None on EOF/reset; JSON frames before it)."""
-        frames: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                got = await self.ws.read_frame(max(deadline - time.monotonic(), 0.001))
-            except Closed:
-                return None, frames
-            if got.opcode == TEXT:
-                frames.append(self.decode(got))
-            elif got.opcode == PING:
-                await self.ws.send_raw(frame(PONG, got.payload))
-            elif got.opcode == CLOSE:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self.ws.send_raw(close_frame(got.close_code))
-                return got.close_code, frames
-
-
-_OPEN: list[RawWS] = []
-
-
-@pytest.fixture(autouse=True)
-def _reset_clients(start_server: StartServer) -> Any:
-    """Reset every raw client a test left open (before its server stops: one it never closed would hold it 60 s)."""
-    yield
-    while _OPEN:
-        with contextlib.suppress(OSError, AttributeError):
-            _OPEN.pop().reset()
-
-
-async def open_client(port: int, compress: bool, path: str = "/ws", rcvbuf: int | None = None) -> RawWS:
-    """A raw connection, offering permessage-deflate if ``compress``."""
-    headers = {"Sec-WebSocket-Extensions": "permessage-deflate"} if compress else None
-    ws = await open_raw(port, path, headers=headers, rcvbuf=rcvbuf)
-    _OPEN.append(ws)
-    return ws
-
-
-async def connect(
-    port: int, compress: bool, *, path: str = "/ws", auth: dict[str, Any] | None = None, rcvbuf: int | None = None
-) -> tuple[Peer, dict[str, Any]]:
-    """Open a raw connection (offering permessage-deflate if ``compress``), authenticate, read ``connected``."""
-    ws = await open_client(port, compress, path, rcvbuf)
-    peer = Peer(ws, compress)
-    await ws.send_json(auth if auth is not None else {"secret": SECRET})
-    got = await ws.read_frame()
-    assert got.opcode == TEXT, got
-    assert bool(got.rsv & _RSV1) == compress, "permessage-deflate was not negotiated as asked"
-    connected = peer.decode(got)
-    assert connected["type"] == "connected", connected
-    return peer, connected
-
-
-def _port(server: Any) -> int:
-    return int(server.server.port)
-
+__all__ = ["reset_clients"]  # the fixture, autouse: every test here resets the clients it left open
 
 # --- (1) the heartbeat ----------------------------------------------------------------------
 
@@ -157,7 +63,7 @@ HEARTBEAT = 1.0
 @pytest.mark.parametrize("compress", [PLAIN, _deflate(_PING_NOT_WRITTEN)])
 async def test_quiet_client_gets_a_heartbeat_ping(start_server: StartServer, compress: bool) -> None:
     server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": compress}))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     started = time.monotonic()
     got = await peer.ws.read_frame(timeout=HEARTBEAT + 1.0)  # TimeoutError: no ping
     assert got.opcode == PING, got
@@ -167,7 +73,7 @@ async def test_quiet_client_gets_a_heartbeat_ping(start_server: StartServer, com
 @pytest.mark.parametrize("compress", [PLAIN, _deflate(f"{_PING_NOT_WRITTEN}; and {_DROP_NOT_DONE}")])
 async def test_client_that_never_answers_pings_is_dropped(start_server: StartServer, compress: bool) -> None:
     server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": compress}))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     started = time.monotonic()
     with pytest.raises(Closed):  # never a close frame: EOF or reset
         while True:
@@ -176,7 +82,7 @@ async def test_client_that_never_answers_pings_is_dropped(start_server: StartSer
     elapsed = time.monotonic() - started
     report(f"compress={compress}: silent client dropped after", f"{elapsed:.2f} s")
     assert 1.2 * HEARTBEAT <= elapsed <= 2.0 * HEARTBEAT, elapsed
-    metrics = await scrape(f"http://127.0.0.1:{_port(server)}")
+    metrics = await scrape(f"http://127.0.0.1:{port_of(server)}")
     assert metrics['connic_closes_total{code="1006",connector="/ws"}'] == 1
     assert metrics['connic_connections_open{connector="/ws"}'] == 0
 
@@ -189,7 +95,7 @@ async def test_silent_client_dropped_even_when_it_takes_pings(start_server: Star
     heartbeat's second beat drops it either way (``_pinged`` is set when the ping is attempted).
     """
     server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": compress}))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     started = time.monotonic()
     with pytest.raises(Closed):
         while True:
@@ -215,7 +121,7 @@ async def test_client_that_answers_pings_is_served_after_a_quiet_spell(
     start_server: StartServer, compress: bool
 ) -> None:
     server = await start_server(make_config({"heartbeat": HEARTBEAT, "compress": compress}))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.5 * HEARTBEAT):
             await peer.recv(timeout=10.0)  # quiet, but every ping answered
@@ -230,7 +136,7 @@ async def test_client_that_answers_pings_is_served_after_a_quiet_spell(
 async def test_json_ping_gets_json_pong(start_server: StartServer, compress: bool) -> None:
     """The protocol's own ping (a text frame) is queued like any frame: answered either way."""
     server = await start_server(make_config({"heartbeat": 0, "compress": compress}))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     await peer.ws.send_json({"type": "ping"})
     assert await peer.recv(timeout=2.0) == {"type": "pong"}
 
@@ -243,10 +149,10 @@ async def test_json_ping_gets_json_pong(start_server: StartServer, compress: boo
 async def test_client_ping_gets_its_pong(start_server: StartServer, compress: bool, authenticated: bool) -> None:
     server = await start_server(make_config({"heartbeat": 0, "compress": compress}))
     if authenticated:
-        peer, _ = await connect(_port(server), compress)
+        peer, _ = await connect(port_of(server), compress)
         ws = peer.ws
     else:
-        ws = await open_client(_port(server), compress)
+        ws = await open_client(port_of(server), compress)
     await ws.send_raw(frame(PING, b"are you there"))
     got = await ws.read_frame(timeout=2.0)  # TimeoutError: no pong
     assert (got.opcode, got.payload) == (PONG, b"are you there")
@@ -267,24 +173,22 @@ def _incompressible_words(count: int) -> str:
     return " ".join("".join(rng.choices(letters, k=_WORD_SIZE)) for _ in range(count))
 
 
-@pytest.mark.parametrize("compress", [PLAIN, _deflate()])
-async def test_client_that_stops_reading_is_closed_slow_consumer(start_server: StartServer, compress: bool) -> None:
+async def _stop_reading_under_a_big_reply(start_server: StartServer, compress: bool) -> tuple[Peer, str]:
+    """A client that stops reading, then asks for a reply of about 8 MiB: (the client, the server's base URL)."""
     message = _incompressible_words(_WORDS)
-    config = make_config(
-        {
-            "compress": compress,
-            "send_timeout": SEND_TIMEOUT,
-            "send_queue": 16,
-            "heartbeat": 0,
-            "max_frame_bytes": 2 * len(message),
-            "on_disconnect": "cancel",
-        }
+    options = {"compress": compress, "send_timeout": SEND_TIMEOUT, "send_queue": 16, "heartbeat": 0}
+    server = await start_server(
+        make_config({**options, "max_frame_bytes": 2 * len(message), "on_disconnect": "cancel"})
     )
-    server = await start_server(config)
-    base = f"http://127.0.0.1:{_port(server)}"
-    peer, _ = await connect(_port(server), compress, rcvbuf=16 * 1024)
+    peer, _ = await connect(port_of(server), compress, rcvbuf=16 * 1024)
     peer.ws.pause_reading()
     await peer.ws.send_raw(text({"id": "big", "message": message}))
+    return peer, f"http://127.0.0.1:{port_of(server)}"
+
+
+@pytest.mark.parametrize("compress", [PLAIN, _deflate()])
+async def test_client_that_stops_reading_is_closed_slow_consumer(start_server: StartServer, compress: bool) -> None:
+    peer, base = await _stop_reading_under_a_big_reply(start_server, compress)
     sent = time.monotonic()
     slow = 'connic_slow_consumer_closes_total{connector="/ws"}'
     released = None
@@ -313,22 +217,7 @@ async def test_slow_consumer_socket_is_not_kept(start_server: StartServer, compr
     Read only once the deadline is over, the connection has ended without a close frame; had the
     server kept the socket, the client would get everything buffered for it, then the 4010 frame.
     """
-    message = _incompressible_words(_WORDS)
-    config = make_config(
-        {
-            "compress": compress,
-            "send_timeout": SEND_TIMEOUT,
-            "send_queue": 16,
-            "heartbeat": 0,
-            "max_frame_bytes": 2 * len(message),
-            "on_disconnect": "cancel",
-        }
-    )
-    server = await start_server(config)
-    base = f"http://127.0.0.1:{_port(server)}"
-    peer, _ = await connect(_port(server), compress, rcvbuf=16 * 1024)
-    peer.ws.pause_reading()
-    await peer.ws.send_raw(text({"id": "big", "message": message}))
+    peer, base = await _stop_reading_under_a_big_reply(start_server, compress)
     slow = 'connic_slow_consumer_closes_total{connector="/ws"}'
     for _ in range(100):
         if (await scrape(base)).get(slow, 0) >= 1:
@@ -418,8 +307,8 @@ def _compressed_text(data: bytes) -> bytes:
     """A masked text frame of ``data`` deflated (RSV1), as a permessage-deflate client sends it."""
     deflater = zlib.compressobj(wbits=-15)
     payload = deflater.compress(data) + deflater.flush(zlib.Z_SYNC_FLUSH)
-    assert payload.endswith(_TAIL)
-    return frame(TEXT, payload[: -len(_TAIL)], rsv=_RSV1)
+    assert payload.endswith(TAIL)
+    return frame(TEXT, payload[: -len(TAIL)], rsv=RSV1)
 
 
 async def _refused_too_large(peer: Peer, base: str, answer: int) -> None:
@@ -450,19 +339,19 @@ def _size_config(compress: bool) -> dict[str, Any]:
 @pytest.mark.parametrize("compress", [PLAIN, _deflate()])
 async def test_frame_over_max_frame_bytes_is_refused(start_server: StartServer, compress: bool) -> None:
     server = await start_server(_size_config(compress))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     await peer.ws.send_raw(text({"message": "x" * MAX_FRAME}))
-    await _refused_too_large(peer, f"http://127.0.0.1:{_port(server)}", 1009)
+    await _refused_too_large(peer, f"http://127.0.0.1:{port_of(server)}", 1009)
 
 
 async def test_compressed_frame_inflating_over_max_frame_bytes_is_refused(start_server: StartServer) -> None:
     """A few hundred bytes on the wire that inflate past the bound: the bound is on the inflated message."""
     server = await start_server(_size_config(True))
-    peer, _ = await connect(_port(server), True)
+    peer, _ = await connect(port_of(server), True)
     bomb = _compressed_text(json.dumps({"message": "x" * (64 * MAX_FRAME)}).encode())
     assert len(bomb) < MAX_FRAME // 4
     await peer.ws.send_raw(bomb)
-    await _refused_too_large(peer, f"http://127.0.0.1:{_port(server)}", 1009)
+    await _refused_too_large(peer, f"http://127.0.0.1:{port_of(server)}", 1009)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["plain_frame", "deflated_frame"])
@@ -470,18 +359,18 @@ async def test_frame_over_max_auth_frame_bytes_before_auth_is_refused(
     start_server: StartServer, compressed: bool
 ) -> None:
     server = await start_server(_size_config(True))
-    ws = await open_client(_port(server), True)
+    ws = await open_client(port_of(server), True)
     data = json.dumps({"secret": SECRET, "pad": "x" * (8 * MAX_AUTH_FRAME)}).encode()
     await ws.send_raw(_compressed_text(data) if compressed else frame(TEXT, data))
-    await _refused_too_large(Peer(ws, True), f"http://127.0.0.1:{_port(server)}", 1009)
+    await _refused_too_large(Peer(ws, True), f"http://127.0.0.1:{port_of(server)}", 1009)
 
 
 @pytest.mark.parametrize("compress", [PLAIN, _deflate()])
 async def test_refusal_counted_1009_whatever_the_client_answers(start_server: StartServer, compress: bool) -> None:
     server = await start_server(_size_config(compress))
-    peer, _ = await connect(_port(server), compress)
+    peer, _ = await connect(port_of(server), compress)
     await peer.ws.send_raw(text({"message": "x" * MAX_FRAME}))
-    await _refused_too_large(peer, f"http://127.0.0.1:{_port(server)}", 1000)
+    await _refused_too_large(peer, f"http://127.0.0.1:{port_of(server)}", 1000)
 
 
 # --- (5) a drop mid-stream, then resume --------------------------------------------------------
@@ -492,7 +381,7 @@ async def test_resume_after_a_mid_stream_drop_replays_the_rest(start_server: Sta
     words = [f"w{i}-" + "y" * 200 for i in range(40)]
     config = make_config({"compress": compress, "heartbeat": 0}, agents={"assistant": {"use": "echo", "delay": 0.02}})
     server = await start_server(config)
-    peer, connected = await connect(_port(server), compress)
+    peer, connected = await connect(port_of(server), compress)
     await peer.ws.send_json({"id": "m1", "message": " ".join(words)})
     before = await peer.until("stream_chunk")
     while len([f for f in before if f["type"] == "stream_chunk"]) < 5:
@@ -501,7 +390,7 @@ async def test_resume_after_a_mid_stream_drop_replays_the_rest(start_server: Sta
     await asyncio.sleep(0.3)  # the reply goes on meanwhile, into the replay log
     last_seq = before[-1]["seq"]
     resumed, hello = await connect(
-        _port(server),
+        port_of(server),
         compress,
         auth={
             "type": "resume",
