@@ -21,7 +21,7 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401  (a fixture)
     store_plugin_env,
 )
-from resume_helpers import Clients, clients_fixture  # noqa: F401  (a fixture)
+from resume_helpers import Clients, Conn, ResumeSession, clients_fixture  # noqa: F401  (a fixture)
 from test_review5 import _run
 
 from conftest import SECRET, CliServer, start_cli
@@ -51,6 +51,22 @@ def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     yield start
     for server in started:
         server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
+
+
+async def resumed_mid_reply(session: ResumeSession, to: CliServer) -> Conn:
+    """Drop ``session`` once the assistant's m1 streamed 5 chunks, resume it on ``to``, and return
+    the new connection once 2 more chunks came (the reply still streams where it began)."""
+    conn = session.conn
+    assert conn is not None
+    while len(session.transcript.chunks("m1", "assistant")) < 5:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=to.url)
+    assert conn.connected["resumed"] is True
+    seen = len(session.transcript.chunks("m1", "assistant"))
+    while len(session.transcript.chunks("m1", "assistant")) < seen + 2:
+        await conn.recv()
+    return conn
 
 
 @pytest.mark.parametrize("agents", [("assistant",), TWO_AGENTS], ids=["one_agent", "two_agents"])

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis_server import redis_server_fixture  # noqa: F401  (a fixture)
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_held_agents import launch  # noqa: F401  (a fixture)
+from test_held_agents import launch, resumed_mid_reply  # noqa: F401  (a fixture)
 from test_redis_held import history, outline
 
 
@@ -41,14 +41,7 @@ async def test_a_second_messages_stop_is_counted_when_it_names_another_agent(
         for agent in ("assistant", "helper"):
             await conn.send({"type": "message", "id": "m1", "payload": {"message": words(150), "agent": agent}})
             await conn.until(lambda f: f["type"] == "ack" and f["id"] == "m1")
-        while len(session.transcript.chunks("m1", "assistant")) < 5:
-            await conn.recv()
-        session.drop()
-        conn = await session.resume(url=b.url)
-        assert conn.connected["resumed"] is True
-        seen = len(session.transcript.chunks("m1", "assistant"))
-        while len(session.transcript.chunks("m1", "assistant")) < seen + 2:  # A's m1 still streams
-            await conn.recv()
+        conn = await resumed_mid_reply(session, b)
         await conn.send({"type": "message", "id": "m1", "payload": {"message": "third one"}})
         await conn.send({"type": "cancel", "id": "m1"})
         # Sent once the helper's m1 began: on either run the second cancel stops it in flight.

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from redis_server import RedisServer, redis_server_fixture  # noqa: F401  (a fixture)
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_held_agents import launch  # noqa: F401  (a fixture)
+from test_held_agents import launch, resumed_mid_reply  # noqa: F401  (a fixture)
 from test_redis_held import history, outline
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
@@ -67,14 +67,7 @@ async def test_a_held_cancel_of_an_id_whose_queued_messages_the_owner_dropped_dr
             payload = {"message": words(40, message_id), **({"agent": agent} if agent else {})}
             await conn.send({"type": "message", "id": message_id, "payload": payload})
             await conn.until(lambda f, message_id=message_id: f["type"] == "ack" and f["id"] == message_id)
-        while len(session.transcript.chunks("m1", "assistant")) < 5:
-            await conn.recv()
-        session.drop()
-        conn = await session.resume(url=b.url)
-        assert conn.connected["resumed"] is True
-        seen = len(session.transcript.chunks("m1", "assistant"))
-        while len(session.transcript.chunks("m1", "assistant")) < seen + 2:  # A's m1 still streams
-            await conn.recv()
+        conn = await resumed_mid_reply(session, b)
         a.proc.send_signal(signal.SIGSTOP)
         try:
             for _ in range(2):
