@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from connic.agent import HistoryEntry
 from connic.errors import InternalError, MessageLimitReached
 from connic.message import answer
+from connic.session_state import SessionState
 from connic.session_timer import on_idle
 
 if TYPE_CHECKING:
@@ -39,9 +40,12 @@ async def _answer_queued(session: ChatSession) -> None:
     while True:
         while not session.queue:
             session.idle.set()
-            if session.limit_reached:
+            if session.limit_reached and session.state is not SessionState.DETACHED:
                 session.end(MessageLimitReached(), notify=False)
                 return
+            # Over its limit but detached: the replies wait in the log for the client, which
+            # gets them and then 4009 when it resumes (session_resume.resume), or the resume
+            # window runs out first. Ending now would throw them away.
             on_idle(session)
             session._wakeup = loop.create_future()
             try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from connic.errors import SessionTakenOver
+from connic.errors import MessageLimitReached, SessionTakenOver
 from connic.session_state import SessionState
 from connic.session_timer import arm
 
@@ -65,6 +65,15 @@ def resume(session: ChatSession, sink: Sink, replayed_to: int) -> None:
     session.sink = sink
     session.state = SessionState.ATTACHED
     arm(session)
+    if session.limit_reached and not session.busy:
+        # Its last replies ended while it was detached: the client has them now (the caller
+        # sends the replay before this step of the loop ends), then the close 4009 it missed.
+        session._loop.call_soon(_over_limit, session, sink)
+
+
+def _over_limit(session: ChatSession, sink: Sink) -> None:
+    if session.sink is sink and not session.busy:
+        session.end(MessageLimitReached(), notify=False)
 
 
 def resume_failed(session: ChatSession) -> None:
