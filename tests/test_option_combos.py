@@ -7,10 +7,15 @@ session store (tests/resume_helpers.py). A drop is a TCP reset with no close fra
 
 from __future__ import annotations
 
-import resume_helpers
-from resume_helpers import Clients, ResumeSession, serve, wait_turns
+import asyncio
+import json
+from typing import Any
 
-from conftest import StartServer
+import aiohttp
+import resume_helpers
+from resume_helpers import Clients, ResumeSession, serve, wait_turns, words
+
+from conftest import SECRET, StartServer, make_config
 
 store_url, start_server, clients = resume_helpers.store_url, resume_helpers.start_server, resume_helpers.clients_fixture
 
@@ -41,3 +46,43 @@ async def test_replies_past_max_messages_wait_for_a_resume_after_a_drop(
     assert back.seqs[0] == last_seen + 1
     session.transcript.assert_complete()
     assert not [f for f in back.frames if f["type"] == "error"]  # the close says it: no further error frame
+
+
+async def _run_events(http: aiohttp.ClientSession, url: str, run_id: str, text: str) -> list[dict[str, Any]]:
+    run = {
+        "threadId": "t1",
+        "runId": run_id,
+        "messages": [{"id": f"u-{run_id}", "role": "user", "content": text}],
+        "tools": [],
+        "context": [],
+        "state": {},
+        "forwardedProps": {},
+    }
+    async with http.post(url, json=run, headers={"Authorization": f"Bearer {SECRET}"}) as response:
+        body = await asyncio.wait_for(response.text(), 10)
+    return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+async def test_agui_run_after_a_thread_over_max_messages_lost_its_client_starts_the_thread_again(
+    start_server: StartServer,
+) -> None:
+    """``max_messages`` with an SSE run whose client went away: the thread is over, and the next
+    run starts it again (a new conversation), as when its last run streams to the end; it is not
+    refused as over the limit."""
+    config = make_config(agents={"assistant": {"use": "echo", "delay": 0.02}})
+    config["connectors"] = [{"transport": "agui", "path": "/agui", "secrets": [SECRET], "max_messages": 1}]
+    server = await start_server(config)
+    url = server.http + "/agui"
+    async with aiohttp.ClientSession() as http:
+        first = {"threadId": "t1", "runId": "r1", "messages": [{"id": "u1", "role": "user", "content": words(30)}]}
+        first |= {"tools": [], "context": [], "state": {}, "forwardedProps": {}}
+        streaming = await http.post(url, json=first, headers={"Authorization": f"Bearer {SECRET}"})
+        await streaming.content.readline()  # RUN_STARTED: the run is accepted
+        refused = await _run_events(http, url, "r2", "over the limit")
+        assert refused[-1]["type"] == "RUN_ERROR" and refused[-1]["code"] == "message_limit_reached"
+        streaming.close()  # the client goes away mid-run (on_disconnect = "cancel")
+        await wait_turns(server.http, "assistant", 1, "cancelled")
+        again = await _run_events(http, url, "r3", "hello again")
+    assert again[-1]["type"] == "RUN_FINISHED", again
+    text = "".join(e["delta"] for e in again if e["type"] == "TEXT_MESSAGE_CONTENT")
+    assert text == "hello again"
