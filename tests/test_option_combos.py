@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -86,3 +87,53 @@ async def test_agui_run_after_a_thread_over_max_messages_lost_its_client_starts_
     assert again[-1]["type"] == "RUN_FINISHED", again
     text = "".join(e["delta"] for e in again if e["type"] == "TEXT_MESSAGE_CONTENT")
     assert text == "hello again"
+
+
+# --- several agents on one connector, with a small send_queue ------------------------------
+
+AGENTS = {f"a{n}": {"use": "echo"} for n in range(3)}
+SEND_TIMEOUT = 1.0
+
+
+async def test_several_agents_behind_a_small_send_queue_stream_to_a_reading_client(
+    start_server: StartServer, clients: Clients
+) -> None:
+    """Three agents stream into a ``send_queue`` of one frame, to a client that reads all the
+    time: each agent's frame waits for room while the others take it, and the client, never
+    quiet for ``send_timeout``, gets every reply. One agent beaten to the room by the others
+    for ``send_timeout`` in all was once taken for a slow consumer (4010)."""
+    server = await serve(start_server, {"send_queue": 1, "send_timeout": SEND_TIMEOUT}, AGENTS)
+    conn = await ResumeSession(clients, server.url()).start()
+    text = words(4000)
+    await conn.send({"id": "m1", "message": text})
+    ends: dict[str, str] = {}
+    longest = 0.0
+    last = time.monotonic()
+    while len(ends) < len(AGENTS):
+        # Read bare (no transcript): at the client's full speed, as a client that keeps up.
+        frame = json.loads(await asyncio.wait_for(conn.ws.recv(), 5.0))  # ConnectionClosed: 4010
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+        if frame["type"] == "stream_end":
+            ends[frame["agent"]] = frame["full_response"]
+    assert longest < SEND_TIMEOUT  # the client was never quiet for send_timeout
+    assert ends == dict.fromkeys(AGENTS, text)
+
+
+async def test_several_agents_behind_a_small_send_queue_stream_to_a_reading_agui_client(
+    start_server: StartServer,
+) -> None:
+    """As above, for an AG-UI run over SSE: every agent's text comes, and the run finishes."""
+    config = make_config(agents=AGENTS)
+    connector = {"transport": "agui", "path": "/agui", "secrets": [SECRET], "send_queue": 1}
+    config["connectors"] = [connector | {"send_timeout": SEND_TIMEOUT}]
+    server = await start_server(config)
+    text = words(4000)
+    async with aiohttp.ClientSession() as http:
+        events = await _run_events(http, server.http + "/agui", "r1", text)
+    assert events[-1]["type"] == "RUN_FINISHED", events[-1]
+    texts: dict[str, str] = {}
+    for event in events:
+        if event["type"] == "TEXT_MESSAGE_CONTENT":
+            texts[event["messageId"]] = texts.get(event["messageId"], "") + event["delta"]
+    assert sorted(texts.values()) == [text] * len(AGENTS)

@@ -1,7 +1,8 @@
 """The bounded outbox both AG-UI bindings write from: an SSE run's, and a WebSocket binding connection's.
 
 Whatever goes to the client waits here, encoded, until the writer takes it. A reply
-frame waits for room (``send_queue`` entries, at most ``send_timeout`` seconds);
+frame waits for room (``send_queue`` entries; a client that takes none of them for
+``send_timeout`` seconds is dropped);
 an ack, a refusal or an error about a bad client frame is queued at once, but a
 client twice ``send_queue`` behind is dropped as a slow consumer (close code
 4010), so that a client that never reads cannot grow the server's memory, however
@@ -78,14 +79,18 @@ class Outbox(Generic[T]):
         return True
 
     async def send(self, item: T) -> None:
-        """A reply frame, waiting up to ``send_timeout`` for room; past it the client is dropped."""
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                while self.close_code is None and len(self.items) >= self.limit:
-                    self._room.clear()
+        """A reply frame, waiting for room; a client that takes nothing for ``send_timeout`` is dropped.
+
+        The wait starts again each time the writer takes the outbox: agents of one run take
+        turns at its room, and one that others beat to it is behind a client that reads.
+        """
+        while self.close_code is None and len(self.items) >= self.limit:
+            self._room.clear()
+            try:
+                async with asyncio.timeout(self.send_timeout):
                     await self._room.wait()
-        except TimeoutError:
-            self.slow_consumer()
+            except TimeoutError:
+                self.slow_consumer()
         if self.close_code is None:
             self._put(item)
 

@@ -5,7 +5,7 @@ everything queued in one system call (up to about ``HIGH_WATER`` characters;
 a writer task writes the rest as the client reads). While the client is behind (the
 transport's buffer above its high-water mark) or compression is on, a writer
 task takes over and waits on flow control. Reply frames wait for room in the
-outbox for up to ``send_timeout``; control frames (acks, pongs, errors) never
+outbox, for as long as the client takes some within every ``send_timeout``; control frames (acks, pongs, errors) never
 wait and may use a second outbox's worth of room. A client that stays behind
 is a slow consumer: its connection is dropped (4010).
 """
@@ -144,16 +144,21 @@ class Writer:
             self._put(data, self.limit)
 
     async def wait_for_room(self, wait: float) -> bool:
-        """Wait up to ``wait`` seconds for the outbox to go below its limit; False if it did not (or closed)."""
-        try:
-            async with asyncio.timeout(wait):
-                while self.full and self.close_code is None:
-                    if self._room is None:
-                        self._room = asyncio.Event()
-                    self._room.clear()
+        """Wait for room in the outbox; False if the client took none of it for ``wait`` seconds (or closed).
+
+        The wait starts again each time the writer takes frames: several agents waiting for
+        room take turns at it, and one that loses the race to the others for longer than
+        ``wait`` is behind a client that reads, not a slow consumer.
+        """
+        while self.full and self.close_code is None:
+            if self._room is None:
+                self._room = asyncio.Event()
+            self._room.clear()
+            try:
+                async with asyncio.timeout(wait):
                     await self._room.wait()
-        except TimeoutError:
-            return False
+            except TimeoutError:
+                return False
         return self.close_code is None
 
     def _taken(self) -> list[str | Close]:
