@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-__all__ = ["Flag", "TokenBucket"]
+__all__ = ["Flag", "TokenBucket", "wait_in_turns"]
 
 
 class Flag:
@@ -49,6 +50,23 @@ class Flag:
         finally:
             if self._waiters is not None and waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+
+async def wait_in_turns(room: asyncio.Event, wait: float, waiting: Callable[[], bool]) -> bool:
+    """Wait while ``waiting()`` holds; False if ``room`` was not set for ``wait`` seconds.
+
+    The wait starts again each time ``room`` is set (a writer took frames): several
+    producers waiting for room take turns at it, and one that loses the race to the others
+    for longer than ``wait`` is behind a client that reads, not a slow consumer.
+    """
+    while waiting():
+        room.clear()
+        try:
+            async with asyncio.timeout(wait):
+                await room.wait()
+        except TimeoutError:
+            return False
+    return True
 
 
 class TokenBucket:

@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from connic.errors import SlowConsumer
+from connic.flow import wait_in_turns
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -81,18 +82,15 @@ class Outbox(Generic[T]):
     async def send(self, item: T) -> None:
         """A reply frame, waiting for room; a client that takes nothing for ``send_timeout`` is dropped.
 
-        The wait starts again each time the writer takes the outbox: agents of one run take
-        turns at its room, and one that others beat to it is behind a client that reads.
+        Agents of one run take turns at its room (:func:`~connic.flow.wait_in_turns`).
         """
-        while self.close_code is None and len(self.items) >= self.limit:
-            self._room.clear()
-            try:
-                async with asyncio.timeout(self.send_timeout):
-                    await self._room.wait()
-            except TimeoutError:
-                self.slow_consumer()
+        if not await wait_in_turns(self._room, self.send_timeout, self._waiting):
+            self.slow_consumer()
         if self.close_code is None:
             self._put(item)
+
+    def _waiting(self) -> bool:
+        return self.close_code is None and len(self.items) >= self.limit
 
     def urgent(self, entries: list[Any]) -> None:
         """Entries that cannot wait (an error, the end of a run), under the same bound as :meth:`send_nowait`."""

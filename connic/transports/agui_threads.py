@@ -90,21 +90,18 @@ class Threads:
         from connic.transports.agui_sse import ThreadRuns
 
         async with self._one_at_a_time(run.thread_id):
-            found = await self._thread(run.thread_id, given, peer, create=True)
-            if isinstance(found, web.Response):
-                return found
-            assert found is not None  # create: never None
-            session, fresh = found
-            if not fresh and session.limit_reached and not session.busy:
+            while True:
+                found = await self._thread(run.thread_id, given, peer, create=True)
+                if isinstance(found, web.Response):
+                    return found
+                assert found is not None  # create: never None
+                session, fresh = found
+                if fresh or not session.limit_reached or session.busy:
+                    break
                 # Over max_messages, its last runs ended with no run streaming (a session stays
                 # for a WebSocket resume then, to fetch them): an SSE run has no use for them, and
                 # the thread starts again, as it does when they end with a run streaming.
                 session.end()
-                found = await self._thread(run.thread_id, given, peer, create=True)
-                if isinstance(found, web.Response):
-                    return found
-                assert found is not None
-                session, fresh = found
             runs = self.streaming.get(session.id)
             if runs is not None and session.sink is runs:
                 return session, runs  # another run of the thread streams: this one joins it

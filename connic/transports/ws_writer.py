@@ -19,6 +19,7 @@ import logging
 from aiohttp import web
 
 from connic.errors import SlowConsumer
+from connic.flow import wait_in_turns
 from connic.metrics import Metrics
 from connic.transports._aiohttp_raw import HIGH_WATER, sendable, wait_writable, write_texts
 
@@ -146,20 +147,16 @@ class Writer:
     async def wait_for_room(self, wait: float) -> bool:
         """Wait for room in the outbox; False if the client took none of it for ``wait`` seconds (or closed).
 
-        The wait starts again each time the writer takes frames: several agents waiting for
-        room take turns at it, and one that loses the race to the others for longer than
-        ``wait`` is behind a client that reads, not a slow consumer.
+        Several agents waiting for room take turns at it (:func:`~connic.flow.wait_in_turns`).
         """
-        while self.full and self.close_code is None:
-            if self._room is None:
-                self._room = asyncio.Event()
-            self._room.clear()
-            try:
-                async with asyncio.timeout(wait):
-                    await self._room.wait()
-            except TimeoutError:
-                return False
-        return self.close_code is None
+        if not self.full:
+            return self.close_code is None
+        if self._room is None:
+            self._room = asyncio.Event()
+        return await wait_in_turns(self._room, wait, self._waiting) and self.close_code is None
+
+    def _waiting(self) -> bool:
+        return self.full and self.close_code is None
 
     def _taken(self) -> list[str | Close]:
         items, self.items = self.items, []
