@@ -53,6 +53,12 @@ def launch(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
         server.stop(signal.SIGKILL if server.proc.poll() is None else signal.SIGTERM)
 
 
+async def one_or_two(launch: Any, shared: bool, agents: tuple[str, ...] = TWO_AGENTS) -> tuple[CliServer, CliServer]:
+    """Process A, and B sharing its ``redis-server`` when ``shared``; else A twice (one process, the memory store)."""
+    a = await launch(shared=shared, agents=agents)
+    return a, (await launch(agents=agents) if shared else a)
+
+
 async def resumed_mid_reply(session: ResumeSession, to: CliServer) -> Conn:
     """Drop ``session`` once the assistant's m1 streamed 5 chunks, resume it on ``to``, and return
     the new connection once 2 more chunks came (the reply still streams where it began)."""
@@ -77,8 +83,7 @@ async def test_a_second_cancel_behind_a_held_message_after_a_cancel_passed_at_on
     # finds it stopped already and drops the m1 queued behind it (or stops it, had it begun): the
     # second m1 never runs to its end.
     for shared in (False, True):
-        a = await launch(shared=shared, agents=agents)
-        b = await launch(agents=agents) if shared else a
+        a, b = await one_or_two(launch, shared, agents)
         frames, _ = await _run(a, b, clients, [], ["-m1", "m1", "-m1"])
         ends = {key[3]: n for key, n in frames.items() if key[:2] == ("stream_end", "m1")}
         assert frames[("error", "m1", None, None, "not_found")] == 0, (shared, frames)

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis_server import redis_server_fixture  # noqa: F401  (a fixture)
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_held_agents import launch, resumed_mid_reply  # noqa: F401  (a fixture)
+from test_held_agents import launch, one_or_two, resumed_mid_reply  # noqa: F401  (a fixture)
 from test_redis_held import history, outline
 
 
@@ -34,8 +34,7 @@ async def test_a_second_messages_stop_is_counted_when_it_names_another_agent(
 ) -> None:
     got = {}
     for shared in (False, True):
-        a = await launch(shared=shared)
-        b = await launch() if shared else a
+        a, b = await one_or_two(launch, shared)
         session = ResumeSession(clients, a.url)
         conn = await session.start()
         for agent in ("assistant", "helper"):

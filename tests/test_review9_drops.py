@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from redis_server import RedisServer, redis_server_fixture  # noqa: F401  (a fixture)
 from resume_helpers import Clients, ResumeSession, clients_fixture, words  # noqa: F401  (a fixture)
-from test_held_agents import launch, resumed_mid_reply  # noqa: F401  (a fixture)
+from test_held_agents import launch, one_or_two, resumed_mid_reply  # noqa: F401  (a fixture)
 from test_redis_held import history, outline
 
 aioredis = pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
@@ -57,8 +57,7 @@ async def test_a_held_cancel_of_an_id_whose_queued_messages_the_owner_dropped_dr
 ) -> None:
     got = {}
     for shared in (False, True):
-        a = await launch(shared=shared)
-        b = await launch() if shared else a
+        a, b = await one_or_two(launch, shared)
         session = ResumeSession(clients, a.url)
         conn = await session.start()
         await conn.send({"type": "message", "id": "m1", "payload": {"message": words(150), "agent": "assistant"}})
