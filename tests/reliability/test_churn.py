@@ -26,6 +26,9 @@ from .rawws import RawWS, close_frame, connect_tcp, open_raw
 
 CONCURRENCY = 25
 SLOW = {"type": "message", "payload": {"message": "a b c d e f g h i j k l", "agent": "slow"}}
+# Cancelled at its first chunk: long (4 s) so that a loaded machine cannot finish it before the
+# cancel lands; being cancelled, it costs no more time than SLOW.
+LONG = {"type": "message", "payload": {"message": " ".join(["word"] * 200), "agent": "slow"}}
 AGENTS = {"assistant": {"use": "echo"}, "slow": {"use": "echo", "delay": 0.02}}
 RESUME_WINDOW = 0.5
 
@@ -70,7 +73,7 @@ async def close_frame_mid_stream(ws: RawWS) -> None:
 
 
 async def cancel_then_reset(ws: RawWS) -> None:
-    await ws.send_json({**SLOW, "id": "c"})
+    await ws.send_json({**LONG, "id": "c"})
     await ws.until("stream_chunk")
     await ws.send_json({"type": "cancel", "id": "c"})
     end = (await ws.until("stream_end"))[-1]
