@@ -1,0 +1,136 @@
+"""Redis that stalls (SIGSTOP: a hung server, or a network dropping packets) under live sessions.
+
+Real ``python -m connic run`` processes on a private ``redis-server`` (tests/redis_server.py),
+real ``websockets`` clients on loopback. Redis is stopped for longer than the store's
+``timeout``, so that every store call under way fails, then let run again. Every wait is
+bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import (
+    RedisServer,
+    redis_server_fixture,  # noqa: F401  (a fixture)
+    store_plugin_env,
+)
+from resume_helpers import (
+    Clients,
+    ResumeSession,
+    clients_fixture,  # noqa: F401  (a fixture)
+)
+from test_redis_fleet import chat
+
+from conftest import SECRET, CliServer, start_cli
+
+
+class Served:
+    """A ``python -m connic run`` on the test's Redis, and the lines it printed so far."""
+
+    def __init__(self, server: CliServer) -> None:
+        self.server = server
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        # Read what it prints, or a full pipe would stop the server at its next log line.
+        assert self.server.proc.stdout is not None
+        for line in self.server.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    async def printed(self, pattern: str, timeout: float = 20) -> str:
+        """The first line matching the regular expression ``pattern``, waited for up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if re.search(pattern, line):
+                    return line
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
+
+
+@pytest.fixture
+def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
+    """``served()``: a ``python -m connic run`` on ``redis_server`` (echo agent); killed at the end.
+
+    Redis is let run again (SIGCONT) first, whatever the test left it as.
+    """
+    pytest.importorskip("redis.asyncio", reason="redis-py is not installed (pip install 'connic[redis]')")
+    env = store_plugin_env(tmp_path / "plugins")
+    started: list[Served] = []
+
+    async def start() -> Served:
+        config = tmp_path / "connic.toml"
+        config.write_text(
+            '[agents.assistant]\nuse = "echo"\ndelay = 0.01\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 1.0\n'
+            f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
+        )
+        server = Served(await asyncio.to_thread(start_cli, "--config", str(config), env=env))
+        started.append(server)
+        return server
+
+    yield start
+    if redis_server.proc is not None:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    for server in started:
+        if server.server.proc.poll() is None:
+            server.server.proc.kill()
+
+
+def _history(frame: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    return [(entry["role"], entry["id"], entry["text"]) for entry in frame["entries"]]
+
+
+async def test_a_session_let_go_while_redis_stalls_is_let_go_as_it_was_once_redis_answers(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis stops answering; a message is acked and answered in full meanwhile (the agent needs no
+    # store), then its session's write times out: store_unavailable, 1011, resumable. Idle and
+    # detached, the session is let go, and that last save times out too. It was dropped from the
+    # process's memory all the same: a resume once Redis was back took Redis's older copy, which
+    # had the message pending (producer_lost for a reply the client saw end) and no answer to it
+    # in the history.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    assert (await chat(conn, "m1", "one two three"))["full_response"] == "one two three"
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        assert (await chat(conn, "m2", "four five six"))["full_response"] == "four five six"
+        code, frames = await conn.closed(timeout=20)
+        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"]
+        # Its release (the save letting it go) timed out too.
+        await a.printed(rf"session {session.session_id}: (RELEASE|letting it go) failed")
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    expected = [
+        ("user", "m1", "one two three"),
+        ("agent", "m1", "one two three"),
+        ("user", "m2", "four five six"),
+        ("agent", "m2", "four five six"),
+    ]
+    for url in (a.url, b.url):  # the process that held it, then Redis's copy, on another
+        again = await session.resume(url=url)
+        assert again.connected["resumed"] is True, again.connected
+        await again.send({"type": "history"})
+        got = await again.until_type("history")
+        assert [f for f in got if f["type"] == "error"] == []
+        assert _history(got[-1]) == expected
+        session.drop()
+
