@@ -9,6 +9,7 @@ bounded; nothing is timed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 from redis_server import (
     RedisServer,
     redis_server_fixture,  # noqa: F401  (a fixture)
@@ -28,6 +30,7 @@ from resume_helpers import (
     Clients,
     ResumeSession,
     clients_fixture,  # noqa: F401  (a fixture)
+    words,
 )
 from test_redis_fleet import chat
 
@@ -134,3 +137,43 @@ async def test_a_session_let_go_while_redis_stalls_is_let_go_as_it_was_once_redi
         assert _history(got[-1]) == expected
         session.drop()
 
+
+async def test_cancels_sent_to_a_follower_while_redis_stalls_reach_the_owner_once_it_answers(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # A client following on B a reply that A runs cancels it while Redis does not answer, then
+    # floods B with cancels. B passed them to A one Redis call after another: the first (the
+    # cancel of the reply) timed out and was dropped with a warning, the reply ran to its end;
+    # the others waited in B's memory and were passed one per `timeout` while Redis stalled
+    # (a warning each), then one round trip each.
+    a, b = await served(), await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    text = words(1500)  # 1500 chunks 10 ms apart: some 15 s, longer than the whole test's stall
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": text}})
+    while len(session.transcript.chunks("m1", "assistant")) < 3:
+        await conn.recv()
+    session.drop()
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    await conn.until(lambda f: f.get("type") == "stream_chunk")
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        await conn.send({"type": "cancel", "id": "m1"})
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for i in range(2000):
+                await conn.send({"type": "cancel", "id": f"x{i}"})
+        code, _ = await conn.closed(timeout=20)
+        assert code == 1011
+        await b.printed(rf"session {session.session_id}: passing .*cancel.* failed")
+        await asyncio.sleep(3)  # Redis stays stopped a while longer (a stall, not a blip)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    again = await session.resume(url=a.url)
+    assert again.connected["resumed"] is True, again.connected
+    await again.until_ended({"m1": ["assistant"]}, timeout=30)
+    end = session.transcript.end("m1", "assistant")
+    assert end is not None and end["finish_reason"] == "cancelled", end
+    failures = [line for line in b.lines if "cancel" in line and "failed" in line]
+    assert len(failures) <= 2, failures  # one line for the cancels waiting, not one per cancel
