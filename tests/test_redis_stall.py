@@ -32,7 +32,7 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
-from test_redis_fleet import chat
+from test_redis_fleet import chat, status_within
 
 from conftest import SECRET, CliServer, start_cli
 
@@ -55,20 +55,20 @@ class Served:
     def url(self) -> str:
         return self.server.url
 
-    async def printed(self, pattern: str, timeout: float = 20) -> str:
-        """The first line matching the regular expression ``pattern``, waited for up to ``timeout`` seconds."""
+    async def printed(self, pattern: str, timeout: float = 20, times: int = 1) -> str:
+        """The ``times``-th line matching the regular expression ``pattern``, waited for up to ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if re.search(pattern, line):
-                    return line
+            found = [line for line in list(self.lines) if re.search(pattern, line)]
+            if len(found) >= times:
+                return found[times - 1]
             await asyncio.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
+        raise AssertionError(f"no {times} lines matching {pattern!r}:\n" + "\n".join(self.lines))
 
 
 @pytest.fixture
 def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
-    """``served()``: a ``python -m connic run`` on ``redis_server`` (echo agent); killed at the end.
+    """``served(producer_timeout)``: a ``python -m connic run`` on ``redis_server`` (echo agent); killed at the end.
 
     Redis is let run again (SIGCONT) first, whatever the test left it as.
     """
@@ -76,11 +76,11 @@ def served(tmp_path: Path, redis_server: RedisServer) -> Iterator[Any]:
     env = store_plugin_env(tmp_path / "plugins")
     started: list[Served] = []
 
-    async def start() -> Served:
+    async def start(producer_timeout: float = 1.0) -> Served:
         config = tmp_path / "connic.toml"
         config.write_text(
             '[agents.assistant]\nuse = "echo"\ndelay = 0.01\n'
-            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = 1.0\n'
+            f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {producer_timeout}\n'
             f'[store]\nuse = "redis"\nurl = "{redis_server.url}"\ntimeout = 0.5\n'
         )
         server = Served(await asyncio.to_thread(start_cli, "--config", str(config), env=env))
@@ -145,8 +145,9 @@ async def test_cancels_sent_to_a_follower_while_redis_stalls_reach_the_owner_onc
     # floods B with cancels. B passed them to A one Redis call after another: the first (the
     # cancel of the reply) timed out and was dropped with a warning, the reply ran to its end;
     # the others waited in B's memory and were passed one per `timeout` while Redis stalled
-    # (a warning each), then one round trip each.
-    a, b = await served(), await served()
+    # (a warning each), then one round trip each. The owner's lease outlasts the stall here: one
+    # that lapses meanwhile is another matter (the follower's claims between its reads).
+    a, b = await served(10), await served(10)
     session = ResumeSession(clients, a.url)
     conn = await session.start()
     text = words(1500)  # 1500 chunks 10 ms apart: some 15 s, longer than the whole test's stall
@@ -177,3 +178,29 @@ async def test_cancels_sent_to_a_follower_while_redis_stalls_reach_the_owner_onc
     assert end is not None and end["finish_reason"] == "cancelled", end
     failures = [line for line in b.lines if "cancel" in line and "failed" in line]
     assert len(failures) <= 2, failures  # one line for the cancels waiting, not one per cancel
+
+
+async def test_a_reply_streaming_while_redis_is_down_logs_its_failed_writes_once(
+    served: Any, clients: Clients, redis_server: RedisServer
+) -> None:
+    # Redis stopped (connections refused at once) under a reply that goes on detached after its
+    # connection ended store_unavailable: each batch of its frames failed at once and logged a
+    # warning, some 40 a second per streaming session (about 100 in the 2.3 s of one outage
+    # measured), a log flood proportional to sessions times chunks.
+    a = await served()
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": words(600)}})
+    while len(session.transcript.chunks("m1", "assistant")) < 3:
+        await conn.recv()
+    redis_server.stop()
+    code, _ = await conn.closed(timeout=20)
+    assert code == 1011
+    # A few lease renewals (a third of producer_timeout apart) fail meanwhile.
+    await a.printed("renewing .* failed", times=4)
+    redis_server.start()
+    failed = [line for line in list(a.lines) if f"session {session.session_id}: APPEND failed" in line]
+    assert 1 <= len(failed) <= 2, failed
+    fresh = ResumeSession(clients, a.url)
+    assert await status_within(a.url, None, 10)
+    assert (await chat(await fresh.start(), "m1", "back"))["full_response"] == "back"

@@ -121,6 +121,7 @@ class Writer(Held):
         self._timer: asyncio.TimerHandle | None = None  # wakes the writer BATCH_DELAY after an append or save
         self._writing = False  # a batch is being written
         self._releasing: set[str] = set()  # the sessions whose release the batch being written holds
+        self._failing: set[str] = set()  # sessions whose last write failed (said once until one goes through)
         self._closing = False
 
     async def flush(self) -> None:
@@ -140,6 +141,7 @@ class Writer(Held):
         self._dirty_logs.pop(session_id, None)
         self._dirty.discard(session_id)
         self._saved.pop(session_id, None)
+        self._failing.discard(session_id)
         owned = self._fences.pop(session_id, None)
         return owned[0] if owned is not None else None
 
@@ -268,10 +270,15 @@ class Writer(Held):
                             self._hold_back(sid, releases[sid], result)  # not taken again here meanwhile
                         continue
                     why = result.why if isinstance(result, StoreUnavailable) else str(result)
-                    if not refused_full(result):  # Redis full: said once, by the connection
+                    # Redis full: said once, by the connection. Down: once a session, not once a batch
+                    # (a reply streaming on while Redis refused connections logged some 40 lines a second).
+                    if not refused_full(result) and sid not in self._failing:
+                        self._failing.add(sid)
                         log.warning("session %s: %s failed: %s", sid, name, why)
                     self._fail(sid)
-                elif result == 0 and name in ("APPEND", "SAVE"):
+                    continue
+                self._failing.discard(sid)  # its writes go through again: the next failure is said
+                if result == 0 and name in ("APPEND", "SAVE"):
                     # Refused for a token this process no longer holds (a write sent before Redis lost
                     # its data, run after the session was written back under a new one): nobody took it.
                     if self._fences.get(sid, (0, 0))[0] == args[0]:
