@@ -36,7 +36,7 @@ from connic.frames import MessageId
 from connic.stores.redis.keys import cancel_channel, cancel_key
 from connic.stores.redis.writeback import WriteBack
 
-__all__ = ["LISTEN_PING", "Cancels"]
+__all__ = ["CANCEL_RETRY", "CANCEL_RETRY_FOR", "LISTEN_PING", "MAX_WAITING_CANCELS", "Cancels"]
 
 log = logging.getLogger("connic.stores.redis")
 
@@ -47,6 +47,26 @@ With the store's ``timeout`` (2 s by default) to answer, a connection that died 
 replaced within 6 s at most (3.0 to 3.8 s measured, docs/deployment.md), well within the lease renewal
 (a third of ``producer_timeout``) that would otherwise be the first to see a cancel sent
 meanwhile. One PING a second per process costs Redis nothing.
+"""
+
+CANCEL_RETRY = 1.0
+"""Seconds between attempts at passing the cancels waiting for a session's owner while Redis fails."""
+
+CANCEL_RETRY_FOR = 20.0
+"""Seconds the cancels waiting for a session's owner are retried while Redis fails, then dropped with a warning.
+
+Shorter than the cancel list's own life in Redis (twice the lease, 20 s at least): a cancel
+passed later could find its message long ended, or stop a later one with that id.
+"""
+
+MAX_WAITING_CANCELS = 256
+"""The most cancels of one session that wait in this process to be passed to its owner.
+
+All those waiting go in one Redis call, so they wait only while one call is under way (or,
+Redis failing, while it is retried). Over this many, more are dropped with a warning: a
+client flooding a follower with cancels while Redis stalls cannot grow this process's memory,
+nor have its owner answer thousands at once (each `not_found` a control frame, more than two
+outboxes of which close the owner's client as a slow consumer).
 """
 _PING = "connic-listener"  # the PING's argument, so its answer is told from any other pong
 
@@ -62,6 +82,7 @@ class Cancels(WriteBack):
         # Session id: the cancels to pass to its owner after the one under way, in the order sent
         # (one task a session: two at once, on two pooled connections, could reach Redis swapped).
         self._passing: dict[str, list[str]] = {}
+        self._dropping: set[str] = set()  # sessions whose cancels over MAX_WAITING_CANCELS are dropped (warned)
         # Taken lists are acted on in the order Redis gave them out: two takes at once (two
         # publishes, a renewal) could otherwise come back swapped, and a cancel sent after
         # another act first (m1's stop beginning the queued m2 that the earlier cancel dropped).
@@ -83,43 +104,76 @@ class Cancels(WriteBack):
         data = json.dumps({"held": message_id} if held else message_id)
         waiting = self._passing.get(session_id)
         if waiting is not None:
+            if len(waiting) >= MAX_WAITING_CANCELS:
+                if session_id not in self._dropping:  # said once per flood
+                    self._dropping.add(session_id)
+                    log.warning(
+                        "session %s: %d cancels wait to be passed to its owner already: more are dropped",
+                        session_id,
+                        MAX_WAITING_CANCELS,
+                    )
+                return
             waiting.append(data)
             return
         self._passing[session_id] = [data]
         self._spawn(self._send_cancels(session_id))
 
     async def _send_cancels(self, session_id: str) -> None:
+        # Every cancel waiting goes in one call: one at a time, a flood sent while Redis stalled
+        # waited here and was passed one per `timeout` (each with a warning), then one round trip each.
         waiting = self._passing[session_id]
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
         try:
             while waiting:
-                await self._send_cancel(session_id, waiting[0])
-                del waiting[0]
+                batch = waiting[:]
+                try:
+                    await self._send_batch(session_id, batch)
+                except StoreUnavailable as exc:
+                    now = loop.time()
+                    if failing_since is None:
+                        failing_since = now
+                        log.warning(
+                            "session %s: passing %d cancel(s) to its owner failed: %s; retrying for %g s",
+                            session_id,
+                            len(waiting),
+                            exc.why,
+                            CANCEL_RETRY_FOR,
+                        )
+                    if now - failing_since >= CANCEL_RETRY_FOR:
+                        log.warning(
+                            "session %s: %d cancel(s) not passed to its owner: given up", session_id, len(waiting)
+                        )
+                        return
+                    await asyncio.sleep(CANCEL_RETRY)
+                    continue
+                del waiting[: len(batch)]
+                failing_since = None
         finally:
             del self._passing[session_id]
+            self._dropping.discard(session_id)
 
-    async def _send_cancel(self, session_id: str, data: str) -> None:
+    async def _send_batch(self, session_id: str, batch: list[str]) -> None:
         try:
-            try:
-                await self._pass_cancel(session_id, data, "RPUSH")
-            except StoreUnavailable as exc:
-                if "WRONGTYPE" not in exc.detail:  # redis-py puts the command before the error
-                    raise
-                # A set of cancels an earlier version passed still waits (a rolling upgrade from
-                # it): added to it, which the owner's CANCELS script takes as well, in no order.
-                # A set holds a member once, and a cancel of the id may be there already: this
-                # one is added apart, its JSON padded with spaces (it reads the same), or it
-                # would never be answered.
-                while not await self._pass_cancel(session_id, data, "SADD"):
-                    data = " " + data
+            await self._pass_cancel(session_id, "RPUSH", *batch)
         except StoreUnavailable as exc:
-            log.warning("session %s: passing a cancel to its owner failed: %s", session_id, exc.why)
+            if "WRONGTYPE" not in exc.detail:  # redis-py puts the command before the error
+                raise
+            # A set of cancels an earlier version passed still waits (a rolling upgrade from
+            # it): added to it, which the owner's CANCELS script takes as well, in no order.
+            # A set holds a member once, and a cancel of the id may be there already: this
+            # one is added apart, its JSON padded with spaces (it reads the same), or it
+            # would never be answered.
+            for data in batch:
+                while not await self._pass_cancel(session_id, "SADD", data):
+                    data = " " + data
 
-    async def _pass_cancel(self, session_id: str, data: str, add: str) -> bool:
-        """Add ``data`` to the cancel key with ``add`` (RPUSH, SADD) and wake the owner; whether it was added."""
+    async def _pass_cancel(self, session_id: str, add: str, *data: str) -> bool:
+        """Add ``data`` to the cancel key with ``add`` (RPUSH, SADD) and wake the owner; whether any was added."""
         prefix = self.options.key_prefix
         key = cancel_key(prefix, session_id)
         pipe = self._client().pipeline(transaction=False)
-        pipe.execute_command(add, key, data)
+        pipe.execute_command(add, key, *data)
         # Only for a while: a cancel the owner never took must not cancel a later message with that id.
         # Long enough for the claim that follows a dead owner's last lease to find it.
         lease = self._follow_leases.get(session_id) or max((lease for _, lease in self._fences.values()), default=0)

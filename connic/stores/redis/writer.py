@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from connic.errors import ConnicError, SessionTakenOver, StoreUnavailable
 from connic.session import SessionState
-from connic.stores.redis.connection import Connection, ms, ttl, ttl_seconds
+from connic.stores.redis.connection import ms, ttl, ttl_seconds
 from connic.stores.redis.full import refused_full
+from connic.stores.redis.held import Held, Release
 from connic.stores.redis.keys import every_key, sha1hex
 from connic.stores.redis.record import Listed, encode, encode_entry
 
@@ -45,7 +46,6 @@ a second (100 sessions at 20 chunks a second) a pipeline carries some ten of the
 of one or two, which cut connic's CPU per S7 turn with this store by more than half
 (docs/performance.md, R7). A resume on another process follows the frames this much later.
 """
-
 
 ENTRY_CHARS = 1 << 20
 """About the most characters one entry of a replay log holds (more frames go in more entries):
@@ -101,7 +101,7 @@ def _release(fence: int, history: _History) -> list[Any]:
     return [fence, before.count, before.digest, after.count, after.digest]
 
 
-class Writer(Connection):
+class Writer(Held):
     """What :class:`~connic.stores.redis.RedisStore` writes in the background (a base class of it)."""
 
     def __init__(self) -> None:
@@ -111,8 +111,6 @@ class Writer(Connection):
         self._logs: dict[str, RedisReplayLog] = {}
         self._dirty_logs: dict[str, RedisReplayLog] = {}
         self._dirty: set[str] = set()  # sessions to save
-        # session id: (fence, record, its history, ttl ms, lease ms)
-        self._releases: dict[str, tuple[int, str, Sequence[HistoryEntry], int, int]] = {}
         # Session id: what its Redis list holds, for the sessions whose list is known to hold
         # exactly their entries up to its newest.
         self._saved: dict[str, Listed] = {}
@@ -123,6 +121,7 @@ class Writer(Connection):
         self._timer: asyncio.TimerHandle | None = None  # wakes the writer BATCH_DELAY after an append or save
         self._writing = False  # a batch is being written
         self._releasing: set[str] = set()  # the sessions whose release the batch being written holds
+        self._failing: set[str] = set()  # sessions whose last write failed (said once until one goes through)
         self._closing = False
 
     async def flush(self) -> None:
@@ -142,6 +141,7 @@ class Writer(Connection):
         self._dirty_logs.pop(session_id, None)
         self._dirty.discard(session_id)
         self._saved.pop(session_id, None)
+        self._failing.discard(session_id)
         owned = self._fences.pop(session_id, None)
         return owned[0] if owned is not None else None
 
@@ -263,13 +263,22 @@ class Writer(Connection):
                     self._deleted(sid, int(args[0]), result)
                     continue
                 if isinstance(result, Exception):
-                    why = result.why if isinstance(result, StoreUnavailable) else str(result)
-                    if not refused_full(result):  # Redis full: said once, by the connection
-                        log.warning("session %s: %s failed: %s", sid, name, why)
                     # Whether the history was written is unknown: the next save writes it whole.
                     self._saved.pop(sid, None)
+                    if i not in saves and sid in releases:
+                        if sid not in self._live and sid not in self._fences and not self._closing:
+                            self._hold_back(sid, releases[sid], result)  # not taken again here meanwhile
+                        continue
+                    why = result.why if isinstance(result, StoreUnavailable) else str(result)
+                    # Redis full: said once, by the connection. Down: once a session, not once a batch
+                    # (a reply streaming on while Redis refused connections logged some 40 lines a second).
+                    if not refused_full(result) and sid not in self._failing:
+                        self._failing.add(sid)
+                        log.warning("session %s: %s failed: %s", sid, name, why)
                     self._fail(sid)
-                elif result == 0 and name in ("APPEND", "SAVE"):
+                    continue
+                self._failing.discard(sid)  # its writes go through again: the next failure is said
+                if result == 0 and name in ("APPEND", "SAVE"):
                     # Refused for a token this process no longer holds (a write sent before Redis lost
                     # its data, run after the session was written back under a new one): nobody took it.
                     if self._fences.get(sid, (0, 0))[0] == args[0]:
@@ -289,6 +298,7 @@ class Writer(Connection):
                     self._saved[sid] = saves[i]
                 if name == "RELEASE":
                     self._saved.pop(sid, None)  # another process may write its history from now on
+                    self._released(sid)
         self._releasing = set()
         for waiter in waiters:
             if not waiter.done():
@@ -296,11 +306,6 @@ class Writer(Connection):
                     waiter.set_exception(error)
                 else:
                     waiter.set_result(None)
-
-    def _room(self) -> None:
-        """Redis has room again: the releases held back while it was full are written now."""
-        if self._releases:
-            self._kick()
 
     def _history(self, sid: str, entries: Sequence[HistoryEntry]) -> _History:
         """What a SAVE of session ``sid`` holding ``entries`` writes of its history (:data:`_History`).
@@ -372,7 +377,7 @@ class Writer(Connection):
         error = StoreUnavailable("this session is gone from the session store; resume or start again")
         self._stop_copy(sid, error, "gone from the redis store (its keys lost, or claimed after its lease lapsed)")
 
-    def _gone_let_go(self, sid: str, release: tuple[int, str, Sequence[HistoryEntry], int, int]) -> None:
+    def _gone_let_go(self, sid: str, release: Release) -> None:
         """The last save of a session let go here found it gone (:class:`~connic.stores.redis.writeback.WriteBack`)."""
 
     def _lost(self, sid: str) -> None:
