@@ -1,0 +1,95 @@
+"""``connic run --workers N`` attacked as a user deploying it would: one worker signalled alone.
+
+Real ``python -m connic run --workers 2`` processes, real WebSocket clients on loopback.
+Every wait is bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from test_workers import (
+    Cli,
+    Output,
+    clients_on,
+    config,
+    exited,
+    served_by,
+    wait_exited,
+    worker_pids,
+)
+
+from conftest import CliServer, Connect
+
+
+@pytest.fixture
+def two_workers(cli: Cli) -> Iterator[Cli]:
+    """``cli`` with ``--workers 2``; workers a failed test left behind are killed."""
+    started: list[CliServer] = []
+
+    def run(*args: str) -> CliServer:
+        server = cli("--workers", "2", *args)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in worker_pids(server):
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+NEW_CONNECTIONS = 16
+"""Connections opened while one worker drains: with one of two workers still listening, each
+is a coin toss, so all 16 reaching the worker that serves on by chance is one time in 65,536."""
+
+
+async def test_a_worker_draining_alone_stops_listening_and_the_others_take_its_new_connections(
+    tmp_path: Path, two_workers: Cli, connect: Connect
+) -> None:
+    # `kill -TERM <worker>` (recycling one worker, as gunicorn users do): the worker drains its
+    # replies while the other serves on. It kept its SO_REUSEPORT listener during the drain, so
+    # the kernel still gave it half of the new connections, each refused with 503 "server is
+    # shutting down", while the other worker could have served them.
+    words = " ".join(f"w{i}" for i in range(150))  # 15 s at 0.1 s a word: the drain outlasts the checks
+    server = two_workers("--config", str(config(tmp_path, delay=0.1, grace=60)), "--secret", "s")
+    first, second = worker_pids(server)
+    output = Output(server)
+    draining = (await clients_on(output, connect, server, {first}, "s"))[first]
+    await draining.send({"id": "long", "message": words})
+    before = await draining.until("stream_chunk")
+    os.kill(first, signal.SIGTERM)
+    await output.wait_for(rf"connic: worker 1 \(pid {first}\): shutting down")
+
+    refused = []
+    for _ in range(NEW_CONNECTIONS):
+        try:
+            client = await connect(server.url, secret="s")
+        except websockets.InvalidStatus as exc:
+            refused.append(exc.response.status_code)
+            continue
+        assert await served_by(output, client) == second
+        await client.ws.close()
+    assert not exited(first), "the drain ended before the checks: they proved nothing"
+    assert refused == [], f"{len(refused)} of {NEW_CONNECTIONS} new connections refused: {refused}"
+
+    code, after = await draining.closed(timeout=60)
+    ends = [f for f in before + after if f["type"] == "stream_end"]
+    assert [e["full_response"] for e in ends] == [words], after
+    assert code == 1001, after
+    m = await output.wait_for(rf"connic: worker 1 \(pid {first}\) exited with status 0; restarted as pid (\d+)")
+    new = int(m.group(1))
+    await output.wait_for(rf"connic: worker 1 \(pid {new}\) listening", timeout=60)
+    code, _ = server.stop(timeout=60)
+    assert code == 0, output.text()
+    await wait_exited([first, second, new])
+    assert "Traceback" not in output.text()
+    assert not re.search(r"error", output.text()), output.text()
