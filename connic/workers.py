@@ -118,9 +118,13 @@ def _exited(worker: _Worker) -> bool:
 
 
 def _status(code: int) -> str:
-    if code < 0:
+    """A worker's exit as the parent says it: ``status 1``, ``signal 9 (SIGKILL)``, ``signal 40``."""
+    if code >= 0:
+        return f"status {code}"
+    try:
         return f"signal {-code} ({signal.Signals(-code).name})"
-    return f"status {code}"
+    except ValueError:  # a real-time signal (SIGRTMIN+6): it kills by default, but has no name
+        return f"signal {-code}"
 
 
 class Supervisor:

@@ -93,3 +93,27 @@ async def test_a_worker_draining_alone_stops_listening_and_the_others_take_its_n
     await wait_exited([first, second, new])
     assert "Traceback" not in output.text()
     assert not re.search(r"error", output.text()), output.text()
+
+
+async def test_a_worker_killed_by_a_signal_without_a_name_is_restarted(
+    tmp_path: Path, two_workers: Cli, connect: Connect
+) -> None:
+    # A real-time signal (SIGRTMIN+6, 40 on Linux) terminates a process by default, but has no
+    # name in Python's signal.Signals. The parent, saying which signal killed the worker, raised
+    # ValueError: a traceback, exit 1, and the other worker, serving, drained and stopped with it.
+    number = signal.SIGRTMIN + 6
+    server = two_workers("--config", str(config(tmp_path)), "--secret", "s")
+    first, second = worker_pids(server)
+    output = Output(server)
+    os.kill(first, number)
+    m = await output.wait_for(rf"connic: worker 1 \(pid {first}\) exited with signal {number}; restarted as pid (\d+)")
+    new = int(m.group(1))
+    await output.wait_for(rf"connic: worker 1 \(pid {new}\) listening", timeout=60)
+    assert server.proc.poll() is None, output.text()
+    for client in (await clients_on(output, connect, server, {new, second}, "s")).values():
+        frames = await client.reply({"message": "still here"})
+        assert frames[-1]["full_response"] == "still here", frames
+    code, _ = server.stop(timeout=60)
+    assert code == 0, output.text()
+    await wait_exited([second, new])
+    assert "Traceback" not in output.text(), output.text()
