@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -33,8 +33,8 @@ def two_workers(cli: Cli) -> Iterator[Cli]:
     """``cli`` with ``--workers 2``; workers a failed test left behind are killed."""
     started: list[CliServer] = []
 
-    def run(*args: str) -> CliServer:
-        server = cli("--workers", "2", *args)
+    def run(*args: str, env: Mapping[str, str] | None = None) -> CliServer:
+        server = cli("--workers", "2", *args, env=env)
         started.append(server)
         return server
 
@@ -117,3 +117,53 @@ async def test_a_worker_killed_by_a_signal_without_a_name_is_restarted(
     assert code == 0, output.text()
     await wait_exited([second, new])
     assert "Traceback" not in output.text(), output.text()
+
+
+STDIN_AGENT = '''
+import asyncio
+import subprocess
+import sys
+
+import connic
+
+HELPER = """
+import os
+try:
+    print(repr(os.read(0, 100)))
+except OSError as exc:
+    print(type(exc).__name__)
+"""
+
+
+class StdinReader(connic.Agent):
+    """Answers with what a helper process it starts reads from the standard input it inherits."""
+
+    async def respond(self, turn):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", HELPER, stdout=subprocess.PIPE)
+        out, _ = await proc.communicate()
+        yield out.decode().strip()
+'''
+
+
+async def test_a_helper_process_an_agent_starts_does_not_inherit_the_link_to_the_parent(
+    tmp_path: Path, two_workers: Cli, connect: Connect
+) -> None:
+    # A worker's standard input was its link to the parent: a non-blocking socket. Every process an
+    # agent started without its own stdin (a converter, a CLI tool: ffmpeg reads stdin unless told
+    # not to) inherited it: a read failed at once with EAGAIN instead of reading end-of-file, and
+    # a helper that waited for input could take the parent's "stop", leaving the worker serving on.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "stdin_agent.py").write_text(STDIN_AGENT)
+    path = tmp_path / "connic.toml"
+    path.write_text('[agents.reader]\nuse = "stdin_agent:StdinReader"\n[[connectors]]\nresume_window = 0\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    server = two_workers("--config", str(path), "--secret", "s", env=env)
+    pids = worker_pids(server)
+    output = Output(server)
+    for client in (await clients_on(output, connect, server, set(pids), "s")).values():
+        frames = await client.reply({"message": "what is on your stdin?"}, timeout=30)
+        assert frames[-1]["full_response"] == "b''", frames  # end-of-file, as from /dev/null
+    code, _ = server.stop(timeout=60)
+    assert code == 0, output.text()
+    await wait_exited(pids)
