@@ -117,6 +117,17 @@ def _exited(worker: _Worker) -> bool:
     return worker.watch is not None and worker.watch.done() and worker.process.returncode is not None
 
 
+def _end_group(worker: _Worker, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``worker``'s process group: itself, and the processes its agents started.
+
+    They are out of the reach of a terminal's Ctrl+C (the group is the worker's own) and would
+    outlive the worker. Safe once it has exited: a process group's number is not given to a new
+    process while any process is left in the group.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in it
+        os.killpg(worker.process.pid, sig)
+
+
 def _status(code: int) -> str:
     """A worker's exit as the parent says it: ``status 1``, ``signal 9 (SIGKILL)``, ``signal 40``."""
     if code >= 0:
@@ -336,6 +347,7 @@ class Supervisor:
         """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
         del self._live[worker.index]
         worker.link.close()
+        _end_group(worker, signal.SIGTERM)  # before a new process (its replacement) could take its number
         if counted:
             self._restarts.exited()
         if self._metrics_dir is not None:
@@ -363,6 +375,7 @@ class Supervisor:
         for worker in workers:
             code = await worker.process.wait()
             worker.link.close()
+            _end_group(worker, signal.SIGTERM)
             # Killed by a SIGTERM (a service manager signals every process) before it installed
             # its handler: it was not serving yet. Nor was one started again once the server had
             # started that never listened (it could not start: the store, an agent): it had no
@@ -379,8 +392,7 @@ class Supervisor:
         """A second SIGINT/SIGTERM/SIGHUP: kill every worker and exit now with 128 + the signal number."""
         say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
-            if worker.process.returncode is None:
-                worker.process.kill()
+            _end_group(worker, signal.SIGKILL)
         if self._scratch is not None:
             # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
             with contextlib.suppress(OSError):

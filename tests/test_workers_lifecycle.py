@@ -6,6 +6,7 @@ Every wait is bounded; nothing is timed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -127,6 +128,7 @@ import sys
 import connic
 
 HELPER = """
+import asyncio
 import os
 try:
     print(repr(os.read(0, 100)))
@@ -167,3 +169,71 @@ async def test_a_helper_process_an_agent_starts_does_not_inherit_the_link_to_the
     code, _ = server.stop(timeout=60)
     assert code == 0, output.text()
     await wait_exited(pids)
+
+
+HELPER_AGENT = '''
+import asyncio
+import os
+import subprocess
+import sys
+
+import connic
+
+
+class WithHelper(connic.Agent):
+    """Starts a helper process that runs until killed (its pid in HELPER_DIR), and never stops it."""
+
+    async def start(self):
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdin=subprocess.DEVNULL)
+        with open(os.path.join(os.environ["HELPER_DIR"], f"{os.getpid()}-{helper.pid}"), "w"):
+            pass
+
+    async def respond(self, turn):
+        yield turn.message
+'''
+
+
+def helpers(directory: Path) -> dict[int, int]:
+    """The helper started in each worker so far: worker pid -> helper pid."""
+    return {int(w): int(h) for w, h in (p.name.split("-") for p in directory.iterdir())}
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["drain", "stop-at-once"])
+async def test_a_workers_helper_processes_end_with_it(tmp_path: Path, two_workers: Cli, second_signal: bool) -> None:
+    # Each worker leads a process group of its own (so that a terminal's Ctrl+C reaches the parent
+    # only), and so do the processes its agent starts: they outlived their worker. A worker killed
+    # and restarted left its helpers behind, one more set each time; a second Ctrl+C killed the
+    # workers but left every helper running, out of the terminal's reach.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "helper_agent.py").write_text(HELPER_AGENT)
+    found = tmp_path / "helpers"
+    found.mkdir()
+    path = tmp_path / "connic.toml"
+    path.write_text('[agents.h]\nuse = "helper_agent:WithHelper"\n[[connectors]]\nresume_window = 0\n')
+    env = {"HELPER_DIR": str(found), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    server = two_workers("--config", str(path), "--secret", "s", env=env)
+    first, second = worker_pids(server)
+    output = Output(server)
+    started = helpers(found)
+    try:
+        assert set(started) == {first, second}, started
+        os.kill(first, signal.SIGKILL)
+        m = await output.wait_for(rf"connic: worker 1 \(pid {first}\) exited with .*; restarted as pid (\d+)")
+        new = int(m.group(1))
+        await output.wait_for(rf"connic: worker 1 \(pid {new}\) listening", timeout=60)
+        await wait_exited([started[first]])  # the killed worker's helper, not the others'
+        started = helpers(found)
+        assert not exited(started[second]) and not exited(started[new]), started
+
+        server.proc.send_signal(signal.SIGTERM)
+        if second_signal:
+            await output.wait_for(r"^connic: shutting down")
+            server.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.proc.wait, 60)
+        assert code == (128 + signal.SIGTERM if second_signal else 0), output.text()
+        await wait_exited([second, new, *started.values()])
+    finally:
+        for pid in helpers(found).values():
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
