@@ -209,9 +209,10 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is not None and _exited(worker):
                         self._forget(worker)
+                        when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(code)} before it was listening{_because(worker.why)}",
+                            f"{_status(code)} before {when} listening{_because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():

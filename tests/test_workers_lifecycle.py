@@ -7,9 +7,13 @@ Every wait is bounded; nothing is timed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from test_workers import (
     worker_pids,
 )
 
-from conftest import CliServer, Connect
+from conftest import ROOT, CliServer, Connect
 
 
 @pytest.fixture
@@ -237,3 +241,80 @@ async def test_a_workers_helper_processes_end_with_it(tmp_path: Path, two_worker
         for pid in helpers(found).values():
             if not exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+FRAGILE_AGENT = '''
+import asyncio
+import os
+
+import connic
+
+
+class Fragile(connic.Agent):
+    """The first worker to start is quick, the other takes 5 s; a message kills its worker (status 1)."""
+
+    async def start(self):
+        try:
+            os.close(os.open(os.environ["FIRST_MARK"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            await asyncio.sleep(5)
+
+    async def respond(self, turn):
+        os._exit(1)
+        yield ""
+'''
+
+
+def spawn(*args: str, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """``python -m connic run ARGS``, its output (standard error too) in a pipe, without waiting for a banner."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "connic", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+async def test_a_worker_that_listened_then_died_during_start_up_is_not_said_to_have_never_listened(
+    tmp_path: Path,
+) -> None:
+    # One worker listens, serves a connection and dies while the other still starts: the start
+    # fails (exit 1), but the parent said the dead worker "exited ... before it was listening",
+    # sending the user looking for an error at start-up where there was none.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "fragile_agent.py").write_text(FRAGILE_AGENT)
+    path = tmp_path / "connic.toml"
+    path.write_text('[agents.f]\nuse = "fragile_agent:Fragile"\n[[connectors]]\nresume_window = 0\n')
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "FIRST_MARK": str(tmp_path / "first"),
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = spawn("--port", str(port), "--workers", "2", "--config", str(path), env={**env, "CONNIC_SECRET": "s"})
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:  # the quick worker listens alone: every connection is its own
+            try:
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=5)
+                break
+            except OSError:
+                assert asyncio.get_running_loop().time() < deadline, "no worker listened within 60 s"
+                await asyncio.sleep(0.05)
+        await ws.send(json.dumps({"secret": "s"}))
+        await ws.send(json.dumps({"message": "die"}))
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out
+    assert "listening on" not in out, out
+    said = r"connic: error: worker \d \(pid \d+\) exited with status 1 before every worker was listening"
+    assert re.search(said, out), out
+    assert "before it was listening" not in out, out
