@@ -118,11 +118,9 @@ def _exited(worker: _Worker) -> bool:
 
 
 def _end_group(worker: _Worker, sig: signal.Signals) -> None:
-    """Send ``sig`` to ``worker``'s process group: itself, and the processes its agents started.
+    """Send ``sig`` to ``worker``'s process group: itself and what its agents started, which would outlive it.
 
-    They are out of the reach of a terminal's Ctrl+C (the group is the worker's own) and would
-    outlive the worker. Safe once it has exited: a process group's number is not given to a new
-    process while any process is left in the group.
+    Also once it exited: its number is not reused while anything is left in its group.
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in it
         os.killpg(worker.process.pid, sig)
