@@ -318,3 +318,54 @@ async def test_a_worker_that_listened_then_died_during_start_up_is_not_said_to_h
     said = r"connic: error: worker \d \(pid \d+\) exited with status 1 before every worker was listening"
     assert re.search(said, out), out
     assert "before it was listening" not in out, out
+
+
+SLOW_IMPORT_AGENT = '''
+import os
+import time
+
+import connic
+
+open(os.environ["IMPORT_MARK"], "w").close()
+time.sleep(60)  # a heavy SDK being imported
+
+
+class Slow(connic.Agent):
+    """Never gets this far in the test."""
+
+    async def respond(self, turn):
+        yield turn.message
+'''
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_ctrl_c_while_the_configuration_loads_exits_130_without_a_traceback(tmp_path: Path, workers: str) -> None:
+    # Ctrl+C while an agent's module is still being imported (a heavy SDK: seconds), before any
+    # signal handler of connic's: a KeyboardInterrupt traceback of some forty lines, ending in
+    # whatever the import was doing, where a shell expects a quiet exit 130.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "slow_agent.py").write_text(SLOW_IMPORT_AGENT)
+    mark = tmp_path / "importing"
+    path = tmp_path / "connic.toml"
+    path.write_text('[agents.s]\nuse = "slow_agent:Slow"\n[[connectors]]\nresume_window = 0\n')
+    env = {
+        **os.environ,
+        "IMPORT_MARK": str(mark),
+        "CONNIC_SECRET": "s",
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = spawn("--port", "0", "--workers", workers, "--config", str(path), env=env)
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not mark.exists():
+            assert proc.poll() is None and asyncio.get_running_loop().time() < deadline, "the agent was never imported"
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
