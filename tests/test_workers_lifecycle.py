@@ -1,4 +1,6 @@
-"""``connic run --workers N`` attacked as a user deploying it would: one worker signalled alone.
+"""``connic run --workers N`` attacked as a user deploying it would: a worker signalled alone (drained,
+killed by an unnamed signal), the processes a worker's agent starts, a worker dying during start-up,
+Ctrl+C while the configuration loads.
 
 Real ``python -m connic run --workers 2`` processes, real WebSocket clients on loopback.
 Every wait is bounded; nothing is timed.
