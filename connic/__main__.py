@@ -2,6 +2,9 @@
 
 import sys
 
-from connic.cli import main
+try:
+    from connic.cli import main
+except KeyboardInterrupt:  # Ctrl+C while connic itself is imported: as connic.cli.main says it
+    sys.exit(130)
 
 sys.exit(main())

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -317,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ConnicError) as exc:
         print(f"connic: error: {exc.message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl+C before serve() took SIGINT over (an agent's SDK still importing): a quiet exit,
+        # with the status a second Ctrl+C during the drain gives, not a traceback.
+        return 128 + signal.SIGINT
     except OSError as exc:
         # The one bind error a user can fix from the command line: say how.
         hint = ""

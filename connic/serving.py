@@ -118,9 +118,10 @@ async def serve(
 
     Alone, this prints the banner; as one of ``--workers`` (``reuse_port``) it calls
     ``listening`` instead, and the supervising parent prints the banner once.
-    ``name`` starts the shutdown line. SIGHUP drains as SIGTERM does, but with ``restartable``
-    (the child of ``--reload``), where it means "restart": connections close 1012 (service
-    restart) instead of 1001, since the server is back in a moment.
+    ``name`` starts the shutdown line; with ``reuse_port`` the site stops listening as the drain
+    begins, leaving new connections to the other listeners of the port. SIGHUP drains as SIGTERM
+    does, but with ``restartable`` (the child of ``--reload``), where it means "restart":
+    connections close 1012 (service restart) instead of 1001, since the server is back in a moment.
     """
     runtime = app[RUNTIME]
     grace = runtime.config.server.shutdown_grace
@@ -183,6 +184,12 @@ async def serve(
         else:
             watcher = asyncio.create_task(listening(stop))
         await stop.wait()
+        if reuse_port:
+            # One of --workers: the kernel spreads new connections over every listener of the port,
+            # and a draining worker could only refuse its share (503) while the others serve on
+            # (a worker signalled alone). Leaving the group sends them there; once every worker
+            # drains, the port refuses them. The connections already open drain as usual.
+            await site.stop()
         say(f"{name}: {'restarting' if restarting else 'shutting down'}")
         # Drain before aiohttp's cleanup, which stops reading every connection.
         await drain(app, restart=restarting)

@@ -4,8 +4,9 @@ Kept apart from :mod:`connic.workers`, the parent that starts, restarts and drai
 the workers, because this is the other end: what runs in the worker process (started
 as ``python -m connic.workers``, whose ``__main__`` calls :func:`worker_main`), and
 the format of the link, which both ends use. The worker's standard input is one end
-of a socket pair: the parent writes the :class:`WorkerSpec` into it
-(:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
+of a socket pair (the worker moves it to a descriptor that the processes it starts do not
+inherit, and puts ``/dev/null`` in its place): the parent writes the :class:`WorkerSpec`
+into it (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
 the worker answers :data:`READY` once it listens (or :data:`FAILED` and why, if it could
 not start), the parent writes :data:`STOP` to
@@ -106,8 +107,7 @@ async def first_line(link: socket.socket, exited: asyncio.Future[int]) -> bytes:
     """What a worker says first on its (non-blocking) link, read by its parent: READY, or FAILED and why.
 
     Empty when it dies at once without a word. Its exit (``exited``) ends the wait as the
-    link's end-of-file does: that end-of-file may never come, for the link is the worker's
-    standard input, which a process it started (an agent's helper) inherits and may keep open.
+    link's end-of-file does, whichever the parent sees first.
     """
     loop = asyncio.get_running_loop()
     said = bytearray()
@@ -152,7 +152,13 @@ def error_line(text: str) -> None:
 def worker_main() -> int:
     """One worker (``python -m connic.workers``, standard input linked to the parent)."""
     try:
-        link = socket.socket(fileno=0)
+        # Off standard input (os.dup: not inherited), which becomes /dev/null: every process an
+        # agent starts inherits fd 0, and on the link (a non-blocking socket) its read failed with
+        # EAGAIN instead of reading end-of-file, or took the parent's STOP from this worker.
+        link = socket.socket(fileno=os.dup(0))
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
         spec = _read_spec(link)
     except (OSError, EOFError, pickle.UnpicklingError, TypeError):
         error_line("python -m connic.workers is a worker of `connic run --workers N`, not run by hand")

@@ -117,10 +117,23 @@ def _exited(worker: _Worker) -> bool:
     return worker.watch is not None and worker.watch.done() and worker.process.returncode is not None
 
 
+def _end_group(worker: _Worker, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``worker``'s process group: itself and what its agents started, which would outlive it.
+
+    Also once it exited: its number is not reused while anything is left in its group.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in it
+        os.killpg(worker.process.pid, sig)
+
+
 def _status(code: int) -> str:
-    if code < 0:
+    """A worker's exit as the parent says it: ``status 1``, ``signal 9 (SIGKILL)``, ``signal 40``."""
+    if code >= 0:
+        return f"status {code}"
+    try:
         return f"signal {-code} ({signal.Signals(-code).name})"
-    return f"status {code}"
+    except ValueError:  # a real-time signal (SIGRTMIN+6): it kills by default, but has no name
+        return f"signal {-code}"
 
 
 class Supervisor:
@@ -194,9 +207,10 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is not None and _exited(worker):
                         self._forget(worker)
+                        when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(code)} before it was listening{_because(worker.why)}",
+                            f"{_status(code)} before {when} listening{_because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -332,6 +346,7 @@ class Supervisor:
         """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
         del self._live[worker.index]
         worker.link.close()
+        _end_group(worker, signal.SIGTERM)  # before a new process (its replacement) could take its number
         if counted:
             self._restarts.exited()
         if self._metrics_dir is not None:
@@ -359,6 +374,7 @@ class Supervisor:
         for worker in workers:
             code = await worker.process.wait()
             worker.link.close()
+            _end_group(worker, signal.SIGTERM)
             # Killed by a SIGTERM (a service manager signals every process) before it installed
             # its handler: it was not serving yet. Nor was one started again once the server had
             # started that never listened (it could not start: the store, an agent): it had no
@@ -375,8 +391,7 @@ class Supervisor:
         """A second SIGINT/SIGTERM/SIGHUP: kill every worker and exit now with 128 + the signal number."""
         say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
-            if worker.process.returncode is None:
-                worker.process.kill()
+            _end_group(worker, signal.SIGKILL)
         if self._scratch is not None:
             # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
             with contextlib.suppress(OSError):
