@@ -6,6 +6,7 @@ There are two rules, one per way a worker ends:
 
 - One that served and exited is started again at once, but at most N times (N workers) within
   :data:`RESTART_WINDOW` seconds: more means a worker that cannot stay up, and the parent stops.
+  A stop someone asked for (:func:`asked_to_stop`) is started again but not counted.
 - One that could not start (its store or a service its agent needs down, or its process not
   made) is started again after a delay that doubles up to :data:`STORE_RETRY_MAX`, until every
   worker has failed :data:`GIVE_UP_STARTS` starts in a row: then the parent gives up.
@@ -13,10 +14,11 @@ There are two rules, one per way a worker ends:
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 
-__all__ = ["GIVE_UP_STARTS", "RESTART_WINDOW", "STORE_RETRY_MAX", "Restarts"]
+__all__ = ["GIVE_UP_STARTS", "RESTART_WINDOW", "STORE_RETRY_MAX", "Restarts", "asked_to_stop", "exit_status"]
 
 RESTART_WINDOW = 10.0
 """Seconds over which worker restarts are counted: N workers may be restarted N times in it."""
@@ -39,6 +41,30 @@ retrying every 10 s for ever, would hide the failure from a service manager (sys
 are some 15 s of retries (1 + 2 + 4 + 8 s between them), time for a store that restarts.
 While any worker serves, one that cannot start is started again for ever.
 """
+
+
+_STOPS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def asked_to_stop(code: int) -> bool:
+    """Whether a worker's exit (its return code) was a stop someone asked for.
+
+    Drained on a signal (status 0), or killed by one (SIGTERM, SIGINT, SIGHUP) before it could drain.
+
+    Such exits (an operator or a script recycling workers one by one) are not a worker that
+    cannot stay up: they do not count towards giving up.
+    """
+    return code == 0 or -code in _STOPS
+
+
+def exit_status(code: int) -> str:
+    """A worker's exit (its return code) as the parent says it: ``status 1``, ``signal 9 (SIGKILL)``, ``signal 40``."""
+    if code >= 0:
+        return f"status {code}"
+    try:
+        return f"signal {-code} ({signal.Signals(-code).name})"
+    except ValueError:  # a real-time signal (SIGRTMIN+6): it kills by default, but has no name
+        return f"signal {-code}"
 
 
 class Restarts:

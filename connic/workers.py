@@ -36,7 +36,7 @@ from connic.config import Config
 from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
 from connic.reserve import reserve
-from connic.restarts import GIVE_UP_STARTS, RESTART_WINDOW, STORE_RETRY_MAX, Restarts
+from connic.restarts import GIVE_UP_STARTS, RESTART_WINDOW, STORE_RETRY_MAX, Restarts, asked_to_stop, exit_status
 from connic.serving import say, stop_signals
 from connic.worker import (
     FAILED,
@@ -126,16 +126,6 @@ def _end_group(worker: _Worker, sig: signal.Signals) -> None:
         os.killpg(worker.process.pid, sig)
 
 
-def _status(code: int) -> str:
-    """A worker's exit as the parent says it: ``status 1``, ``signal 9 (SIGKILL)``, ``signal 40``."""
-    if code >= 0:
-        return f"status {code}"
-    try:
-        return f"signal {-code} ({signal.Signals(-code).name})"
-    except ValueError:  # a real-time signal (SIGRTMIN+6): it kills by default, but has no name
-        return f"signal {-code}"
-
-
 class Supervisor:
     """The parent of ``connic run --workers N``: starts, restarts and drains the workers."""
 
@@ -210,7 +200,7 @@ class Supervisor:
                         when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(code)} before {when} listening{_because(worker.why)}",
+                            f"{exit_status(code)} before {when} listening{_because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -228,27 +218,27 @@ class Supervisor:
                         # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
                         why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
-                        cause = worker.why or f"exited with {_status(code)}"
+                        cause = worker.why or f"exited with {exit_status(code)}"
                         self._start_later(
                             spec(worker.index), f"worker {worker.index} (pid {worker.process.pid}) {why}", cause
                         )
                         continue
-                    self._forget(worker)
+                    self._forget(worker, counted=not asked_to_stop(code))
                     if not self._restarts.may_restart():
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{_status(code)}: {self._restarts.recent_exits} workers exited "
+                            f"{exit_status(code)}: {self._restarts.recent_exits} workers exited "
                             f"within {RESTART_WINDOW:g} s, giving up (see the errors above)",
                         )
                         return await self._stop_all(loop, 1)
                     try:
                         new = await self._start(spec(worker.index))
                     except OSError as exc:
-                        say(f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}")
+                        say(f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {exit_status(code)}")
                         self._spawn_failed(spec(worker.index), exc)
                         continue
                     say(
-                        f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)}; "
+                        f"connic: worker {worker.index} (pid {worker.process.pid}) exited with {exit_status(code)}; "
                         f"restarted as pid {new.process.pid}"
                     )
                 if self._give_up is not None:
@@ -382,7 +372,8 @@ class Supervisor:
             could_not_start = self._started and not worker.ready
             if code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
                 error_line(
-                    f"worker {worker.index} (pid {worker.process.pid}) exited with {_status(code)} while shutting down",
+                    f"worker {worker.index} (pid {worker.process.pid}) exited with "
+                    f"{exit_status(code)} while shutting down",
                 )
                 status = 1
         return status

@@ -371,3 +371,37 @@ async def test_ctrl_c_while_the_configuration_loads_exits_130_without_a_tracebac
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGINT, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+
+
+async def test_workers_recycled_one_after_another_do_not_stop_the_server(
+    tmp_path: Path, two_workers: Cli, connect: Connect
+) -> None:
+    # `kill -TERM <worker>` for each worker, then again for their replacements (a script
+    # recycling workers): each drains, exits 0 and is started again. These exits counted as a
+    # worker that cannot stay up: the fourth within 10 s made the parent give up, exit 1, and
+    # drain the workers just started, taking every connection with it.
+    server = two_workers("--config", str(config(tmp_path)), "--secret", "s")
+    output = Output(server)
+    pids = worker_pids(server)
+    seen = list(pids)
+    for _ in range(2):
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        new = []
+        for index, pid in enumerate(pids, 1):
+            m = await output.wait_for(
+                rf"connic: worker {index} \(pid {pid}\) exited with status 0; restarted as pid (\d+)"
+            )
+            new.append(int(m.group(1)))
+        for index, pid in enumerate(new, 1):
+            await output.wait_for(rf"connic: worker {index} \(pid {pid}\) listening", timeout=60)
+        pids = new
+        seen += new
+    assert server.proc.poll() is None, output.text()
+    for client in (await clients_on(output, connect, server, set(pids), "s")).values():
+        frames = await client.reply({"message": "still serving"})
+        assert frames[-1]["full_response"] == "still serving", frames
+    code, _ = server.stop(timeout=60)
+    assert code == 0, output.text()
+    assert "giving up" not in output.text()
+    await wait_exited(seen)
