@@ -244,8 +244,10 @@ async def _reading_meanwhile(
                     at = sorted(held_at(conn, held, parsed.id) + held_at(conn, doubtful, parsed.id))
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
-                elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
-                    conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
+                elif isinstance(parsed, PingFrame) and following and not conn._inbox and history.asked is None:
+                    # The client checks the link meanwhile; before connected (not following yet) it is
+                    # held, as on one process, where a ping behind the resume frame is answered after it.
+                    conn.writer.send_nowait(encode(Pong()))
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at and bound.full(conn):
                         bound.refuse(conn, f"{len(conn._inbox)} frames are held while another process answers", None)
