@@ -28,6 +28,7 @@ from connic.frames import (
     ResumeFrame,
     encode,
 )
+from connic.message import release_cancellation
 from connic.session import ChatSession, SessionState
 from connic.stores import Follow
 from connic.transports.ws_ahead import AfterRead
@@ -56,6 +57,7 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
     moves: list[asyncio.Future[None]] = []  # done when the find follows further (_reading_meanwhile)
     ahead = Ahead(sessions.agent_names)  # the owner's queued messages, ahead of the held ones
     doubts = Doubts(ahead)  # cancels of held messages passed to the owner too (_reading_meanwhile)
+    stalled: list[asyncio.Task[None]] = []  # while following with the outbox full: its watch
 
     def follow(frames: list[str] | None, last: int) -> None:
         if not following:
@@ -65,38 +67,47 @@ async def resume(conn: Connection, frame: ResumeFrame) -> bool:
         doubts.seen(frames or [])
         ahead.seen(frames or [])
         conn.writer.extend(frames or [])
+        if conn.writer.full and not (stalled and not stalled[0].done()):
+            stalled[:] = [asyncio.create_task(_slow_consumer(conn))]
+            stalled[0].add_done_callback(release_cancellation)
         following[:] = [last]
         for moved in moves:
             if not moved.done():
                 moved.set_result(None)
         moves.clear()
 
-    for _ in range(2):
-        here = await sessions.store.get(frame.session_id)  # live on this process: no claim
-        finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
-        # Only a shared store may wait on another process: the memory store answers at once.
-        if not sessions.store.durable:
-            session = await finding
-        else:
-            try:
-                session = await _reading_meanwhile(conn, finding, frame, following, began, follow, moves, doubts, ahead)
-            except SessionTakenOver as exc:
-                # A newer resume (elsewhere, or on the owner itself) took the session over while
-                # this one followed its owner: as a connection taken over on one process.
-                conn.close(exc)
-                return False
-        if session is not None and session is here and sessions.store.durable:
-            # A resume following it on another process is taken over (its goodbye then ignored),
-            # as a connection here would be: before the client hears connected, and before the
-            # replay (which must not await between it and attaching).
-            await sessions.store.resumed(session.id)
-        last_seq = following[0] if following else frame.last_seq
-        replay = await session.replay(conn, last_seq) if session is not None else None
-        if replay is not None or session is None or following or session.state is not SessionState.ENDED:
-            break
-        # The store let the detached, idle session go (it saves it for any process) while
-        # this resume awaited: its copy here is left, find it again in the store. A session
-        # that ended for good is gone from the store too: the second find says so.
+    try:
+        for _ in range(2):
+            here = await sessions.store.get(frame.session_id)  # live on this process: no claim
+            finding = sessions.find(frame.session_id, frame.resume_token, frame.last_seq, follow)
+            # Only a shared store may wait on another process: the memory store answers at once.
+            if not sessions.store.durable:
+                session = await finding
+            else:
+                try:
+                    session = await _reading_meanwhile(
+                        conn, finding, frame, following, began, follow, moves, doubts, ahead
+                    )
+                except SessionTakenOver as exc:
+                    # A newer resume (elsewhere, or on the owner itself) took the session over while
+                    # this one followed its owner: as a connection taken over on one process.
+                    conn.close(exc)
+                    return False
+            if session is not None and session is here and sessions.store.durable:
+                # A resume following it on another process is taken over (its goodbye then ignored),
+                # as a connection here would be: before the client hears connected, and before the
+                # replay (which must not await between it and attaching).
+                await sessions.store.resumed(session.id)
+            last_seq = following[0] if following else frame.last_seq
+            replay = await session.replay(conn, last_seq) if session is not None else None
+            if replay is not None or session is None or following or session.state is not SessionState.ENDED:
+                break
+            # The store let the detached, idle session go (it saves it for any process) while
+            # this resume awaited: its copy here is left, find it again in the store. A session
+            # that ended for good is gone from the store too: the second find says so.
+    finally:
+        for stall in stalled:
+            stall.cancel()  # no longer following: the frames from here on wait for room, as any reply's
     if following and (session is None or replay is None):
         # connected said resumed: the session is still in the store, to be resumed again.
         if not _gone(conn):
@@ -233,8 +244,10 @@ async def _reading_meanwhile(
                     at = sorted(held_at(conn, held, parsed.id) + held_at(conn, doubtful, parsed.id))
                 if msg.type is WSMsgType.PING or msg.type is WSMsgType.PONG:
                     conn._control(msg.type, msg.data)
-                elif isinstance(parsed, PingFrame) and not conn._inbox and history.asked is None:
-                    conn.writer.send_nowait(encode(Pong()))  # the client checks the link meanwhile
+                elif isinstance(parsed, PingFrame) and following and not conn._inbox and history.asked is None:
+                    # The client checks the link meanwhile; before connected (not following yet) it is
+                    # held, as on one process, where a ping behind the resume frame is answered after it.
+                    conn.writer.send_nowait(encode(Pong()))
                 elif isinstance(parsed, CancelFrame) and (following or at):
                     if at and bound.full(conn):
                         bound.refuse(conn, f"{len(conn._inbox)} frames are held while another process answers", None)
@@ -304,6 +317,21 @@ def _leave(conn: Connection, task: asyncio.Future[ChatSession | None], frame: Re
     else:
         # The session stays there, detached.
         task.add_done_callback(_let_go)  # taken over in this very step: let go
+
+
+async def _slow_consumer(conn: Connection) -> None:
+    """Close a client that takes none of the followed frames for ``send_timeout`` as a slow consumer (4010).
+
+    The frames of another process's reply are queued as they are followed, whether or not the
+    outbox has room: that process's agent does not wait for this client. On one process the
+    agent's frames wait for room, and a client that takes none for ``send_timeout`` is closed
+    (PROTOCOL.md, "Errors and close codes"); here the same client is, rather than have this
+    process hold the rest of the reply for it. Its socket's end stops the following: the
+    session stays with the process answering it, detached and resumable.
+    """
+    writer = conn.writer
+    if not await writer.wait_for_room(writer.send_timeout) and writer.full:
+        writer.slow_consumer()
 
 
 def _connected_following(conn: Connection, frame: ResumeFrame, last_seq: int, *, recovered: bool) -> None:

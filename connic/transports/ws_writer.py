@@ -6,7 +6,7 @@ a writer task writes the rest as the client reads). While the client is behind (
 transport's buffer above its high-water mark) or compression is on, a writer
 task takes over and waits on flow control. Reply frames wait for room in the
 outbox, for as long as the client takes some within every ``send_timeout``; control frames (acks, pongs, errors) never
-wait and may use a second outbox's worth of room. A client that stays behind
+wait and may use a second outbox's worth of room, beyond what a replay queued. A client that stays behind
 is a slow consumer: its connection is dropped (4010).
 """
 
@@ -49,6 +49,7 @@ class Writer:
 
     __slots__ = (
         "_abort_task",
+        "_backlog",
         "_loop",
         "_room",
         "_scheduled",
@@ -88,6 +89,9 @@ class Writer:
         self.label = label
         self.name = "-"  # the session id, for the logs, once there is one
         self.items: list[str | Close] = []
+        # How many of the items a replay queued beyond the limit (extend) are still there: room for
+        # control frames behind them, which are the client's to read, not a sign it stopped reading.
+        self._backlog = 0
         self.close_code: int | None = None  # set once a close is queued or the socket is dropped
         self._loop = asyncio.get_running_loop()
         self._room: asyncio.Event | None = None
@@ -121,8 +125,8 @@ class Writer:
         return True
 
     def send_nowait(self, data: str) -> None:
-        """Queue a control frame; a client that let two outboxes' worth pile up is dropped."""
-        if self.close_code is None and not self._put(data, 2 * self.limit):
+        """Queue a control frame; a client that let two outboxes' worth pile up (after a replay) is dropped."""
+        if self.close_code is None and not self._put(data, 2 * self.limit + self._backlog):
             self.slow_consumer()
 
     def extend(self, frames: list[str]) -> None:
@@ -130,6 +134,7 @@ class Writer:
         if self.close_code is None and frames:
             self.items.extend(frames[:-1])
             self._put(frames[-1], len(self.items) + 1)
+            self._backlog = len(self.items)
 
     def offer(self, data: str) -> bool:
         """Queue a reply frame if the outbox has room (or nothing more is written); False if it is full."""
@@ -160,6 +165,7 @@ class Writer:
 
     def _taken(self) -> list[str | Close]:
         items, self.items = self.items, []
+        self._backlog = 0
         if self._room is not None:
             self._room.set()
         return items
@@ -178,6 +184,7 @@ class Writer:
                 size += len(item)  # a Close counts 0
                 if size > HIGH_WATER and index:
                     self.items = items[index:]
+                    self._backlog = max(0, self._backlog - index)
                     if self._room is not None:
                         self._room.set()
                     return items[:index]
@@ -189,7 +196,7 @@ class Writer:
         """Close the socket after what is queued."""
         if self.close_code is not None:
             return
-        if not self._put(Close(code, reason), 2 * self.limit + 1):
+        if not self._put(Close(code, reason), 2 * self.limit + self._backlog + 1):
             self.abort(code, reason)
             return
         self.close_code = code
@@ -234,6 +241,7 @@ class Writer:
         if self._abort_task is not None:
             await asyncio.gather(self._abort_task, return_exceptions=True)
         self.items = []
+        self._backlog = 0
         self._task = self._abort_task = None
 
     # --- writing --------------------------------------------------------------
