@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -124,8 +124,8 @@ def workers_cli(cli: Cli) -> Iterator[Cli]:
     """``cli`` with ``--workers 2``; workers left behind by a failed test are killed."""
     started: list[CliServer] = []
 
-    def run(*args: str) -> CliServer:
-        server = cli("--workers", "2", *args)
+    def run(*args: str, env: Mapping[str, str] | None = None) -> CliServer:
+        server = cli("--workers", "2", *args, env=env)
         started.append(server)
         return server
 

@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -30,29 +30,10 @@ from test_workers import (
     served_by,
     wait_exited,
     worker_pids,
+    workers_cli,  # noqa: F401  (a fixture)
 )
 
-from conftest import ROOT, CliServer, Connect
-
-
-@pytest.fixture
-def two_workers(cli: Cli) -> Iterator[Cli]:
-    """``cli`` with ``--workers 2``; workers a failed test left behind are killed."""
-    started: list[CliServer] = []
-
-    def run(*args: str, env: Mapping[str, str] | None = None) -> CliServer:
-        server = cli("--workers", "2", *args, env=env)
-        started.append(server)
-        return server
-
-    yield run
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-        for pid in worker_pids(server):
-            if not exited(pid):
-                os.kill(pid, signal.SIGKILL)
-
+from conftest import ROOT, Connect
 
 NEW_CONNECTIONS = 16
 """Connections opened while one worker drains: with one of two workers still listening, each
@@ -60,14 +41,16 @@ is a coin toss, so all 16 reaching the worker that serves on by chance is one ti
 
 
 async def test_a_worker_draining_alone_stops_listening_and_the_others_take_its_new_connections(
-    tmp_path: Path, two_workers: Cli, connect: Connect
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    connect: Connect,
 ) -> None:
     # `kill -TERM <worker>` (recycling one worker, as gunicorn users do): the worker drains its
     # replies while the other serves on. It kept its SO_REUSEPORT listener during the drain, so
     # the kernel still gave it half of the new connections, each refused with 503 "server is
     # shutting down", while the other worker could have served them.
     words = " ".join(f"w{i}" for i in range(150))  # 15 s at 0.1 s a word: the drain outlasts the checks
-    server = two_workers("--config", str(config(tmp_path, delay=0.1, grace=60)), "--secret", "s")
+    server = workers_cli("--config", str(config(tmp_path, delay=0.1, grace=60)), "--secret", "s")
     first, second = worker_pids(server)
     output = Output(server)
     draining = (await clients_on(output, connect, server, {first}, "s"))[first]
@@ -103,13 +86,15 @@ async def test_a_worker_draining_alone_stops_listening_and_the_others_take_its_n
 
 
 async def test_a_worker_killed_by_a_signal_without_a_name_is_restarted(
-    tmp_path: Path, two_workers: Cli, connect: Connect
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    connect: Connect,
 ) -> None:
     # A real-time signal (SIGRTMIN+6, 40 on Linux) terminates a process by default, but has no
     # name in Python's signal.Signals. The parent, saying which signal killed the worker, raised
     # ValueError: a traceback, exit 1, and the other worker, serving, drained and stopped with it.
     number = signal.SIGRTMIN + 6
-    server = two_workers("--config", str(config(tmp_path)), "--secret", "s")
+    server = workers_cli("--config", str(config(tmp_path)), "--secret", "s")
     first, second = worker_pids(server)
     output = Output(server)
     os.kill(first, number)
@@ -154,7 +139,9 @@ class StdinReader(connic.Agent):
 
 
 async def test_a_helper_process_an_agent_starts_does_not_inherit_the_link_to_the_parent(
-    tmp_path: Path, two_workers: Cli, connect: Connect
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    connect: Connect,
 ) -> None:
     # A worker's standard input was its link to the parent: a non-blocking socket. Every process an
     # agent started without its own stdin (a converter, a CLI tool: ffmpeg reads stdin unless told
@@ -166,7 +153,7 @@ async def test_a_helper_process_an_agent_starts_does_not_inherit_the_link_to_the
     path = tmp_path / "connic.toml"
     path.write_text('[agents.reader]\nuse = "stdin_agent:StdinReader"\n[[connectors]]\nresume_window = 0\n')
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    server = two_workers("--config", str(path), "--secret", "s", env=env)
+    server = workers_cli("--config", str(path), "--secret", "s", env=env)
     pids = worker_pids(server)
     output = Output(server)
     for client in (await clients_on(output, connect, server, set(pids), "s")).values():
@@ -205,7 +192,11 @@ def helpers(directory: Path) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("second_signal", [False, True], ids=["drain", "stop-at-once"])
-async def test_a_workers_helper_processes_end_with_it(tmp_path: Path, two_workers: Cli, second_signal: bool) -> None:
+async def test_a_workers_helper_processes_end_with_it(
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    second_signal: bool,
+) -> None:
     # Each worker leads a process group of its own (so that a terminal's Ctrl+C reaches the parent
     # only), and so do the processes its agent starts: they outlived their worker. A worker killed
     # and restarted left its helpers behind, one more set each time; a second Ctrl+C killed the
@@ -218,7 +209,7 @@ async def test_a_workers_helper_processes_end_with_it(tmp_path: Path, two_worker
     path = tmp_path / "connic.toml"
     path.write_text('[agents.h]\nuse = "helper_agent:WithHelper"\n[[connectors]]\nresume_window = 0\n')
     env = {"HELPER_DIR": str(found), "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    server = two_workers("--config", str(path), "--secret", "s", env=env)
+    server = workers_cli("--config", str(path), "--secret", "s", env=env)
     first, second = worker_pids(server)
     output = Output(server)
     started = helpers(found)
@@ -374,13 +365,15 @@ async def test_ctrl_c_while_the_configuration_loads_exits_130_without_a_tracebac
 
 
 async def test_workers_recycled_one_after_another_do_not_stop_the_server(
-    tmp_path: Path, two_workers: Cli, connect: Connect
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    connect: Connect,
 ) -> None:
     # `kill -TERM <worker>` for each worker, then again for their replacements (a script
     # recycling workers): each drains, exits 0 and is started again. These exits counted as a
     # worker that cannot stay up: the fourth within 10 s made the parent give up, exit 1, and
     # drain the workers just started, taking every connection with it.
-    server = two_workers("--config", str(config(tmp_path)), "--secret", "s")
+    server = workers_cli("--config", str(config(tmp_path)), "--secret", "s")
     output = Output(server)
     pids = worker_pids(server)
     seen = list(pids)
