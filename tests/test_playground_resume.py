@@ -78,6 +78,25 @@ def slow_echo(**connector: Any) -> dict[str, Any]:
     return make_config(connector, agents={"assistant": {"use": "echo", "delay": 0.1}})
 
 
+class Handshakes:
+    """The ``Sec-WebSocket-Extensions`` each WebSocket handshake of the page was answered with (CDP)."""
+
+    def __init__(self, page: Any) -> None:
+        self.extensions: list[str] = []
+        self._cdp = page.context.new_cdp_session(page)
+        self._cdp.on("Network.webSocketHandshakeResponseReceived", self._answered)
+        self._cdp.send("Network.enable")
+
+    def _answered(self, params: dict[str, Any]) -> None:
+        headers = {name.lower(): value for name, value in params["response"]["headers"].items()}
+        self.extensions.append(headers.get("sec-websocket-extensions", ""))
+
+    def check(self, compress: bool, sockets: int) -> None:
+        """Every handshake so far (at least ``sockets``) took permessage-deflate exactly when ``compress``."""
+        assert len(self.extensions) >= sockets, self.extensions
+        assert all(("permessage-deflate" in value) is compress for value in self.extensions), self.extensions
+
+
 class Sockets:
     """Every WebSocket the page opens, with the frames it received, in order."""
 
@@ -131,9 +150,12 @@ def resume_frames(tab: Tab) -> list[dict[str, Any]]:
 # --- tests: a real server, a real TCP drop ------------------------------------------------------------
 
 
-def test_reply_continues_in_place_after_a_tcp_drop(tab: Tab, proxied: Callable[..., Proxied]) -> None:
-    target = proxied(slow_echo())
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "deflate"])
+def test_reply_continues_in_place_after_a_tcp_drop(tab: Tab, proxied: Callable[..., Proxied], compress: bool) -> None:
+    # Browsers always offer permessage-deflate: with compress on, every frame of this page is deflated.
+    target = proxied(slow_echo(compress=compress, heartbeat=1))
     page = tab.page
+    handshakes = Handshakes(page)
     sockets = Sockets(page)
     tab.open(f"{target.http}/?secret={SECRET}")
     assert page.text_content("#connector-url") == f"ws://127.0.0.1:{target.proxy.port}/ws"  # through the proxy
@@ -180,6 +202,15 @@ def test_reply_continues_in_place_after_a_tcp_drop(tab: Tab, proxied: Callable[.
     tab.say("and again")
     page.wait_for_selector('.exchange[data-id="msg-002"] .turn.agent[data-state="done"]')
     assert page.locator('.exchange[data-id="msg-002"] .turn.user .meta').inner_text() == "message #2"
+
+    # Idle past 1.5 heartbeats (twice over): the browser answers the server's pings, so it stays.
+    page.wait_for_timeout(3000)
+    assert page.text_content("#status-text") == "Connected"
+    assert len(sockets.received) == 2 and target.proxy.open_connections >= 1
+    tab.say("still here")
+    page.wait_for_selector('.exchange[data-id="msg-003"] .turn.agent[data-state="done"]')
+    assert len(sockets.received) == 2
+    handshakes.check(compress, 2)
 
 
 def test_evicted_frames_rebuild_from_history(tab: Tab, proxied: Callable[..., Proxied]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_playground_resume import LONG, WORDS, Proxied, slow_echo
+from test_playground_resume import LONG, WORDS, Handshakes, Proxied, slow_echo
 
 from conftest import ROOT, SECRET
 
@@ -115,8 +115,10 @@ def run_js_client(console: Console, target: Proxied, message: str = WORDS) -> No
     console.page.wait_for_function("() => (shown.get('msg-001') ?? '').trim().split(/\\s+/).length >= 5")
 
 
-def test_js_client_resumes_mid_reply(console: Console, proxied: Any) -> None:
-    target = proxied(slow_echo())
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "deflate"])
+def test_js_client_resumes_mid_reply(console: Console, proxied: Any, compress: bool) -> None:
+    target = proxied(slow_echo(compress=compress))
+    handshakes = Handshakes(console.page)
     run_js_client(console, target)
     assert target.cut() >= 1
 
@@ -136,6 +138,7 @@ def test_js_client_resumes_mid_reply(console: Console, proxied: Any) -> None:
     statuses = [line for line in console.logged if line.startswith("status:")]
     assert statuses[:3] == ["status: connecting", f"status: connected {session_id}", "status: reconnecting 1006"]
     assert statuses[-1] == f"status: connected {session_id}"
+    handshakes.check(compress, 2)
     console.page.evaluate("() => client.close()")
     assert console.wait_for_log("status: closed") == "status: closed 1000"
 

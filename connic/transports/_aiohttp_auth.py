@@ -14,7 +14,9 @@ last byte of a ``max_frame_bytes`` frame. So, until the connection authenticates
   parsers feed the same message queue, so nothing is lost or read twice.
 - with permessage-deflate, the inflater's window carries over from one message
   to the next, so the parser cannot be swapped: the socket gets aiohttp's
-  pure-Python parser instead, whose bound :meth:`AuthBound.lift` raises.
+  pure-Python parser instead, whose bound :meth:`AuthBound.lift` raises before
+  it is handed what came after the auth frame (held the same way: parsed
+  earlier, a message sent right behind the auth frame would meet the small bound).
 
 Every access to aiohttp's private attributes is in this module (and the socket's
 ``_post_start`` override that calls :meth:`AuthBound.start`, in websocket.py); the tests
@@ -74,11 +76,10 @@ class AuthBound:
             ws._reader = queue
             ws._parser = self._inner
             self._big = None
-            protocol._payload_parser = self._inner
         else:
             assert ws._reader is not None
             self._inner = WebSocketReader(ws._reader, limit, compress=False, decode_text=ws._decode_text)
-            protocol._payload_parser = self
+        protocol._payload_parser = self
         if tail:
             protocol.data_received(tail)
 
@@ -120,13 +121,14 @@ class AuthBound:
     def lift(self, limit: int) -> None:
         """The connection authenticated: from now on frames up to ``limit`` (exclusive) are read."""
         protocol = self._protocol
-        if self._big is None:  # compression: the same parser, with a larger bound
-            self._inner._max_msg_size = limit
-            self._inner._max_fragments = max(1024, limit // 256)
-            return
+        big = self._big
+        if big is None:  # compression: the same parser, with a larger bound
+            big = self._inner
+            big._max_msg_size = limit
+            big._max_fragments = max(1024, limit // 256)
         held = b"".join(self._held or ())
         self._held = None
-        protocol._payload_parser = self._big
+        protocol._payload_parser = big
         if self._paused:
             protocol.resume_reading()
         if held:
@@ -135,7 +137,7 @@ class AuthBound:
     def release(self) -> None:
         """The connection is refused: what waits is read under the small bound (the close handshake)."""
         held = self._held
-        if held is None or self._big is None:
+        if held is None:
             return
         self._protocol._payload_parser = self._inner
         self._held = None
