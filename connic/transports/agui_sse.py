@@ -37,6 +37,27 @@ Frame = dict[str, Any]
 _POLL = 1.0  # seconds between looks at whether a quiet client is still connected
 
 
+_PIECE = 64 * 1024  # characters of events one write takes: each is given send_timeout to go out
+
+
+def _pieces(items: list[str]) -> list[bytes]:
+    """``items`` joined into writes of about ``_PIECE`` characters (one, for the usual small batch).
+
+    Written whole under one ``send_timeout``, a full outbox of large events would drop a client
+    reading steadily, more slowly than that outbox a ``send_timeout``.
+    """
+    pieces: list[bytes] = []
+    start = size = 0
+    for index, item in enumerate(items):
+        size += len(item)
+        if size >= _PIECE:
+            pieces.append("".join(items[start : index + 1]).encode())
+            start, size = index + 1, 0
+    if start < len(items):
+        pieces.append("".join(items[start:]).encode())
+    return pieces
+
+
 class SSERun(Outbox[Frame]):
     """The sink of one run: connic frames in, SSE-encoded AG-UI events out, in a bounded outbox."""
 
@@ -112,10 +133,14 @@ class SSERun(Outbox[Frame]):
                 return  # dropped as a slow consumer meanwhile
             if not self.items:
                 continue
-            batch = "".join(self.take()).encode()
             try:
-                async with asyncio.timeout(self.send_timeout):
-                    await response.write(batch)
+                for piece in _pieces(self.take()):
+                    async with asyncio.timeout(self.send_timeout):
+                        await response.write(piece)
+                    if len(self.items) >= self.limit:
+                        # A piece went out: an agent waiting for room behind a batch the client
+                        # takes longer than send_timeout to read is behind a client that reads.
+                        self._room.set()
             except TimeoutError:
                 self.slow_consumer()
                 return

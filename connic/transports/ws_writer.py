@@ -301,11 +301,18 @@ class Writer:
         try:
             while self.items:
                 if transport is None:  # compression on: aiohttp frames each message itself
-                    for item in self._taken():
+                    # One write's worth at a time, as without compression, and each frame sent
+                    # tells an agent waiting for room that the client reads: send_str waits on
+                    # flow control wherever aiohttp's own count falls, maybe several times in one
+                    # batch, and a client that reads steadily is not a slow consumer however long
+                    # the batch takes it.
+                    for item in self._batch():
                         if isinstance(item, Close):
                             await ws.close(code=item.code, message=item.reason.encode())
                             return
                         await ws.send_str(sendable(item))
+                        if self._room is not None and self.full:
+                            self._room.set()
                     continue
                 if transport.is_closing():
                     raise ConnectionResetError("the connection is closing")
