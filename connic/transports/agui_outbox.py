@@ -115,6 +115,15 @@ class Outbox(Generic[T]):
         self._room.set()
         return batch
 
+    def went_out(self) -> None:
+        """Part of what the writer took reached the socket: agents waiting for room start their wait again.
+
+        An agent waiting behind a batch that the client takes longer than ``send_timeout`` to
+        read is behind a client that reads, not a slow consumer (:func:`~connic.flow.wait_in_turns`).
+        """
+        if len(self.items) >= self.limit:
+            self._room.set()
+
     def _bounded(self) -> None:
         if len(self.items) > 2 * self.limit:
             self.slow_consumer()

@@ -137,10 +137,7 @@ class SSERun(Outbox[Frame]):
                 for piece in _pieces(self.take()):
                     async with asyncio.timeout(self.send_timeout):
                         await response.write(piece)
-                    if len(self.items) >= self.limit:
-                        # A piece went out: an agent waiting for room behind a batch the client
-                        # takes longer than send_timeout to read is behind a client that reads.
-                        self._room.set()
+                    self.went_out()
             except TimeoutError:
                 self.slow_consumer()
                 return

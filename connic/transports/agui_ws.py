@@ -229,10 +229,7 @@ class WSBinding(Outbox[str]):
                         return
                     async with asyncio.timeout(self.send_timeout):
                         await self.ws.send_str(item)
-                    if len(self.items) >= self.limit:
-                        # A frame went out: an agent waiting for room behind a batch the client
-                        # takes longer than send_timeout to read is behind a client that reads.
-                        self._room.set()
+                    self.went_out()
             except TimeoutError:
                 self.slow_consumer()
                 return
