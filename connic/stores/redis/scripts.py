@@ -215,14 +215,17 @@ return 1
 # entry's id is its newest frame's seq), log ttl ms, the seq of the newest frame (the entry's
 # id), the frames joined by newlines (the entry's one field, ``f``), then the lease ms. XADD
 # refuses an id not above the newest, which is the seq check: a write is never logged twice,
-# nor after a newer one.
+# nor after a newer one. The log expires with the record (the ttl given only when there is
+# none): frames logged in the batch that lets the session go come from a process that no
+# longer knows the session's ttl, and a log kept past its record is never read again.
 APPEND = (
     _OWN
     + """
 local owned = own(ARGV[6])
 if owned ~= 1 then return owned end
 redis.call('XADD', KEYS[4], 'MINID', '0-' .. ARGV[2], '0-' .. ARGV[4], 'f', ARGV[5])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
+local ttl = redis.call('PTTL', KEYS[3])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) else redis.call('PEXPIRE', KEYS[4], ARGV[3]) end
 return 1
 """
 )
