@@ -271,7 +271,10 @@ return result
 # the list's count and digest before that SAVE and after it (:data:`_INTACT`). A list that is
 # neither (that SAVE found it older and wrote none of it) is not let go (2): its owner writes
 # it whole first. The fencing counter moves on, so that this token can never take the session
-# back (:data:`_OWN`) by a write of its own after it.
+# back (:data:`_OWN`) by a write of its own after it. Given every key of the session
+# (:func:`~connic.stores.redis.keys.every_key`), its end flag (KEYS[7]) and resumer (KEYS[10])
+# are kept no longer than the record: set for the record's ttl while it was live, they outlived
+# by up to ``session_timeout`` a session that then expired ``resume_window`` after this.
 RELEASE = (
     _INTACT
     + """
@@ -279,6 +282,13 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] and not intact(ARGV[2], ARGV[3]) and not intact(ARGV[4], ARGV[5]) then return 2 end
 redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[2])
+local ttl = redis.call('PTTL', KEYS[3])
+if #KEYS >= 10 and ttl > 0 then
+    for _, i in ipairs({7, 10}) do
+        local left = redis.call('PTTL', KEYS[i])
+        if left == -1 or left > ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+    end
+end
 return 1
 """
 )

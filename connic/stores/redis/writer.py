@@ -249,8 +249,8 @@ class Writer(Held):
             sha = {name: self._scripts[name].sha for name in ("APPEND", "SAVE", "RELEASE", "DELETE")}
             packed: list[list[str | int]] = []
             for sid, name, args in commands:
-                # A deletion deletes every key of the session: its flags, cancels and rate bucket too.
-                keys = every_key(self.options.key_prefix, sid) if name == "DELETE" else self._keys(sid)
+                # DELETE deletes every key of the session (flags, cancels, rate bucket); RELEASE bounds its flags.
+                keys = every_key(self.options.key_prefix, sid) if name in ("DELETE", "RELEASE") else self._keys(sid)
                 packed.append(["EVALSHA", sha[name], len(keys), *keys, *args])
             packed += counted_out  # last: failures are left to leases
             try:
