@@ -135,7 +135,7 @@ class SSERun(Outbox[Frame]):
                 continue
             try:
                 for piece in _pieces(self.take()):
-                    async with asyncio.timeout(self.send_timeout):
+                    async with self.writing():
                         await response.write(piece)
                     self.went_out()
             except TimeoutError:
