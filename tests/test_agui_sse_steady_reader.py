@@ -4,8 +4,10 @@ As tests/test_agui_ws_steady_reader.py for the WebSocket binding: the SSE writer
 whole outbox into one write given one ``send_timeout``, and signalled room only as it took the
 next batch; a client reading a megabyte a second was dropped (4010, after 1.8 s and 1.8 MB read)
 from a run whose outbox held a few megabytes. The client is a raw socket with a small receive
-buffer; the server's kernel send buffer is fixed
-(:func:`~test_compress_steady_reader._pinned_send_buffer`) so that the kernel's own pauses do not count.
+buffer; the server's kernel send buffer is fixed at 64 KiB, or left to the kernel
+(:data:`~test_compress_steady_reader.SEND_BUFFERS`): then a write could wait over a second
+for the kernel while the client read, and the client was dropped (4010, after 4.7 s and 4.9 MB
+read) until the bytes it took from the buffers counted as reading.
 """
 
 from __future__ import annotations

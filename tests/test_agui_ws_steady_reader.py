@@ -5,8 +5,10 @@ than the client reads wait for room, and get it as the client reads. The binding
 took the whole outbox at once and signalled room only as it took the next batch: an agent
 waiting behind a batch the client took longer than ``send_timeout`` to read dropped a client
 reading a megabyte a second (4010, after 2.0 s and 1.9 MB read). The server's kernel send
-buffer is fixed (:func:`~test_compress_steady_reader._pinned_send_buffer`) so that the kernel's
-own pauses do not count.
+buffer is fixed at 64 KiB, or left to the kernel
+(:data:`~test_compress_steady_reader.SEND_BUFFERS`): then the writer cannot write for over a
+second while the client reads, and the client was dropped (4010, after 4.6 s and 4.9 MB read)
+until the bytes it took from the buffers counted as reading.
 """
 
 from __future__ import annotations
