@@ -64,17 +64,15 @@ class StallTimeout:
     go longer than ``wait`` without the server being able to write, while it never stopped
     taking bytes. Without ``unsent``, this is ``asyncio.timeout(wait)``.
 
-    With ``writes``, the block writes before it waits (a frame, then its drain): the first
-    count is taken after the block's first step, so that what it wrote is not mistaken for
-    the client falling behind.
+    The first count is taken after the awaiting task's current step, so that what that step
+    writes (a frame, before waiting for it to drain) is not mistaken for the client falling behind.
     """
 
-    __slots__ = ("_before", "_handle", "_loop", "_timeout", "_unsent", "_wait", "_writes")
+    __slots__ = ("_before", "_handle", "_loop", "_timeout", "_unsent", "_wait")
 
-    def __init__(self, wait: float, unsent: Callable[[], int] | None = None, *, writes: bool = False) -> None:
+    def __init__(self, wait: float, unsent: Callable[[], int] | None = None) -> None:
         self._wait = wait
         self._unsent = unsent
-        self._writes = writes
         self._before = 0
         self._handle: asyncio.Handle | None = None
         self._loop = asyncio.get_running_loop()
@@ -83,10 +81,7 @@ class StallTimeout:
     async def __aenter__(self) -> StallTimeout:
         await self._timeout.__aenter__()
         if self._unsent is not None:
-            if self._writes:
-                self._handle = self._loop.call_soon(self._start)  # cancelled unused if the block does not wait
-            else:
-                self._start()
+            self._handle = self._loop.call_soon(self._start)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

@@ -102,7 +102,7 @@ class Outbox(Generic[T]):
         Nothing: not one byte of what was written to it (:class:`~connic.flow.StallTimeout`).
         The writer then drops it (:meth:`slow_consumer`).
         """
-        return StallTimeout(self.send_timeout, self._unsent, writes=True)
+        return StallTimeout(self.send_timeout, self._unsent)
 
     def urgent(self, entries: list[Any]) -> None:
         """Entries that cannot wait (an error, the end of a run), under the same bound as :meth:`send_nowait`."""
