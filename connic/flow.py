@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["Flag", "TokenBucket", "wait_in_turns"]
+__all__ = ["Flag", "StallTimeout", "TokenBucket", "wait_in_turns"]
 
 
 class Flag:
@@ -52,17 +53,75 @@ class Flag:
                 self._waiters.remove(waiter)
 
 
-async def wait_in_turns(room: asyncio.Event, wait: float, waiting: Callable[[], bool]) -> bool:
-    """Wait while ``waiting()`` holds; False if ``room`` was not set for ``wait`` seconds.
+class StallTimeout:
+    """``async with StallTimeout(wait, unsent):`` as ``asyncio.timeout(wait)``, but only while the client takes nothing.
+
+    ``unsent()`` counts the bytes written to the client that it has yet to take. The time
+    starts again each time that count fell since the last look (every ``wait`` seconds): a
+    client that reads, however slowly, is not timed out; one that took none of them for
+    ``wait`` seconds is (TimeoutError). The kernel reports a socket writable only once much of
+    its send buffer drained, a buffer it may grow to megabytes: a client reading steadily can
+    go longer than ``wait`` without the server being able to write, while it never stopped
+    taking bytes. Without ``unsent``, this is ``asyncio.timeout(wait)``.
+
+    The first count is taken after the awaiting task's current step, so that what that step
+    writes (a frame, before waiting for it to drain) is not mistaken for the client falling behind.
+    """
+
+    __slots__ = ("_before", "_handle", "_loop", "_timeout", "_unsent", "_wait")
+
+    def __init__(self, wait: float, unsent: Callable[[], int] | None = None) -> None:
+        self._wait = wait
+        self._unsent = unsent
+        self._before = 0
+        self._handle: asyncio.Handle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None if unsent is not None else wait)
+
+    async def __aenter__(self) -> StallTimeout:
+        await self._timeout.__aenter__()
+        if self._unsent is not None:
+            self._handle = self._loop.call_soon(self._start)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        await self._timeout.__aexit__(*exc_info)
+
+    def _start(self) -> None:
+        assert self._unsent is not None
+        self._before = self._unsent()
+        self._handle = self._loop.call_later(self._wait, self._look)
+
+    def _look(self) -> None:
+        assert self._unsent is not None
+        now = self._unsent()
+        if now < self._before:
+            self._before = now
+            self._handle = self._loop.call_later(self._wait, self._look)
+        else:
+            self._handle = None
+            self._timeout.reschedule(self._loop.time())  # expires now: the task sees TimeoutError
+
+
+async def wait_in_turns(
+    room: asyncio.Event, wait: float, waiting: Callable[[], bool], unsent: Callable[[], int] | None = None
+) -> bool:
+    """Wait while ``waiting()`` holds; False once neither ``room`` was set nor the client read for ``wait`` seconds.
 
     The wait starts again each time ``room`` is set (a writer took frames): several
     producers waiting for room take turns at it, and one that loses the race to the others
-    for longer than ``wait`` is behind a client that reads, not a slow consumer.
+    for longer than ``wait`` is behind a client that reads, not a slow consumer. It also
+    starts again each time the client took some of the bytes written to it (``unsent``, as
+    :class:`StallTimeout`): a writer may be unable to write for longer than ``wait`` while
+    the client reads what the kernel holds.
     """
     while waiting():
         room.clear()
         try:
-            async with asyncio.timeout(wait):
+            async with StallTimeout(wait, unsent):
                 await room.wait()
         except TimeoutError:
             return False

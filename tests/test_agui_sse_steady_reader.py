@@ -4,8 +4,10 @@ As tests/test_agui_ws_steady_reader.py for the WebSocket binding: the SSE writer
 whole outbox into one write given one ``send_timeout``, and signalled room only as it took the
 next batch; a client reading a megabyte a second was dropped (4010, after 1.8 s and 1.8 MB read)
 from a run whose outbox held a few megabytes. The client is a raw socket with a small receive
-buffer; the server's kernel send buffer is fixed
-(:func:`~test_compress_steady_reader._pinned_send_buffer`) so that the kernel's own pauses do not count.
+buffer; the server's kernel send buffer is fixed at 64 KiB, or left to the kernel
+(:data:`~test_compress_steady_reader.SEND_BUFFERS`): then a write could wait over a second
+for the kernel while the client read, and the client was dropped (4010, after 4.7 s and 4.9 MB
+read) until the bytes it took from the buffers counted as reading.
 """
 
 from __future__ import annotations
@@ -13,23 +15,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 from reliability.conftest import report, scrape
 from reliability.rawws import connect_tcp
 from test_agui_support import SECRET, agui_config, agui_registry, run_input
-from test_compress_steady_reader import QUEUE, RATE, READING, _pinned_send_buffer, _words
+from test_compress_steady_reader import QUEUE, RATE, READING, SEND_BUFFERS, _words
 
 import connic
 
 WORDS = 16000  # about 16 MB of events: more than the client reads in READING
 
 
-async def test_steady_slow_reader_of_an_sse_run_is_not_a_slow_consumer() -> None:
+@pytest.mark.parametrize("socket_factory", SEND_BUFFERS)
+async def test_steady_slow_reader_of_an_sse_run_is_not_a_slow_consumer(socket_factory: Any) -> None:
     message = _words(WORDS)
     options = {"send_queue": QUEUE, "send_timeout": 1, "max_body_bytes": 2 * len(message) + 4096}
     app = connic.create_app(agui_config(options), registry=agui_registry())
-    server = TestServer(app, host="127.0.0.1", socket_factory=_pinned_send_buffer)
+    server = TestServer(app, host="127.0.0.1", socket_factory=socket_factory)
     await server.start_server()
     reader, writer = await connect_tcp("127.0.0.1", server.port, rcvbuf=16 * 1024)
     try:

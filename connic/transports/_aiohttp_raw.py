@@ -3,7 +3,9 @@
 connic writes text frames straight to the asyncio transport in batches (one
 system call for a burst of chunks, where ``send_str`` makes one per frame),
 writes its own pings and pongs, waits on the protocol's flow control, and caps
-the transport's read size. Each of these reaches under aiohttp's public API.
+the transport's read size, and counts the bytes its client has yet to take
+(:func:`unsent`, from the kernel's send queue). Each of these reaches under
+aiohttp's public API.
 With compression on, aiohttp frames the text messages and connic still writes
 the pings and pongs: control frames are never compressed, and aiohttp writes
 each frame within one step of the event loop (a large message is compressed
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import struct
+import sys
 from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
@@ -39,6 +42,7 @@ __all__ = [
     "sendable",
     "text_frame",
     "text_header",
+    "unsent",
     "wait_writable",
     "write_control",
     "write_texts",
@@ -51,6 +55,14 @@ _READ_SIZE = 64 * 1024
 # asyncio's selector transport reads up to 256 KiB at a time into a new bytes object:
 # above glibc's mmap threshold, so a process can settle into mapping and unmapping that
 # buffer for every small frame (CPython issue 85451; docs/performance.md).
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ on a TCP socket: bytes the peer has not acknowledged
+else:  # elsewhere, the transport's own buffer alone: the kernel's is not counted
+    _OUTQ = None
 
 _FIN = 0x80
 _TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
@@ -72,6 +84,24 @@ def limit_read_size(request: web.Request) -> None:
 async def wait_writable(request: web.Request) -> None:
     """Wait until the transport's buffer drains below its high-water mark (flow control)."""
     await request.protocol._drain_helper()
+
+
+def unsent(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes written to the connection that its client has yet to take: the transport's buffer and the kernel's.
+
+    The kernel's share is its send queue, what the client's end has not acknowledged (on
+    Linux; elsewhere only the transport's buffer counts). It falls as the client reads,
+    while the transport's buffer may sit unchanged for seconds: the kernel reports the socket
+    writable only once much of a send buffer of megabytes drained.
+    """
+    if not isinstance(transport, asyncio.WriteTransport):
+        return 0
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _OUTQ is not None and sock is not None:
+        with contextlib.suppress(OSError, ValueError):  # closed meanwhile, or not a socket that has a queue
+            size += int.from_bytes(fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)), sys.byteorder, signed=True)
+    return size
 
 
 def write_texts(transport: asyncio.Transport, texts: list[str]) -> None:

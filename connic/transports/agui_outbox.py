@@ -1,8 +1,8 @@
 """The bounded outbox both AG-UI bindings write from: an SSE run's, and a WebSocket binding connection's.
 
 Whatever goes to the client waits here, encoded, until the writer takes it. A reply
-frame waits for room (``send_queue`` entries; a client that takes none of them for
-``send_timeout`` seconds is dropped);
+frame waits for room (``send_queue`` entries; a client that takes nothing, neither
+entries nor bytes from the socket's buffers, for ``send_timeout`` seconds is dropped);
 an ack, a refusal or an error about a bad client frame is queued at once, but a
 client twice ``send_queue`` behind is dropped as a slow consumer (close code
 4010), so that a client that never reads cannot grow the server's memory, however
@@ -16,7 +16,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from connic.errors import SlowConsumer
-from connic.flow import wait_in_turns
+from connic.flow import StallTimeout, wait_in_turns
+from connic.transports._aiohttp_raw import unsent
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -84,13 +85,24 @@ class Outbox(Generic[T]):
 
         Agents of one run take turns at its room (:func:`~connic.flow.wait_in_turns`).
         """
-        if not await wait_in_turns(self._room, self.send_timeout, self._waiting):
+        if not await wait_in_turns(self._room, self.send_timeout, self._waiting, self._unsent):
             self.slow_consumer()
         if self.close_code is None:
             self._put(item)
 
     def _waiting(self) -> bool:
         return self.close_code is None and len(self.items) >= self.limit
+
+    def _unsent(self) -> int:
+        return unsent(self.request.transport)
+
+    def writing(self) -> StallTimeout:
+        """``async with`` around one write: TimeoutError once the client took nothing for ``send_timeout``.
+
+        Nothing: not one byte of what was written to it (:class:`~connic.flow.StallTimeout`).
+        The writer then drops it (:meth:`slow_consumer`).
+        """
+        return StallTimeout(self.send_timeout, self._unsent)
 
     def urgent(self, entries: list[Any]) -> None:
         """Entries that cannot wait (an error, the end of a run), under the same bound as :meth:`send_nowait`."""

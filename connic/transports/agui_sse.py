@@ -115,6 +115,10 @@ class SSERun(Outbox[Frame]):
         """Write the outbox to ``response`` until the run's last event is out or the client is gone."""
         request = self.request
         while True:
+            if self.close_code is not None:
+                # Dropped as a slow consumer by an agent waiting for room: end now, not a poll
+                # later, so that the run is cancelled (on_disconnect) rather than run on unread.
+                return
             if not self.items:
                 if self.events.done:
                     self.close_code = 1000
@@ -135,7 +139,7 @@ class SSERun(Outbox[Frame]):
                 continue
             try:
                 for piece in _pieces(self.take()):
-                    async with asyncio.timeout(self.send_timeout):
+                    async with self.writing():
                         await response.write(piece)
                     self.went_out()
             except TimeoutError:

@@ -227,7 +227,7 @@ class WSBinding(Outbox[str]):
                         self.close_code = item.code
                         await self.ws.close(code=item.code, message=item.reason.encode())
                         return
-                    async with asyncio.timeout(self.send_timeout):
+                    async with self.writing():
                         await self.ws.send_str(item)
                     self.went_out()
             except TimeoutError:

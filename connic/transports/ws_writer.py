@@ -5,9 +5,10 @@ everything queued in one system call (up to about ``HIGH_WATER`` characters;
 a writer task writes the rest as the client reads). While the client is behind (the
 transport's buffer above its high-water mark) or compression is on, a writer
 task takes over and waits on flow control. Reply frames wait for room in the
-outbox, for as long as the client takes some within every ``send_timeout``; control frames (acks, pongs, errors) never
-wait and may use a second outbox's worth of room, beyond what a replay queued. A client that stays behind
-is a slow consumer: its connection is dropped (4010).
+outbox, for as long as the client takes something (frames from the outbox, or bytes from the
+socket's buffers) within every ``send_timeout``; control frames (acks, pongs, errors) never
+wait and may use a second outbox's worth of room, beyond what a replay queued. A client that takes
+nothing for ``send_timeout`` is a slow consumer: its connection is dropped (4010).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from aiohttp import web
 from connic.errors import SlowConsumer
 from connic.flow import wait_in_turns
 from connic.metrics import Metrics
-from connic.transports._aiohttp_raw import HIGH_WATER, sendable, wait_writable, write_texts
+from connic.transports._aiohttp_raw import HIGH_WATER, sendable, unsent, wait_writable, write_texts
 
 __all__ = ["Close", "Writer"]
 
@@ -150,18 +151,22 @@ class Writer:
             self._put(data, self.limit)
 
     async def wait_for_room(self, wait: float) -> bool:
-        """Wait for room in the outbox; False if the client took none of it for ``wait`` seconds (or closed).
+        """Wait for room in the outbox; False if the client took nothing for ``wait`` seconds (or closed).
 
-        Several agents waiting for room take turns at it (:func:`~connic.flow.wait_in_turns`).
+        Nothing: neither frames from the outbox nor bytes from the socket's buffers. Several
+        agents waiting for room take turns at it (:func:`~connic.flow.wait_in_turns`).
         """
         if not self.full:
             return self.close_code is None
         if self._room is None:
             self._room = asyncio.Event()
-        return await wait_in_turns(self._room, wait, self._waiting) and self.close_code is None
+        return await wait_in_turns(self._room, wait, self._waiting, self._unsent) and self.close_code is None
 
     def _waiting(self) -> bool:
         return self.full and self.close_code is None
+
+    def _unsent(self) -> int:
+        return unsent(self.io)
 
     def _taken(self) -> list[str | Close]:
         items, self.items = self.items, []
