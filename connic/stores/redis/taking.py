@@ -63,6 +63,38 @@ class Taking(Takeovers):
         # follow one session at once (a resume taken over by a newer one, AG-UI restarting a follow):
         # each removes only its own, and _follow_leases (the cancels' TTL) holds while any is left.
         self._follow_waits: dict[str, list[int]] = {}
+        self._clock: float | None = None  # Redis's clock minus the event loop's (ms): None until read
+
+    async def _read_clock(self) -> None:
+        """Learn how far Redis's clock is from the event loop's, for the claims' deadlines (:meth:`_claim_deadline`).
+
+        Redis refusing ``TIME`` (a managed one may rename it) leaves claims without a deadline.
+        """
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            seconds, micros = await self._call(self._client().time())
+        except StoreUnavailable as exc:
+            log.warning("redis store: reading Redis's clock failed (%s): claims carry no deadline", exc.why)
+            return
+        self._clock_seen(int(seconds) * 1000 + int(micros) / 1000, (sent + loop.time()) / 2)
+
+    def _clock_seen(self, redis_ms: float, at: float | None = None) -> None:
+        """Redis's clock read ``redis_ms`` at loop time ``at`` (now: a reply just read, so no earlier than that)."""
+        at = asyncio.get_running_loop().time() if at is None else at
+        self._clock = redis_ms - at * 1000
+
+    def _claim_deadline(self) -> str:
+        """The latest time (Redis's clock, ms) a claim sent now may act, or '' (the clock unknown).
+
+        Half the store's ``timeout`` from now: a claim Redis runs within it is answered before
+        its caller gives up on it (and the clock is read within as much); one it runs later
+        (sent while Redis stalled) changes nothing (:data:`~connic.stores.redis.scripts.CLAIM`).
+        """
+        if self._clock is None:
+            return ""
+        now = asyncio.get_running_loop().time() * 1000 + self._clock
+        return str(int(now + self.options.timeout * 500))
 
     async def take(
         self,
@@ -152,23 +184,31 @@ class Taking(Takeovers):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                args = [lease, read, *check, *signal, told, nonce, first]
+                args = [lease, read, *check, *signal, told, nonce, first, self._claim_deadline()]
                 claim_reply = self._shared_script("CLAIM", keys, args)
                 epoch = self._epoch_after()  # in the claim's pipeline: what it is taken under, if it is
                 claimed = time.monotonic()
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:
-                    # Cancelled (the resume's client went away) or out of time with the claim sent:
-                    # Redis may run it all the same, and its owner key would then name this process,
-                    # which never learns its fence, so nobody renews or releases it and every resume
-                    # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
+                    # Cancelled (the resume's client went away) with the claim sent: Redis may run
+                    # it all the same, and its owner key would then name this process, which never
+                    # learns its fence, so nobody renews or releases it and every resume waits
+                    # producer_timeout for it to run out. Its reply, when it comes, lets it go. Out
+                    # of time, its connection is closed and no reply comes: its deadline is what
+                    # keeps a claim Redis runs later (a stall) from acting.
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
                 now = epoch_read(epoch)
-                since = now if first else since
-                first = ""
                 fence = int(result[0])
+                if fence == 0 and len(result) > 3:
+                    # Run after its deadline (Redis slower than its clock as read here): it changed
+                    # nothing, its nonce not made the resumer either. Claimed again, as if owned.
+                    self._clock_seen(int(result[3]))
+                    log.info("session %s: a claim ran after its deadline: claiming again", session_id)
+                else:
+                    since = now if first else since
+                    first = ""
                 if fence == -3 and since is not None and now is not None and now != since:
                     # Not a newer resume: Redis lost its data (the resumer with it) while this one
                     # followed, and the owner wrote the session back. A store failure: resume again.
