@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from resume_helpers import (
     clients_fixture,  # noqa: F401  (a fixture)
     words,
 )
+from tcp_proxy import TcpProxy
 from test_redis_stall import Served
 
 from conftest import SECRET, start_cli
@@ -92,6 +93,34 @@ async def test_a_claim_that_timed_out_on_its_follower_does_not_take_the_session_
     assert lost == [], lost
 
 
+class Partition(TcpProxy):
+    """A proxy to Redis for one process: while :attr:`cut_off`, nothing it sends reaches Redis.
+
+    Its connections open then stop forwarding (packets lost, not queued as a stopped Redis
+    queues them: what was sent then never runs), and new ones are refused.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.cut_off = False
+
+    def partition(self, on: bool) -> None:
+        self.cut_off = self.refusing = on
+
+    def passes(self, data: bytes) -> bool:
+        return not self.cut_off
+
+
+@pytest.fixture
+async def partition(redis_server: RedisServer) -> AsyncIterator[Partition]:
+    proxy = Partition(redis_server.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 @pytest.fixture
 def served_at(tmp_path: Path) -> Iterator[Any]:
     """``served_at(redis_url, producer_timeout)``: a ``python -m connic run`` on that Redis (echo agent).
@@ -117,3 +146,34 @@ def served_at(tmp_path: Path) -> Iterator[Any]:
     for server in started:
         if server.server.proc.poll() is None:
             server.server.proc.kill()
+
+
+async def test_a_goodbye_sent_to_a_follower_cut_off_from_redis_ends_the_session_once_it_reaches_redis(
+    served_at: Any, clients: Clients, redis_server: RedisServer, redis: Any, partition: Partition
+) -> None:
+    # A client following on B a reply that A runs says goodbye (close 1000) while B cannot reach
+    # Redis. B passed it on in one call, which failed: the goodbye was dropped with a warning and
+    # the session stayed resumable for its whole TTL instead of ending, as it would on one
+    # process. (A stopped Redis runs the call later, once it runs again: nothing was lost then.)
+    # It is tried again, as cancels are, until it goes through. A's lease is never in doubt.
+    a = await served_at(redis_server.url, 10)
+    b = await served_at(f"redis://127.0.0.1:{partition.port}/0", 10)
+    session = await following(clients, a.url, b.url, words(1500))
+    assert session.conn is not None
+    record = f"connic:{{{session.session_id}}}:record"
+    partition.partition(True)
+    try:
+        await session.conn.ws.close(1000)
+        await b.printed(rf"session {session.session_id}: passing the client's goodbye to its owner failed")
+        await asyncio.sleep(3)  # cut off a while longer (a partition, not a blip)
+        assert await redis.exists(record)
+    finally:
+        partition.partition(False)
+    for _ in range(300):  # 30 s at most
+        if not await redis.exists(record):
+            break
+        await asyncio.sleep(0.1)
+    assert not await redis.exists(record), "the session is still in the store: the goodbye was lost"
+    await a.printed(rf"session {session.session_id}: its client said goodbye on another process: ended")
+    again = await session.resume(url=a.url)
+    assert again.connected["resumed"] is False and again.connected["session_id"] != session.session_id
