@@ -123,7 +123,9 @@ async def partition(redis_server: RedisServer) -> AsyncIterator[Partition]:
 
 @pytest.fixture
 def served_at(tmp_path: Path) -> Iterator[Any]:
-    """``served_at(redis_url, producer_timeout)``: a ``python -m connic run`` on that Redis (echo agent).
+    """``served_at(redis_url, producer_timeout, connector)``: a ``python -m connic run`` on that Redis (echo agent).
+
+    ``connector``: more lines of the connector's table.
 
     Killed at the end (a process a test stopped too).
     """
@@ -131,11 +133,13 @@ def served_at(tmp_path: Path) -> Iterator[Any]:
     env = store_plugin_env(tmp_path / "plugins")
     started: list[Served] = []
 
-    async def start(url: str, producer_timeout: float) -> Served:
+    async def start(url: str, producer_timeout: float, connector: str = "") -> Served:
         config = tmp_path / f"connic{len(started)}.toml"
         config.write_text(
             '[agents.assistant]\nuse = "echo"\ndelay = 0.01\n'
             f'[[connectors]]\npath = "/ws"\nsecrets = ["{SECRET}"]\nproducer_timeout = {producer_timeout}\n'
+            + connector
+            + "\n"
             f'[store]\nuse = "redis"\nurl = "{url}"\ntimeout = 0.5\n'
         )
         server = Served(await asyncio.to_thread(start_cli, "--config", str(config), env=env))
@@ -177,3 +181,43 @@ async def test_a_goodbye_sent_to_a_follower_cut_off_from_redis_ends_the_session_
     await a.printed(rf"session {session.session_id}: its client said goodbye on another process: ended")
     again = await session.resume(url=a.url)
     assert again.connected["resumed"] is False and again.connected["session_id"] != session.session_id
+
+
+async def test_a_message_refused_store_unavailable_as_redis_stalls_costs_no_rate_token_once_resent(
+    served_at: Any, clients: Clients, redis_server: RedisServer, redis: Any
+) -> None:
+    # A message's rate token is taken in Redis before it is acked. Redis stops: the take times
+    # out, the message is not acked (store_unavailable, 1011) and the client sends it again once
+    # resumed, here on the other process, as PROTOCOL.md says. Redis ran the take that timed out
+    # once it ran again: the message was charged twice, and a third message within the limit of
+    # three was refused rate_limited.
+    limit = "rate_limit = { messages = 3, per = 600 }"
+    a = await served_at(redis_server.url, 10, limit)
+    b = await served_at(redis_server.url, 10, limit)
+    session = ResumeSession(clients, a.url)
+    conn = await session.start()
+    await conn.send({"type": "message", "id": "m1", "payload": {"message": "one"}})
+    await conn.until_ended({"m1": ["assistant"]})
+    history = f"connic:{{{session.session_id}}}:history"
+    for _ in range(100):  # the reply's save written: nothing of the session's is under way in Redis
+        if await redis.llen(history) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        await conn.send({"type": "message", "id": "m2", "payload": {"message": "two"}})
+        code, frames = await conn.closed(timeout=20)
+        assert code == 1011 and [f["code"] for f in frames if f["type"] == "error"] == ["store_unavailable"], frames
+        assert not any(f["type"] == "ack" for f in frames), frames
+        await asyncio.sleep(1)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    conn = await session.resume(url=b.url)
+    assert conn.connected["resumed"] is True, conn.connected
+    for message_id, text in (("m2", "two"), ("m3", "three")):  # m2 again, not acked: then a third
+        await conn.send({"type": "message", "id": message_id, "payload": {"message": text}})
+        await conn.until(lambda f, m=message_id: f.get("id") == m and f["type"] in ("ack", "error"), timeout=20)
+        refused = [f for f in conn.frames if f["type"] == "error" and f.get("id") == message_id]
+        assert refused == [], refused
+    await conn.until_ended({"m2": ["assistant"], "m3": ["assistant"]}, timeout=20)

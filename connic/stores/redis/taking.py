@@ -63,38 +63,6 @@ class Taking(Takeovers):
         # follow one session at once (a resume taken over by a newer one, AG-UI restarting a follow):
         # each removes only its own, and _follow_leases (the cancels' TTL) holds while any is left.
         self._follow_waits: dict[str, list[int]] = {}
-        self._clock: float | None = None  # Redis's clock minus the event loop's (ms): None until read
-
-    async def _read_clock(self) -> None:
-        """Learn how far Redis's clock is from the event loop's, for the claims' deadlines (:meth:`_claim_deadline`).
-
-        Redis refusing ``TIME`` (a managed one may rename it) leaves claims without a deadline.
-        """
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
-        try:
-            seconds, micros = await self._call(self._client().time())
-        except StoreUnavailable as exc:
-            log.warning("redis store: reading Redis's clock failed (%s): claims carry no deadline", exc.why)
-            return
-        self._clock_seen(int(seconds) * 1000 + int(micros) / 1000, (sent + loop.time()) / 2)
-
-    def _clock_seen(self, redis_ms: float, at: float | None = None) -> None:
-        """Redis's clock read ``redis_ms`` at loop time ``at`` (now: a reply just read, so no earlier than that)."""
-        at = asyncio.get_running_loop().time() if at is None else at
-        self._clock = redis_ms - at * 1000
-
-    def _claim_deadline(self) -> str:
-        """The latest time (Redis's clock, ms) a claim sent now may act, or '' (the clock unknown).
-
-        Half the store's ``timeout`` from now: a claim Redis runs within it is answered before
-        its caller gives up on it (and the clock is read within as much); one it runs later
-        (sent while Redis stalled) changes nothing (:data:`~connic.stores.redis.scripts.CLAIM`).
-        """
-        if self._clock is None:
-            return ""
-        now = asyncio.get_running_loop().time() * 1000 + self._clock
-        return str(int(now + self.options.timeout * 500))
 
     async def take(
         self,
@@ -184,7 +152,7 @@ class Taking(Takeovers):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                args = [lease, read, *check, *signal, told, nonce, first, self._claim_deadline()]
+                args = [lease, read, *check, *signal, told, nonce, first, self._deadline()]
                 claim_reply = self._shared_script("CLAIM", keys, args)
                 epoch = self._epoch_after()  # in the claim's pipeline: what it is taken under, if it is
                 claimed = time.monotonic()
