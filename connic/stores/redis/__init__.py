@@ -132,6 +132,7 @@ class RedisStore(Limits, Taking, SessionStore):
     async def start(self) -> None:
         """Connect, check that Redis answers, and start the writer, the lease renewer and the pub/sub listener."""
         await self.connect()
+        await self._read_clock()
         try:
             await self._watch_epoch()
         except StoreUnavailable as exc:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from connic.errors import StoreUnavailable
-from connic.stores.redis.connection import Connection
+from connic.stores.redis.clock import Clock
 
 if TYPE_CHECKING:
     from connic.agent import HistoryEntry
@@ -36,7 +36,7 @@ Release = tuple[int, str, "Sequence[HistoryEntry]", int, int]
 """What letting a session go writes: fence, record, its history, ttl ms, lease ms."""
 
 
-class Held(Connection):
+class Held(Clock):
     """The releases waiting to be written (a base class of :class:`~connic.stores.redis.writer.Writer`)."""
 
     def __init__(self) -> None:

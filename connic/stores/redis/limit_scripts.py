@@ -23,21 +23,25 @@ def closed_key(address_key: str) -> str:
 
 # Take a token from the session's rate limit bucket, only while this fencing token owns the session
 # (:data:`_OWN`). KEYS: the ownership key, the fencing counter, the record, the bucket. ARGV: fence,
-# capacity (messages), refill period ms, lease ms. Returns 0 when a token was taken, the ms until
-# one is available, -1 when another process owns the session, or -2 when nobody does and it
-# cannot be taken back. The bucket is counted on Redis's clock (TIME), the same for every
-# process; a full bucket is no key at all (it expires once it would have refilled).
+# capacity (messages), refill period ms, lease ms, the latest time (Redis's clock, ms) it may act
+# or '' (:mod:`~connic.stores.redis.clock`). Returns 0 when a token was taken, the ms until
+# one is available, -1 when another process owns the session, -2 when nobody does and it
+# cannot be taken back, or -3 when it ran after its deadline (nothing changed: its process gave
+# up on it, and the message it was for was not acked, so its client sends it again). The bucket
+# is counted on Redis's clock (TIME), the same for every process; a full bucket is no key at
+# all (it expires once it would have refilled).
 TAKE = (
     _OWN
     + """
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+if ARGV[5] and ARGV[5] ~= '' and now > tonumber(ARGV[5]) then return -3 end
 local owned = own(ARGV[4])
 if owned == 0 then return -1 end
 if owned == -1 then return -2 end
-if redis.replicate_commands then redis.replicate_commands() end
 local capacity = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
 local tokens = capacity
 local state = redis.call('HMGET', KEYS[4], 'tokens', 'at')
 if state[1] and state[2] then

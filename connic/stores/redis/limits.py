@@ -78,19 +78,29 @@ class Limits(Renewer):
         session is gone from Redis (a lapsed lease nobody claimed is taken back, as a write
         does). StoreUnavailable when Redis does not answer.
         """
-        # At most twice: found gone, the session may be written back (Redis lost its data), and the
-        # token is then taken from the bucket written back with it. Until its CREATE comes back it
-        # owns nothing here: a message arriving meanwhile waits for it rather than take no token.
-        for _ in range(2):
+        # At most twice, and once more after a take run past its deadline: found gone, the session may
+        # be written back (Redis lost its data), and the token is then taken from the bucket written
+        # back with it. Until its CREATE comes back it owns nothing here: a message arriving
+        # meanwhile waits for it rather than take no token.
+        late = False
+        for _ in range(3):
             await self._written_back(session_id)
             owned = self._fences.get(session_id)
             if owned is None:
                 return 0.0
             keys = [*self._keys(session_id)[:3], rate_key(self.options.key_prefix, session_id)]
-            args = [owned[0], messages, ms(per), owned[1]]
+            args = [owned[0], messages, ms(per), owned[1], self._deadline()]
             wait = int(await self._call(self._scripts["TAKE"](keys=keys, args=args)))
             if wait >= 0:
                 return wait / 1000
+            if wait == -3:
+                # Run after its deadline though answered in time: Redis's clock is not what was read
+                # (read again, for one more try), or Redis takes most of `timeout` to answer.
+                if late:
+                    raise StoreUnavailable("Redis answered too late")
+                late = True
+                await self._read_clock()
+                continue
             if self._fences.get(session_id, (0, 0))[0] != owned[0]:
                 continue  # found gone meanwhile (a renewal): written back, or stopped
             if wait == -1:

@@ -133,10 +133,25 @@ return fence
 # yet (its fence is not the one last told) is told that its connection is taken over: the
 # flag is set (for a lease: the owner also looks for it when it renews its leases) and the
 # session id published on the channel (once per claim). A session whose end flag is set
-# while another process owns it is {-1}: that owner is ending it.
+# while another process owns it is {-1}: that owner is ending it. ARGV[10] is the latest time
+# (Redis's clock, ms) at which the claim may still act, or '' (none): its process gives up on
+# a reply that does not come within its ``timeout``, and a claim Redis runs only after that
+# (sent while Redis stalled) would take a lease for a fence nobody learns, so that a live owner,
+# whose lease lapsed in the stall, found another owner and stopped its reply while nobody
+# produced it. Run later, it changes nothing: {0, the owner last told, the logged entries
+# after the seq (none without one), Redis's clock}, as if another process owned it.
 CLAIM = """
 local record = redis.call('GET', KEYS[3])
 if not record then return {-1} end
+if ARGV[10] and ARGV[10] ~= '' then
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    if now > tonumber(ARGV[10]) then
+        local entries = {}
+        if ARGV[2] ~= '' then entries = redis.call('XRANGE', KEYS[4], '0-' .. (tonumber(ARGV[2]) + 1), '+') end
+        return {0, ARGV[7], entries, now}
+    end
+end
 if ARGV[3] ~= '' then
     local ok, fields = pcall(cjson.decode, record)
     if not ok or fields['label'] ~= ARGV[3] or type(fields['token']) ~= 'string'

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from connic.errors import SessionTakenOver, StoreUnavailable
 from connic.stores import Follow
-from connic.stores.redis.cancels import Cancels
+from connic.stores.redis.cancels import CANCEL_RETRY, CANCEL_RETRY_FOR, Cancels
 from connic.stores.redis.keys import (
     end_channel,
     every_key,
@@ -182,15 +182,36 @@ class Takeovers(Cancels):
         self._spawn(self._send_end(session_id, label, token, nonce))
 
     async def _send_end(self, session_id: str, label: str, token: str, nonce: str) -> None:
+        """Run the END script, tried again while Redis fails (as cancels are, :data:`CANCEL_RETRY_FOR` at most).
+
+        Dropped at the first failure, a goodbye sent while Redis stalled left the session
+        resumable for its whole TTL instead of ending it. Tried again later it is still the
+        goodbye of the resume that follows: END refuses it once a newer resume took it over.
+        """
         prefix = self.options.key_prefix
         keys = every_key(prefix, session_id)
         args = [label, token_digest(token), end_channel(prefix), session_id, nonce]
-        try:
-            done = await self._call(self._shared_script("END", keys, args))
-        except StoreUnavailable as exc:
-            # The session stays resumable (detached), as it was before the goodbye.
-            log.warning("session %s: passing the client's goodbye to its owner failed: %s", session_id, exc.why)
-            return
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
+        while True:
+            try:
+                done = await self._call(self._shared_script("END", keys, args))
+                break
+            except StoreUnavailable as exc:
+                now = loop.time()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning(
+                        "session %s: passing the client's goodbye to its owner failed: %s; retrying for %g s",
+                        session_id,
+                        exc.why,
+                        CANCEL_RETRY_FOR,
+                    )
+                if now - failing_since >= CANCEL_RETRY_FOR:
+                    # The session stays resumable (detached), as it was before the goodbye.
+                    log.warning("session %s: the client's goodbye not passed to its owner: given up", session_id)
+                    return
+                await asyncio.sleep(CANCEL_RETRY)
         if done == 2:
             log.info("session %s: its client said goodbye while no process owned it: ended", session_id)
         elif done == 0 and nonce:

@@ -152,23 +152,31 @@ class Taking(Takeovers):
             if claim:
                 # The first attempt of a resume that follows also reads the log after ``after``.
                 read: str | int = after if follow is not None and cursor is None else ""
-                args = [lease, read, *check, *signal, told, nonce, first]
+                args = [lease, read, *check, *signal, told, nonce, first, self._deadline()]
                 claim_reply = self._shared_script("CLAIM", keys, args)
                 epoch = self._epoch_after()  # in the claim's pipeline: what it is taken under, if it is
                 claimed = time.monotonic()
                 try:
                     result = await self._call(asyncio.shield(claim_reply))
                 except BaseException:
-                    # Cancelled (the resume's client went away) or out of time with the claim sent:
-                    # Redis may run it all the same, and its owner key would then name this process,
-                    # which never learns its fence, so nobody renews or releases it and every resume
-                    # waits producer_timeout for it to run out. Its reply, when it comes, lets it go.
+                    # Cancelled (the resume's client went away) with the claim sent: Redis may run
+                    # it all the same, and its owner key would then name this process, which never
+                    # learns its fence, so nobody renews or releases it and every resume waits
+                    # producer_timeout for it to run out. Its reply, when it comes, lets it go. Out
+                    # of time, its connection is closed and no reply comes: its deadline is what
+                    # keeps a claim Redis runs later (a stall) from acting.
                     claim_reply.add_done_callback(partial(self._claimed_unseen, session_id))
                     raise
                 now = epoch_read(epoch)
-                since = now if first else since
-                first = ""
                 fence = int(result[0])
+                if fence == 0 and len(result) > 3:
+                    # Run after its deadline (Redis slower than its clock as read here): it changed
+                    # nothing, its nonce not made the resumer either. Claimed again, as if owned.
+                    self._clock_seen(int(result[3]))
+                    log.info("session %s: a claim ran after its deadline: claiming again", session_id)
+                else:
+                    since = now if first else since
+                    first = ""
                 if fence == -3 and since is not None and now is not None and now != since:
                     # Not a newer resume: Redis lost its data (the resumer with it) while this one
                     # followed, and the owner wrote the session back. A store failure: resume again.
