@@ -8,8 +8,8 @@ of a socket pair (the worker moves it to a descriptor that the processes it star
 inherit, and puts ``/dev/null`` in its place): the parent writes the :class:`WorkerSpec`
 into it (:func:`pack_spec`: a 4-byte length, then the pickle; it is the parent's own
 configuration, generated secret included, so every worker accepts the same secret),
-the worker answers :data:`READY` once it listens (or :data:`FAILED` and why, if it could
-not start), the parent writes :data:`STOP` to
+the worker says what it starts (:data:`STARTING`), then answers :data:`READY` once it
+listens (or :data:`FAILED` and why, if it could not start), the parent writes :data:`STOP` to
 have it drain, and end-of-file tells the worker that its parent is gone, so it drains
 instead of serving on as an orphan.
 """
@@ -26,6 +26,7 @@ import sys
 
 import attrs
 
+from connic.app import STARTING as STARTING_KEY
 from connic.app import create_app
 from connic.config import Config
 from connic.errors import ConnicError, StoreUnavailable
@@ -37,9 +38,10 @@ __all__ = [
     "READY",
     "STOP",
     "STORE_UNAVAILABLE",
+    "STARTING",
     "WorkerSpec",
     "error_line",
-    "first_line",
+    "next_line",
     "pack_spec",
     "worker_main",
 ]
@@ -51,6 +53,12 @@ FAILED = b"failed "
 
 So that the parent, giving up on workers that keep failing to start, names the cause in its
 own error line (the worker's line, above it on standard error, may be far up by then).
+"""
+STARTING = b"starting "
+"""What a worker writes to its parent as its start-up begins a step, then the step and a newline.
+
+So that the parent, stopping a worker that did not listen within ``server.start_timeout``,
+names what it was stuck in (an agent's ``start()``): a worker blocked there cannot say so itself.
 """
 STOP = b"stop\n"
 """What the parent writes to a worker to have it drain and exit.
@@ -103,40 +111,49 @@ def _read_spec(link: socket.socket) -> WorkerSpec:
     return spec
 
 
-async def first_line(link: socket.socket, exited: asyncio.Future[int]) -> bytes:
-    """What a worker says first on its (non-blocking) link, read by its parent: READY, or FAILED and why.
+async def next_line(link: socket.socket, said: bytearray, exited: asyncio.Future[int]) -> bytes:
+    """The next line a worker says on its (non-blocking) link, read by its parent; empty once it says no more.
 
-    Empty when it dies at once without a word. Its exit (``exited``) ends the wait as the
-    link's end-of-file does, whichever the parent sees first.
+    :data:`STARTING` lines, then READY, or FAILED and why. ``said`` keeps what was read past the
+    line for the next call. Its exit (``exited``) ends the wait as the link's end-of-file does,
+    whichever the parent sees first; a last line without its newline is returned as it is.
     """
     loop = asyncio.get_running_loop()
-    said = bytearray()
-    heard = loop.create_future()  # done once it said a whole line, or the link ended
+    ended = False
 
-    def readable() -> None:
+    def pull() -> bool:
         # Read at once into `said` (no task to cancel, which could drop a read in flight).
+        nonlocal ended
         try:
             more = link.recv(4096)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             more = b""
+        ended = ended or not more
         said.extend(more)
-        if not more or said.endswith(b"\n") or len(said) >= 4096:
-            loop.remove_reader(link)
-            if not heard.done():
-                heard.set_result(None)
+        return bool(more)
 
-    loop.add_reader(link, readable)
-    try:
-        await asyncio.wait((heard, exited), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        loop.remove_reader(link)
-    before = -1
-    while not heard.done() and len(said) != before:  # it exited: what it said is in the link already
-        before = len(said)
-        readable()
-    return bytes(said)
+    def readable(heard: asyncio.Future[None]) -> None:
+        pull()
+        if (ended or b"\n" in said or len(said) >= 4096) and not heard.done():
+            heard.set_result(None)
+
+    while b"\n" not in said and not ended and len(said) < 4096:
+        heard: asyncio.Future[None] = loop.create_future()  # done once there is a whole line, or the link ended
+        loop.add_reader(link, readable, heard)
+        try:
+            await asyncio.wait((heard, exited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            loop.remove_reader(link)
+        if not heard.done():  # it exited: what it said is in the link already
+            while pull():
+                pass
+            break
+    end = said.find(b"\n") + 1 or len(said)
+    line = bytes(said[:end])
+    del said[:end]
+    return line
 
 
 def error_line(text: str) -> None:
@@ -189,8 +206,14 @@ def worker_main() -> int:
             say(f"{name}: the supervising parent is gone")
             stop.set()
 
+    def starting(what: str) -> None:
+        with contextlib.suppress(OSError):  # the parent is gone: listening() finds out
+            link.sendall(STARTING + what.encode("utf-8", "replace") + b"\n")
+
     try:
+        starting("create_app() (importing the plugins, making the agents)")
         app = create_app(spec.config)
+        app[STARTING_KEY] = starting
         coro = serve(app, spec.host, spec.port, spec.host_key, reuse_port=True, listening=listening, name=name)
         asyncio.run(coro, debug=spec.debug or None)
     except StoreUnavailable as exc:

@@ -41,11 +41,12 @@ from connic.serving import say, stop_signals
 from connic.worker import (
     FAILED,
     READY,
+    STARTING,
     STOP,
     STORE_UNAVAILABLE,
     WorkerSpec,
     error_line,
-    first_line,
+    next_line,
     pack_spec,
     worker_main,
 )
@@ -99,6 +100,8 @@ class _Worker:
     link: socket.socket
     ready: bool = False
     why: str = ""  # what it said it failed on (connic.worker.FAILED), if it could not start
+    doing: str = ""  # the step of its start-up it said it began last (connic.worker.STARTING)
+    timed_out: bool = False  # it did not listen within server.start_timeout, and was killed
     watch: asyncio.Task[None] | None = None
 
 
@@ -197,6 +200,9 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is not None and _exited(worker):
                         self._forget(worker)
+                        if worker.timed_out:
+                            error_line(f"{self._stuck(worker)}; stopped it")
+                            return await self._stop_all(loop, 1)
                         when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
@@ -213,10 +219,13 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None or not _exited(worker):
                         continue
-                    if not worker.ready and code > 0:
+                    if not worker.ready and (code > 0 or worker.timed_out):
                         # It exited before it listened: it could not start (the store, an agent's
                         # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
+                        if worker.timed_out:
+                            self._start_later(spec(worker.index), self._stuck(worker), "")
+                            continue
                         why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
                         cause = worker.why or f"exited with {exit_status(code)}"
                         self._start_later(
@@ -290,7 +299,7 @@ class Supervisor:
             say(f"connic: {failed}")
             self._give_up = (
                 f"every worker failed its last {GIVE_UP_STARTS} starts in a row and none is listening, "
-                f"giving up (the last: {failed}: {cause})"
+                f"giving up (the last: {failed}{': ' if cause else ''}{cause})"
             )
             self._changed.set()
             return
@@ -314,7 +323,19 @@ class Supervisor:
 
     async def _watch(self, worker: _Worker) -> None:
         exited = asyncio.ensure_future(worker.process.wait())
-        line = await first_line(worker.link, exited)
+        said = bytearray()
+        try:
+            # Bounded: a worker stuck in an agent's start() would otherwise keep the parent
+            # waiting, the port unserved, for ever (gunicorn's --timeout likewise kills it).
+            async with asyncio.timeout(self.config.server.start_timeout):
+                line = await next_line(worker.link, said, exited)
+                while line.startswith(STARTING):
+                    worker.doing = line[len(STARTING) :].decode("utf-8", "replace").strip()
+                    line = await next_line(worker.link, said, exited)
+        except TimeoutError:
+            worker.timed_out = True
+            line = b""
+            _end_group(worker, signal.SIGKILL)  # it serves nothing yet; blocked, it could not drain
         if line == READY:
             worker.ready = True
             self._restarts.listening(worker.index)
@@ -331,6 +352,14 @@ class Supervisor:
         await asyncio.wait([changed, stopper], return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
         self._changed.clear()
+
+    def _stuck(self, worker: _Worker) -> str:
+        """What a worker that did not listen in time was doing: ``worker 1 (pid 42) did not start within ...``."""
+        doing = f"stuck in {worker.doing}" if worker.doing else "it said nothing of its start-up"
+        return (
+            f"worker {worker.index} (pid {worker.process.pid}) did not start within "
+            f"{self.config.server.start_timeout:g} s (server.start_timeout): {doing}"
+        )
 
     def _forget(self, worker: _Worker, *, counted: bool = True) -> None:
         """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
@@ -370,7 +399,10 @@ class Supervisor:
             # started that never listened (it could not start: the store, an agent): it had no
             # drain to fail, and its own error line says why it stopped.
             could_not_start = self._started and not worker.ready
-            if code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
+            if worker.timed_out:
+                error_line(f"{self._stuck(worker)}; stopped it")
+                status = status if could_not_start else 1
+            elif code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
                 error_line(
                     f"worker {worker.index} (pid {worker.process.pid}) exited with "
                     f"{exit_status(code)} while shutting down",
