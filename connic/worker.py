@@ -20,9 +20,12 @@ import asyncio
 import contextlib
 import os
 import pickle
+import select
+import signal
 import socket
 import struct
 import sys
+import threading
 
 import attrs
 
@@ -189,7 +192,11 @@ def worker_main() -> int:
         pid=os.getpid(),
     )
 
+    listened = threading.Event()
+    threading.Thread(target=_orphaned, args=(link, listened, name), daemon=True).start()
+
     async def listening(stop: asyncio.Event) -> None:
+        listened.set()  # from now on the link's end-of-file has it drain, below
         loop = asyncio.get_running_loop()
         link.setblocking(False)
         # The parent writes only STOP; end-of-file (or an error) means it is gone. So does a
@@ -226,6 +233,22 @@ def worker_main() -> int:
         _failed(link, str(exc.strerror or exc))
         return 1
     return 0
+
+
+def _orphaned(link: socket.socket, listened: threading.Event, name: str) -> None:
+    """In a thread: kill this worker's process group if its parent is gone before it listens.
+
+    Until then nothing reads the link, and a worker stuck in an agent's start() (awaiting, or
+    blocking its event loop) stayed for ever once its parent was killed, an orphan holding
+    whatever its agent had opened. It serves nothing yet, so there is nothing to drain.
+    """
+    poller = select.poll()
+    poller.register(link, 0)  # end-of-file only (POLLHUP): the parent's STOP stays for listening()
+    while not poller.poll():
+        pass
+    if not listened.is_set():
+        say(f"{name}: the supervising parent is gone before this worker listened; stopping at once")
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _failed(link: socket.socket, text: str) -> None:

@@ -21,21 +21,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 
 import attrs
 from prometheus_client import multiprocess
 
-from connic.app import Runtime, build_runtime
+from connic.app import build_runtime
 from connic.banner import print_banner
 from connic.config import Config
-from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.reserve import reserve
+from connic.metrics_dir import make_metrics_dir, remove_stale_metrics_dirs
+from connic.reserve import check_workers, reserve
 from connic.restarts import GIVE_UP_STARTS, RESTART_WINDOW, STORE_RETRY_MAX, Restarts, asked_to_stop, exit_status
 from connic.serving import say, stop_signals
 from connic.worker import (
@@ -63,34 +63,6 @@ __all__ = [
 
 
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
-
-
-def check_workers(runtime: Runtime, workers: int) -> None:
-    """Refuse, with one line (a :class:`ConfigError`), what cannot work with several worker processes.
-
-    ``runtime`` is built from the configuration, as ``connic check`` does, and not started.
-    """
-    config = runtime.config
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigError(f"--workers {workers}: this platform has no SO_REUSEPORT; run one process per port instead")
-    server = config.server
-    if server.metrics and server.metrics_port:
-        # Only one worker could bind the metrics port, and a scrape would see that one only.
-        raise ConfigError(
-            f"--workers {workers}: {config.where}: server.metrics_port is set; with several workers serve "
-            "metrics on the main port (metrics_port = 0), where each scrape reads one worker"
-        )
-    if config.store.use != "memory":
-        return
-    for index, transport in enumerate(runtime.transports):
-        window = getattr(transport.options, "resume_window", 0)
-        if window:
-            raise ConfigError(
-                f"--workers {workers}: {config.where}: connectors[{index}].resume_window is {window:g}, but with "
-                '[store] use = "memory" sessions live in one process, so a client resuming on another worker '
-                "would lose its session; set resume_window = 0 on each connector, "
-                "or use a [store] shared between processes"
-            )
 
 
 @attrs.define
@@ -150,7 +122,7 @@ class Supervisor:
         self._give_up: str | None = None  # set once every worker keeps failing to start: the error line
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
+        self._scratch: str | None = None  # the metrics directory made here
 
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
@@ -159,11 +131,13 @@ class Supervisor:
         # One scrape of any worker shows the sum over all of them: prometheus-client's
         # multiprocess mode, in a directory of the workers' own unless the user gave one.
         given = os.environ.get(MULTIPROC_ENV)
-        scratch = None if given else tempfile.TemporaryDirectory(prefix="connic-metrics-")
+        if not given:
+            remove_stale_metrics_dirs()
+        scratch = None if given else make_metrics_dir()
         self._scratch = scratch
-        self._metrics_dir = given or (scratch.name if scratch is not None else None)
+        self._metrics_dir = given or scratch
         if scratch is not None:
-            os.environ[MULTIPROC_ENV] = scratch.name
+            os.environ[MULTIPROC_ENV] = scratch
         try:
             host, port = sockets[0].getsockname()[:2]
             return asyncio.run(self._supervise(str(host), port, log_level, debug))
@@ -172,7 +146,7 @@ class Supervisor:
                 sock.close()
             if scratch is not None:
                 del os.environ[MULTIPROC_ENV]
-                scratch.cleanup()
+                shutil.rmtree(scratch, ignore_errors=True)
 
     async def _supervise(self, host: str, port: int, log_level: str, debug: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -417,8 +391,7 @@ class Supervisor:
             _end_group(worker, signal.SIGKILL)
         if self._scratch is not None:
             # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
-            with contextlib.suppress(OSError):
-                self._scratch.cleanup()
+            shutil.rmtree(self._scratch, ignore_errors=True)
         logging.shutdown()
         sys.stderr.flush()
         os._exit(128 + signum)
