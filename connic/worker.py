@@ -24,7 +24,6 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 
 import attrs
@@ -34,7 +33,7 @@ from connic.app import create_app
 from connic.config import Config
 from connic.errors import ConnicError, StoreUnavailable
 from connic.logs import configure_logging
-from connic.serving import say, serve
+from connic.serving import say, serve, write_line
 
 __all__ = [
     "FAILED",
@@ -165,8 +164,7 @@ def error_line(text: str) -> None:
     The parent and every worker share standard error, and print() writes the newline
     apart: two workers failing together made one line of two errors.
     """
-    sys.stderr.write(f"connic: error: {text}\n")
-    sys.stderr.flush()
+    write_line("stderr", f"connic: error: {text}")
 
 
 def worker_main() -> int:

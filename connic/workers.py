@@ -140,13 +140,17 @@ class Supervisor:
             os.environ[MULTIPROC_ENV] = scratch
         try:
             host, port = sockets[0].getsockname()[:2]
-            return asyncio.run(self._supervise(str(host), port, log_level, debug))
+            status = asyncio.run(self._supervise(str(host), port, log_level, debug))
         finally:
             for sock in sockets:
                 sock.close()
             if scratch is not None:
                 del os.environ[MULTIPROC_ENV]
-                shutil.rmtree(scratch, ignore_errors=True)
+        # Not on an exception: workers may still run, each draining once it sees its parent gone,
+        # and one creating a metric file in a removed directory failed. The next start removes it.
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return status
 
     async def _supervise(self, host: str, port: int, log_level: str, debug: bool) -> int:
         loop = asyncio.get_running_loop()
