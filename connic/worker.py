@@ -24,6 +24,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import attrs
@@ -45,6 +47,7 @@ __all__ = [
     "error_line",
     "next_line",
     "pack_spec",
+    "worker_command",
     "worker_main",
 ]
 
@@ -88,6 +91,23 @@ class WorkerSpec:
     host_key: str
     log_level: str
     debug: bool
+    pythonpath: str | None = None  # the parent's PYTHONPATH, which worker_command() replaced
+
+
+def worker_command() -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start a worker: the parent's interpreter, flags and module path.
+
+    A worker runs as the parent does, not as a fresh ``python -m``: with its flags (``-O``,
+    ``-W error``, ``-X dev``, ``-I``), and importing from its ``sys.path``, in its order (given
+    as ``PYTHONPATH``, with ``-P`` so that the current directory does not come first). Started
+    by the ``connic`` script, the parent has no current directory on ``sys.path``: a worker
+    importing a module there instead of the one the parent checked the configuration with
+    served another agent. The worker puts the parent's own ``PYTHONPATH`` back as it starts.
+    """
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # multiprocessing's
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+    return [sys.executable, *flags, "-P", "-m", "connic.workers"], env
 
 
 def pack_spec(spec: WorkerSpec) -> bytes:
@@ -181,6 +201,10 @@ def worker_main() -> int:
     except (OSError, EOFError, pickle.UnpicklingError, TypeError):
         error_line("python -m connic.workers is a worker of `connic run --workers N`, not run by hand")
         return 2
+    if spec.pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)  # what the processes its agents start inherit
+    else:
+        os.environ["PYTHONPATH"] = spec.pythonpath
     name = f"connic: worker {spec.index} (pid {os.getpid()})"
     configure_logging(
         spec.log_level,

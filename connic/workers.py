@@ -48,6 +48,7 @@ from connic.worker import (
     error_line,
     next_line,
     pack_spec,
+    worker_command,
     worker_main,
 )
 
@@ -161,7 +162,8 @@ class Supervisor:
 
         def spec(index: int) -> WorkerSpec:
             # Workers bind the configured host: "" or a name may stand for several addresses.
-            return WorkerSpec(self.config, index, self.config.server.host, port, self.host_key, log_level, debug)
+            config, pythonpath = self.config, os.environ.get("PYTHONPATH")
+            return WorkerSpec(config, index, config.server.host, port, self.host_key, log_level, debug, pythonpath)
 
         for index in range(1, self.workers + 1):
             try:
@@ -242,9 +244,8 @@ class Supervisor:
         try:
             # A process group of its own: a Ctrl+C in the terminal reaches the parent only,
             # which forwards one SIGTERM; two signals would make a worker stop at once.
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "connic.workers", stdin=theirs.fileno(), process_group=0
-            )
+            command, env = worker_command()
+            process = await asyncio.create_subprocess_exec(*command, stdin=theirs.fileno(), env=env, process_group=0)
         except BaseException:
             ours.close()
             raise

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import websockets
 from test_workers import config, wait_exited
@@ -116,3 +117,89 @@ async def test_the_server_outlives_the_reader_of_its_standard_output(tmp_path: P
         log.file.close()
     assert code == 0, log.text()
     assert "Traceback" not in log.text() and "error" not in log.text(), log.text()
+
+
+PROBE_AGENT = """
+import connic
+import shadow
+
+
+class Probe(connic.Agent):
+    \"\"\"Answers with what its process imports and how its interpreter runs.\"\"\"
+
+    async def respond(self, turn):
+        yield f"debug={__debug__} shadow={shadow.WHO}"
+"""
+
+
+async def ask(port: int, log: Log, secret: str) -> tuple[int, str]:
+    """One new connection's one turn: the pid of the worker that served it (0 alone), and its answer."""
+    async with websockets.connect(f"ws://127.0.0.1:{port}/ws", open_timeout=30) as ws:
+        await ws.send(json.dumps({"secret": secret}))
+        connected = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        await ws.send(json.dumps({"message": "who are you?"}))
+        while (frame := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "stream_end":
+            pass
+    session = re.escape(connected["session_id"])
+    m = await asyncio.to_thread(log.wait_for, rf"(?:\[worker \d+ pid (\d+)\]: )?open session={session} ")
+    return int(m.group(1) or 0), frame["full_response"]
+
+
+def banner_of(out: IO[str], log: Log) -> str:
+    """What a server wrote to its standard output up to ``Press Ctrl+C to stop.``."""
+    banner = ""
+    while not banner.endswith("Press Ctrl+C to stop.\n"):
+        line = out.readline()
+        assert line, banner + log.text()
+        banner += line
+    return banner
+
+
+def launch(args: list[str], *, cwd: Path, log: Log, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``ARGS``, standard output in a pipe, standard error in ``log``."""
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log.file, env=env, cwd=cwd, text=True)
+
+
+async def test_workers_run_with_the_parents_interpreter_flags_and_module_path(tmp_path: Path) -> None:
+    # Workers were `python -m connic.workers`, whatever the parent was: `python -O` (asserts
+    # stripped in production) served with asserts on; a parent started by the `connic` script
+    # (not on sys.path: the current directory) had workers import a module of the current
+    # directory that shadowed the one the parent had checked the configuration with.
+    site, here, bin_dir = tmp_path / "site", tmp_path / "here", tmp_path / "bin"
+    for folder in (site, here, bin_dir):
+        folder.mkdir()
+    (site / "probe_agent.py").write_text(PROBE_AGENT)
+    (site / "shadow.py").write_text('WHO = "site"\n')
+    (here / "shadow.py").write_text('WHO = "current directory"\n')
+    # As the `connic` console script starts: its own folder, not the current directory, on sys.path.
+    (bin_dir / "connic").write_text("import sys\nfrom connic.cli import main\nsys.exit(main())\n")
+    path = tmp_path / "connic.toml"
+    path.write_text('[agents.probe]\nuse = "probe_agent:Probe"\n[[connectors]]\nresume_window = 0\n')
+    env = {**os.environ, "CONNIC_SECRET": "s", "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    answers = {}
+    for workers in ("1", "2"):
+        log = Log(tmp_path / f"stderr-{workers}.txt")
+        args = ["run", "--port", "0", "--workers", workers, "--config", str(path)]
+        proc = launch([sys.executable, "-O", str(bin_dir / "connic"), *args], cwd=here, log=log, env=env)
+        try:
+            assert proc.stdout is not None
+            banner = await asyncio.to_thread(banner_of, proc.stdout, log)
+            port = int(re.search(r"listening on http://[^:]+:(\d+)", banner).group(1))  # type: ignore[union-attr]
+            pids = [int(p) for p in re.findall(r"\d+", banner.split("pids", 1)[1])] if workers == "2" else [0]
+            served: dict[int, str] = {}
+            for _ in range(48):  # until each worker has answered (each connection is a coin toss)
+                pid, answer = await ask(port, log, "s")
+                served[pid] = answer
+                if set(served) == set(pids):
+                    break
+            assert set(served) == set(pids), (served, pids)
+            answers[workers] = served
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 60) == 0, log.text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+            log.file.close()
+    assert answers["1"] == {0: "debug=False shadow=site"}, answers
+    assert set(answers["2"].values()) == {"debug=False shadow=site"}, answers
