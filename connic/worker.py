@@ -38,6 +38,7 @@ from connic.logs import configure_logging
 from connic.serving import say, serve, write_line
 
 __all__ = [
+    "ALIVE",
     "FAILED",
     "READY",
     "STOP",
@@ -53,6 +54,13 @@ __all__ = [
 
 READY = b"ready\n"
 """What a worker writes to its parent once it listens."""
+ALIVE = b"alive\n"
+"""What a listening worker writes to its parent every few seconds, from its event loop, until it exits.
+
+The parent kills a worker that writes nothing for ``server.worker_timeout`` seconds: its event
+loop is blocked (an agent calling ``time.sleep`` or waiting on a lock), every connection it holds
+is stalled, and the kernel still gives it its share of the new ones.
+"""
 FAILED = b"failed "
 """What a worker that could not start writes to its parent instead of :data:`READY`, then its error and a newline.
 
@@ -215,6 +223,7 @@ def worker_main() -> int:
     )
 
     listened = threading.Event()
+    beating: list[asyncio.Task[None]] = []  # the heartbeat, kept alive past listening()
     threading.Thread(target=_orphaned, args=(link, listened, name), daemon=True).start()
 
     async def listening(stop: asyncio.Event) -> None:
@@ -226,6 +235,8 @@ def worker_main() -> int:
         # unsupervised, for ever.
         try:
             await loop.sock_sendall(link, READY)
+            if limit := spec.config.server.worker_timeout:  # a few beats within the parent's bound
+                beating.append(asyncio.create_task(_heartbeat(link, min(5.0, limit / 4))))
             if await loop.sock_recv(link, len(STOP)):
                 stop.set()  # serve() says "shutting down" and drains
                 return
@@ -255,6 +266,19 @@ def worker_main() -> int:
         _failed(link, str(exc.strerror or exc))
         return 1
     return 0
+
+
+async def _heartbeat(link: socket.socket, interval: float) -> None:
+    """:data:`ALIVE` to the parent every ``interval`` seconds, until this worker exits or the link ends.
+
+    A task of its own, not part of listening(): it goes on through the drain and the agents'
+    close(), which the parent's bound covers as well.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError):
+        while True:
+            await asyncio.sleep(interval)
+            await loop.sock_sendall(link, ALIVE)
 
 
 def _orphaned(link: socket.socket, listened: threading.Event, name: str) -> None:

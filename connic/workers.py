@@ -321,10 +321,27 @@ class Supervisor:
             if self._started:
                 say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
             self._changed.set()
+            await self._heard_from(worker, said, exited)
         elif line.startswith(FAILED):
             worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
         await exited
         self._changed.set()
+
+    async def _heard_from(self, worker: _Worker, said: bytearray, exited: asyncio.Future[int]) -> None:
+        """Until ``worker`` exits: kill it once it sends no heartbeat (:data:`~connic.worker.ALIVE`) in time."""
+        limit = self.config.server.worker_timeout
+        while limit:
+            try:
+                async with asyncio.timeout(limit):
+                    if not await next_line(worker.link, said, exited):
+                        return  # it exited
+            except TimeoutError:
+                say(
+                    f"connic: worker {worker.index} (pid {worker.process.pid}) sent no heartbeat for {limit:g} s "
+                    "(server.worker_timeout): its event loop is blocked, killing it"
+                )
+                _end_group(worker, signal.SIGKILL)  # its connections are stalled already; it cannot drain
+                return
 
     async def _next_change(self, stopper: asyncio.Task[bool]) -> None:
         changed = asyncio.ensure_future(self._changed.wait())

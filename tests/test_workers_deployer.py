@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import IO
 
 import websockets
-from test_workers import config, wait_exited
+from test_workers import (
+    Cli,
+    Output,
+    clients_on,
+    config,
+    wait_exited,
+    worker_pids,
+    workers_cli,  # noqa: F401  (a fixture)
+)
 
-from conftest import ROOT
+from conftest import ROOT, Connect
 
 
 class Log:
@@ -203,3 +211,61 @@ async def test_workers_run_with_the_parents_interpreter_flags_and_module_path(tm
             log.file.close()
     assert answers["1"] == {0: "debug=False shadow=site"}, answers
     assert set(answers["2"].values()) == {"debug=False shadow=site"}, answers
+
+
+BLOCKING_AGENT = """
+import time
+
+import connic
+
+
+class Blocking(connic.Agent):
+    \"\"\"Echoes, but "block" blocks its worker's event loop for an hour (time.sleep in a coroutine).\"\"\"
+
+    async def respond(self, turn):
+        if turn.message == "block":
+            time.sleep(3600)
+        yield turn.message
+"""
+
+
+async def test_a_worker_whose_event_loop_blocks_is_killed_and_restarted(
+    tmp_path: Path,
+    workers_cli: Cli,  # noqa: F811  (the fixture imported above)
+    connect: Connect,
+) -> None:
+    # An agent blocking its worker's event loop (time.sleep, a lock, a synchronous SDK call that
+    # never returns): every connection on that worker stalled for ever, and the kernel kept giving
+    # the worker its share of the new ones, whose handshakes hung. The parent saw a live process.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "blocking_agent.py").write_text(BLOCKING_AGENT)
+    path = tmp_path / "connic.toml"
+    path.write_text(
+        '[server]\nworker_timeout = 10\n[agents.b]\nuse = "blocking_agent:Blocking"\n'
+        "[[connectors]]\nresume_window = 0\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    server = workers_cli("--config", str(path), "--secret", "s", env=env)
+    first, second = worker_pids(server)
+    output = Output(server)
+    blocked = (await clients_on(output, connect, server, {first}, "s"))[first]
+    await blocked.send({"message": "block"})
+    await output.wait_for(
+        rf"connic: worker 1 \(pid {first}\) sent no heartbeat for 10 s \(server.worker_timeout\): "
+        "its event loop is blocked, killing it",
+        timeout=90,
+    )
+    m = await output.wait_for(
+        rf"connic: worker 1 \(pid {first}\) exited with signal 9 \(SIGKILL\); restarted as pid (\d+)"
+    )
+    new = int(m.group(1))
+    await output.wait_for(rf"connic: worker 1 \(pid {new}\) listening", timeout=60)
+    code, _ = await blocked.closed(timeout=30)
+    assert code != 1000, code  # dropped with its worker
+    for client in (await clients_on(output, connect, server, {new, second}, "s")).values():
+        frames = await client.reply({"message": "still here"})
+        assert frames[-1]["full_response"] == "still here", frames
+    code, _ = server.stop(timeout=60)
+    assert code == 0, output.text()
+    await wait_exited([second, new])
