@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,17 @@ from connic.stores.memory import MemoryStore
 from connic.telemetry import configure as configure_telemetry
 from connic.transport import Transport
 
-__all__ = ["RUNTIME", "ConfigLike", "Runtime", "build_runtime", "create_app", "drain", "resolve_config", "setup"]
+__all__ = [
+    "RUNTIME",
+    "STARTING",
+    "ConfigLike",
+    "Runtime",
+    "build_runtime",
+    "create_app",
+    "drain",
+    "resolve_config",
+    "setup",
+]
 
 ConfigLike = Config | str | Path | Mapping[str, Any] | None
 """A Config, a path to a TOML file, parsed TOML data, or None (``$CONNIC_CONFIG`` or the default)."""
@@ -54,6 +64,13 @@ class Runtime:
 
 RUNTIME = web.AppKey("connic.runtime", Runtime)
 """Where a connic application keeps its :class:`Runtime`."""
+
+STARTING = web.AppKey[Callable[[str], None]]("connic.starting")
+"""Optional: called with what the application's start-up begins next (``agent 'x' start()``).
+
+A worker of ``run --workers N`` passes it on to its parent, which can then say what a worker
+that does not listen in time is stuck in.
+"""
 
 
 def resolve_config(config: ConfigLike) -> Config:
@@ -176,13 +193,21 @@ def build_runtime(config: Config, registry: Registry | None = None) -> Runtime:
 async def _agents_lifecycle(runtime: Runtime, app: web.Application) -> AsyncIterator[None]:
     # The runtime is bound when installed, not read back from app[RUNTIME]: an app's
     # callbacks must each serve the runtime they were installed with.
-    agents = list(runtime.agents.values())
+    starting = app.get(STARTING)
+
+    def step(what: str) -> None:
+        if starting is not None:
+            starting(what)
+
     started: list[Agent] = []
+    step(f"the session store's start() ([store] use = {runtime.config.store.use!r})")
     await runtime.store.start()
     try:
-        for agent in agents:
+        for name, agent in runtime.agents.items():
+            step(f"agent {name!r} start()")
             await agent.start()
             started.append(agent)
+        step("binding the port")
         yield
     finally:
         await asyncio.gather(*(agent.close() for agent in reversed(started)), return_exceptions=True)

@@ -100,13 +100,16 @@ class ServerConfig:
     connections across all connectors (0: no cap); ``metrics_port`` 0 serves
     ``metrics_path`` on the main port. ``playground`` serves the browser page at ``/`` (docs/playground.md).
     ``telemetry`` (auto, on, off), ``telemetry_capture_content`` and ``log_format`` (text, json):
-    docs/observability.md.
+    docs/observability.md. ``start_timeout``: seconds each worker of ``run --workers N`` may take to
+    listen, ``worker_timeout`` how long one may go without a heartbeat (docs/cli.md).
     """
 
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8080, validator=in_range(0, 65535))
     shutdown_grace: float = attrs.field(default=10.0, validator=non_negative)
     handshake_timeout: float = attrs.field(default=15.0, validator=positive)
+    start_timeout: float = attrs.field(default=60.0, validator=positive)
+    worker_timeout: float = attrs.field(default=60.0, validator=non_negative)
     max_connections: int = attrs.field(default=10_000, validator=non_negative)
     max_connections_per_ip: int = attrs.field(default=0, validator=non_negative)
     max_unauthenticated: int | None = attrs.field(default=None, validator=attrs.validators.optional(non_negative))

@@ -1,10 +1,11 @@
-"""The port of ``connic run --workers N``, reserved by the supervising parent before any worker starts.
+"""What the supervising parent of ``connic run --workers N`` does once, before any worker starts.
 
-Kept apart from :mod:`connic.workers` (the supervisor) because it is plain socket work done
-once: bind every address the host names, on one port, with ``SO_REUSEPORT`` and without
-listening, so that ``--port 0`` becomes one real port that every worker then binds, a port
-already served is refused in one line before any worker starts, and nobody else takes the
-port while a worker restarts.
+Kept apart from :mod:`connic.workers` (the supervisor): refuse a configuration that cannot
+work with several processes (:func:`check_workers`), and reserve the port (:func:`reserve`):
+bind every address the host names, on one port, with ``SO_REUSEPORT`` and without listening,
+so that ``--port 0`` becomes one real port that every worker then binds, a port already served
+is refused in one line before any worker starts, and nobody else takes the port while a
+worker restarts.
 """
 
 from __future__ import annotations
@@ -12,9 +13,38 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from connic.app import Runtime
 from connic.errors import ConfigError
 
-__all__ = ["reserve"]
+__all__ = ["check_workers", "reserve"]
+
+
+def check_workers(runtime: Runtime, workers: int) -> None:
+    """Refuse, with one line (a :class:`ConfigError`), what cannot work with several worker processes.
+
+    ``runtime`` is built from the configuration, as ``connic check`` does, and not started.
+    """
+    config = runtime.config
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigError(f"--workers {workers}: this platform has no SO_REUSEPORT; run one process per port instead")
+    server = config.server
+    if server.metrics and server.metrics_port:
+        # Only one worker could bind the metrics port, and a scrape would see that one only.
+        raise ConfigError(
+            f"--workers {workers}: {config.where}: server.metrics_port is set; with several workers serve "
+            "metrics on the main port (metrics_port = 0), where each scrape reads one worker"
+        )
+    if config.store.use != "memory":
+        return
+    for index, transport in enumerate(runtime.transports):
+        window = getattr(transport.options, "resume_window", 0)
+        if window:
+            raise ConfigError(
+                f"--workers {workers}: {config.where}: connectors[{index}].resume_window is {window:g}, but with "
+                '[store] use = "memory" sessions live in one process, so a client resuming on another worker '
+                "would lose its session; set resume_window = 0 on each connector, "
+                "or use a [store] shared between processes"
+            )
 
 
 def reserve(host: str, port: int, host_key: str) -> list[socket.socket]:

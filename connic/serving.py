@@ -12,6 +12,7 @@ its two ways out: a drain on the first signal, an immediate exit on the second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -27,7 +28,7 @@ from connic.app import RUNTIME, drain
 from connic.banner import print_banner
 from connic.errors import ConfigError
 
-__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve", "stop_signals"]
+__all__ = ["GC_YOUNG_THRESHOLD", "SLOW_CALLBACK", "Listening", "say", "serve", "stop_signals", "write_line"]
 
 SLOW_CALLBACK = 0.1
 """With ``--debug``: seconds a callback may hold the event loop before asyncio logs it."""
@@ -81,8 +82,30 @@ def say(text: str) -> None:
     containers), print() writes the text and its newline apart, and two workers saying
     "shutting down" at once made one line of two and an empty one.
     """
-    sys.stdout.write(f"{text}\n")
-    sys.stdout.flush()
+    write_line("stdout", text)
+
+
+def write_line(stream: str, text: str) -> None:
+    """``text`` and a newline in one write to ``sys.stdout`` or ``sys.stderr`` (``stream``), or nowhere.
+
+    A line that cannot be written is dropped: a server does not stop serving because its output
+    went away (``connic run | log-shipper``, and the shipper died: EPIPE). A pipe without a reader
+    never gets one again, so ``/dev/null`` takes its place: the next lines, and the flush at exit,
+    would fail the same way, and what is buffered goes there.
+    """
+    out = getattr(sys, stream)
+    try:
+        out.write(f"{text}\n")
+        out.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())
+            os.close(null)
+    except ValueError:  # closed (an agent called sys.stdout.close()): its descriptor may be another file's now
+        setattr(sys, stream, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115  (for the process's life)
+    except OSError:
+        pass  # another error (a full disk, a closed descriptor): this line only
 
 
 def _stop_at_once(signum: int) -> None:

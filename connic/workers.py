@@ -21,32 +21,34 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 
 import attrs
 from prometheus_client import multiprocess
 
-from connic.app import Runtime, build_runtime
+from connic.app import build_runtime
 from connic.banner import print_banner
 from connic.config import Config
-from connic.errors import ConfigError
 from connic.metrics import MULTIPROC_ENV
-from connic.reserve import reserve
+from connic.metrics_dir import make_metrics_dir, remove_stale_metrics_dirs
+from connic.reserve import check_workers, reserve
 from connic.restarts import GIVE_UP_STARTS, RESTART_WINDOW, STORE_RETRY_MAX, Restarts, asked_to_stop, exit_status
 from connic.serving import say, stop_signals
 from connic.worker import (
     FAILED,
     READY,
+    STARTING,
     STOP,
     STORE_UNAVAILABLE,
     WorkerSpec,
     error_line,
-    first_line,
+    next_line,
     pack_spec,
+    worker_command,
     worker_main,
 )
 
@@ -64,34 +66,6 @@ __all__ = [
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
 
 
-def check_workers(runtime: Runtime, workers: int) -> None:
-    """Refuse, with one line (a :class:`ConfigError`), what cannot work with several worker processes.
-
-    ``runtime`` is built from the configuration, as ``connic check`` does, and not started.
-    """
-    config = runtime.config
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise ConfigError(f"--workers {workers}: this platform has no SO_REUSEPORT; run one process per port instead")
-    server = config.server
-    if server.metrics and server.metrics_port:
-        # Only one worker could bind the metrics port, and a scrape would see that one only.
-        raise ConfigError(
-            f"--workers {workers}: {config.where}: server.metrics_port is set; with several workers serve "
-            "metrics on the main port (metrics_port = 0), where each scrape reads one worker"
-        )
-    if config.store.use != "memory":
-        return
-    for index, transport in enumerate(runtime.transports):
-        window = getattr(transport.options, "resume_window", 0)
-        if window:
-            raise ConfigError(
-                f"--workers {workers}: {config.where}: connectors[{index}].resume_window is {window:g}, but with "
-                '[store] use = "memory" sessions live in one process, so a client resuming on another worker '
-                "would lose its session; set resume_window = 0 on each connector, "
-                "or use a [store] shared between processes"
-            )
-
-
 @attrs.define
 class _Worker:
     index: int
@@ -99,6 +73,8 @@ class _Worker:
     link: socket.socket
     ready: bool = False
     why: str = ""  # what it said it failed on (connic.worker.FAILED), if it could not start
+    doing: str = ""  # the step of its start-up it said it began last (connic.worker.STARTING)
+    timed_out: bool = False  # it did not listen within server.start_timeout, and was killed
     watch: asyncio.Task[None] | None = None
 
 
@@ -147,7 +123,7 @@ class Supervisor:
         self._give_up: str | None = None  # set once every worker keeps failing to start: the error line
         self._changed = asyncio.Event()
         self._metrics_dir: str | None = None
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None  # the metrics directory made here
+        self._scratch: str | None = None  # the metrics directory made here
 
     def run(self, *, log_level: str, debug: bool) -> int:
         """Serve until a signal; the exit status of ``connic run``."""
@@ -156,20 +132,26 @@ class Supervisor:
         # One scrape of any worker shows the sum over all of them: prometheus-client's
         # multiprocess mode, in a directory of the workers' own unless the user gave one.
         given = os.environ.get(MULTIPROC_ENV)
-        scratch = None if given else tempfile.TemporaryDirectory(prefix="connic-metrics-")
+        if not given:
+            remove_stale_metrics_dirs()
+        scratch = None if given else make_metrics_dir()
         self._scratch = scratch
-        self._metrics_dir = given or (scratch.name if scratch is not None else None)
+        self._metrics_dir = given or scratch
         if scratch is not None:
-            os.environ[MULTIPROC_ENV] = scratch.name
+            os.environ[MULTIPROC_ENV] = scratch
         try:
             host, port = sockets[0].getsockname()[:2]
-            return asyncio.run(self._supervise(str(host), port, log_level, debug))
+            status = asyncio.run(self._supervise(str(host), port, log_level, debug))
         finally:
             for sock in sockets:
                 sock.close()
             if scratch is not None:
                 del os.environ[MULTIPROC_ENV]
-                scratch.cleanup()
+        # Not on an exception: workers may still run, each draining once it sees its parent gone,
+        # and one creating a metric file in a removed directory failed. The next start removes it.
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return status
 
     async def _supervise(self, host: str, port: int, log_level: str, debug: bool) -> int:
         loop = asyncio.get_running_loop()
@@ -180,7 +162,8 @@ class Supervisor:
 
         def spec(index: int) -> WorkerSpec:
             # Workers bind the configured host: "" or a name may stand for several addresses.
-            return WorkerSpec(self.config, index, self.config.server.host, port, self.host_key, log_level, debug)
+            config, pythonpath = self.config, os.environ.get("PYTHONPATH")
+            return WorkerSpec(config, index, config.server.host, port, self.host_key, log_level, debug, pythonpath)
 
         for index in range(1, self.workers + 1):
             try:
@@ -197,6 +180,9 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is not None and _exited(worker):
                         self._forget(worker)
+                        if worker.timed_out:
+                            error_line(f"{self._stuck(worker)}; stopped it")
+                            return await self._stop_all(loop, 1)
                         when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
@@ -213,10 +199,13 @@ class Supervisor:
                     code = worker.process.returncode
                     if code is None or not _exited(worker):
                         continue
-                    if not worker.ready and code > 0:
+                    if not worker.ready and (code > 0 or worker.timed_out):
                         # It exited before it listened: it could not start (the store, an agent's
                         # start()), as its error line says. Not a worker that cannot stay up.
                         self._forget(worker, counted=False)
+                        if worker.timed_out:
+                            self._start_later(spec(worker.index), self._stuck(worker), "")
+                            continue
                         why = "could not reach the session store" if code == STORE_UNAVAILABLE else "could not start"
                         cause = worker.why or f"exited with {exit_status(code)}"
                         self._start_later(
@@ -255,9 +244,8 @@ class Supervisor:
         try:
             # A process group of its own: a Ctrl+C in the terminal reaches the parent only,
             # which forwards one SIGTERM; two signals would make a worker stop at once.
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "connic.workers", stdin=theirs.fileno(), process_group=0
-            )
+            command, env = worker_command()
+            process = await asyncio.create_subprocess_exec(*command, stdin=theirs.fileno(), env=env, process_group=0)
         except BaseException:
             ours.close()
             raise
@@ -290,7 +278,7 @@ class Supervisor:
             say(f"connic: {failed}")
             self._give_up = (
                 f"every worker failed its last {GIVE_UP_STARTS} starts in a row and none is listening, "
-                f"giving up (the last: {failed}: {cause})"
+                f"giving up (the last: {failed}{': ' if cause else ''}{cause})"
             )
             self._changed.set()
             return
@@ -314,23 +302,60 @@ class Supervisor:
 
     async def _watch(self, worker: _Worker) -> None:
         exited = asyncio.ensure_future(worker.process.wait())
-        line = await first_line(worker.link, exited)
+        said = bytearray()
+        try:
+            # Bounded: a worker stuck in an agent's start() would otherwise keep the parent
+            # waiting, the port unserved, for ever (gunicorn's --timeout likewise kills it).
+            async with asyncio.timeout(self.config.server.start_timeout):
+                line = await next_line(worker.link, said, exited)
+                while line.startswith(STARTING):
+                    worker.doing = line[len(STARTING) :].decode("utf-8", "replace").strip()
+                    line = await next_line(worker.link, said, exited)
+        except TimeoutError:
+            worker.timed_out = True
+            line = b""
+            _end_group(worker, signal.SIGKILL)  # it serves nothing yet; blocked, it could not drain
         if line == READY:
             worker.ready = True
             self._restarts.listening(worker.index)
             if self._started:
                 say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
             self._changed.set()
+            await self._heard_from(worker, said, exited)
         elif line.startswith(FAILED):
             worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
         await exited
         self._changed.set()
+
+    async def _heard_from(self, worker: _Worker, said: bytearray, exited: asyncio.Future[int]) -> None:
+        """Until ``worker`` exits: kill it once it sends no heartbeat (:data:`~connic.worker.ALIVE`) in time."""
+        limit = self.config.server.worker_timeout
+        while limit:
+            try:
+                async with asyncio.timeout(limit):
+                    if not await next_line(worker.link, said, exited):
+                        return  # it exited
+            except TimeoutError:
+                say(
+                    f"connic: worker {worker.index} (pid {worker.process.pid}) sent no heartbeat for {limit:g} s "
+                    "(server.worker_timeout): its event loop is blocked, killing it"
+                )
+                _end_group(worker, signal.SIGKILL)  # its connections are stalled already; it cannot drain
+                return
 
     async def _next_change(self, stopper: asyncio.Task[bool]) -> None:
         changed = asyncio.ensure_future(self._changed.wait())
         await asyncio.wait([changed, stopper], return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
         self._changed.clear()
+
+    def _stuck(self, worker: _Worker) -> str:
+        """What a worker that did not listen in time was doing: ``worker 1 (pid 42) did not start within ...``."""
+        doing = f"stuck in {worker.doing}" if worker.doing else "it said nothing of its start-up"
+        return (
+            f"worker {worker.index} (pid {worker.process.pid}) did not start within "
+            f"{self.config.server.start_timeout:g} s (server.start_timeout): {doing}"
+        )
 
     def _forget(self, worker: _Worker, *, counted: bool = True) -> None:
         """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
@@ -370,7 +395,10 @@ class Supervisor:
             # started that never listened (it could not start: the store, an agent): it had no
             # drain to fail, and its own error line says why it stopped.
             could_not_start = self._started and not worker.ready
-            if code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
+            if worker.timed_out:
+                error_line(f"{self._stuck(worker)}; stopped it")
+                status = status if could_not_start else 1
+            elif code not in (0, -signal.SIGTERM) and status == 0 and not could_not_start:
                 error_line(
                     f"worker {worker.index} (pid {worker.process.pid}) exited with "
                     f"{exit_status(code)} while shutting down",
@@ -385,8 +413,7 @@ class Supervisor:
             _end_group(worker, signal.SIGKILL)
         if self._scratch is not None:
             # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
-            with contextlib.suppress(OSError):
-                self._scratch.cleanup()
+            shutil.rmtree(self._scratch, ignore_errors=True)
         logging.shutdown()
         sys.stderr.flush()
         os._exit(128 + signum)
