@@ -12,7 +12,8 @@ two frames. Verified on aiohttp 3.14; the black-box tests that pin this
 behaviour are tests/reliability/test_heartbeat.py (pings and pongs, with and
 without compression), tests/reliability/test_slow_client.py (flow control),
 tests/reliability/test_preauth.py (:class:`Socket`, compressed and not) and
-tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``).
+tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``) and
+tests/reliability/test_refusal_drain.py (the socket drained after a 1009, :class:`_Drain`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import struct
 from typing import Any
 
@@ -51,6 +54,11 @@ _READ_SIZE = 64 * 1024
 # asyncio's selector transport reads up to 256 KiB at a time into a new bytes object:
 # above glibc's mmap threshold, so a process can settle into mapping and unmapping that
 # buffer for every small frame (CPython issue 85451; docs/performance.md).
+
+_LINGER = 2.0
+_LINGER_BYTES = 16 * 1024 * 1024
+# A client refused with 1009 is read from (what it sends dropped) at most this long, and this
+# much, after the server's close: see ``_Drain``.
 
 _FIN = 0x80
 _TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
@@ -224,3 +232,68 @@ class Socket(web.WebSocketResponse):
                 # a reference cycle that would keep the connection until the cyclic
                 # garbage collector ran.
                 exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+
+    def _close_transport(self) -> None:
+        """aiohttp ends the connection; after a 1009, what the client still sends is drained a while."""
+        transport = self._transport
+        if self.sent_code == WSCloseCode.MESSAGE_TOO_BIG and transport is not None and not transport.is_closing():
+            _Drain.start(transport)
+        super()._close_transport()
+
+
+class _Drain:
+    """Reads and drops what a client refused with 1009 still sends, then closes its socket.
+
+    Closed at once, the socket would still have the rest of the oversized frame to read, or
+    get it soon: the kernel answers that with a reset, and a client that gets the reset before
+    it has read the close frame (Chromium, still sending the large frame) drops what it had
+    unread and reports 1006 with no reason. The connection ends for connic as before; a
+    duplicate of its socket's descriptor keeps the TCP connection open, sends FIN after the
+    close frame and reads until the client closes too, ``_LINGER`` seconds or ``_LINGER_BYTES``
+    bytes, whichever comes first: a bounded cost, with no buffer and no task.
+    """
+
+    __slots__ = ("_budget", "_loop", "_sock", "_timer")
+
+    @classmethod
+    def start(cls, transport: asyncio.Transport) -> None:
+        """Drain the socket of ``transport``, which is about to be closed."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        copy.setblocking(False)
+        if not transport.get_write_buffer_size():
+            # The close frame is in the kernel: FIN behind it. (Not when it waits in
+            # asyncio's buffer: the socket would refuse it then.)
+            with contextlib.suppress(OSError):
+                copy.shutdown(socket.SHUT_WR)
+        cls(copy)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._budget = _LINGER_BYTES
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._read)
+        self._timer = self._loop.call_later(_LINGER, self._end)
+
+    def _read(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._budget -= len(data)
+        if not data or self._budget <= 0:
+            self._end()
+
+    def _end(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        self._timer.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
