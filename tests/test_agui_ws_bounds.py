@@ -86,6 +86,7 @@ async def test_frames_up_to_max_body_bytes_run_and_bigger_ones_close_1009(
     # Counted as the code sent: aiohttp's own close_code says 1006 once its reader has failed.
     await wait_metric(server.http, 'connic_closes_total{code="1009",connector="/agui"}', 1, timeout=10)
     assert await scrape(server.http, 'connic_closes_total{code="1006",connector="/agui"}') == 0
+    assert await scrape(server.http, 'connic_errors_total{code="message_too_large",connector="/agui"}') == 1
     # Told why, as for any frame connic cannot run: a RUN_ERROR naming the bound.
     assert [(e["type"], e.get("code")) for e in events] == [("RUN_ERROR", "message_too_large")], events
     assert "max_body_bytes" in events[0]["message"]

@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
@@ -153,13 +154,22 @@ class Socket(web.WebSocketResponse):
     # Slots, not the instance dict: aiohttp's own attributes nearly fill the keys a dict may
     # share with its class's other instances (30 in CPython 3.11), and one more turns every
     # connection's dict into one of its own, some 1.3 KB larger (docs/performance.md, M).
-    __slots__ = ("_auth_bound", "_auth_frame_bytes", "_frame_bytes", "_transport", "sent_code")
+    __slots__ = ("_auth_bound", "_auth_frame_bytes", "_counted", "_frame_bytes", "_transport", "sent_code")
 
     sent_code: int | None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
-    def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_msg_size: int,
+        auth_frame_bytes: int | None = None,
+        counted: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``counted``: called with the code of each error frame this socket sends (the metrics' errors)."""
         super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._counted = counted
         self.sent_code = None
         self._frame_bytes = max_msg_size
         self._auth_frame_bytes = auth_frame_bytes
@@ -217,9 +227,10 @@ class Socket(web.WebSocketResponse):
             self.sent_code = code
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
             limit = "max_auth_frame_bytes before authentication" if bound is not None else "max_frame_bytes"
-            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}")
+            if self._counted is not None:
+                self._counted(MessageTooLarge.code)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send_str(encode(frame))
+                await self.send_str(self.too_large(limit))
             message = message or MessageTooLarge.code.encode()
         try:
             return await super().close(code=code, message=message, drain=drain)
@@ -232,6 +243,10 @@ class Socket(web.WebSocketResponse):
                 # a reference cycle that would keep the connection until the cyclic
                 # garbage collector ran.
                 exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+
+    def too_large(self, limit: str) -> str:
+        """The frame that tells the client why it is closed 1009: its frame is over ``limit`` (a key's name)."""
+        return encode(ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}"))
 
     def _close_transport(self) -> None:
         """aiohttp ends the connection; after a 1009, what the client still sends is drained a while."""

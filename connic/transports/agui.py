@@ -21,12 +21,20 @@ from aiohttp import web
 from connic.agent import Agent
 from connic.app import RUNTIME
 from connic.config import ConnectorConfig, at_least_one, in_range, non_negative
-from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
+from connic.errors import (
+    ConfigError,
+    MessageTooLarge,
+    ServerRestarting,
+    ServerShuttingDown,
+    SessionTakenOver,
+    StoreUnavailable,
+)
 from connic.flow import Flag
 from connic.frames import MessageFrame
 from connic.metrics import close_code_label
 from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
+from connic.transports._aiohttp_raw import Socket
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
 from connic.transports.session_transport import SessionTransport, SessionTransportOptions
 
@@ -41,6 +49,20 @@ __all__ = ["AguiTransport"]
 log = logging.getLogger("connic.agui")
 
 SECRET_HEADER = "X-Connic-Secret"
+
+
+class BindingSocket(Socket):
+    """The WebSocket binding's socket: connic's, whose frames over ``max_body_bytes`` (inflated or
+    not) are refused with a ``RUN_ERROR`` ``message_too_large``, then close 1009."""
+
+    __slots__ = ()
+
+    def too_large(self, limit: str) -> str:
+        """A ``RUN_ERROR`` naming ``max_body_bytes``, the binding's bound (``limit`` is the connic WebSocket's)."""
+        from ag_ui.core import RunErrorEvent
+
+        message = "the frame is larger than max_body_bytes"
+        return RunErrorEvent(message=message, code=MessageTooLarge.code).model_dump_json(by_alias=True)
 
 
 class AguiTransport(SessionTransport):
@@ -209,7 +231,12 @@ class AguiTransport(SessionTransport):
         refused = self.check_request(request, query_secret=True)
         if refused is not None:
             return refused
-        ws = web.WebSocketResponse(max_msg_size=self.options.max_body_bytes + 1, autoping=True)
+        path = self.connector.path
+        ws = BindingSocket(
+            max_msg_size=self.options.max_body_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
+            autoping=True,
+            counted=lambda code: self.metrics.errors.inc(path, code),
+        )
         if not ws.can_prepare(request).ok:
             return self.refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
         if not await self.store.available():
