@@ -47,7 +47,7 @@ async def test_bodies_being_read_count_against_max_connections_per_ip(
     await asyncio.sleep(0.5)  # the server has them
     status, text = await post_run(server.http + "/agui", run_input("t-third", "hi"))
     assert (status, text) == (429, "too many connections\n"), (status, text)
-    assert await scrape(server.http, 'connic_refused_total{code="429",connector="/agui"}') == 1
+    assert await scrape(server.http, 'connic_handshakes_refused_total{connector="/agui",status="429"}') == 1
     for sock in sockets:
         sock.close()
     for _ in range(200):  # their slots come back once the server sees them gone

@@ -210,16 +210,18 @@ class AguiTransport(SessionTransport):
         if refused is not None:
             return refused
         cors = self._cors(request)
-        problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
-        if problem is not None:
-            return self.refuse(problem[0], problem[1], cors)
-        assert run is not None and frame is not None
-        if not await self.store.available():
-            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
+        # Counted from before the body is read: a client that sends bodies slowly, or declares
+        # more than it sends, holds a connection (and up to max_body_bytes) meanwhile.
         slot = self.gate.enter(request.remote or "unknown", authenticated=True)
         if isinstance(slot, int):
             return self.refuse(slot, "too many connections", {"Retry-After": "5", **cors})
         try:
+            problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
+            if problem is not None:
+                return self.refuse(problem[0], problem[1], cors)
+            assert run is not None and frame is not None
+            if not await self.store.available():
+                return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
             return await self._run(request, run, frame, cors)
         finally:
             self.gate.leave(slot)
