@@ -56,3 +56,28 @@ async def test_bodies_being_read_count_against_max_connections_per_ip(
             break
         await asyncio.sleep(0.05)
     assert status == 200
+
+
+def response_of(sock: socket.socket) -> bytes:
+    """What the server answers before it closes (blocking: run in a thread)."""
+    sock.settimeout(30)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(4096, 100), (4096, 0)], ids=["part_of_it", "none_of_it"])
+async def test_a_body_that_stops_coming_is_408_after_body_timeout(
+    start_server: StartServer, sockets: list[socket.socket], declared: int, sent: int
+) -> None:
+    server = await start_server(agui_config({"body_timeout": 1}), registry=agui_registry())
+    port = int(server.http.rsplit(":", 1)[1])
+    started = asyncio.get_running_loop().time()
+    answer = await asyncio.to_thread(response_of, stalled(port, declared, sent, sockets))
+    took = asyncio.get_running_loop().time() - started
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"the body did not arrive within 1 s" in answer, answer
+    assert b"\r\nConnection: close\r\n" in answer, answer  # not kept for more of a body that stopped
+    assert 0.5 < took < 20, took
+    assert await scrape(server.http, 'connic_handshakes_refused_total{connector="/agui",status="408"}') == 1

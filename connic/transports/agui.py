@@ -20,7 +20,7 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.app import RUNTIME
-from connic.config import ConnectorConfig, at_least_one, in_range, non_negative
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
 from connic.errors import (
     ConfigError,
     MessageTooLarge,
@@ -76,6 +76,7 @@ class AguiTransport(SessionTransport):
         resume_window: float = attrs.field(default=3600.0, validator=[non_negative, in_range(0, 86400)])
         on_disconnect: Literal["continue", "cancel"] = "cancel"
         max_body_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
+        body_timeout: float = attrs.field(default=30.0, validator=[positive, in_range(0, 86400)])
 
     options: Options
 
@@ -216,9 +217,15 @@ class AguiTransport(SessionTransport):
         if isinstance(slot, int):
             return self.refuse(slot, "too many connections", {"Retry-After": "5", **cors})
         try:
-            problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
+            opts = self.options
+            problem, run, frame = await read_run(
+                request, opts.max_body_bytes, opts.body_timeout, request.match_info.get("agent")
+            )
             if problem is not None:
-                return self.refuse(problem[0], problem[1], cors)
+                refusal = self.refuse(problem[0], problem[1], cors)
+                if problem[0] == 408:
+                    refusal.force_close()  # the rest of a body that stopped coming is not waited for
+                return refusal
             assert run is not None and frame is not None
             if not await self.store.available():
                 return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
