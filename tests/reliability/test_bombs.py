@@ -1,14 +1,16 @@
 """Compression bombs: a few MB on the wire that inflate to gigabytes. The server inflates no
-more than the bound allows (``max_frame_bytes``, ``max_auth_frame_bytes`` before ``connected``),
-refuses with ``message_too_large`` and 1009, and its memory stays flat (a subprocess server,
-its RSS sampled from /proc throughout)."""
+more than the bound allows (``max_frame_bytes``, ``max_auth_frame_bytes`` before ``connected``,
+an AG-UI run's ``max_body_bytes`` sent with ``Content-Encoding: gzip``), refuses (1009, 413),
+and its memory stays flat (a subprocess server, its RSS sampled from /proc throughout)."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import zlib
 from collections.abc import Callable
 
+import aiohttp
 import pytest
 from deflate_client import RSV1, TAIL, Peer, connect, open_client, reset_clients
 
@@ -27,6 +29,11 @@ secrets = ["test-secret"]
 compress = true
 heartbeat = 0
 max_frame_bytes = {MAX_FRAME}
+
+[[connectors]]
+transport = "agui"
+path = "/agui"
+secrets = ["test-secret"]
 """
 AUTH = {"secret": "test-secret"}
 GROWTH_KIB = 64 * 1024  # what a bomb may add to the server's RSS at its peak: far below one inflated
@@ -111,4 +118,37 @@ async def test_a_bomb_as_the_auth_frame_is_refused_under_the_auth_bound(run_cli:
     with RssSampler(server) as rss:
         await ws.send_raw(frame(TEXT, payload, rsv=RSV1))
         await refused(peer)
+    assert rss.peak - before < GROWTH_KIB, (before, rss.peak)
+
+
+def gzip_bomb(mib: int) -> bytes:
+    """A gzip stream of ``mib`` MiB of zeros, built as :func:`bomb` is (about 1 KiB a MiB)."""
+    zero = b"\x00" * 2**20
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    piece = deflater.compress(zero) + deflater.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(mib):
+        crc = zlib.crc32(zero, crc)
+    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # an empty final block
+    trailer = struct.pack("<II", crc, (mib * 2**20) & 0xFFFFFFFF)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + piece * mib + end + trailer
+
+
+async def test_a_gzip_bomb_as_an_agui_body_is_413_and_memory_stays_flat(run_cli: Callable[..., Proc]) -> None:
+    body = gzip_bomb(512)  # 512 MiB once inflated, some 520 KiB sent: under the bound on the wire
+    server = run_cli(SERVER_TOML, "--log-level", "WARNING")
+    before = await settled(server)
+    headers = {"Authorization": "Bearer test-secret", "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    with RssSampler(server) as rss:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(server.http + "/agui", data=body, headers=headers) as resp,
+        ):
+            status, text = resp.status, await resp.text()
+        after = await settled(server)
+    report(
+        f"a 512 MiB gzip bomb as an AG-UI body ({len(body) / 2**20:.1f} MiB sent): RSS",
+        f"{kib(before)} → peak {kib(rss.peak)}, then {kib(after)}",
+    )
+    assert (status, text) == (413, "the body is over 1048576 bytes, this connector's limit\n")
     assert rss.peak - before < GROWTH_KIB, (before, rss.peak)
