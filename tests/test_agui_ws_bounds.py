@@ -90,3 +90,20 @@ async def test_frames_up_to_max_body_bytes_run_and_bigger_ones_close_1009(
     # Told why, as for any frame connic cannot run: a RUN_ERROR naming the bound.
     assert [(e["type"], e.get("code")) for e in events] == [("RUN_ERROR", "message_too_large")], events
     assert "max_body_bytes" in events[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [(frame(TEXT, b'{"threadId": "\xff"}'), 1007), (frame(TEXT, b"{}", rsv=2), 1002)],
+    ids=["1007-invalid-utf8", "1002-protocol-error"],
+)
+async def test_a_broken_frame_closes_with_its_code_counted_as_sent(
+    start_server: StartServer, data: bytes, code: int
+) -> None:
+    server = await start_server(agui_config(), registry=agui_registry())
+    peer = await connect(int(server.server.port), False)
+    await peer.ws.send_raw(data)
+    events, closed = await outcome(peer)
+    assert (events, closed) == ([], code)
+    await wait_metric(server.http, f'connic_closes_total{{code="{code}",connector="/agui"}}', 1, timeout=10)
+    assert await scrape(server.http, 'connic_closes_total{code="1006",connector="/agui"}') == 0
