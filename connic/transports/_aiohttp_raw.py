@@ -58,8 +58,9 @@ _READ_SIZE = 64 * 1024
 
 _LINGER = 2.0
 _LINGER_BYTES = 16 * 1024 * 1024
+_LINGER_SOCKETS = 256
 # A client refused with 1009 is read from (what it sends dropped) at most this long, and this
-# much, after the server's close: see ``_Drain``.
+# much, after the server's close, and at most this many at a time: see ``_Drain``.
 
 _FIN = 0x80
 _TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
@@ -265,16 +266,22 @@ class _Drain:
     unread and reports 1006 with no reason. The connection ends for connic as before; a
     duplicate of its socket's descriptor keeps the TCP connection open, sends FIN after the
     close frame and reads until the client closes too, ``_LINGER`` seconds or ``_LINGER_BYTES``
-    bytes, whichever comes first: a bounded cost, with no buffer and no task.
+    bytes, whichever comes first: a bounded cost, with no buffer and no task. The sockets
+    drained are outside the connection caps, so there are at most ``_LINGER_SOCKETS`` of them
+    (past that a refused socket is closed at once, as it was before): clients refused in a
+    burst, never closing, cannot run the process out of file descriptors.
     """
 
     __slots__ = ("_budget", "_loop", "_sock", "_timer")
+
+    draining = 0
+    """Sockets being drained now, in this process."""
 
     @classmethod
     def start(cls, transport: asyncio.Transport) -> None:
         """Drain the socket of ``transport``, which is about to be closed."""
         sock = transport.get_extra_info("socket")
-        if sock is None:
+        if sock is None or cls.draining >= _LINGER_SOCKETS:
             return
         try:
             copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
@@ -289,6 +296,7 @@ class _Drain:
         cls(copy)
 
     def __init__(self, sock: socket.socket) -> None:
+        _Drain.draining += 1
         self._sock = sock
         self._budget = _LINGER_BYTES
         self._loop = asyncio.get_running_loop()
@@ -312,3 +320,4 @@ class _Drain:
         self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
+        _Drain.draining -= 1

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 from deflate_client import connect, reset_clients
 
 from conftest import StartServer, make_config
 
-from .conftest import assert_no_traceback, report
-from .rawws import CLOSE, TEXT, Closed, RawWS, close_frame, frame
+from .conftest import Proc, assert_no_traceback, report, wait_metric
+from .rawws import CLOSE, TEXT, Closed, RawWS, close_frame, frame, open_raw
 
 __all__ = ["reset_clients"]  # the fixture, autouse: every test here resets the clients it left open
 
@@ -76,3 +77,38 @@ async def test_a_refused_client_that_sends_on_is_dropped(refused: tuple[RawWS, b
     took = time.monotonic() - started
     report("a refused client sending on: dropped after", f"{took:.2f} s, {sent / 2**20:.1f} MiB")
     assert took < 20, took
+
+
+SERVER_TOML = """
+[agents.assistant]
+use = "echo"
+
+[[connectors]]
+secrets = ["test-secret"]
+heartbeat = 0
+"""
+BURST = 400
+
+
+async def test_sockets_drained_at_once_are_capped(run_cli: Callable[..., Proc]) -> None:
+    """400 clients refused at the same moment, none closing: at most 256 are drained, the rest closed."""
+    server = run_cli(SERVER_TOML, "--log-level", "WARNING")
+    idle = server.sockets()
+    slots = asyncio.Semaphore(50)
+
+    async def one() -> RawWS:
+        async with slots:
+            return await open_raw(server.port, timeout=30)
+
+    clients = await asyncio.gather(*(one() for _ in range(BURST)))
+    # The header of a 1 MiB frame before authenticating: refused at once (max_auth_frame_bytes).
+    header = frame(TEXT, b"", length=1024 * 1024)
+    await asyncio.gather(*(ws.send_raw(header) for ws in clients))
+    closes = await asyncio.gather(*(ws.closed(timeout=30) for ws in clients))
+    assert all(code == 1009 for code, _, _ in closes), {code for code, _, _ in closes}
+    # Once connic has ended them all (counted as closed), only the drained sockets are left.
+    closed = await wait_metric(server.http, 'connic_closes_total{code="1009",connector="/ws"}', BURST)
+    assert closed['connic_closes_total{code="1009",connector="/ws"}'] == BURST
+    held = server.sockets() - idle  # the clients' sockets still open on the server
+    report(f"{BURST} clients refused with 1009 at once, none closing: sockets the server holds", str(held))
+    assert held <= 256 + 16, held  # some slack: the metrics scrape's own connection may not be gone yet
