@@ -281,8 +281,8 @@ class _Drain:
     def start(cls, transport: asyncio.Transport) -> None:
         """Drain the socket of ``transport``, which is about to be closed."""
         sock = transport.get_extra_info("socket")
-        if sock is None or cls.draining >= _LINGER_SOCKETS:
-            return
+        if sock is None or cls.draining >= _LINGER_SOCKETS or transport.get_extra_info("sslcontext") is not None:
+            return  # (under TLS the close frame may still wait in the TLS layer: FIN would cut it off)
         try:
             copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
         except OSError:
