@@ -24,8 +24,9 @@ import json
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketWriter
@@ -274,14 +275,15 @@ class _Drain:
 
     __slots__ = ("_budget", "_loop", "_sock", "_timer")
 
-    draining = 0
-    """Sockets being drained now, in this process."""
+    # Sockets being drained now, per event loop (a loop stopped meanwhile takes its count along).
+    _draining: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int]] = weakref.WeakKeyDictionary()
 
     @classmethod
     def start(cls, transport: asyncio.Transport) -> None:
         """Drain the socket of ``transport``, which is about to be closed."""
         sock = transport.get_extra_info("socket")
-        if sock is None or cls.draining >= _LINGER_SOCKETS or transport.get_extra_info("sslcontext") is not None:
+        busy = cls._draining.get(asyncio.get_running_loop(), 0) >= _LINGER_SOCKETS
+        if sock is None or busy or transport.get_extra_info("sslcontext") is not None:
             return  # (under TLS the close frame may still wait in the TLS layer: FIN would cut it off)
         try:
             copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
@@ -296,10 +298,10 @@ class _Drain:
         cls(copy)
 
     def __init__(self, sock: socket.socket) -> None:
-        _Drain.draining += 1
         self._sock = sock
         self._budget = _LINGER_BYTES
         self._loop = asyncio.get_running_loop()
+        self._draining[self._loop] = self._draining.get(self._loop, 0) + 1
         self._loop.add_reader(sock.fileno(), self._read)
         self._timer = self._loop.call_later(_LINGER, self._end)
 
@@ -320,4 +322,4 @@ class _Drain:
         self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
-        _Drain.draining -= 1
+        self._draining[self._loop] -= 1
