@@ -39,6 +39,7 @@ from connic.transports._aiohttp_auth import AuthBound
 __all__ = [
     "HIGH_WATER",
     "Socket",
+    "drop_after",
     "limit_read_size",
     "raw_transport",
     "sendable",
@@ -112,6 +113,18 @@ def write_control(
         return
     if behind or transport.get_write_buffer_size() <= HIGH_WATER:
         transport.write(bytes((_FIN | kind.value, len(payload))) + payload)
+
+
+async def drop_after(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now, then close the connection, not reading the rest of the request's body.
+
+    aiohttp would read on (and drop) what is left of the body for 10 s before it closes, and
+    of a body that stopped coming nothing is left to read: the connection would stay, uncounted.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def sendable(text: str) -> str:

@@ -34,7 +34,7 @@ from connic.frames import MessageFrame
 from connic.metrics import close_code_label
 from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
-from connic.transports._aiohttp_raw import Socket
+from connic.transports._aiohttp_raw import Socket, drop_after
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
 from connic.transports.session_transport import SessionTransport, SessionTransportOptions
 
@@ -224,7 +224,7 @@ class AguiTransport(SessionTransport):
             if problem is not None:
                 refusal = self.refuse(problem[0], problem[1], cors)
                 if problem[0] == 408:
-                    refusal.force_close()  # the rest of a body that stopped coming is not waited for
+                    await drop_after(request, refusal)
                 return refusal
             assert run is not None and frame is not None
             if not await self.store.available():
