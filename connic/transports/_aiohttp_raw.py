@@ -2,8 +2,10 @@
 
 connic writes text frames straight to the asyncio transport in batches (one
 system call for a burst of chunks, where ``send_str`` makes one per frame),
-writes its own pings and pongs, waits on the protocol's flow control, and caps
-the transport's read size. Each of these reaches under aiohttp's public API.
+writes its own pings and pongs, waits on the protocol's flow control, caps
+the transport's read size, drains a socket refused with 1009 (:class:`_Drain`) and
+closes an AG-UI request whose body stopped coming (:func:`drop_after`). Each of these
+reaches under aiohttp's public API.
 With compression on, aiohttp frames the text messages and connic still writes
 the pings and pongs: control frames are never compressed, and aiohttp writes
 each frame within one step of the event loop (a large message is compressed
@@ -12,8 +14,9 @@ two frames. Verified on aiohttp 3.14; the black-box tests that pin this
 behaviour are tests/reliability/test_heartbeat.py (pings and pongs, with and
 without compression), tests/reliability/test_slow_client.py (flow control),
 tests/reliability/test_preauth.py (:class:`Socket`, compressed and not) and
-tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``) and
-tests/reliability/test_refusal_drain.py (the socket drained after a 1009, :class:`_Drain`).
+tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``),
+tests/reliability/test_refusal_drain.py (the socket drained after a 1009), and
+tests/test_agui_body_bounds.py (:func:`drop_after`).
 """
 
 from __future__ import annotations
