@@ -13,7 +13,7 @@ first, then written), so a control frame written between steps lands between
 two frames. Verified on aiohttp 3.14; the black-box tests that pin this
 behaviour are tests/reliability/test_heartbeat.py (pings and pongs, with and
 without compression), tests/reliability/test_slow_client.py (flow control),
-tests/reliability/test_preauth.py (:class:`Socket`, compressed and not) and
+tests/reliability/test_preauth.py (:class:`Socket`, compressed and not),
 tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``),
 tests/reliability/test_refusal_drain.py (the socket drained after a 1009), and
 tests/test_agui_body_bounds.py (:func:`drop_after`).
