@@ -2,10 +2,11 @@
 
 connic writes text frames straight to the asyncio transport in batches (one
 system call for a burst of chunks, where ``send_str`` makes one per frame),
-writes its own pings and pongs, waits on the protocol's flow control, and caps
-the transport's read size, and counts the bytes its client has yet to take
-(:func:`unsent`, from the kernel's send queue). Each of these reaches under
-aiohttp's public API.
+writes its own pings and pongs, waits on the protocol's flow control, caps
+the transport's read size, counts the bytes its client has yet to take
+(:func:`unsent`, from the kernel's send queue), drains a socket refused with 1009
+(:class:`_Drain`) and closes an AG-UI request whose body stopped coming
+(:func:`drop_after`). Each of these reaches under aiohttp's public API.
 With compression on, aiohttp frames the text messages and connic still writes
 the pings and pongs: control frames are never compressed, and aiohttp writes
 each frame within one step of the event loop (a large message is compressed
@@ -13,8 +14,10 @@ first, then written), so a control frame written between steps lands between
 two frames. Verified on aiohttp 3.14; the black-box tests that pin this
 behaviour are tests/reliability/test_heartbeat.py (pings and pongs, with and
 without compression), tests/reliability/test_slow_client.py (flow control),
-tests/reliability/test_preauth.py (:class:`Socket`, compressed and not) and
-tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``).
+tests/reliability/test_preauth.py (:class:`Socket`, compressed and not),
+tests/reliability/test_garbage.py (the 1009 close and ``message_too_large``),
+tests/reliability/test_refusal_drain.py (the socket drained after a 1009), and
+tests/test_agui_body_bounds.py (:func:`drop_after`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import struct
 import sys
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from aiohttp import WebSocketError, WSCloseCode, WSMessage, WSMsgType, web
 from aiohttp.http_websocket import WebSocketWriter
@@ -37,6 +44,7 @@ from connic.transports._aiohttp_auth import AuthBound
 __all__ = [
     "HIGH_WATER",
     "Socket",
+    "drop_after",
     "limit_read_size",
     "raw_transport",
     "sendable",
@@ -63,6 +71,12 @@ if sys.platform == "linux":
     _OUTQ: int | None = termios.TIOCOUTQ  # SIOCOUTQ on a TCP socket: bytes the peer has not acknowledged
 else:  # elsewhere, the transport's own buffer alone: the kernel's is not counted
     _OUTQ = None
+
+_LINGER = 2.0
+_LINGER_BYTES = 16 * 1024 * 1024
+_LINGER_SOCKETS = 256
+# A client refused with 1009 is read from (what it sends dropped) at most this long, and this
+# much, after the server's close, and at most this many at a time: see ``_Drain``.
 
 _FIN = 0x80
 _TEXT_FIN = _FIN | WSMsgType.TEXT.value  # a text frame's first byte (an enum's value is a Python property)
@@ -133,6 +147,18 @@ def write_control(
         transport.write(bytes((_FIN | kind.value, len(payload))) + payload)
 
 
+async def drop_after(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now, then close the connection, not reading the rest of the request's body.
+
+    aiohttp would read on (and drop) what is left of the body for 10 s before it closes, and
+    of a body that stopped coming nothing is left to read: the connection would stay, uncounted.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+
+
 def sendable(text: str) -> str:
     """``text`` as valid UTF-8: lone surrogates (from ``"\\ud800"`` in a client's JSON) JSON-escaped."""
     try:
@@ -175,13 +201,22 @@ class Socket(web.WebSocketResponse):
     # Slots, not the instance dict: aiohttp's own attributes nearly fill the keys a dict may
     # share with its class's other instances (30 in CPython 3.11), and one more turns every
     # connection's dict into one of its own, some 1.3 KB larger (docs/performance.md, M).
-    __slots__ = ("_auth_bound", "_auth_frame_bytes", "_frame_bytes", "_transport", "sent_code")
+    __slots__ = ("_auth_bound", "_auth_frame_bytes", "_counted", "_frame_bytes", "_transport", "sent_code")
 
     sent_code: int | None
     """The first close code sent (aiohttp later overwrites ``close_code`` with what it hears back)."""
 
-    def __init__(self, *, max_msg_size: int, auth_frame_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_msg_size: int,
+        auth_frame_bytes: int | None = None,
+        counted: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``counted``: called with the code of each error frame this socket sends (the metrics' errors)."""
         super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self._counted = counted
         self.sent_code = None
         self._frame_bytes = max_msg_size
         self._auth_frame_bytes = auth_frame_bytes
@@ -239,9 +274,10 @@ class Socket(web.WebSocketResponse):
             self.sent_code = code
         if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
             limit = "max_auth_frame_bytes before authentication" if bound is not None else "max_frame_bytes"
-            frame = ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}")
+            if self._counted is not None:
+                self._counted(MessageTooLarge.code)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await self.send_str(encode(frame))
+                await self.send_str(self.too_large(limit))
             message = message or MessageTooLarge.code.encode()
         try:
             return await super().close(code=code, message=message, drain=drain)
@@ -254,3 +290,81 @@ class Socket(web.WebSocketResponse):
                 # a reference cycle that would keep the connection until the cyclic
                 # garbage collector ran.
                 exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+
+    def too_large(self, limit: str) -> str:
+        """The frame that tells the client why it is closed 1009: its frame is over ``limit`` (a key's name)."""
+        return encode(ErrorFrame(id=None, code=MessageTooLarge.code, message=f"the frame is larger than {limit}"))
+
+    def _close_transport(self) -> None:
+        """aiohttp ends the connection; after a 1009, what the client still sends is drained a while."""
+        transport = self._transport
+        if self.sent_code == WSCloseCode.MESSAGE_TOO_BIG and transport is not None and not transport.is_closing():
+            _Drain.start(transport)
+        super()._close_transport()
+
+
+class _Drain:
+    """Reads and drops what a client refused with 1009 still sends, then closes its socket.
+
+    Closed at once, the socket would still have the rest of the oversized frame to read, or
+    get it soon: the kernel answers that with a reset, and a client that gets the reset before
+    it has read the close frame (Chromium, still sending the large frame) drops what it had
+    unread and reports 1006 with no reason. The connection ends for connic as before; a
+    duplicate of its socket's descriptor keeps the TCP connection open, sends FIN after the
+    close frame and reads until the client closes too, ``_LINGER`` seconds or ``_LINGER_BYTES``
+    bytes, whichever comes first: a bounded cost, with no buffer and no task. The sockets
+    drained are outside the connection caps, so there are at most ``_LINGER_SOCKETS`` of them
+    (past that a refused socket is closed at once, as it was before): clients refused in a
+    burst, never closing, cannot run the process out of file descriptors.
+    """
+
+    __slots__ = ("_budget", "_loop", "_sock", "_timer")
+
+    # Sockets being drained now, per event loop (a loop stopped meanwhile takes its count along).
+    _draining: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def start(cls, transport: asyncio.Transport) -> None:
+        """Drain the socket of ``transport``, which is about to be closed."""
+        sock = transport.get_extra_info("socket")
+        busy = cls._draining.get(asyncio.get_running_loop(), 0) >= _LINGER_SOCKETS
+        if sock is None or busy or transport.get_extra_info("sslcontext") is not None:
+            return  # (under TLS the close frame may still wait in the TLS layer: FIN would cut it off)
+        try:
+            copy = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        copy.setblocking(False)
+        if not transport.get_write_buffer_size():
+            # The close frame is in the kernel: FIN behind it. (Not when it waits in
+            # asyncio's buffer: the socket would refuse it then.)
+            with contextlib.suppress(OSError):
+                copy.shutdown(socket.SHUT_WR)
+        cls(copy)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._budget = _LINGER_BYTES
+        self._loop = asyncio.get_running_loop()
+        self._draining[self._loop] = self._draining.get(self._loop, 0) + 1
+        self._loop.add_reader(sock.fileno(), self._read)
+        self._timer = self._loop.call_later(_LINGER, self._end)
+
+    def _read(self) -> None:
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._budget -= len(data)
+        if not data or self._budget <= 0:
+            self._end()
+
+    def _end(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        self._timer.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._draining[self._loop] -= 1

@@ -20,13 +20,21 @@ from aiohttp import web
 
 from connic.agent import Agent
 from connic.app import RUNTIME
-from connic.config import ConnectorConfig, at_least_one, in_range, non_negative
-from connic.errors import ConfigError, ServerRestarting, ServerShuttingDown, SessionTakenOver, StoreUnavailable
+from connic.config import ConnectorConfig, at_least_one, in_range, non_negative, positive
+from connic.errors import (
+    ConfigError,
+    MessageTooLarge,
+    ServerRestarting,
+    ServerShuttingDown,
+    SessionTakenOver,
+    StoreUnavailable,
+)
 from connic.flow import Flag
 from connic.frames import MessageFrame
 from connic.metrics import close_code_label
 from connic.middleware import MiddlewareFunc
 from connic.transport import Transport
+from connic.transports._aiohttp_raw import Socket, drop_after
 from connic.transports.agui_threads import TOKEN_HEADER, Threads, forwarded_token
 from connic.transports.session_transport import SessionTransport, SessionTransportOptions
 
@@ -43,6 +51,20 @@ log = logging.getLogger("connic.agui")
 SECRET_HEADER = "X-Connic-Secret"
 
 
+class BindingSocket(Socket):
+    """The WebSocket binding's socket: connic's, whose frames over ``max_body_bytes`` (inflated or
+    not) are refused with a ``RUN_ERROR`` ``message_too_large``, then close 1009."""
+
+    __slots__ = ()
+
+    def too_large(self, limit: str) -> str:
+        """A ``RUN_ERROR`` naming ``max_body_bytes``, the binding's bound (``limit`` is the connic WebSocket's)."""
+        from ag_ui.core import RunErrorEvent
+
+        message = "the frame is larger than max_body_bytes"
+        return RunErrorEvent(message=message, code=MessageTooLarge.code).model_dump_json(by_alias=True)
+
+
 class AguiTransport(SessionTransport):
     """AG-UI's HTTP binding: a ``RunAgentInput`` in, the run's events out as SSE."""
 
@@ -54,6 +76,7 @@ class AguiTransport(SessionTransport):
         resume_window: float = attrs.field(default=3600.0, validator=[non_negative, in_range(0, 86400)])
         on_disconnect: Literal["continue", "cancel"] = "cancel"
         max_body_bytes: int = attrs.field(default=1024 * 1024, validator=at_least_one)
+        body_timeout: float = attrs.field(default=30.0, validator=[positive, in_range(0, 86400)])
 
     options: Options
 
@@ -188,16 +211,24 @@ class AguiTransport(SessionTransport):
         if refused is not None:
             return refused
         cors = self._cors(request)
-        problem, run, frame = await read_run(request, self.options.max_body_bytes, request.match_info.get("agent"))
-        if problem is not None:
-            return self.refuse(problem[0], problem[1], cors)
-        assert run is not None and frame is not None
-        if not await self.store.available():
-            return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
+        # Counted from before the body is read: a client that sends bodies slowly, or declares
+        # more than it sends, holds a connection (and up to max_body_bytes) meanwhile.
         slot = self.gate.enter(request.remote or "unknown", authenticated=True)
         if isinstance(slot, int):
             return self.refuse(slot, "too many connections", {"Retry-After": "5", **cors})
         try:
+            opts = self.options
+            problem, run, frame = await read_run(
+                request, opts.max_body_bytes, opts.body_timeout, request.match_info.get("agent")
+            )
+            if problem is not None:
+                refusal = self.refuse(problem[0], problem[1], cors)
+                if problem[0] == 408:
+                    await drop_after(request, refusal)
+                return refusal
+            assert run is not None and frame is not None
+            if not await self.store.available():
+                return self.refuse(503, "the session store cannot be reached", {"Retry-After": "5", **cors})
             return await self._run(request, run, frame, cors)
         finally:
             self.gate.leave(slot)
@@ -209,7 +240,12 @@ class AguiTransport(SessionTransport):
         refused = self.check_request(request, query_secret=True)
         if refused is not None:
             return refused
-        ws = web.WebSocketResponse(max_msg_size=self.options.max_body_bytes + 1, autoping=True)
+        path = self.connector.path
+        ws = BindingSocket(
+            max_msg_size=self.options.max_body_bytes + 1,  # aiohttp refuses sizes >= max_msg_size
+            autoping=True,
+            counted=lambda code: self.metrics.errors.inc(path, code),
+        )
         if not ws.can_prepare(request).ok:
             return self.refuse(400, f"this is a WebSocket endpoint: connect with ws://...{request.path}")
         if not await self.store.available():

@@ -1,13 +1,15 @@
 """Reading a run's request: the body, bounded, parsed into a ``RunAgentInput`` and a connic message.
 
 Every refusal is one line naming what is wrong: 413 for a body over
-``max_body_bytes``, 400 for a body that is not UTF-8 JSON (or nests too deep), 422 for a ``RunAgentInput``
+``max_body_bytes``, 408 for one not all there within ``body_timeout``, 400 for a
+body that is not UTF-8 JSON (or nests too deep), 422 for a ``RunAgentInput``
 that does not validate (the field named as ``ag-ui-protocol`` reports it) or
 that connic cannot run.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -23,9 +25,13 @@ Refusal = tuple[int, str]
 
 
 async def read_run(
-    request: web.Request, max_bytes: int, agent: str | None
+    request: web.Request, max_bytes: int, within: float, agent: str | None
 ) -> tuple[Refusal | None, RunAgentInput | None, MessageFrame | None]:
-    """The run a request asks for, and its message; or the status and line refusing it."""
+    """The run a request asks for, and its message; or the status and line refusing it.
+
+    The body must arrive within ``within`` seconds: a client that stops sending it (or
+    declares more than it sends) would hold its connection, and what it sent, for ever.
+    """
     from ag_ui.core import RunAgentInput
     from pydantic import ValidationError
 
@@ -35,10 +41,14 @@ async def read_run(
     if length is not None and length > max_bytes:
         return (413, f"the body is {length} bytes; this connector takes at most {max_bytes}"), None, None
     body = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > max_bytes:
-            return (413, f"the body is over {max_bytes} bytes, this connector's limit"), None, None
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > max_bytes:
+                    return (413, f"the body is over {max_bytes} bytes, this connector's limit"), None, None
+    except TimeoutError:
+        return (408, f"the body did not arrive within {within:g} s"), None, None
     try:
         text = body.decode()
     except UnicodeDecodeError:

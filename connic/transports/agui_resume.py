@@ -17,7 +17,9 @@ meanwhile: its end stops following, a ``cancel`` of a run that process answers o
 passed to it (a queued one is dropped here at once, as one process drops it), and every other
 frame is held and handled afterwards, in order. A cancel of a run not known yet (sent before
 the first frames came, or before any frame of it after ``lastSeq``) is held, and looked at again
-with each batch followed: passed once that process's frames name the run. A newer resume of the thread takes this one
+with each batch followed: passed once that process's frames name the run. At most twice
+``max_queued`` frames and a few are held (as on the Connic protocol, ws_bound.py); past that each
+is answered at once, ``RUN_ERROR`` ``queue_full`` (no ``seq``). A newer resume of the thread takes this one
 over (``session_taken_over``), as the Connic protocol's does.
 
 Rebuilding the runs' events needs the log from the thread's first frame (``replay_buffer``
@@ -38,10 +40,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMessage, WSMsgType, web
 
-from connic.errors import InvalidResume, SessionTakenOver, StoreUnavailable
+from connic.errors import InvalidResume, QueueFull, SessionTakenOver, StoreUnavailable
 from connic.session import ChatSession
 from connic.transports.agui_outbox import shown
 from connic.transports.agui_ws import oldest_before
+from connic.transports.ws_bound import SLACK
 
 if TYPE_CHECKING:
     from connic.sessions import Sessions
@@ -276,6 +279,13 @@ def _meanwhile(binding: WSBinding, followed: _Followed, msg: WSMessage) -> bool:
         return True
     run_id = _cancelled(msg)
     if run_id is None or not _passed(binding, followed, run_id):
+        held = len(binding.held)
+        if held >= 2 * binding.transport.options.max_queued + SLACK:
+            # Held to a bound, as the Connic protocol's resume holds (ws_bound.py): a client
+            # flooding frames through a long run elsewhere would grow this process without limit.
+            # More runs than one process would queue: it refuses them too (queue_full).
+            binding._error(QueueFull(f"{held} frames are held while another process answers this thread"))
+            return False
         binding.held.append(msg)
         if run_id is not None:
             followed.waiting.setdefault(run_id, []).append(msg)

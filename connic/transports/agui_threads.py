@@ -277,8 +277,14 @@ def seed(session: ChatSession, run: RunAgentInput) -> None:
     from connic.transports.agui_events import seed_of
 
     try:
+        history = session.history
         for entry in seed_of(run, session.sessions.agent_names):
-            session.history.add(entry)
+            history.add(entry)
+        # Held to the bound as a thread's history is after each exchange: the body may be
+        # max_body_bytes of earlier messages, and the agent must not see more than the bound.
+        bound = session.sessions.options.max_history_bytes
+        if history.size > bound:
+            history.trim(bound, len(history))
     except BaseException:
         session.end()
         raise

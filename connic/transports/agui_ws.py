@@ -153,6 +153,11 @@ class WSBinding(Outbox[str]):
                 msg = await self.receive()
                 if msg.type in _ENDED:
                     break
+                if msg.type is WSMsgType.ERROR:
+                    # A frame aiohttp refused (1009, 1002, 1007): the code sent, which the socket's
+                    # close_code is not once its reader has failed (1006).
+                    self.close_code = getattr(self.ws, "sent_code", None)
+                    break
                 if msg.type is WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type is WSMsgType.BINARY:

@@ -146,6 +146,7 @@ class WebSocketTransport(SessionTransport):
             compress=opts.compress,
             timeout=2.0,
             auth_frame_bytes=self.auth_frame_bytes(request),
+            counted=lambda code: self.metrics.errors.inc(path, code),
         )
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text=f"this is a WebSocket endpoint: connect with ws://...{self.connector.path}\n")

@@ -208,6 +208,9 @@ async def test_protocol_error_closes_are_counted_by_the_code_sent(
     assert metrics.get(f'connic_closes_total{{code="{code}",connector="/ws"}}') == 1, {
         k: v for k, v in metrics.items() if "closes" in k
     }
+    # connic_errors_total counts the error frames sent: message_too_large before a 1009 is one.
+    errors = {k: v for k, v in metrics.items() if k.startswith("connic_errors_total{")}
+    assert errors == ({'connic_errors_total{code="message_too_large",connector="/ws"}': 1.0} if code == 1009 else {})
 
 
 async def test_back_to_back_messages_count_the_same_as_spaced_ones(start_server: StartServer) -> None:
