@@ -11,8 +11,9 @@ listen, restarts a worker that dies, and on SIGTERM/SIGINT/SIGHUP has every work
 The worker's side, and the link between the two (a socket pair on the worker's
 standard input: its configuration one way, ``ready`` the other, end-of-file when the
 parent is gone), is :mod:`connic.worker`; ``WorkerSpec`` and ``worker_main`` are
-re-exported here. When a worker is started again, and when the parent gives up, is
-:mod:`connic.restarts`.
+re-exported here. What the parent knows of each worker and hears from it (the steps of its
+start-up, its heartbeats) is :mod:`connic.worker_handle`; when a worker is started again, and
+when the parent gives up, :mod:`connic.restarts`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import socket
 import sys
 from collections.abc import Callable
 
-import attrs
 from prometheus_client import multiprocess
 
 from connic.app import build_runtime
@@ -41,15 +41,23 @@ from connic.serving import say, stop_signals
 from connic.worker import (
     FAILED,
     READY,
-    STARTING,
     STOP,
     STORE_UNAVAILABLE,
     WorkerSpec,
     error_line,
-    next_line,
     pack_spec,
     worker_command,
     worker_main,
+)
+from connic.worker_handle import (
+    WorkerHandle,
+    because,
+    end_group,
+    exited,
+    hear_heartbeats,
+    hear_start,
+    os_error,
+    stuck,
 )
 
 __all__ = [
@@ -66,42 +74,6 @@ __all__ = [
 _mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead  # untyped upstream
 
 
-@attrs.define
-class _Worker:
-    index: int
-    process: asyncio.subprocess.Process
-    link: socket.socket
-    ready: bool = False
-    why: str = ""  # what it said it failed on (connic.worker.FAILED), if it could not start
-    doing: str = ""  # the step of its start-up it said it began last (connic.worker.STARTING)
-    timed_out: bool = False  # it did not listen within server.start_timeout, and was killed
-    watch: asyncio.Task[None] | None = None
-
-
-def _os_error(exc: OSError) -> str:
-    """An OSError as one line: ``[Errno 11] Resource temporarily unavailable``."""
-    return f"[Errno {exc.errno}] {exc.strerror}" if exc.errno and exc.strerror else str(exc) or type(exc).__name__
-
-
-def _because(why: str) -> str:
-    """`` (WHY)``, what a worker said it failed on, or nothing if it said nothing."""
-    return f" ({why})" if why else ""
-
-
-def _exited(worker: _Worker) -> bool:
-    """``worker`` exited, and its watch has read all it said (why it failed, if it did)."""
-    return worker.watch is not None and worker.watch.done() and worker.process.returncode is not None
-
-
-def _end_group(worker: _Worker, sig: signal.Signals) -> None:
-    """Send ``sig`` to ``worker``'s process group: itself and what its agents started, which would outlive it.
-
-    Also once it exited: its number is not reused while anything is left in its group.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left in it
-        os.killpg(worker.process.pid, sig)
-
-
 class Supervisor:
     """The parent of ``connic run --workers N``: starts, restarts and drains the workers."""
 
@@ -114,7 +86,7 @@ class Supervisor:
         self.workers = workers
         self.generated = generated
         self.host_key = host_key
-        self._live: dict[int, _Worker] = {}
+        self._live: dict[int, WorkerHandle] = {}
         self._restarts = Restarts(workers)
         self._waiting: dict[int, asyncio.Task[None]] = {}  # worker index: its start, after a delay
         self._sleeping: set[int] = set()  # the indexes in _waiting still in their delay
@@ -169,7 +141,7 @@ class Supervisor:
             try:
                 await self._start(spec(index))
             except OSError as exc:
-                error_line(f"worker {index} could not be started: {_os_error(exc)}")
+                error_line(f"worker {index} could not be started: {os_error(exc)}")
                 return await self._stop_all(loop, 1)
         stopper = asyncio.create_task(stop.wait())
         try:
@@ -178,7 +150,7 @@ class Supervisor:
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
                     code = worker.process.returncode
-                    if code is not None and _exited(worker):
+                    if code is not None and exited(worker):
                         self._forget(worker)
                         if worker.timed_out:
                             error_line(f"{self._stuck(worker)}; stopped it")
@@ -186,7 +158,7 @@ class Supervisor:
                         when = "every worker was" if worker.ready else "it was"  # it listened: no start error
                         error_line(
                             f"worker {worker.index} (pid {worker.process.pid}) exited with "
-                            f"{exit_status(code)} before {when} listening{_because(worker.why)}",
+                            f"{exit_status(code)} before {when} listening{because(worker.why)}",
                         )
                         return await self._stop_all(loop, 1)
             if not stop.is_set():
@@ -197,7 +169,7 @@ class Supervisor:
                 await self._next_change(stopper)
                 for worker in list(self._live.values()):
                     code = worker.process.returncode
-                    if code is None or not _exited(worker):
+                    if code is None or not exited(worker):
                         continue
                     if not worker.ready and (code > 0 or worker.timed_out):
                         # It exited before it listened: it could not start (the store, an agent's
@@ -237,7 +209,7 @@ class Supervisor:
         finally:
             stopper.cancel()
 
-    async def _start(self, spec: WorkerSpec) -> _Worker:
+    async def _start(self, spec: WorkerSpec) -> WorkerHandle:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         data = pack_spec(spec)
@@ -255,14 +227,14 @@ class Supervisor:
         # An OSError: the worker died at once, and _watch sees it exit.
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().sock_sendall(ours, data)
-        worker = _Worker(spec.index, process, ours)
+        worker = WorkerHandle(spec.index, process, ours)
         self._live[spec.index] = worker
         worker.watch = asyncio.create_task(self._watch(worker))
         return worker
 
     def _spawn_failed(self, spec: WorkerSpec, exc: OSError) -> None:
         """The process of worker ``spec.index`` could not be made (fork/exec failed): a failed start."""
-        why = _os_error(exc)
+        why = os_error(exc)
         self._start_later(spec, f"worker {spec.index} could not be started ({why})", why)
 
     def _start_later(self, spec: WorkerSpec, failed: str, cause: str) -> None:
@@ -300,48 +272,21 @@ class Supervisor:
         task = asyncio.create_task(later())
         self._waiting[spec.index] = task
 
-    async def _watch(self, worker: _Worker) -> None:
-        exited = asyncio.ensure_future(worker.process.wait())
+    async def _watch(self, worker: WorkerHandle) -> None:
+        gone = asyncio.ensure_future(worker.process.wait())
         said = bytearray()
-        try:
-            # Bounded: a worker stuck in an agent's start() would otherwise keep the parent
-            # waiting, the port unserved, for ever (gunicorn's --timeout likewise kills it).
-            async with asyncio.timeout(self.config.server.start_timeout):
-                line = await next_line(worker.link, said, exited)
-                while line.startswith(STARTING):
-                    worker.doing = line[len(STARTING) :].decode("utf-8", "replace").strip()
-                    line = await next_line(worker.link, said, exited)
-        except TimeoutError:
-            worker.timed_out = True
-            line = b""
-            _end_group(worker, signal.SIGKILL)  # it serves nothing yet; blocked, it could not drain
+        line = await hear_start(worker, said, gone, self.config.server.start_timeout)
         if line == READY:
             worker.ready = True
             self._restarts.listening(worker.index)
             if self._started:
                 say(f"connic: worker {worker.index} (pid {worker.process.pid}) listening")
             self._changed.set()
-            await self._heard_from(worker, said, exited)
+            await hear_heartbeats(worker, said, gone, self.config.server.worker_timeout)
         elif line.startswith(FAILED):
             worker.why = line[len(FAILED) :].decode("utf-8", "replace").strip()
-        await exited
+        await gone
         self._changed.set()
-
-    async def _heard_from(self, worker: _Worker, said: bytearray, exited: asyncio.Future[int]) -> None:
-        """Until ``worker`` exits: kill it once it sends no heartbeat (:data:`~connic.worker.ALIVE`) in time."""
-        limit = self.config.server.worker_timeout
-        while limit:
-            try:
-                async with asyncio.timeout(limit):
-                    if not await next_line(worker.link, said, exited):
-                        return  # it exited
-            except TimeoutError:
-                say(
-                    f"connic: worker {worker.index} (pid {worker.process.pid}) sent no heartbeat for {limit:g} s "
-                    "(server.worker_timeout): its event loop is blocked, killing it"
-                )
-                _end_group(worker, signal.SIGKILL)  # its connections are stalled already; it cannot drain
-                return
 
     async def _next_change(self, stopper: asyncio.Task[bool]) -> None:
         changed = asyncio.ensure_future(self._changed.wait())
@@ -349,19 +294,14 @@ class Supervisor:
         changed.cancel()
         self._changed.clear()
 
-    def _stuck(self, worker: _Worker) -> str:
-        """What a worker that did not listen in time was doing: ``worker 1 (pid 42) did not start within ...``."""
-        doing = f"stuck in {worker.doing}" if worker.doing else "it said nothing of its start-up"
-        return (
-            f"worker {worker.index} (pid {worker.process.pid}) did not start within "
-            f"{self.config.server.start_timeout:g} s (server.start_timeout): {doing}"
-        )
+    def _stuck(self, worker: WorkerHandle) -> str:
+        return stuck(worker, self.config.server.start_timeout)
 
-    def _forget(self, worker: _Worker, *, counted: bool = True) -> None:
+    def _forget(self, worker: WorkerHandle, *, counted: bool = True) -> None:
         """``worker`` exited: no longer live; ``counted`` towards giving up unless it found no store."""
         del self._live[worker.index]
         worker.link.close()
-        _end_group(worker, signal.SIGTERM)  # before a new process (its replacement) could take its number
+        end_group(worker, signal.SIGTERM)  # before a new process (its replacement) could take its number
         if counted:
             self._restarts.exited()
         if self._metrics_dir is not None:
@@ -389,7 +329,7 @@ class Supervisor:
         for worker in workers:
             code = await worker.process.wait()
             worker.link.close()
-            _end_group(worker, signal.SIGTERM)
+            end_group(worker, signal.SIGTERM)
             # Killed by a SIGTERM (a service manager signals every process) before it installed
             # its handler: it was not serving yet. Nor was one started again once the server had
             # started that never listened (it could not start: the store, an agent): it had no
@@ -410,7 +350,7 @@ class Supervisor:
         """A second SIGINT/SIGTERM/SIGHUP: kill every worker and exit now with 128 + the signal number."""
         say(f"connic: {signal.Signals(signum).name} again, stopping at once")
         for worker in self._live.values():
-            _end_group(worker, signal.SIGKILL)
+            end_group(worker, signal.SIGKILL)
         if self._scratch is not None:
             # os._exit skips run()'s cleanup: without this, each stop at once left a directory in /tmp.
             shutil.rmtree(self._scratch, ignore_errors=True)
